@@ -1,0 +1,162 @@
+"""Loading pipelines and running them on a replica; shared by every pipeline family.
+
+Deployment classes are plain Python classes: the app builder wraps them with
+``serve.deployment(...)`` using options from the config, so nothing here knows about
+HTTP or Ray options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from deployments.jobs import PipelineSpec
+from deployments.tiny import materialize_tiny
+
+logger = logging.getLogger("ray.serve")
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_source(source: str) -> str:
+    """Turn a weights source into something ``from_pretrained`` accepts.
+
+    ``tiny:<family>`` is built (once) into a local folder; a Hub id or a local path is
+    passed through unchanged.
+    """
+    if source.startswith("tiny:"):
+        return str(materialize_tiny(source.removeprefix("tiny:")))
+    return source
+
+
+def select_device(spec: PipelineSpec) -> tuple[str, torch.dtype]:
+    """CUDA in the configured dtype when this replica has a GPU, else CPU in float32."""
+    if torch.cuda.is_available():
+        return "cuda", _DTYPES[spec.dtype]
+    if spec.dtype != "float32":
+        logger.info("%s: no GPU on this replica, running on CPU in float32", spec.name)
+    return "cpu", torch.float32
+
+
+def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
+    """Load ``pipeline_cls`` from ``spec.source`` onto this replica's device.
+
+    The same ``from_pretrained`` call serves real Hub weights, a local folder and the tiny
+    models, so tests exercise the production loading path.
+    """
+    device, dtype = select_device(spec)
+    source = resolve_source(spec.source)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.revision:
+        kwargs["revision"] = spec.revision
+    if spec.variant and device == "cuda":
+        kwargs["variant"] = spec.variant
+    if Path(source).is_dir():
+        kwargs["local_files_only"] = True
+    pipe = pipeline_cls.from_pretrained(source, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    if device == "cuda":
+        # PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        pipe.unet.set_attn_processor(AttnProcessor2_0())
+        if spec.cpu_offload:
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.to(device)
+        if spec.compile:
+            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+    else:
+        pipe.to(device)
+    logger.info("%s: loaded %s from %s on %s (%s)", spec.name, pipeline_cls.__name__,
+                spec.source, device, dtype)
+    return pipe, device
+
+
+def generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
+    """One CPU generator per image, so image i depends only on its own seed.
+
+    CPU generators give the same initial noise on every device, so a seed means the same
+    image on a laptop and on a GPU server (up to kernel precision).
+    """
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] (N, H, W, C) to uint8, rounding as PIL conversion does."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+class PipelineDeployment:
+    """Base of every model deployment: one pipeline per replica, one call at a time.
+
+    Pipeline calls run in a worker thread so the replica's event loop keeps answering
+    health checks; a lock keeps two calls off one pipeline (its scheduler is stateful).
+    """
+
+    pipeline_cls: Any = None
+
+    def __init__(self, spec: PipelineSpec):
+        self.spec = spec
+        self.pipe, self.device = load_pipeline(self.pipeline_cls, spec)
+        self._lock = asyncio.Lock()
+
+    async def _run(self, fn, /, *args, **kwargs):
+        async with self._lock:
+            return await asyncio.to_thread(self._call_inference, fn, *args, **kwargs)
+
+    @staticmethod
+    def _call_inference(fn, *args, **kwargs):
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    async def ready(self) -> str:
+        """Answers once the pipeline is loaded (the constructor has returned)."""
+        return self.spec.name
+
+    def check_health(self) -> None:
+        """Serve's health check: the replica is unhealthy if its pipeline is gone."""
+        if self.pipe is None:
+            raise RuntimeError(f"{self.spec.name}: pipeline not loaded")
+
+
+class TextToImageMixin:
+    """``text_to_image`` for pipelines called with prompt, size, steps and guidance."""
+
+    async def text_to_image(self, job):
+        """Run a :class:`~deployments.jobs.TextToImageJob`.
+
+        Returns uint8 images (N, H, W, 3), or latents (a CPU tensor) when the job stops
+        early at ``denoising_end``.
+        """
+        return await self._run(self._text_to_image, job)
+
+    def _text_to_image_kwargs(self, job) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            width=job.width,
+            height=job.height,
+            num_inference_steps=job.num_inference_steps,
+            guidance_scale=job.guidance_scale,
+            num_images_per_prompt=len(job.seeds),
+            generator=generators(job.seeds),
+        )
+        if job.denoising_end is not None:
+            kwargs["denoising_end"] = job.denoising_end
+            kwargs["output_type"] = "latent"
+        else:
+            kwargs["output_type"] = "np"
+        return kwargs
+
+    def _text_to_image(self, job):
+        result = self.pipe(**self._text_to_image_kwargs(job)).images
+        if job.denoising_end is not None:
+            # Latents travel to the refiner replica through Ray's object store.
+            return result.to("cpu", torch.float32)
+        return to_uint8(result)

@@ -1,0 +1,19 @@
+"""Typed errors raised by the model deployments.
+
+Deployments know nothing about HTTP; the ingress maps these to status codes.
+"""
+
+from __future__ import annotations
+
+
+class InvalidJobError(ValueError):
+    """A job a pipeline cannot run as asked; ``param`` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self):
+        # Keep ``param`` when the error crosses a process boundary.
+        return (type(self), (self.message, self.param))

@@ -1,0 +1,50 @@
+"""Stable Diffusion XL: the base model (text to image or to latents) and the refiner.
+
+Together they form the ensemble of experts: the base denoises the high-noise share of
+the schedule and returns latents, the refiner finishes the low-noise share and decodes.
+"""
+
+from __future__ import annotations
+
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+from deployments.common import PipelineDeployment, TextToImageMixin, generators, to_uint8
+from deployments.errors import InvalidJobError
+
+
+class SDXLBaseDeployment(TextToImageMixin, PipelineDeployment):
+    """One StableDiffusionXLPipeline per replica."""
+
+    pipeline_cls = StableDiffusionXLPipeline
+
+
+class SDXLRefinerDeployment(PipelineDeployment):
+    """One StableDiffusionXLImg2ImgPipeline (the refiner) per replica."""
+
+    pipeline_cls = StableDiffusionXLImg2ImgPipeline
+
+    async def refine(self, job, latents):
+        """Finish ``latents`` (N, 4, h, w) from ``job.denoising_start`` and decode them.
+
+        ``latents`` is normally the base deployment's response, resolved by Serve, so the
+        tensor goes from the base replica to this one without passing the ingress.
+        """
+        if latents.ndim != 4 or latents.shape[0] != len(job.seeds):
+            raise InvalidJobError(
+                f"expected latents for {len(job.seeds)} images, got shape {tuple(latents.shape)}"
+            )
+        return await self._run(self._refine, job, latents)
+
+    def _refine(self, job, latents):
+        images = self.pipe(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            image=latents,
+            num_inference_steps=job.num_inference_steps,
+            guidance_scale=job.guidance_scale,
+            denoising_start=job.denoising_start,
+            num_images_per_prompt=len(job.seeds),
+            generator=generators(job.seeds),
+            output_type="np",
+        ).images
+        return to_uint8(images)

@@ -1,0 +1,243 @@
+"""Tiny, seeded, random-weight pipelines of the real diffusers classes.
+
+A weights source ``tiny:<family>`` is turned into a local folder by :func:`materialize_tiny`:
+the components are built here from a fixed seed, written with ``save_pretrained``, and then
+loaded by the caller through the same ``from_pretrained`` path as real weights. Nothing here
+touches the network.
+
+Shapes keep their real meaning: the VAE downsamples by 8 so that ``512x512`` asks for a
+64x64 latent, exactly as Stable Diffusion does. Attention only sits at the lowest UNet
+resolution so that a 1024x1024 request stays well under a second per step on a small CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+# Bump when the tiny architectures change, so stale caches are not reused.
+TINY_VERSION = "1"
+
+TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner")
+
+_SEED = 0
+_TEXT_HIDDEN = 32
+
+
+def tiny_cache_root() -> Path:
+    """Where built tiny pipelines are kept (``SERVE_APP_TINY_CACHE`` overrides)."""
+    env = os.environ.get("SERVE_APP_TINY_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "serve_app" / "tiny"
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    # A byte-pair vocabulary over lowercase letters and a few merges: enough to tokenize
+    # any prompt (unknown characters map to <|endoftext|>) and to exercise truncation.
+    letters = "abcdefghijklmnopqrstuvwxyz0123456789"
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    for ch in letters:
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        model_max_length=77,
+        unk_token="<|endoftext|>",
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    ), len(vocab)
+
+
+def _text_encoder(vocab_size: int, with_projection: bool, projection_dim: int = _TEXT_HIDDEN):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(_SEED)
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_size=_TEXT_HIDDEN,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        projection_dim=projection_dim,
+    )
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _vae(latent_channels: int = 4):
+    import torch
+    from diffusers import AutoencoderKL
+
+    # Same seed for every family: SDXL base and refiner must share one latent space.
+    torch.manual_seed(_SEED)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        # Four levels: a scale factor of 2**3 = 8, as in every Stable Diffusion VAE.
+        block_out_channels=(4, 4, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=latent_channels,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=64,
+        mid_block_add_attention=False,
+    ).eval()
+
+
+def _unet(**extra):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(_SEED)
+    kwargs = dict(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16, 32),
+        layers_per_block=1,
+        # Cross-attention only at the lowest resolution (1/4 of the latent side).
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        attention_head_dim=(2, 4, 8),
+        use_linear_projection=True,
+        norm_num_groups=8,
+        cross_attention_dim=_TEXT_HIDDEN,
+    )
+    kwargs.update(extra)
+    return UNet2DConditionModel(**kwargs).eval()
+
+
+def build_tiny_pipeline(family: str):
+    """Build the tiny pipeline object for ``family`` (not yet saved)."""
+    from diffusers import (
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+    )
+
+    if family == "sd21":
+        tokenizer, vocab_size = _tokenizer()
+        # SD 2.1 is a v-prediction model with a DDIM scheduler; keep that.
+        scheduler = DDIMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            prediction_type="v_prediction",
+        )
+        return StableDiffusionPipeline(
+            vae=_vae(),
+            text_encoder=_text_encoder(vocab_size, with_projection=False),
+            tokenizer=tokenizer,
+            unet=_unet(),
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if family in ("sdxl", "sdxl-refiner"):
+        tokenizer, vocab_size = _tokenizer()
+        scheduler = EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        text_encoder_2 = _text_encoder(vocab_size, with_projection=True)
+        time_dim = 8
+        if family == "sdxl":
+            # Base: two text encoders, hidden states concatenated (32 + 32), and six
+            # size/crop conditioning values plus the pooled projection (6 * 8 + 32).
+            unet = _unet(
+                addition_embed_type="text_time",
+                addition_time_embed_dim=time_dim,
+                projection_class_embeddings_input_dim=6 * time_dim + _TEXT_HIDDEN,
+                cross_attention_dim=2 * _TEXT_HIDDEN,
+            )
+            return StableDiffusionXLPipeline(
+                vae=_vae(),
+                text_encoder=_text_encoder(vocab_size, with_projection=False),
+                text_encoder_2=text_encoder_2,
+                tokenizer=tokenizer,
+                tokenizer_2=tokenizer,
+                unet=unet,
+                scheduler=scheduler,
+                force_zeros_for_empty_prompt=True,
+                add_watermarker=False,
+            )
+        # Refiner: only the second text encoder, and an aesthetic score instead of the
+        # target size (5 conditioning values), as in stable-diffusion-xl-refiner-1.0.
+        unet = _unet(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            projection_class_embeddings_input_dim=5 * time_dim + _TEXT_HIDDEN,
+            cross_attention_dim=_TEXT_HIDDEN,
+        )
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=_vae(),
+            text_encoder=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+            add_watermarker=False,
+        )
+    raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+
+
+def materialize_tiny(family: str, root: Path | None = None) -> Path:
+    """Return a folder holding the tiny ``family`` pipeline, building it on first use.
+
+    Several replicas may start at once: each builds into a private temporary folder and
+    renames it into place, so a reader never sees a half-written pipeline.
+    """
+    if family not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    root = Path(root) if root is not None else tiny_cache_root()
+    target = root / f"{family}-v{TINY_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
+    try:
+        pipe = build_tiny_pipeline(family)
+        pipe.save_pretrained(staging)
+        (staging / "tiny.json").write_text(json.dumps({"family": family, "version": TINY_VERSION}))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process won the race; its copy is identical (same seed).
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target

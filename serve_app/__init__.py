@@ -1,0 +1,1 @@
+"""OpenAI-shaped image generation served by Ray Serve and diffusers."""

@@ -1,0 +1,274 @@
+"""The application config: the ``args`` of a Serve config file, validated with pydantic.
+
+One source of truth for served model names, aliases, defaults, limits and the Ray options
+of every deployment. Unknown keys anywhere are rejected so that a typo in a config file
+fails at deploy time with the offending path in the message.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ray.serve.config import AutoscalingConfig
+
+from deployments.jobs import FAMILY_CAPABILITIES, PipelineSpec
+from serve_app.protocol import MAX_N, parse_size
+
+Family = Literal["sd21", "sdxl", "sdxl-refiner"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment (passed to ``serve.deployment(...).options``)."""
+
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per replica; fractions share one GPU.")
+    num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per replica.")
+    num_replicas: int | None = Field(
+        default=None, ge=0, description="Fixed replica count; leave unset when autoscaling."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None,
+        description="Ray Serve autoscaling_config (min_replicas, max_replicas, "
+        "target_ongoing_requests, ...).",
+    )
+    max_ongoing_requests: int = Field(
+        default=4, ge=1, description="Requests a replica works on at once (room for a batch)."
+    )
+    max_queued_requests: int = Field(
+        default=-1,
+        ge=-1,
+        description="Requests waiting for a replica before callers get 503; -1 is unbounded.",
+    )
+    health_check_period_s: float | None = Field(default=None, gt=0)
+    health_check_timeout_s: float | None = Field(default=None, gt=0)
+    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+
+    @field_validator("autoscaling_config")
+    @classmethod
+    def _check_autoscaling(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        unknown = sorted(set(value) - set(AutoscalingConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown autoscaling_config keys: {', '.join(unknown)}")
+        AutoscalingConfig(**value)  # Ray's own checks (min <= max, ...)
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_scale(self) -> DeploymentOptions:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set either num_replicas or autoscaling_config, not both")
+        return self
+
+    def serve_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        options: dict[str, Any] = {
+            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+        }
+        if self.autoscaling_config is not None:
+            options["autoscaling_config"] = self.autoscaling_config
+        else:
+            options["num_replicas"] = self.num_replicas if self.num_replicas is not None else 1
+        for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
+            value = getattr(self, key)
+            if value is not None:
+                options[key] = value
+        return options
+
+
+class GenerationDefaults(_Strict):
+    """Values used when a request leaves a field out."""
+
+    num_inference_steps: int = Field(ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(ge=0, description="Classifier-free guidance scale.")
+    size: str = Field(description="'WIDTHxHEIGHT' used when the request has no size.")
+    negative_prompt: str | None = Field(default=None, description="Negative prompt by default.")
+    high_noise_frac: float | None = Field(
+        default=None, gt=0, lt=1, description="Refiner chains: share of steps run by the base."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+class GenerationLimits(_Strict):
+    """What a request may ask of a model."""
+
+    max_n: int = Field(default=MAX_N, ge=1, le=MAX_N, description="Most images per request.")
+    max_steps: int = Field(ge=1, description="Most denoising steps per request.")
+    sizes: list[str] = Field(min_length=1, description="Allowed 'WIDTHxHEIGHT' output sizes.")
+
+    @field_validator("sizes")
+    @classmethod
+    def _check_sizes(cls, value: list[str]) -> list[str]:
+        for size in value:
+            width, height = parse_size(size)
+            if width % 8 or height % 8:
+                raise ValueError(f"size {size!r}: width and height must be multiples of 8")
+        return value
+
+
+class _Served(_Strict):
+    name: str = Field(min_length=1, description="Served model name (the `model` field).")
+    aliases: list[str] = Field(default_factory=list, description="Other accepted names (Hub ids).")
+    owned_by: str = Field(default="stabilityai", description="`owned_by` in /v1/models.")
+    defaults: GenerationDefaults
+    limits: GenerationLimits
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self):
+        if self.defaults.size not in self.limits.sizes:
+            raise ValueError(
+                f"defaults.size {self.defaults.size!r} is not in limits.sizes {self.limits.sizes}"
+            )
+        if self.defaults.num_inference_steps > self.limits.max_steps:
+            raise ValueError("defaults.num_inference_steps is above limits.max_steps")
+        return self
+
+
+class ModelConfig(_Served):
+    """A pipeline served by its own deployment."""
+
+    family: Family = Field(description="Pipeline family: sd21, sdxl or sdxl-refiner.")
+    source: str = Field(
+        min_length=1, description="Hub id, local folder, or 'tiny:<family>' for tiny random weights."
+    )
+    revision: str | None = Field(default=None, description="Hub revision of the weights.")
+    variant: str | None = Field(default=None, description="Weights variant, e.g. 'fp16'.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="dtype on CUDA; CPU replicas always run float32."
+    )
+    cpu_offload: bool = Field(
+        default=False, description="CUDA only: diffusers model CPU offload to save GPU memory."
+    )
+    compile: bool = Field(default=False, description="CUDA only: torch.compile the UNet.")
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _tiny_family_matches(self) -> ModelConfig:
+        if self.source.startswith("tiny:") and self.source != f"tiny:{self.family}":
+            raise ValueError(
+                f"source {self.source!r} does not match family {self.family!r} "
+                f"(use 'tiny:{self.family}')"
+            )
+        return self
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return FAMILY_CAPABILITIES[self.family]
+
+    def pipeline_spec(self) -> PipelineSpec:
+        return PipelineSpec(
+            name=self.name,
+            family=self.family,
+            source=self.source,
+            revision=self.revision,
+            variant=self.variant,
+            dtype=self.dtype,
+            cpu_offload=self.cpu_offload,
+            compile=self.compile,
+        )
+
+
+class RefinerChainConfig(_Served):
+    """A served name that runs an SDXL base model, then an SDXL refiner on its latents."""
+
+    base: str = Field(description="Name of the sdxl model that denoises first.")
+    refiner: str = Field(description="Name of the sdxl-refiner model that finishes.")
+
+    @model_validator(mode="after")
+    def _has_frac(self) -> RefinerChainConfig:
+        if self.defaults.high_noise_frac is None:
+            self.defaults.high_noise_frac = 0.8
+        return self
+
+
+class IngressConfig(_Strict):
+    """The HTTP ingress deployment."""
+
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=64)
+    )
+    png_compress_level: int = Field(
+        default=6, ge=0, le=9, description="zlib level for PNG output (1 is fastest)."
+    )
+
+
+class AppConfig(_Strict):
+    """The ``args`` of ``serve_app.app:build_app``."""
+
+    default_model: str = Field(
+        default="stable-diffusion-2-1", description="Model used when a request names none."
+    )
+    models: list[ModelConfig] = Field(min_length=1, description="Pipelines, one deployment each.")
+    chains: list[RefinerChainConfig] = Field(
+        default_factory=list, description="Served names that chain base -> refiner."
+    )
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> AppConfig:
+        seen: dict[str, str] = {}
+        for entry in [*self.models, *self.chains]:
+            for name in [entry.name, *entry.aliases]:
+                if name in seen:
+                    raise ValueError(f"name {name!r} is used by both {seen[name]!r} and {entry.name!r}")
+                seen[name] = entry.name
+        models = {m.name: m for m in self.models}
+        for chain in self.chains:
+            base, refiner = models.get(chain.base), models.get(chain.refiner)
+            if base is None or base.family != "sdxl":
+                raise ValueError(f"chain {chain.name!r}: base {chain.base!r} must name an sdxl model")
+            if refiner is None or refiner.family != "sdxl-refiner":
+                raise ValueError(
+                    f"chain {chain.name!r}: refiner {chain.refiner!r} must name an sdxl-refiner model"
+                )
+        if self.default_model not in seen:
+            raise ValueError(f"default_model {self.default_model!r} is not a configured model")
+        return self
+
+    def model(self, name: str) -> ModelConfig:
+        """The pipeline model called ``name`` (its served name)."""
+        for entry in self.models:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
+
+    def resolve(self, name: str | None) -> ModelConfig | RefinerChainConfig | None:
+        """Find a served model or chain by name or alias; ``None`` picks the default."""
+        wanted = name or self.default_model
+        for entry in [*self.models, *self.chains]:
+            if wanted == entry.name or wanted in entry.aliases:
+                return entry
+        return None
+
+    def served_names(self) -> list[str]:
+        return [entry.name for entry in [*self.models, *self.chains]]
+
+
+class ConfigError(ValueError):
+    """An invalid application config, with every problem listed by its path."""
+
+
+def load_app_config(args: dict[str, Any] | AppConfig) -> AppConfig:
+    """Validate Serve ``args`` into an :class:`AppConfig`, with a readable error."""
+    if isinstance(args, AppConfig):
+        return args
+    try:
+        return AppConfig.model_validate(args or {})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            path = ".".join(str(part) for part in err["loc"]) or "(top level)"
+            message = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+            lines.append(f"  {path}: {message}")
+        raise ConfigError("invalid serve_app config:\n" + "\n".join(lines)) from None

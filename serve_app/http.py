@@ -1,0 +1,84 @@
+"""HTTP error handling: every failure leaves as OpenAI's envelope with the right status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve_app.errors import (
+    APIError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    error_from_exception,
+)
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(status_code=error.status_code, content=error.to_response().model_dump())
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    # loc is ("body", "n") for a JSON field, ("body", 12) for a JSON syntax error.
+    parts = [str(p) for p in loc[1:] if isinstance(p, str)]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: list[dict[str, Any]]) -> InvalidRequestError:
+    """Turn FastAPI/pydantic validation errors into one 400 naming the first bad field."""
+    first = errors[0] if errors else {"type": "unknown", "loc": (), "msg": "invalid request"}
+    kind, loc = first.get("type"), tuple(first.get("loc", ()))
+    param = _param(loc)
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return InvalidRequestError(
+            f"We could not parse the JSON body of your request ({detail}). "
+            "Send a JSON object with Content-Type: application/json.",
+            code="invalid_json",
+        )
+    if param is None and kind in ("model_attributes_type", "dict_type", "missing"):
+        return InvalidRequestError("The request body must be a JSON object.", code="invalid_body")
+    if kind == "missing":
+        return InvalidRequestError(f"Missing required parameter: '{param}'.", param=param)
+    if kind == "extra_forbidden":
+        return InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param)
+    message = first.get("msg", "invalid value")
+    if message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    return InvalidRequestError(f"Invalid '{param}': {message}.", param=param)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Route every error raised while serving ``app`` through the envelope."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            error: APIError = NotFoundError(f"No route {request.method} {request.url.path}.")
+        elif exc.status_code == 405:
+            error = MethodNotAllowedError(
+                f"Method {request.method} is not allowed on {request.url.path}."
+            )
+        else:
+            error = APIError(str(exc.detail))
+            error.status_code = exc.status_code
+            error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return error_response(error)
+
+    @app.exception_handler(APIError)
+    async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(Exception)
+    async def _on_error(_: Request, exc: Exception) -> JSONResponse:
+        # Anything unexpected, Ray's wrapped replica errors included: mapped, and logged
+        # server-side with its traceback, never echoed to the client.
+        return error_response(error_from_exception(exc))

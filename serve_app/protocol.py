@@ -1,0 +1,140 @@
+"""The wire format: request and response models and the error envelope.
+
+Field names follow OpenAI's Images API; the extension fields (``seed``,
+``negative_prompt``, ``guidance_scale``, ``num_inference_steps``, ``high_noise_frac``) follow
+the services our users come from. This module imports neither torch nor Ray.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_N = 10
+# torch generators take seeds below 2**64; image i of a request uses seed + i.
+MAX_SEED = 2**63 - 1
+
+_SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """Parse ``"WIDTHxHEIGHT"`` into ``(width, height)``; raise ``ValueError`` otherwise."""
+    match = _SIZE_RE.match(size)
+    if not match:
+        raise ValueError(f"size must be 'WIDTHxHEIGHT', such as '512x512'; got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class _Strict(BaseModel):
+    """Unknown fields are an error: a misspelt option must not be silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageGenerationRequest(_Strict):
+    """Body of ``POST /v1/images/generations``."""
+
+    prompt: str = Field(min_length=1, description="Text description of the desired image(s).")
+    model: str | None = Field(
+        default=None, description="Served model name or alias; the configured default if omitted."
+    )
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images to generate.")
+    size: str | None = Field(
+        default=None,
+        description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
+    )
+    response_format: Literal["b64_json"] = Field(
+        default="b64_json", description="How images are returned: base64 in 'b64_json'."
+    )
+    output_format: Literal["png", "jpeg", "webp"] = Field(
+        default="png", description="Encoding of the returned images."
+    )
+    output_compression: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Quality (0-100) for jpeg and webp; 100 keeps the most detail. Default 100.",
+    )
+    user: str | None = Field(default=None, description="End-user identifier, for the logs.")
+    negative_prompt: str | None = Field(default=None, description="What the image should not show.")
+    seed: int | None = Field(
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of image 0; image i uses seed + i. Drawn at random when omitted.",
+    )
+    guidance_scale: float | None = Field(
+        default=None, ge=0, le=50, description="Classifier-free guidance scale."
+    )
+    num_inference_steps: int | None = Field(
+        default=None, ge=1, description="Denoising steps (at most the model's limit)."
+    )
+    high_noise_frac: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="Refiner chains: fraction of the steps run by the base model (default 0.8).",
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        parse_size(value)
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+class ImageData(BaseModel):
+    """One generated image."""
+
+    b64_json: str
+    seed: int
+
+
+class ImagesResponse(BaseModel):
+    """Response of the images routes."""
+
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error envelope."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "starting"]
+    deployments: dict[str, str]

@@ -1,0 +1,54 @@
+"""Fake deployment handles for unit tests: record calls, return canned results."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class FakeResponse:
+    """Stands in for a DeploymentResponse: awaitable, and passed along unresolved."""
+
+    def __init__(self, handle, method, args):
+        self.handle, self.method, self.args = handle, method, args
+
+    def __await__(self):
+        async def resolve():
+            if self.handle.error is not None:
+                raise self.handle.error
+            return self.handle.result_for(self)
+
+        return resolve().__await__()
+
+
+class _Method:
+    def __init__(self, handle, name):
+        self.handle, self.name = handle, name
+
+    def remote(self, *args):
+        response = FakeResponse(self.handle, self.name, args)
+        self.handle.calls.append(response)
+        return response
+
+
+class FakeHandle:
+    def __init__(self, name, error=None, shape_override=None):
+        self.name, self.error, self.shape_override = name, error, shape_override
+        self.calls: list[FakeResponse] = []
+
+    def __getattr__(self, method):
+        return _Method(self, method)
+
+    def result_for(self, response):
+        job = response.args[0]
+        n = len(job.seeds)
+        # A refine call carries no size: it takes the size of the response it refines.
+        source = response.args[1].args[0] if len(response.args) > 1 else job
+        height, width = source.height, source.width
+        if self.shape_override is not None:
+            return np.zeros(self.shape_override, dtype=np.uint8)
+        # A distinct gray level per seed, so tests can tell images apart.
+        return np.stack([np.full((height, width, 3), seed % 256, np.uint8) for seed in job.seeds])[:n]
+
+
+def fake_handles(config, **overrides):
+    return {m.name: overrides.get(m.name) or FakeHandle(m.name) for m in config.models}

@@ -1,0 +1,128 @@
+import copy
+
+import pytest
+
+from serve_app.app import build_app
+from serve_app.config import ConfigError, load_app_config
+from serve_app.launch import load_serve_config
+from tests.conftest import REPO_ROOT
+
+CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {path.name for path in CONFIGS}
+    assert {"tiny.yaml", "local-gpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_config_files_are_valid_serve_configs(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = load_serve_config(path)
+    ServeDeploySchema.model_validate(raw)  # Ray's own schema for `serve run` / `serve deploy`
+    for app in raw["applications"]:
+        assert app["import_path"] == "serve_app.app:build_app"
+        config = load_app_config(app["args"])
+        # The builder accepts it and binds one deployment per model plus the ingress.
+        assert build_app(app["args"]) is not None
+        assert config.resolve(None).name == config.default_model
+
+
+def test_local_gpu_uses_real_weights_in_fp16_on_one_gpu():
+    args = load_serve_config(REPO_ROOT / "configs" / "local-gpu.yaml")["applications"][0]["args"]
+    config = load_app_config(args)
+    sources = {m.name: m.source for m in config.models}
+    assert sources == {
+        "stable-diffusion-2-1": "stabilityai/stable-diffusion-2-1",
+        "stable-diffusion-xl": "stabilityai/stable-diffusion-xl-base-1.0",
+        "stable-diffusion-xl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
+    }
+    assert all(m.dtype == "float16" for m in config.models)
+    gpus = [m.deployment.num_gpus for m in config.models]
+    assert all(0 < g < 1 for g in gpus) and sum(gpus) <= 1.0
+
+
+def test_tiny_uses_tiny_sources_and_bounded_queues(tiny_args):
+    config = load_app_config(tiny_args)
+    assert all(m.source == f"tiny:{m.family}" for m in config.models)
+    assert all(0 < m.deployment.max_queued_requests <= 32 for m in config.models)
+    assert config.served_names() == [
+        "stable-diffusion-2-1",
+        "stable-diffusion-xl",
+        "stable-diffusion-xl-refiner",
+        "stable-diffusion-xl-with-refiner",
+    ]
+
+
+def test_aliases_resolve_to_served_names(tiny_args):
+    config = load_app_config(tiny_args)
+    assert config.resolve("stabilityai/stable-diffusion-2-1").name == "stable-diffusion-2-1"
+    assert config.resolve("stabilityai/stable-diffusion-xl-base-1.0").name == "stable-diffusion-xl"
+    assert config.resolve("nope") is None
+
+
+def test_serve_options_come_from_config(tiny_args):
+    args = copy.deepcopy(tiny_args)
+    args["models"][0]["deployment"] = {
+        "num_gpus": 0.5,
+        "num_cpus": 2,
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2},
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 16,
+    }
+    options = load_app_config(args).models[0].deployment.serve_options()
+    assert options == {
+        "ray_actor_options": {"num_gpus": 0.5, "num_cpus": 2},
+        "max_ongoing_requests": 8,
+        "max_queued_requests": 16,
+        "autoscaling_config": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 2},
+    }
+
+
+def _broken(tiny_args, mutate):
+    args = copy.deepcopy(tiny_args)
+    mutate(args)
+    with pytest.raises(ConfigError) as info:
+        load_app_config(args)
+    return str(info.value)
+
+
+def test_unknown_keys_are_rejected_with_their_path(tiny_args):
+    message = _broken(tiny_args, lambda a: a["models"][0].update(weights="x"))
+    assert "models.0.weights: unknown key" in message
+    message = _broken(tiny_args, lambda a: a.update(extra=1))
+    assert "extra: unknown key" in message
+    message = _broken(tiny_args, lambda a: a["models"][0]["deployment"].update(num_gpu=1))
+    assert "models.0.deployment.num_gpu: unknown key" in message
+
+
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda a: a["models"][1].update(name="stable-diffusion-2-1"), "used by both"),
+        (lambda a: a["models"][1]["aliases"].append("stabilityai/stable-diffusion-2-1"), "used by both"),
+        (lambda a: a.update(default_model="missing"), "default_model"),
+        (lambda a: a["models"][0].update(source="tiny:sdxl"), "does not match family"),
+        (lambda a: a["models"][0].update(family="sd3"), "family"),
+        (lambda a: a["models"][0]["defaults"].update(size="640x640"), "not in limits.sizes"),
+        (lambda a: a["models"][0]["limits"].update(sizes=["500x500"]), "multiples of 8"),
+        (lambda a: a["models"][0]["limits"].update(max_n=11), "max_n"),
+        (lambda a: a["models"][0]["defaults"].update(num_inference_steps=99), "max_steps"),
+        (lambda a: a["chains"][0].update(base="stable-diffusion-2-1"), "must name an sdxl model"),
+        (lambda a: a["chains"][0].update(refiner="stable-diffusion-xl"), "sdxl-refiner"),
+        (lambda a: a["models"][0]["deployment"].update(autoscaling_config={"max_replica": 2}), "max_replica"),
+        (
+            lambda a: a["models"][0]["deployment"].update(autoscaling_config={"min_replicas": 3, "max_replicas": 1}),
+            "autoscaling_config",
+        ),
+        (lambda a: a["models"][0]["deployment"].update(autoscaling_config={"max_replicas": 2}), "not both"),
+    ],
+)
+def test_invalid_configs_fail_clearly(tiny_args, mutate, needle):
+    assert needle in _broken(tiny_args, mutate)
+
+
+def test_build_app_rejects_bad_args_before_deploying(tiny_args):
+    with pytest.raises(ConfigError, match="models: "):
+        build_app({"models": []})

@@ -1,0 +1,124 @@
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from ray.exceptions import RayTaskError
+
+from deployments.errors import InvalidJobError
+from serve_app.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
+from serve_app.http import install_error_handlers
+from serve_app.ingress import deployments_ready, guarded
+from serve_app.protocol import ErrorResponse, ImageGenerationRequest
+
+
+def make_client(raise_in_route=None):
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/images/generations")
+    async def generations(body: ImageGenerationRequest):
+        if raise_in_route is not None:
+            await guarded(_raise(raise_in_route))
+        return {"ok": True}
+
+    return TestClient(app, raise_server_exceptions=False)
+
+
+async def _raise(exc):
+    raise exc
+
+
+def envelope(response):
+    body = response.json()
+    ErrorResponse.model_validate(body)  # exactly the OpenAI envelope
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize(
+    "payload,param",
+    [
+        ({}, "prompt"),
+        ({"prompt": "a", "n": 11}, "n"),
+        ({"prompt": "a", "size": "512by512"}, "size"),
+        ({"prompt": "a", "seed": -5}, "seed"),
+        ({"prompt": "a", "output_format": "bmp"}, "output_format"),
+        ({"prompt": "a", "num_inference_steps": "many"}, "num_inference_steps"),
+        ({"prompt": "a", "colour": "red"}, "colour"),
+    ],
+)
+def test_validation_errors_are_400_naming_the_field(payload, param):
+    response = make_client().post("/v1/images/generations", json=payload)
+    assert response.status_code == 400
+    error = envelope(response)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert param in error["message"]
+
+
+def test_missing_prompt_message():
+    error = envelope(make_client().post("/v1/images/generations", json={"n": 1}))
+    assert error["message"] == "Missing required parameter: 'prompt'."
+
+
+@pytest.mark.parametrize("body", ['{"prompt": "a",', "not json", '["prompt"]', "42"])
+def test_malformed_json_is_400(body):
+    response = make_client().post(
+        "/v1/images/generations", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    error = envelope(response)
+    assert error["type"] == "invalid_request_error"
+    assert "JSON" in error["message"]
+
+
+def test_unknown_route_and_method_use_the_envelope():
+    client = make_client()
+    assert envelope(client.get("/v1/nothing"))["type"] == "invalid_request_error"
+    response = client.get("/v1/images/generations")
+    assert response.status_code == 405 and envelope(response)["message"].startswith("Method GET")
+
+
+def test_internal_error_is_500_without_traceback():
+    secret = "Traceback (most recent call last): secret/path.py line 1"
+    response = make_client(RuntimeError(secret)).post("/v1/images/generations", json={"prompt": "a"})
+    assert response.status_code == 500
+    error = envelope(response)
+    assert error["type"] == "server_error"
+    assert "secret" not in response.text and "Traceback" not in response.text
+
+
+def test_api_errors_pass_through_with_their_status():
+    response = make_client(ModelNotFoundError("x", ["a", "b"])).post(
+        "/v1/images/generations", json={"prompt": "a"}
+    )
+    assert response.status_code == 404
+    assert envelope(response) == {
+        "message": "The model 'x' does not exist. Available models: a, b.",
+        "type": "invalid_request_error",
+        "param": "model",
+        "code": "model_not_found",
+    }
+
+
+def test_errors_raised_in_a_replica_are_unwrapped():
+    wrapped = RayTaskError("refine", "remote traceback", InvalidJobError("bad latents", "image"))
+    error = error_from_exception(wrapped.as_instanceof_cause())
+    assert isinstance(error, InvalidRequestError)
+    assert (error.status_code, error.param, error.message) == (400, "image", "bad latents")
+    crash = RayTaskError("refine", "remote traceback", RuntimeError("CUDA out of memory"))
+    error = error_from_exception(crash)
+    assert error.status_code == 500 and "CUDA" not in error.message
+
+
+def test_invalid_job_error_survives_pickling():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(InvalidJobError("bad", "seed")))
+    assert (error.message, error.param) == ("bad", "seed")
+
+
+def test_readiness_needs_every_deployment():
+    assert deployments_ready({"a": ("HEALTHY", 1), "b": ("UPSCALING", 2)})
+    assert deployments_ready({"a": ("UPDATING", 1)})  # rolling update with replicas serving
+    assert not deployments_ready({"a": ("HEALTHY", 1), "b": ("UPDATING", 0)})
+    assert not deployments_ready({"a": ("DEPLOY_FAILED", 0)})
+    assert not deployments_ready({})
