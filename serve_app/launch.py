@@ -75,7 +75,8 @@ def run_local(
     if args_override:
         args.update(args_override)
     port = port or free_port()
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # "local" always starts a private instance, never joins a cluster found on the machine.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(

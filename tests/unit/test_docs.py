@@ -1,0 +1,52 @@
+"""The README documents every route, request field and config key the code has."""
+
+import re
+
+import pytest
+
+from serve_app import config as config_module
+from serve_app.protocol import ImageGenerationRequest
+from tests.conftest import REPO_ROOT
+
+README = (REPO_ROOT / "README.md").read_text()
+
+CONFIG_MODELS = [
+    config_module.AppConfig,
+    config_module.ModelConfig,
+    config_module.RefinerChainConfig,
+    config_module.DeploymentOptions,
+    config_module.GenerationDefaults,
+    config_module.GenerationLimits,
+    config_module.IngressConfig,
+]
+
+
+@pytest.mark.parametrize("model", CONFIG_MODELS, ids=lambda m: m.__name__)
+def test_every_config_key_is_documented(model):
+    missing = [name for name in model.model_fields if not re.search(rf"\b{name}\b", README)]
+    assert not missing, f"README lacks config keys of {model.__name__}: {missing}"
+
+
+def test_every_request_field_is_in_the_table():
+    for name in ImageGenerationRequest.model_fields:
+        assert f"| `{name}` |" in README, name
+
+
+def test_every_route_is_documented():
+    from serve_app.ingress import api
+
+    documented = 0
+    for path, methods in api.openapi()["paths"].items():
+        shown = path.replace("{model_id}", "{model}")
+        for method in methods:
+            assert f"`{method.upper()} {shown}`" in README, f"{method.upper()} {path}"
+            documented += 1
+    assert documented >= 4
+
+
+def test_readme_gives_the_two_commands():
+    assert "python3 -m pip install torch==2.13.0 -e . && serve run configs/tiny.yaml" in README
+    test_command = 'python3 -m pip install torch==2.13.0 -e ".[test]" && python3 -m pytest'
+    assert test_command in README
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert 'python3 -m pip install -q torch==2.13.0 -e ".[test]"' in ci and "python3 -m pytest" in ci
