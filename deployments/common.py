@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec
 from deployments.tiny import materialize_tiny
 
@@ -103,8 +104,12 @@ class PipelineDeployment:
 
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
-        self.pipe, self.device = load_pipeline(self.pipeline_cls, spec)
+        self.pipe, self.device = self.load(spec)
         self._lock = asyncio.Lock()
+
+    def load(self, spec: PipelineSpec):
+        """Load this replica's model; returns (model, device)."""
+        return load_pipeline(self.pipeline_cls, spec)
 
     async def _run(self, fn, /, *args, **kwargs):
         async with self._lock:
@@ -125,14 +130,34 @@ class PipelineDeployment:
             raise RuntimeError(f"{self.spec.name}: pipeline not loaded")
 
 
+def images_to_float(images: np.ndarray, count: int) -> np.ndarray:
+    """uint8 (H, W, 3) or (N, H, W, 3) to float32 (count, H, W, 3) in [0, 1].
+
+    A single image is repeated ``count`` times (one per seed); a batch must already hold
+    ``count`` images.
+    """
+    if images.ndim == 3:
+        images = np.repeat(images[None], count, axis=0)
+    if images.shape[0] != count:
+        raise InvalidJobError(f"expected {count} images, got {images.shape[0]}")
+    return images.astype(np.float32) / 255.0
+
+
+def finish(output, output_latents: bool):
+    """Latents go to the next replica as float32 CPU tensors; images leave as uint8."""
+    if output_latents:
+        return output.to("cpu", torch.float32)
+    return to_uint8(output)
+
+
 class TextToImageMixin:
     """``text_to_image`` for pipelines called with prompt, size, steps and guidance."""
 
     async def text_to_image(self, job):
         """Run a :class:`~deployments.jobs.TextToImageJob`.
 
-        Returns uint8 images (N, H, W, 3), or latents (a CPU tensor) when the job stops
-        early at ``denoising_end``.
+        Returns uint8 images (N, H, W, 3), or latents (a CPU tensor) when the job asks
+        for them (a refiner or a latent upscaler continues from there).
         """
         return await self._run(self._text_to_image, job)
 
@@ -146,17 +171,64 @@ class TextToImageMixin:
             guidance_scale=job.guidance_scale,
             num_images_per_prompt=len(job.seeds),
             generator=generators(job.seeds),
+            output_type="latent" if job.output_latents else "np",
         )
         if job.denoising_end is not None:
             kwargs["denoising_end"] = job.denoising_end
-            kwargs["output_type"] = "latent"
-        else:
-            kwargs["output_type"] = "np"
         return kwargs
 
     def _text_to_image(self, job):
-        result = self.pipe(**self._text_to_image_kwargs(job)).images
-        if job.denoising_end is not None:
-            # Latents travel to the refiner replica through Ray's object store.
-            return result.to("cpu", torch.float32)
-        return to_uint8(result)
+        output = self.pipe(**self._text_to_image_kwargs(job)).images
+        return finish(output, job.output_latents)
+
+
+class ImageToImageMixin:
+    """``image_to_image``: image-to-image, or inpainting when a mask is given.
+
+    Both pipelines are made with ``from_pipe`` from the text-to-image pipeline, so they
+    share its modules: no second copy of the weights in memory.
+    """
+
+    img2img_cls: Any = None
+    inpaint_cls: Any = None
+
+    def _init_image_pipelines(self) -> None:
+        self.img2img = self.img2img_cls.from_pipe(self.pipe)
+        self.inpaint = self.inpaint_cls.from_pipe(self.pipe)
+        for pipe in (self.img2img, self.inpaint):
+            pipe.set_progress_bar_config(disable=True)
+
+    async def image_to_image(self, job, image: np.ndarray, mask: np.ndarray | None = None):
+        """Run an :class:`~deployments.jobs.ImageToImageJob` on ``image`` (H, W, 3) uint8.
+
+        ``mask`` (H, W) uint8 marks with 255 the pixels to repaint.
+        """
+        if image.shape[:2] != (job.height, job.width):
+            raise InvalidJobError(
+                f"image is {image.shape[1]}x{image.shape[0]}, job is {job.width}x{job.height}",
+                param="image",
+            )
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise InvalidJobError("mask and image sizes differ", param="mask")
+        return await self._run(self._image_to_image, job, image, mask)
+
+    def _image_to_image(self, job, image, mask):
+        from PIL import Image
+
+        kwargs: dict[str, Any] = dict(
+            prompt=job.prompt,
+            negative_prompt=job.negative_prompt,
+            image=Image.fromarray(image),
+            strength=job.strength,
+            num_inference_steps=job.num_inference_steps,
+            guidance_scale=job.guidance_scale,
+            num_images_per_prompt=len(job.seeds),
+            generator=generators(job.seeds),
+            output_type="latent" if job.output_latents else "np",
+        )
+        if mask is None:
+            output = self.img2img(**kwargs).images
+        else:
+            kwargs.update(mask_image=Image.fromarray(mask), width=job.width, height=job.height)
+            output = self.inpaint(**kwargs).images
+        return finish(output, job.output_latents)

@@ -1,20 +1,31 @@
 """What the ingress sends to model deployments: load specs and typed jobs.
 
 Plain dataclasses without torch, so that the ingress can build them without importing
-any model code.
+any model code. Images travel as uint8 numpy arrays (N, H, W, 3) or (H, W, 3); latents
+(from a stage with ``output_latents``) as CPU tensors (N, 4, h, w) that the ingress never
+touches.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# What each pipeline family can do on its own.
+# What each pipeline family can do.
 FAMILY_CAPABILITIES: dict[str, frozenset[str]] = {
-    "sd21": frozenset({"text-to-image"}),
-    "sdxl": frozenset({"text-to-image"}),
+    "sd21": frozenset({"text-to-image", "image-to-image", "inpaint"}),
+    "sdxl": frozenset({"text-to-image", "image-to-image", "inpaint"}),
     # The refiner continues a base model's latents; it does not start from text alone.
     "sdxl-refiner": frozenset({"refine"}),
+    # Upscalers; the latent upscaler also takes latents straight from SD (no VAE decode).
+    "sd-x2-latent-upscaler": frozenset({"upscale", "latent-input"}),
+    "sd-x4-upscaler": frozenset({"upscale"}),
+    "esrgan": frozenset({"upscale"}),
 }
+
+UPSCALE_FACTORS: dict[str, int] = {"sd-x2-latent-upscaler": 2, "sd-x4-upscaler": 4, "esrgan": 2}
+
+# Upscalers that run a diffusion process (prompt, steps, guidance and seed matter).
+DIFFUSION_UPSCALERS = frozenset({"sd-x2-latent-upscaler", "sd-x4-upscaler"})
 
 
 @dataclass(frozen=True)
@@ -35,8 +46,8 @@ class PipelineSpec:
 class TextToImageJob:
     """Generate ``len(seeds)`` images of one prompt; image i starts from ``seeds[i]``.
 
-    With ``denoising_end`` set, denoising stops at that fraction and the latents are
-    returned instead of images (the first half of a base -> refiner chain).
+    ``denoising_end`` stops early (the first half of a base -> refiner chain);
+    ``output_latents`` returns latents instead of decoded images.
     """
 
     prompt: str
@@ -47,6 +58,23 @@ class TextToImageJob:
     guidance_scale: float
     seeds: tuple[int, ...]
     denoising_end: float | None = None
+    output_latents: bool = False
+
+
+@dataclass(frozen=True)
+class ImageToImageJob:
+    """Edit one input image ``len(seeds)`` times (the image and an optional mask are
+    passed beside the job, already at ``width`` x ``height``)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    strength: float
+    seeds: tuple[int, ...]
+    output_latents: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,3 +87,18 @@ class RefineJob:
     guidance_scale: float
     seeds: tuple[int, ...]
     denoising_start: float
+    output_latents: bool = False
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    """Upscale one image (repeated ``len(seeds)`` times) or a batch of ``len(seeds)``
+    images or latents by the model's factor. Diffusion upscalers use the prompt, steps,
+    guidance and seeds; ESRGAN ignores them."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    noise_level: int | None = None

@@ -6,16 +6,32 @@ the schedule and returns latents, the refiner finishes the low-noise share and d
 
 from __future__ import annotations
 
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+)
 
-from deployments.common import PipelineDeployment, TextToImageMixin, generators, to_uint8
+from deployments.common import (
+    ImageToImageMixin,
+    PipelineDeployment,
+    TextToImageMixin,
+    finish,
+    generators,
+)
 from deployments.errors import InvalidJobError
 
 
-class SDXLBaseDeployment(TextToImageMixin, PipelineDeployment):
-    """One StableDiffusionXLPipeline per replica."""
+class SDXLBaseDeployment(TextToImageMixin, ImageToImageMixin, PipelineDeployment):
+    """One StableDiffusionXLPipeline per replica, plus img2img/inpaint views of it."""
 
     pipeline_cls = StableDiffusionXLPipeline
+    img2img_cls = StableDiffusionXLImg2ImgPipeline
+    inpaint_cls = StableDiffusionXLInpaintPipeline
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self._init_image_pipelines()
 
 
 class SDXLRefinerDeployment(PipelineDeployment):
@@ -45,6 +61,6 @@ class SDXLRefinerDeployment(PipelineDeployment):
             denoising_start=job.denoising_start,
             num_images_per_prompt=len(job.seeds),
             generator=generators(job.seeds),
-            output_type="np",
+            output_type="latent" if job.output_latents else "np",
         ).images
-        return to_uint8(images)
+        return finish(images, job.output_latents)

@@ -19,11 +19,15 @@ import tempfile
 from pathlib import Path
 
 # Bump when the tiny architectures change, so stale caches are not reused.
-TINY_VERSION = "1"
+TINY_VERSION = "2"
 
-TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner")
+TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan")
+
+# Families whose weights are one spandrel-loadable file rather than a diffusers folder.
+SINGLE_FILE_FAMILIES = ("esrgan",)
 
 _SEED = 0
+TINY_WEIGHTS_FILE = "model.pth"
 _TEXT_HIDDEN = 32
 
 
@@ -82,23 +86,26 @@ def _text_encoder(vocab_size: int, with_projection: bool, projection_dim: int = 
     return cls(config).eval()
 
 
-def _vae(latent_channels: int = 4):
+def _vae(levels: int = 4, scaling_factor: float = 0.18215):
     import torch
     from diffusers import AutoencoderKL
 
-    # Same seed for every family: SDXL base and refiner must share one latent space.
+    # Same seed for every family: SD 2.1 and the x2 latent upscaler, and SDXL base and
+    # refiner, must share one latent space so latents can move between them.
     torch.manual_seed(_SEED)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        # Four levels: a scale factor of 2**3 = 8, as in every Stable Diffusion VAE.
-        block_out_channels=(4, 4, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=latent_channels,
+        # Four levels: a scale factor of 2**3 = 8, as in every Stable Diffusion VAE; the x4
+        # upscaler's VAE has three (a factor of 4), as the real one does.
+        block_out_channels=(4, 4, 8, 8)[:levels],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
         layers_per_block=1,
         norm_num_groups=4,
         sample_size=64,
+        scaling_factor=scaling_factor,
         mid_block_add_attention=False,
     ).eval()
 
@@ -210,11 +217,116 @@ def build_tiny_pipeline(family: str):
             force_zeros_for_empty_prompt=False,
             add_watermarker=False,
         )
+    if family == "sd-x2-latent-upscaler":
+        return _latent_upscaler()
+    if family == "sd-x4-upscaler":
+        return _x4_upscaler()
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
 
 
+def _latent_upscaler():
+    import torch
+    from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline, UNet2DConditionModel
+
+    tokenizer, vocab_size = _tokenizer()
+    torch.manual_seed(_SEED)
+    # The k-diffusion UNet of sd-x2-latent-upscaler: noisy latents + 2x-upsampled image
+    # latents in (4 + 4), 5 channels out, Fourier time embedding conditioned on the noise
+    # level (128) and the pooled text embedding (32). Self-attention only in the last
+    # (lowest-resolution) block, as in the real config.
+    unet = UNet2DConditionModel(
+        act_fn="gelu",
+        attention_head_dim=8,
+        norm_num_groups=None,
+        # K-blocks normalise in groups of 32 channels: 32 is the smallest width they take.
+        block_out_channels=(32, 32, 64, 64),
+        time_cond_proj_dim=128 + _TEXT_HIDDEN,
+        conv_in_kernel=1,
+        conv_out_kernel=1,
+        cross_attention_dim=_TEXT_HIDDEN,
+        down_block_types=(
+            "KDownBlock2D",
+            "KCrossAttnDownBlock2D",
+            "KCrossAttnDownBlock2D",
+            "KCrossAttnDownBlock2D",
+        ),
+        in_channels=8,
+        mid_block_type=None,
+        only_cross_attention=False,
+        out_channels=5,
+        resnet_time_scale_shift="scale_shift",
+        time_embedding_type="fourier",
+        timestep_post_act="gelu",
+        up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
+        layers_per_block=1,
+        sample_size=64,
+    ).eval()
+    scheduler = EulerDiscreteScheduler(prediction_type="sample", sigma_min=0.0292, sigma_max=14.6146)
+    return StableDiffusionLatentUpscalePipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(vocab_size, with_projection=False),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
+def _x4_upscaler():
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+
+    tokenizer, vocab_size = _tokenizer()
+    torch.manual_seed(_SEED)
+    # The UNet runs at the input's resolution on latents (4) + the noised low-res image
+    # (3); the noise level is a class embedding. Attention only at 1/8 of the input side.
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=7,
+        out_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        attention_head_dim=8,
+        use_linear_projection=True,
+        norm_num_groups=8,
+        cross_attention_dim=_TEXT_HIDDEN,
+        num_class_embeds=1000,
+    ).eval()
+    return StableDiffusionUpscalePipeline(
+        vae=_vae(levels=3, scaling_factor=0.08333),
+        text_encoder=_text_encoder(vocab_size, with_projection=False),
+        tokenizer=tokenizer,
+        unet=unet,
+        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
+        scheduler=DDIMScheduler(
+            beta_schedule="scaled_linear",
+            beta_start=0.0001,
+            beta_end=0.02,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            prediction_type="v_prediction",
+        ),
+        max_noise_level=350,
+    )
+
+
+def build_tiny_esrgan(path: Path) -> None:
+    """Write a seeded small Real-ESRGAN x2plus-shaped RRDB net (pixel-unshuffle x2) as .pth."""
+    import torch
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    torch.manual_seed(_SEED)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2, shuffle_factor=2)
+    torch.save(model.state_dict(), path)
+
+
 def materialize_tiny(family: str, root: Path | None = None) -> Path:
-    """Return a folder holding the tiny ``family`` pipeline, building it on first use.
+    """Return a folder holding the tiny ``family`` model, building it on first use.
+
+    Diffusers families get a pipeline folder (``model_index.json``); ``esrgan`` gets
+    ``model.pth``.
 
     Several replicas may start at once: each builds into a private temporary folder and
     renames it into place, so a reader never sees a half-written pipeline.
@@ -223,19 +335,22 @@ def materialize_tiny(family: str, root: Path | None = None) -> Path:
         raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
     root = Path(root) if root is not None else tiny_cache_root()
     target = root / f"{family}-v{TINY_VERSION}"
-    if (target / "model_index.json").is_file():
+    if (target / "tiny.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
     try:
-        pipe = build_tiny_pipeline(family)
-        pipe.save_pretrained(staging)
+        if family in SINGLE_FILE_FAMILIES:
+            build_tiny_esrgan(staging / TINY_WEIGHTS_FILE)
+        else:
+            build_tiny_pipeline(family).save_pretrained(staging)
+        # Written last: its presence marks a complete folder.
         (staging / "tiny.json").write_text(json.dumps({"family": family, "version": TINY_VERSION}))
         try:
             os.rename(staging, target)
         except OSError:
             # Another process won the race; its copy is identical (same seed).
-            if not (target / "model_index.json").is_file():
+            if not (target / "tiny.json").is_file():
                 raise
     finally:
         if staging.exists():

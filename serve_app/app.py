@@ -31,6 +31,18 @@ def deployment_class(family: str):
         from deployments.sdxl import SDXLRefinerDeployment
 
         return SDXLRefinerDeployment
+    if family == "sd-x2-latent-upscaler":
+        from deployments.latent_upscaler import LatentUpscalerDeployment
+
+        return LatentUpscalerDeployment
+    if family == "sd-x4-upscaler":
+        from deployments.x4_upscaler import X4UpscalerDeployment
+
+        return X4UpscalerDeployment
+    if family == "esrgan":
+        from deployments.esrgan import ESRGANDeployment
+
+        return ESRGANDeployment
     raise ValueError(f"no deployment for family {family!r}")
 
 

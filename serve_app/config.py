@@ -12,10 +12,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray.serve.config import AutoscalingConfig
 
-from deployments.jobs import FAMILY_CAPABILITIES, PipelineSpec
+from deployments.jobs import FAMILY_CAPABILITIES, UPSCALE_FACTORS, PipelineSpec
 from serve_app.protocol import MAX_N, parse_size
 
-Family = Literal["sd21", "sdxl", "sdxl-refiner"]
+Family = Literal[
+    "sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan"
+]
 
 
 class _Strict(BaseModel):
@@ -87,16 +89,27 @@ class GenerationDefaults(_Strict):
 
     num_inference_steps: int = Field(ge=1, description="Denoising steps.")
     guidance_scale: float = Field(ge=0, description="Classifier-free guidance scale.")
-    size: str = Field(description="'WIDTHxHEIGHT' used when the request has no size.")
+    size: str | None = Field(
+        default=None, description="'WIDTHxHEIGHT' of text-to-image output when the request has none."
+    )
     negative_prompt: str | None = Field(default=None, description="Negative prompt by default.")
     high_noise_frac: float | None = Field(
         default=None, gt=0, lt=1, description="Refiner chains: share of steps run by the base."
     )
+    strength: float = Field(
+        default=0.75, gt=0, le=1,
+        description="Image-to-image edits and variations: how far to move from the input "
+        "(inpainting defaults to 1.0).",
+    )
+    noise_level: int | None = Field(
+        default=None, ge=0, le=350, description="x4 upscaler: noise added to the input (20)."
+    )
 
     @field_validator("size")
     @classmethod
-    def _check_size(cls, value: str) -> str:
-        parse_size(value)
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
         return value
 
 
@@ -105,7 +118,28 @@ class GenerationLimits(_Strict):
 
     max_n: int = Field(default=MAX_N, ge=1, le=MAX_N, description="Most images per request.")
     max_steps: int = Field(ge=1, description="Most denoising steps per request.")
-    sizes: list[str] = Field(min_length=1, description="Allowed 'WIDTHxHEIGHT' output sizes.")
+    sizes: list[str] = Field(
+        default_factory=list,
+        description="Allowed 'WIDTHxHEIGHT' text-to-image sizes; edits may have any size "
+        "(multiples of 8) up to the largest of these in pixels.",
+    )
+    max_input_pixels: int | None = Field(
+        default=None, ge=1, description="Upscalers: most pixels (width x height) of an input image."
+    )
+    max_output_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Upscalers: most output pixels when width or height is asked for "
+        "(default: max_input_pixels x factor^2).",
+    )
+    min_input_side: int = Field(
+        default=64, ge=1, description="Upscalers and edits: smallest input width or height."
+    )
+
+    @property
+    def max_pixels(self) -> int:
+        """Largest allowed output area, from the allowed sizes."""
+        return max(w * h for w, h in map(parse_size, self.sizes)) if self.sizes else 0
 
     @field_validator("sizes")
     @classmethod
@@ -126,7 +160,7 @@ class _Served(_Strict):
 
     @model_validator(mode="after")
     def _defaults_within_limits(self):
-        if self.defaults.size not in self.limits.sizes:
+        if self.defaults.size is not None and self.defaults.size not in self.limits.sizes:
             raise ValueError(
                 f"defaults.size {self.defaults.size!r} is not in limits.sizes {self.limits.sizes}"
             )
@@ -154,17 +188,33 @@ class ModelConfig(_Served):
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
-    def _tiny_family_matches(self) -> ModelConfig:
+    def _family_requirements(self) -> ModelConfig:
         if self.source.startswith("tiny:") and self.source != f"tiny:{self.family}":
             raise ValueError(
                 f"source {self.source!r} does not match family {self.family!r} "
                 f"(use 'tiny:{self.family}')"
             )
+        caps = self.capabilities
+        if "text-to-image" in caps and (self.defaults.size is None or not self.limits.sizes):
+            raise ValueError(f"family {self.family} needs defaults.size and limits.sizes")
+        if "upscale" in caps and self.limits.max_input_pixels is None:
+            raise ValueError(f"family {self.family} needs limits.max_input_pixels")
         return self
 
     @property
     def capabilities(self) -> frozenset[str]:
         return FAMILY_CAPABILITIES[self.family]
+
+    @property
+    def upscale_factor(self) -> int | None:
+        return UPSCALE_FACTORS.get(self.family)
+
+    @property
+    def max_output_pixels(self) -> int:
+        """Upscalers: most output pixels of a request that asks for width or height."""
+        if self.limits.max_output_pixels is not None:
+            return self.limits.max_output_pixels
+        return (self.limits.max_input_pixels or 0) * (self.upscale_factor or 1) ** 2
 
     def pipeline_spec(self) -> PipelineSpec:
         return PipelineSpec(
@@ -201,6 +251,11 @@ class IngressConfig(_Strict):
     png_compress_level: int = Field(
         default=6, ge=0, le=9, description="zlib level for PNG output (1 is fastest)."
     )
+    max_upload_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Uploads with more pixels are refused before decoding (decompression bombs).",
+    )
 
 
 class AppConfig(_Strict):
@@ -208,6 +263,9 @@ class AppConfig(_Strict):
 
     default_model: str = Field(
         default="stable-diffusion-2-1", description="Model used when a request names none."
+    )
+    default_upscaler: str | None = Field(
+        default=None, description="Model of /v1/images/upscale when a request names none."
     )
     models: list[ModelConfig] = Field(min_length=1, description="Pipelines, one deployment each.")
     chains: list[RefinerChainConfig] = Field(
@@ -234,6 +292,10 @@ class AppConfig(_Strict):
                 )
         if self.default_model not in seen:
             raise ValueError(f"default_model {self.default_model!r} is not a configured model")
+        if self.default_upscaler is not None:
+            upscaler = models.get(seen.get(self.default_upscaler, ""))
+            if upscaler is None or "upscale" not in upscaler.capabilities:
+                raise ValueError(f"default_upscaler {self.default_upscaler!r} is not an upscaler model")
         return self
 
     def model(self, name: str) -> ModelConfig:
@@ -243,9 +305,12 @@ class AppConfig(_Strict):
                 return entry
         raise KeyError(name)
 
-    def resolve(self, name: str | None) -> ModelConfig | RefinerChainConfig | None:
-        """Find a served model or chain by name or alias; ``None`` picks the default."""
-        wanted = name or self.default_model
+    def resolve(
+        self, name: str | None, default: str | None = None
+    ) -> ModelConfig | RefinerChainConfig | None:
+        """Find a served model or chain by name or alias; ``None`` picks ``default``
+        (the configured default model unless given)."""
+        wanted = name or default or self.default_model
         for entry in [*self.models, *self.chains]:
             if wanted == entry.name or wanted in entry.aliases:
                 return entry

@@ -38,7 +38,7 @@ def encode_image(
 def encode_b64(
     images: np.ndarray, output_format: str, compression: int | None = None, png_level: int = 6
 ) -> list[str]:
-    """Encode a (N, H, W, 3) batch into base64 strings, one per image."""
+    """Encode a (N, H, W, 3) batch, or a list of (H, W, 3) images, into base64 strings."""
     return [
         base64.b64encode(encode_image(img, output_format, compression, png_level)).decode("ascii")
         for img in images

@@ -2,22 +2,34 @@
 
 
 import asyncio
-from typing import Any, Awaitable, TypeVar
+from typing import Annotated, Any, Awaitable, TypeVar
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Form
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
 from serve_app.errors import APIError, error_from_exception
-from serve_app.http import install_error_handlers
+from serve_app.http import install_error_handlers, validation_error
+from serve_app.livepeer import (
+    LivepeerImageResponse,
+    LivepeerImageToImageForm,
+    LivepeerTextToImageRequest,
+    LivepeerUpscaleForm,
+    rename_param,
+    to_livepeer,
+)
 from serve_app.protocol import (
     ErrorResponse,
     HealthResponse,
+    ImageEditForm,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationForm,
     ModelCard,
     ModelList,
+    UpscaleForm,
 )
 from serve_app.serving import ImagesService
 
@@ -67,6 +79,50 @@ class ImagesIngress:
     async def create_image(self, body: ImageGenerationRequest) -> ImagesResponse:
         """Text to image (OpenAI's ``images.generate``)."""
         return await guarded(self.service.generate(body))
+
+    @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
+    async def edit_image(self, form: Annotated[ImageEditForm, Form()]) -> ImagesResponse:
+        """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
+        return await guarded(self.service.edit(form))
+
+    @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
+    async def create_variation(
+        self, form: Annotated[ImageVariationForm, Form()]
+    ) -> ImagesResponse:
+        """Variations of an image (OpenAI's ``images.create_variation``)."""
+        return await guarded(self.service.variation(form))
+
+    @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
+    async def upscale_image(self, form: Annotated[UpscaleForm, Form()]) -> ImagesResponse:
+        """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
+        return await guarded(self.service.upscale(form))
+
+    @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
+    async def livepeer_text_to_image(self, body: LivepeerTextToImageRequest) -> LivepeerImageResponse:
+        """Livepeer runner's text-to-image."""
+        return await self._livepeer(lambda: self.service.generate(body.to_openai()))
+
+    @api.post("/image-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
+    async def livepeer_image_to_image(
+        self, form: Annotated[LivepeerImageToImageForm, Form()]
+    ) -> LivepeerImageResponse:
+        """Livepeer runner's image-to-image."""
+        return await self._livepeer(lambda: self.service.edit(form.to_openai()))
+
+    @api.post("/upscale", response_model=LivepeerImageResponse, responses=_ERRORS)
+    async def livepeer_upscale(self, form: Annotated[LivepeerUpscaleForm, Form()]) -> LivepeerImageResponse:
+        """Livepeer runner's upscale."""
+        return await self._livepeer(lambda: self.service.upscale(form.to_openai()))
+
+    @staticmethod
+    async def _livepeer(call) -> LivepeerImageResponse:
+        try:
+            return to_livepeer(await guarded(call()))
+        except ValidationError as exc:  # the mapped OpenAI-shaped request is invalid
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
+            raise rename_param(validation_error(errors)) from None
+        except APIError as error:
+            raise rename_param(error) from None
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:

@@ -1,21 +1,38 @@
 """Request planning: which deployments run a request, in what order, with which jobs.
 
-A plan is built and checked against the model's limits before any model work starts.
+A plan is built and checked against the models' limits before any model work starts.
 Running it hands each stage's ``DeploymentResponse`` straight into the next stage's
-handle call, so intermediate results (latents) go from replica to replica and never
-come back through the ingress.
+handle call, so intermediate results (latents, images) go from replica to replica and
+never come back through the ingress.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from deployments.jobs import RefineJob, TextToImageJob
+import numpy as np
+
+from deployments.jobs import (
+    DIFFUSION_UPSCALERS,
+    ImageToImageJob,
+    RefineJob,
+    TextToImageJob,
+    UpscaleJob,
+)
 from serve_app.config import AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.protocol import MAX_SEED, ImageGenerationRequest, parse_size
+from serve_app.protocol import (
+    MAX_SEED,
+    ImageEditForm,
+    ImageGenerationRequest,
+    ImageVariationForm,
+    UpscaleForm,
+    parse_size,
+)
+from serve_app.uploads import resize
 
 # Seeds drawn for requests without one stay in 32 bits, like the seeds other services show.
 _DRAWN_SEED_LIMIT = 2**32
@@ -25,13 +42,21 @@ def draw_seed() -> int:
     return secrets.randbelow(_DRAWN_SEED_LIMIT)
 
 
+SeedSource = Callable[[], int]
+
+
 @dataclass(frozen=True)
 class Stage:
-    """One handle call: ``handles[deployment].<method>.remote(job, <previous result>)``."""
+    """One handle call: ``handles[deployment].<method>.remote(job, *inputs, <previous>)``.
+
+    ``inputs`` (decoded uploads) are given to the first stage only; every later stage
+    gets the previous stage's response instead.
+    """
 
     deployment: str
     method: str
-    job: TextToImageJob | RefineJob
+    job: Any
+    inputs: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -49,29 +74,30 @@ class GenerationPlan:
         return f"{self.width}x{self.height}"
 
 
-def _resolve(config: AppConfig, name: str | None) -> ModelConfig | RefinerChainConfig:
-    served = config.resolve(name)
+def _resolve(config: AppConfig, name: str | None, default: str | None = None):
+    served = config.resolve(name, default)
     if served is None:
-        raise ModelNotFoundError(name or "", config.served_names())
+        raise ModelNotFoundError(name or default or "", config.served_names())
     return served
 
 
-def _check_common(req: ImageGenerationRequest, served: ModelConfig | RefinerChainConfig):
+def _seeds(seed: int | None, n: int, seed_source: SeedSource) -> tuple[int, ...]:
+    if seed is not None and seed + n - 1 > MAX_SEED:
+        raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
+    first = seed if seed is not None else seed_source()
+    return tuple(first + i for i in range(n))
+
+
+def _check_common(req, served: ModelConfig | RefinerChainConfig, check_steps: bool = True) -> int:
+    """Checks every route shares; returns the number of denoising steps."""
     limits, defaults = served.limits, served.defaults
     if req.n > limits.max_n:
         raise InvalidRequestError(
             f"n={req.n} is above the limit of {limits.max_n} images per request for {served.name}",
             param="n",
         )
-    size = defaults.size if req.size in (None, "auto") else req.size
-    if size not in limits.sizes:
-        raise InvalidRequestError(
-            f"size {size!r} is not supported by {served.name}; "
-            f"allowed sizes: {', '.join(limits.sizes)}",
-            param="size",
-        )
     steps = req.num_inference_steps or defaults.num_inference_steps
-    if steps > limits.max_steps:
+    if check_steps and steps > limits.max_steps:
         raise InvalidRequestError(
             f"num_inference_steps={steps} is above the limit of {limits.max_steps} for {served.name}",
             param="num_inference_steps",
@@ -81,16 +107,90 @@ def _check_common(req: ImageGenerationRequest, served: ModelConfig | RefinerChai
             "output_compression applies to the jpeg and webp output formats only",
             param="output_compression",
         )
-    if req.seed is not None and req.seed + req.n - 1 > MAX_SEED:
-        raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
-    width, height = parse_size(size)
-    return width, height, steps
+    return steps
+
+
+def _guidance(req, served) -> float:
+    return req.guidance_scale if req.guidance_scale is not None else served.defaults.guidance_scale
+
+
+def _negative(req, served) -> str | None:
+    return req.negative_prompt if req.negative_prompt is not None else served.defaults.negative_prompt
+
+
+def _require(served, capability: str, what: str, param: str = "model") -> ModelConfig:
+    if not isinstance(served, ModelConfig) or capability not in served.capabilities:
+        raise InvalidRequestError(f"{served.name} does not {what}", param=param)
+    return served
+
+
+def _upscale_stage(
+    config: AppConfig,
+    name: str,
+    prompt: str,
+    negative_prompt: str | None,
+    seeds: tuple[int, ...],
+    width: int,
+    height: int,
+) -> tuple[Stage, ModelConfig]:
+    """The stage that upscales a generation's or edit's output (extension ``upscale``)."""
+    upscaler = config.resolve(name)
+    if upscaler is None or not isinstance(upscaler, ModelConfig) or "upscale" not in upscaler.capabilities:
+        known = [m.name for m in config.models if "upscale" in m.capabilities]
+        raise InvalidRequestError(
+            f"upscale={name!r} is not an upscaler; available: {', '.join(known) or 'none'}",
+            param="upscale",
+        )
+    limit = upscaler.limits.max_input_pixels
+    if width * height > limit:
+        raise InvalidRequestError(
+            f"{upscaler.name} takes at most {limit} input pixels; {width}x{height} is "
+            f"{width * height}. Ask for a smaller size or another upscaler.",
+            param="upscale",
+        )
+    if len(seeds) > upscaler.limits.max_n:
+        raise InvalidRequestError(
+            f"{upscaler.name} upscales at most {upscaler.limits.max_n} images per request",
+            param="n",
+        )
+    defaults = upscaler.defaults
+    job = UpscaleJob(
+        prompt,
+        negative_prompt,
+        defaults.num_inference_steps,
+        defaults.guidance_scale,
+        seeds,
+        noise_level=defaults.noise_level,
+    )
+    return Stage(upscaler.name, "upscale", job), upscaler
+
+
+def _with_upscale(
+    config: AppConfig,
+    name: str | None,
+    stages: list[Stage],
+    prompt: str,
+    negative_prompt: str | None,
+    seeds: tuple[int, ...],
+    width: int,
+    height: int,
+) -> tuple[tuple[Stage, ...], int, int]:
+    """Append an upscale stage when asked; latents are handed over where the upscaler
+    takes them (x2 latent), so the previous stage skips its VAE decode."""
+    if name is None:
+        return tuple(stages), width, height
+    stage, upscaler = _upscale_stage(config, name, prompt, negative_prompt, seeds, width, height)
+    if "latent-input" in upscaler.capabilities:
+        last = stages[-1]
+        stages[-1] = dataclasses.replace(last, job=dataclasses.replace(last.job, output_latents=True))
+    factor = upscaler.upscale_factor
+    return (*stages, stage), width * factor, height * factor
 
 
 def plan_generation(
     req: ImageGenerationRequest,
     config: AppConfig,
-    seed_source: Callable[[], int] = draw_seed,
+    seed_source: SeedSource = draw_seed,
 ) -> GenerationPlan:
     """Check ``req`` against its model and build the stages that answer it.
 
@@ -98,12 +198,20 @@ def plan_generation(
     any model work.
     """
     served = _resolve(config, req.model)
-    width, height, steps = _check_common(req, served)
+    if isinstance(served, ModelConfig):
+        _require(served, "text-to-image", "generate images from text" + _chain_hint(config, served))
+    steps = _check_common(req, served)
     defaults = served.defaults
-    guidance = req.guidance_scale if req.guidance_scale is not None else defaults.guidance_scale
-    negative = req.negative_prompt if req.negative_prompt is not None else defaults.negative_prompt
-    first_seed = req.seed if req.seed is not None else seed_source()
-    seeds = tuple(first_seed + i for i in range(req.n))
+    size = defaults.size if req.size in (None, "auto") else req.size
+    if size not in served.limits.sizes:
+        raise InvalidRequestError(
+            f"size {size!r} is not supported by {served.name}; "
+            f"allowed sizes: {', '.join(served.limits.sizes)}",
+            param="size",
+        )
+    width, height = parse_size(size)
+    guidance, negative = _guidance(req, served), _negative(req, served)
+    seeds = _seeds(req.seed, req.n, seed_source)
 
     if isinstance(served, RefinerChainConfig):
         frac = req.high_noise_frac if req.high_noise_frac is not None else defaults.high_noise_frac
@@ -115,47 +223,184 @@ def plan_generation(
                 "high_noise_frac towards 0.5",
                 param="num_inference_steps",
             )
-        stages = (
+        stages = [
             Stage(
                 served.base,
                 "text_to_image",
                 TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
-                               denoising_end=frac),
+                               denoising_end=frac, output_latents=True),
             ),
             Stage(
                 served.refiner,
                 "refine",
                 RefineJob(req.prompt, negative, steps, guidance, seeds, denoising_start=frac),
             ),
-        )
+        ]
     else:
-        if "text-to-image" not in served.capabilities:
-            chains = [c.name for c in config.chains if c.refiner == served.name]
-            hint = f"; use {', '.join(chains)}" if chains else ""
-            raise InvalidRequestError(
-                f"{served.name} does not generate images from text{hint}", param="model"
-            )
         if req.high_noise_frac is not None:
             raise InvalidRequestError(
                 f"high_noise_frac applies to refiner chains only, not to {served.name}",
                 param="high_noise_frac",
             )
-        stages = (
+        stages = [
             Stage(
                 served.name,
                 "text_to_image",
                 TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds),
-            ),
-        )
-    return GenerationPlan(
-        model=served.name,
-        width=width,
-        height=height,
-        seeds=seeds,
-        stages=stages,
-        output_format=req.output_format,
-        output_compression=req.output_compression,
+            )
+        ]
+    all_stages, out_w, out_h = _with_upscale(
+        config, req.upscale, stages, req.prompt, negative, seeds, width, height
     )
+    return GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
+                          req.output_compression)
+
+
+def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
+    chains = [c.name for c in config.chains if c.refiner == served.name]
+    return f"; use {', '.join(chains)}" if chains else ""
+
+
+def _edit_size(req, served: ModelConfig, image: np.ndarray) -> tuple[int, int]:
+    """The output size of an edit: as asked, else the input's rounded down to 8."""
+    limits = served.limits
+    if req.size in (None, "auto"):
+        width, height = image.shape[1] // 8 * 8, image.shape[0] // 8 * 8
+        param = "image"
+    else:
+        width, height = parse_size(req.size)
+        param = "size"
+        if width % 8 or height % 8:
+            raise InvalidRequestError(
+                f"size {req.size!r}: width and height must be multiples of 8", param="size"
+            )
+    if min(width, height) < limits.min_input_side:
+        raise InvalidRequestError(
+            f"{served.name} edits images of at least {limits.min_input_side} pixels a side; "
+            f"the output would be {width}x{height}",
+            param=param,
+        )
+    if width * height > limits.max_pixels:
+        raise InvalidRequestError(
+            f"{width}x{height} is over {served.name}'s limit of {limits.max_pixels} output pixels",
+            param=param,
+        )
+    return width, height
+
+
+def plan_image_to_image(
+    req: ImageEditForm | ImageVariationForm,
+    image: np.ndarray,
+    mask: np.ndarray | None,
+    config: AppConfig,
+    seed_source: SeedSource = draw_seed,
+) -> GenerationPlan:
+    """Plan an edit (prompt, optional mask) or a variation (no prompt, no mask).
+
+    ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded uploads; they are resized here
+    to the output size, on the ingress's CPU.
+    """
+    served = _resolve(config, req.model)
+    what = "inpaint" if mask is not None else "image-to-image"
+    _require(served, what, "inpaint (edits with a mask)" if mask is not None else "edit images")
+    steps = _check_common(req, served)
+    if mask is not None and mask.shape != image.shape[:2]:
+        raise InvalidRequestError(
+            f"mask is {mask.shape[1]}x{mask.shape[0]} but image is "
+            f"{image.shape[1]}x{image.shape[0]}; they must be the same size",
+            param="mask",
+        )
+    width, height = _edit_size(req, served, image)
+    default_strength = 1.0 if mask is not None else served.defaults.strength
+    strength = req.strength if req.strength is not None else default_strength
+    if steps * strength < 1:
+        raise InvalidRequestError(
+            f"strength={strength} with num_inference_steps={steps} runs no denoising step; "
+            "raise one of them",
+            param="strength",
+        )
+    prompt = getattr(req, "prompt", "")
+    negative, guidance = _negative(req, served), _guidance(req, served)
+    seeds = _seeds(req.seed, req.n, seed_source)
+    inputs: tuple = (resize(image, width, height),)
+    if mask is not None:
+        from PIL import Image
+
+        inputs += (resize(mask, width, height, Image.Resampling.NEAREST),)
+    stage = Stage(
+        served.name,
+        "image_to_image",
+        ImageToImageJob(prompt, negative, width, height, steps, guidance, strength, seeds),
+        inputs,
+    )
+    stages, out_w, out_h = _with_upscale(
+        config, getattr(req, "upscale", None), [stage], prompt, negative, seeds, width, height
+    )
+    return GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
+                          req.output_compression)
+
+
+def plan_upscale(
+    req: UpscaleForm,
+    image: np.ndarray,
+    config: AppConfig,
+    seed_source: SeedSource = draw_seed,
+) -> GenerationPlan:
+    """Plan ``POST /v1/images/upscale``: one upscaler on an uploaded image."""
+    served = _resolve(config, req.model, config.default_upscaler)
+    upscaler = _require(served, "upscale", "upscale images")
+    # ESRGAN is one forward pass: like Stability's API, it ignores the diffusion fields.
+    diffusion = upscaler.family in DIFFUSION_UPSCALERS
+    steps = _check_common(req, upscaler, check_steps=diffusion)
+    limits, factor = upscaler.limits, upscaler.upscale_factor
+    in_h, in_w = image.shape[:2]
+    if in_w * in_h > limits.max_input_pixels:
+        raise InvalidRequestError(
+            f"{upscaler.name} takes at most {limits.max_input_pixels} input pixels; the image is "
+            f"{in_w}x{in_h} = {in_w * in_h}",
+            param="image",
+        )
+    if min(in_w, in_h) < limits.min_input_side:
+        raise InvalidRequestError(
+            f"{upscaler.name} needs an image of at least {limits.min_input_side} pixels a side; "
+            f"the image is {in_w}x{in_h}",
+            param="image",
+        )
+    if req.width is not None and req.height is not None:
+        raise InvalidRequestError(
+            "give width or height, not both: the other follows the image's aspect ratio",
+            param="height",
+        )
+    if req.width is not None:
+        out_w, out_h, param = req.width, max(1, round(req.width * in_h / in_w)), "width"
+    elif req.height is not None:
+        out_w, out_h, param = max(1, round(req.height * in_w / in_h)), req.height, "height"
+    else:
+        out_w, out_h, param = in_w * factor, in_h * factor, "image"
+    if out_w * out_h > upscaler.max_output_pixels:
+        raise InvalidRequestError(
+            f"{upscaler.name} makes at most {upscaler.max_output_pixels} output pixels; "
+            f"{out_w}x{out_h} is {out_w * out_h}",
+            param=param,
+        )
+    if req.noise_level is not None and upscaler.family != "sd-x4-upscaler":
+        raise InvalidRequestError(
+            f"noise_level applies to the x4 upscaler only, not to {upscaler.name}",
+            param="noise_level",
+        )
+    defaults = upscaler.defaults
+    seeds = _seeds(req.seed, req.n, seed_source)
+    job = UpscaleJob(
+        req.prompt if diffusion else "",
+        _negative(req, upscaler) if diffusion else None,
+        steps,
+        _guidance(req, upscaler),
+        seeds,
+        noise_level=req.noise_level if req.noise_level is not None else defaults.noise_level,
+    )
+    stage = Stage(upscaler.name, "upscale", job, (image,))
+    return GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
+                          req.output_compression)
 
 
 async def run_plan(plan: GenerationPlan, handles: dict[str, Any]):
@@ -163,6 +408,6 @@ async def run_plan(plan: GenerationPlan, handles: dict[str, Any]):
     response = None
     for stage in plan.stages:
         method = getattr(handles[stage.deployment], stage.method)
-        args = (stage.job,) if response is None else (stage.job, response)
+        args = (stage.job, *stage.inputs) if response is None else (stage.job, response)
         response = method.remote(*args)
     return await response

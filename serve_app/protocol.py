@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
+from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 10
@@ -77,6 +78,10 @@ class ImageGenerationRequest(_Strict):
         lt=1,
         description="Refiner chains: fraction of the steps run by the base model (default 0.8).",
     )
+    upscale: str | None = Field(
+        default=None,
+        description="Upscaler model to run on every generated image (output size x factor).",
+    )
 
     @field_validator("size")
     @classmethod
@@ -92,6 +97,72 @@ class ImageGenerationRequest(_Strict):
         if not value.strip():
             raise ValueError("prompt must not be blank")
         return value
+
+
+_SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
+
+
+class _ImageForm(_Strict):
+    """Multipart fields shared by the image-input routes."""
+
+    image: UploadFile = Field(description="PNG, JPEG or WebP image.")
+    model: str | None = Field(default=None, description="Served model name or alias.")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images.")
+    response_format: Literal["b64_json"] = Field(default="b64_json")
+    output_format: Literal["png", "jpeg", "webp"] = Field(default="png")
+    output_compression: int | None = Field(default=None, ge=0, le=100)
+    user: str | None = Field(default=None)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed of image 0.")
+    guidance_scale: float | None = Field(default=None, ge=0, le=50)
+    num_inference_steps: int | None = Field(default=None, ge=1)
+    negative_prompt: str | None = Field(default=None)
+
+
+class _EditFields(_ImageForm):
+    size: str | None = Field(default=None, description=_SIZE_DESCRIPTION)
+    strength: float | None = Field(
+        default=None, gt=0, le=1, description="How far to move from the input (0 < s <= 1)."
+    )
+
+    @field_validator("size")
+    @classmethod
+    def _check_size(cls, value: str | None) -> str | None:
+        if value is None or value == "auto":
+            return value
+        parse_size(value)
+        return value
+
+
+class ImageEditForm(_EditFields):
+    """Multipart body of ``POST /v1/images/edits``."""
+
+    prompt: str = Field(min_length=1, description="What the edited image should show.")
+    mask: UploadFile | None = Field(
+        default=None,
+        description="Same size as image; fully transparent pixels mark the area to repaint "
+        "(without an alpha channel: white marks it).",
+    )
+    upscale: str | None = Field(default=None, description="Upscaler to run on every result.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+
+class ImageVariationForm(_EditFields):
+    """Multipart body of ``POST /v1/images/variations``: image to image without a prompt."""
+
+
+class UpscaleForm(_ImageForm):
+    """Multipart body of ``POST /v1/images/upscale``."""
+
+    prompt: str = Field(default="", description="Guides diffusion upscalers; esrgan ignores it.")
+    noise_level: int | None = Field(default=None, ge=0, le=350, description="x4 upscaler only.")
+    width: int | None = Field(default=None, ge=8, le=16384, description="Output width (keeps aspect).")
+    height: int | None = Field(default=None, ge=8, le=16384, description="Output height (keeps aspect).")
 
 
 class ImageData(BaseModel):

@@ -15,14 +15,24 @@ import numpy as np
 from serve_app.config import AppConfig
 from serve_app.errors import ModelNotFoundError
 from serve_app.imaging import encode_b64
-from serve_app.planning import GenerationPlan, plan_generation, run_plan
+from serve_app.planning import (
+    GenerationPlan,
+    plan_generation,
+    plan_image_to_image,
+    plan_upscale,
+    run_plan,
+)
 from serve_app.protocol import (
     ImageData,
+    ImageEditForm,
     ImageGenerationRequest,
     ImagesResponse,
+    ImageVariationForm,
     ModelCard,
     ModelList,
+    UpscaleForm,
 )
+from serve_app.uploads import decode_image, decode_mask, resize
 
 
 class ResultShapeError(RuntimeError):
@@ -38,23 +48,58 @@ class ImagesService:
     async def generate(self, req: ImageGenerationRequest) -> ImagesResponse:
         """Answer ``POST /v1/images/generations``."""
         plan = plan_generation(req, self.config)
+        return await self.execute(plan)
+
+    async def edit(self, form: ImageEditForm) -> ImagesResponse:
+        """Answer ``POST /v1/images/edits``: image to image, or inpainting with a mask."""
+        image = await self._decode(form.image, "image")
+        mask = await self._decode(form.mask, "mask", decode_mask) if form.mask is not None else None
+        plan = await asyncio.to_thread(plan_image_to_image, form, image, mask, self.config)
+        return await self.execute(plan)
+
+    async def variation(self, form: ImageVariationForm) -> ImagesResponse:
+        """Answer ``POST /v1/images/variations``: image to image without a prompt."""
+        image = await self._decode(form.image, "image")
+        plan = await asyncio.to_thread(plan_image_to_image, form, image, None, self.config)
+        return await self.execute(plan)
+
+    async def upscale(self, form: UpscaleForm) -> ImagesResponse:
+        """Answer ``POST /v1/images/upscale``."""
+        image = await self._decode(form.image, "image")
+        plan = plan_upscale(form, image, self.config)
+        return await self.execute(plan)
+
+    async def _decode(self, upload, param: str, decoder=decode_image) -> np.ndarray:
+        data = await upload.read()
+        return await asyncio.to_thread(decoder, data, param, self.config.ingress.max_upload_pixels)
+
+    async def execute(self, plan: GenerationPlan) -> ImagesResponse:
+        """Run a plan's stages and encode the result."""
         images = await run_plan(plan, self.handles)
         return await self._respond(plan, images)
 
-    async def _respond(self, plan: GenerationPlan, images: np.ndarray) -> ImagesResponse:
-        expected = (len(plan.seeds), plan.height, plan.width, 3)
-        if getattr(images, "shape", None) != expected:
+    def _finish_pixels(self, plan: GenerationPlan, images: np.ndarray) -> list[np.ndarray]:
+        count = len(plan.seeds)
+        shape = getattr(images, "shape", None)
+        if shape is None or len(shape) != 4 or shape[0] != count or shape[3] != 3:
             # Never hand a client fewer or other images than it asked for.
             raise ResultShapeError(
-                f"{plan.model} returned {getattr(images, 'shape', type(images))}, expected {expected}"
+                f"{plan.model} returned {shape or type(images)}, expected {count} RGB images"
             )
-        encoded = await asyncio.to_thread(
-            encode_b64,
-            images,
-            plan.output_format,
-            plan.output_compression,
-            self.config.ingress.png_compress_level,
-        )
+        # Upscalers work on sizes rounded to their VAE's grid; the exact size asked for is
+        # reached here with a high-quality resize.
+        return [resize(image, plan.width, plan.height) for image in images]
+
+    async def _respond(self, plan: GenerationPlan, images: np.ndarray) -> ImagesResponse:
+        def finish_and_encode():
+            return encode_b64(
+                self._finish_pixels(plan, images),
+                plan.output_format,
+                plan.output_compression,
+                self.config.ingress.png_compress_level,
+            )
+
+        encoded = await asyncio.to_thread(finish_and_encode)
         return ImagesResponse(
             created=int(time.time()),
             data=[ImageData(b64_json=b64, seed=seed) for b64, seed in zip(encoded, plan.seeds)],

@@ -41,9 +41,17 @@ class FakeHandle:
     def result_for(self, response):
         job = response.args[0]
         n = len(job.seeds)
-        # A refine call carries no size: it takes the size of the response it refines.
-        source = response.args[1].args[0] if len(response.args) > 1 else job
-        height, width = source.height, source.width
+        # Refine and upscale calls carry no size: take it from the first job of the chain
+        # (or from an uploaded image).
+        source = response
+        while not hasattr(source.args[0], "height"):
+            upstream = source.args[1]
+            if not isinstance(upstream, FakeResponse):
+                height, width = upstream.shape[:2]
+                break
+            source = upstream
+        else:
+            height, width = source.args[0].height, source.args[0].width
         if self.shape_override is not None:
             return np.zeros(self.shape_override, dtype=np.uint8)
         # A distinct gray level per seed, so tests can tell images apart.

@@ -37,6 +37,9 @@ def test_local_gpu_uses_real_weights_in_fp16_on_one_gpu():
         "stable-diffusion-2-1": "stabilityai/stable-diffusion-2-1",
         "stable-diffusion-xl": "stabilityai/stable-diffusion-xl-base-1.0",
         "stable-diffusion-xl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
+        "stable-diffusion-x2-latent-upscaler": "stabilityai/sd-x2-latent-upscaler",
+        "stable-diffusion-x4-upscaler": "stabilityai/stable-diffusion-x4-upscaler",
+        "esrgan-x2": "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
     }
     assert all(m.dtype == "float16" for m in config.models)
     gpus = [m.deployment.num_gpus for m in config.models]
@@ -51,12 +54,30 @@ def test_tiny_uses_tiny_sources_and_bounded_queues(tiny_args):
         "stable-diffusion-2-1",
         "stable-diffusion-xl",
         "stable-diffusion-xl-refiner",
+        "stable-diffusion-x2-latent-upscaler",
+        "stable-diffusion-x4-upscaler",
+        "esrgan-x2",
         "stable-diffusion-xl-with-refiner",
     ]
 
 
+def test_upscaler_limits_follow_stability(tiny_args):
+    config = load_app_config(tiny_args)
+    limits = {m.name: (m.upscale_factor, m.limits.max_input_pixels, m.max_output_pixels)
+              for m in config.models if m.upscale_factor}
+    assert limits == {
+        "stable-diffusion-x2-latent-upscaler": (2, 1_048_576, 4_194_304),
+        "stable-diffusion-x4-upscaler": (4, 393_216, 6_291_456),
+        "esrgan-x2": (2, 1_048_576, 4_194_304),
+    }
+    assert config.resolve(None, config.default_upscaler).name == "stable-diffusion-x2-latent-upscaler"
+
+
 def test_aliases_resolve_to_served_names(tiny_args):
     config = load_app_config(tiny_args)
+    assert config.resolve("esrgan-v1-x2plus").name == "esrgan-x2"
+    assert config.resolve("stable-diffusion-x4-latent-upscaler").name == "stable-diffusion-x4-upscaler"
+    assert config.resolve("stabilityai/stable-diffusion-x4-upscaler").name == "stable-diffusion-x4-upscaler"
     assert config.resolve("stabilityai/stable-diffusion-2-1").name == "stable-diffusion-2-1"
     assert config.resolve("stabilityai/stable-diffusion-xl-base-1.0").name == "stable-diffusion-xl"
     assert config.resolve("nope") is None
@@ -117,6 +138,9 @@ def test_unknown_keys_are_rejected_with_their_path(tiny_args):
             "autoscaling_config",
         ),
         (lambda a: a["models"][0]["deployment"].update(autoscaling_config={"max_replicas": 2}), "not both"),
+        (lambda a: a["models"][3]["limits"].pop("max_input_pixels"), "max_input_pixels"),
+        (lambda a: a["models"][0]["limits"].update(sizes=[]), "limits.sizes"),
+        (lambda a: a.update(default_upscaler="stable-diffusion-2-1"), "not an upscaler"),
     ],
 )
 def test_invalid_configs_fail_clearly(tiny_args, mutate, needle):

@@ -65,7 +65,7 @@ def test_sd21_cannot_stop_at_latents(sd):
 
 
 def test_sdxl_base_hands_latents_and_refiner_finishes(sdxl, refiner):
-    latents = run(sdxl.text_to_image(job([4, 5], num_inference_steps=5, denoising_end=0.8)))
+    latents = run(sdxl.text_to_image(job([4, 5], num_inference_steps=5, denoising_end=0.8, output_latents=True)))
     assert tuple(latents.shape) == (2, 4, 192 // 8, 256 // 8)
     images = run(refiner.refine(
         RefineJob("a red fox", None, 5, 5.0, (4, 5), denoising_start=0.8), latents
@@ -74,7 +74,7 @@ def test_sdxl_base_hands_latents_and_refiner_finishes(sdxl, refiner):
 
 
 def test_refiner_rejects_latents_for_another_count(sdxl, refiner):
-    latents = run(sdxl.text_to_image(job([4], num_inference_steps=5, denoising_end=0.8)))
+    latents = run(sdxl.text_to_image(job([4], num_inference_steps=5, denoising_end=0.8, output_latents=True)))
     with pytest.raises(InvalidJobError):
         run(refiner.refine(RefineJob("x", None, 5, 5.0, (1, 2), denoising_start=0.8), latents))
 
@@ -87,3 +87,119 @@ def test_sdxl_text_to_image_without_refiner(sdxl):
 def test_health_and_ready(sd):
     sd.check_health()
     assert run(sd.ready()) == "sd"
+
+
+# --- image to image, inpainting and upscalers -------------------------------------------
+
+from deployments.esrgan import ESRGANDeployment, resolve_weights_file  # noqa: E402
+from deployments.jobs import ImageToImageJob, UpscaleJob  # noqa: E402
+from deployments.latent_upscaler import LatentUpscalerDeployment  # noqa: E402
+from deployments.x4_upscaler import X4UpscalerDeployment  # noqa: E402
+
+
+def edit_job(seeds, strength=0.5, width=128, height=96, **kw):
+    return ImageToImageJob("a red fox", None, width, height, 4, 7.5, strength, tuple(seeds), **kw)
+
+
+def upscale_job(seeds, **kw):
+    return UpscaleJob("a red fox", None, 2, 7.5, tuple(seeds), **kw)
+
+
+def gradient(height=96, width=128):
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 128)], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fixture", ["sd", "sdxl"])
+def test_edit_pipelines_share_the_loaded_weights(request, fixture):
+    deployment = request.getfixturevalue(fixture)
+    for view in (deployment.img2img, deployment.inpaint):
+        assert view.unet is deployment.pipe.unet and view.vae is deployment.pipe.vae
+        assert view.text_encoder is deployment.pipe.text_encoder
+
+
+@pytest.mark.parametrize("fixture", ["sd", "sdxl"])
+def test_image_to_image_and_strength(request, fixture):
+    deployment = request.getfixturevalue(fixture)
+    image = gradient()
+    out = run(deployment.image_to_image(edit_job([1, 2], strength=0.5), image))
+    assert out.shape == (2, 96, 128, 3) and out.dtype == np.uint8
+    again = run(deployment.image_to_image(edit_job([1, 2], strength=0.5), image))
+    assert np.array_equal(out, again)
+    stronger = run(deployment.image_to_image(edit_job([1, 2], strength=1.0), image))
+    assert not np.array_equal(out, stronger)
+
+
+@pytest.mark.parametrize("fixture", ["sd", "sdxl"])
+def test_inpainting_keeps_the_unmasked_area_closer(request, fixture):
+    deployment = request.getfixturevalue(fixture)
+    image = gradient()
+    mask = np.zeros((96, 128), np.uint8)
+    mask[:, 64:] = 255  # repaint the right half
+    out = run(deployment.image_to_image(edit_job([3], strength=1.0), image, mask))[0].astype(int)
+    left = np.abs(out[:, :48] - image[:, :48].astype(int)).mean()
+    right = np.abs(out[:, 80:] - image[:, 80:].astype(int)).mean()
+    assert out.shape == (96, 128, 3) and left < right
+
+
+def test_image_to_image_checks_sizes(sd):
+    with pytest.raises(InvalidJobError) as info:
+        run(sd.image_to_image(edit_job([1]), gradient(64, 64)))
+    assert info.value.param == "image"
+    with pytest.raises(InvalidJobError) as info:
+        run(sd.image_to_image(edit_job([1]), gradient(), np.zeros((8, 8), np.uint8)))
+    assert info.value.param == "mask"
+
+
+@pytest.fixture(scope="module")
+def x2():
+    return LatentUpscalerDeployment(
+        PipelineSpec(name="x2", family="sd-x2-latent-upscaler", source="tiny:sd-x2-latent-upscaler")
+    )
+
+
+@pytest.fixture(scope="module")
+def x4():
+    return X4UpscalerDeployment(
+        PipelineSpec(name="x4", family="sd-x4-upscaler", source="tiny:sd-x4-upscaler")
+    )
+
+
+@pytest.fixture(scope="module")
+def esrgan():
+    return ESRGANDeployment(PipelineSpec(name="esrgan", family="esrgan", source="tiny:esrgan"))
+
+
+def test_latent_upscaler_takes_images_and_sd_latents(sd, x2):
+    out = run(x2.upscale(upscale_job([1, 2]), gradient(64, 96)))
+    assert out.shape == (2, 128, 192, 3)
+    latents = run(sd.text_to_image(job([5, 6], width=128, height=64, output_latents=True)))
+    assert tuple(latents.shape) == (2, 4, 8, 16)
+    out = run(x2.upscale(upscale_job([5, 6]), latents))
+    assert out.shape == (2, 128, 256, 3)
+    with pytest.raises(InvalidJobError):
+        run(x2.upscale(upscale_job([5]), latents))
+
+
+def test_x4_upscaler(x4):
+    out = run(x4.upscale(upscale_job([1], noise_level=30), gradient(32, 48)))
+    assert out.shape == (1, 128, 192, 3)
+    batch = run(x4.upscale(upscale_job([1, 2]), np.stack([gradient(32, 48)] * 2)))
+    assert batch.shape == (2, 128, 192, 3)
+    with pytest.raises(InvalidJobError) as info:
+        run(x4.upscale(upscale_job([1], noise_level=351), gradient(32, 48)))
+    assert info.value.param == "noise_level"
+
+
+def test_esrgan_doubles_and_is_deterministic(esrgan):
+    image = gradient(30, 41)
+    out = run(esrgan.upscale(upscale_job([1, 2, 3]), image))
+    assert out.shape == (3, 60, 82, 3) and esrgan.scale == 2
+    assert np.array_equal(out[0], out[2])
+
+
+def test_weights_file_references(tmp_path):
+    assert resolve_weights_file("tiny:esrgan").endswith("model.pth")
+    assert resolve_weights_file(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth")
+    with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
+        resolve_weights_file("hf://just-a-repo")

@@ -98,7 +98,7 @@ def test_model_limits_are_400_with_param(config, fields, param):
 
 def test_max_n_comes_from_the_model(tiny_args):
     tiny_args = {**tiny_args, "models": [dict(tiny_args["models"][0], limits={
-        **tiny_args["models"][0]["limits"], "max_n": 2})], "chains": []}
+        **tiny_args["models"][0]["limits"], "max_n": 2})], "chains": [], "default_upscaler": None}
     config = load_app_config(tiny_args)
     with pytest.raises(InvalidRequestError, match="above the limit of 2") as info:
         plan_generation(req(n=3), config)
@@ -133,3 +133,165 @@ def test_service_refuses_a_wrong_number_of_images(config):
     service = ImagesService(config, handles)
     with pytest.raises(ResultShapeError):
         asyncio.run(service.generate(req(n=2)))
+
+
+# --- edits, variations, upscaling and chains ------------------------------------------
+
+import numpy as np  # noqa: E402
+
+from deployments.jobs import ImageToImageJob, UpscaleJob  # noqa: E402
+from serve_app.planning import plan_image_to_image, plan_upscale  # noqa: E402
+from serve_app.protocol import ImageEditForm, ImageVariationForm, UpscaleForm  # noqa: E402
+
+UPLOAD = object()  # stands in for the UploadFile: planning only sees decoded arrays
+
+
+def edit(**fields):
+    return ImageEditForm.model_construct(**{**ImageEditForm(image=_upload(), prompt="a fox").model_dump(), **fields})
+
+
+def _upload():
+    from io import BytesIO
+
+    from fastapi import UploadFile
+
+    return UploadFile(BytesIO(b""), filename="x.png")
+
+
+def upscale_form(**fields):
+    return UpscaleForm.model_construct(**{**UpscaleForm(image=_upload()).model_dump(), **fields})
+
+
+def pixels(height, width):
+    return np.zeros((height, width, 3), np.uint8)
+
+
+def test_edit_defaults_to_the_input_size_rounded_down_to_8(config):
+    plan = plan_image_to_image(edit(seed=4, n=2), pixels(301, 517), None, config)
+    (stage,) = plan.stages
+    assert (plan.width, plan.height) == (512, 296)
+    assert stage.method == "image_to_image" and len(stage.inputs) == 1
+    assert stage.inputs[0].shape == (296, 512, 3)
+    defaults = config.model("stable-diffusion-2-1").defaults
+    assert stage.job == ImageToImageJob("a fox", None, 512, 296, defaults.num_inference_steps,
+                                        defaults.guidance_scale, defaults.strength, (4, 5))
+
+
+def test_edit_with_mask_inpaints_at_full_strength(config):
+    mask = np.zeros((64, 64), np.uint8)
+    plan = plan_image_to_image(edit(size="128x128"), pixels(64, 64), mask, config)
+    (stage,) = plan.stages
+    assert stage.job.strength == 1.0 and [a.shape for a in stage.inputs] == [(128, 128, 3), (128, 128)]
+
+
+@pytest.mark.parametrize(
+    "fields,image,mask,param",
+    [
+        ({"size": "100x100"}, (64, 64), None, "size"),
+        ({"size": "1024x1024"}, (64, 64), None, "size"),
+        ({}, (40, 400), None, "image"),
+        ({}, (64, 64), (32, 32), "mask"),
+        ({"model": "stable-diffusion-xl-with-refiner"}, (64, 64), None, "model"),
+        ({"model": "esrgan-x2"}, (64, 64), None, "model"),
+        ({"strength": 0.1, "num_inference_steps": 4}, (64, 64), None, "strength"),
+        ({"upscale": "stable-diffusion-2-1"}, (64, 64), None, "upscale"),
+    ],
+)
+def test_edit_errors(config, fields, image, mask, param):
+    mask_pixels = np.zeros(mask, np.uint8) if mask else None
+    with pytest.raises(InvalidRequestError) as info:
+        plan_image_to_image(edit(**fields), pixels(*image), mask_pixels, config)
+    assert info.value.param == param
+
+
+def test_variation_has_no_prompt(config):
+    form = ImageVariationForm.model_construct(**ImageVariationForm(image=_upload()).model_dump())
+    plan = plan_image_to_image(form, pixels(64, 64), None, config)
+    assert plan.stages[0].job.prompt == ""
+
+
+def test_upscale_defaults_to_the_configured_upscaler_and_factor(config):
+    plan = plan_upscale(upscale_form(prompt="sharp", seed=1, n=2), pixels(100, 150), config)
+    (stage,) = plan.stages
+    assert (plan.model, plan.width, plan.height) == ("stable-diffusion-x2-latent-upscaler", 300, 200)
+    defaults = config.model("stable-diffusion-x2-latent-upscaler").defaults
+    assert stage.job == UpscaleJob("sharp", None, defaults.num_inference_steps, defaults.guidance_scale, (1, 2))
+    assert stage.inputs[0].shape == (100, 150, 3)
+
+
+@pytest.mark.parametrize(
+    "fields,size",
+    [({"width": 1000}, (1000, 667)), ({"height": 50}, (75, 50)), ({"model": "stable-diffusion-x4-upscaler"}, (600, 400))],
+)
+def test_upscale_output_size(config, fields, size):
+    plan = plan_upscale(upscale_form(**fields), pixels(100, 150), config)
+    assert (plan.width, plan.height) == size
+
+
+def test_esrgan_ignores_the_diffusion_fields(config):
+    plan = plan_upscale(upscale_form(model="esrgan-v1-x2plus", prompt="x", num_inference_steps=30),
+                        pixels(100, 150), config)
+    assert plan.model == "esrgan-x2" and plan.stages[0].job.prompt == ""
+
+
+@pytest.mark.parametrize(
+    "fields,image,param,needle",
+    [
+        ({"model": "stable-diffusion-x4-upscaler"}, (512, 769), "image", "393216"),
+        ({"model": "esrgan-x2"}, (1024, 1025), "image", "1048576"),
+        ({}, (1025, 1024), "image", "1048576"),
+        ({"width": 100, "height": 100}, (64, 64), "height", "not both"),
+        ({"width": 16384}, (100, 100), "width", "output pixels"),
+        ({"model": "stable-diffusion-2-1"}, (64, 64), "model", "upscale"),
+        ({"noise_level": 10}, (64, 64), "noise_level", "x4"),
+        ({}, (32, 32), "image", "at least 64"),
+    ],
+)
+def test_upscale_limits(config, fields, image, param, needle):
+    with pytest.raises(InvalidRequestError) as info:
+        plan_upscale(upscale_form(**fields), pixels(*image), config)
+    assert info.value.param == param and needle in info.value.message
+
+
+def test_generate_then_latent_upscale_hands_over_latents(config):
+    plan = plan_generation(req(size="512x512", upscale="stabilityai/sd-x2-latent-upscaler", seed=8, n=2), config)
+    generate, upscale = plan.stages
+    assert generate.job.output_latents is True
+    assert (upscale.deployment, upscale.method) == ("stable-diffusion-x2-latent-upscaler", "upscale")
+    assert upscale.job.prompt == "a cat" and upscale.job.seeds == (8, 9)
+    assert (plan.width, plan.height) == (1024, 1024)
+
+
+def test_generate_then_image_upscalers_hand_over_images(config):
+    for name, factor in (("stable-diffusion-x4-upscaler", 4), ("esrgan-v1-x2plus", 2)):
+        plan = plan_generation(req(size="512x512", upscale=name), config)
+        assert plan.stages[0].job.output_latents is False
+        assert (plan.width, plan.height) == (512 * factor, 512 * factor)
+
+
+def test_refiner_chain_then_upscale(config):
+    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", size="512x512",
+                               upscale="esrgan-x2"), config)
+    assert [s.deployment for s in plan.stages] == [
+        "stable-diffusion-xl", "stable-diffusion-xl-refiner", "esrgan-x2"]
+    assert plan.stages[1].job.output_latents is False
+
+
+def test_upscale_chain_limits(config):
+    with pytest.raises(InvalidRequestError) as info:
+        plan_generation(req(model="stable-diffusion-xl", size="1024x1024",
+                            upscale="stable-diffusion-x4-upscaler"), config)
+    assert info.value.param == "upscale" and "393216" in info.value.message
+    with pytest.raises(InvalidRequestError) as info:
+        plan_generation(req(upscale="nope"), config)
+    assert info.value.param == "upscale"
+
+
+def test_chain_of_three_passes_each_response_on(config):
+    handles = fake_handles(config)
+    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", size="256x256", upscale="esrgan-x2"), config)
+    asyncio.run(run_plan(plan, handles))
+    (base,) = handles["stable-diffusion-xl"].calls
+    (refine,) = handles["stable-diffusion-xl-refiner"].calls
+    (upscale,) = handles["esrgan-x2"].calls
+    assert refine.args[1] is base and upscale.args[1] is refine

@@ -2,10 +2,14 @@ import threading
 
 import pytest
 
-from deployments.tiny import TINY_FAMILIES, build_tiny_pipeline, materialize_tiny
+from deployments.tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, materialize_tiny
+
+# Sizes keep their meaning: 512 px is a 64-latent, as for the real models; the x4
+# upscaler's VAE is a factor of 4, as the real one.
+VAE_FACTORS = {"sd21": 8, "sdxl": 8, "sdxl-refiner": 8, "sd-x2-latent-upscaler": 8, "sd-x4-upscaler": 4}
 
 
-@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("family", VAE_FACTORS)
 def test_tiny_pipelines_save_and_load_through_from_pretrained(tmp_path, family):
     import diffusers
 
@@ -14,12 +18,27 @@ def test_tiny_pipelines_save_and_load_through_from_pretrained(tmp_path, family):
     pipe_cls = type(build_tiny_pipeline(family))
     loaded = pipe_cls.from_pretrained(folder, local_files_only=True)
     assert isinstance(loaded, diffusers.DiffusionPipeline)
-    # Sizes keep their meaning: 512 px is a 64-latent, as for the real models.
-    assert loaded.vae_scale_factor == 8
+    assert loaded.vae_scale_factor == VAE_FACTORS[family]
     assert loaded.vae.config.latent_channels == 4
     tokenizer = loaded.tokenizer if family != "sdxl-refiner" else loaded.tokenizer_2
     ids = tokenizer("an astronaut riding a horse", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == tokenizer.bos_token_id
+
+
+def test_tiny_esrgan_is_an_x2_rrdb_net_for_spandrel(tmp_path):
+    from spandrel import ImageModelDescriptor, ModelLoader
+
+    path = materialize_tiny("esrgan", root=tmp_path) / TINY_WEIGHTS_FILE
+    model = ModelLoader().load_from_file(path)
+    assert isinstance(model, ImageModelDescriptor)
+    assert (model.architecture.name, model.scale, model.input_channels) == ("ESRGAN", 2, 3)
+
+
+def test_latent_spaces_are_shared():
+    # Latents move SD 2.1 -> x2 latent upscaler and SDXL base -> refiner untouched.
+    for a, b in (("sd21", "sd-x2-latent-upscaler"), ("sdxl", "sdxl-refiner")):
+        va, vb = build_tiny_pipeline(a).vae.state_dict(), build_tiny_pipeline(b).vae.state_dict()
+        assert all((va[k] == vb[k]).all() for k in va)
 
 
 def test_materialize_is_cached_and_safe_under_concurrency(tmp_path):
@@ -45,11 +64,6 @@ def test_tiny_weights_are_seeded(tmp_path):
     a = build_tiny_pipeline("sd21").unet.state_dict()
     b = build_tiny_pipeline("sd21").unet.state_dict()
     assert all((a[k] == b[k]).all() for k in a)
-
-
-def test_sdxl_base_and_refiner_share_one_vae():
-    base, refiner = build_tiny_pipeline("sdxl").vae.state_dict(), build_tiny_pipeline("sdxl-refiner").vae.state_dict()
-    assert all((base[k] == refiner[k]).all() for k in base)
 
 
 def test_unknown_family(tmp_path):

@@ -1,0 +1,85 @@
+"""Real-ESRGAN x2 (and other ESRGAN-family nets), loaded with spandrel from a .pth file.
+
+spandrel detects the architecture and scale from the state dict, so the tiny seeded net
+and the real RealESRGAN_x2plus.pth go through the same loading code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from deployments.common import PipelineDeployment, logger, select_device, to_uint8
+from deployments.errors import InvalidJobError
+from deployments.tiny import TINY_WEIGHTS_FILE, materialize_tiny
+
+
+def resolve_weights_file(source: str) -> str:
+    """A local .pth path for ``source``.
+
+    ``tiny:esrgan`` builds the tiny net; ``hf://OWNER/REPO/PATH/FILE.pth[@REVISION]``
+    downloads one file from the Hub (cached); anything else is a local path.
+    """
+    if source.startswith("tiny:"):
+        return str(materialize_tiny(source.removeprefix("tiny:")) / TINY_WEIGHTS_FILE)
+    if source.startswith("hf://"):
+        from huggingface_hub import hf_hub_download
+
+        reference, _, revision = source.removeprefix("hf://").partition("@")
+        parts = reference.split("/")
+        if len(parts) < 3:
+            raise ValueError(f"expected hf://OWNER/REPO/FILE, got {source!r}")
+        return hf_hub_download(
+            repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None
+        )
+    return source
+
+
+class ESRGANDeployment(PipelineDeployment):
+    """One spandrel ImageModelDescriptor per replica."""
+
+    def load(self, spec):
+        from spandrel import ImageModelDescriptor, ModelLoader
+
+        device, dtype = select_device(spec)
+        model = ModelLoader().load_from_file(resolve_weights_file(spec.source))
+        if not isinstance(model, ImageModelDescriptor):
+            raise ValueError(f"{spec.source} is not an image-to-image model")
+        model.to(device).eval()
+        if dtype == torch.float16 and model.supports_half:
+            model.half()
+        elif dtype == torch.bfloat16 and model.supports_bfloat16:
+            model.bfloat16()
+        self.dtype = next(model.model.parameters()).dtype
+        logger.info("%s: loaded %s x%d from %s on %s (%s)", spec.name, model.architecture.name,
+                    model.scale, spec.source, device, self.dtype)
+        return model, device
+
+    @property
+    def scale(self) -> int:
+        return self.pipe.scale
+
+    async def upscale(self, job, source):
+        """Upscale uint8 images (H, W, 3) / (N, H, W, 3) by the net's scale.
+
+        The net is deterministic: a single image is upscaled once and repeated for each
+        seed, so n copies cost one forward pass.
+        """
+        if isinstance(source, torch.Tensor):
+            raise InvalidJobError(f"{self.spec.name} upscales images, not latents", param="upscale")
+        return await self._run(self._upscale, job, source)
+
+    def _upscale(self, job, source: np.ndarray) -> np.ndarray:
+        count = len(job.seeds)
+        batch = source[None] if source.ndim == 3 else source
+        outputs = []
+        for image in batch:  # one at a time bounds activation memory on large inputs
+            tensor = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device, self.dtype) / 255.0
+            result = self.pipe(tensor).clamp_(0, 1)
+            outputs.append(to_uint8(result.permute(0, 2, 3, 1).float().cpu().numpy()))
+        upscaled = np.concatenate(outputs)
+        if source.ndim == 3:
+            upscaled = np.repeat(upscaled, count, axis=0)
+        elif upscaled.shape[0] != count:
+            raise InvalidJobError(f"expected {count} images, got {upscaled.shape[0]}")
+        return upscaled
