@@ -136,6 +136,9 @@ def test_models_list(client, http):
         "stable-diffusion-2-1",
         "stable-diffusion-xl",
         "stable-diffusion-xl-refiner",
+        "stable-diffusion-x2-latent-upscaler",
+        "stable-diffusion-x4-upscaler",
+        "esrgan-x2",
         "stable-diffusion-xl-with-refiner",
     ]
     raw = http.get("/v1/models").json()
@@ -155,6 +158,9 @@ def test_health_reports_every_deployment(http):
         "stable-diffusion-2-1",
         "stable-diffusion-xl",
         "stable-diffusion-xl-refiner",
+        "stable-diffusion-x2-latent-upscaler",
+        "stable-diffusion-x4-upscaler",
+        "esrgan-x2",
     }
 
 

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from serve_app import config as config_module
-from serve_app.protocol import ImageGenerationRequest
+from serve_app.protocol import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
 from tests.conftest import REPO_ROOT
 
 README = (REPO_ROOT / "README.md").read_text()
@@ -27,9 +27,18 @@ def test_every_config_key_is_documented(model):
     assert not missing, f"README lacks config keys of {model.__name__}: {missing}"
 
 
-def test_every_request_field_is_in_the_table():
-    for name in ImageGenerationRequest.model_fields:
-        assert f"| `{name}` |" in README, name
+@pytest.mark.parametrize("model", [ImageGenerationRequest, ImageEditForm, ImageVariationForm, UpscaleForm])
+def test_every_request_field_is_documented(model):
+    for name in model.model_fields:
+        assert f"`{name}`" in README, f"{model.__name__}.{name}"
+
+
+def test_every_livepeer_field_is_documented():
+    from serve_app.livepeer import LivepeerImageToImageForm, LivepeerTextToImageRequest, LivepeerUpscaleForm
+
+    for model in (LivepeerTextToImageRequest, LivepeerImageToImageForm, LivepeerUpscaleForm):
+        for name in model.model_fields:
+            assert f"`{name}`" in README, f"{model.__name__}.{name}"
 
 
 def test_every_route_is_documented():
@@ -45,8 +54,8 @@ def test_every_route_is_documented():
 
 
 def test_readme_gives_the_two_commands():
-    assert "python3 -m pip install torch==2.13.0 -e . && serve run configs/tiny.yaml" in README
-    test_command = 'python3 -m pip install torch==2.13.0 -e ".[test]" && python3 -m pytest'
+    assert "python3 -m pip install -e . && serve run configs/tiny.yaml" in README
+    test_command = 'python3 -m pip install -e ".[test]" && python3 -m pytest'
     assert test_command in README
     ci = (REPO_ROOT / ".ci" / "run").read_text()
-    assert 'python3 -m pip install -q torch==2.13.0 -e ".[test]"' in ci and "python3 -m pytest" in ci
+    assert 'python3 -m pip install -q -e ".[test]"' in ci and "python3 -m pytest" in ci
