@@ -7,7 +7,7 @@ HTTP or Ray options.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from deployments.batching import BatchEntry, Batcher, PipelineCancelled, batch_cancelled
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec
 from deployments.tiny import materialize_tiny
@@ -94,10 +95,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class PipelineDeployment:
-    """Base of every model deployment: one pipeline per replica, one call at a time.
+    """Base of every model deployment: one pipeline per replica, fed by a batcher.
 
-    Pipeline calls run in a worker thread so the replica's event loop keeps answering
-    health checks; a lock keeps two calls off one pipeline (its scheduler is stateful).
+    Jobs go through a :class:`~deployments.batching.Batcher`: compatible concurrent jobs
+    run as one pipeline call, one call at a time, in a worker thread so the replica's event
+    loop keeps answering health checks and noticing cancelled callers.
     """
 
     pipeline_cls: Any = None
@@ -105,20 +107,39 @@ class PipelineDeployment:
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
         self.pipe, self.device = self.load(spec)
-        self._lock = asyncio.Lock()
+        self.batcher = Batcher(self._run_group, spec.max_batch_images, spec.batch_wait_timeout_s)
 
     def load(self, spec: PipelineSpec):
         """Load this replica's model; returns (model, device)."""
         return load_pipeline(self.pipeline_cls, spec)
 
-    async def _run(self, fn, /, *args, **kwargs):
-        async with self._lock:
-            return await asyncio.to_thread(self._call_inference, fn, *args, **kwargs)
+    async def _submit(self, kind: str, job, inputs: tuple, key: tuple):
+        return await self.batcher.submit(kind, job, inputs, key, len(job.seeds))
 
-    @staticmethod
-    def _call_inference(fn, *args, **kwargs):
+    def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
         with torch.inference_mode():
-            return fn(*args, **kwargs)
+            return getattr(self, f"_batch_{kind}")(entries)
+
+    def _step_callback(self, entries: list[BatchEntry]):
+        """``callback_on_step_end``: stop when every caller of the batch has gone."""
+        stats = self.batcher.stats
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            stats.steps += 1
+            if batch_cancelled(entries):
+                raise PipelineCancelled(f"{self.spec.name}: all callers gone at step {step}")
+            return {}
+
+        return on_step_end
+
+    def _legacy_step_callback(self, entries: list[BatchEntry]):
+        """The older ``callback(step, timestep, latents)`` of the upscale pipelines."""
+        on_step_end = self._step_callback(entries)
+        return lambda step, timestep, latents: on_step_end(None, step, timestep, {})
+
+    async def stats(self) -> dict[str, Any]:
+        """Batching and cancellation counters of this replica."""
+        return dataclasses.asdict(self.batcher.stats)
 
     async def ready(self) -> str:
         """Answers once the pipeline is loaded (the constructor has returned)."""
@@ -150,6 +171,29 @@ def finish(output, output_latents: bool):
     return to_uint8(output)
 
 
+def split(output, entries: list[BatchEntry]) -> list[Any]:
+    """Cut a batch's output into each job's images, in order."""
+    parts, start = [], 0
+    for entry in entries:
+        parts.append(output[start : start + entry.images])
+        start += entry.images
+    return parts
+
+
+def batch_text(entries: list[BatchEntry]) -> dict[str, Any]:
+    """Prompts, negative prompts and generators of a batch, one per image.
+
+    Jobs batch together only when all or none have a negative prompt (SDXL treats a
+    missing one differently from an empty one), so None stays None.
+    """
+    prompts = [e.job.prompt for e in entries for _ in range(e.images)]
+    negatives = None
+    if entries[0].job.negative_prompt is not None:
+        negatives = [e.job.negative_prompt for e in entries for _ in range(e.images)]
+    seeds = tuple(seed for e in entries for seed in e.job.seeds)
+    return {"prompt": prompts, "negative_prompt": negatives, "generator": generators(seeds)}
+
+
 class TextToImageMixin:
     """``text_to_image`` for pipelines called with prompt, size, steps and guidance."""
 
@@ -159,27 +203,25 @@ class TextToImageMixin:
         Returns uint8 images (N, H, W, 3), or latents (a CPU tensor) when the job asks
         for them (a refiner or a latent upscaler continues from there).
         """
-        return await self._run(self._text_to_image, job)
+        key = (job.width, job.height, job.num_inference_steps, job.guidance_scale,
+               job.denoising_end, job.output_latents, job.negative_prompt is None)
+        return await self._submit("text_to_image", job, (), key)
 
-    def _text_to_image_kwargs(self, job) -> dict[str, Any]:
+    def _batch_text_to_image(self, entries):
+        job = entries[0].job
         kwargs: dict[str, Any] = dict(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
+            **batch_text(entries),
             width=job.width,
             height=job.height,
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
-            num_images_per_prompt=len(job.seeds),
-            generator=generators(job.seeds),
             output_type="latent" if job.output_latents else "np",
+            callback_on_step_end=self._step_callback(entries),
         )
         if job.denoising_end is not None:
             kwargs["denoising_end"] = job.denoising_end
-        return kwargs
-
-    def _text_to_image(self, job):
-        output = self.pipe(**self._text_to_image_kwargs(job)).images
-        return finish(output, job.output_latents)
+        output = self.pipe(**kwargs).images
+        return split(finish(output, job.output_latents), entries)
 
 
 class ImageToImageMixin:
@@ -210,25 +252,28 @@ class ImageToImageMixin:
             )
         if mask is not None and mask.shape != image.shape[:2]:
             raise InvalidJobError("mask and image sizes differ", param="mask")
-        return await self._run(self._image_to_image, job, image, mask)
+        key = (job.width, job.height, job.num_inference_steps, job.guidance_scale, job.strength,
+               mask is None, job.output_latents, job.negative_prompt is None)
+        return await self._submit("image_to_image", job, (image, mask), key)
 
-    def _image_to_image(self, job, image, mask):
+    def _batch_image_to_image(self, entries):
         from PIL import Image
 
+        job = entries[0].job
+        images = [Image.fromarray(e.inputs[0]) for e in entries for _ in range(e.images)]
         kwargs: dict[str, Any] = dict(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            image=Image.fromarray(image),
+            **batch_text(entries),
+            image=images,
             strength=job.strength,
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
-            num_images_per_prompt=len(job.seeds),
-            generator=generators(job.seeds),
             output_type="latent" if job.output_latents else "np",
+            callback_on_step_end=self._step_callback(entries),
         )
-        if mask is None:
+        if entries[0].inputs[1] is None:
             output = self.img2img(**kwargs).images
         else:
-            kwargs.update(mask_image=Image.fromarray(mask), width=job.width, height=job.height)
+            masks = [Image.fromarray(e.inputs[1]) for e in entries for _ in range(e.images)]
+            kwargs.update(mask_image=masks, width=job.width, height=job.height)
             output = self.inpaint(**kwargs).images
-        return finish(output, job.output_latents)
+        return split(finish(output, job.output_latents), entries)

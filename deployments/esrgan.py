@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from deployments.batching import PipelineCancelled, batch_cancelled
 from deployments.common import PipelineDeployment, logger, select_device, to_uint8
 from deployments.errors import InvalidJobError
 from deployments.tiny import TINY_WEIGHTS_FILE, materialize_tiny
@@ -63,23 +64,31 @@ class ESRGANDeployment(PipelineDeployment):
         """Upscale uint8 images (H, W, 3) / (N, H, W, 3) by the net's scale.
 
         The net is deterministic: a single image is upscaled once and repeated for each
-        seed, so n copies cost one forward pass.
+        seed, so n copies cost one forward pass. Same-size images of concurrent requests
+        go through the net together.
         """
         if isinstance(source, torch.Tensor):
             raise InvalidJobError(f"{self.spec.name} upscales images, not latents", param="upscale")
-        return await self._run(self._upscale, job, source)
+        if source.ndim == 4 and source.shape[0] != len(job.seeds):
+            raise InvalidJobError(f"expected {len(job.seeds)} images, got {source.shape[0]}")
+        return await self._submit("upscale", job, (source,), (source.shape[-3:],))
 
-    def _upscale(self, job, source: np.ndarray) -> np.ndarray:
-        count = len(job.seeds)
-        batch = source[None] if source.ndim == 3 else source
+    def _batch_upscale(self, entries: list) -> list[np.ndarray]:
+        # The distinct images: one per job given a single image, n per job given a batch.
+        distinct = [e.inputs[0][None] if e.inputs[0].ndim == 3 else e.inputs[0] for e in entries]
+        stacked = np.concatenate(distinct)
         outputs = []
-        for image in batch:  # one at a time bounds activation memory on large inputs
-            tensor = torch.from_numpy(image).permute(2, 0, 1)[None].to(self.device, self.dtype) / 255.0
+        for start in range(0, len(stacked), self.spec.max_batch_images):
+            if batch_cancelled(entries):
+                raise PipelineCancelled(f"{self.spec.name}: all callers gone")
+            chunk = torch.from_numpy(stacked[start : start + self.spec.max_batch_images])
+            tensor = chunk.permute(0, 3, 1, 2).to(self.device, self.dtype) / 255.0
             result = self.pipe(tensor).clamp_(0, 1)
             outputs.append(to_uint8(result.permute(0, 2, 3, 1).float().cpu().numpy()))
         upscaled = np.concatenate(outputs)
-        if source.ndim == 3:
-            upscaled = np.repeat(upscaled, count, axis=0)
-        elif upscaled.shape[0] != count:
-            raise InvalidJobError(f"expected {count} images, got {upscaled.shape[0]}")
-        return upscaled
+        results, start = [], 0
+        for entry, images in zip(entries, distinct):
+            part = upscaled[start : start + len(images)]
+            start += len(images)
+            results.append(np.repeat(part, entry.images, axis=0) if entry.inputs[0].ndim == 3 else part)
+        return results

@@ -9,7 +9,9 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionLatentUpscalePipeline
 
-from deployments.common import PipelineDeployment, generators, images_to_float, to_uint8
+import numpy as np
+
+from deployments.common import PipelineDeployment, batch_text, images_to_float, split, to_uint8
 from deployments.errors import InvalidJobError
 
 
@@ -21,23 +23,32 @@ class LatentUpscalerDeployment(PipelineDeployment):
     async def upscale(self, job, source):
         """Upscale ``source`` x2: uint8 images (H, W, 3) / (N, H, W, 3), or latents
         (N, 4, h, w). Returns uint8 (N, 2H', 2W', 3), H' and W' rounded down to 8."""
-        return await self._run(self._upscale, job, source)
-
-    def _upscale(self, job, source):
         count = len(job.seeds)
         if isinstance(source, torch.Tensor):
             if source.ndim != 4 or source.shape[0] != count or source.shape[1] != 4:
                 raise InvalidJobError(f"expected latents (n={count}, 4, h, w), got {tuple(source.shape)}")
-            image = source
+            shape = ("latents", *source.shape[1:])
         else:
-            image = images_to_float(source, count)
+            images_to_float(source[:1] if source.ndim == 4 else source, 1)  # checks the layout
+            if source.ndim == 4 and source.shape[0] != count:
+                raise InvalidJobError(f"expected {count} images, got {source.shape[0]}")
+            shape = ("image", *source.shape[-3:])
+        key = (shape, job.num_inference_steps, job.guidance_scale, job.negative_prompt is None)
+        return await self._submit("upscale", job, (source,), key)
+
+    def _batch_upscale(self, entries):
+        job = entries[0].job
+        if isinstance(entries[0].inputs[0], torch.Tensor):
+            image = torch.cat([entry.inputs[0] for entry in entries])
+        else:
+            image = np.concatenate([images_to_float(e.inputs[0], e.images) for e in entries])
         output = self.pipe(
-            prompt=[job.prompt] * count,
-            negative_prompt=[job.negative_prompt] * count if job.negative_prompt else None,
+            **batch_text(entries),
             image=image,
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
-            generator=generators(job.seeds),
             output_type="np",
+            callback=self._legacy_step_callback(entries),
+            callback_steps=1,
         ).images
-        return to_uint8(output)
+        return split(to_uint8(output), entries)

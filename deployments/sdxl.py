@@ -12,12 +12,15 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 
+import torch
+
 from deployments.common import (
     ImageToImageMixin,
     PipelineDeployment,
     TextToImageMixin,
+    batch_text,
     finish,
-    generators,
+    split,
 )
 from deployments.errors import InvalidJobError
 
@@ -49,18 +52,19 @@ class SDXLRefinerDeployment(PipelineDeployment):
             raise InvalidJobError(
                 f"expected latents for {len(job.seeds)} images, got shape {tuple(latents.shape)}"
             )
-        return await self._run(self._refine, job, latents)
+        key = (job.num_inference_steps, job.guidance_scale, job.denoising_start,
+               job.output_latents, tuple(latents.shape[1:]), job.negative_prompt is None)
+        return await self._submit("refine", job, (latents,), key)
 
-    def _refine(self, job, latents):
-        images = self.pipe(
-            prompt=job.prompt,
-            negative_prompt=job.negative_prompt,
-            image=latents,
+    def _batch_refine(self, entries):
+        job = entries[0].job
+        output = self.pipe(
+            **batch_text(entries),
+            image=torch.cat([entry.inputs[0] for entry in entries]),
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
             denoising_start=job.denoising_start,
-            num_images_per_prompt=len(job.seeds),
-            generator=generators(job.seeds),
             output_type="latent" if job.output_latents else "np",
+            callback_on_step_end=self._step_callback(entries),
         ).images
-        return finish(images, job.output_latents)
+        return split(finish(output, job.output_latents), entries)

@@ -84,6 +84,21 @@ class DeploymentOptions(_Strict):
         return options
 
 
+class BatchingConfig(_Strict):
+    """How a replica gathers concurrent compatible jobs into one pipeline call."""
+
+    max_batch_images: int = Field(
+        default=8, ge=1, description="Most images in one pipeline call (1 turns batching off)."
+    )
+    batch_wait_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="How long a batch that is not full waits for more jobs before it starts; "
+        "0 starts at once (jobs that arrive while a batch runs join the next one).",
+    )
+
+
 class GenerationDefaults(_Strict):
     """Values used when a request leaves a field out."""
 
@@ -185,6 +200,7 @@ class ModelConfig(_Served):
         default=False, description="CUDA only: diffusers model CPU offload to save GPU memory."
     )
     compile: bool = Field(default=False, description="CUDA only: torch.compile the UNet.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
@@ -199,6 +215,12 @@ class ModelConfig(_Served):
             raise ValueError(f"family {self.family} needs defaults.size and limits.sizes")
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
+        # A full batch of one-image requests must fit in what Serve lets a replica take on.
+        if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must "
+                f"be at least batching.max_batch_images ({self.batching.max_batch_images})"
+            )
         return self
 
     @property
@@ -226,6 +248,8 @@ class ModelConfig(_Served):
             dtype=self.dtype,
             cpu_offload=self.cpu_offload,
             compile=self.compile,
+            max_batch_images=self.batching.max_batch_images,
+            batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
         )
 
 
@@ -250,6 +274,12 @@ class IngressConfig(_Strict):
     )
     png_compress_level: int = Field(
         default=6, ge=0, le=9, description="zlib level for PNG output (1 is fastest)."
+    )
+    request_timeout_s: float = Field(
+        default=300, gt=0, description="A request still unanswered after this gets 504 and is cancelled."
+    )
+    retry_after_s: int = Field(
+        default=5, ge=1, description="Retry-After header of a 503 when a model's queue is full."
     )
     max_upload_pixels: int = Field(
         default=4096 * 4096,

@@ -25,6 +25,7 @@ class APIError(Exception):
         self.message = message
         self.param = param
         self.code = code
+        self.headers: dict[str, str] = {}
 
     def to_response(self) -> ErrorResponse:
         return ErrorResponse(
@@ -68,8 +69,27 @@ class MethodNotAllowedError(APIError):
 
 
 class ServiceUnavailableError(APIError):
+    """503: a model's queue is full; the client should retry after ``retry_after_s``."""
+
     status_code = 503
     error_type = "server_error"
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, code="overloaded")
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+class GatewayTimeoutError(APIError):
+    """504: the request ran past the configured timeout and was cancelled."""
+
+    status_code = 504
+    error_type = "server_error"
+
+    def __init__(self, timeout_s: float):
+        super().__init__(
+            f"The request did not finish within {timeout_s:g} s and was cancelled.",
+            code="timeout",
+        )
 
 
 class InternalServerError(APIError):
@@ -92,12 +112,14 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def error_from_exception(exc: BaseException) -> APIError:
+def error_from_exception(exc: BaseException, retry_after_s: int = 5) -> APIError:
     """Map any exception to the APIError a client should see.
 
     Unknown exceptions become a generic 500 and are logged with their traceback here,
     on the server, never in the response.
     """
+    from ray.serve.exceptions import BackPressureError
+
     if isinstance(exc, APIError):
         return exc
     inner = _unwrap(exc)
@@ -105,5 +127,9 @@ def error_from_exception(exc: BaseException) -> APIError:
         return inner
     if isinstance(inner, InvalidJobError):
         return InvalidRequestError(inner.message, param=inner.param)
+    if isinstance(inner, BackPressureError):
+        return ServiceUnavailableError(
+            "The model is at capacity and its queue is full; retry shortly.", retry_after_s
+        )
     logger.error("internal error while serving a request", exc_info=exc)
     return InternalServerError()

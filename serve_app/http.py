@@ -19,7 +19,11 @@ from serve_app.errors import (
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(status_code=error.status_code, content=error.to_response().model_dump())
+    return JSONResponse(
+        status_code=error.status_code,
+        content=error.to_response().model_dump(),
+        headers=error.headers or None,
+    )
 
 
 def _param(loc: tuple[Any, ...]) -> str | None:

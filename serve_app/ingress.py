@@ -57,14 +57,14 @@ def deployments_ready(statuses: dict[str, tuple[str, int]]) -> bool:
     )
 
 
-async def guarded(call: Awaitable[T]) -> T:
+async def guarded(call: Awaitable[T], retry_after_s: int = 5) -> T:
     """Await ``call``; any failure becomes the APIError the client should see."""
     try:
         return await call
     except APIError:
         raise
     except Exception as exc:  # noqa: BLE001 - mapped to the envelope, logged with traceback
-        raise error_from_exception(exc) from None
+        raise error_from_exception(exc, retry_after_s) from None
 
 
 @serve.ingress(api)
@@ -78,24 +78,24 @@ class ImagesIngress:
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_image(self, body: ImageGenerationRequest) -> ImagesResponse:
         """Text to image (OpenAI's ``images.generate``)."""
-        return await guarded(self.service.generate(body))
+        return await self._guarded(self.service.generate(body))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
     async def edit_image(self, form: Annotated[ImageEditForm, Form()]) -> ImagesResponse:
         """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
-        return await guarded(self.service.edit(form))
+        return await self._guarded(self.service.edit(form))
 
     @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_variation(
         self, form: Annotated[ImageVariationForm, Form()]
     ) -> ImagesResponse:
         """Variations of an image (OpenAI's ``images.create_variation``)."""
-        return await guarded(self.service.variation(form))
+        return await self._guarded(self.service.variation(form))
 
     @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
     async def upscale_image(self, form: Annotated[UpscaleForm, Form()]) -> ImagesResponse:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
-        return await guarded(self.service.upscale(form))
+        return await self._guarded(self.service.upscale(form))
 
     @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_text_to_image(self, body: LivepeerTextToImageRequest) -> LivepeerImageResponse:
@@ -114,10 +114,12 @@ class ImagesIngress:
         """Livepeer runner's upscale."""
         return await self._livepeer(lambda: self.service.upscale(form.to_openai()))
 
-    @staticmethod
-    async def _livepeer(call) -> LivepeerImageResponse:
+    async def _guarded(self, call: Awaitable[T]) -> T:
+        return await guarded(call, self.config.ingress.retry_after_s)
+
+    async def _livepeer(self, call) -> LivepeerImageResponse:
         try:
-            return to_livepeer(await guarded(call()))
+            return to_livepeer(await self._guarded(call()))
         except ValidationError as exc:  # the mapped OpenAI-shaped request is invalid
             errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             raise rename_param(validation_error(errors)) from None

@@ -8,6 +8,7 @@ never come back through the ingress.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import secrets
 from dataclasses import dataclass
@@ -403,11 +404,25 @@ def plan_upscale(
                           req.output_compression)
 
 
-async def run_plan(plan: GenerationPlan, handles: dict[str, Any]):
-    """Call each stage's deployment, chaining responses; return the last stage's result."""
-    response = None
+async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None):
+    """Call each stage's deployment, chaining responses; return the last stage's result.
+
+    If the caller goes away (client disconnect) or ``timeout_s`` passes, every stage's
+    request is cancelled, so replicas stop work nobody will read (raises TimeoutError on
+    timeout).
+    """
+    responses = []
     for stage in plan.stages:
         method = getattr(handles[stage.deployment], stage.method)
-        args = (stage.job, *stage.inputs) if response is None else (stage.job, response)
-        response = method.remote(*args)
-    return await response
+        args = (stage.job, *stage.inputs) if not responses else (stage.job, responses[-1])
+        responses.append(method.remote(*args))
+
+    async def last():
+        return await responses[-1]
+
+    try:
+        return await asyncio.wait_for(last(), timeout_s)
+    except BaseException:
+        for response in responses:
+            response.cancel()
+        raise

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from serve_app.config import AppConfig
-from serve_app.errors import ModelNotFoundError
+from serve_app.errors import GatewayTimeoutError, ModelNotFoundError
 from serve_app.imaging import encode_b64
 from serve_app.planning import (
     GenerationPlan,
@@ -74,8 +74,12 @@ class ImagesService:
         return await asyncio.to_thread(decoder, data, param, self.config.ingress.max_upload_pixels)
 
     async def execute(self, plan: GenerationPlan) -> ImagesResponse:
-        """Run a plan's stages and encode the result."""
-        images = await run_plan(plan, self.handles)
+        """Run a plan's stages and encode the result; 504 past the request timeout."""
+        timeout_s = self.config.ingress.request_timeout_s
+        try:
+            images = await run_plan(plan, self.handles, timeout_s)
+        except TimeoutError:
+            raise GatewayTimeoutError(timeout_s) from None
         return await self._respond(plan, images)
 
     def _finish_pixels(self, plan: GenerationPlan, images: np.ndarray) -> list[np.ndarray]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 
@@ -10,9 +12,15 @@ class FakeResponse:
 
     def __init__(self, handle, method, args):
         self.handle, self.method, self.args = handle, method, args
+        self.cancelled = False
+
+    def cancel(self):
+        self.cancelled = True
 
     def __await__(self):
         async def resolve():
+            if self.handle.delay_s:
+                await asyncio.sleep(self.handle.delay_s)
             if self.handle.error is not None:
                 raise self.handle.error
             return self.handle.result_for(self)
@@ -31,8 +39,9 @@ class _Method:
 
 
 class FakeHandle:
-    def __init__(self, name, error=None, shape_override=None):
+    def __init__(self, name, error=None, shape_override=None, delay_s=0.0):
         self.name, self.error, self.shape_override = name, error, shape_override
+        self.delay_s = delay_s
         self.calls: list[FakeResponse] = []
 
     def __getattr__(self, method):

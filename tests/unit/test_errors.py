@@ -122,3 +122,23 @@ def test_readiness_needs_every_deployment():
     assert not deployments_ready({"a": ("HEALTHY", 1), "b": ("UPDATING", 0)})
     assert not deployments_ready({"a": ("DEPLOY_FAILED", 0)})
     assert not deployments_ready({})
+
+
+def test_backpressure_is_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    response = make_client(BackPressureError(num_queued_requests=32, max_queued_requests=32)).post(
+        "/v1/images/generations", json={"prompt": "a"}
+    )
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    error = envelope(response)
+    assert (error["type"], error["code"]) == ("server_error", "overloaded")
+
+
+def test_timeout_is_504_in_the_envelope():
+    from serve_app.errors import GatewayTimeoutError
+
+    response = make_client(GatewayTimeoutError(30)).post("/v1/images/generations", json={"prompt": "a"})
+    assert response.status_code == 504
+    assert envelope(response)["code"] == "timeout"

@@ -295,3 +295,23 @@ def test_chain_of_three_passes_each_response_on(config):
     (refine,) = handles["stable-diffusion-xl-refiner"].calls
     (upscale,) = handles["esrgan-x2"].calls
     assert refine.args[1] is base and upscale.args[1] is refine
+
+
+def test_timeout_cancels_every_stage(config):
+    handles = fake_handles(config, **{"stable-diffusion-xl-refiner": FakeHandle("ref", delay_s=5)})
+    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner"), config)
+    with pytest.raises(TimeoutError):
+        asyncio.run(run_plan(plan, handles, timeout_s=0.05))
+    calls = handles["stable-diffusion-xl"].calls + handles["stable-diffusion-xl-refiner"].calls
+    assert len(calls) == 2 and all(call.cancelled for call in calls)
+
+
+def test_service_turns_timeouts_into_504(tiny_args):
+    from serve_app.errors import GatewayTimeoutError
+
+    config = load_app_config({**tiny_args, "ingress": {"request_timeout_s": 0.05}})
+    service = ImagesService(config, fake_handles(
+        config, **{"stable-diffusion-2-1": FakeHandle("sd", delay_s=5)}))
+    with pytest.raises(GatewayTimeoutError) as info:
+        asyncio.run(service.generate(req()))
+    assert info.value.status_code == 504 and "0.05" in info.value.message

@@ -1,0 +1,143 @@
+"""Dynamic batching of jobs on one replica, with cancellation.
+
+Ray Serve's ``@serve.batch`` keeps one queue per decorated function in the class, batches
+by request count, and cannot tell compatible jobs from incompatible ones. Diffusion jobs
+batch only when they share size, steps, guidance, strength and scheduler settings, and a
+batch's cost is its number of images, so each replica has its own :class:`Batcher`:
+
+- one queue for every kind of job, so pipeline calls on the replica never overlap;
+- a batch takes the oldest job and every queued job with the same batch key, up to
+  ``max_batch_images`` images; incompatible jobs wait for a later batch;
+- a job whose caller went away (client disconnect, timeout) is dropped before it starts,
+  and a running batch whose callers all went away stops at the next denoising step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class PipelineCancelled(Exception):
+    """Raised inside a pipeline call when every job of its batch has been cancelled."""
+
+
+@dataclass(eq=False)
+class BatchEntry:
+    """A queued job; ``token`` is set when its caller stops waiting."""
+
+    kind: str
+    job: Any
+    inputs: tuple
+    key: Hashable
+    images: int
+    future: asyncio.Future
+    token: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class BatchStats:
+    """What a replica did: for tests, benchmarks and metrics."""
+
+    pipeline_calls: int = 0
+    images: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+    cancelled_before_start: int = 0
+    cancelled_running: int = 0
+    steps: int = 0
+
+
+def batch_cancelled(entries: list[BatchEntry]) -> bool:
+    return all(entry.token.is_set() for entry in entries)
+
+
+class Batcher:
+    """Collects jobs and runs compatible ones through ``run_group`` in a worker thread.
+
+    ``run_group(kind, entries)`` runs one pipeline call for all ``entries`` (same kind and
+    key) and returns one result per entry, in order.
+    """
+
+    def __init__(
+        self,
+        run_group: Callable[[str, list[BatchEntry]], list[Any]],
+        max_batch_images: int,
+        batch_wait_timeout_s: float = 0.0,
+    ):
+        self.run_group = run_group
+        self.max_batch_images = max_batch_images
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.stats = BatchStats()
+        self._pending: list[BatchEntry] = []
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int) -> Any:
+        """Queue a job and wait for its result (raised if the job failed)."""
+        loop = asyncio.get_running_loop()
+        entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future())
+        self._pending.append(entry)
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._task = loop.create_task(self._drain())
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # The caller is gone: skip the job if it has not started, stop its batch at
+            # the next step if every job in it is gone.
+            entry.token.set()
+            if entry in self._pending:
+                self._pending.remove(entry)
+                self.stats.cancelled_before_start += 1
+            raise
+
+    def _take_batch(self) -> list[BatchEntry]:
+        head = self._pending[0]
+        batch, total = [], 0
+        for entry in self._pending:
+            if entry.key != head.key:
+                continue
+            if batch and total + entry.images > self.max_batch_images:
+                break
+            batch.append(entry)
+            total += entry.images
+        for entry in batch:
+            self._pending.remove(entry)
+        return batch
+
+    def _compatible_images(self) -> int:
+        head = self._pending[0]
+        return sum(e.images for e in self._pending if e.key == head.key)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            if self.batch_wait_timeout_s > 0 and self._compatible_images() < self.max_batch_images:
+                # Give concurrent requests a moment to join this batch.
+                await asyncio.sleep(self.batch_wait_timeout_s)
+                if not self._pending:
+                    break
+            batch = [e for e in self._take_batch() if not e.future.done()]
+            if not batch:
+                continue
+            self.stats.pipeline_calls += 1
+            self.stats.batch_sizes.append(sum(e.images for e in batch))
+            try:
+                results = await asyncio.to_thread(self.run_group, batch[0].kind, batch)
+            except PipelineCancelled:
+                self.stats.cancelled_running += len(batch)
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(PipelineCancelled("cancelled"))
+                continue
+            except Exception as exc:  # noqa: BLE001 - handed to every caller of the batch
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                continue
+            self.stats.images += sum(e.images for e in batch)
+            for entry, result in zip(batch, results):
+                if not entry.future.done():
+                    entry.future.set_result(result)
