@@ -152,3 +152,13 @@ def test_invalid_configs_fail_clearly(tiny_args, mutate, needle):
 def test_build_app_rejects_bad_args_before_deploying(tiny_args):
     with pytest.raises(ConfigError, match="models: "):
         build_app({"models": []})
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_deployment_autoscales_and_has_room_for_a_batch(path):
+    for app in load_serve_config(path)["applications"]:
+        config = load_app_config(app["args"])
+        for model in config.models:
+            assert model.deployment.autoscaling_config is not None, model.name
+            assert model.deployment.max_ongoing_requests >= model.batching.max_batch_images
+        assert config.ingress.deployment.autoscaling_config is not None

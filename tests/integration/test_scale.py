@@ -1,0 +1,158 @@
+"""Backpressure, timeouts, cancellation and autoscaling on a small app of its own."""
+
+import asyncio
+import time
+
+import httpx
+import pytest
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.launch import load_serve_config
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+SCALE_CONFIG = REPO_ROOT / "tests" / "integration" / "scale.yaml"
+MODEL = "stable-diffusion-2-1"
+
+
+@pytest.fixture(scope="module")
+def scale_url(base_url):
+    """Deploy tests/integration/scale.yaml beside the tiny app; remove it afterwards."""
+    app = load_serve_config(SCALE_CONFIG)["applications"][0]
+    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
+              blocking=False)
+    url = f"{base_url}{app['route_prefix']}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield url
+    serve.delete(app["name"])
+
+
+def running_replicas() -> int:
+    deployment = serve.status().applications["scale"].deployments[MODEL]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def replica_stats() -> dict:
+    handle = serve.get_deployment_handle(MODEL, app_name="scale")
+    return handle.stats.remote().result(timeout_s=30)
+
+
+def slow(steps=400, size="768x768"):
+    return {"prompt": "a slow fox", "num_inference_steps": steps, "size": size, "seed": 1}
+
+
+def test_full_queue_answers_503_at_once(scale_url):
+    # 2 running + 4 queued fit; the rest must be refused at once, not wait.
+    async def flood():
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def one():
+                start = time.monotonic()
+                try:
+                    response = await client.post(f"{scale_url}/v1/images/generations", json=slow())
+                except httpx.HTTPError:
+                    return None, time.monotonic() - start
+                return response, time.monotonic() - start
+
+            tasks = [asyncio.ensure_future(one()) for _ in range(12)]
+            refused = []
+            for task in asyncio.as_completed(tasks):
+                response, elapsed = await task
+                if response is not None and response.status_code == 503:
+                    refused.append((response, elapsed))
+                if len(refused) >= 4:
+                    break
+            for task in tasks:
+                task.cancel()  # disconnect the rest: cancellation frees the replica
+            return refused
+
+    refused = asyncio.run(flood())
+    assert len(refused) >= 4
+    for response, elapsed in refused:
+        assert response.headers["retry-after"] == "2"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("server_error", "overloaded")
+        assert elapsed < 3  # refused at once, not after waiting
+
+
+def test_request_past_its_timeout_is_504(scale_url):
+    wait_until_idle(scale_url)
+    start = time.monotonic()
+    response = httpx.post(f"{scale_url}/v1/images/generations", json=slow(), timeout=60)
+    elapsed = time.monotonic() - start
+    assert response.status_code == 504, response.text
+    assert response.json()["error"]["code"] == "timeout"
+    assert 3.5 < elapsed < 15
+
+
+def wait_until_idle(url, timeout_s=60):
+    """Earlier tests leave cancelled work behind: wait until a small request goes through."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = httpx.post(
+            f"{url}/v1/images/generations",
+            json={"prompt": "ping", "size": "128x128", "num_inference_steps": 1}, timeout=60,
+        )
+        if response.status_code == 200:
+            return
+        time.sleep(0.5)
+    raise AssertionError("replicas never became idle")
+
+
+def test_client_disconnect_stops_the_generation(scale_url):
+    wait_until_idle(scale_url)
+    before = replica_stats()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{scale_url}/v1/images/generations", json=slow(steps=300, size="256x256"),
+                   timeout=1.0)
+    # The replica notices the disconnect and stops at the next denoising step.
+    deadline = time.monotonic() + 20
+    stats = replica_stats()
+    while time.monotonic() < deadline and stats["cancelled_running"] == before["cancelled_running"]:
+        time.sleep(0.2)
+        stats = replica_stats()
+    assert stats["cancelled_running"] > before["cancelled_running"]
+    assert stats["steps"] - before["steps"] < 300
+    # Its slot is free: a new request is answered at once.
+    start = time.monotonic()
+    response = httpx.post(f"{scale_url}/v1/images/generations",
+                          json={"prompt": "next", "size": "128x128", "num_inference_steps": 1}, timeout=30)
+    assert response.status_code == 200 and time.monotonic() - start < 5
+
+
+def test_replicas_scale_up_under_load_and_back_down(scale_url):
+    wait_until_idle(scale_url)
+    assert running_replicas() == 1
+    stop = time.monotonic() + 60
+    peak = 1
+
+    async def load():
+        nonlocal peak
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def worker():
+                while time.monotonic() < stop and peak < 2:
+                    await client.post(f"{scale_url}/v1/images/generations",
+                                      json=slow(steps=20, size="256x256"))
+
+            async def watch():
+                nonlocal peak
+                while time.monotonic() < stop and peak < 2:
+                    peak = max(peak, await asyncio.to_thread(running_replicas))
+                    await asyncio.sleep(0.5)
+
+            await asyncio.gather(watch(), *(worker() for _ in range(4)))
+
+    asyncio.run(load())
+    assert peak == 2, "Serve never added a replica under load"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and running_replicas() > 1:
+        time.sleep(1)
+    assert running_replicas() == 1, "Serve never removed the extra replica after the load"
