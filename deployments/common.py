@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,21 @@ def resolve_source(source: str) -> str:
 
 
 def select_device(spec: PipelineSpec) -> tuple[str, torch.dtype]:
-    """CUDA in the configured dtype when this replica has a GPU, else CPU in float32."""
+    """CUDA in the configured dtype when this replica has a GPU, else CPU in float32.
+
+    On CPU, torch gets ``spec.cpu_threads`` threads (default: every core): Ray sets
+    OMP_NUM_THREADS to the replica's reserved CPUs, one thread for a fraction of a CPU,
+    which halves the speed of a tiny replica on a 2-core machine.
+    """
     if torch.cuda.is_available():
         return "cuda", _DTYPES[spec.dtype]
     if spec.dtype != "float32":
         logger.info("%s: no GPU on this replica, running on CPU in float32", spec.name)
     return "cpu", torch.float32
+
+
+def cpu_threads(spec: PipelineSpec) -> int:
+    return spec.cpu_threads or os.cpu_count() or 1
 
 
 def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
@@ -117,6 +127,10 @@ class PipelineDeployment:
         return await self.batcher.submit(kind, job, inputs, key, len(job.seeds))
 
     def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
+        if self.device == "cpu":
+            # OpenMP's thread count is per OS thread, and this worker thread inherits Ray's
+            # OMP_NUM_THREADS (1 for a fraction of a CPU): set it here, where torch runs.
+            torch.set_num_threads(cpu_threads(self.spec))
         with torch.inference_mode():
             return getattr(self, f"_batch_{kind}")(entries)
 

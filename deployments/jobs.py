@@ -40,6 +40,7 @@ class PipelineSpec:
     dtype: str = "float16"
     cpu_offload: bool = False
     compile: bool = False
+    cpu_threads: int | None = None
     max_batch_images: int = 8
     batch_wait_timeout_s: float = 0.0
 

@@ -200,6 +200,12 @@ class ModelConfig(_Served):
         default=False, description="CUDA only: diffusers model CPU offload to save GPU memory."
     )
     compile: bool = Field(default=False, description="CUDA only: torch.compile the UNet.")
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU replicas: torch threads (default: all cores; Ray alone would give "
+        "one thread per reserved CPU, a single thread for a fraction).",
+    )
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
@@ -248,6 +254,7 @@ class ModelConfig(_Served):
             dtype=self.dtype,
             cpu_offload=self.cpu_offload,
             compile=self.compile,
+            cpu_threads=self.cpu_threads,
             max_batch_images=self.batching.max_batch_images,
             batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
         )

@@ -5,7 +5,7 @@ import asyncio
 from typing import Annotated, Any, Awaitable, TypeVar
 
 from fastapi import FastAPI, Form
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
 
@@ -34,6 +34,11 @@ from serve_app.protocol import (
 from serve_app.serving import ImagesService
 
 T = TypeVar("T")
+
+
+def json_response(body) -> Response:
+    """Serialize a response model once, in pydantic's Rust core: images make large bodies."""
+    return Response(content=body.model_dump_json(), media_type="application/json")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 500, 503)
@@ -76,50 +81,50 @@ class ImagesIngress:
         self.service = ImagesService(self.config, handles)
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
-    async def create_image(self, body: ImageGenerationRequest) -> ImagesResponse:
+    async def create_image(self, body: ImageGenerationRequest) -> Response:
         """Text to image (OpenAI's ``images.generate``)."""
-        return await self._guarded(self.service.generate(body))
+        return json_response(await self._guarded(self.service.generate(body)))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
-    async def edit_image(self, form: Annotated[ImageEditForm, Form()]) -> ImagesResponse:
+    async def edit_image(self, form: Annotated[ImageEditForm, Form()]) -> Response:
         """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
-        return await self._guarded(self.service.edit(form))
+        return json_response(await self._guarded(self.service.edit(form)))
 
     @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_variation(
         self, form: Annotated[ImageVariationForm, Form()]
-    ) -> ImagesResponse:
+    ) -> Response:
         """Variations of an image (OpenAI's ``images.create_variation``)."""
-        return await self._guarded(self.service.variation(form))
+        return json_response(await self._guarded(self.service.variation(form)))
 
     @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
-    async def upscale_image(self, form: Annotated[UpscaleForm, Form()]) -> ImagesResponse:
+    async def upscale_image(self, form: Annotated[UpscaleForm, Form()]) -> Response:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
-        return await self._guarded(self.service.upscale(form))
+        return json_response(await self._guarded(self.service.upscale(form)))
 
     @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
-    async def livepeer_text_to_image(self, body: LivepeerTextToImageRequest) -> LivepeerImageResponse:
+    async def livepeer_text_to_image(self, body: LivepeerTextToImageRequest) -> Response:
         """Livepeer runner's text-to-image."""
         return await self._livepeer(lambda: self.service.generate(body.to_openai()))
 
     @api.post("/image-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_image_to_image(
         self, form: Annotated[LivepeerImageToImageForm, Form()]
-    ) -> LivepeerImageResponse:
+    ) -> Response:
         """Livepeer runner's image-to-image."""
         return await self._livepeer(lambda: self.service.edit(form.to_openai()))
 
     @api.post("/upscale", response_model=LivepeerImageResponse, responses=_ERRORS)
-    async def livepeer_upscale(self, form: Annotated[LivepeerUpscaleForm, Form()]) -> LivepeerImageResponse:
+    async def livepeer_upscale(self, form: Annotated[LivepeerUpscaleForm, Form()]) -> Response:
         """Livepeer runner's upscale."""
         return await self._livepeer(lambda: self.service.upscale(form.to_openai()))
 
     async def _guarded(self, call: Awaitable[T]) -> T:
         return await guarded(call, self.config.ingress.retry_after_s)
 
-    async def _livepeer(self, call) -> LivepeerImageResponse:
+    async def _livepeer(self, call) -> Response:
         try:
-            return to_livepeer(await self._guarded(call()))
+            return json_response(to_livepeer(await self._guarded(call())))
         except ValidationError as exc:  # the mapped OpenAI-shaped request is invalid
             errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             raise rename_param(validation_error(errors)) from None

@@ -18,6 +18,7 @@ CONFIG_MODELS = [
     config_module.GenerationDefaults,
     config_module.GenerationLimits,
     config_module.IngressConfig,
+    config_module.BatchingConfig,
 ]
 
 
