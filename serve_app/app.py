@@ -6,6 +6,7 @@ with Ray options taken from the config, never from code.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from ray import serve
@@ -17,33 +18,22 @@ from serve_app.ingress import ImagesIngress
 INGRESS_NAME = "ImagesIngress"
 
 
+# The deployment class of each pipeline family, imported only when a config uses it
+# (they pull in torch and diffusers; the ingress never needs them).
+DEPLOYMENT_CLASSES = {
+    "sd21": "deployments.stable_diffusion:StableDiffusionDeployment",
+    "sdxl": "deployments.sdxl:SDXLBaseDeployment",
+    "sdxl-refiner": "deployments.sdxl:SDXLRefinerDeployment",
+    "sd-x2-latent-upscaler": "deployments.latent_upscaler:LatentUpscalerDeployment",
+    "sd-x4-upscaler": "deployments.x4_upscaler:X4UpscalerDeployment",
+    "esrgan": "deployments.esrgan:ESRGANDeployment",
+}
+
+
 def deployment_class(family: str):
-    """The deployment class of a pipeline family (imported lazily: it pulls in torch)."""
-    if family == "sd21":
-        from deployments.stable_diffusion import StableDiffusionDeployment
-
-        return StableDiffusionDeployment
-    if family == "sdxl":
-        from deployments.sdxl import SDXLBaseDeployment
-
-        return SDXLBaseDeployment
-    if family == "sdxl-refiner":
-        from deployments.sdxl import SDXLRefinerDeployment
-
-        return SDXLRefinerDeployment
-    if family == "sd-x2-latent-upscaler":
-        from deployments.latent_upscaler import LatentUpscalerDeployment
-
-        return LatentUpscalerDeployment
-    if family == "sd-x4-upscaler":
-        from deployments.x4_upscaler import X4UpscalerDeployment
-
-        return X4UpscalerDeployment
-    if family == "esrgan":
-        from deployments.esrgan import ESRGANDeployment
-
-        return ESRGANDeployment
-    raise ValueError(f"no deployment for family {family!r}")
+    """The deployment class of a pipeline family."""
+    module, _, name = DEPLOYMENT_CLASSES[family].partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:

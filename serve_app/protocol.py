@@ -8,10 +8,10 @@ the services our users come from. This module imports neither torch nor Ray.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import UploadFile
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_N = 10
 # torch generators take seeds below 2**64; image i of a request uses seed + i.
@@ -28,6 +28,23 @@ def parse_size(size: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def _check_size(value: str | None) -> str | None:
+    if value is not None and value != "auto":
+        parse_size(value)
+    return value
+
+
+def _check_prompt(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must not be blank")
+    return value
+
+
+# "WIDTHxHEIGHT" or "auto"; and a prompt that is not only whitespace.
+SizeField = Annotated[str | None, AfterValidator(_check_size)]
+PromptField = Annotated[str, AfterValidator(_check_prompt)]
+
+
 class _Strict(BaseModel):
     """Unknown fields are an error: a misspelt option must not be silently ignored."""
 
@@ -37,12 +54,12 @@ class _Strict(BaseModel):
 class ImageGenerationRequest(_Strict):
     """Body of ``POST /v1/images/generations``."""
 
-    prompt: str = Field(min_length=1, description="Text description of the desired image(s).")
+    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).")
     model: str | None = Field(
         default=None, description="Served model name or alias; the configured default if omitted."
     )
     n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images to generate.")
-    size: str | None = Field(
+    size: SizeField = Field(
         default=None,
         description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
     )
@@ -83,21 +100,6 @@ class ImageGenerationRequest(_Strict):
         description="Upscaler model to run on every generated image (output size x factor).",
     )
 
-    @field_validator("size")
-    @classmethod
-    def _check_size(cls, value: str | None) -> str | None:
-        if value is None or value == "auto":
-            return value
-        parse_size(value)
-        return value
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
-
 
 _SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
 
@@ -119,37 +121,22 @@ class _ImageForm(_Strict):
 
 
 class _EditFields(_ImageForm):
-    size: str | None = Field(default=None, description=_SIZE_DESCRIPTION)
+    size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION)
     strength: float | None = Field(
         default=None, gt=0, le=1, description="How far to move from the input (0 < s <= 1)."
     )
-
-    @field_validator("size")
-    @classmethod
-    def _check_size(cls, value: str | None) -> str | None:
-        if value is None or value == "auto":
-            return value
-        parse_size(value)
-        return value
 
 
 class ImageEditForm(_EditFields):
     """Multipart body of ``POST /v1/images/edits``."""
 
-    prompt: str = Field(min_length=1, description="What the edited image should show.")
+    prompt: PromptField = Field(min_length=1, description="What the edited image should show.")
     mask: UploadFile | None = Field(
         default=None,
         description="Same size as image; fully transparent pixels mark the area to repaint "
         "(without an alpha channel: white marks it).",
     )
     upscale: str | None = Field(default=None, description="Upscaler to run on every result.")
-
-    @field_validator("prompt")
-    @classmethod
-    def _check_prompt(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
 
 
 class ImageVariationForm(_EditFields):

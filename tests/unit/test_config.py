@@ -162,3 +162,13 @@ def test_every_deployment_autoscales_and_has_room_for_a_batch(path):
             assert model.deployment.autoscaling_config is not None, model.name
             assert model.deployment.max_ongoing_requests >= model.batching.max_batch_images
         assert config.ingress.deployment.autoscaling_config is not None
+
+
+def test_every_family_has_a_deployment_class():
+    from deployments.jobs import FAMILY_CAPABILITIES
+    from serve_app.app import DEPLOYMENT_CLASSES, deployment_class
+
+    assert set(DEPLOYMENT_CLASSES) == set(FAMILY_CAPABILITIES)
+    for family in DEPLOYMENT_CLASSES:
+        cls = deployment_class(family)
+        assert hasattr(cls, "upscale" if "upscale" in FAMILY_CAPABILITIES[family] else "ready")
