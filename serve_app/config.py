@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from ray.serve.config import AutoscalingConfig
 
 from deployments.jobs import FAMILY_CAPABILITIES, UPSCALE_FACTORS, PipelineSpec
@@ -287,6 +295,22 @@ class IngressConfig(_Strict):
     )
     retry_after_s: int = Field(
         default=5, ge=1, description="Retry-After header of a 503 when a model's queue is full."
+    )
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="When set (here or in SERVE_APP_API_KEYS, comma-separated), every route but "
+        "/health and the API docs needs 'Authorization: Bearer <key>'.",
+    )
+    max_upload_bytes: int = Field(
+        default=20_000_000, ge=1, description="Largest request body; 413 past it, checked as it streams."
+    )
+    max_prompt_chars: int = Field(
+        default=2000, ge=1, description="Longest prompt or negative_prompt, in characters."
+    )
+    max_request_pixels: int = Field(
+        default=33_554_432,
+        ge=1,
+        description="Most output pixels per request: n x width x height (after upscaling).",
     )
     max_upload_pixels: int = Field(
         default=4096 * 4096,

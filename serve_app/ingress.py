@@ -31,6 +31,7 @@ from serve_app.protocol import (
     ModelList,
     UpscaleForm,
 )
+from serve_app.security import GateMiddleware, GateSettings, api_keys_from
 from serve_app.serving import ImagesService
 
 T = TypeVar("T")
@@ -50,6 +51,7 @@ api = FastAPI(
     version="0.1.0",
 )
 install_error_handlers(api)
+api.add_middleware(GateMiddleware)
 
 # A deployment counts as ready in these states; replicas keep serving while Serve scales.
 _READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
@@ -79,6 +81,11 @@ class ImagesIngress:
     def __init__(self, config: AppConfig | dict, handles: dict[str, Any]):
         self.config = load_app_config(config)
         self.service = ImagesService(self.config, handles)
+        ingress = self.config.ingress
+        api.state.gate = GateSettings(
+            api_keys=api_keys_from([key.get_secret_value() for key in ingress.api_keys]),
+            max_body_bytes=ingress.max_upload_bytes,
+        )
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_image(self, body: ImageGenerationRequest) -> Response:

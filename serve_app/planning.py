@@ -89,6 +89,28 @@ def _seeds(seed: int | None, n: int, seed_source: SeedSource) -> tuple[int, ...]
     return tuple(first + i for i in range(n))
 
 
+def check_request_limits(req, config: AppConfig) -> None:
+    """The ingress's own limits, before any model is looked up: prompt lengths."""
+    limit = config.ingress.max_prompt_chars
+    for param in ("prompt", "negative_prompt"):
+        value = getattr(req, param, None)
+        if value is not None and len(value) > limit:
+            raise InvalidRequestError(
+                f"'{param}' is {len(value)} characters; the limit is {limit}.", param=param
+            )
+
+
+def _check_total_pixels(plan: GenerationPlan, config: AppConfig) -> GenerationPlan:
+    total, limit = len(plan.seeds) * plan.width * plan.height, config.ingress.max_request_pixels
+    if total > limit:
+        raise InvalidRequestError(
+            f"n x width x height = {len(plan.seeds)} x {plan.width} x {plan.height} = {total} output "
+            f"pixels; the limit per request is {limit}. Ask for fewer or smaller images.",
+            param="n",
+        )
+    return plan
+
+
 def _check_common(req, served: ModelConfig | RefinerChainConfig, check_steps: bool = True) -> int:
     """Checks every route shares; returns the number of denoising steps."""
     limits, defaults = served.limits, served.defaults
@@ -198,6 +220,7 @@ def plan_generation(
     Raises :class:`ModelNotFoundError` (404) or :class:`InvalidRequestError` (400) before
     any model work.
     """
+    check_request_limits(req, config)
     served = _resolve(config, req.model)
     if isinstance(served, ModelConfig):
         _require(served, "text-to-image", "generate images from text" + _chain_hint(config, served))
@@ -253,8 +276,9 @@ def plan_generation(
     all_stages, out_w, out_h = _with_upscale(
         config, req.upscale, stages, req.prompt, negative, seeds, width, height
     )
-    return GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
+    plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
                           req.output_compression)
+    return _check_total_pixels(plan, config)
 
 
 def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
@@ -301,6 +325,7 @@ def plan_image_to_image(
     ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded uploads; they are resized here
     to the output size, on the ingress's CPU.
     """
+    check_request_limits(req, config)
     served = _resolve(config, req.model)
     what = "inpaint" if mask is not None else "image-to-image"
     _require(served, what, "inpaint (edits with a mask)" if mask is not None else "edit images")
@@ -337,8 +362,9 @@ def plan_image_to_image(
     stages, out_w, out_h = _with_upscale(
         config, getattr(req, "upscale", None), [stage], prompt, negative, seeds, width, height
     )
-    return GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
+    plan = GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
                           req.output_compression)
+    return _check_total_pixels(plan, config)
 
 
 def plan_upscale(
@@ -348,6 +374,7 @@ def plan_upscale(
     seed_source: SeedSource = draw_seed,
 ) -> GenerationPlan:
     """Plan ``POST /v1/images/upscale``: one upscaler on an uploaded image."""
+    check_request_limits(req, config)
     served = _resolve(config, req.model, config.default_upscaler)
     upscaler = _require(served, "upscale", "upscale images")
     # ESRGAN is one forward pass: like Stability's API, it ignores the diffusion fields.
@@ -400,8 +427,9 @@ def plan_upscale(
         noise_level=req.noise_level if req.noise_level is not None else defaults.noise_level,
     )
     stage = Stage(upscaler.name, "upscale", job, (image,))
-    return GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
+    plan = GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
                           req.output_compression)
+    return _check_total_pixels(plan, config)
 
 
 async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None):

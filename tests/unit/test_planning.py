@@ -315,3 +315,26 @@ def test_service_turns_timeouts_into_504(tiny_args):
     with pytest.raises(GatewayTimeoutError) as info:
         asyncio.run(service.generate(req()))
     assert info.value.status_code == 504 and "0.05" in info.value.message
+
+
+def test_prompt_length_limit(tiny_args):
+    config = load_app_config({**tiny_args, "ingress": {"max_prompt_chars": 10}})
+    for fields, param in (({"prompt": "x" * 11}, "prompt"), ({"negative_prompt": "y" * 11}, "negative_prompt")):
+        with pytest.raises(InvalidRequestError) as info:
+            plan_generation(req(**fields), config)
+        assert info.value.param == param and "limit is 10" in info.value.message
+    with pytest.raises(InvalidRequestError) as info:
+        plan_image_to_image(edit(prompt="z" * 11), pixels(64, 64), None, config)
+    assert info.value.param == "prompt"
+
+
+def test_total_output_pixels_limit(tiny_args):
+    config = load_app_config({**tiny_args, "ingress": {"max_request_pixels": 3 * 512 * 512}})
+    plan_generation(req(n=3, size="512x512"), config)
+    with pytest.raises(InvalidRequestError) as info:
+        plan_generation(req(n=4, size="512x512"), config)
+    assert info.value.param == "n" and "786432" in info.value.message
+    with pytest.raises(InvalidRequestError):  # upscaling counts the output size
+        plan_generation(req(n=1, size="512x512", upscale="esrgan-x2"), config)
+    with pytest.raises(InvalidRequestError):
+        plan_upscale(upscale_form(n=4), pixels(256, 256), config)

@@ -1,0 +1,157 @@
+"""The ingress's gate: API keys and the upload size limit, as ASGI middleware.
+
+Both run before FastAPI reads the body, so a request without a valid key or with an
+oversized body is refused before any of it is parsed or held in memory.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.errors import APIError
+
+API_KEYS_ENV = "SERVE_APP_API_KEYS"
+
+# Open without a key: health probes and the API's own description.
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="invalid_api_key")
+        self.headers["WWW-Authenticate"] = "Bearer"
+
+
+class PayloadTooLargeError(APIError):
+    status_code = 413
+    error_type = "invalid_request_error"
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"The request body is larger than the limit of {limit} bytes.",
+            code="request_too_large",
+        )
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    """What the gate enforces; built by the ingress from its config and environment."""
+
+    api_keys: tuple[bytes, ...] = field(default=(), repr=False)  # never in a repr or a log
+    max_body_bytes: int = 20_000_000
+
+
+def api_keys_from(configured: list[str], environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
+    """Keys from the config plus the comma-separated ``SERVE_APP_API_KEYS`` variable."""
+    environ = os.environ if environ is None else environ
+    from_env = [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",")]
+    keys = [k for k in [*configured, *from_env] if k]
+    return tuple(dict.fromkeys(k.encode() for k in keys))
+
+
+def key_is_valid(presented: bytes, keys: tuple[bytes, ...]) -> bool:
+    """Constant-time check against every key (no early exit that would time which one)."""
+    valid = False
+    for key in keys:
+        valid |= hmac.compare_digest(presented, key)
+    return valid
+
+
+async def _send_error(send, error: APIError) -> None:
+    body = json.dumps(error.to_response().model_dump()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _route_path(scope: dict[str, Any]) -> str:
+    """The path below the app's route prefix (Serve mounts an app at its root_path)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app when the body runs over the limit, to stop it reading."""
+
+
+class GateMiddleware:
+    """Checks the API key, then counts body bytes as they stream in (413 past the limit).
+
+    Settings are read per request from ``app.state.gate`` so the ingress can install them
+    from its config after the module-level FastAPI app exists.
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        settings: GateSettings = getattr(scope["app"].state, "gate", None) or GateSettings()
+        headers = dict(scope.get("headers") or [])
+        if settings.api_keys and _route_path(scope) not in OPEN_PATHS:
+            error = self._check_key(headers.get(b"authorization", b""), settings.api_keys)
+            if error is not None:
+                return await _send_error(send, error)
+        limit = settings.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(send, PayloadTooLargeError(limit))
+        await self._call_counting(scope, receive, send, limit)
+
+    @staticmethod
+    def _check_key(header: bytes, keys: tuple[bytes, ...]) -> APIError | None:
+        scheme, _, token = header.partition(b" ")
+        if not header:
+            return AuthenticationError(
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+            )
+        if scheme.lower() != b"bearer" or not key_is_valid(token.strip(), keys):
+            return AuthenticationError("Incorrect API key provided.")
+        return None
+
+    async def _call_counting(self, scope, receive, send, limit: int) -> None:
+        received = 0
+        exceeded = False
+        responded = False
+
+        async def counting_receive():
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exceeded = True
+                    raise _BodyTooLarge()
+            return message
+
+        async def guarded_send(message):
+            # Once the body ran over, whatever the app answers (FastAPI turns errors while
+            # reading a body into a 400) is replaced by the 413.
+            nonlocal responded
+            if exceeded:
+                if not responded:
+                    responded = True
+                    await _send_error(send, PayloadTooLargeError(limit))
+                return
+            if message["type"] == "http.response.start":
+                responded = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not responded:
+            await _send_error(send, PayloadTooLargeError(limit))

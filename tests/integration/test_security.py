@@ -1,0 +1,97 @@
+"""API keys and input limits through the real proxy, on a small app of its own."""
+
+import io
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+from ray import serve
+
+from serve_app.app import build_app
+from serve_app.launch import load_serve_config
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.integration
+
+CONFIG = REPO_ROOT / "tests" / "integration" / "secure.yaml"
+KEY = "sk-test-two"
+
+
+@pytest.fixture(scope="module")
+def secure_url(base_url):
+    app = load_serve_config(CONFIG)["applications"][0]
+    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
+              blocking=False)
+    url = f"{base_url}{app['route_prefix']}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    yield url
+    serve.delete(app["name"])
+
+
+def png(width, height, noise=False):
+    pixels = (np.random.default_rng(0).random((height, width, 3)) * 255 if noise
+              else np.zeros((height, width, 3))).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upscale(url, key=KEY, **kw):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    files = kw.pop("files", {"image": ("in.png", png(32, 32), "image/png")})
+    return httpx.post(f"{url}/v1/images/upscale", headers=headers, files=files, data=kw, timeout=60)
+
+
+def test_openai_client_with_a_key(secure_url, tmp_path):
+    path = tmp_path / "in.png"
+    path.write_bytes(png(32, 32))
+    client = openai.OpenAI(base_url=f"{secure_url}/v1", api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["esrgan-x2"]
+    wrong = openai.OpenAI(base_url=f"{secure_url}/v1", api_key="sk-nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        wrong.models.list()
+    assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong"])
+def test_every_api_route_needs_the_key(secure_url, key):
+    for method, path in (("GET", "/v1/models"), ("POST", "/v1/images/generations"),
+                         ("POST", "/v1/images/upscale"), ("POST", "/upscale"), ("POST", "/text-to-image")):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        response = httpx.request(method, f"{secure_url}{path}", headers=headers, timeout=30)
+        assert response.status_code == 401, path
+        assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_health_is_open_without_a_key(secure_url):
+    assert httpx.get(f"{secure_url}/health", timeout=30).status_code == 200
+
+
+def test_upload_over_the_byte_limit_is_413(secure_url):
+    response = upscale(secure_url, files={"image": ("big.png", png(300, 300, noise=True), "image/png")})
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert upscale(secure_url).status_code == 200  # the server is fine afterwards
+
+
+def test_prompt_over_the_limit_is_400(secure_url):
+    response = upscale(secure_url, prompt="x" * 51)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_total_output_pixels_over_the_limit_is_400(secure_url):
+    # 4 x (2 x 200)^2 = 640,000 > 600,000
+    response = upscale(secure_url, n="4", files={"image": ("in.png", png(200, 200), "image/png")})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "n" and "600000" in error["message"]
