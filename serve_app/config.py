@@ -55,7 +55,14 @@ class DeploymentOptions(_Strict):
     )
     health_check_period_s: float | None = Field(default=None, gt=0)
     health_check_timeout_s: float | None = Field(default=None, gt=0)
-    graceful_shutdown_timeout_s: float | None = Field(default=None, ge=0)
+    graceful_shutdown_timeout_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="On redeploy or downscale, how long a replica may finish in-flight requests.",
+    )
+    graceful_shutdown_wait_loop_s: float | None = Field(
+        default=None, gt=0, description="How often a stopping replica checks for in-flight requests."
+    )
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -85,7 +92,8 @@ class DeploymentOptions(_Strict):
             options["autoscaling_config"] = self.autoscaling_config
         else:
             options["num_replicas"] = self.num_replicas if self.num_replicas is not None else 1
-        for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s"):
+        for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s",
+                    "graceful_shutdown_wait_loop_s"):
             value = getattr(self, key)
             if value is not None:
                 options[key] = value

@@ -118,6 +118,7 @@ def error_from_exception(exc: BaseException, retry_after_s: int = 5) -> APIError
     Unknown exceptions become a generic 500 and are logged with their traceback here,
     on the server, never in the response.
     """
+    from ray.exceptions import ActorUnavailableError, RayActorError
     from ray.serve.exceptions import BackPressureError
 
     if isinstance(exc, APIError):
@@ -130,6 +131,13 @@ def error_from_exception(exc: BaseException, retry_after_s: int = 5) -> APIError
     if isinstance(inner, BackPressureError):
         return ServiceUnavailableError(
             "The model is at capacity and its queue is full; retry shortly.", retry_after_s
+        )
+    if isinstance(inner, (RayActorError, ActorUnavailableError)):
+        logger.warning("a model replica failed during a request: %s", type(inner).__name__)
+        return ServiceUnavailableError(
+            "A model replica failed while working on this request; it is being replaced. "
+            "Retry shortly.",
+            retry_after_s,
         )
     logger.error("internal error while serving a request", exc_info=exc)
     return InternalServerError()

@@ -1,6 +1,7 @@
 """Backpressure, timeouts, cancellation and autoscaling on a small app of its own."""
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -156,3 +157,91 @@ def test_replicas_scale_up_under_load_and_back_down(scale_url):
     while time.monotonic() < deadline and running_replicas() > 1:
         time.sleep(1)
     assert running_replicas() == 1, "Serve never removed the extra replica after the load"
+
+
+def replica_actor_names() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::scale#" + MODEL)]
+
+
+def test_killing_a_replica_loses_no_request_and_serve_replaces_it(scale_url):
+    import ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    wait_until_idle(scale_url)
+    victims = replica_actor_names()
+    assert victims
+
+    def request(i):
+        try:
+            response = httpx.post(f"{scale_url}/v1/images/generations",
+                                  json={"prompt": f"fox {i}", "size": "256x256", "num_inference_steps": 30},
+                                  timeout=30)
+        except httpx.HTTPError as exc:  # a hang or a dropped connection fails the test
+            return exc
+        return response
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(request, i) for i in range(6)]
+        time.sleep(1.0)
+        for name in victims:
+            ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+        results = [f.result(timeout=60) for f in futures]
+
+    for result in results:
+        assert isinstance(result, httpx.Response), repr(result)
+        if result.status_code != 200:
+            assert result.status_code >= 500
+            assert set(result.json()["error"]) == {"message", "type", "param", "code"}
+    # Serve starts a new replica; requests succeed again within 60 s.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        response = httpx.post(f"{scale_url}/v1/images/generations",
+                              json={"prompt": "back", "size": "128x128", "num_inference_steps": 1}, timeout=30)
+        if response.status_code == 200:
+            break
+        time.sleep(1)
+    assert response.status_code == 200
+    assert set(replica_actor_names()).isdisjoint(victims)
+
+
+def test_redeploy_lets_in_flight_requests_finish(scale_url):
+    from concurrent.futures import ThreadPoolExecutor
+
+    wait_until_idle(scale_url)
+    app = load_serve_config(SCALE_CONFIG)["applications"][0]
+    args = app["args"]
+    changed = {**args, "models": [{**args["models"][0],
+                                   "defaults": {**args["models"][0]["defaults"], "guidance_scale": 6.0}}]}
+    old_replicas = set(replica_actor_names())
+
+    done = threading.Event()
+
+    def client_loop(i):
+        # Requests short enough to end within the app's 4 s timeout, sent back to back
+        # from before the redeploy until after the new version serves.
+        statuses = []
+        with httpx.Client(timeout=60) as client:
+            while not done.is_set():
+                response = client.post(f"{scale_url}/v1/images/generations",
+                                       json={"prompt": f"fox {i}", "size": "128x128",
+                                             "num_inference_steps": 8})
+                statuses.append((response.status_code, response.text[:200]))
+        return statuses
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(client_loop, i) for i in range(3)]
+        time.sleep(1.0)
+        serve.run(build_app(changed), name=app["name"], route_prefix=app["route_prefix"])
+        time.sleep(1.0)
+        done.set()
+        results = [status for f in futures for status in f.result(timeout=90)]
+
+    assert len(results) >= 6
+    assert [code for code, _ in results] == [200] * len(results), [r for r in results if r[0] != 200]
+    assert set(replica_actor_names()).isdisjoint(old_replicas)  # the new version serves now
+    response = httpx.post(f"{scale_url}/v1/images/generations",
+                          json={"prompt": "after", "size": "128x128", "num_inference_steps": 1}, timeout=60)
+    assert response.status_code == 200

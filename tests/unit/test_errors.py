@@ -142,3 +142,10 @@ def test_timeout_is_504_in_the_envelope():
     response = make_client(GatewayTimeoutError(30)).post("/v1/images/generations", json={"prompt": "a"})
     assert response.status_code == 504
     assert envelope(response)["code"] == "timeout"
+
+
+def test_a_dead_replica_is_503():
+    from ray.exceptions import ActorDiedError
+
+    error = error_from_exception(ActorDiedError())
+    assert error.status_code == 503 and error.headers["Retry-After"] == "5"
