@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ class BatchEntry:
     images: int
     future: asyncio.Future
     token: threading.Event = field(default_factory=threading.Event)
+    queued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -66,8 +68,10 @@ class Batcher:
         run_group: Callable[[str, list[BatchEntry]], list[Any]],
         max_batch_images: int,
         batch_wait_timeout_s: float = 0.0,
+        on_batch: Callable[[int, list[float]], None] | None = None,
     ):
         self.run_group = run_group
+        self.on_batch = on_batch
         self.max_batch_images = max_batch_images
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.stats = BatchStats()
@@ -124,6 +128,9 @@ class Batcher:
                 continue
             self.stats.pipeline_calls += 1
             self.stats.batch_sizes.append(sum(e.images for e in batch))
+            if self.on_batch is not None:
+                now = time.monotonic()
+                self.on_batch(sum(e.images for e in batch), [now - e.queued_at for e in batch])
             try:
                 results = await asyncio.to_thread(self.run_group, batch[0].kind, batch)
             except PipelineCancelled:

@@ -19,11 +19,19 @@ import torch
 from deployments.batching import BatchEntry, Batcher, PipelineCancelled, batch_cancelled
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec
+from deployments.metrics import ReplicaMetrics
 from deployments.tiny import materialize_tiny
 
 logger = logging.getLogger("ray.serve")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def serve_metrics_available() -> bool:
+    """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""
+    import ray
+
+    return ray.is_initialized()
 
 
 def resolve_source(source: str) -> str:
@@ -117,7 +125,13 @@ class PipelineDeployment:
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
         self.pipe, self.device = self.load(spec)
-        self.batcher = Batcher(self._run_group, spec.max_batch_images, spec.batch_wait_timeout_s)
+        self.metrics = ReplicaMetrics(spec.name) if serve_metrics_available() else None
+        self.batcher = Batcher(
+            self._run_group,
+            spec.max_batch_images,
+            spec.batch_wait_timeout_s,
+            on_batch=self.metrics.on_batch if self.metrics else None,
+        )
 
     def load(self, spec: PipelineSpec):
         """Load this replica's model; returns (model, device)."""
@@ -138,8 +152,12 @@ class PipelineDeployment:
         """``callback_on_step_end``: stop when every caller of the batch has gone."""
         stats = self.batcher.stats
 
+        metrics = self.metrics
+
         def on_step_end(pipe, step, timestep, callback_kwargs):
             stats.steps += 1
+            if metrics is not None:
+                metrics.on_step()
             if batch_cancelled(entries):
                 raise PipelineCancelled(f"{self.spec.name}: all callers gone at step {step}")
             return {}

@@ -11,7 +11,7 @@ import logging
 from deployments.errors import InvalidJobError
 from serve_app.protocol import ErrorDetail, ErrorResponse
 
-logger = logging.getLogger("serve_app")
+logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line
 
 
 class APIError(Exception):

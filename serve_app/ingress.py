@@ -2,9 +2,10 @@
 
 
 import asyncio
+import logging
 from typing import Annotated, Any, Awaitable, TypeVar
 
-from fastapi import FastAPI, Form
+from fastapi import FastAPI, Form, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from ray import serve
@@ -31,10 +32,12 @@ from serve_app.protocol import (
     ModelList,
     UpscaleForm,
 )
+from serve_app.metrics import MetricsMiddleware
 from serve_app.security import GateMiddleware, GateSettings, api_keys_from
 from serve_app.serving import ImagesService
 
 T = TypeVar("T")
+logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
 
 
 def json_response(body) -> Response:
@@ -52,6 +55,7 @@ api = FastAPI(
 )
 install_error_handlers(api)
 api.add_middleware(GateMiddleware)
+api.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the gate's answers too
 
 # A deployment counts as ready in these states; replicas keep serving while Serve scales.
 _READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
@@ -88,50 +92,64 @@ class ImagesIngress:
         )
 
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
-    async def create_image(self, body: ImageGenerationRequest) -> Response:
+    async def create_image(self, request: Request, body: ImageGenerationRequest) -> Response:
         """Text to image (OpenAI's ``images.generate``)."""
-        return json_response(await self._guarded(self.service.generate(body)))
+        return json_response(await self._observe(request, body.model, self.service.generate(body)))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
-    async def edit_image(self, form: Annotated[ImageEditForm, Form()]) -> Response:
+    async def edit_image(self, request: Request, form: Annotated[ImageEditForm, Form()]) -> Response:
         """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
-        return json_response(await self._guarded(self.service.edit(form)))
+        return json_response(await self._observe(request, form.model, self.service.edit(form)))
 
     @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_variation(
-        self, form: Annotated[ImageVariationForm, Form()]
+        self, request: Request, form: Annotated[ImageVariationForm, Form()]
     ) -> Response:
         """Variations of an image (OpenAI's ``images.create_variation``)."""
-        return json_response(await self._guarded(self.service.variation(form)))
+        return json_response(await self._observe(request, form.model, self.service.variation(form)))
 
     @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
-    async def upscale_image(self, form: Annotated[UpscaleForm, Form()]) -> Response:
+    async def upscale_image(self, request: Request, form: Annotated[UpscaleForm, Form()]) -> Response:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
-        return json_response(await self._guarded(self.service.upscale(form)))
+        model = form.model or self.config.default_upscaler
+        return json_response(await self._observe(request, model, self.service.upscale(form)))
 
     @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
-    async def livepeer_text_to_image(self, body: LivepeerTextToImageRequest) -> Response:
+    async def livepeer_text_to_image(self, request: Request, body: LivepeerTextToImageRequest) -> Response:
         """Livepeer runner's text-to-image."""
-        return await self._livepeer(lambda: self.service.generate(body.to_openai()))
+        return await self._livepeer(request, body.model_id,
+                                    lambda: self.service.generate(body.to_openai()))
 
     @api.post("/image-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_image_to_image(
-        self, form: Annotated[LivepeerImageToImageForm, Form()]
+        self, request: Request, form: Annotated[LivepeerImageToImageForm, Form()]
     ) -> Response:
         """Livepeer runner's image-to-image."""
-        return await self._livepeer(lambda: self.service.edit(form.to_openai()))
+        return await self._livepeer(request, form.model_id, lambda: self.service.edit(form.to_openai()))
 
     @api.post("/upscale", response_model=LivepeerImageResponse, responses=_ERRORS)
-    async def livepeer_upscale(self, form: Annotated[LivepeerUpscaleForm, Form()]) -> Response:
+    async def livepeer_upscale(
+        self, request: Request, form: Annotated[LivepeerUpscaleForm, Form()]
+    ) -> Response:
         """Livepeer runner's upscale."""
-        return await self._livepeer(lambda: self.service.upscale(form.to_openai()))
+        model = form.model_id or self.config.default_upscaler
+        return await self._livepeer(request, model, lambda: self.service.upscale(form.to_openai()))
 
-    async def _guarded(self, call: Awaitable[T]) -> T:
-        return await guarded(call, self.config.ingress.retry_after_s)
+    async def _observe(self, request: Request, model: str | None, call: Awaitable[T]) -> T:
+        """Run a route's work: errors mapped to the envelope, model and images recorded for
+        the metrics, and one log line (Serve adds the request id to it)."""
+        served = self.config.resolve(model)
+        request.state.model = served.name if served is not None else "unknown"
+        result = await guarded(call, self.config.ingress.retry_after_s)
+        request.state.images = len(result.data)
+        logger.info("%s model=%s images=%d size=%s seeds=%s", request.url.path,
+                    request.state.model, len(result.data), result.size,
+                    [item.seed for item in result.data])
+        return result
 
-    async def _livepeer(self, call) -> Response:
+    async def _livepeer(self, request: Request, model: str | None, call) -> Response:
         try:
-            return json_response(to_livepeer(await self._guarded(call())))
+            return json_response(to_livepeer(await self._observe(request, model, call())))
         except ValidationError as exc:  # the mapped OpenAI-shaped request is invalid
             errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
             raise rename_param(validation_error(errors)) from None

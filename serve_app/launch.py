@@ -54,13 +54,15 @@ def run_local(
     port: int | None = None,
     num_cpus: int = 4,
     args_override: dict[str, Any] | None = None,
+    metrics_export_port: int | None = None,
 ) -> Iterator[str]:
     """Run the first application of ``config_path`` on a private Ray instance.
 
     Yields the base URL (``http://127.0.0.1:PORT``). ``num_cpus`` is Ray's logical CPU
     count: replicas in the tiny profile reserve fractions of a CPU, so a 2-core machine
     hosts them all. The application's ``runtime_env.env_vars`` are applied to this
-    process before Ray starts, so every replica inherits them.
+    process before Ray starts, so every replica inherits them, and its ``logging_config``
+    is used. With ``metrics_export_port``, Ray serves Prometheus metrics on that port.
     """
     import ray
     from ray import serve
@@ -76,13 +78,22 @@ def run_local(
         args.update(args_override)
     port = port or free_port()
     # "local" always starts a private instance, never joins a cluster found on the machine.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_export_port,
+        # Push metrics every second rather than every ten, so a scrape sees them soon.
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(
             build_app(args),
             name=app_config.get("name", "default"),
             route_prefix=app_config.get("route_prefix", "/"),
+            logging_config=app_config.get("logging_config"),
             blocking=False,
         )
         base_url = f"http://127.0.0.1:{port}"

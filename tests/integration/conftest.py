@@ -3,13 +3,19 @@
 import httpx
 import pytest
 
-from serve_app.launch import run_local
+from serve_app.launch import free_port, run_local
 from tests.conftest import TINY_CONFIG
 
 
 @pytest.fixture(scope="session")
-def base_url():
-    with run_local(TINY_CONFIG) as url:
+def metrics_port():
+    """Where Ray serves this session's Prometheus metrics."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def base_url(metrics_port):
+    with run_local(TINY_CONFIG, metrics_export_port=metrics_port) as url:
         yield url
 
 

@@ -1,0 +1,38 @@
+"""Prometheus metrics of a model replica, exported through Ray's metrics agent.
+
+Serve adds the deployment, replica and application tags itself.
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+_QUEUE_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+_BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
+
+
+class ReplicaMetrics:
+    """Denoising steps, queue wait and batch size of one model replica."""
+
+    def __init__(self, model: str):
+        self.tags = {"model": model}
+        self.steps = metrics.Counter(
+            "serve_app_denoising_steps", "Denoising steps run (one per batch step).", ("model",)
+        )
+        self.queue_wait = metrics.Histogram(
+            "serve_app_queue_wait_seconds",
+            "Time a job waited on its replica before its batch started.",
+            _QUEUE_BOUNDARIES,
+            ("model",),
+        )
+        self.batch_images = metrics.Histogram(
+            "serve_app_batch_images", "Images per pipeline call.", _BATCH_BOUNDARIES, ("model",)
+        )
+
+    def on_batch(self, images: int, waits: list[float]) -> None:
+        self.batch_images.observe(images, self.tags)
+        for wait in waits:
+            self.queue_wait.observe(wait, self.tags)
+
+    def on_step(self) -> None:
+        self.steps.inc(1, self.tags)
