@@ -37,6 +37,17 @@ from serve_app.security import GateMiddleware, GateSettings, api_keys_from
 from serve_app.serving import ImagesService
 
 T = TypeVar("T")
+
+
+class _MultipartAlias:
+    """``Multipart[Model]``: a form model read from ``multipart/form-data``, so the OpenAPI
+    document shows its file fields as uploads."""
+
+    def __getitem__(self, model):
+        return Annotated[model, Form(media_type="multipart/form-data")]
+
+
+Multipart = _MultipartAlias()
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
 
 
@@ -97,19 +108,19 @@ class ImagesIngress:
         return json_response(await self._observe(request, body.model, self.service.generate(body)))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
-    async def edit_image(self, request: Request, form: Annotated[ImageEditForm, Form()]) -> Response:
+    async def edit_image(self, request: Request, form: Multipart[ImageEditForm]) -> Response:
         """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
         return json_response(await self._observe(request, form.model, self.service.edit(form)))
 
     @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_variation(
-        self, request: Request, form: Annotated[ImageVariationForm, Form()]
+        self, request: Request, form: Multipart[ImageVariationForm]
     ) -> Response:
         """Variations of an image (OpenAI's ``images.create_variation``)."""
         return json_response(await self._observe(request, form.model, self.service.variation(form)))
 
     @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
-    async def upscale_image(self, request: Request, form: Annotated[UpscaleForm, Form()]) -> Response:
+    async def upscale_image(self, request: Request, form: Multipart[UpscaleForm]) -> Response:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
         model = form.model or self.config.default_upscaler
         return json_response(await self._observe(request, model, self.service.upscale(form)))
@@ -122,14 +133,14 @@ class ImagesIngress:
 
     @api.post("/image-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_image_to_image(
-        self, request: Request, form: Annotated[LivepeerImageToImageForm, Form()]
+        self, request: Request, form: Multipart[LivepeerImageToImageForm]
     ) -> Response:
         """Livepeer runner's image-to-image."""
         return await self._livepeer(request, form.model_id, lambda: self.service.edit(form.to_openai()))
 
     @api.post("/upscale", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_upscale(
-        self, request: Request, form: Annotated[LivepeerUpscaleForm, Form()]
+        self, request: Request, form: Multipart[LivepeerUpscaleForm]
     ) -> Response:
         """Livepeer runner's upscale."""
         model = form.model_id or self.config.default_upscaler
