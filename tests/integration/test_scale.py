@@ -212,7 +212,10 @@ def test_redeploy_lets_in_flight_requests_finish(scale_url):
 
     wait_until_idle(scale_url)
     app = load_serve_config(SCALE_CONFIG)["applications"][0]
-    args = app["args"]
+    # A generous timeout: this test is about losing requests, and on two cores a starting
+    # replica can hold one up past the app's 4 s.
+    args = {**app["args"], "ingress": {**app["args"]["ingress"], "request_timeout_s": 60}}
+    serve.run(build_app(args), name=app["name"], route_prefix=app["route_prefix"])
     changed = {**args, "models": [{**args["models"][0],
                                    "defaults": {**args["models"][0]["defaults"], "guidance_scale": 6.0}}]}
     old_replicas = set(replica_actor_names())
@@ -220,8 +223,8 @@ def test_redeploy_lets_in_flight_requests_finish(scale_url):
     done = threading.Event()
 
     def client_loop(i):
-        # Requests short enough to end within the app's 4 s timeout, sent back to back
-        # from before the redeploy until after the new version serves.
+        # Short requests, sent back to back from before the redeploy until after the new
+        # version serves.
         statuses = []
         with httpx.Client(timeout=60) as client:
             while not done.is_set():
