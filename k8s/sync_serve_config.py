@@ -6,7 +6,6 @@ while the two differ.
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 

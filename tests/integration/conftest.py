@@ -1,10 +1,31 @@
 """One real Serve app from configs/tiny.yaml for the whole test session."""
 
+import contextlib
+
 import httpx
 import pytest
 
-from serve_app.launch import free_port, run_local
+from serve_app.launch import free_port, load_serve_config, run_local, wait_healthy
 from tests.conftest import TINY_CONFIG
+
+
+@contextlib.contextmanager
+def side_app(config_path, base_url):
+    """Deploy the first application of ``config_path`` beside the tiny app, on the same
+    Serve instance, until the block ends. Yields its base URL."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    app = load_serve_config(config_path)["applications"][0]
+    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
+              blocking=False)
+    url = f"{base_url}{app['route_prefix']}"
+    try:
+        wait_healthy(url, timeout_s=120)
+        yield url
+    finally:
+        serve.delete(app["name"])
 
 
 @pytest.fixture(scope="session")

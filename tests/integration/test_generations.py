@@ -6,7 +6,6 @@ import statistics
 import time
 
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 

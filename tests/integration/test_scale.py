@@ -11,6 +11,7 @@ from ray import serve
 from serve_app.app import build_app
 from serve_app.launch import load_serve_config
 from tests.conftest import REPO_ROOT
+from tests.integration.conftest import side_app
 
 pytestmark = pytest.mark.integration
 
@@ -21,20 +22,8 @@ MODEL = "stable-diffusion-2-1"
 @pytest.fixture(scope="module")
 def scale_url(base_url):
     """Deploy tests/integration/scale.yaml beside the tiny app; remove it afterwards."""
-    app = load_serve_config(SCALE_CONFIG)["applications"][0]
-    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
-              blocking=False)
-    url = f"{base_url}{app['route_prefix']}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield url
-    serve.delete(app["name"])
+    with side_app(SCALE_CONFIG, base_url) as url:
+        yield url
 
 
 def running_replicas() -> int:
@@ -136,7 +125,6 @@ def test_replicas_scale_up_under_load_and_back_down(scale_url):
     peak = 1
 
     async def load():
-        nonlocal peak
         async with httpx.AsyncClient(timeout=60) as client:
             async def worker():
                 while time.monotonic() < stop and peak < 2:

@@ -1,18 +1,15 @@
 """API keys and input limits through the real proxy, on a small app of its own."""
 
 import io
-import time
 
 import httpx
 import numpy as np
 import openai
 import pytest
 from PIL import Image
-from ray import serve
 
-from serve_app.app import build_app
-from serve_app.launch import load_serve_config
 from tests.conftest import REPO_ROOT
+from tests.integration.conftest import side_app
 
 pytestmark = pytest.mark.integration
 
@@ -22,20 +19,9 @@ KEY = "sk-test-two"
 
 @pytest.fixture(scope="module")
 def secure_url(base_url):
-    app = load_serve_config(CONFIG)["applications"][0]
-    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
-              blocking=False)
-    url = f"{base_url}{app['route_prefix']}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    yield url
-    serve.delete(app["name"])
+    """Deploy tests/integration/secure.yaml beside the tiny app; remove it afterwards."""
+    with side_app(CONFIG, base_url) as url:
+        yield url
 
 
 def png(width, height, noise=False):

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from deployments.batching import Batcher, PipelineCancelled, batch_cancelled
+from deployments.batching import Batcher, batch_cancelled
 from deployments.jobs import PipelineSpec, TextToImageJob
 from deployments.stable_diffusion import StableDiffusionDeployment
 
