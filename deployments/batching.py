@@ -22,6 +22,33 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+@dataclass(frozen=True)
+class StageResult:
+    """What a model replica returns: its output and what producing it cost.
+
+    ``steps`` are denoising steps summed over the job's images; ``seconds`` is the job's
+    share (by image count) of its batch's pipeline time. A chained stage receives its
+    predecessor's StageResult, works on ``output`` and adds its own cost, so the last stage
+    returns the cost of the whole chain.
+    """
+
+    output: Any
+    steps: int = 0
+    seconds: float = 0.0
+
+    def plus(self, earlier: "StageResult | None") -> "StageResult":
+        if earlier is None:
+            return self
+        return StageResult(self.output, self.steps + earlier.steps, self.seconds + earlier.seconds)
+
+
+def unwrap(value: Any) -> tuple[Any, StageResult | None]:
+    """(output, cost so far) of a stage input that may be a previous stage's result."""
+    if isinstance(value, StageResult):
+        return value.output, value
+    return value, None
+
+
 class PipelineCancelled(Exception):
     """Raised inside a pipeline call when every job of its batch has been cancelled."""
 
@@ -127,10 +154,12 @@ class Batcher:
             if not batch:
                 continue
             self.stats.pipeline_calls += 1
-            self.stats.batch_sizes.append(sum(e.images for e in batch))
+            batch_images = sum(e.images for e in batch)
+            self.stats.batch_sizes.append(batch_images)
             if self.on_batch is not None:
                 now = time.monotonic()
                 self.on_batch(sum(e.images for e in batch), [now - e.queued_at for e in batch])
+            steps_before, started = self.stats.steps, time.perf_counter()
             try:
                 results = await asyncio.to_thread(self.run_group, batch[0].kind, batch)
             except PipelineCancelled:
@@ -144,7 +173,10 @@ class Batcher:
                     if not entry.future.done():
                         entry.future.set_exception(exc)
                 continue
-            self.stats.images += sum(e.images for e in batch)
+            seconds, steps = time.perf_counter() - started, self.stats.steps - steps_before
+            self.stats.images += batch_images
             for entry, result in zip(batch, results):
                 if not entry.future.done():
-                    entry.future.set_result(result)
+                    share = entry.images / batch_images
+                    # Every image of a batch goes through each of the batch's steps.
+                    entry.future.set_result(StageResult(result, steps * entry.images, seconds * share))

@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployments.batching import BatchEntry, Batcher, PipelineCancelled, batch_cancelled
+from deployments.batching import (
+    BatchEntry,
+    Batcher,
+    PipelineCancelled,
+    StageResult,
+    batch_cancelled,
+    unwrap,
+)
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec
 from deployments.metrics import ReplicaMetrics
@@ -137,8 +144,10 @@ class PipelineDeployment:
         """Load this replica's model; returns (model, device)."""
         return load_pipeline(self.pipeline_cls, spec)
 
-    async def _submit(self, kind: str, job, inputs: tuple, key: tuple):
-        return await self.batcher.submit(kind, job, inputs, key, len(job.seeds))
+    async def _submit(self, kind: str, job, inputs: tuple, key: tuple, carried=None) -> StageResult:
+        """Queue a job; returns its StageResult, with the cost of earlier stages added."""
+        result = await self.batcher.submit(kind, job, inputs, key, len(job.seeds))
+        return result.plus(carried)
 
     def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
         if self.device == "cpu":
@@ -232,8 +241,8 @@ class TextToImageMixin:
     async def text_to_image(self, job):
         """Run a :class:`~deployments.jobs.TextToImageJob`.
 
-        Returns uint8 images (N, H, W, 3), or latents (a CPU tensor) when the job asks
-        for them (a refiner or a latent upscaler continues from there).
+        Returns a StageResult of uint8 images (N, H, W, 3), or of latents (a CPU tensor)
+        when the job asks for them (a refiner or a latent upscaler continues from there).
         """
         key = (job.width, job.height, job.num_inference_steps, job.guidance_scale,
                job.denoising_end, job.output_latents, job.negative_prompt is None)

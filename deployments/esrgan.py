@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deployments.batching import PipelineCancelled, batch_cancelled
+from deployments.batching import PipelineCancelled, batch_cancelled, unwrap
 from deployments.common import PipelineDeployment, logger, select_device, to_uint8
 from deployments.errors import InvalidJobError
 from deployments.tiny import TINY_WEIGHTS_FILE, materialize_tiny
@@ -67,11 +67,12 @@ class ESRGANDeployment(PipelineDeployment):
         seed, so n copies cost one forward pass. Same-size images of concurrent requests
         go through the net together.
         """
+        source, carried = unwrap(source)
         if isinstance(source, torch.Tensor):
             raise InvalidJobError(f"{self.spec.name} upscales images, not latents", param="upscale")
         if source.ndim == 4 and source.shape[0] != len(job.seeds):
             raise InvalidJobError(f"expected {len(job.seeds)} images, got {source.shape[0]}")
-        return await self._submit("upscale", job, (source,), (source.shape[-3:],))
+        return await self._submit("upscale", job, (source,), (source.shape[-3:],), carried)
 
     def _batch_upscale(self, entries: list) -> list[np.ndarray]:
         # The distinct images: one per job given a single image, n per job given a batch.

@@ -11,6 +11,7 @@ from diffusers import StableDiffusionLatentUpscalePipeline
 
 import numpy as np
 
+from deployments.batching import unwrap
 from deployments.common import PipelineDeployment, batch_text, images_to_float, split, to_uint8
 from deployments.errors import InvalidJobError
 
@@ -23,6 +24,7 @@ class LatentUpscalerDeployment(PipelineDeployment):
     async def upscale(self, job, source):
         """Upscale ``source`` x2: uint8 images (H, W, 3) / (N, H, W, 3), or latents
         (N, 4, h, w). Returns uint8 (N, 2H', 2W', 3), H' and W' rounded down to 8."""
+        source, carried = unwrap(source)
         count = len(job.seeds)
         if isinstance(source, torch.Tensor):
             if source.ndim != 4 or source.shape[0] != count or source.shape[1] != 4:
@@ -34,7 +36,7 @@ class LatentUpscalerDeployment(PipelineDeployment):
                 raise InvalidJobError(f"expected {count} images, got {source.shape[0]}")
             shape = ("image", *source.shape[-3:])
         key = (shape, job.num_inference_steps, job.guidance_scale, job.negative_prompt is None)
-        return await self._submit("upscale", job, (source,), key)
+        return await self._submit("upscale", job, (source,), key, carried)
 
     def _batch_upscale(self, entries):
         job = entries[0].job

@@ -21,6 +21,7 @@ from deployments.common import (
     batch_text,
     finish,
     split,
+    unwrap,
 )
 from deployments.errors import InvalidJobError
 
@@ -48,13 +49,14 @@ class SDXLRefinerDeployment(PipelineDeployment):
         ``latents`` is normally the base deployment's response, resolved by Serve, so the
         tensor goes from the base replica to this one without passing the ingress.
         """
+        latents, carried = unwrap(latents)
         if latents.ndim != 4 or latents.shape[0] != len(job.seeds):
             raise InvalidJobError(
                 f"expected latents for {len(job.seeds)} images, got shape {tuple(latents.shape)}"
             )
         key = (job.num_inference_steps, job.guidance_scale, job.denoising_start,
                job.output_latents, tuple(latents.shape[1:]), job.negative_prompt is None)
-        return await self._submit("refine", job, (latents,), key)
+        return await self._submit("refine", job, (latents,), key, carried)
 
     def _batch_refine(self, entries):
         job = entries[0].job

@@ -8,6 +8,7 @@ from diffusers import StableDiffusionUpscalePipeline
 
 import numpy as np
 
+from deployments.batching import unwrap
 from deployments.common import PipelineDeployment, batch_text, images_to_float, split, to_uint8
 from deployments.errors import InvalidJobError
 
@@ -21,6 +22,7 @@ class X4UpscalerDeployment(PipelineDeployment):
 
     async def upscale(self, job, source):
         """Upscale uint8 images (H, W, 3) / (N, H, W, 3) x4; returns uint8 (N, 4H, 4W, 3)."""
+        source, carried = unwrap(source)
         if isinstance(source, torch.Tensor):
             raise InvalidJobError(f"{self.spec.name} upscales images, not latents", param="upscale")
         noise_level = DEFAULT_NOISE_LEVEL if job.noise_level is None else job.noise_level
@@ -32,7 +34,7 @@ class X4UpscalerDeployment(PipelineDeployment):
             raise InvalidJobError(f"expected {len(job.seeds)} images, got {source.shape[0]}")
         key = (source.shape[-3:], job.num_inference_steps, job.guidance_scale, noise_level,
                job.negative_prompt is None)
-        return await self._submit("upscale", job, (source,), key)
+        return await self._submit("upscale", job, (source,), key, carried)
 
     def _batch_upscale(self, entries):
         job = entries[0].job

@@ -159,6 +159,16 @@ class ImageData(BaseModel):
     seed: int
 
 
+class ImagesUsage(BaseModel):
+    """What a request cost: not OpenAI's token counts, which mean nothing for diffusion."""
+
+    denoising_steps: int = Field(description="Denoising steps run, summed over images and stages.")
+    output_pixels: int = Field(description="n x width x height of the returned images.")
+    model_seconds: float = Field(
+        description="Model replica time spent on the request (its share of shared batches)."
+    )
+
+
 class ImagesResponse(BaseModel):
     """Response of the images routes."""
 
@@ -166,6 +176,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
     output_format: str
     size: str
+    usage: ImagesUsage
 
 
 class ModelCard(BaseModel):

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from deployments.batching import unwrap
 from serve_app.config import AppConfig
 from serve_app.errors import GatewayTimeoutError, ModelNotFoundError
 from serve_app.imaging import encode_b64
@@ -27,6 +28,7 @@ from serve_app.protocol import (
     ImageEditForm,
     ImageGenerationRequest,
     ImagesResponse,
+    ImagesUsage,
     ImageVariationForm,
     ModelCard,
     ModelList,
@@ -94,7 +96,9 @@ class ImagesService:
         # reached here with a high-quality resize.
         return [resize(image, plan.width, plan.height) for image in images]
 
-    async def _respond(self, plan: GenerationPlan, images: np.ndarray) -> ImagesResponse:
+    async def _respond(self, plan: GenerationPlan, result) -> ImagesResponse:
+        images, cost = unwrap(result)
+
         def finish_and_encode():
             return encode_b64(
                 self._finish_pixels(plan, images),
@@ -109,6 +113,11 @@ class ImagesService:
             data=[ImageData(b64_json=b64, seed=seed) for b64, seed in zip(encoded, plan.seeds)],
             output_format=plan.output_format,
             size=plan.size,
+            usage=ImagesUsage(
+                denoising_steps=cost.steps if cost else 0,
+                output_pixels=len(plan.seeds) * plan.width * plan.height,
+                model_seconds=round(cost.seconds, 4) if cost else 0.0,
+            ),
         )
 
     def _card(self, entry) -> ModelCard:

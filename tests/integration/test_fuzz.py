@@ -49,7 +49,9 @@ def test_the_document_describes_every_route(api_schema):
 
 
 @schema.parametrize()
-@settings(max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: the same cases on every run, so CI is repeatable; change the examples by
+# raising max_examples, not by luck.
+@settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_5xx_and_every_4xx_in_the_envelope(case):
     response = case.call(timeout=120)
     SEEN.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)

@@ -173,6 +173,7 @@ def test_raw_http_request_like_curl(http):
     assert set(body) >= {"created", "data"}
     assert [item["seed"] for item in body["data"]] == [5, 6]
     assert all(set(item) == {"b64_json", "seed"} for item in body["data"])
+    assert set(body["usage"]) == {"denoising_steps", "output_pixels", "model_seconds"}
 
 
 def test_latency_budget_on_the_tiny_profile(http):
@@ -193,3 +194,24 @@ def test_latency_budget_on_the_tiny_profile(http):
     )
     print(f"tiny latency: sd21 512x512 {sd:.3f}s, sdxl+refiner 1024x1024 {xl:.3f}s")
     assert sd < 2.0 and xl < 5.0
+
+
+@pytest.mark.parametrize(
+    "model,n,steps",
+    [("stable-diffusion-2-1", 2, 4 * 2), ("stable-diffusion-xl-with-refiner", 2, (4 + 1) * 2)],
+)
+def test_usage_counts_steps_pixels_and_model_time(http, model, n, steps):
+    body = http.post("/v1/images/generations",
+                     json={"prompt": "a cat", "model": model, "n": n, "size": "256x256"}).json()
+    usage = body["usage"]
+    assert usage["denoising_steps"] == steps
+    assert usage["output_pixels"] == n * 256 * 256
+    assert 0 < usage["model_seconds"] < 30
+
+
+def test_usage_of_an_upscale_chain_adds_the_upscaler(http):
+    body = http.post("/v1/images/generations", json={
+        "prompt": "a cat", "size": "256x256", "upscale": "stable-diffusion-x2-latent-upscaler"}).json()
+    # SD 2.1's 4 steps, then the tiny x2 latent upscaler's 3.
+    assert body["usage"]["denoising_steps"] == 4 + 3
+    assert body["usage"]["output_pixels"] == 512 * 512

@@ -38,7 +38,7 @@ def test_concurrent_compatible_jobs_share_one_call():
     async def main():
         return await asyncio.gather(*(submit(batcher, f"j{i}", "512") for i in range(3)))
 
-    assert asyncio.run(main()) == ["t2i:j0", "t2i:j1", "t2i:j2"]
+    assert [r.output for r in asyncio.run(main())] == ["t2i:j0", "t2i:j1", "t2i:j2"]
     assert calls == [("t2i", ["j0", "j1", "j2"])]
     assert batcher.stats.batch_sizes == [3] and batcher.stats.images == 3
 
@@ -52,7 +52,7 @@ def test_incompatible_jobs_run_in_separate_calls_in_arrival_order():
             submit(batcher, "d", "512", kind="i2i"),
         )
 
-    assert asyncio.run(main()) == ["t2i:a", "t2i:b", "t2i:c", "i2i:d"]
+    assert [r.output for r in asyncio.run(main())] == ["t2i:a", "t2i:b", "t2i:c", "i2i:d"]
     assert calls == [("t2i", ["a", "c"]), ("t2i", ["b"]), ("i2i", ["d"])]
 
 
@@ -69,7 +69,7 @@ def test_batches_are_capped_in_images():
 
 def test_a_job_larger_than_the_cap_still_runs_alone():
     batcher, calls = recording_batcher(max_images=2)
-    assert asyncio.run(submit(batcher, "big", "k", n=5)) == "t2i:big"
+    assert asyncio.run(submit(batcher, "big", "k", n=5)).output == "t2i:big"
     assert batcher.stats.batch_sizes == [5]
 
 
@@ -163,10 +163,10 @@ def test_batched_results_equal_unbatched_results(sd):
         )
 
     calls_before = sd.batcher.stats.pipeline_calls
-    together = asyncio.run(batched())
+    together = [r.output for r in asyncio.run(batched())]
     assert sd.batcher.stats.pipeline_calls == calls_before + 1  # one pipeline call for all
     assert sd.batcher.stats.batch_sizes[-1] == 4
-    alone = [asyncio.run(sd.text_to_image(job([seed]))) for seed in (10, 11, 12, 13)]
+    alone = [asyncio.run(sd.text_to_image(job([seed]))).output for seed in (10, 11, 12, 13)]
     together_images = [*together[0], together[1][0], together[2][0]]
     for mixed, single in zip(together_images, alone):
         assert np.abs(mixed.astype(int) - single[0].astype(int)).max() <= 2
@@ -182,7 +182,7 @@ def test_incompatible_jobs_are_not_mixed(sd):
         )
 
     calls_before = sd.batcher.stats.pipeline_calls
-    shapes = [r.shape for r in asyncio.run(mixed())]
+    shapes = [r.output.shape for r in asyncio.run(mixed())]
     assert sd.batcher.stats.pipeline_calls == calls_before + 4
     assert shapes == [(1, 128, 128, 3), (1, 128, 192, 3), (1, 128, 128, 3), (1, 128, 128, 3)]
 
@@ -208,6 +208,16 @@ def test_a_cancelled_generation_stops_at_the_next_step(sd):
     assert sd.batcher.stats.cancelled_running == cancelled_before + 1
     assert sd.batcher.stats.steps - steps_before < steps // 4
     assert elapsed < 5
+
+
+def test_a_batch_shares_its_cost_by_images(sd):
+    async def batched():
+        return await asyncio.gather(sd.text_to_image(job([1, 2, 3], steps=3)),
+                                    sd.text_to_image(job([4], steps=3)))
+
+    three, one = asyncio.run(batched())
+    assert (three.steps, one.steps) == (9, 3)
+    assert three.seconds == pytest.approx(3 * one.seconds)
 
 
 def test_stats_are_reported(sd):

@@ -5,6 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from deployments.batching import StageResult
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec, RefineJob, TextToImageJob
 from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
@@ -12,7 +13,8 @@ from deployments.stable_diffusion import StableDiffusionDeployment
 
 
 def run(coro):
-    return asyncio.run(coro)
+    """Run a deployment call; returns its output (the StageResult's cost is tested apart)."""
+    return asyncio.run(coro).output
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,7 @@ def test_sdxl_text_to_image_without_refiner(sdxl):
 
 def test_health_and_ready(sd):
     sd.check_health()
-    assert run(sd.ready()) == "sd"
+    assert asyncio.run(sd.ready()) == "sd"
 
 
 # --- image to image, inpainting and upscalers -------------------------------------------
@@ -207,3 +209,14 @@ def test_weights_file_references(tmp_path):
     assert resolve_weights_file(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth")
     with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
         resolve_weights_file("hf://just-a-repo")
+
+
+def test_results_carry_their_cost_along_a_chain(sdxl, refiner):
+    base = asyncio.run(sdxl.text_to_image(job([4, 5], num_inference_steps=5, denoising_end=0.8,
+                                               output_latents=True)))
+    assert isinstance(base, StageResult) and base.seconds > 0
+    assert base.steps == 2 * 4  # 2 images x the 4 of 5 steps above the 0.8 cut
+    refined = asyncio.run(refiner.refine(
+        RefineJob("a red fox", None, 5, 5.0, (4, 5), denoising_start=0.8), base))
+    assert refined.steps == base.steps + 2 * 1
+    assert refined.seconds > base.seconds
