@@ -16,6 +16,7 @@ from serve_app.config import AppConfig, load_app_config
 from serve_app.ingress import ImagesIngress
 
 INGRESS_NAME = "ImagesIngress"
+STORE_NAME = "ImageStore"
 
 
 # The deployment class of each pipeline family, imported only when a config uses it
@@ -45,8 +46,15 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .bind(model.pipeline_spec())
         for model in config.models
     }
+    from deployments.image_store import ImageStoreDeployment
+
+    store = (
+        serve.deployment(ImageStoreDeployment)
+        .options(name=STORE_NAME, **config.image_store.deployment.serve_options())
+        .bind(config.image_store.spec())
+    )
     return (
         serve.deployment(ImagesIngress)
         .options(name=INGRESS_NAME, **config.ingress.deployment.serve_options())
-        .bind(config, handles)
+        .bind(config, handles, store)
     )

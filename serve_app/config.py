@@ -327,6 +327,38 @@ class IngressConfig(_Strict):
     )
 
 
+class ImageStoreConfig(_Strict):
+    """Where images answered by URL (``response_format: "url"``) are kept."""
+
+    backend: str = Field(
+        default="memory",
+        description="'memory' (in the store replica) or an fsspec URL: a directory "
+        "('file:///var/lib/serve-app/images') or a bucket ('s3://bucket/images', needs s3fs).",
+    )
+    ttl_s: float = Field(default=3600, gt=0, description="Seconds an image stays downloadable.")
+    max_bytes: int = Field(
+        default=1_000_000_000, ge=1, description="Total size kept; the oldest images go first."
+    )
+    public_base_url: str | None = Field(
+        default=None,
+        description="Base of the returned URLs (behind a proxy); default: the request's own.",
+    )
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.1, num_replicas=1, max_ongoing_requests=256)
+    )
+
+    @model_validator(mode="after")
+    def _one_replica(self) -> ImageStoreConfig:
+        if self.deployment.autoscaling_config is not None or (self.deployment.num_replicas or 1) != 1:
+            raise ValueError("image_store.deployment must have exactly one replica (num_replicas: 1)")
+        return self
+
+    def spec(self):
+        from deployments.image_store import StoreSpec
+
+        return StoreSpec(backend=self.backend, ttl_s=self.ttl_s, max_bytes=self.max_bytes)
+
+
 class AppConfig(_Strict):
     """The ``args`` of ``serve_app.app:build_app``."""
 
@@ -341,6 +373,7 @@ class AppConfig(_Strict):
         default_factory=list, description="Served names that chain base -> refiner."
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
 
     @model_validator(mode="after")
     def _check_names(self) -> AppConfig:

@@ -52,8 +52,14 @@ logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, depl
 
 
 def json_response(body) -> Response:
-    """Serialize a response model once, in pydantic's Rust core: images make large bodies."""
-    return Response(content=body.model_dump_json(), media_type="application/json")
+    """Serialize a response model once, in pydantic's Rust core: images make large bodies.
+    Unset optional fields (``url`` beside ``b64_json``) are left out, as OpenAI does."""
+    return Response(content=body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+def base_url(request: Request) -> str:
+    """Scheme, host and route prefix the client used: the root of returned image URLs."""
+    return str(request.base_url).rstrip("/")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 500, 503)
@@ -93,9 +99,9 @@ async def guarded(call: Awaitable[T], retry_after_s: int = 5) -> T:
 class ImagesIngress:
     """Validates requests, plans them and calls the model deployments through handles."""
 
-    def __init__(self, config: AppConfig | dict, handles: dict[str, Any]):
+    def __init__(self, config: AppConfig | dict, handles: dict[str, Any], store: Any = None):
         self.config = load_app_config(config)
-        self.service = ImagesService(self.config, handles)
+        self.service = ImagesService(self.config, handles, store)
         ingress = self.config.ingress
         api.state.gate = GateSettings(
             api_keys=api_keys_from([key.get_secret_value() for key in ingress.api_keys]),
@@ -105,25 +111,25 @@ class ImagesIngress:
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_image(self, request: Request, body: ImageGenerationRequest) -> Response:
         """Text to image (OpenAI's ``images.generate``)."""
-        return json_response(await self._observe(request, body.model, self.service.generate(body)))
+        return json_response(await self._observe(request, body.model, self.service.generate(body, base_url(request))))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
     async def edit_image(self, request: Request, form: Multipart[ImageEditForm]) -> Response:
         """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
-        return json_response(await self._observe(request, form.model, self.service.edit(form)))
+        return json_response(await self._observe(request, form.model, self.service.edit(form, base_url(request))))
 
     @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_variation(
         self, request: Request, form: Multipart[ImageVariationForm]
     ) -> Response:
         """Variations of an image (OpenAI's ``images.create_variation``)."""
-        return json_response(await self._observe(request, form.model, self.service.variation(form)))
+        return json_response(await self._observe(request, form.model, self.service.variation(form, base_url(request))))
 
     @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
     async def upscale_image(self, request: Request, form: Multipart[UpscaleForm]) -> Response:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
         model = form.model or self.config.default_upscaler
-        return json_response(await self._observe(request, model, self.service.upscale(form)))
+        return json_response(await self._observe(request, model, self.service.upscale(form, base_url(request))))
 
     @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_text_to_image(self, request: Request, body: LivepeerTextToImageRequest) -> Response:
@@ -166,6 +172,18 @@ class ImagesIngress:
             raise rename_param(validation_error(errors)) from None
         except APIError as error:
             raise rename_param(error) from None
+
+    @api.get(
+        "/v1/images/files/{image_id}",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+                   404: {"model": ErrorResponse}},
+    )
+    async def image_file(self, image_id: str) -> Response:
+        """An image answered with ``response_format: "url"``, until it expires."""
+        data, content_type = await guarded(self.service.image_file(image_id))
+        return Response(content=data, media_type=content_type,
+                        headers={"Cache-Control": "private, max-age=3600"})
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:

@@ -69,6 +69,7 @@ class GenerationPlan:
     stages: tuple[Stage, ...]
     output_format: str
     output_compression: int | None
+    response_format: str = "b64_json"
 
     @property
     def size(self) -> str:
@@ -277,7 +278,7 @@ def plan_generation(
         config, req.upscale, stages, req.prompt, negative, seeds, width, height
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
-                          req.output_compression)
+                          req.output_compression, req.response_format)
     return _check_total_pixels(plan, config)
 
 
@@ -363,7 +364,7 @@ def plan_image_to_image(
         config, getattr(req, "upscale", None), [stage], prompt, negative, seeds, width, height
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
-                          req.output_compression)
+                          req.output_compression, req.response_format)
     return _check_total_pixels(plan, config)
 
 
@@ -428,7 +429,7 @@ def plan_upscale(
     )
     stage = Stage(upscaler.name, "upscale", job, (image,))
     plan = GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
-                          req.output_compression)
+                          req.output_compression, req.response_format)
     return _check_total_pixels(plan, config)
 
 

@@ -63,8 +63,9 @@ class ImageGenerationRequest(_Strict):
         default=None,
         description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
     )
-    response_format: Literal["b64_json"] = Field(
-        default="b64_json", description="How images are returned: base64 in 'b64_json'."
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json",
+        description="How images are returned: base64 in 'b64_json', or a download link in 'url'.",
     )
     output_format: Literal["png", "jpeg", "webp"] = Field(
         default="png", description="Encoding of the returned images."
@@ -110,7 +111,7 @@ class _ImageForm(_Strict):
     image: UploadFile = Field(description="PNG, JPEG or WebP image.")
     model: str | None = Field(default=None, description="Served model name or alias.")
     n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images.")
-    response_format: Literal["b64_json"] = Field(default="b64_json")
+    response_format: Literal["b64_json", "url"] = Field(default="b64_json")
     output_format: Literal["png", "jpeg", "webp"] = Field(default="png")
     output_compression: int | None = Field(default=None, ge=0, le=100)
     user: str | None = Field(default=None)
@@ -153,9 +154,10 @@ class UpscaleForm(_ImageForm):
 
 
 class ImageData(BaseModel):
-    """One generated image."""
+    """One generated image: ``b64_json`` or ``url``, as the request asked."""
 
-    b64_json: str
+    b64_json: str | None = None
+    url: str | None = None
     seed: int
 
 

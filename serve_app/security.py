@@ -18,6 +18,8 @@ API_KEYS_ENV = "SERVE_APP_API_KEYS"
 
 # Open without a key: health probes and the API's own description.
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+# Stored images: their unguessable id is the credential, so links work in an <img> tag.
+OPEN_PREFIXES = ("/v1/images/files/",)
 
 
 class AuthenticationError(APIError):
@@ -99,7 +101,8 @@ class GateMiddleware:
             return await self.app(scope, receive, send)
         settings: GateSettings = getattr(scope["app"].state, "gate", None) or GateSettings()
         headers = dict(scope.get("headers") or [])
-        if settings.api_keys and _route_path(scope) not in OPEN_PATHS:
+        path = _route_path(scope)
+        if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             error = self._check_key(headers.get(b"authorization", b""), settings.api_keys)
             if error is not None:
                 return await _send_error(send, error)

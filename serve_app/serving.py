@@ -7,6 +7,7 @@ tests can drive it with fake handles.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from typing import Any
 
@@ -14,8 +15,8 @@ import numpy as np
 
 from deployments.batching import unwrap
 from serve_app.config import AppConfig
-from serve_app.errors import GatewayTimeoutError, ModelNotFoundError
-from serve_app.imaging import encode_b64
+from serve_app.errors import GatewayTimeoutError, ModelNotFoundError, NotFoundError
+from serve_app.imaging import encode_image
 from serve_app.planning import (
     GenerationPlan,
     plan_generation,
@@ -42,47 +43,55 @@ class ResultShapeError(RuntimeError):
 
 
 class ImagesService:
-    def __init__(self, config: AppConfig, handles: dict[str, Any]):
+    def __init__(self, config: AppConfig, handles: dict[str, Any], store: Any = None):
         self.config = config
         self.handles = handles
+        self.store = store  # the ImageStore deployment's handle (response_format "url")
         self.created = int(time.time())
 
-    async def generate(self, req: ImageGenerationRequest) -> ImagesResponse:
-        """Answer ``POST /v1/images/generations``."""
+    async def generate(self, req: ImageGenerationRequest, base_url: str = "") -> ImagesResponse:
+        """Answer ``POST /v1/images/generations``. ``base_url`` prefixes image URLs."""
         plan = plan_generation(req, self.config)
-        return await self.execute(plan)
+        return await self.execute(plan, base_url)
 
-    async def edit(self, form: ImageEditForm) -> ImagesResponse:
+    async def edit(self, form: ImageEditForm, base_url: str = "") -> ImagesResponse:
         """Answer ``POST /v1/images/edits``: image to image, or inpainting with a mask."""
         image = await self._decode(form.image, "image")
         mask = await self._decode(form.mask, "mask", decode_mask) if form.mask is not None else None
         plan = await asyncio.to_thread(plan_image_to_image, form, image, mask, self.config)
-        return await self.execute(plan)
+        return await self.execute(plan, base_url)
 
-    async def variation(self, form: ImageVariationForm) -> ImagesResponse:
+    async def variation(self, form: ImageVariationForm, base_url: str = "") -> ImagesResponse:
         """Answer ``POST /v1/images/variations``: image to image without a prompt."""
         image = await self._decode(form.image, "image")
         plan = await asyncio.to_thread(plan_image_to_image, form, image, None, self.config)
-        return await self.execute(plan)
+        return await self.execute(plan, base_url)
 
-    async def upscale(self, form: UpscaleForm) -> ImagesResponse:
+    async def upscale(self, form: UpscaleForm, base_url: str = "") -> ImagesResponse:
         """Answer ``POST /v1/images/upscale``."""
         image = await self._decode(form.image, "image")
         plan = plan_upscale(form, image, self.config)
-        return await self.execute(plan)
+        return await self.execute(plan, base_url)
+
+    async def image_file(self, image_id: str) -> tuple[bytes, str]:
+        """Answer ``GET /v1/images/files/{id}``: 404 when unknown or expired."""
+        found = await self.store.get.remote(image_id) if self.store is not None else None
+        if found is None:
+            raise NotFoundError("No image with this id: it never existed or it has expired.")
+        return found
 
     async def _decode(self, upload, param: str, decoder=decode_image) -> np.ndarray:
         data = await upload.read()
         return await asyncio.to_thread(decoder, data, param, self.config.ingress.max_upload_pixels)
 
-    async def execute(self, plan: GenerationPlan) -> ImagesResponse:
+    async def execute(self, plan: GenerationPlan, base_url: str = "") -> ImagesResponse:
         """Run a plan's stages and encode the result; 504 past the request timeout."""
         timeout_s = self.config.ingress.request_timeout_s
         try:
             images = await run_plan(plan, self.handles, timeout_s)
         except TimeoutError:
             raise GatewayTimeoutError(timeout_s) from None
-        return await self._respond(plan, images)
+        return await self._respond(plan, images, base_url)
 
     def _finish_pixels(self, plan: GenerationPlan, images: np.ndarray) -> list[np.ndarray]:
         count = len(plan.seeds)
@@ -96,21 +105,25 @@ class ImagesService:
         # reached here with a high-quality resize.
         return [resize(image, plan.width, plan.height) for image in images]
 
-    async def _respond(self, plan: GenerationPlan, result) -> ImagesResponse:
+    async def _respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:
         images, cost = unwrap(result)
 
-        def finish_and_encode():
-            return encode_b64(
-                self._finish_pixels(plan, images),
-                plan.output_format,
-                plan.output_compression,
-                self.config.ingress.png_compress_level,
-            )
+        def finish_and_encode() -> list[bytes]:
+            return [
+                encode_image(pixels, plan.output_format, plan.output_compression,
+                             self.config.ingress.png_compress_level)
+                for pixels in self._finish_pixels(plan, images)
+            ]
 
         encoded = await asyncio.to_thread(finish_and_encode)
+        if plan.response_format == "url":
+            data = await self._store(encoded, plan, base_url)
+        else:
+            data = [ImageData(b64_json=base64.b64encode(blob).decode("ascii"), seed=seed)
+                    for blob, seed in zip(encoded, plan.seeds)]
         return ImagesResponse(
             created=int(time.time()),
-            data=[ImageData(b64_json=b64, seed=seed) for b64, seed in zip(encoded, plan.seeds)],
+            data=data,
             output_format=plan.output_format,
             size=plan.size,
             usage=ImagesUsage(
@@ -119,6 +132,13 @@ class ImagesService:
                 model_seconds=round(cost.seconds, 4) if cost else 0.0,
             ),
         )
+
+    async def _store(self, encoded: list[bytes], plan: GenerationPlan, base_url: str) -> list[ImageData]:
+        mime = f"image/{plan.output_format}"
+        ids = await asyncio.gather(*(self.store.put.remote(blob, mime) for blob in encoded))
+        root = (self.config.image_store.public_base_url or base_url).rstrip("/")
+        return [ImageData(url=f"{root}/v1/images/files/{image_id}", seed=seed)
+                for image_id, seed in zip(ids, plan.seeds)]
 
     def _card(self, entry) -> ModelCard:
         return ModelCard(id=entry.name, created=self.created, owned_by=entry.owned_by)

@@ -24,7 +24,7 @@ def error_of(exc_info):
         ({"extra_body": {"seed": -1}}, "seed"),
         ({"output_format": "gif"}, "output_format"),
         ({"output_compression": 50}, "output_compression"),
-        ({"response_format": "url"}, "response_format"),
+        ({"response_format": "base64"}, "response_format"),
         ({"model": "stable-diffusion-xl-refiner"}, "model"),
         ({"extra_body": {"high_noise_frac": 0.5}}, "high_noise_frac"),
         ({"model": "stable-diffusion-xl-with-refiner", "extra_body": {"high_noise_frac": 1.5}},

@@ -19,6 +19,7 @@ CONFIG_MODELS = [
     config_module.GenerationLimits,
     config_module.IngressConfig,
     config_module.BatchingConfig,
+    config_module.ImageStoreConfig,
 ]
 
 
@@ -47,7 +48,7 @@ def test_every_route_is_documented():
 
     documented = 0
     for path, methods in api.openapi()["paths"].items():
-        shown = path.replace("{model_id}", "{model}")
+        shown = path.replace("{model_id}", "{model}")  # README names it by what it holds
         for method in methods:
             assert f"`{method.upper()} {shown}`" in README, f"{method.upper()} {path}"
             documented += 1

@@ -34,7 +34,7 @@ def test_parse_size_rejects(size):
         ({"prompt": "a", "seed": -1}, "seed"),
         ({"prompt": "a", "output_format": "gif"}, "output_format"),
         ({"prompt": "a", "output_compression": 101}, "output_compression"),
-        ({"prompt": "a", "response_format": "url"}, "response_format"),
+        ({"prompt": "a", "response_format": "png"}, "response_format"),
         ({"prompt": "a", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "a", "high_noise_frac": 1.0}, "high_noise_frac"),
         ({"prompt": "a", "high_noise_frac": 0}, "high_noise_frac"),
