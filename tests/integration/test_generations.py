@@ -154,6 +154,7 @@ def test_health_reports_every_deployment(http):
     assert body["status"] == "ok"
     assert set(body["deployments"]) == {
         "ImagesIngress",
+        "ImageStore",
         "stable-diffusion-2-1",
         "stable-diffusion-xl",
         "stable-diffusion-xl-refiner",
