@@ -65,6 +65,7 @@ class BatchEntry:
     future: asyncio.Future
     token: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
+    preview: Any = None  # a PreviewSink when the caller streams partial images
 
 
 @dataclass
@@ -106,10 +107,13 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def submit(self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int) -> Any:
+    async def submit(
+        self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None
+    ) -> Any:
         """Queue a job and wait for its result (raised if the job failed)."""
         loop = asyncio.get_running_loop()
-        entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future())
+        entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future(),
+                           preview=preview)
         self._pending.append(entry)
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop = loop

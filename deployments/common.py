@@ -7,6 +7,7 @@ HTTP or Ray options.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -27,6 +28,7 @@ from deployments.batching import (
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec
 from deployments.metrics import ReplicaMetrics
+from deployments.previews import current_sink, emit_previews, sink_for
 from deployments.tiny import materialize_tiny
 
 logger = logging.getLogger("ray.serve")
@@ -146,8 +148,34 @@ class PipelineDeployment:
 
     async def _submit(self, kind: str, job, inputs: tuple, key: tuple, carried=None) -> StageResult:
         """Queue a job; returns its StageResult, with the cost of earlier stages added."""
-        result = await self.batcher.submit(kind, job, inputs, key, len(job.seeds))
+        result = await self.batcher.submit(kind, job, inputs, key, len(job.seeds),
+                                           preview=current_sink.get())
         return result.plus(carried)
+
+    async def stream(self, method: str, job, *inputs, partial_images: int = 0):
+        """Run ``method`` (``text_to_image`` or ``image_to_image``) on one job, yielding
+        ``("partial", index, pixels)`` previews during denoising, then ``("final", result)``.
+
+        Called through a streaming handle (``handle.options(stream=True)``).
+        """
+        if method not in ("text_to_image", "image_to_image"):
+            raise InvalidJobError(f"{method} does not stream", param="stream")
+        queue: asyncio.Queue = asyncio.Queue()
+        token = current_sink.set(sink_for(queue, partial_images))
+        try:
+            task = asyncio.ensure_future(getattr(self, method)(job, *inputs))
+        finally:
+            current_sink.reset(token)
+        task.add_done_callback(lambda t: queue.put_nowait(("done", None, None)))
+        try:
+            while True:
+                kind, index, pixels = await queue.get()
+                if kind == "done":
+                    break
+                yield ("partial", index, pixels)
+            yield ("final", task.result())
+        finally:
+            task.cancel()
 
     def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
         if self.device == "cpu":
@@ -163,12 +191,17 @@ class PipelineDeployment:
 
         metrics = self.metrics
 
+        streams = any(entry.preview is not None for entry in entries)
+        space = "sdxl" if self.spec.family.startswith("sdxl") else "sd"
+
         def on_step_end(pipe, step, timestep, callback_kwargs):
             stats.steps += 1
             if metrics is not None:
                 metrics.on_step()
             if batch_cancelled(entries):
                 raise PipelineCancelled(f"{self.spec.name}: all callers gone at step {step}")
+            if streams and "latents" in callback_kwargs:
+                emit_previews(entries, callback_kwargs["latents"], step, pipe.num_timesteps, space)
             return {}
 
         return on_step_end

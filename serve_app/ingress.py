@@ -6,8 +6,8 @@ import logging
 from typing import Annotated, Any, Awaitable, TypeVar
 
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
@@ -52,8 +52,13 @@ logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, depl
 
 
 def json_response(body) -> Response:
-    """Serialize a response model once, in pydantic's Rust core: images make large bodies.
+    """An images response: JSON, or Server-Sent Events when the request streams.
+
+    Serialize a response model once, in pydantic's Rust core: images make large bodies.
     Unset optional fields (``url`` beside ``b64_json``) are left out, as OpenAI does."""
+    if not isinstance(body, BaseModel):
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     return Response(content=body.model_dump_json(exclude_none=True), media_type="application/json")
 
 
@@ -158,6 +163,9 @@ class ImagesIngress:
         served = self.config.resolve(model)
         request.state.model = served.name if served is not None else "unknown"
         result = await guarded(call, self.config.ingress.retry_after_s)
+        if not isinstance(result, BaseModel):  # a stream: it logs nothing more here
+            logger.info("%s model=%s streamed", request.url.path, request.state.model)
+            return result
         request.state.images = len(result.data)
         logger.info("%s model=%s images=%d size=%s seeds=%s", request.url.path,
                     request.state.model, len(result.data), result.size,

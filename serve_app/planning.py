@@ -70,6 +70,8 @@ class GenerationPlan:
     output_format: str
     output_compression: int | None
     response_format: str = "b64_json"
+    stream: bool = False
+    partial_images: int = 0
 
     @property
     def size(self) -> str:
@@ -99,6 +101,22 @@ def check_request_limits(req, config: AppConfig) -> None:
             raise InvalidRequestError(
                 f"'{param}' is {len(value)} characters; the limit is {limit}.", param=param
             )
+
+
+def _with_stream(plan: GenerationPlan, req) -> GenerationPlan:
+    """Streaming settings, checked: previews come from one denoising stage and one image."""
+    stream, partial = getattr(req, "stream", False), getattr(req, "partial_images", None)
+    if partial is not None and not stream:
+        raise InvalidRequestError("partial_images needs stream: true", param="partial_images")
+    if not stream:
+        return plan
+    if len(plan.stages) > 1:
+        raise InvalidRequestError(
+            "stream works for one model at a time, not refiner chains or upscale", param="stream"
+        )
+    if len(plan.seeds) > 1:
+        raise InvalidRequestError("stream returns one image: set n to 1", param="n")
+    return dataclasses.replace(plan, stream=True, partial_images=partial or 0)
 
 
 def _check_total_pixels(plan: GenerationPlan, config: AppConfig) -> GenerationPlan:
@@ -279,7 +297,7 @@ def plan_generation(
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
                           req.output_compression, req.response_format)
-    return _check_total_pixels(plan, config)
+    return _with_stream(_check_total_pixels(plan, config), req)
 
 
 def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
@@ -365,7 +383,7 @@ def plan_image_to_image(
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
                           req.output_compression, req.response_format)
-    return _check_total_pixels(plan, config)
+    return _with_stream(_check_total_pixels(plan, config), req)
 
 
 def plan_upscale(

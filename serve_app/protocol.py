@@ -100,6 +100,10 @@ class ImageGenerationRequest(_Strict):
         default=None,
         description="Upscaler model to run on every generated image (output size x factor).",
     )
+    stream: bool = Field(default=False, description="Answer with Server-Sent Events.")
+    partial_images: int | None = Field(
+        default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
+    )
 
 
 _SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
@@ -138,6 +142,10 @@ class ImageEditForm(_EditFields):
         "(without an alpha channel: white marks it).",
     )
     upscale: str | None = Field(default=None, description="Upscaler to run on every result.")
+    stream: bool = Field(default=False, description="Answer with Server-Sent Events.")
+    partial_images: int | None = Field(
+        default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
+    )
 
 
 class ImageVariationForm(_EditFields):

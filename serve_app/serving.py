@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from typing import Any
 
@@ -15,7 +16,12 @@ import numpy as np
 
 from deployments.batching import unwrap
 from serve_app.config import AppConfig
-from serve_app.errors import GatewayTimeoutError, ModelNotFoundError, NotFoundError
+from serve_app.errors import (
+    GatewayTimeoutError,
+    ModelNotFoundError,
+    NotFoundError,
+    error_from_exception,
+)
 from serve_app.imaging import encode_image
 from serve_app.planning import (
     GenerationPlan,
@@ -36,6 +42,11 @@ from serve_app.protocol import (
     UpscaleForm,
 )
 from serve_app.uploads import decode_image, decode_mask, resize
+
+
+def sse(payload: dict) -> str:
+    """One Server-Sent Event, named after the payload's type."""
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
 
 
 class ResultShapeError(RuntimeError):
@@ -84,14 +95,58 @@ class ImagesService:
         data = await upload.read()
         return await asyncio.to_thread(decoder, data, param, self.config.ingress.max_upload_pixels)
 
-    async def execute(self, plan: GenerationPlan, base_url: str = "") -> ImagesResponse:
-        """Run a plan's stages and encode the result; 504 past the request timeout."""
+    async def execute(self, plan: GenerationPlan, base_url: str = ""):
+        """Run a plan's stages and encode the result; 504 past the request timeout.
+
+        A streamed plan returns an async iterator of Server-Sent Events instead.
+        """
+        if plan.stream:
+            return self._stream(plan, base_url)
         timeout_s = self.config.ingress.request_timeout_s
         try:
             images = await run_plan(plan, self.handles, timeout_s)
         except TimeoutError:
             raise GatewayTimeoutError(timeout_s) from None
         return await self._respond(plan, images, base_url)
+
+    async def _stream(self, plan: GenerationPlan, base_url: str):
+        """``image_generation.partial_image`` events during denoising, then
+        ``image_generation.completed`` (OpenAI's streaming shape); an ``error`` event if the
+        work fails after the stream began."""
+        stage = plan.stages[0]
+        handle = self.handles[stage.deployment].options(stream=True)
+        events = handle.stream.remote(stage.method, stage.job, *stage.inputs,
+                                      partial_images=plan.partial_images)
+        common = {"size": plan.size, "output_format": plan.output_format, "quality": "auto",
+                  "background": "opaque"}
+        try:
+            async with asyncio.timeout(self.config.ingress.request_timeout_s):
+                async for event in events:
+                    created = int(time.time())
+                    if event[0] == "partial":
+                        _, index, pixels = event
+                        b64 = await asyncio.to_thread(self._encode_preview, plan, pixels)
+                        yield sse({"type": "image_generation.partial_image", "b64_json": b64,
+                                   "partial_image_index": index, "created_at": created, **common})
+                    else:
+                        response = await self._respond(plan, event[1], base_url)
+                        item = response.data[0]
+                        yield sse({"type": "image_generation.completed", **item.model_dump(exclude_none=True),
+                                   "created_at": created, "usage": response.usage.model_dump(), **common})
+        except BaseException as exc:
+            events.cancel()
+            if not isinstance(exc, Exception):
+                raise  # the client went away: nothing to tell it
+            error = GatewayTimeoutError(self.config.ingress.request_timeout_s) if isinstance(
+                exc, TimeoutError) else error_from_exception(exc)
+            yield sse({"type": "error", "error": error.to_response().error.model_dump()})
+
+    def _encode_preview(self, plan: GenerationPlan, pixels: np.ndarray) -> str:
+        from PIL import Image
+
+        scaled = resize(pixels, plan.width, plan.height, Image.Resampling.BILINEAR)
+        return base64.b64encode(encode_image(scaled, plan.output_format, plan.output_compression,
+                                             self.config.ingress.png_compress_level)).decode("ascii")
 
     def _finish_pixels(self, plan: GenerationPlan, images: np.ndarray) -> list[np.ndarray]:
         count = len(plan.seeds)

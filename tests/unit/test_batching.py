@@ -223,3 +223,24 @@ def test_a_batch_shares_its_cost_by_images(sd):
 def test_stats_are_reported(sd):
     stats = asyncio.run(sd.stats())
     assert {"pipeline_calls", "images", "batch_sizes", "cancelled_running", "steps"} <= set(stats)
+
+
+def test_streaming_yields_previews_then_the_result(sd):
+    from deployments.batching import StageResult
+    from deployments.previews import preview_steps
+
+    async def collect(partial_images):
+        events = []
+        async for event in sd.stream("text_to_image", job([7], steps=8, width=128, height=96),
+                                     partial_images=partial_images):
+            events.append(event)
+        return events
+
+    for partial_images in (0, 1, 3):
+        events = asyncio.run(collect(partial_images))
+        partials, (final,) = events[:-1], events[-1:]
+        assert [e[1] for e in partials] == list(range(partial_images))
+        assert all(e[0] == "partial" and e[2].shape == (12, 16, 3) for e in partials)
+        assert final[0] == "final" and isinstance(final[1], StageResult)
+        assert final[1].output.shape == (1, 96, 128, 3)
+    assert preview_steps(8, 3) == [1, 3, 5] and preview_steps(1, 2) == [] and preview_steps(4, 0) == []
