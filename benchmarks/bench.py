@@ -47,16 +47,24 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def bench_bare(steps: int, rounds: int) -> dict[int, dict]:
-    """The pipeline alone, at several batch sizes: the limit the server can approach."""
-    import torch
+def load_bare_pipeline():
+    """The tiny SD 2.1 pipeline in this process, as a replica loads it."""
     from diffusers import StableDiffusionPipeline
 
-    from deployments.common import generators, to_uint8
     from deployments.tiny import materialize_tiny
 
     pipe = StableDiffusionPipeline.from_pretrained(materialize_tiny("sd21"), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def bench_bare(steps: int, rounds: int) -> dict[int, dict]:
+    """The pipeline alone, at several batch sizes: the limit the server can approach."""
+    import torch
+
+    from deployments.common import generators, to_uint8
+
+    pipe = load_bare_pipeline()
     results = {}
     with torch.inference_mode():
         for batch in (1, 2, 4, 8):
@@ -136,13 +144,10 @@ def interleaved_c1(url: str, bare_call, rounds: int = 4, samples: int = 6) -> di
 
 def bare_call_factory(steps: int):
     import torch
-    from diffusers import StableDiffusionPipeline
 
     from deployments.common import generators, to_uint8
-    from deployments.tiny import materialize_tiny
 
-    pipe = StableDiffusionPipeline.from_pretrained(materialize_tiny("sd21"), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_bare_pipeline()
 
     def call():
         with torch.inference_mode():

@@ -23,7 +23,6 @@ from deployments.batching import (
     PipelineCancelled,
     StageResult,
     batch_cancelled,
-    unwrap,
 )
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec

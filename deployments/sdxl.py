@@ -21,8 +21,8 @@ from deployments.common import (
     batch_text,
     finish,
     split,
-    unwrap,
 )
+from deployments.batching import unwrap
 from deployments.errors import InvalidJobError
 
 

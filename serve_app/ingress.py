@@ -189,7 +189,8 @@ class ImagesIngress:
     )
     async def image_file(self, image_id: str) -> Response:
         """An image answered with ``response_format: "url"``, until it expires."""
-        data, content_type = await guarded(self.service.image_file(image_id))
+        data, content_type = await guarded(self.service.image_file(image_id),
+                                           self.config.ingress.retry_after_s)
         return Response(content=data, media_type=content_type,
                         headers={"Cache-Control": "private, max-age=3600"})
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
+from serve_app.security import route_path
+
 
 class IngressMetrics:
     """Requests by route, model and status, and images returned by model."""
@@ -59,9 +61,7 @@ class MetricsMiddleware:
             return
         if self._metrics is None:
             self._metrics = IngressMetrics()
-        path, root = scope["path"], scope.get("root_path", "")
-        if root and path.startswith(root):
-            path = path[len(root):]
+        path = route_path(scope)
         route = path if path in KNOWN_ROUTES else ("/v1/models/{model}" if path.startswith("/v1/models/") else "other")
         state = scope.get("state") or {}
         self._metrics.on_response(route, state.get("model", "-"), status, state.get("images", 0))

@@ -74,7 +74,7 @@ async def _send_error(send, error: APIError) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def _route_path(scope: dict[str, Any]) -> str:
+def route_path(scope: dict[str, Any]) -> str:
     """The path below the app's route prefix (Serve mounts an app at its root_path)."""
     path, root = scope["path"], scope.get("root_path", "")
     if root and path.startswith(root):
@@ -101,7 +101,7 @@ class GateMiddleware:
             return await self.app(scope, receive, send)
         settings: GateSettings = getattr(scope["app"].state, "gate", None) or GateSettings()
         headers = dict(scope.get("headers") or [])
-        path = _route_path(scope)
+        path = route_path(scope)
         if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             error = self._check_key(headers.get(b"authorization", b""), settings.api_keys)
             if error is not None:

@@ -68,11 +68,11 @@ def test_health_stays_open():
 
 
 def test_open_paths_are_matched_below_the_route_prefix():
-    from serve_app.security import _route_path
+    from serve_app.security import route_path
 
-    assert _route_path({"path": "/secure/health", "root_path": "/secure"}) == "/health"
-    assert _route_path({"path": "/health", "root_path": ""}) == "/health"
-    assert _route_path({"path": "/v1/models", "root_path": "/secure"}) == "/v1/models"
+    assert route_path({"path": "/secure/health", "root_path": "/secure"}) == "/health"
+    assert route_path({"path": "/health", "root_path": ""}) == "/health"
+    assert route_path({"path": "/v1/models", "root_path": "/secure"}) == "/v1/models"
 
 
 def test_keys_come_from_config_and_environment():
