@@ -35,11 +35,13 @@ class StageResult:
     output: Any
     steps: int = 0
     seconds: float = 0.0
+    nsfw: tuple[bool, ...] | None = None  # the safety checker's flags, one per image
 
     def plus(self, earlier: "StageResult | None") -> "StageResult":
         if earlier is None:
             return self
-        return StageResult(self.output, self.steps + earlier.steps, self.seconds + earlier.seconds)
+        return StageResult(self.output, self.steps + earlier.steps, self.seconds + earlier.seconds,
+                           self.nsfw)
 
 
 def unwrap(value: Any) -> tuple[Any, StageResult | None]:

@@ -145,10 +145,12 @@ class PipelineDeployment:
         """Load this replica's model; returns (model, device)."""
         return load_pipeline(self.pipeline_cls, spec)
 
-    async def _submit(self, kind: str, job, inputs: tuple, key: tuple, carried=None) -> StageResult:
-        """Queue a job; returns its StageResult, with the cost of earlier stages added."""
-        result = await self.batcher.submit(kind, job, inputs, key, len(job.seeds),
-                                           preview=current_sink.get())
+    async def _submit(self, kind: str, job, inputs: tuple, key: tuple, carried=None,
+                      images: int | None = None) -> StageResult:
+        """Queue a job of ``images`` images (default: one per seed); returns its
+        StageResult, with the cost of earlier stages added."""
+        count = len(job.seeds) if images is None else images
+        result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get())
         return result.plus(carried)
 
     async def stream(self, method: str, job, *inputs, partial_images: int = 0):

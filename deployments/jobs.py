@@ -105,3 +105,10 @@ class UpscaleJob:
     guidance_scale: float
     seeds: tuple[int, ...]
     noise_level: int | None = None
+
+
+@dataclass(frozen=True)
+class SafetyJob:
+    """Check a stage's images with the safety checker; ``blur`` blurs the flagged ones."""
+
+    blur: bool = False

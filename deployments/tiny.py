@@ -21,7 +21,8 @@ from pathlib import Path
 # Bump when the tiny architectures change, so stale caches are not reused.
 TINY_VERSION = "2"
 
-TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan")
+TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan",
+                 "safety-checker")
 
 # Families whose weights are one spandrel-loadable file rather than a diffusers folder.
 SINGLE_FILE_FAMILIES = ("esrgan",)
@@ -322,11 +323,90 @@ def build_tiny_esrgan(path: Path) -> None:
     torch.save(model.state_dict(), path)
 
 
+def tiny_safety_checker_parts():
+    """A seeded StableDiffusionSafetyChecker (CLIP vision tower + projection) and the
+    CLIPImageProcessor that feeds it, at 32x32 pixels instead of 224x224."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+
+    torch.manual_seed(_SEED)
+    small = dict(hidden_size=_TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,
+                 num_hidden_layers=2)
+    config = CLIPConfig(
+        text_config=CLIPTextConfig(**small).to_dict(),
+        vision_config=CLIPVisionConfig(**small, image_size=32, patch_size=4).to_dict(),
+        projection_dim=16,
+    )
+    checker = StableDiffusionSafetyChecker(config).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def image_embeddings(checker, processor, images) -> torch.Tensor:  # noqa: F821 - imported lazily
+    """Unit-length CLIP image embeddings of uint8 images (N, H, W, 3), as the checker sees them."""
+    import torch
+
+    pixels = processor(list(images), return_tensors="pt").pixel_values
+    with torch.inference_mode():
+        embeds = checker.visual_projection(checker.vision_model(pixels)[1])
+    return torch.nn.functional.normalize(embeds.float())
+
+
+# What the tiny checker is calibrated on: tiny SD 2.1 images as the tests ask for them.
+SAFETY_CALIBRATION = {"prompt": "safety calibration", "size": 256, "steps": 4, "seeds": range(16)}
+
+
+def build_tiny_safety_checker(path: Path) -> None:
+    """Write a tiny checker that flags about half of tiny SD 2.1's images.
+
+    Random weights flag nothing with the real thresholds, so one concept is calibrated:
+    its embedding is the direction in which tiny SD 2.1 images differ most, and its
+    threshold splits 16 of them (:data:`SAFETY_CALIBRATION`) near the median. The other concepts can never fire. Which
+    images get flagged is arbitrary but fixed by the seeds, so every safety code path
+    (flag, blur, reject) runs in the tiny profile.
+    """
+    import numpy as np
+    import torch
+
+    checker, processor = tiny_safety_checker_parts()
+    pipe = build_tiny_pipeline("sd21")
+    pipe.set_progress_bar_config(disable=True)
+    cal = SAFETY_CALIBRATION
+    with torch.inference_mode():
+        images = pipe(
+            prompt=[cal["prompt"]] * len(cal["seeds"]), width=cal["size"], height=cal["size"],
+            num_inference_steps=cal["steps"], output_type="np",
+            generator=[torch.Generator("cpu").manual_seed(s) for s in cal["seeds"]],
+        ).images
+    embeds = image_embeddings(checker, processor, (np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    mean = torch.nn.functional.normalize(embeds.mean(0), dim=0)
+    deviations = embeds - (embeds @ mean)[:, None] * mean
+    direction = torch.linalg.svd(deviations, full_matrices=False).Vh[0]
+    # The threshold sits in the widest gap between scores near the median, so that no
+    # calibration image is a borderline case.
+    scores = (embeds @ direction).sort().values.tolist()
+    quarter = len(scores) // 4
+    split = max(range(quarter + 1, len(scores) - quarter), key=lambda i: scores[i] - scores[i - 1])
+    threshold = (scores[split - 1] + scores[split]) / 2
+    with torch.no_grad():
+        checker.concept_embeds.copy_(direction.expand_as(checker.concept_embeds))
+        checker.special_care_embeds.copy_(direction.expand_as(checker.special_care_embeds))
+        # A cosine never exceeds 1: only concept 0 can fire.
+        checker.concept_embeds_weights.fill_(1.0)
+        checker.concept_embeds_weights[0] = threshold
+        checker.special_care_embeds_weights.fill_(1.0)
+    checker.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
 def materialize_tiny(family: str, root: Path | None = None) -> Path:
     """Return a folder holding the tiny ``family`` model, building it on first use.
 
     Diffusers families get a pipeline folder (``model_index.json``); ``esrgan`` gets
-    ``model.pth``.
+    ``model.pth``; ``safety-checker`` a model folder laid out like
+    CompVis/stable-diffusion-safety-checker (``config.json``, weights,
+    ``preprocessor_config.json``).
 
     Several replicas may start at once: each builds into a private temporary folder and
     renames it into place, so a reader never sees a half-written pipeline.
@@ -342,6 +422,8 @@ def materialize_tiny(family: str, root: Path | None = None) -> Path:
     try:
         if family in SINGLE_FILE_FAMILIES:
             build_tiny_esrgan(staging / TINY_WEIGHTS_FILE)
+        elif family == "safety-checker":
+            build_tiny_safety_checker(staging)
         else:
             build_tiny_pipeline(family).save_pretrained(staging)
         # Written last: its presence marks a complete folder.

@@ -12,11 +12,8 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from serve_app.config import AppConfig, load_app_config
+from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
 from serve_app.ingress import ImagesIngress
-
-INGRESS_NAME = "ImagesIngress"
-STORE_NAME = "ImageStore"
 
 
 # The deployment class of each pipeline family, imported only when a config uses it
@@ -28,6 +25,7 @@ DEPLOYMENT_CLASSES = {
     "sd-x2-latent-upscaler": "deployments.latent_upscaler:LatentUpscalerDeployment",
     "sd-x4-upscaler": "deployments.x4_upscaler:X4UpscalerDeployment",
     "esrgan": "deployments.esrgan:ESRGANDeployment",
+    "safety-checker": "deployments.safety:SafetyCheckerDeployment",
 }
 
 
@@ -46,6 +44,12 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .bind(model.pipeline_spec())
         for model in config.models
     }
+    if config.safety is not None:
+        handles[SAFETY_NAME] = (
+            serve.deployment(deployment_class("safety-checker"))
+            .options(name=SAFETY_NAME, **config.safety.deployment.serve_options())
+            .bind(config.safety.pipeline_spec())
+        )
     from deployments.image_store import ImageStoreDeployment
 
     store = (

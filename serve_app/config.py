@@ -359,6 +359,63 @@ class ImageStoreConfig(_Strict):
         return StoreSpec(backend=self.backend, ttl_s=self.ttl_s, max_bytes=self.max_bytes)
 
 
+# Deployment names the app builder uses itself; a model may not take one.
+INGRESS_NAME = "ImagesIngress"
+STORE_NAME = "ImageStore"
+SAFETY_NAME = "SafetyChecker"
+RESERVED_NAMES = (INGRESS_NAME, STORE_NAME, SAFETY_NAME)
+
+
+class SafetyConfig(_Strict):
+    """The optional safety checker: Stable Diffusion's NSFW classifier on every output."""
+
+    source: str = Field(
+        default="CompVis/stable-diffusion-safety-checker",
+        min_length=1,
+        description="Hub id or local folder of the checker's weights, or 'tiny:safety-checker'.",
+    )
+    revision: str | None = Field(default=None, description="Hub revision of the weights.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="dtype on CUDA; CPU replicas always run float32."
+    )
+    policy: Literal["flag", "blur", "reject"] = Field(
+        default="blur",
+        description="What happens to a flagged image of a request with moderation 'auto': "
+        "'flag' returns it marked nsfw, 'blur' returns it blurred and marked, 'reject' "
+        "answers the request with 400 moderation_blocked.",
+    )
+    allow_low: bool = Field(
+        default=True,
+        description="Accept moderation 'low' (images are checked and marked but returned as "
+        "made); false answers it with 400.",
+    )
+    cpu_threads: int | None = Field(default=None, ge=1, description="CPU replicas: torch threads.")
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=32)
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SafetyConfig:
+        if self.source.startswith("tiny:") and self.source != "tiny:safety-checker":
+            raise ValueError(f"source {self.source!r}: the tiny checker is 'tiny:safety-checker'")
+        if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
+            raise ValueError("deployment.max_ongoing_requests must be at least batching.max_batch_images")
+        return self
+
+    def pipeline_spec(self) -> PipelineSpec:
+        return PipelineSpec(
+            name=SAFETY_NAME,
+            family="safety-checker",
+            source=self.source,
+            revision=self.revision,
+            dtype=self.dtype,
+            cpu_threads=self.cpu_threads,
+            max_batch_images=self.batching.max_batch_images,
+            batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
+        )
+
+
 class AppConfig(_Strict):
     """The ``args`` of ``serve_app.app:build_app``."""
 
@@ -374,11 +431,16 @@ class AppConfig(_Strict):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    safety: SafetyConfig | None = Field(
+        default=None, description="The safety checker; leave out to serve without one."
+    )
 
     @model_validator(mode="after")
     def _check_names(self) -> AppConfig:
         seen: dict[str, str] = {}
         for entry in [*self.models, *self.chains]:
+            if entry.name in RESERVED_NAMES:
+                raise ValueError(f"model name {entry.name!r} is reserved for the app's own deployments")
             for name in [entry.name, *entry.aliases]:
                 if name in seen:
                     raise ValueError(f"name {name!r} is used by both {seen[name]!r} and {entry.name!r}")

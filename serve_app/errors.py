@@ -56,6 +56,21 @@ class ModelNotFoundError(APIError):
         )
 
 
+class ModerationBlockedError(APIError):
+    """400: the safety checker flagged an image and the policy is to refuse the request."""
+
+    status_code = 400
+    error_type = "image_generation_user_error"  # OpenAI's type for moderation refusals
+
+    def __init__(self, flagged: int, total: int, param: str):
+        super().__init__(
+            f"Your request was rejected by the safety system: {flagged} of {total} generated "
+            "images were flagged as possibly unsafe. Change the prompt, image or seed and retry.",
+            param=param,
+            code="moderation_blocked",
+        )
+
+
 class NotFoundError(APIError):
     """404 for a route or resource that does not exist."""
 

@@ -2,7 +2,7 @@
 
 ``POST /text-to-image`` (JSON), ``POST /image-to-image`` and ``POST /upscale`` (multipart)
 take the fields of Livepeer's ai-runner and answer ``{"images": [{"url": "data:...",
-"seed": ..., "nsfw": false}]}``. Each adapter maps its fields onto the OpenAI-shaped
+"seed": ..., "nsfw": ...}]}``. Each adapter maps its fields onto the OpenAI-shaped
 request and maps the names of bad fields back, so errors name the field the client sent.
 """
 
@@ -22,7 +22,8 @@ from serve_app.protocol import (
 )
 
 # Our field -> Livepeer's, for error messages.
-_PARAMS = {"model": "model_id", "n": "num_images_per_prompt", "size": "width"}
+_PARAMS = {"model": "model_id", "n": "num_images_per_prompt", "size": "width",
+           "moderation": "safety_check"}
 
 
 class _Strict(BaseModel):
@@ -33,9 +34,14 @@ class _LivepeerCommon(_Strict):
     model_id: str | None = Field(default=None, description="Served model name or Hub id.")
     safety_check: bool = Field(
         default=True,
-        description="Accepted for compatibility; no safety checker is configured, so every "
-        "image reports nsfw: false.",
+        description="With a safety checker configured: true applies the server's policy "
+        "(moderation 'auto'), false only marks flagged images (moderation 'low'). Without "
+        "one, every image reports nsfw: false.",
     )
+
+    @property
+    def moderation(self) -> str:
+        return "auto" if self.safety_check else "low"
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     num_inference_steps: int | None = Field(default=None, ge=1)
 
@@ -56,6 +62,7 @@ class LivepeerTextToImageRequest(_LivepeerCommon):
             raise InvalidRequestError("give both width and height, or neither", param=missing)
         size = f"{self.width}x{self.height}" if self.width is not None else None
         return ImageGenerationRequest(
+            moderation=self.moderation,
             prompt=self.prompt,
             model=self.model_id or None,
             n=self.num_images_per_prompt,
@@ -79,6 +86,7 @@ class LivepeerImageToImageForm(_LivepeerCommon):
 
     def to_openai(self) -> ImageEditForm:
         return ImageEditForm(
+            moderation=self.moderation,
             image=self.image,
             prompt=self.prompt,
             model=self.model_id or None,
@@ -99,6 +107,7 @@ class LivepeerUpscaleForm(_LivepeerCommon):
 
     def to_openai(self) -> UpscaleForm:
         return UpscaleForm(
+            moderation=self.moderation,
             image=self.image,
             prompt=self.prompt,
             model=self.model_id or None,
@@ -121,7 +130,8 @@ def to_livepeer(response: ImagesResponse) -> LivepeerImageResponse:
     mime = f"image/{response.output_format}"
     return LivepeerImageResponse(
         images=[
-            LivepeerMedia(url=f"data:{mime};base64,{item.b64_json}", seed=item.seed, nsfw=False)
+            LivepeerMedia(url=f"data:{mime};base64,{item.b64_json}", seed=item.seed,
+                          nsfw=bool(item.nsfw))
             for item in response.data
         ]
     )

@@ -20,10 +20,11 @@ from deployments.jobs import (
     DIFFUSION_UPSCALERS,
     ImageToImageJob,
     RefineJob,
+    SafetyJob,
     TextToImageJob,
     UpscaleJob,
 )
-from serve_app.config import AppConfig, ModelConfig, RefinerChainConfig
+from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.protocol import (
     MAX_SEED,
@@ -72,6 +73,17 @@ class GenerationPlan:
     response_format: str = "b64_json"
     stream: bool = False
     partial_images: int = 0
+    # The safety check after the last stage (None: no checker configured); a flagged image
+    # fails the request when ``reject_flagged``, naming ``moderation_param``.
+    safety: SafetyJob | None = None
+    reject_flagged: bool = False
+    moderation_param: str = "prompt"
+
+    @property
+    def check_previews(self) -> bool:
+        """Streamed previews go through the checker too when flagged images must not be
+        seen as made (policy blur or reject)."""
+        return self.safety is not None and (self.safety.blur or self.reject_flagged)
 
     @property
     def size(self) -> str:
@@ -117,6 +129,24 @@ def _with_stream(plan: GenerationPlan, req) -> GenerationPlan:
     if len(plan.seeds) > 1:
         raise InvalidRequestError("stream returns one image: set n to 1", param="n")
     return dataclasses.replace(plan, stream=True, partial_images=partial or 0)
+
+
+def _with_safety(plan: GenerationPlan, req, config: AppConfig, param: str) -> GenerationPlan:
+    """Add the safety check the server's policy and the request's ``moderation`` ask for."""
+    safety, moderation = config.safety, getattr(req, "moderation", "auto")
+    if safety is None:
+        return plan
+    if moderation == "low" and not safety.allow_low:
+        raise InvalidRequestError(
+            "moderation 'low' is not allowed on this server; use 'auto'", param="moderation"
+        )
+    strict = moderation == "auto"
+    return dataclasses.replace(
+        plan,
+        safety=SafetyJob(blur=strict and safety.policy == "blur"),
+        reject_flagged=strict and safety.policy == "reject",
+        moderation_param=param,
+    )
 
 
 def _check_total_pixels(plan: GenerationPlan, config: AppConfig) -> GenerationPlan:
@@ -297,7 +327,7 @@ def plan_generation(
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
                           req.output_compression, req.response_format)
-    return _with_stream(_check_total_pixels(plan, config), req)
+    return _with_safety(_with_stream(_check_total_pixels(plan, config), req), req, config, "prompt")
 
 
 def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
@@ -383,7 +413,9 @@ def plan_image_to_image(
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
                           req.output_compression, req.response_format)
-    return _with_stream(_check_total_pixels(plan, config), req)
+    # A variation has no prompt: what the checker judged came from the image.
+    param = "prompt" if isinstance(req, ImageEditForm) else "image"
+    return _with_safety(_with_stream(_check_total_pixels(plan, config), req), req, config, param)
 
 
 def plan_upscale(
@@ -448,11 +480,12 @@ def plan_upscale(
     stage = Stage(upscaler.name, "upscale", job, (image,))
     plan = GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
                           req.output_compression, req.response_format)
-    return _check_total_pixels(plan, config)
+    return _with_safety(_check_total_pixels(plan, config), req, config, "image")
 
 
 async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None):
-    """Call each stage's deployment, chaining responses; return the last stage's result.
+    """Call each stage's deployment, chaining responses, then the safety checker on the
+    last stage's response when the plan has a check; return the last result.
 
     If the caller goes away (client disconnect) or ``timeout_s`` passes, every stage's
     request is cancelled, so replicas stop work nobody will read (raises TimeoutError on
@@ -463,6 +496,8 @@ async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: flo
         method = getattr(handles[stage.deployment], stage.method)
         args = (stage.job, *stage.inputs) if not responses else (stage.job, responses[-1])
         responses.append(method.remote(*args))
+    if plan.safety is not None:
+        responses.append(handles[SAFETY_NAME].check.remote(plan.safety, responses[-1]))
 
     async def last():
         return await responses[-1]

@@ -40,6 +40,12 @@ def _check_prompt(value: str) -> str:
     return value
 
 
+_MODERATION = (
+    "Safety-checker strictness: 'auto' applies the server's policy (flag, blur or reject); "
+    "'low' checks and marks images but returns them as made. Ignored without a checker."
+)
+Moderation = Literal["auto", "low"]
+
 # "WIDTHxHEIGHT" or "auto"; and a prompt that is not only whitespace.
 SizeField = Annotated[str | None, AfterValidator(_check_size)]
 PromptField = Annotated[str, AfterValidator(_check_prompt)]
@@ -104,6 +110,7 @@ class ImageGenerationRequest(_Strict):
     partial_images: int | None = Field(
         default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
     )
+    moderation: Moderation = Field(default="auto", description=_MODERATION)
 
 
 _SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
@@ -123,6 +130,7 @@ class _ImageForm(_Strict):
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
     num_inference_steps: int | None = Field(default=None, ge=1)
     negative_prompt: str | None = Field(default=None)
+    moderation: Moderation = Field(default="auto", description=_MODERATION)
 
 
 class _EditFields(_ImageForm):
@@ -167,6 +175,9 @@ class ImageData(BaseModel):
     b64_json: str | None = None
     url: str | None = None
     seed: int
+    nsfw: bool | None = Field(
+        default=None, description="Set when a safety checker ran: true if it flagged the image."
+    )
 
 
 class ImagesUsage(BaseModel):
@@ -194,6 +205,10 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    capabilities: list[str] = Field(
+        default_factory=list,
+        description="What the model does: text-to-image, image-to-image, inpaint, upscale, refine.",
+    )
 
 
 class ModelList(BaseModel):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import json
 import time
 from typing import Any
@@ -15,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from deployments.batching import unwrap
-from serve_app.config import AppConfig
+from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig
 from serve_app.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
+    ModerationBlockedError,
     NotFoundError,
     error_from_exception,
 )
@@ -125,11 +127,18 @@ class ImagesService:
                     created = int(time.time())
                     if event[0] == "partial":
                         _, index, pixels = event
+                        if plan.check_previews:
+                            checked = await self.handles[SAFETY_NAME].check.remote(
+                                dataclasses.replace(plan.safety, blur=True), pixels)
+                            pixels = checked.output
                         b64 = await asyncio.to_thread(self._encode_preview, plan, pixels)
                         yield sse({"type": "image_generation.partial_image", "b64_json": b64,
                                    "partial_image_index": index, "created_at": created, **common})
                     else:
-                        response = await self._respond(plan, event[1], base_url)
+                        result = event[1]
+                        if plan.safety is not None:
+                            result = await self.handles[SAFETY_NAME].check.remote(plan.safety, result)
+                        response = await self._respond(plan, result, base_url)
                         item = response.data[0]
                         yield sse({"type": "image_generation.completed", **item.model_dump(exclude_none=True),
                                    "created_at": created, "usage": response.usage.model_dump(), **common})
@@ -162,6 +171,11 @@ class ImagesService:
 
     async def _respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:
         images, cost = unwrap(result)
+        flags = cost.nsfw if cost is not None and plan.safety is not None else None
+        if plan.safety is not None and (flags is None or len(flags) != len(plan.seeds)):
+            raise ResultShapeError(f"the safety checker judged {flags} for {len(plan.seeds)} images")
+        if flags is not None and plan.reject_flagged and any(flags):
+            raise ModerationBlockedError(sum(flags), len(flags), plan.moderation_param)
 
         def finish_and_encode() -> list[bytes]:
             return [
@@ -176,6 +190,9 @@ class ImagesService:
         else:
             data = [ImageData(b64_json=base64.b64encode(blob).decode("ascii"), seed=seed)
                     for blob, seed in zip(encoded, plan.seeds)]
+        if flags is not None:
+            for item, flag in zip(data, flags):
+                item.nsfw = flag
         return ImagesResponse(
             created=int(time.time()),
             data=data,
@@ -196,7 +213,9 @@ class ImagesService:
                 for image_id, seed in zip(ids, plan.seeds)]
 
     def _card(self, entry) -> ModelCard:
-        return ModelCard(id=entry.name, created=self.created, owned_by=entry.owned_by)
+        caps = entry.capabilities if isinstance(entry, ModelConfig) else frozenset({"text-to-image"})
+        return ModelCard(id=entry.name, created=self.created, owned_by=entry.owned_by,
+                         capabilities=sorted(caps))
 
     def list_models(self) -> ModelList:
         """Answer ``GET /v1/models``: every served name (aliases are accepted, not listed)."""

@@ -143,7 +143,12 @@ def test_models_list(client, http):
     raw = http.get("/v1/models").json()
     assert raw["object"] == "list"
     for card in raw["data"]:
-        assert set(card) == {"id", "object", "created", "owned_by"} and card["object"] == "model"
+        assert set(card) == {"id", "object", "created", "owned_by", "capabilities"}
+        assert card["object"] == "model"
+    capabilities = {card["id"]: set(card["capabilities"]) for card in raw["data"]}
+    assert capabilities["stable-diffusion-2-1"] == {"text-to-image", "image-to-image", "inpaint"}
+    assert capabilities["esrgan-x2"] == {"upscale"}
+    assert capabilities["stable-diffusion-xl-with-refiner"] == {"text-to-image"}
     assert client.models.retrieve("stabilityai/stable-diffusion-2-1").id == "stable-diffusion-2-1"
 
 
@@ -155,6 +160,7 @@ def test_health_reports_every_deployment(http):
     assert set(body["deployments"]) == {
         "ImagesIngress",
         "ImageStore",
+        "SafetyChecker",
         "stable-diffusion-2-1",
         "stable-diffusion-xl",
         "stable-diffusion-xl-refiner",
@@ -173,7 +179,8 @@ def test_raw_http_request_like_curl(http):
     body = response.json()
     assert set(body) >= {"created", "data"}
     assert [item["seed"] for item in body["data"]] == [5, 6]
-    assert all(set(item) == {"b64_json", "seed"} for item in body["data"])
+    # The tiny profile runs the safety checker: every image says whether it was flagged.
+    assert all(set(item) == {"b64_json", "seed", "nsfw"} for item in body["data"])
     assert set(body["usage"]) == {"denoising_steps", "output_pixels", "model_seconds"}
 
 

@@ -68,4 +68,26 @@ class FakeHandle:
 
 
 def fake_handles(config, **overrides):
-    return {m.name: overrides.get(m.name) or FakeHandle(m.name) for m in config.models}
+    handles = {m.name: overrides.get(m.name) or FakeHandle(m.name) for m in config.models}
+    if config.safety is not None:
+        handles["SafetyChecker"] = overrides.get("SafetyChecker") or FakeSafetyHandle()
+    return handles
+
+
+class FakeSafetyHandle(FakeHandle):
+    """The safety checker: flags the images at ``flagged`` (indexes), "blurs" a flagged
+    image to gray 128 when the job asks, and reports ``seconds`` of work."""
+
+    def __init__(self, flagged=(), seconds=0.25):
+        super().__init__("SafetyChecker")
+        self.flagged, self.seconds = set(flagged), seconds
+
+    def result_for(self, response):
+        from deployments.batching import StageResult
+
+        job, upstream = response.args
+        images = upstream.handle.result_for(upstream) if isinstance(upstream, FakeResponse) else upstream
+        flags = tuple(i in self.flagged for i in range(len(images)))
+        if job.blur:
+            images = np.stack([np.full_like(img, 128) if flag else img for img, flag in zip(images, flags)])
+        return StageResult(images, steps=0, seconds=self.seconds, nsfw=flags)

@@ -15,6 +15,12 @@ from tests.unit.fakes import FakeHandle, fake_handles
 
 
 @pytest.fixture
+def tiny_args(tiny_args):
+    """The tiny app without its safety checker (tests/unit/test_safety.py covers that)."""
+    return {key: value for key, value in tiny_args.items() if key != "safety"}
+
+
+@pytest.fixture
 def config(tiny_args):
     return load_app_config(tiny_args)
 
