@@ -3,10 +3,11 @@
 
 import asyncio
 import logging
+from importlib import resources
 from typing import Annotated, Any, Awaitable, TypeVar
 
 from fastapi import FastAPI, Form, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from ray import serve
 
@@ -37,6 +38,8 @@ from serve_app.security import GateMiddleware, GateSettings, api_keys_from
 from serve_app.serving import ImagesService
 
 T = TypeVar("T")
+
+PLAYGROUND_HTML = resources.files("serve_app").joinpath("static/playground.html").read_text("utf-8")
 
 
 class _MultipartAlias:
@@ -193,6 +196,11 @@ class ImagesIngress:
                                            self.config.ingress.retry_after_s)
         return Response(content=data, media_type=content_type,
                         headers={"Cache-Control": "private, max-age=3600"})
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground(self) -> HTMLResponse:
+        """The playground: a page to try every route from a browser (plain HTML and JS)."""
+        return HTMLResponse(PLAYGROUND_HTML, headers={"Cache-Control": "no-cache"})
 
     @api.get("/v1/models", response_model=ModelList)
     async def list_models(self) -> ModelList:

@@ -16,8 +16,9 @@ from serve_app.errors import APIError
 
 API_KEYS_ENV = "SERVE_APP_API_KEYS"
 
-# Open without a key: health probes and the API's own description.
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
+# Open without a key: health probes, the API's own description and the playground page
+# (which holds no data: it asks for a key and sends it with its API calls).
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"})
 # Stored images: their unguessable id is the credential, so links work in an <img> tag.
 OPEN_PREFIXES = ("/v1/images/files/",)
 
