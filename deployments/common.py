@@ -27,7 +27,7 @@ from deployments.batching import (
 from deployments.errors import InvalidJobError
 from deployments.jobs import PipelineSpec
 from deployments.metrics import ReplicaMetrics
-from deployments.previews import current_sink, emit_previews, sink_for
+from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
 from deployments.tiny import materialize_tiny
 
 logger = logging.getLogger("ray.serve")
@@ -106,6 +106,20 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     return pipe, device
 
 
+def load_preview_decoder(spec: PipelineSpec, device: str):
+    """The tiny autoencoder (``AutoencoderTiny``: TAESD, TAESDXL) that decodes stream previews."""
+    from diffusers import AutoencoderTiny
+
+    _, dtype = select_device(spec)
+    source = resolve_source(spec.preview_decoder)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if Path(source).is_dir():
+        kwargs["local_files_only"] = True
+    decoder = AutoencoderTiny.from_pretrained(source, **kwargs).to(device).eval()
+    logger.info("%s: stream previews decoded by %s", spec.name, spec.preview_decoder)
+    return decoder
+
+
 def generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
     """One CPU generator per image, so image i depends only on its own seed.
 
@@ -133,6 +147,7 @@ class PipelineDeployment:
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
         self.pipe, self.device = self.load(spec)
+        self.preview_decoder = load_preview_decoder(spec, self.device) if spec.preview_decoder else None
         self.metrics = ReplicaMetrics(spec.name) if serve_metrics_available() else None
         self.batcher = Batcher(
             self._run_group,
@@ -193,7 +208,10 @@ class PipelineDeployment:
         metrics = self.metrics
 
         streams = any(entry.preview is not None for entry in entries)
-        space = "sdxl" if self.spec.family.startswith("sdxl") else "sd"
+        if self.preview_decoder is not None:
+            to_rgb = self._decode_previews
+        else:
+            to_rgb = linear_previews("sdxl" if self.spec.family.startswith("sdxl") else "sd")
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             stats.steps += 1
@@ -202,10 +220,17 @@ class PipelineDeployment:
             if batch_cancelled(entries):
                 raise PipelineCancelled(f"{self.spec.name}: all callers gone at step {step}")
             if streams and "latents" in callback_kwargs:
-                emit_previews(entries, callback_kwargs["latents"], step, pipe.num_timesteps, space)
+                emit_previews(entries, callback_kwargs["latents"], step, pipe.num_timesteps, to_rgb)
             return {}
 
         return on_step_end
+
+    def _decode_previews(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents -> uint8 RGB at full resolution through the tiny autoencoder (TAESD takes
+        the UNet's latents as they are: its scaling factor is 1)."""
+        decoder = self.preview_decoder
+        pixels = decoder.decode(latents.to(decoder.device, decoder.dtype)).sample
+        return to_uint8(((pixels.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy())
 
     def _legacy_step_callback(self, entries: list[BatchEntry]):
         """The older ``callback(step, timestep, latents)`` of the upscale pipelines."""

@@ -43,6 +43,7 @@ class PipelineSpec:
     cpu_threads: int | None = None
     max_batch_images: int = 8
     batch_wait_timeout_s: float = 0.0
+    preview_decoder: str | None = None  # a tiny autoencoder for stream previews
 
 
 @dataclass(frozen=True)

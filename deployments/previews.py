@@ -1,7 +1,9 @@
 """Cheap previews of a generation in progress, for streamed partial images.
 
-A preview is a linear projection of the latents to RGB (no VAE decode): a 4x3 matrix and a
-bias per latent space, at the latent's resolution. The ingress scales it to the output size.
+By default a preview is a linear projection of the latents to RGB (no VAE decode): a 4x3
+matrix and a bias per latent space, at the latent's resolution. A model configured with a
+``preview_decoder`` decodes previews with that tiny autoencoder (TAESD) instead, at full
+resolution. The ingress scales a preview to the output size.
 """
 
 from __future__ import annotations
@@ -64,13 +66,22 @@ def sink_for(queue: asyncio.Queue, partial_images: int) -> PreviewSink:
     return PreviewSink(partial_images, send)
 
 
-def emit_previews(entries: list[Any], latents: Any, step: int, total_steps: int, space: str) -> None:
-    """From the step callback (worker thread): send each streamed job its due previews."""
+def linear_previews(space: str) -> Callable[[Any], np.ndarray]:
+    """Latent rows (a tensor) -> uint8 RGB previews by the linear projection of ``space``."""
+    return lambda rows: latents_to_rgb(rows.float().cpu().numpy(), space)
+
+
+def emit_previews(entries: list[Any], latents: Any, step: int, total_steps: int,
+                  to_rgb: Callable[[Any], np.ndarray]) -> None:
+    """From the step callback (worker thread): send each streamed job its due previews.
+
+    ``to_rgb`` turns latent rows (N, 4, h, w) into uint8 images (N, H, W, 3).
+    """
     offset = 0
     for entry in entries:
         sink = entry.preview
         if sink is not None and step in preview_steps(total_steps, sink.partial_images):
-            rows = latents[offset : offset + entry.images].float().cpu().numpy()
-            sink.send(sink.sent, latents_to_rgb(rows, space)[0])
+            rows = latents[offset : offset + entry.images][:1]  # the job's first image
+            sink.send(sink.sent, to_rgb(rows)[0])
             sink.sent += 1
         offset += entry.images

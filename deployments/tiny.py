@@ -22,7 +22,7 @@ from pathlib import Path
 TINY_VERSION = "2"
 
 TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan",
-                 "safety-checker")
+                 "safety-checker", "taesd")
 
 # Families whose weights are one spandrel-loadable file rather than a diffusers folder.
 SINGLE_FILE_FAMILIES = ("esrgan",)
@@ -220,9 +220,25 @@ def build_tiny_pipeline(family: str):
         )
     if family == "sd-x2-latent-upscaler":
         return _latent_upscaler()
+    if family == "taesd":
+        return _taesd()
     if family == "sd-x4-upscaler":
         return _x4_upscaler()
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+
+
+def _taesd():
+    """A tiny AutoencoderTiny (TAESD's architecture, 8 channels a block): stream previews."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(_SEED)
+    return AutoencoderTiny(
+        encoder_block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        num_encoder_blocks=(1, 1, 1, 1),
+        num_decoder_blocks=(1, 1, 1, 1),
+    ).eval()
 
 
 def _latent_upscaler():

@@ -216,6 +216,12 @@ class ModelConfig(_Served):
         default=False, description="CUDA only: diffusers model CPU offload to save GPU memory."
     )
     compile: bool = Field(default=False, description="CUDA only: torch.compile the UNet.")
+    preview_decoder: str | None = Field(
+        default=None,
+        description="Tiny autoencoder for streamed previews (madebyollin/taesd for SD 2.1, "
+        "madebyollin/taesdxl for SDXL, a local folder, or 'tiny:taesd'); default: a linear "
+        "latent-to-RGB projection.",
+    )
     cpu_threads: int | None = Field(
         default=None,
         ge=1,
@@ -233,6 +239,11 @@ class ModelConfig(_Served):
                 f"(use 'tiny:{self.family}')"
             )
         caps = self.capabilities
+        if self.preview_decoder is not None:
+            if "text-to-image" not in caps:
+                raise ValueError(f"preview_decoder: family {self.family} does not stream previews")
+            if self.preview_decoder.startswith("tiny:") and self.preview_decoder != "tiny:taesd":
+                raise ValueError("preview_decoder: the tiny one is 'tiny:taesd'")
         if "text-to-image" in caps and (self.defaults.size is None or not self.limits.sizes):
             raise ValueError(f"family {self.family} needs defaults.size and limits.sizes")
         if "upscale" in caps and self.limits.max_input_pixels is None:
@@ -273,6 +284,7 @@ class ModelConfig(_Served):
             cpu_threads=self.cpu_threads,
             max_batch_images=self.batching.max_batch_images,
             batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
+            preview_decoder=self.preview_decoder,
         )
 
 

@@ -244,3 +244,21 @@ def test_streaming_yields_previews_then_the_result(sd):
         assert final[0] == "final" and isinstance(final[1], StageResult)
         assert final[1].output.shape == (1, 96, 128, 3)
     assert preview_steps(8, 3) == [1, 3, 5] and preview_steps(1, 2) == [] and preview_steps(4, 0) == []
+
+
+def test_a_preview_decoder_gives_full_resolution_previews():
+    from diffusers import AutoencoderTiny
+
+    sd = StableDiffusionDeployment(PipelineSpec(name="sd", family="sd21", source="tiny:sd21",
+                                                preview_decoder="tiny:taesd"))
+    assert isinstance(sd.preview_decoder, AutoencoderTiny)
+
+    async def collect():
+        return [event async for event in sd.stream(
+            "text_to_image", job([7], steps=6, width=128, height=96), partial_images=2)]
+
+    *partials, final = asyncio.run(collect())
+    # TAESD decodes at the image's own resolution, not the latent's (12x16).
+    assert [e[2].shape for e in partials] == [(96, 128, 3)] * 2
+    assert all(e[2].dtype == np.uint8 and e[2].std() > 0 for e in partials)
+    assert final[1].output.shape == (1, 96, 128, 3)

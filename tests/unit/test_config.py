@@ -173,3 +173,17 @@ def test_every_family_has_a_deployment_class():
         cls = deployment_class(family)
         assert hasattr(cls, "upscale" if "upscale" in FAMILY_CAPABILITIES[family] else "ready")
     assert hasattr(deployment_class("safety-checker"), "check")
+
+
+def test_preview_decoder_only_where_previews_stream(tiny_args):
+    args = copy.deepcopy(tiny_args)
+    upscaler = next(m for m in args["models"] if m["family"] == "esrgan")
+    upscaler["preview_decoder"] = "tiny:taesd"
+    with pytest.raises(ConfigError, match="preview_decoder"):
+        load_app_config(args)
+    args = copy.deepcopy(tiny_args)
+    args["models"][0]["preview_decoder"] = "tiny:sd21"
+    with pytest.raises(ConfigError, match="tiny:taesd"):
+        load_app_config(args)
+    config = load_app_config(tiny_args)
+    assert config.model("stable-diffusion-xl").pipeline_spec().preview_decoder == "tiny:taesd"
