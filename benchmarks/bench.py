@@ -6,7 +6,10 @@
    batch sizes 1, 2, 4 and 8: latency and images/s, and its own batch gain.
 2. The served path: the SD 2.1 deployment of configs/tiny.yaml behind the ingress, driven
    over HTTP at concurrency 1, 4 and 16, with batching on and then off
-   (max_batch_images 1): images/s and p50/p99 latency.
+   (max_batch_images 1): images/s and p50/p99 latency. The safety checker is left out here,
+   so these figures measure the model's path alone.
+3. At concurrency 1, bare and served calls alternated, plus the same served call through
+   a second app that has the tiny profile's safety checker: what the check costs.
 
 Writes ``tiny-cpu.md`` (a markdown table) and ``tiny-cpu.png`` (a plot) to ``--out``.
 Benchmarks measure; nothing here asserts.
@@ -33,12 +36,16 @@ SIZE = 512
 PROMPT = "a lighthouse at dusk"
 
 
-def tiny_args(max_batch_images: int) -> dict:
-    """configs/tiny.yaml with only the SD 2.1 model, batching as given."""
+def tiny_args(max_batch_images: int, safety: bool = False) -> dict:
+    """configs/tiny.yaml with only the SD 2.1 model, batching as given, and its safety
+    checker only when asked."""
     args = load_serve_config(ROOT / "configs" / "tiny.yaml")["applications"][0]["args"]
     model = next(m for m in args["models"] if m["name"] == MODEL)
     model = {**model, "batching": {**model["batching"], "max_batch_images": max_batch_images}}
-    return {**args, "models": [model], "chains": [], "default_upscaler": None}
+    args = {**args, "models": [model], "chains": [], "default_upscaler": None}
+    if not safety:
+        args.pop("safety", None)
+    return args
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,12 +123,14 @@ async def drive(url: str, concurrency: int, total: int) -> dict:
     }
 
 
-def interleaved_c1(url: str, bare_call, rounds: int = 4, samples: int = 6) -> dict[str, float]:
+def interleaved_c1(url: str, checked_url: str, bare_call, rounds: int = 4, samples: int = 6) -> dict[str, float]:
     """Concurrency 1, bare and served calls alternated so that the machine's drift hits both
-    alike (this VM's speed varies by tens of percent from minute to minute)."""
+    alike (this VM's speed varies by tens of percent from minute to minute). ``checked_url``
+    serves the same model with the safety checker."""
     import httpx
 
-    times: dict[str, list[float]] = {"bare": [], "served_png": [], "served_jpeg": []}
+    times: dict[str, list[float]] = {"bare": [], "served_png": [], "served_jpeg": [],
+                                     "served_png_checked": []}
     payload = {"prompt": PROMPT, "model": MODEL, "size": f"{SIZE}x{SIZE}", "seed": 1}
     with httpx.Client(timeout=300) as client:
         calls = {
@@ -130,6 +139,8 @@ def interleaved_c1(url: str, bare_call, rounds: int = 4, samples: int = 6) -> di
             "served_jpeg": lambda: client.post(
                 f"{url}/v1/images/generations", json={**payload, "output_format": "jpeg"}
             ).raise_for_status(),
+            "served_png_checked": lambda: client.post(
+                f"{checked_url}/v1/images/generations", json=payload).raise_for_status(),
         }
         for call in calls.values():
             call()  # warm
@@ -165,7 +176,9 @@ def bench_served(total: int, steps: int) -> dict[str, dict]:
 
     results: dict[str, dict] = {}
     with run_local(ROOT / "configs" / "tiny.yaml", args_override=tiny_args(8)) as url:
-        results["c1"] = interleaved_c1(url, bare_call_factory(steps))
+        serve.run(build_app(tiny_args(8, safety=True)), name="checked", route_prefix="/checked")
+        results["c1"] = interleaved_c1(url, f"{url}/checked", bare_call_factory(steps))
+        serve.delete("checked")
         print(f"interleaved c=1: {results['c1']}", flush=True)
         for label, batch in (("batched", 8), ("unbatched", 1)):
             if label == "unbatched":
@@ -203,12 +216,16 @@ def write_report(bare: dict, served: dict, steps: int, out: Path) -> Path:
         "",
         "Concurrency 1, bare and served calls alternated in the same minutes (medians):",
         "",
-        "| bare pipeline | served, png | served, jpeg |",
-        "| --- | --- | --- |",
-        f"| {c1['bare'] * 1000:.0f} ms | {c1['served_png'] * 1000:.0f} ms | {c1['served_jpeg'] * 1000:.0f} ms |",
+        "| bare pipeline | served, png | served, jpeg | served, png, safety checker |",
+        "| --- | --- | --- | --- |",
+        f"| {c1['bare'] * 1000:.0f} ms | {c1['served_png'] * 1000:.0f} ms | {c1['served_jpeg'] * 1000:.0f} ms "
+        f"| {c1['served_png_checked'] * 1000:.0f} ms |",
         "",
         f"- Served p50 at concurrency 1 minus bare p50: {(c1['served_png'] - c1['bare']) * 1000:+.0f} ms "
         f"with PNG output, {(c1['served_jpeg'] - c1['bare']) * 1000:+.0f} ms with JPEG (target: within 15 ms).",
+        f"- The safety checker (tiny, CPU) at concurrency 1: "
+        f"{(c1['served_png_checked'] - c1['served_png']) * 1000:+.0f} ms, "
+        f"{c1['served_png_checked'] / c1['served_png']:.2f}x the served latency without it.",
         f"- Served images/s at concurrency 16 / bare best batched images/s (batch {best_batch}): "
         f"{c16 / best:.2f} (target: >= 0.90).",
         f"- Gain from batching, served at concurrency 16: "
