@@ -68,6 +68,20 @@ def image_size(driver, img):
     return driver.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", img)
 
 
+def results_of(driver, count):
+    """Wait until the page shows ``count`` finished images; returns (results element,
+    [(width, height) of each image])."""
+    from selenium.webdriver.common.by import By
+
+    results = driver.find_element(By.ID, "results")
+    wait_for(driver, lambda d: results.get_attribute("data-completed") == str(count))
+    images = results.find_elements(By.TAG_NAME, "img")
+    assert len(images) == count
+    for img in images:
+        wait_for(driver, lambda d: image_size(d, img)[0] > 0)
+    return results, [tuple(image_size(driver, img)) for img in images]
+
+
 def open_page(driver, base_url):
     from selenium.webdriver.common.by import By
 
@@ -89,13 +103,10 @@ def test_playground_generates_with_live_previews(browser, base_url):
     browser.find_element(By.ID, "seed").send_keys("0")
     browser.find_element(By.ID, "submit").click()
 
-    results = browser.find_element(By.ID, "results")
-    wait_for(browser, lambda d: results.get_attribute("data-completed") == "1")
+    results, sizes = results_of(browser, 1)
     # Two previews were shown from the stream before the final image replaced them.
     assert results.get_attribute("data-partials") == "2"
-    (img,) = results.find_elements(By.TAG_NAME, "img")
-    wait_for(browser, lambda d: image_size(d, img)[0] > 0)
-    assert image_size(browser, img) == [256, 256]
+    assert sizes == [(256, 256)]
     caption = results.find_element(By.TAG_NAME, "figcaption").text
     assert "seed 0" in caption and "256x256" in caption
     assert "Done: 1 image(s), 256x256" in browser.find_element(By.ID, "status").text
@@ -119,13 +130,8 @@ def test_playground_upscales_an_uploaded_image(browser, base_url, tmp_path):
     browser.find_element(By.ID, "n").send_keys("2")
     browser.find_element(By.ID, "submit").click()
 
-    results = browser.find_element(By.ID, "results")
-    wait_for(browser, lambda d: results.get_attribute("data-completed") == "2")
-    images = results.find_elements(By.TAG_NAME, "img")
-    assert len(images) == 2
-    for img in images:
-        wait_for(browser, lambda d: image_size(d, img)[0] > 0)
-        assert image_size(browser, img) == [128, 96]
+    _, sizes = results_of(browser, 2)
+    assert sizes == [(128, 96)] * 2
     screenshot(browser, "playground-upscale")
 
 
@@ -153,9 +159,6 @@ def test_playground_edits_an_uploaded_image_with_previews(browser, base_url, tmp
     browser.find_element(By.ID, "prompt").send_keys("the same scene in snow")
     browser.find_element(By.ID, "submit").click()
 
-    results = browser.find_element(By.ID, "results")
-    wait_for(browser, lambda d: results.get_attribute("data-completed") == "1")
+    results, sizes = results_of(browser, 1)
     assert results.get_attribute("data-partials") == "2"
-    (img,) = results.find_elements(By.TAG_NAME, "img")
-    wait_for(browser, lambda d: image_size(d, img)[0] > 0)
-    assert image_size(browser, img) == [264, 200]  # the input's size, multiples of 8
+    assert sizes == [(264, 200)]  # the input's size, multiples of 8
