@@ -2,7 +2,8 @@
 
 One deployment (one replica) that every ingress replica calls, so an image stored through
 one ingress replica is served by any other. Images live ``ttl_s`` seconds; when the total
-size passes ``max_bytes`` the oldest go first. Backends: ``memory`` (in this replica), or
+size passes ``max_bytes`` the oldest go first. With an fsspec backend, a restarted store
+replica finds the images already stored there. Backends: ``memory`` (in this replica), or
 any fsspec URL (a local directory, ``s3://bucket/prefix`` with s3fs installed, ...).
 Ids are 32 random bytes, URL-safe: unguessable.
 """
@@ -57,6 +58,37 @@ class ImageStore:
 
             self._fs, self._root = fsspec.core.url_to_fs(spec.backend)
             self._fs.makedirs(self._root, exist_ok=True)
+            self._recover()
+
+    def _recover(self) -> None:
+        """Rebuild the index from the backend, so that images stored before this replica
+        (re)started stay downloadable until they expire. Each image has a ``<id>.json``
+        beside it with its content type and expiry; a file without its partner (a write cut
+        short) is removed."""
+        found: list[tuple[float, str, _Entry]] = []
+        names = {path.rsplit("/", 1)[-1]: info for path, info in self._fs.find(self._root, detail=True).items()}
+        for name, info in names.items():
+            image_id = name.removesuffix(".json")
+            partner = image_id if name.endswith(".json") else f"{name}.json"
+            if not valid_id(image_id) or partner not in names:
+                self._fs.rm(info["name"])
+                continue
+            if not name.endswith(".json"):
+                continue
+            try:
+                with self._fs.open(info["name"], "r") as handle:
+                    meta = json.load(handle)
+                entry = _Entry(int(names[image_id]["size"]), str(meta["content_type"]),
+                               float(meta["expires"]))
+            except (ValueError, KeyError, TypeError):  # an unreadable index file
+                self._fs.rm([info["name"], names[image_id]["name"]])
+                continue
+            found.append((entry.expires, image_id, entry))
+        for _, image_id, entry in sorted(found):  # oldest first, as they were stored
+            self._entries[image_id] = entry
+            self._bytes += entry.size
+        self._expire()
+        self._evict()
 
     def _path(self, image_id: str) -> str:
         return f"{self._root.rstrip('/')}/{image_id}"
@@ -75,9 +107,13 @@ class ImageStore:
                 json.dump({"content_type": content_type, "expires": entry.expires}, handle)
         self._entries[image_id] = entry
         self._bytes += entry.size
+        self._evict()
+        return image_id
+
+    def _evict(self) -> None:
+        """Drop the oldest images while the total is over ``max_bytes`` (the newest stays)."""
         while self._bytes > self.spec.max_bytes and len(self._entries) > 1:
             self._drop(next(iter(self._entries)))
-        return image_id
 
     def get(self, image_id: str) -> tuple[bytes, str] | None:
         """(bytes, content type), or None when unknown or expired."""

@@ -57,3 +57,35 @@ def test_unknown_and_malformed_ids(store_factory):
 def test_ids_are_unguessable():
     ids = {new_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 43 for i in ids)
+
+
+def test_a_restarted_store_finds_what_the_backend_holds(tmp_path):
+    backend = f"file://{tmp_path}/images"
+    clock = Clock()
+    before = ImageStore(StoreSpec(backend=backend, ttl_s=60, max_bytes=10), clock=clock)
+    old = before.put(b"aaaa", "image/png")
+    clock.now += 30
+    kept = before.put(b"bbbb", "image/jpeg")
+    newest = before.put(b"cc", "image/webp")
+    (tmp_path / "images" / (new_id() + ".json")).write_text("{}")  # a write cut short
+    broken = new_id()
+    (tmp_path / "images" / broken).write_bytes(b"zz")
+    (tmp_path / "images" / (broken + ".json")).write_text("not json")
+    clock.now += 31  # `old` has expired; the others have not
+
+    after = ImageStore(StoreSpec(backend=backend, ttl_s=60, max_bytes=10), clock=clock)
+    assert after.get(old) is None
+    assert after.get(kept) == (b"bbbb", "image/jpeg") and after.get(newest) == (b"cc", "image/webp")
+    assert after.total_bytes == 6
+    # Expired images and half-written ones are gone from the backend too.
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == sorted(
+        [kept, kept + ".json", newest, newest + ".json"])
+    # The recovered order is the stored order: the oldest goes first when space runs out.
+    after.put(b"dddddd", "image/png")
+    assert after.get(kept) is None and after.get(newest) is not None
+
+
+def test_a_restarted_memory_store_starts_empty():
+    first = ImageStore(StoreSpec())
+    image_id = first.put(b"x", "image/png")
+    assert ImageStore(StoreSpec()).get(image_id) is None
