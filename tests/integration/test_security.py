@@ -63,6 +63,13 @@ def test_health_is_open_without_a_key(secure_url):
     assert httpx.get(f"{secure_url}/health", timeout=30).status_code == 200
 
 
+def test_the_playground_page_is_open_but_its_calls_need_the_key(secure_url):
+    page = httpx.get(f"{secure_url}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Authorization" in page.text  # the page sends the key it is given
+    assert httpx.get(f"{secure_url}/v1/models", timeout=30).status_code == 401
+
+
 def test_upload_over_the_byte_limit_is_413(secure_url):
     response = upscale(secure_url, files={"image": ("big.png", png(300, 300, noise=True), "image/png")})
     assert response.status_code == 413
