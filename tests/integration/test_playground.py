@@ -162,3 +162,21 @@ def test_playground_edits_an_uploaded_image_with_previews(browser, base_url, tmp
     results, sizes = results_of(browser, 1)
     assert results.get_attribute("data-partials") == "2"
     assert sizes == [(264, 200)]  # the input's size, multiples of 8
+
+
+def test_playground_generates_then_upscales_without_streaming(browser, base_url):
+    from selenium.webdriver.support.ui import Select
+
+    By = open_page(browser, base_url)
+    browser.find_element(By.ID, "prompt").send_keys("a harbour")
+    size = browser.find_element(By.ID, "size")
+    size.clear()
+    size.send_keys("256x256")
+    upscalers = Select(browser.find_element(By.ID, "upscale"))
+    assert {o.get_attribute("value") for o in upscalers.options} >= {"", "esrgan-x2"}
+    upscalers.select_by_value("esrgan-x2")
+    browser.find_element(By.ID, "submit").click()
+
+    results, sizes = results_of(browser, 1)
+    assert sizes == [(512, 512)]  # 256x256 then ESRGAN x2
+    assert results.get_attribute("data-partials") == "0"  # a chain does not stream
