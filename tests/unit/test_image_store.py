@@ -66,12 +66,13 @@ def test_a_restarted_store_finds_what_the_backend_holds(tmp_path):
     old = before.put(b"aaaa", "image/png")
     clock.now += 30
     kept = before.put(b"bbbb", "image/jpeg")
+    clock.now += 1  # stored order is expiry order: keep the two apart
     newest = before.put(b"cc", "image/webp")
     (tmp_path / "images" / (new_id() + ".json")).write_text("{}")  # a write cut short
     broken = new_id()
     (tmp_path / "images" / broken).write_bytes(b"zz")
     (tmp_path / "images" / (broken + ".json")).write_text("not json")
-    clock.now += 31  # `old` has expired; the others have not
+    clock.now += 30  # `old` has expired; the others have not
 
     after = ImageStore(StoreSpec(backend=backend, ttl_s=60, max_bytes=10), clock=clock)
     assert after.get(old) is None
