@@ -10,16 +10,17 @@ from tests.conftest import TINY_CONFIG
 
 
 @contextlib.contextmanager
-def side_app(config_path, base_url):
+def side_app(config_path, base_url, **args_override):
     """Deploy the first application of ``config_path`` beside the tiny app, on the same
-    Serve instance, until the block ends. Yields its base URL."""
+    Serve instance, until the block ends; ``args_override`` replaces top-level keys of its
+    ``args``. Yields its base URL."""
     from ray import serve
 
     from serve_app.app import build_app
 
     app = load_serve_config(config_path)["applications"][0]
-    serve.run(build_app(app["args"]), name=app["name"], route_prefix=app["route_prefix"],
-              blocking=False)
+    serve.run(build_app({**app["args"], **args_override}), name=app["name"],
+              route_prefix=app["route_prefix"], blocking=False)
     url = f"{base_url}{app['route_prefix']}"
     try:
         wait_healthy(url, timeout_s=120)

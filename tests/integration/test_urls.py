@@ -9,15 +9,25 @@ import pytest
 from PIL import Image
 from ray import serve
 
+from serve_app.launch import load_serve_config
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import side_app
 
 pytestmark = pytest.mark.integration
 
 
+CONFIG = REPO_ROOT / "tests" / "integration" / "urls.yaml"
+TTL_S = 25  # as in urls.yaml: long enough for a store replica to restart
+
+
 @pytest.fixture(scope="module")
-def urls_url(base_url):
-    with side_app(REPO_ROOT / "tests" / "integration" / "urls.yaml", base_url) as url:
+def urls_url(base_url, tmp_path_factory):
+    """The urls app, its store in a directory (an fsspec backend) so that it outlives the
+    store replica."""
+    args = load_serve_config(CONFIG)["applications"][0]["args"]
+    assert args["image_store"]["ttl_s"] == TTL_S
+    store = {**args["image_store"], "backend": f"file://{tmp_path_factory.mktemp('image-store')}"}
+    with side_app(CONFIG, base_url, image_store=store) as url:
         yield url
 
 
@@ -63,5 +73,37 @@ def test_unknown_and_expired_ids_are_404(urls_url):
                           files={"image": ("in.png", png(), "image/png")}, timeout=60)
     url = response.json()["data"][0]["url"]
     assert httpx.get(url, timeout=30).status_code == 200
-    time.sleep(6)  # the app's time-to-live is 5 s
+    time.sleep(TTL_S + 1)
     assert httpx.get(url, timeout=30).status_code == 404
+
+
+def store_replicas() -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("SERVE_REPLICA::urls#ImageStore")]
+
+
+def test_images_outlive_a_restarted_store_replica(urls_url):
+    import ray
+
+    response = httpx.post(f"{urls_url}/v1/images/upscale", data={"response_format": "url"},
+                          files={"image": ("in.png", png(), "image/png")}, timeout=60)
+    url = response.json()["data"][0]["url"]
+    before = httpx.get(url, timeout=30)
+    assert before.status_code == 200
+    (victim,) = store_replicas()
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    # Serve starts a new store replica, which reads the index back from the directory.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and store_replicas() in ([], [victim]):
+        time.sleep(0.5)
+    after = None
+    while time.monotonic() < deadline:
+        after = httpx.get(url, timeout=30)
+        if after.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert store_replicas() != [victim]
+    assert after is not None and after.status_code == 200, after and after.text
+    assert after.content == before.content
