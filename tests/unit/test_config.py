@@ -42,8 +42,11 @@ def test_local_gpu_uses_real_weights_in_fp16_on_one_gpu():
         "esrgan-x2": "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
     }
     assert all(m.dtype == "float16" for m in config.models)
-    gpus = [m.deployment.num_gpus for m in config.models]
-    assert all(0 < g < 1 for g in gpus) and sum(gpus) <= 1.0
+    assert config.safety.source == "CompVis/stable-diffusion-safety-checker"
+    assert config.safety.dtype == "float16"
+    # Every model and the safety checker share the one GPU.
+    gpus = [m.deployment.num_gpus for m in config.models] + [config.safety.deployment.num_gpus]
+    assert all(0 < g < 1 for g in gpus) and sum(gpus) <= 1.0 + 1e-9
 
 
 def test_tiny_uses_tiny_sources_and_bounded_queues(tiny_args):
