@@ -200,18 +200,42 @@ class _Served(_Strict):
         return self
 
 
-class ModelConfig(_Served):
+class _WeightsReplica(_Strict):
+    """What every deployment that loads weights shares: where they come from, how the
+    replica runs them, and its batching and Ray options."""
+
+    revision: str | None = Field(default=None, description="Hub revision of the weights.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="dtype on CUDA; CPU replicas always run float32."
+    )
+    cpu_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPU replicas: torch threads (default: all cores; Ray alone would give "
+        "one thread per reserved CPU, a single thread for a fraction).",
+    )
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
+    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
+
+    @model_validator(mode="after")
+    def _batch_fits(self):
+        # A full batch of one-image requests must fit in what Serve lets a replica take on.
+        if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
+            raise ValueError(
+                f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must "
+                f"be at least batching.max_batch_images ({self.batching.max_batch_images})"
+            )
+        return self
+
+
+class ModelConfig(_Served, _WeightsReplica):
     """A pipeline served by its own deployment."""
 
     family: Family = Field(description="Pipeline family: sd21, sdxl or sdxl-refiner.")
     source: str = Field(
         min_length=1, description="Hub id, local folder, or 'tiny:<family>' for tiny random weights."
     )
-    revision: str | None = Field(default=None, description="Hub revision of the weights.")
     variant: str | None = Field(default=None, description="Weights variant, e.g. 'fp16'.")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        default="float16", description="dtype on CUDA; CPU replicas always run float32."
-    )
     cpu_offload: bool = Field(
         default=False, description="CUDA only: diffusers model CPU offload to save GPU memory."
     )
@@ -222,14 +246,6 @@ class ModelConfig(_Served):
         "madebyollin/taesdxl for SDXL, a local folder, or 'tiny:taesd'); default: a linear "
         "latent-to-RGB projection.",
     )
-    cpu_threads: int | None = Field(
-        default=None,
-        ge=1,
-        description="CPU replicas: torch threads (default: all cores; Ray alone would give "
-        "one thread per reserved CPU, a single thread for a fraction).",
-    )
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
-    deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
     @model_validator(mode="after")
     def _family_requirements(self) -> ModelConfig:
@@ -248,12 +264,6 @@ class ModelConfig(_Served):
             raise ValueError(f"family {self.family} needs defaults.size and limits.sizes")
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
-        # A full batch of one-image requests must fit in what Serve lets a replica take on.
-        if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
-            raise ValueError(
-                f"deployment.max_ongoing_requests ({self.deployment.max_ongoing_requests}) must "
-                f"be at least batching.max_batch_images ({self.batching.max_batch_images})"
-            )
         return self
 
     @property
@@ -293,6 +303,10 @@ class RefinerChainConfig(_Served):
 
     base: str = Field(description="Name of the sdxl model that denoises first.")
     refiner: str = Field(description="Name of the sdxl-refiner model that finishes.")
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return frozenset({"text-to-image"})  # a chain only generates from text
 
     @model_validator(mode="after")
     def _has_frac(self) -> RefinerChainConfig:
@@ -378,17 +392,13 @@ SAFETY_NAME = "SafetyChecker"
 RESERVED_NAMES = (INGRESS_NAME, STORE_NAME, SAFETY_NAME)
 
 
-class SafetyConfig(_Strict):
+class SafetyConfig(_WeightsReplica):
     """The optional safety checker: Stable Diffusion's NSFW classifier on every output."""
 
     source: str = Field(
         default="CompVis/stable-diffusion-safety-checker",
         min_length=1,
         description="Hub id or local folder of the checker's weights, or 'tiny:safety-checker'.",
-    )
-    revision: str | None = Field(default=None, description="Hub revision of the weights.")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        default="float16", description="dtype on CUDA; CPU replicas always run float32."
     )
     policy: Literal["flag", "blur", "reject"] = Field(
         default="blur",
@@ -401,8 +411,6 @@ class SafetyConfig(_Strict):
         description="Accept moderation 'low' (images are checked and marked but returned as "
         "made); false answers it with 400.",
     )
-    cpu_threads: int | None = Field(default=None, ge=1, description="CPU replicas: torch threads.")
-    batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=32)
     )
@@ -411,8 +419,6 @@ class SafetyConfig(_Strict):
     def _check(self) -> SafetyConfig:
         if self.source.startswith("tiny:") and self.source != "tiny:safety-checker":
             raise ValueError(f"source {self.source!r}: the tiny checker is 'tiny:safety-checker'")
-        if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
-            raise ValueError("deployment.max_ongoing_requests must be at least batching.max_batch_images")
         return self
 
     def pipeline_spec(self) -> PipelineSpec:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import json
 import time
 from typing import Any
@@ -16,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from deployments.batching import unwrap
-from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig
+from deployments.jobs import SafetyJob
+from serve_app.config import SAFETY_NAME, AppConfig
 from serve_app.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
@@ -129,7 +129,7 @@ class ImagesService:
                         _, index, pixels = event
                         if plan.check_previews:
                             checked = await self.handles[SAFETY_NAME].check.remote(
-                                dataclasses.replace(plan.safety, blur=True), pixels)
+                                SafetyJob(blur=True), pixels)
                             pixels = checked.output
                         b64 = await asyncio.to_thread(self._encode_preview, plan, pixels)
                         yield sse({"type": "image_generation.partial_image", "b64_json": b64,
@@ -213,9 +213,8 @@ class ImagesService:
                 for image_id, seed in zip(ids, plan.seeds)]
 
     def _card(self, entry) -> ModelCard:
-        caps = entry.capabilities if isinstance(entry, ModelConfig) else frozenset({"text-to-image"})
         return ModelCard(id=entry.name, created=self.created, owned_by=entry.owned_by,
-                         capabilities=sorted(caps))
+                         capabilities=sorted(entry.capabilities))
 
     def list_models(self) -> ModelList:
         """Answer ``GET /v1/models``: every served name (aliases are accepted, not listed)."""
