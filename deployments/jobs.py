@@ -10,24 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# What each pipeline family can do.
-FAMILY_CAPABILITIES: dict[str, frozenset[str]] = {
-    "sd21": frozenset({"text-to-image", "image-to-image", "inpaint"}),
-    "sdxl": frozenset({"text-to-image", "image-to-image", "inpaint"}),
-    # The refiner continues a base model's latents; it does not start from text alone.
-    "sdxl-refiner": frozenset({"refine"}),
-    # Upscalers; the latent upscaler also takes latents straight from SD (no VAE decode).
-    "sd-x2-latent-upscaler": frozenset({"upscale", "latent-input"}),
-    "sd-x4-upscaler": frozenset({"upscale"}),
-    "esrgan": frozenset({"upscale"}),
-}
-
-UPSCALE_FACTORS: dict[str, int] = {"sd-x2-latent-upscaler": 2, "sd-x4-upscaler": 4, "esrgan": 2}
-
-# Upscalers that run a diffusion process (prompt, steps, guidance and seed matter).
-DIFFUSION_UPSCALERS = frozenset({"sd-x2-latent-upscaler", "sd-x4-upscaler"})
-
-
 @dataclass(frozen=True)
 class PipelineSpec:
     """How a deployment loads its pipeline."""
@@ -38,12 +20,16 @@ class PipelineSpec:
     revision: str | None = None
     variant: str | None = None
     dtype: str = "float16"
+    cpu_dtype: str = "float32"
     cpu_offload: bool = False
     compile: bool = False
     cpu_threads: int | None = None
     max_batch_images: int = 8
     batch_wait_timeout_s: float = 0.0
     preview_decoder: str | None = None  # a tiny autoencoder for stream previews
+    vae: str | None = None  # a replacement VAE (same latent space)
+    vae_tiling: bool = False
+    vae_slicing: bool = False
 
 
 @dataclass(frozen=True)

@@ -6,33 +6,20 @@ with Ray options taken from the config, never from code.
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
+from deployments.families import family
 from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
 from serve_app.ingress import ImagesIngress
 
 
-# The deployment class of each pipeline family, imported only when a config uses it
-# (they pull in torch and diffusers; the ingress never needs them).
-DEPLOYMENT_CLASSES = {
-    "sd21": "deployments.stable_diffusion:StableDiffusionDeployment",
-    "sdxl": "deployments.sdxl:SDXLBaseDeployment",
-    "sdxl-refiner": "deployments.sdxl:SDXLRefinerDeployment",
-    "sd-x2-latent-upscaler": "deployments.latent_upscaler:LatentUpscalerDeployment",
-    "sd-x4-upscaler": "deployments.x4_upscaler:X4UpscalerDeployment",
-    "esrgan": "deployments.esrgan:ESRGANDeployment",
-    "safety-checker": "deployments.safety:SafetyCheckerDeployment",
-}
-
-
-def deployment_class(family: str):
-    """The deployment class of a pipeline family."""
-    module, _, name = DEPLOYMENT_CLASSES[family].partition(":")
-    return getattr(importlib.import_module(module), name)
+def deployment_class(name: str):
+    """The deployment class of a family, from the registry; imported only when a config
+    uses it (they pull in torch and diffusers; the ingress never needs them)."""
+    return family(name).deployment_class()
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:

