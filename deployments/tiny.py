@@ -1,13 +1,23 @@
-"""Tiny, seeded, random-weight pipelines of the real diffusers classes.
+"""Tiny, seeded, random-weight models derived from the real models' own configurations.
 
 A weights source ``tiny:<family>`` is turned into a local folder by :func:`materialize_tiny`:
 the components are built here from a fixed seed, written with ``save_pretrained``, and then
 loaded by the caller through the same ``from_pretrained`` path as real weights. Nothing here
 touches the network.
 
-Shapes keep their real meaning: the VAE downsamples by 8 so that ``512x512`` asks for a
-64x64 latent, exactly as Stable Diffusion does. Attention only sits at the lowest UNet
-resolution so that a 1024x1024 request stays well under a second per step on a small CPU.
+Every tiny model starts from the real model's configuration files, committed in
+``deployments/model_configs/`` (see the family registry), and changes only widths and
+depths: the keys in :data:`SHRINK_KEYS`. Everything that changes behaviour (prediction
+type, attention upcasting, added embeddings and their number of conditioning values, VAE
+scaling factor and upcasting, scheduler settings, pipeline flags such as
+``force_zeros_for_empty_prompt``, which text encoders exist, which UNet levels have
+attention but for the full-resolution one) is the real one, so a tiny test takes the real
+model's code paths. The parity test (tests/unit/test_tiny.py) lists every key that differs.
+
+The VAE keeps its spatial factor (8; 4 for the x4 upscaler) so that ``512x512`` asks for a
+64x64 latent, exactly as the real model does. VAEs are seeded by their latent space: SD 2.1
+and the x2 latent upscaler share one, SDXL base and refiner another, so latents handed to a
+model of the other space give other pixels.
 """
 
 from __future__ import annotations
@@ -16,20 +26,62 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
+from typing import Any
+
+from deployments.families import FAMILIES, family, load_attribute
 
 # Bump when the tiny architectures change, so stale caches are not reused.
-TINY_VERSION = "2"
+TINY_VERSION = "4"
 
-TINY_FAMILIES = ("sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler", "sd-x4-upscaler", "esrgan",
-                 "safety-checker", "taesd")
-
-# Families whose weights are one spandrel-loadable file rather than a diffusers folder.
-SINGLE_FILE_FAMILIES = ("esrgan",)
+TINY_FAMILIES = tuple(FAMILIES)
 
 _SEED = 0
 TINY_WEIGHTS_FILE = "model.pth"
 _TEXT_HIDDEN = 32
+
+# The keys a tiny model may change, per configuration class: widths and depths only.
+SHRINK_KEYS: dict[str, frozenset[str]] = {
+    "UNet2DConditionModel": frozenset({
+        "block_out_channels", "layers_per_block", "transformer_layers_per_block",
+        "attention_head_dim", "norm_num_groups",
+        # Attention leaves the full-resolution level only (SD 2.1 has it there): attention
+        # over every latent pixel costs the square of the area, seconds a step on a CPU.
+        # Every other level keeps the real block type.
+        "down_block_types", "up_block_types",
+        # Follow the tiny text encoders' widths (the number of conditioning values stays).
+        "cross_attention_dim", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
+        "time_cond_proj_dim",
+    }),
+    "AutoencoderKL": frozenset({
+        "block_out_channels", "layers_per_block", "norm_num_groups",
+        # The mid-block self-attention over every latent pixel: a depth, and the one
+        # layer whose cost grows with the square of the image area.
+        "mid_block_add_attention",
+    }),
+    "AutoencoderTiny": frozenset({
+        "encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
+        "num_decoder_blocks",
+    }),
+    "CLIPTextModel": frozenset({
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+        "projection_dim", "vocab_size",
+    }),
+    "CLIPVisionModel": frozenset({
+        "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+        "projection_dim", "image_size", "patch_size",
+    }),
+    "ESRGAN": frozenset({"num_filters", "num_blocks"}),
+    "CLIPImageProcessor": frozenset({"size", "crop_size"}),
+}
+SHRINK_KEYS["CLIPTextModelWithProjection"] = SHRINK_KEYS["CLIPTextModel"]
+# Keys that say who wrote a file, not what the model does.
+METADATA_KEYS = frozenset({
+    "_class_name", "_diffusers_version", "_name_or_path", "architectures", "torch_dtype",
+    "dtype", "transformers_version", "_use_default_values", "_commit_hash", "model_type",
+    "output_hidden_states", "return_dict", "use_cache",
+})
 
 
 def tiny_cache_root() -> Path:
@@ -40,19 +92,36 @@ def tiny_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "serve_app" / "tiny"
 
 
-def _tokenizer():
+def read_real_config(folder: str | Path, name: str) -> dict[str, Any]:
+    """A committed real configuration file, ``name`` relative to the family's folder."""
+    from deployments.families import MODEL_CONFIGS
+
+    return json.loads((MODEL_CONFIGS / folder / name).read_text())
+
+
+def _seed(key: str) -> None:
+    import torch
+
+    torch.manual_seed(zlib.crc32(key.encode()) if key else _SEED)
+
+
+def _tokenizer(pad_token: str = "<|endoftext|>"):
     from transformers import CLIPTokenizer
 
     # A byte-pair vocabulary over lowercase letters and a few merges: enough to tokenize
     # any prompt (unknown characters map to <|endoftext|>) and to exercise truncation.
+    # As in CLIP's real vocabulary, <|startoftext|> and <|endoftext|> are the last two
+    # ids: the real text encoder configs (eos_token_id 2) pool at the highest id.
     letters = "abcdefghijklmnopqrstuvwxyz0123456789"
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
+    vocab: dict[str, int] = {"!": 0}
     for ch in letters:
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
     merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("i", "n"), ("o", "n</w>")]
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
     return CLIPTokenizer(
         vocab=vocab,
         merges=merges,
@@ -60,302 +129,221 @@ def _tokenizer():
         unk_token="<|endoftext|>",
         bos_token="<|startoftext|>",
         eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        pad_token=pad_token,
     ), len(vocab)
 
 
-def _text_encoder(vocab_size: int, with_projection: bool, projection_dim: int = _TEXT_HIDDEN):
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(_SEED)
-    config = CLIPTextConfig(
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        hidden_size=_TEXT_HIDDEN,
-        intermediate_size=37,
-        layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=vocab_size,
-        max_position_embeddings=77,
-        hidden_act="gelu",
-        projection_dim=projection_dim,
-    )
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return cls(config).eval()
+def _scaled(widths: list[int], base: int) -> list[int]:
+    """Widths in the real model's proportions, the first one ``base``."""
+    return [max(base, round(w * base / widths[0])) for w in widths]
 
 
-def _vae(levels: int = 4, scaling_factor: float = 0.18215):
-    import torch
-    from diffusers import AutoencoderKL
+def shrink_unet(real: dict[str, Any], text_widths: list[int], real_text: list[dict]) -> dict:
+    """The real UNet config with tiny widths and depths.
 
-    # Same seed for every family: SD 2.1 and the x2 latent upscaler, and SDXL base and
-    # refiner, must share one latent space so latents can move between them.
-    torch.manual_seed(_SEED)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        # Four levels: a scale factor of 2**3 = 8, as in every Stable Diffusion VAE; the x4
-        # upscaler's VAE has three (a factor of 4), as the real one does.
-        block_out_channels=(4, 4, 8, 8)[:levels],
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=4,
-        sample_size=64,
-        scaling_factor=scaling_factor,
-        mid_block_add_attention=False,
-    ).eval()
-
-
-def _unet(**extra):
-    import torch
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(_SEED)
-    kwargs = dict(
-        sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16, 32),
-        layers_per_block=1,
-        # Cross-attention only at the lowest resolution (1/4 of the latent side).
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        attention_head_dim=(2, 4, 8),
-        use_linear_projection=True,
-        norm_num_groups=8,
-        cross_attention_dim=_TEXT_HIDDEN,
-    )
-    kwargs.update(extra)
-    return UNet2DConditionModel(**kwargs).eval()
+    ``text_widths`` are the tiny text encoders' hidden sizes (their hidden states are
+    concatenated into the cross-attention input), ``real_text`` the real encoders' configs.
+    """
+    config = dict(real)
+    k_blocks = real["down_block_types"][0].startswith("K")
+    # K-blocks normalise in groups of 32 channels: 32 is the smallest width they take.
+    widths = _scaled(list(real["block_out_channels"]), 32 if k_blocks else 8)
+    config["block_out_channels"] = widths
+    config["layers_per_block"] = 1
+    if isinstance(real.get("transformer_layers_per_block"), list):
+        config["transformer_layers_per_block"] = [1] * len(widths)
+    elif real.get("transformer_layers_per_block") is not None:
+        config["transformer_layers_per_block"] = 1
+    down, up = list(real["down_block_types"]), list(real["up_block_types"])
+    if down[0] == "CrossAttnDownBlock2D":
+        down[0], up[-1] = "DownBlock2D", "UpBlock2D"
+        config["down_block_types"], config["up_block_types"] = down, up
+    heads = real.get("attention_head_dim")
+    if k_blocks:
+        config["attention_head_dim"] = 8  # K-blocks read it as the width of a head
+    elif isinstance(heads, list):
+        # Read as a head count (diffusers' legacy naming): heads of 8 channels.
+        config["attention_head_dim"] = [max(1, w // 8) for w in widths]
+    elif heads is not None:
+        config["attention_head_dim"] = max(1, min(widths) // 8)
+    if real.get("norm_num_groups") is not None:
+        config["norm_num_groups"] = 8
+    config["cross_attention_dim"] = sum(text_widths)
+    if real.get("addition_time_embed_dim"):
+        # SDXL: the pooled projection of the last text encoder plus N size/crop (or
+        # aesthetic score) values of addition_time_embed_dim each; N stays the real one.
+        pooled = real_text[-1]["projection_dim"]
+        values = (real["projection_class_embeddings_input_dim"] - pooled) // real["addition_time_embed_dim"]
+        config["addition_time_embed_dim"] = 8
+        config["projection_class_embeddings_input_dim"] = values * 8 + text_widths[-1]
+    if real.get("time_cond_proj_dim"):
+        # x2 latent upscaler: a noise-level embedding plus the pooled text embedding.
+        config["time_cond_proj_dim"] = real["time_cond_proj_dim"] - real_text[-1]["hidden_size"] + text_widths[-1]
+    return config
 
 
-def build_tiny_pipeline(family: str):
-    """Build the tiny pipeline object for ``family`` (not yet saved)."""
-    from diffusers import (
-        DDIMScheduler,
-        EulerDiscreteScheduler,
-        StableDiffusionPipeline,
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLPipeline,
-    )
-
-    if family == "sd21":
-        tokenizer, vocab_size = _tokenizer()
-        # SD 2.1 is a v-prediction model with a DDIM scheduler; keep that.
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-            prediction_type="v_prediction",
-        )
-        return StableDiffusionPipeline(
-            vae=_vae(),
-            text_encoder=_text_encoder(vocab_size, with_projection=False),
-            tokenizer=tokenizer,
-            unet=_unet(),
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    if family in ("sdxl", "sdxl-refiner"):
-        tokenizer, vocab_size = _tokenizer()
-        scheduler = EulerDiscreteScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
-        text_encoder_2 = _text_encoder(vocab_size, with_projection=True)
-        time_dim = 8
-        if family == "sdxl":
-            # Base: two text encoders, hidden states concatenated (32 + 32), and six
-            # size/crop conditioning values plus the pooled projection (6 * 8 + 32).
-            unet = _unet(
-                addition_embed_type="text_time",
-                addition_time_embed_dim=time_dim,
-                projection_class_embeddings_input_dim=6 * time_dim + _TEXT_HIDDEN,
-                cross_attention_dim=2 * _TEXT_HIDDEN,
-            )
-            return StableDiffusionXLPipeline(
-                vae=_vae(),
-                text_encoder=_text_encoder(vocab_size, with_projection=False),
-                text_encoder_2=text_encoder_2,
-                tokenizer=tokenizer,
-                tokenizer_2=tokenizer,
-                unet=unet,
-                scheduler=scheduler,
-                force_zeros_for_empty_prompt=True,
-                add_watermarker=False,
-            )
-        # Refiner: only the second text encoder, and an aesthetic score instead of the
-        # target size (5 conditioning values), as in stable-diffusion-xl-refiner-1.0.
-        unet = _unet(
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_dim,
-            projection_class_embeddings_input_dim=5 * time_dim + _TEXT_HIDDEN,
-            cross_attention_dim=_TEXT_HIDDEN,
-        )
-        return StableDiffusionXLImg2ImgPipeline(
-            vae=_vae(),
-            text_encoder=None,
-            text_encoder_2=text_encoder_2,
-            tokenizer=None,
-            tokenizer_2=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            requires_aesthetics_score=True,
-            force_zeros_for_empty_prompt=False,
-            add_watermarker=False,
-        )
-    if family == "sd-x2-latent-upscaler":
-        return _latent_upscaler()
-    if family == "taesd":
-        return _taesd()
-    if family == "sd-x4-upscaler":
-        return _x4_upscaler()
-    raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+def shrink_vae(real: dict[str, Any]) -> dict[str, Any]:
+    config = dict(real)
+    config["block_out_channels"] = _scaled(list(real["block_out_channels"]), 4)
+    config["layers_per_block"] = 1
+    config["norm_num_groups"] = 4
+    config["mid_block_add_attention"] = False
+    return config
 
 
-def _taesd():
-    """A tiny AutoencoderTiny (TAESD's architecture, 8 channels a block): stream previews."""
-    import torch
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(_SEED)
-    return AutoencoderTiny(
-        encoder_block_out_channels=(8, 8, 8, 8),
-        decoder_block_out_channels=(8, 8, 8, 8),
-        num_encoder_blocks=(1, 1, 1, 1),
-        num_decoder_blocks=(1, 1, 1, 1),
-    ).eval()
+def shrink_text_encoder(real: dict[str, Any], vocab_size: int) -> dict[str, Any]:
+    config = dict(real)
+    config.update(hidden_size=_TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,
+                  num_hidden_layers=2, vocab_size=vocab_size)
+    if "projection_dim" in real:
+        config["projection_dim"] = _TEXT_HIDDEN
+    return config
 
 
-def _latent_upscaler():
-    import torch
-    from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline, UNet2DConditionModel
+def _from_config(cls_name: str, config: dict[str, Any], seed_key: str):
+    """A diffusers or transformers model of class ``cls_name`` from a config dict."""
+    _seed(seed_key)
+    if cls_name.startswith("CLIP"):
+        import transformers
+        from transformers import CLIPTextConfig
 
-    tokenizer, vocab_size = _tokenizer()
-    torch.manual_seed(_SEED)
-    # The k-diffusion UNet of sd-x2-latent-upscaler: noisy latents + 2x-upsampled image
-    # latents in (4 + 4), 5 channels out, Fourier time embedding conditioned on the noise
-    # level (128) and the pooled text embedding (32). Self-attention only in the last
-    # (lowest-resolution) block, as in the real config.
-    unet = UNet2DConditionModel(
-        act_fn="gelu",
-        attention_head_dim=8,
-        norm_num_groups=None,
-        # K-blocks normalise in groups of 32 channels: 32 is the smallest width they take.
-        block_out_channels=(32, 32, 64, 64),
-        time_cond_proj_dim=128 + _TEXT_HIDDEN,
-        conv_in_kernel=1,
-        conv_out_kernel=1,
-        cross_attention_dim=_TEXT_HIDDEN,
-        down_block_types=(
-            "KDownBlock2D",
-            "KCrossAttnDownBlock2D",
-            "KCrossAttnDownBlock2D",
-            "KCrossAttnDownBlock2D",
-        ),
-        in_channels=8,
-        mid_block_type=None,
-        only_cross_attention=False,
-        out_channels=5,
-        resnet_time_scale_shift="scale_shift",
-        time_embedding_type="fourier",
-        timestep_post_act="gelu",
-        up_block_types=("KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KCrossAttnUpBlock2D", "KUpBlock2D"),
-        layers_per_block=1,
-        sample_size=64,
-    ).eval()
-    scheduler = EulerDiscreteScheduler(prediction_type="sample", sigma_min=0.0292, sigma_max=14.6146)
-    return StableDiffusionLatentUpscalePipeline(
-        vae=_vae(),
-        text_encoder=_text_encoder(vocab_size, with_projection=False),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-    )
+        fields = {k: v for k, v in config.items() if k not in ("_name_or_path", "architectures")}
+        return getattr(transformers, cls_name)(CLIPTextConfig(**fields)).eval()
+    import diffusers
+
+    return getattr(diffusers, cls_name).from_config(config).eval()
 
 
-def _x4_upscaler():
-    import torch
-    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
+def build_pipeline_object(name: str):
+    """The tiny pipeline of family ``name`` (not yet saved), built from the real
+    ``model_index.json`` and component configs with :data:`SHRINK_KEYS` changed."""
+    import diffusers
+    import inspect
 
-    tokenizer, vocab_size = _tokenizer()
-    torch.manual_seed(_SEED)
-    # The UNet runs at the input's resolution on latents (4) + the noised low-res image
-    # (3); the noise level is a class embedding. Attention only at 1/8 of the input side.
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        in_channels=7,
-        out_channels=4,
-        block_out_channels=(8, 8, 16, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        attention_head_dim=8,
-        use_linear_projection=True,
-        norm_num_groups=8,
-        cross_attention_dim=_TEXT_HIDDEN,
-        num_class_embeds=1000,
-    ).eval()
-    return StableDiffusionUpscalePipeline(
-        vae=_vae(levels=3, scaling_factor=0.08333),
-        text_encoder=_text_encoder(vocab_size, with_projection=False),
-        tokenizer=tokenizer,
-        unet=unet,
-        low_res_scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.0001, beta_end=0.02),
-        scheduler=DDIMScheduler(
-            beta_schedule="scaled_linear",
-            beta_start=0.0001,
-            beta_end=0.02,
-            clip_sample=False,
-            set_alpha_to_one=False,
-            prediction_type="v_prediction",
-        ),
-        max_noise_level=350,
-    )
+    info = family(name)
+    index = read_real_config(info.real_config, "model_index.json")
+    components = {key: value for key, value in index.items() if isinstance(value, list)}
+    text_keys = [k for k in ("text_encoder", "text_encoder_2") if components.get(k, [None])[0]]
+    real_text = [read_real_config(info.real_config, f"{k}/config.json") for k in text_keys]
+    tokenizer, vocab_size = _tokenizer(_pad_token(info.real_config))
+    built: dict[str, Any] = {}
+    for key, (library, cls_name) in components.items():
+        if library is None:
+            built[key] = None
+        elif key.startswith("tokenizer"):
+            built[key] = tokenizer
+        elif key.endswith("scheduler"):
+            built[key] = getattr(diffusers, cls_name).from_config(
+                read_real_config(info.real_config, f"{key}/scheduler_config.json"))
+        elif key.startswith("text_encoder"):
+            real = read_real_config(info.real_config, f"{key}/config.json")
+            built[key] = _from_config(cls_name, shrink_text_encoder(real, vocab_size), key)
+        elif key == "unet":
+            real = read_real_config(info.real_config, "unet/config.json")
+            config = shrink_unet(real, [_TEXT_HIDDEN] * len(real_text), real_text)
+            built[key] = _from_config(cls_name, config, "unet")
+        elif key == "vae":
+            real = read_real_config(info.real_config, "vae/config.json")
+            built[key] = _from_config(cls_name, shrink_vae(real), f"vae-{info.latent_space}")
+        elif key == "feature_extractor":
+            # For a safety checker the tiny pipelines do not carry (requires_safety_checker
+            # is false in the real index too).
+            from transformers import CLIPImageProcessor
+
+            built[key] = CLIPImageProcessor()
+        else:
+            raise ValueError(f"{name}: no tiny stand-in for component {key} ({cls_name})")
+    pipeline_cls = getattr(diffusers, index["_class_name"])
+    # Pipeline flags of the real index (force_zeros_for_empty_prompt, max_noise_level, ...).
+    flags = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    if "add_watermarker" in inspect.signature(pipeline_cls.__init__).parameters:
+        flags["add_watermarker"] = False  # needs the invisible-watermark package
+    return pipeline_cls(**built, **flags)
 
 
-def build_tiny_esrgan(path: Path) -> None:
-    """Write a seeded small Real-ESRGAN x2plus-shaped RRDB net (pixel-unshuffle x2) as .pth."""
+def _pad_token(folder: str) -> str:
+    """The real tokenizer's padding token where its config is committed (SD pads with
+    ``<|endoftext|>`` or ``!`` depending on the text encoder)."""
+    from deployments.families import MODEL_CONFIGS
+
+    path = MODEL_CONFIGS / folder / "tokenizer" / "tokenizer_config.json"
+    if path.is_file():
+        pad = json.loads(path.read_text()).get("pad_token", "<|endoftext|>")
+        return pad["content"] if isinstance(pad, dict) else pad
+    return "<|endoftext|>"
+
+
+def build_tiny_pipeline(name: str):
+    """The tiny pipeline object of a diffusers pipeline family (not yet saved)."""
+    if family(name).layout != "pipeline":
+        raise ValueError(f"unknown tiny family {name!r}: not a diffusers pipeline")
+    return build_pipeline_object(name)
+
+
+def build_pipeline(name: str, folder: Path) -> None:
+    build_pipeline_object(name).save_pretrained(folder)
+
+
+def build_component(name: str, folder: Path) -> None:
+    """A single diffusers model (TAESD, TAESDXL, a replacement VAE) into ``folder``."""
+    info = family(name)
+    real = read_real_config(info.real_config, "config.json")
+    cls_name = real["_class_name"]
+    if cls_name == "AutoencoderKL":
+        config = shrink_vae(real)
+    elif cls_name == "AutoencoderTiny":
+        config = dict(real)
+        for key in ("encoder_block_out_channels", "decoder_block_out_channels"):
+            config[key] = [8] * len(real[key])
+        for key in ("num_encoder_blocks", "num_decoder_blocks"):
+            config[key] = [1] * len(real[key])
+    else:
+        raise ValueError(f"{name}: no tiny stand-in for {cls_name}")
+    # A replacement VAE is seeded as its latent space's VAE: the same weights.
+    key = f"vae-{info.latent_space}" if cls_name == "AutoencoderKL" else name
+    _from_config(cls_name, config, key).save_pretrained(folder)
+
+
+def build_esrgan(name: str, folder: Path) -> None:
+    """A seeded small Real-ESRGAN x2plus RRDB net (pixel-unshuffle x2) as ``model.pth``:
+    the real constructor arguments with fewer filters and blocks."""
     import torch
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    torch.manual_seed(_SEED)
-    model = ESRGAN(in_nc=3, out_nc=3, num_filters=8, num_blocks=1, scale=2, shuffle_factor=2)
-    torch.save(model.state_dict(), path)
+    kwargs = dict(read_real_config(family(name).real_config, "config.json")["spandrel_kwargs"])
+    kwargs.update(num_filters=8, num_blocks=1)
+    _seed("")
+    torch.save(ESRGAN(**kwargs).state_dict(), folder / TINY_WEIGHTS_FILE)
+
+
+def build_safety_checker(name: str, folder: Path) -> None:
+    build_tiny_safety_checker(folder)
 
 
 def tiny_safety_checker_parts():
     """A seeded StableDiffusionSafetyChecker (CLIP vision tower + projection) and the
-    CLIPImageProcessor that feeds it, at 32x32 pixels instead of 224x224."""
+    CLIPImageProcessor that feeds it: the real configs at 32x32 pixels instead of 224x224."""
     import torch
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPVisionConfig
+    from transformers import CLIPConfig, CLIPImageProcessor
 
-    torch.manual_seed(_SEED)
+    folder = family("safety-checker").real_config
+    real = read_real_config(folder, "config.json")
     small = dict(hidden_size=_TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,
                  num_hidden_layers=2)
-    config = CLIPConfig(
-        text_config=CLIPTextConfig(**small).to_dict(),
-        vision_config=CLIPVisionConfig(**small, image_size=32, patch_size=4).to_dict(),
-        projection_dim=16,
-    )
-    checker = StableDiffusionSafetyChecker(config).eval()
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    config = {k: v for k, v in real.items()
+              if k not in ("_name_or_path", "architectures", "text_config_dict", "vision_config_dict")}
+    # The legacy *_config_dict keys of the 2022 file override the full sub-configs.
+    config["text_config"] = {**real["text_config"], **real.get("text_config_dict", {}), **small}
+    config["vision_config"] = {**real["vision_config"], **real.get("vision_config_dict", {}), **small,
+                               "image_size": 32, "patch_size": 4}
+    config["projection_dim"] = 16
+    torch.manual_seed(_SEED)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(**config)).eval()
+    processor_config = read_real_config(folder, "preprocessor_config.json")
+    processor_config.update(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor_config.pop("feature_extractor_type", None)
+    processor = CLIPImageProcessor(**processor_config)
     return checker, processor
 
 
@@ -416,34 +404,29 @@ def build_tiny_safety_checker(path: Path) -> None:
     processor.save_pretrained(path)
 
 
-def materialize_tiny(family: str, root: Path | None = None) -> Path:
-    """Return a folder holding the tiny ``family`` model, building it on first use.
+def materialize_tiny(name: str, root: Path | None = None) -> Path:
+    """Return a folder holding the tiny model of family ``name``, building it on first use.
 
     Diffusers families get a pipeline folder (``model_index.json``); ``esrgan`` gets
     ``model.pth``; ``safety-checker`` a model folder laid out like
     CompVis/stable-diffusion-safety-checker (``config.json``, weights,
-    ``preprocessor_config.json``).
+    ``preprocessor_config.json``); components (TAESD, a replacement VAE) a model folder.
 
     Several replicas may start at once: each builds into a private temporary folder and
     renames it into place, so a reader never sees a half-written pipeline.
     """
-    if family not in TINY_FAMILIES:
-        raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+    if name not in TINY_FAMILIES:
+        raise ValueError(f"unknown tiny family {name!r}; known: {', '.join(TINY_FAMILIES)}")
     root = Path(root) if root is not None else tiny_cache_root()
-    target = root / f"{family}-v{TINY_VERSION}"
+    target = root / f"{name}-v{TINY_VERSION}"
     if (target / "tiny.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=root))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
     try:
-        if family in SINGLE_FILE_FAMILIES:
-            build_tiny_esrgan(staging / TINY_WEIGHTS_FILE)
-        elif family == "safety-checker":
-            build_tiny_safety_checker(staging)
-        else:
-            build_tiny_pipeline(family).save_pretrained(staging)
+        load_attribute(FAMILIES[name].tiny_builder)(name, staging)
         # Written last: its presence marks a complete folder.
-        (staging / "tiny.json").write_text(json.dumps({"family": family, "version": TINY_VERSION}))
+        (staging / "tiny.json").write_text(json.dumps({"family": name, "version": TINY_VERSION}))
         try:
             os.rename(staging, target)
         except OSError:
