@@ -15,8 +15,11 @@ batch's cost is its number of images, so each replica has its own :class:`Batche
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import dataclasses
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,12 +39,14 @@ class StageResult:
     steps: int = 0
     seconds: float = 0.0
     nsfw: tuple[bool, ...] | None = None  # the safety checker's flags, one per image
+    # When ``output`` is latents: the latent space they live in (deployments/families.py).
+    latent_space: str | None = None
 
     def plus(self, earlier: "StageResult | None") -> "StageResult":
         if earlier is None:
             return self
-        return StageResult(self.output, self.steps + earlier.steps, self.seconds + earlier.seconds,
-                           self.nsfw)
+        return dataclasses.replace(self, steps=self.steps + earlier.steps,
+                                   seconds=self.seconds + earlier.seconds)
 
 
 def unwrap(value: Any) -> tuple[Any, StageResult | None]:
@@ -99,8 +104,13 @@ class Batcher:
         max_batch_images: int,
         batch_wait_timeout_s: float = 0.0,
         on_batch: Callable[[int, list[float]], None] | None = None,
+        thread_name: str = "pipeline",
     ):
         self.run_group = run_group
+        # Every pipeline call of a replica runs on this one thread: CUDA graphs and
+        # compiled kernels belong to the thread that made them, and torch's CPU thread
+        # count is set per OS thread.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=thread_name)
         self.on_batch = on_batch
         self.max_batch_images = max_batch_images
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -167,7 +177,11 @@ class Batcher:
                 self.on_batch(sum(e.images for e in batch), [now - e.queued_at for e in batch])
             steps_before, started = self.stats.steps, time.perf_counter()
             try:
-                results = await asyncio.to_thread(self.run_group, batch[0].kind, batch)
+                # As asyncio.to_thread does: the call sees this task's context (request ids).
+                context = contextvars.copy_context()
+                results = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, context.run, self.run_group, batch[0].kind, batch
+                )
             except PipelineCancelled:
                 self.stats.cancelled_running += len(batch)
                 for entry in batch:

@@ -25,6 +25,7 @@ from deployments.batching import (
     batch_cancelled,
 )
 from deployments.errors import InvalidJobError
+from deployments.families import FAMILIES
 from deployments.jobs import PipelineSpec
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
@@ -54,7 +55,8 @@ def resolve_source(source: str) -> str:
 
 
 def select_device(spec: PipelineSpec) -> tuple[str, torch.dtype]:
-    """CUDA in the configured dtype when this replica has a GPU, else CPU in float32.
+    """CUDA in ``spec.dtype`` when this replica has a GPU, else CPU in ``spec.cpu_dtype``
+    (float32 by default; bfloat16 runs the half-precision paths on CPU).
 
     On CPU, torch gets ``spec.cpu_threads`` threads (default: every core): Ray sets
     OMP_NUM_THREADS to the replica's reserved CPUs, one thread for a fraction of a CPU,
@@ -62,13 +64,32 @@ def select_device(spec: PipelineSpec) -> tuple[str, torch.dtype]:
     """
     if torch.cuda.is_available():
         return "cuda", _DTYPES[spec.dtype]
-    if spec.dtype != "float32":
-        logger.info("%s: no GPU on this replica, running on CPU in float32", spec.name)
-    return "cpu", torch.float32
+    if spec.dtype != spec.cpu_dtype:
+        logger.info("%s: no GPU on this replica, running on CPU in %s", spec.name, spec.cpu_dtype)
+    return "cpu", _DTYPES[spec.cpu_dtype]
 
 
 def cpu_threads(spec: PipelineSpec) -> int:
     return spec.cpu_threads or os.cpu_count() or 1
+
+
+def _from_pretrained_kwargs(source: str, dtype: torch.dtype, revision: str | None = None,
+                            variant: str | None = None) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if revision:
+        kwargs["revision"] = revision
+    if variant:
+        kwargs["variant"] = variant
+    if Path(source).is_dir():
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
+# torch.compile of the UNet. No CUDA graphs ("reduce-overhead" records graphs that belong
+# to the thread that recorded them and to one shape each); dynamic shapes, so a new batch
+# size or image size does not recompile (Dynamo gives up after 8 recompiles).
+COMPILE_OPTIONS: dict[str, Any] = {"mode": "max-autotune-no-cudagraphs", "dynamic": True,
+                                   "fullgraph": True}
 
 
 def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
@@ -79,15 +100,20 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     """
     device, dtype = select_device(spec)
     source = resolve_source(spec.source)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    if spec.variant and device == "cuda":
-        kwargs["variant"] = spec.variant
-    if Path(source).is_dir():
-        kwargs["local_files_only"] = True
+    kwargs = _from_pretrained_kwargs(source, dtype, spec.revision,
+                                     spec.variant if device == "cuda" else None)
+    if spec.vae:
+        from diffusers import AutoencoderKL
+
+        vae_source = resolve_source(spec.vae)
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_source,
+                                                      **_from_pretrained_kwargs(vae_source, dtype))
     pipe = pipeline_cls.from_pretrained(source, **kwargs)
     pipe.set_progress_bar_config(disable=True)
+    if spec.vae_tiling:
+        pipe.vae.enable_tiling()
+    if spec.vae_slicing:
+        pipe.vae.enable_slicing()
     if device == "cuda":
         # PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -98,7 +124,7 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
         else:
             pipe.to(device)
         if spec.compile:
-            pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+            pipe.unet = torch.compile(pipe.unet, **COMPILE_OPTIONS)
     else:
         pipe.to(device)
     logger.info("%s: loaded %s from %s on %s (%s)", spec.name, pipeline_cls.__name__,
@@ -112,10 +138,8 @@ def load_preview_decoder(spec: PipelineSpec, device: str):
 
     _, dtype = select_device(spec)
     source = resolve_source(spec.preview_decoder)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if Path(source).is_dir():
-        kwargs["local_files_only"] = True
-    decoder = AutoencoderTiny.from_pretrained(source, **kwargs).to(device).eval()
+    decoder = AutoencoderTiny.from_pretrained(source, **_from_pretrained_kwargs(source, dtype))
+    decoder = decoder.to(device).eval()
     logger.info("%s: stream previews decoded by %s", spec.name, spec.preview_decoder)
     return decoder
 
@@ -146,6 +170,7 @@ class PipelineDeployment:
 
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
+        self.dtype = select_device(spec)[1]
         self.pipe, self.device = self.load(spec)
         self.preview_decoder = load_preview_decoder(spec, self.device) if spec.preview_decoder else None
         self.metrics = ReplicaMetrics(spec.name) if serve_metrics_available() else None
@@ -154,6 +179,7 @@ class PipelineDeployment:
             spec.max_batch_images,
             spec.batch_wait_timeout_s,
             on_batch=self.metrics.on_batch if self.metrics else None,
+            thread_name=f"{spec.name}-pipeline",
         )
 
     def load(self, spec: PipelineSpec):
@@ -166,7 +192,20 @@ class PipelineDeployment:
         StageResult, with the cost of earlier stages added."""
         count = len(job.seeds) if images is None else images
         result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get())
+        if getattr(job, "output_latents", False):
+            result = dataclasses.replace(result, latent_space=FAMILIES[self.spec.family].latent_space)
         return result.plus(carried)
+
+    def check_latents(self, latents: torch.Tensor, carried: StageResult | None) -> None:
+        """Latents handed over from another stage must be of this model's latent space:
+        another VAE's latents decode to wrong images without any error."""
+        mine = FAMILIES[self.spec.family].latent_space
+        theirs = carried.latent_space if carried is not None else None
+        if theirs is not None and theirs != mine:
+            raise InvalidJobError(
+                f"{self.spec.name} works in the {mine} latent space; it was handed "
+                f"{theirs} latents (hand over images instead)"
+            )
 
     async def stream(self, method: str, job, *inputs, partial_images: int = 0):
         """Run ``method`` (``text_to_image`` or ``image_to_image``) on one job, yielding
@@ -211,7 +250,7 @@ class PipelineDeployment:
         if self.preview_decoder is not None:
             to_rgb = self._decode_previews
         else:
-            to_rgb = linear_previews("sdxl" if self.spec.family.startswith("sdxl") else "sd")
+            to_rgb = linear_previews(FAMILIES[self.spec.family].latent_space)
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             stats.steps += 1
@@ -335,8 +374,10 @@ class ImageToImageMixin:
     inpaint_cls: Any = None
 
     def _init_image_pipelines(self) -> None:
-        self.img2img = self.img2img_cls.from_pipe(self.pipe)
-        self.inpaint = self.inpaint_cls.from_pipe(self.pipe)
+        # from_pipe casts every shared module to its dtype argument, float32 by default:
+        # without it, a float16 replica would serve in float32.
+        self.img2img = self.img2img_cls.from_pipe(self.pipe, dtype=self.dtype)
+        self.inpaint = self.inpaint_cls.from_pipe(self.pipe, dtype=self.dtype)
         for pipe in (self.img2img, self.inpaint):
             pipe.set_progress_bar_config(disable=True)
 

@@ -27,6 +27,7 @@ class LatentUpscalerDeployment(PipelineDeployment):
         source, carried = unwrap(source)
         count = len(job.seeds)
         if isinstance(source, torch.Tensor):
+            self.check_latents(source, carried)
             if source.ndim != 4 or source.shape[0] != count or source.shape[1] != 4:
                 raise InvalidJobError(f"expected latents (n={count}, 4, h, w), got {tuple(source.shape)}")
             shape = ("latents", *source.shape[1:])

@@ -50,6 +50,7 @@ class SDXLRefinerDeployment(PipelineDeployment):
         tensor goes from the base replica to this one without passing the ingress.
         """
         latents, carried = unwrap(latents)
+        self.check_latents(latents, carried)
         if latents.ndim != 4 or latents.shape[0] != len(job.seeds):
             raise InvalidJobError(
                 f"expected latents for {len(job.seeds)} images, got shape {tuple(latents.shape)}"
