@@ -100,8 +100,9 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     """
     device, dtype = select_device(spec)
     source = resolve_source(spec.source)
-    kwargs = _from_pretrained_kwargs(source, dtype, spec.revision,
-                                     spec.variant if device == "cuda" else None)
+    # The variant is asked for on CPU too: a folder from `serve-app fetch` may hold only
+    # the variant's weights (they are cast to this replica's dtype on load).
+    kwargs = _from_pretrained_kwargs(source, dtype, spec.revision, spec.variant)
     if spec.vae:
         from diffusers import AutoencoderKL
 

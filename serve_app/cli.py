@@ -1,0 +1,127 @@
+"""``serve-app``: check and fetch the weights of a Serve config, and size it for a GPU.
+
+    serve-app check CONFIG [--hub-timeout S]
+    serve-app fetch CONFIG --to DIR [--out FILE] [--hub-timeout S]
+    serve-app capacity CONFIG [--gpu-memory 24GiB]
+
+Exit codes: 0 all is well, 1 a source is unusable (missing files, no such repo or variant,
+a fetch that failed), 2 the config itself is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_UNUSABLE, EXIT_INVALID = 0, 1, 2
+
+
+def _check(args: argparse.Namespace) -> int:
+    from serve_app import sources
+    from serve_app.config import ConfigError
+
+    try:
+        refs = sources.config_sources(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    reports = sources.check_sources(refs, sources.Hub(args.hub_timeout))
+    for report in reports:
+        print(report.line())
+    counts = {status: sum(r.status == status for r in reports)
+              for status in (sources.OK, sources.NOT_CHECKED, sources.PROBLEM)}
+    print(f"{len(reports)} sources: {counts[sources.OK]} usable, "
+          f"{counts[sources.NOT_CHECKED]} not checked, {counts[sources.PROBLEM]} with problems")
+    return EXIT_UNUSABLE if counts[sources.PROBLEM] else EXIT_OK
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from serve_app import sources
+    from serve_app.config import ConfigError, load_app_config
+    from serve_app.launch import load_serve_config
+
+    try:
+        refs = sources.config_sources(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    to = Path(args.to).resolve()
+    fetched, errors = sources.fetch_sources(refs, to, sources.Hub(args.hub_timeout))
+    total = sum(item.nbytes for item in fetched)
+    if errors:
+        # A config naming half-fetched folders would fail at deploy time: write none.
+        print(f"{len(errors)} sources could not be fetched; no config written "
+              f"({total} bytes fetched)", file=sys.stderr)
+        return EXIT_UNUSABLE
+    out = Path(args.out) if args.out else to / Path(args.config).name
+    serve_config = sources.rewrite_config(load_serve_config(args.config), fetched)
+    try:
+        for application in serve_config["applications"]:
+            load_app_config(application.get("args") or {})  # what is written must still load
+    except ConfigError as exc:
+        print(f"the rewritten config is invalid: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    header = (f"# Written by `serve-app fetch {args.config} --to {to}`: the weights sources\n"
+              f"# point at the fetched folders (tiny sources are built at start).\n")
+    sources.write_config(serve_config, out, header)
+    print(f"wrote {out}")
+    print(f"fetched {total} bytes ({sources.human_bytes(total)})")
+    return EXIT_OK
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    # Written separately; imported only when asked for.
+    from serve_app.capacity import capacity_command
+
+    return capacity_command(args.config, args.gpu_memory)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``serve-app`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="serve-app", description="Check, fetch and size the weights of a Serve config.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def hub_timeout(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--hub-timeout", type=float, default=10.0, metavar="S",
+                         help="seconds a Hub call may take before the Hub counts as "
+                              "unreachable (default: 10)")
+
+    check = commands.add_parser(
+        "check", help="validate a config and say whether each weights source is usable",
+        description="Validate every application's args, then check every weights source: "
+                    "tiny sources, local folders and files (the files their loader needs), "
+                    "Hub repos (when the Hub answers; HF_HUB_OFFLINE=1 skips them).")
+    check.add_argument("config", help="Serve config file (configs/*.yaml)")
+    hub_timeout(check)
+    check.set_defaults(handler=_check)
+
+    fetch = commands.add_parser(
+        "fetch", help="download the files each source needs and write a config using them",
+        description="Download (or copy, for local folders) exactly the files each weights "
+                    "source needs into DIR, a folder per source, and write a copy of the "
+                    "config whose sources point at them: for images and hosts without network.")
+    fetch.add_argument("config", help="Serve config file (configs/*.yaml)")
+    fetch.add_argument("--to", required=True, metavar="DIR", help="folder to fetch into")
+    fetch.add_argument("--out", metavar="FILE",
+                       help="config to write (default: DIR/<name of CONFIG>)")
+    hub_timeout(fetch)
+    fetch.set_defaults(handler=_fetch)
+
+    capacity = commands.add_parser("capacity", help="estimate GPU memory and replicas of a config")
+    capacity.add_argument("config", help="Serve config file (configs/*.yaml)")
+    capacity.add_argument("--gpu-memory", metavar="SIZE", default=None,
+                          help="memory of one GPU, e.g. 24GiB")
+    capacity.set_defaults(handler=_capacity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``serve-app`` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
