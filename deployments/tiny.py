@@ -33,7 +33,7 @@ from typing import Any
 from deployments.families import FAMILIES, family, load_attribute
 
 # Bump when the tiny architectures change, so stale caches are not reused.
-TINY_VERSION = "4"
+TINY_VERSION = "5"
 
 TINY_FAMILIES = tuple(FAMILIES)
 
@@ -61,7 +61,7 @@ SHRINK_KEYS: dict[str, frozenset[str]] = {
         "mid_block_add_attention",
     }),
     "AutoencoderTiny": frozenset({
-        "encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
+        "block_out_channels", "encoder_block_out_channels", "decoder_block_out_channels", "num_encoder_blocks",
         "num_decoder_blocks",
     }),
     "CLIPTextModel": frozenset({
@@ -327,19 +327,20 @@ def tiny_safety_checker_parts():
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
 
+    from deployments.families import MODEL_CONFIGS
+
     folder = family("safety-checker").real_config
-    real = read_real_config(folder, "config.json")
+    # Read as transformers reads the real file (its legacy *_config_dict keys included).
+    config = CLIPConfig.from_pretrained(MODEL_CONFIGS / folder)
     small = dict(hidden_size=_TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,
                  num_hidden_layers=2)
-    config = {k: v for k, v in real.items()
-              if k not in ("_name_or_path", "architectures", "text_config_dict", "vision_config_dict")}
-    # The legacy *_config_dict keys of the 2022 file override the full sub-configs.
-    config["text_config"] = {**real["text_config"], **real.get("text_config_dict", {}), **small}
-    config["vision_config"] = {**real["vision_config"], **real.get("vision_config_dict", {}), **small,
-                               "image_size": 32, "patch_size": 4}
-    config["projection_dim"] = 16
+    for part in (config.text_config, config.vision_config):
+        for key, value in small.items():
+            setattr(part, key, value)
+    config.vision_config.image_size, config.vision_config.patch_size = 32, 4
+    config.projection_dim = 16
     torch.manual_seed(_SEED)
-    checker = StableDiffusionSafetyChecker(CLIPConfig(**config)).eval()
+    checker = StableDiffusionSafetyChecker(config).eval()
     processor_config = read_real_config(folder, "preprocessor_config.json")
     processor_config.update(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor_config.pop("feature_extractor_type", None)
