@@ -187,6 +187,28 @@ def test_latent_upscaler_takes_images_and_sd_latents(sd, x2):
         run(x2.upscale(upscale_job([5]), latents))
 
 
+def test_latent_upscaler_refuses_latents_of_another_space(sdxl, x2):
+    # SDXL's VAE is not the one the x2 upscaler was trained on: its latents are refused,
+    # its images are taken.
+    latents = asyncio.run(sdxl.text_to_image(job([5], width=64, height=64, output_latents=True)))
+    assert latents.latent_space == "sdxl"
+    with pytest.raises(InvalidJobError, match="sdxl latents"):
+        run(x2.upscale(upscale_job([5]), latents))
+    images = asyncio.run(sdxl.text_to_image(job([5], width=64, height=64)))
+    assert run(x2.upscale(upscale_job([5]), images)).shape == (1, 128, 128, 3)
+
+
+def test_tiny_sd_and_sdxl_latent_spaces_differ(sd, sdxl):
+    # Same seed, same size: the two VAEs decode the same latents to other pixels.
+    latents = run(sd.text_to_image(job([3], width=64, height=64, output_latents=True)))
+    decode = lambda pipe: pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample  # noqa: E731
+    import torch
+
+    with torch.inference_mode():
+        assert not torch.allclose(decode(sd.pipe), decode(sdxl.pipe))
+    assert sd.pipe.vae.config.scaling_factor != sdxl.pipe.vae.config.scaling_factor
+
+
 def test_x4_upscaler(x4):
     out = run(x4.upscale(upscale_job([1], noise_level=30), gradient(32, 48)))
     assert out.shape == (1, 128, 192, 3)
@@ -209,6 +231,38 @@ def test_weights_file_references(tmp_path):
     assert resolve_weights_file(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth")
     with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
         resolve_weights_file("hf://just-a-repo")
+
+
+def test_pipeline_calls_run_on_one_thread_per_replica(sd):
+    import threading
+
+    seen, run_group = [], sd.batcher.run_group
+
+    def recording(kind, entries):
+        seen.append(threading.current_thread().name)
+        return run_group(kind, entries)
+
+    async def calls():
+        # Different guidance: three batches, one after another.
+        await asyncio.gather(*(sd.text_to_image(job([i], num_inference_steps=1, width=64, height=64,
+                                                    guidance_scale=float(i)))
+                               for i in range(3)))
+
+    sd.batcher.run_group = recording
+    try:
+        asyncio.run(calls())
+        asyncio.run(calls())  # a second event loop, as a restarted caller would have
+    finally:
+        sd.batcher.run_group = run_group
+    assert len(seen) == 6 and len(set(seen)) == 1 and seen[0].startswith("sd-pipeline")
+
+
+def test_compile_records_no_cuda_graphs():
+    # CUDA graphs belong to the thread and the shape they were recorded with.
+    from deployments.common import COMPILE_OPTIONS
+
+    assert "cudagraphs" not in COMPILE_OPTIONS["mode"] or "no-cudagraphs" in COMPILE_OPTIONS["mode"]
+    assert COMPILE_OPTIONS["mode"] != "reduce-overhead" and COMPILE_OPTIONS["dynamic"] is True
 
 
 def test_results_carry_their_cost_along_a_chain(sdxl, refiner):

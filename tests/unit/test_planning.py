@@ -268,6 +268,15 @@ def test_generate_then_latent_upscale_hands_over_latents(config):
     assert (plan.width, plan.height) == (1024, 1024)
 
 
+@pytest.mark.parametrize("model", ["stable-diffusion-xl", "stable-diffusion-xl-with-refiner"])
+def test_sdxl_then_x2_hands_over_images_not_latents(config, model):
+    # The x2 latent upscaler knows the SD 1.x/2.x VAE's latent space only.
+    plan = plan_generation(req(model=model, size="512x512",
+                               upscale="stable-diffusion-x2-latent-upscaler"), config)
+    assert plan.stages[-2].job.output_latents is False
+    assert (plan.stages[-1].deployment, plan.width) == ("stable-diffusion-x2-latent-upscaler", 1024)
+
+
 def test_generate_then_image_upscalers_hand_over_images(config):
     for name, factor in (("stable-diffusion-x4-upscaler", 4), ("esrgan-v1-x2plus", 2)):
         plan = plan_generation(req(size="512x512", upscale=name), config)
