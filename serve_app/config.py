@@ -489,6 +489,49 @@ class SafetyConfig(_WeightsReplica):
         )
 
 
+_MEMORY_UNITS = {
+    "": 1, "B": 1,
+    "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9, "GB": 10**9,
+    "T": 10**12, "TB": 10**12,
+    "KI": 2**10, "KIB": 2**10, "MI": 2**20, "MIB": 2**20, "GI": 2**30, "GIB": 2**30,
+    "TI": 2**40, "TIB": 2**40,
+}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes of a memory size such as ``"24GiB"``, ``"80GB"``, ``"48Gi"`` or ``"16G"``
+    (Kubernetes convention: G and GB are 10^9 bytes, Gi and GiB 2^30)."""
+    value = str(text).strip()
+    number = value.rstrip("KMGTBikmgtb ")
+    unit = value[len(number):].strip().upper()
+    try:
+        amount = float(number)
+    except ValueError:
+        amount = -1.0
+    if amount <= 0 or unit not in _MEMORY_UNITS:
+        raise ValueError(f"memory {text!r}: expected a size such as '24GiB', '80GB' or '48Gi'")
+    return int(amount * _MEMORY_UNITS[unit])
+
+
+class GpuConfig(_Strict):
+    """The GPU a config is sized for (``serve-app capacity`` checks that it fits)."""
+
+    name: str = Field(min_length=1, description="GPU model, e.g. 'NVIDIA L4' or 'NVIDIA A10G'.")
+    memory: str = Field(
+        description="Memory of one GPU, e.g. '24GiB' (GiB/Gi are 2^30 bytes, GB/G 10^9)."
+    )
+
+    @field_validator("memory")
+    @classmethod
+    def _check_memory(cls, value: str) -> str:
+        parse_memory(value)
+        return value
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_memory(self.memory)
+
+
 class AppConfig(_Strict):
     """The ``args`` of ``serve_app.app:build_app``."""
 
@@ -506,6 +549,11 @@ class AppConfig(_Strict):
     image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
     safety: SafetyConfig | None = Field(
         default=None, description="The safety checker; leave out to serve without one."
+    )
+    gpu: GpuConfig | None = Field(
+        default=None,
+        description="The GPU each replica's num_gpus is a share of ({name, memory}); "
+        "`serve-app capacity` fails when a replica's estimated peak memory exceeds its share.",
     )
 
     @model_validator(mode="after")
