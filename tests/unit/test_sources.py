@@ -493,4 +493,4 @@ def test_console_script_checks_local_gpu_config_offline():
                             env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "not checked (offline)" in result.stdout
-    assert "9 sources: 0 usable, 9 not checked, 0 with problems" in result.stdout
+    assert "11 sources: 0 usable, 11 not checked, 0 with problems" in result.stdout
