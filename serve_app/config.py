@@ -569,12 +569,14 @@ class AppConfig(_Strict):
         models = {m.name: m for m in self.models}
         for chain in self.chains:
             base, refiner = models.get(chain.base), models.get(chain.refiner)
-            if base is None or base.family != "sdxl":
-                raise ValueError(f"chain {chain.name!r}: base {chain.base!r} must name an sdxl model")
-            if refiner is None or refiner.family != "sdxl-refiner":
+            if refiner is None or "refine" not in refiner.capabilities:
                 raise ValueError(
                     f"chain {chain.name!r}: refiner {chain.refiner!r} must name an sdxl-refiner model"
                 )
+            # The refiner continues the base's latents: one latent space.
+            if (base is None or "text-to-image" not in base.capabilities
+                    or base.info.latent_space != refiner.info.latent_space):
+                raise ValueError(f"chain {chain.name!r}: base {chain.base!r} must name an sdxl model")
         if self.default_model not in seen:
             raise ValueError(f"default_model {self.default_model!r} is not a configured model")
         if self.default_upscaler is not None:
