@@ -17,14 +17,23 @@ from pathlib import Path
 EXIT_OK, EXIT_UNUSABLE, EXIT_INVALID = 0, 1, 2
 
 
-def _check(args: argparse.Namespace) -> int:
+def _sources(config: str):
+    """The config's weights sources, or None (said on stderr) when the config is invalid."""
     from serve_app import sources
     from serve_app.config import ConfigError
 
     try:
-        refs = sources.config_sources(args.config)
+        return sources.config_sources(config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def _check(args: argparse.Namespace) -> int:
+    from serve_app import sources
+
+    refs = _sources(args.config)
+    if refs is None:
         return EXIT_INVALID
     reports = sources.check_sources(refs, sources.Hub(args.hub_timeout))
     for report in reports:
@@ -41,10 +50,8 @@ def _fetch(args: argparse.Namespace) -> int:
     from serve_app.config import ConfigError, load_app_config
     from serve_app.launch import load_serve_config
 
-    try:
-        refs = sources.config_sources(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
+    refs = _sources(args.config)
+    if refs is None:
         return EXIT_INVALID
     to = Path(args.to).resolve()
     fetched, errors = sources.fetch_sources(refs, to, sources.Hub(args.hub_timeout))
