@@ -239,7 +239,11 @@ def test_redeploy_lets_in_flight_requests_finish(scale_url):
 
     assert len(results) >= 6
     assert [code for code, _ in results] == [200] * len(results), [r for r in results if r[0] != 200]
-    assert set(replica_actor_names()).isdisjoint(old_replicas)  # the new version serves now
+    # The new version serves now; the old replica is gone once its graceful shutdown ends.
+    deadline = time.monotonic() + 30
+    while not set(replica_actor_names()).isdisjoint(old_replicas) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert set(replica_actor_names()).isdisjoint(old_replicas)
     response = httpx.post(f"{scale_url}/v1/images/generations",
                           json={"prompt": "after", "size": "128x128", "num_inference_steps": 1}, timeout=60)
     assert response.status_code == 200
