@@ -69,7 +69,7 @@ def bench_bare(steps: int, rounds: int) -> dict[int, dict]:
     """The pipeline alone, at several batch sizes: the limit the server can approach."""
     import torch
 
-    from deployments.common import generators, to_uint8
+    from deployments.arrays import generators, to_uint8
 
     pipe = load_bare_pipeline()
     results = {}
@@ -156,7 +156,7 @@ def interleaved_c1(url: str, checked_url: str, bare_call, rounds: int = 4, sampl
 def bare_call_factory(steps: int):
     import torch
 
-    from deployments.common import generators, to_uint8
+    from deployments.arrays import generators, to_uint8
 
     pipe = load_bare_pipeline()
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,36 +23,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-
-@dataclass(frozen=True)
-class StageResult:
-    """What a model replica returns: its output and what producing it cost.
-
-    ``steps`` are denoising steps summed over the job's images; ``seconds`` is the job's
-    share (by image count) of its batch's pipeline time. A chained stage receives its
-    predecessor's StageResult, works on ``output`` and adds its own cost, so the last stage
-    returns the cost of the whole chain.
-    """
-
-    output: Any
-    steps: int = 0
-    seconds: float = 0.0
-    nsfw: tuple[bool, ...] | None = None  # the safety checker's flags, one per image
-    # When ``output`` is latents: the latent space they live in (deployments/families.py).
-    latent_space: str | None = None
-
-    def plus(self, earlier: "StageResult | None") -> "StageResult":
-        if earlier is None:
-            return self
-        return dataclasses.replace(self, steps=self.steps + earlier.steps,
-                                   seconds=self.seconds + earlier.seconds)
-
-
-def unwrap(value: Any) -> tuple[Any, StageResult | None]:
-    """(output, cost so far) of a stage input that may be a previous stage's result."""
-    if isinstance(value, StageResult):
-        return value.output, value
-    return value, None
+from deployments.contract import StageResult
 
 
 class PipelineCancelled(Exception):
@@ -75,13 +45,17 @@ class BatchEntry:
     preview: Any = None  # a PreviewSink when the caller streams partial images
 
 
+# How many of the latest batch sizes a replica keeps for tests and benchmarks.
+RECENT_BATCHES = 1000
+
+
 @dataclass
 class BatchStats:
     """What a replica did: for tests, benchmarks and metrics."""
 
     pipeline_calls: int = 0
     images: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
+    batch_sizes: list[int] = field(default_factory=list)  # the latest RECENT_BATCHES only
     cancelled_before_start: int = 0
     cancelled_running: int = 0
     steps: int = 0
@@ -172,6 +146,7 @@ class Batcher:
             self.stats.pipeline_calls += 1
             batch_images = sum(e.images for e in batch)
             self.stats.batch_sizes.append(batch_images)
+            del self.stats.batch_sizes[:-RECENT_BATCHES]  # bounded on a long-lived replica
             if self.on_batch is not None:
                 now = time.monotonic()
                 self.on_batch(sum(e.images for e in batch), [now - e.queued_at for e in batch])

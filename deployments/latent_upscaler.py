@@ -11,8 +11,9 @@ from diffusers import StableDiffusionLatentUpscalePipeline
 
 import numpy as np
 
-from deployments.batching import unwrap
-from deployments.common import PipelineDeployment, batch_text, images_to_float, split, to_uint8
+from deployments.contract import unwrap
+from deployments.arrays import batch_text, images_to_float, split, to_uint8
+from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
 

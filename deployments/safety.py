@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deployments.batching import StageResult, unwrap
-from deployments.common import PipelineDeployment, logger, resolve_source, select_device
+from deployments.contract import StageResult, unwrap
+from deployments.loading import logger, resolve_source, select_device
+from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
 # Gaussian blur radius of a flagged image, as a fraction of its longer side.

@@ -14,15 +14,9 @@ from diffusers import (
 
 import torch
 
-from deployments.common import (
-    ImageToImageMixin,
-    PipelineDeployment,
-    TextToImageMixin,
-    batch_text,
-    finish,
-    split,
-)
-from deployments.batching import unwrap
+from deployments.arrays import batch_text, finish, split
+from deployments.replica import ImageToImageMixin, PipelineDeployment, TextToImageMixin
+from deployments.contract import unwrap
 from deployments.errors import InvalidJobError
 
 

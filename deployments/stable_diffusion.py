@@ -9,7 +9,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from deployments.common import ImageToImageMixin, PipelineDeployment, TextToImageMixin
+from deployments.replica import ImageToImageMixin, PipelineDeployment, TextToImageMixin
 from deployments.errors import InvalidJobError
 
 

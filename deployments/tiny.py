@@ -30,7 +30,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-from deployments.families import FAMILIES, family, load_attribute
+from deployments.families import FAMILIES, SAFETY_CHECKER, family, load_attribute
 
 # Bump when the tiny architectures change, so stale caches are not reused.
 TINY_VERSION = "5"
@@ -329,7 +329,7 @@ def tiny_safety_checker_parts():
 
     from deployments.families import MODEL_CONFIGS
 
-    folder = family("safety-checker").real_config
+    folder = family(SAFETY_CHECKER).real_config
     # Read as transformers reads the real file (its legacy *_config_dict keys included).
     config = CLIPConfig.from_pretrained(MODEL_CONFIGS / folder)
     small = dict(hidden_size=_TEXT_HIDDEN, intermediate_size=37, num_attention_heads=4,

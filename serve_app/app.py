@@ -11,7 +11,7 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.families import family
+from deployments.families import SAFETY_CHECKER, family
 from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
 from serve_app.ingress import ImagesIngress
 
@@ -33,7 +33,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     }
     if config.safety is not None:
         handles[SAFETY_NAME] = (
-            serve.deployment(deployment_class("safety-checker"))
+            serve.deployment(deployment_class(SAFETY_CHECKER))
             .options(name=SAFETY_NAME, **config.safety.deployment.serve_options())
             .bind(config.safety.pipeline_spec())
         )

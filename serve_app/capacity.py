@@ -100,7 +100,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from deployments.families import FAMILIES, family_of_source
+from deployments.families import FAMILIES, SAFETY_CHECKER, component_for, family_of_source
 
 GiB = 2**30
 # The CUDA context of one replica process: ~300-500 MiB for the context and loaded kernels on
@@ -118,14 +118,10 @@ UPCASTING_PIPELINES = frozenset({
 })
 PROMPT_TOKENS = 77
 
-# Published fp16 weight sizes (decimal GB) to compare the counted figures with:
-# SD 2.1 ~2.6 GB (UNet 865M + OpenCLIP-H text 340M + VAE 84M parameters), SDXL base ~6.9 GB
-# (UNet 2.6B + CLIP-L + OpenCLIP-bigG + VAE), SDXL refiner ~6.1 GB (UNet 2.3B + bigG + VAE),
-# x4 upscaler ~1.7 GB, x2 latent upscaler ~1 GB, safety checker ~0.6 GB (CLIP ViT-L/14 vision).
-PUBLISHED_FP16_GB = {
-    "sd21": 2.6, "sdxl": 6.9, "sdxl-refiner": 6.1, "sd-x4-upscaler": 1.7,
-    "sd-x2-latent-upscaler": 1.0, "safety-checker": 0.6,
-}
+# Published fp16 weight sizes (decimal GB) to compare the counted figures with, from the
+# family registry.
+PUBLISHED_FP16_GB = {name: f.published_fp16_gb for name, f in FAMILIES.items()
+                     if f.published_fp16_gb is not None}
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,7 +412,7 @@ def estimate_model(model, app) -> Estimate:
     resident = 0  # stays on the GPU under model offload
     preview = None
     if model.preview_decoder is not None:
-        default = FAMILIES["taesdxl" if info.latent_space == "sdxl" else "taesd"]
+        default = component_for("preview-decoder", info.latent_space)
         preview_folder = _override_folder(model.preview_decoder) or str(default.config_folder)
         preview = model_component(preview_folder, "diffusers:AutoencoderTiny")
         estimate.components["preview_decoder"] = preview.nbytes(dtype)
@@ -466,7 +462,7 @@ def estimate_model(model, app) -> Estimate:
 
 
 def estimate_safety(safety, app) -> Estimate:
-    info = FAMILIES["safety-checker"]
+    info = FAMILIES[SAFETY_CHECKER]
     on_gpu = safety.deployment.num_gpus > 0
     dtype = safety.dtype if on_gpu else safety.cpu_dtype
     folder = safety.source if (Path(safety.source) / "config.json").exists() else str(info.config_folder)
@@ -477,7 +473,7 @@ def estimate_safety(safety, app) -> Estimate:
     side = vision.get("image_size", 224)
     tokens = (side // vision.get("patch_size", 14)) ** 2 + 1
     act = batch * tokens * vision.get("hidden_size", 1024) * 20 * _BYTES[dtype]
-    estimate = Estimate("SafetyChecker", "safety-checker", dtype, safety.deployment.num_gpus,
+    estimate = Estimate("SafetyChecker", SAFETY_CHECKER, dtype, safety.deployment.num_gpus,
                         _max_replicas(safety.deployment), batch, f"{side}x{side}",
                         checker.nbytes(dtype), {"safety_checker": checker.nbytes(dtype)})
     estimate.phases["vision"] = (estimate.weights, int(act * ALLOCATOR_MARGIN))

@@ -20,8 +20,8 @@ from pydantic import (
 )
 from ray.serve.config import AutoscalingConfig
 
-from deployments.families import FAMILIES, SERVED_FAMILIES, family_of_source
-from deployments.jobs import PipelineSpec
+from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
+from deployments.contract import PipelineSpec
 from serve_app.protocol import MAX_N, parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
@@ -304,11 +304,10 @@ class ModelConfig(_Served, _WeightsReplica):
                 raise ValueError(f"{key}: unknown tiny source {source!r}")
             return
         if capability not in known.capabilities or known.latent_space != self.info.latent_space:
-            fitting = [f"tiny:{f.name}" for f in FAMILIES.values()
-                       if capability in f.capabilities and f.latent_space == self.info.latent_space]
+            fitting = component_for(capability, self.info.latent_space)
             raise ValueError(
                 f"{key}: {source!r} is not a {capability} of {self.family}'s latent space "
-                f"({self.info.latent_space}); use {' or '.join(fitting) or 'none'}"
+                f"({self.info.latent_space}); use {f'tiny:{fitting.name}' if fitting else 'none'}"
             )
 
     @property
@@ -450,7 +449,7 @@ class SafetyConfig(_WeightsReplica):
     """The optional safety checker: Stable Diffusion's NSFW classifier on every output."""
 
     source: str = Field(
-        default="CompVis/stable-diffusion-safety-checker",
+        default=FAMILIES[SAFETY_CHECKER].hub_source,
         min_length=1,
         description="Hub id or local folder of the checker's weights, or 'tiny:safety-checker'.",
     )
@@ -471,14 +470,14 @@ class SafetyConfig(_WeightsReplica):
 
     @model_validator(mode="after")
     def _check(self) -> SafetyConfig:
-        if self.source.startswith("tiny:") and self.source != "tiny:safety-checker":
-            raise ValueError(f"source {self.source!r}: the tiny checker is 'tiny:safety-checker'")
+        if self.source.startswith("tiny:") and self.source != f"tiny:{SAFETY_CHECKER}":
+            raise ValueError(f"source {self.source!r}: the tiny checker is 'tiny:{SAFETY_CHECKER}'")
         return self
 
     def pipeline_spec(self) -> PipelineSpec:
         return PipelineSpec(
             name=SAFETY_NAME,
-            family="safety-checker",
+            family=SAFETY_CHECKER,
             source=self.source,
             revision=self.revision,
             dtype=self.dtype,

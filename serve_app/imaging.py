@@ -6,7 +6,6 @@ they return pixels.
 
 from __future__ import annotations
 
-import base64
 import io
 
 import numpy as np
@@ -33,13 +32,3 @@ def encode_image(
         quality = 100 if compression is None else compression
         image.save(buffer, format=_PIL_FORMATS[output_format], quality=quality)
     return buffer.getvalue()
-
-
-def encode_b64(
-    images: np.ndarray, output_format: str, compression: int | None = None, png_level: int = 6
-) -> list[str]:
-    """Encode a (N, H, W, 3) batch, or a list of (H, W, 3) images, into base64 strings."""
-    return [
-        base64.b64encode(encode_image(img, output_format, compression, png_level)).decode("ascii")
-        for img in images
-    ]

@@ -4,16 +4,16 @@
 import asyncio
 import logging
 from importlib import resources
-from typing import Annotated, Any, Awaitable, TypeVar
+from typing import Annotated, Any, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
 from serve_app.errors import APIError, error_from_exception
-from serve_app.http import install_error_handlers, validation_error
+from serve_app.http import install_error_handlers
 from serve_app.livepeer import (
     LivepeerImageResponse,
     LivepeerImageToImageForm,
@@ -34,6 +34,7 @@ from serve_app.protocol import (
     UpscaleForm,
 )
 from serve_app.metrics import MetricsMiddleware
+from serve_app.planning import GenerationPlan
 from serve_app.security import GateMiddleware, GateSettings, api_keys_from
 from serve_app.serving import ImagesService
 
@@ -119,68 +120,66 @@ class ImagesIngress:
     @api.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_image(self, request: Request, body: ImageGenerationRequest) -> Response:
         """Text to image (OpenAI's ``images.generate``)."""
-        return json_response(await self._observe(request, body.model, self.service.generate(body, base_url(request))))
+        return json_response(await self._answer(request, self.service.plan(body.to_request())))
 
     @api.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
     async def edit_image(self, request: Request, form: Multipart[ImageEditForm]) -> Response:
         """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
-        return json_response(await self._observe(request, form.model, self.service.edit(form, base_url(request))))
+        planning = self.service.plan(form.to_request(), form.image, form.mask)
+        return json_response(await self._answer(request, planning))
 
     @api.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
     async def create_variation(
         self, request: Request, form: Multipart[ImageVariationForm]
     ) -> Response:
         """Variations of an image (OpenAI's ``images.create_variation``)."""
-        return json_response(await self._observe(request, form.model, self.service.variation(form, base_url(request))))
+        return json_response(await self._answer(request, self.service.plan(form.to_request(), form.image)))
 
     @api.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
     async def upscale_image(self, request: Request, form: Multipart[UpscaleForm]) -> Response:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
-        model = form.model or self.config.default_upscaler
-        return json_response(await self._observe(request, model, self.service.upscale(form, base_url(request))))
+        return json_response(await self._answer(request, self.service.plan(form.to_request(), form.image)))
 
     @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_text_to_image(self, request: Request, body: LivepeerTextToImageRequest) -> Response:
         """Livepeer runner's text-to-image."""
-        return await self._livepeer(request, body.model_id,
-                                    lambda: self.service.generate(body.to_openai()))
+        return await self._livepeer(request, lambda: self.service.plan(body.to_request()))
 
     @api.post("/image-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_image_to_image(
         self, request: Request, form: Multipart[LivepeerImageToImageForm]
     ) -> Response:
         """Livepeer runner's image-to-image."""
-        return await self._livepeer(request, form.model_id, lambda: self.service.edit(form.to_openai()))
+        return await self._livepeer(request, lambda: self.service.plan(form.to_request(), form.image))
 
     @api.post("/upscale", response_model=LivepeerImageResponse, responses=_ERRORS)
     async def livepeer_upscale(
         self, request: Request, form: Multipart[LivepeerUpscaleForm]
     ) -> Response:
         """Livepeer runner's upscale."""
-        model = form.model_id or self.config.default_upscaler
-        return await self._livepeer(request, model, lambda: self.service.upscale(form.to_openai()))
+        return await self._livepeer(request, lambda: self.service.plan(form.to_request(), form.image))
 
-    async def _observe(self, request: Request, model: str | None, call: Awaitable[T]) -> T:
-        """Run a route's work: errors mapped to the envelope, model and images recorded for
-        the metrics, and one log line (Serve adds the request id to it)."""
-        served = self.config.resolve(model)
-        request.state.model = served.name if served is not None else "unknown"
-        result = await guarded(call, self.config.ingress.retry_after_s)
+    async def _answer(self, request: Request, planning: Awaitable[GenerationPlan]):
+        """Plan, then run: errors mapped to the envelope, the planned model and the images
+        recorded for the metrics, and one log line (Serve adds the request id to it)."""
+        retry_after_s = self.config.ingress.retry_after_s
+        plan = await guarded(planning, retry_after_s)
+        request.state.model = plan.model
+        result = await guarded(self.service.execute(plan, base_url(request)), retry_after_s)
         if not isinstance(result, BaseModel):  # a stream: it logs nothing more here
-            logger.info("%s model=%s streamed", request.url.path, request.state.model)
+            logger.info("%s model=%s streamed", request.url.path, plan.model)
             return result
         request.state.images = len(result.data)
-        logger.info("%s model=%s images=%d size=%s seeds=%s", request.url.path,
-                    request.state.model, len(result.data), result.size,
-                    [item.seed for item in result.data])
+        logger.info("%s model=%s images=%d size=%s seeds=%s", request.url.path, plan.model,
+                    len(result.data), result.size, [item.seed for item in result.data])
         return result
 
-    async def _livepeer(self, request: Request, model: str | None, call) -> Response:
+    async def _livepeer(self, request: Request, planning: Callable[[], Awaitable[GenerationPlan]]):
+        async def plan():  # converting the request may refuse it too (width without height)
+            return await planning()
+
         try:
-            return json_response(to_livepeer(await self._observe(request, model, call())))
-        except ValidationError as exc:  # the mapped OpenAI-shaped request is invalid
-            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]
-            raise rename_param(validation_error(errors)) from None
+            return json_response(to_livepeer(await self._answer(request, plan())))
         except APIError as error:
             raise rename_param(error) from None
 

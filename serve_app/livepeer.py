@@ -2,8 +2,9 @@
 
 ``POST /text-to-image`` (JSON), ``POST /image-to-image`` and ``POST /upscale`` (multipart)
 take the fields of Livepeer's ai-runner and answer ``{"images": [{"url": "data:...",
-"seed": ..., "nsfw": ...}]}``. Each adapter maps its fields onto the OpenAI-shaped
-request and maps the names of bad fields back, so errors name the field the client sent.
+"seed": ..., "nsfw": ...}]}``. Each adapter converts itself into the internal
+:class:`~serve_app.protocol.ImageRequest`, as the OpenAI-shaped models do, and errors are
+renamed back, so they name the field the client sent.
 """
 
 from __future__ import annotations
@@ -12,14 +13,7 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import APIError, InvalidRequestError
-from serve_app.protocol import (
-    MAX_N,
-    MAX_SEED,
-    ImageEditForm,
-    ImageGenerationRequest,
-    ImagesResponse,
-    UpscaleForm,
-)
+from serve_app.protocol import MAX_N, MAX_SEED, ImageRequest, ImagesResponse, PromptField
 
 # Our field -> Livepeer's, for error messages.
 _PARAMS = {"model": "model_id", "n": "num_images_per_prompt", "size": "width",
@@ -49,19 +43,20 @@ class _LivepeerCommon(_Strict):
 class LivepeerTextToImageRequest(_LivepeerCommon):
     """JSON body of ``POST /text-to-image``."""
 
-    prompt: str = Field(min_length=1)
+    prompt: PromptField = Field(min_length=1)
     negative_prompt: str | None = None
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
     width: int | None = Field(default=None, ge=8, le=16384)
     height: int | None = Field(default=None, ge=8, le=16384)
     num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_N)
 
-    def to_openai(self) -> ImageGenerationRequest:
+    def to_request(self) -> ImageRequest:
         if (self.width is None) != (self.height is None):
             missing = "height" if self.height is None else "width"
             raise InvalidRequestError("give both width and height, or neither", param=missing)
         size = f"{self.width}x{self.height}" if self.width is not None else None
-        return ImageGenerationRequest(
+        return ImageRequest(
+            task="generate",
             moderation=self.moderation,
             prompt=self.prompt,
             model=self.model_id or None,
@@ -78,16 +73,16 @@ class LivepeerImageToImageForm(_LivepeerCommon):
     """Multipart body of ``POST /image-to-image``."""
 
     image: UploadFile
-    prompt: str = Field(min_length=1)
+    prompt: PromptField = Field(min_length=1)
     negative_prompt: str | None = None
     strength: float | None = Field(default=None, gt=0, le=1)
     guidance_scale: float | None = Field(default=None, ge=0, le=50)
     num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_N)
 
-    def to_openai(self) -> ImageEditForm:
-        return ImageEditForm(
+    def to_request(self) -> ImageRequest:
+        return ImageRequest(
+            task="edit",
             moderation=self.moderation,
-            image=self.image,
             prompt=self.prompt,
             model=self.model_id or None,
             n=self.num_images_per_prompt,
@@ -105,10 +100,10 @@ class LivepeerUpscaleForm(_LivepeerCommon):
     image: UploadFile
     prompt: str = Field(default="")
 
-    def to_openai(self) -> UpscaleForm:
-        return UpscaleForm(
+    def to_request(self) -> ImageRequest:
+        return ImageRequest(
+            task="upscale",
             moderation=self.moderation,
-            image=self.image,
             prompt=self.prompt,
             model=self.model_id or None,
             seed=self.seed,

@@ -1,14 +1,12 @@
 """Request planning: which deployments run a request, in what order, with which jobs.
 
-A plan is built and checked against the models' limits before any model work starts.
-Running it hands each stage's ``DeploymentResponse`` straight into the next stage's
-handle call, so intermediate results (latents, images) go from replica to replica and
-never come back through the ingress.
+A plan is built and checked against the models' limits before any model work starts;
+planning only builds and checks plans (serve_app/execution.py runs them). Every route's
+request arrives as one :class:`~serve_app.protocol.ImageRequest`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import secrets
 from dataclasses import dataclass
@@ -17,24 +15,16 @@ from typing import Any, Callable
 import numpy as np
 
 from deployments.families import hands_latents
-from deployments.jobs import (
+from deployments.contract import (
     ImageToImageJob,
     RefineJob,
     SafetyJob,
     TextToImageJob,
     UpscaleJob,
 )
-from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
+from serve_app.config import AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.protocol import (
-    MAX_SEED,
-    ImageEditForm,
-    ImageGenerationRequest,
-    ImageVariationForm,
-    UpscaleForm,
-    parse_size,
-)
-from serve_app.uploads import resize
+from serve_app.protocol import MAX_SEED, ImageRequest, parse_size
 
 # Seeds drawn for requests without one stay in 32 bits, like the seeds other services show.
 _DRAWN_SEED_LIMIT = 2**32
@@ -49,14 +39,14 @@ SeedSource = Callable[[], int]
 
 @dataclass(frozen=True)
 class Stage:
-    """One handle call: ``handles[deployment].<method>.remote(job, *inputs, <previous>)``.
+    """One handle call: ``handles[deployment].run.remote(job, *inputs | <previous>)``; the
+    job's type says what the deployment does with it (deployments/contract.py).
 
-    ``inputs`` (decoded uploads) are given to the first stage only; every later stage
-    gets the previous stage's response instead.
+    ``inputs`` (decoded uploads, at their own size) are given to the first stage only;
+    every later stage gets the previous stage's response instead.
     """
 
     deployment: str
-    method: str
     job: Any
     inputs: tuple = ()
 
@@ -104,20 +94,19 @@ def _seeds(seed: int | None, n: int, seed_source: SeedSource) -> tuple[int, ...]
     return tuple(first + i for i in range(n))
 
 
-def check_request_limits(req, config: AppConfig) -> None:
+def check_request_limits(req: ImageRequest, config: AppConfig) -> None:
     """The ingress's own limits, before any model is looked up: prompt lengths."""
     limit = config.ingress.max_prompt_chars
-    for param in ("prompt", "negative_prompt"):
-        value = getattr(req, param, None)
+    for param, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
         if value is not None and len(value) > limit:
             raise InvalidRequestError(
                 f"'{param}' is {len(value)} characters; the limit is {limit}.", param=param
             )
 
 
-def _with_stream(plan: GenerationPlan, req) -> GenerationPlan:
+def _with_stream(plan: GenerationPlan, req: ImageRequest) -> GenerationPlan:
     """Streaming settings, checked: previews come from one denoising stage and one image."""
-    stream, partial = getattr(req, "stream", False), getattr(req, "partial_images", None)
+    stream, partial = req.stream, req.partial_images
     if partial is not None and not stream:
         raise InvalidRequestError("partial_images needs stream: true", param="partial_images")
     if not stream:
@@ -131,9 +120,9 @@ def _with_stream(plan: GenerationPlan, req) -> GenerationPlan:
     return dataclasses.replace(plan, stream=True, partial_images=partial or 0)
 
 
-def _with_safety(plan: GenerationPlan, req, config: AppConfig, param: str) -> GenerationPlan:
+def _with_safety(plan: GenerationPlan, req: ImageRequest, config: AppConfig, param: str) -> GenerationPlan:
     """Add the safety check the server's policy and the request's ``moderation`` ask for."""
-    safety, moderation = config.safety, getattr(req, "moderation", "auto")
+    safety, moderation = config.safety, req.moderation
     if safety is None:
         return plan
     if moderation == "low" and not safety.allow_low:
@@ -234,7 +223,7 @@ def _upscale_stage(
         seeds,
         noise_level=defaults.noise_level,
     )
-    return Stage(upscaler.name, "upscale", job), upscaler
+    return Stage(upscaler.name, job), upscaler
 
 
 def _with_upscale(
@@ -261,7 +250,7 @@ def _with_upscale(
 
 
 def plan_generation(
-    req: ImageGenerationRequest,
+    req: ImageRequest,
     config: AppConfig,
     seed_source: SeedSource = draw_seed,
 ) -> GenerationPlan:
@@ -300,13 +289,11 @@ def plan_generation(
         stages = [
             Stage(
                 served.base,
-                "text_to_image",
                 TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
                                denoising_end=frac, output_latents=True),
             ),
             Stage(
                 served.refiner,
-                "refine",
                 RefineJob(req.prompt, negative, steps, guidance, seeds, denoising_start=frac),
             ),
         ]
@@ -319,7 +306,6 @@ def plan_generation(
         stages = [
             Stage(
                 served.name,
-                "text_to_image",
                 TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds),
             )
         ]
@@ -364,7 +350,7 @@ def _edit_size(req, served: ModelConfig, image: np.ndarray) -> tuple[int, int]:
 
 
 def plan_image_to_image(
-    req: ImageEditForm | ImageVariationForm,
+    req: ImageRequest,
     image: np.ndarray,
     mask: np.ndarray | None,
     config: AppConfig,
@@ -372,8 +358,8 @@ def plan_image_to_image(
 ) -> GenerationPlan:
     """Plan an edit (prompt, optional mask) or a variation (no prompt, no mask).
 
-    ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded uploads; they are resized here
-    to the output size, on the ingress's CPU.
+    ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded uploads, at their own size: the
+    job says the output size, and execution resizes them to it.
     """
     check_request_limits(req, config)
     served = _resolve(config, req.model)
@@ -395,32 +381,26 @@ def plan_image_to_image(
             "raise one of them",
             param="strength",
         )
-    prompt = getattr(req, "prompt", "")
+    prompt = req.prompt
     negative, guidance = _negative(req, served), _guidance(req, served)
     seeds = _seeds(req.seed, req.n, seed_source)
-    inputs: tuple = (resize(image, width, height),)
-    if mask is not None:
-        from PIL import Image
-
-        inputs += (resize(mask, width, height, Image.Resampling.NEAREST),)
     stage = Stage(
         served.name,
-        "image_to_image",
         ImageToImageJob(prompt, negative, width, height, steps, guidance, strength, seeds),
-        inputs,
+        (image,) if mask is None else (image, mask),
     )
     stages, out_w, out_h = _with_upscale(
-        config, getattr(req, "upscale", None), [stage], prompt, negative, seeds, width, height
+        config, req.upscale, [stage], prompt, negative, seeds, width, height
     )
     plan = GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
                           req.output_compression, req.response_format)
     # A variation has no prompt: what the checker judged came from the image.
-    param = "prompt" if isinstance(req, ImageEditForm) else "image"
+    param = "prompt" if req.task == "edit" else "image"
     return _with_safety(_with_stream(_check_total_pixels(plan, config), req), req, config, param)
 
 
 def plan_upscale(
-    req: UpscaleForm,
+    req: ImageRequest,
     image: np.ndarray,
     config: AppConfig,
     seed_source: SeedSource = draw_seed,
@@ -463,7 +443,7 @@ def plan_upscale(
             f"{out_w}x{out_h} is {out_w * out_h}",
             param=param,
         )
-    if req.noise_level is not None and upscaler.family != "sd-x4-upscaler":
+    if req.noise_level is not None and not upscaler.info.takes_noise_level:
         raise InvalidRequestError(
             f"noise_level applies to the x4 upscaler only, not to {upscaler.name}",
             param="noise_level",
@@ -478,34 +458,7 @@ def plan_upscale(
         seeds,
         noise_level=req.noise_level if req.noise_level is not None else defaults.noise_level,
     )
-    stage = Stage(upscaler.name, "upscale", job, (image,))
+    stage = Stage(upscaler.name, job, (image,))
     plan = GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
                           req.output_compression, req.response_format)
     return _with_safety(_check_total_pixels(plan, config), req, config, "image")
-
-
-async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None):
-    """Call each stage's deployment, chaining responses, then the safety checker on the
-    last stage's response when the plan has a check; return the last result.
-
-    If the caller goes away (client disconnect) or ``timeout_s`` passes, every stage's
-    request is cancelled, so replicas stop work nobody will read (raises TimeoutError on
-    timeout).
-    """
-    responses = []
-    for stage in plan.stages:
-        method = getattr(handles[stage.deployment], stage.method)
-        args = (stage.job, *stage.inputs) if not responses else (stage.job, responses[-1])
-        responses.append(method.remote(*args))
-    if plan.safety is not None:
-        responses.append(handles[SAFETY_NAME].check.remote(plan.safety, responses[-1]))
-
-    async def last():
-        return await responses[-1]
-
-    try:
-        return await asyncio.wait_for(last(), timeout_s)
-    except BaseException:
-        for response in responses:
-            response.cancel()
-        raise

@@ -8,7 +8,8 @@ the services our users come from. This module imports neither torch nor Ray.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from dataclasses import dataclass, fields
+from typing import Annotated, ClassVar, Literal
 
 from fastapi import UploadFile
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -57,18 +58,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ImageGenerationRequest(_Strict):
-    """Body of ``POST /v1/images/generations``."""
+@dataclass(frozen=True)
+class ImageRequest:
+    """A request as planning takes it, whichever route and wire shape it came in: each wire
+    model converts itself (``to_request``), Livepeer's included. Uploads travel beside it,
+    decoded."""
 
-    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).")
+    task: Literal["generate", "edit", "variation", "upscale"]
+    prompt: str = ""
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    high_noise_frac: float | None = None
+    strength: float | None = None
+    noise_level: int | None = None
+    width: int | None = None
+    height: int | None = None
+    upscale: str | None = None
+    stream: bool = False
+    partial_images: int | None = None
+    moderation: str = "auto"
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int | None = None
+
+
+_REQUEST_FIELDS = frozenset(f.name for f in fields(ImageRequest))
+
+
+class _ImageOptions(_Strict):
+    """Fields every images route takes."""
+
     model: str | None = Field(
         default=None, description="Served model name or alias; the configured default if omitted."
     )
-    n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images to generate.")
-    size: SizeField = Field(
-        default=None,
-        description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
-    )
+    n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images.")
     response_format: Literal["b64_json", "url"] = Field(
         default="b64_json",
         description="How images are returned: base64 in 'b64_json', or a download link in 'url'.",
@@ -96,6 +124,32 @@ class ImageGenerationRequest(_Strict):
     num_inference_steps: int | None = Field(
         default=None, ge=1, description="Denoising steps (at most the model's limit)."
     )
+    moderation: Moderation = Field(default="auto", description=_MODERATION)
+
+    _task: ClassVar[str]
+
+    def to_request(self) -> ImageRequest:
+        """This request in the form planning takes."""
+        return ImageRequest(task=self._task, **{name: value for name, value in self
+                                                 if name in _REQUEST_FIELDS})
+
+
+class _Streaming(_Strict):
+    stream: bool = Field(default=False, description="Answer with Server-Sent Events.")
+    partial_images: int | None = Field(
+        default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
+    )
+
+
+class ImageGenerationRequest(_Streaming, _ImageOptions):
+    """Body of ``POST /v1/images/generations``."""
+
+    _task = "generate"
+    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).")
+    size: SizeField = Field(
+        default=None,
+        description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
+    )
     high_noise_frac: float | None = Field(
         default=None,
         gt=0,
@@ -106,31 +160,15 @@ class ImageGenerationRequest(_Strict):
         default=None,
         description="Upscaler model to run on every generated image (output size x factor).",
     )
-    stream: bool = Field(default=False, description="Answer with Server-Sent Events.")
-    partial_images: int | None = Field(
-        default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
-    )
-    moderation: Moderation = Field(default="auto", description=_MODERATION)
 
 
 _SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
 
 
-class _ImageForm(_Strict):
+class _ImageForm(_ImageOptions):
     """Multipart fields shared by the image-input routes."""
 
     image: UploadFile = Field(description="PNG, JPEG or WebP image.")
-    model: str | None = Field(default=None, description="Served model name or alias.")
-    n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images.")
-    response_format: Literal["b64_json", "url"] = Field(default="b64_json")
-    output_format: Literal["png", "jpeg", "webp"] = Field(default="png")
-    output_compression: int | None = Field(default=None, ge=0, le=100)
-    user: str | None = Field(default=None)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seed of image 0.")
-    guidance_scale: float | None = Field(default=None, ge=0, le=50)
-    num_inference_steps: int | None = Field(default=None, ge=1)
-    negative_prompt: str | None = Field(default=None)
-    moderation: Moderation = Field(default="auto", description=_MODERATION)
 
 
 class _EditFields(_ImageForm):
@@ -140,9 +178,10 @@ class _EditFields(_ImageForm):
     )
 
 
-class ImageEditForm(_EditFields):
+class ImageEditForm(_Streaming, _EditFields):
     """Multipart body of ``POST /v1/images/edits``."""
 
+    _task = "edit"
     prompt: PromptField = Field(min_length=1, description="What the edited image should show.")
     mask: UploadFile | None = Field(
         default=None,
@@ -150,19 +189,18 @@ class ImageEditForm(_EditFields):
         "(without an alpha channel: white marks it).",
     )
     upscale: str | None = Field(default=None, description="Upscaler to run on every result.")
-    stream: bool = Field(default=False, description="Answer with Server-Sent Events.")
-    partial_images: int | None = Field(
-        default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
-    )
 
 
 class ImageVariationForm(_EditFields):
     """Multipart body of ``POST /v1/images/variations``: image to image without a prompt."""
 
+    _task = "variation"
+
 
 class UpscaleForm(_ImageForm):
     """Multipart body of ``POST /v1/images/upscale``."""
 
+    _task = "upscale"
     prompt: str = Field(default="", description="Guides diffusion upscalers; esrgan ignores it.")
     noise_level: int | None = Field(default=None, ge=0, le=350, description="x4 upscaler only.")
     width: int | None = Field(default=None, ge=8, le=16384, description="Output width (keeps aspect).")

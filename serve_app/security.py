@@ -7,12 +7,12 @@ oversized body is refused before any of it is parsed or held in memory.
 from __future__ import annotations
 
 import hmac
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.errors import APIError
+from serve_app.http import error_response
 
 API_KEYS_ENV = "SERVE_APP_API_KEYS"
 
@@ -68,11 +68,8 @@ def key_is_valid(presented: bytes, keys: tuple[bytes, ...]) -> bool:
 
 
 async def _send_error(send, error: APIError) -> None:
-    body = json.dumps(error.to_response().model_dump()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    """Answer with ``error`` from the ASGI layer, as every route answers errors."""
+    await error_response(error)({"type": "http"}, None, send)
 
 
 def route_path(scope: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""The images service: plans a request, runs it on the model deployments, encodes the result.
+"""The images service: decodes uploads, plans a request (serve_app/planning.py), runs the
+plan (serve_app/execution.py) and encodes the result.
 
 Independent of HTTP and of Ray: it is handed a ``{deployment name: handle}`` map, so unit
 tests can drive it with fake handles.
@@ -8,15 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
 from typing import Any
 
 import numpy as np
 
-from deployments.batching import unwrap
-from deployments.jobs import SafetyJob
-from serve_app.config import SAFETY_NAME, AppConfig
+from deployments.contract import unwrap
+from serve_app.config import AppConfig
 from serve_app.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
@@ -24,24 +25,16 @@ from serve_app.errors import (
     NotFoundError,
     error_from_exception,
 )
+from serve_app.execution import run_plan, stream_plan
 from serve_app.imaging import encode_image
-from serve_app.planning import (
-    GenerationPlan,
-    plan_generation,
-    plan_image_to_image,
-    plan_upscale,
-    run_plan,
-)
+from serve_app.planning import GenerationPlan, plan_generation, plan_image_to_image, plan_upscale
 from serve_app.protocol import (
     ImageData,
-    ImageEditForm,
-    ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
     ImagesUsage,
-    ImageVariationForm,
     ModelCard,
     ModelList,
-    UpscaleForm,
 )
 from serve_app.uploads import decode_image, decode_mask, resize
 
@@ -62,29 +55,23 @@ class ImagesService:
         self.store = store  # the ImageStore deployment's handle (response_format "url")
         self.created = int(time.time())
 
-    async def generate(self, req: ImageGenerationRequest, base_url: str = "") -> ImagesResponse:
-        """Answer ``POST /v1/images/generations``. ``base_url`` prefixes image URLs."""
-        plan = plan_generation(req, self.config)
-        return await self.execute(plan, base_url)
+    async def plan(self, request: ImageRequest, image=None, mask=None) -> GenerationPlan:
+        """Decode a request's uploads and plan it: 400 or 404 before any model work.
 
-    async def edit(self, form: ImageEditForm, base_url: str = "") -> ImagesResponse:
-        """Answer ``POST /v1/images/edits``: image to image, or inpainting with a mask."""
-        image = await self._decode(form.image, "image")
-        mask = await self._decode(form.mask, "mask", decode_mask) if form.mask is not None else None
-        plan = await asyncio.to_thread(plan_image_to_image, form, image, mask, self.config)
-        return await self.execute(plan, base_url)
+        ``image`` and ``mask`` are uploads (anything with an async ``read``); every route
+        plans the same way, on the event loop (planning is cheap; decoding runs in a thread).
+        """
+        if request.task == "generate":
+            return plan_generation(request, self.config)
+        pixels = await self._decode(image, "image")
+        if request.task == "upscale":
+            return plan_upscale(request, pixels, self.config)
+        alpha = await self._decode(mask, "mask", decode_mask) if mask is not None else None
+        return plan_image_to_image(request, pixels, alpha, self.config)
 
-    async def variation(self, form: ImageVariationForm, base_url: str = "") -> ImagesResponse:
-        """Answer ``POST /v1/images/variations``: image to image without a prompt."""
-        image = await self._decode(form.image, "image")
-        plan = await asyncio.to_thread(plan_image_to_image, form, image, None, self.config)
-        return await self.execute(plan, base_url)
-
-    async def upscale(self, form: UpscaleForm, base_url: str = "") -> ImagesResponse:
-        """Answer ``POST /v1/images/upscale``."""
-        image = await self._decode(form.image, "image")
-        plan = plan_upscale(form, image, self.config)
-        return await self.execute(plan, base_url)
+    async def generate(self, request: ImageRequest, base_url: str = "") -> ImagesResponse:
+        """Plan and run a generation (for callers without HTTP: tests, notebooks)."""
+        return await self.execute(await self.plan(request), base_url)
 
     async def image_file(self, image_id: str) -> tuple[bytes, str]:
         """Answer ``GET /v1/images/files/{id}``: 404 when unknown or expired."""
@@ -115,39 +102,27 @@ class ImagesService:
         """``image_generation.partial_image`` events during denoising, then
         ``image_generation.completed`` (OpenAI's streaming shape); an ``error`` event if the
         work fails after the stream began."""
-        stage = plan.stages[0]
-        handle = self.handles[stage.deployment].options(stream=True)
-        events = handle.stream.remote(stage.method, stage.job, *stage.inputs,
-                                      partial_images=plan.partial_images)
+        timeout_s = self.config.ingress.request_timeout_s
         common = {"size": plan.size, "output_format": plan.output_format, "quality": "auto",
                   "background": "opaque"}
         try:
-            async with asyncio.timeout(self.config.ingress.request_timeout_s):
+            # Closed with this generator (a client that goes away): the replica's work stops.
+            async with contextlib.aclosing(stream_plan(plan, self.handles, timeout_s)) as events:
                 async for event in events:
                     created = int(time.time())
                     if event[0] == "partial":
                         _, index, pixels = event
-                        if plan.check_previews:
-                            checked = await self.handles[SAFETY_NAME].check.remote(
-                                SafetyJob(blur=True), pixels)
-                            pixels = checked.output
                         b64 = await asyncio.to_thread(self._encode_preview, plan, pixels)
                         yield sse({"type": "image_generation.partial_image", "b64_json": b64,
                                    "partial_image_index": index, "created_at": created, **common})
                     else:
-                        result = event[1]
-                        if plan.safety is not None:
-                            result = await self.handles[SAFETY_NAME].check.remote(plan.safety, result)
-                        response = await self._respond(plan, result, base_url)
+                        response = await self._respond(plan, event[1], base_url)
                         item = response.data[0]
-                        yield sse({"type": "image_generation.completed", **item.model_dump(exclude_none=True),
-                                   "created_at": created, "usage": response.usage.model_dump(), **common})
-        except BaseException as exc:
-            events.cancel()
-            if not isinstance(exc, Exception):
-                raise  # the client went away: nothing to tell it
-            error = GatewayTimeoutError(self.config.ingress.request_timeout_s) if isinstance(
-                exc, TimeoutError) else error_from_exception(exc)
+                        yield sse({"type": "image_generation.completed",
+                                   **item.model_dump(exclude_none=True), "created_at": created,
+                                   "usage": response.usage.model_dump(), **common})
+        except Exception as exc:  # noqa: BLE001 - told to the client as the stream's last event
+            error = GatewayTimeoutError(timeout_s) if isinstance(exc, TimeoutError) else error_from_exception(exc)
             yield sse({"type": "error", "error": error.to_response().error.model_dump()})
 
     def _encode_preview(self, plan: GenerationPlan, pixels: np.ndarray) -> str:

@@ -38,7 +38,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from deployments.families import FAMILIES, Family, family_of_source
+from deployments.families import FAMILIES, SAFETY_CHECKER, Family, component_for, family_of_source
 
 # How long one Hub call may take before the Hub counts as unreachable for the whole run.
 DEFAULT_HUB_TIMEOUT_S = 10.0
@@ -114,13 +114,8 @@ def model_config_files(entry: Family | None) -> tuple[str, ...]:
 def _component_family(model_family: Family, source: str, capability: str) -> str | None:
     """The registry family a preview decoder or VAE source stands for: the one it names, or
     else the one of that capability in the model's latent space (a local folder)."""
-    known = family_of_source(source)
-    if known is not None:
-        return known.name
-    for entry in FAMILIES.values():
-        if capability in entry.capabilities and entry.latent_space == model_family.latent_space:
-            return entry.name
-    return None
+    known = family_of_source(source) or component_for(capability, model_family.latent_space)
+    return known.name if known is not None else None
 
 
 def sources_of(app: Any, app_index: int = 0, app_name: str = "") -> list[SourceRef]:
@@ -140,7 +135,7 @@ def sources_of(app: Any, app_index: int = 0, app_name: str = "") -> list[SourceR
                                       value, "model", _component_family(entry, value, capability)))
     if app.safety is not None:
         refs.append(SourceRef(app_index, app_name, ("safety", "source"), f"{prefix}safety.source",
-                              app.safety.source, FAMILIES["safety-checker"].layout, "safety-checker",
+                              app.safety.source, FAMILIES[SAFETY_CHECKER].layout, SAFETY_CHECKER,
                               app.safety.revision))
     return refs
 

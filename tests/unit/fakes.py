@@ -83,7 +83,7 @@ class FakeSafetyHandle(FakeHandle):
         self.flagged, self.seconds = set(flagged), seconds
 
     def result_for(self, response):
-        from deployments.batching import StageResult
+        from deployments.contract import StageResult
 
         job, upstream = response.args
         images = upstream.handle.result_for(upstream) if isinstance(upstream, FakeResponse) else upstream

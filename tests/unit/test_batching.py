@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deployments.batching import Batcher, batch_cancelled
-from deployments.jobs import PipelineSpec, TextToImageJob
+from deployments.contract import PipelineSpec, TextToImageJob
 from deployments.stable_diffusion import StableDiffusionDeployment
 
 
@@ -226,12 +226,12 @@ def test_stats_are_reported(sd):
 
 
 def test_streaming_yields_previews_then_the_result(sd):
-    from deployments.batching import StageResult
+    from deployments.contract import StageResult
     from deployments.previews import preview_steps
 
     async def collect(partial_images):
         events = []
-        async for event in sd.stream("text_to_image", job([7], steps=8, width=128, height=96),
+        async for event in sd.stream(job([7], steps=8, width=128, height=96),
                                      partial_images=partial_images):
             events.append(event)
         return events
@@ -255,7 +255,7 @@ def test_a_preview_decoder_gives_full_resolution_previews():
 
     async def collect():
         return [event async for event in sd.stream(
-            "text_to_image", job([7], steps=6, width=128, height=96), partial_images=2)]
+            job([7], steps=6, width=128, height=96), partial_images=2)]
 
     *partials, final = asyncio.run(collect())
     # TAESD decodes at the image's own resolution, not the latent's (12x16).

@@ -5,9 +5,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from deployments.batching import StageResult
+from deployments.contract import StageResult
 from deployments.errors import InvalidJobError
-from deployments.jobs import PipelineSpec, RefineJob, TextToImageJob
+from deployments.contract import PipelineSpec, RefineJob, TextToImageJob
 from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
 from deployments.stable_diffusion import StableDiffusionDeployment
 
@@ -94,7 +94,7 @@ def test_health_and_ready(sd):
 # --- image to image, inpainting and upscalers -------------------------------------------
 
 from deployments.esrgan import ESRGANDeployment, resolve_weights_file  # noqa: E402
-from deployments.jobs import ImageToImageJob, UpscaleJob  # noqa: E402
+from deployments.contract import ImageToImageJob, UpscaleJob  # noqa: E402
 from deployments.latent_upscaler import LatentUpscalerDeployment  # noqa: E402
 from deployments.x4_upscaler import X4UpscalerDeployment  # noqa: E402
 
@@ -259,7 +259,7 @@ def test_pipeline_calls_run_on_one_thread_per_replica(sd):
 
 def test_compile_records_no_cuda_graphs():
     # CUDA graphs belong to the thread and the shape they were recorded with.
-    from deployments.common import COMPILE_OPTIONS
+    from deployments.loading import COMPILE_OPTIONS
 
     assert "cudagraphs" not in COMPILE_OPTIONS["mode"] or "no-cudagraphs" in COMPILE_OPTIONS["mode"]
     assert COMPILE_OPTIONS["mode"] != "reduce-overhead" and COMPILE_OPTIONS["dynamic"] is True
@@ -274,3 +274,37 @@ def test_results_carry_their_cost_along_a_chain(sdxl, refiner):
         RefineJob("a red fox", None, 5, 5.0, (4, 5), denoising_start=0.8), base))
     assert refined.steps == base.steps + 2 * 1
     assert refined.seconds > base.seconds
+
+
+def test_the_job_type_picks_the_method(sd, esrgan):
+    out = asyncio.run(sd.run(job([3], width=64, height=64))).output
+    assert out.shape == (1, 64, 64, 3)
+    with pytest.raises(InvalidJobError, match="does not run TextToImageJob"):
+        asyncio.run(esrgan.run(job([3], width=64, height=64)))
+
+
+def test_a_cuda_error_makes_the_replica_unhealthy(monkeypatch):
+    replica = StableDiffusionDeployment(PipelineSpec(name="sick", family="sd21", source="tiny:sd21"))
+    replica.check_health()  # healthy after loading
+
+    def lost_context(entries):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(replica, "_batch_text_to_image", lost_context)
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        asyncio.run(replica.run(job([1], width=64, height=64)))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        replica.check_health()
+
+
+def test_batch_stats_stay_bounded():
+    from deployments.batching import RECENT_BATCHES, Batcher
+
+    batcher = Batcher(lambda kind, entries: [None] * len(entries), max_batch_images=1)
+
+    async def many():
+        await asyncio.gather(*(batcher.submit("k", None, (), i, 1) for i in range(RECENT_BATCHES + 5)))
+
+    asyncio.run(many())
+    assert batcher.stats.pipeline_calls == RECENT_BATCHES + 5
+    assert len(batcher.stats.batch_sizes) == RECENT_BATCHES

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.jobs import (
+from deployments.contract import (
     ImageToImageJob,
     PipelineSpec,
     RefineJob,

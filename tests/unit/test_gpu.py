@@ -15,7 +15,7 @@ pytestmark = [
 
 
 def spec(**fields):
-    from deployments.jobs import PipelineSpec
+    from deployments.contract import PipelineSpec
 
     return PipelineSpec(**{"name": "sd", "family": "sd21", "source": "tiny:sd21", "dtype": "float16",
                            **fields})
@@ -24,7 +24,7 @@ def spec(**fields):
 def test_sd21_runs_in_fp16_with_sdpa_on_cuda():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from deployments.jobs import TextToImageJob
+    from deployments.contract import TextToImageJob
     from deployments.stable_diffusion import StableDiffusionDeployment
 
     sd = StableDiffusionDeployment(spec())
@@ -36,7 +36,7 @@ def test_sd21_runs_in_fp16_with_sdpa_on_cuda():
 
 
 def test_preview_decoder_runs_on_cuda():
-    from deployments.jobs import TextToImageJob
+    from deployments.contract import TextToImageJob
     from deployments.stable_diffusion import StableDiffusionDeployment
 
     sd = StableDiffusionDeployment(spec(preview_decoder="tiny:taesd"))
@@ -44,14 +44,14 @@ def test_preview_decoder_runs_on_cuda():
 
     async def collect():
         job = TextToImageJob("a red fox", None, 128, 96, 6, 7.5, (7,))
-        return [event async for event in sd.stream("text_to_image", job, partial_images=2)]
+        return [event async for event in sd.stream(job, partial_images=2)]
 
     *partials, final = asyncio.run(collect())
     assert [e[2].shape for e in partials] == [(96, 128, 3)] * 2
 
 
 def test_safety_checker_in_fp16_agrees_with_float32_on_cpu():
-    from deployments.jobs import SafetyJob, TextToImageJob
+    from deployments.contract import SafetyJob, TextToImageJob
     from deployments.safety import SafetyCheckerDeployment
     from deployments.stable_diffusion import StableDiffusionDeployment
     from deployments.tiny import SAFETY_CALIBRATION as cal

@@ -5,10 +5,11 @@ import io
 import pytest
 from PIL import Image
 
-from deployments.jobs import RefineJob, TextToImageJob
+from deployments.contract import RefineJob, TextToImageJob
 from serve_app.config import load_app_config
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.planning import plan_generation, run_plan
+from serve_app.execution import run_plan
+from serve_app.planning import plan_generation
 from serve_app.protocol import ImageGenerationRequest
 from serve_app.serving import ImagesService, ResultShapeError
 from tests.unit.fakes import FakeHandle, fake_handles
@@ -26,7 +27,8 @@ def config(tiny_args):
 
 
 def req(**fields):
-    return ImageGenerationRequest(**{"prompt": "a cat", **fields})
+    """A generation request as planning takes it (validated by the wire model first)."""
+    return ImageGenerationRequest(**{"prompt": "a cat", **fields}).to_request()
 
 
 def test_default_model_and_defaults(config):
@@ -34,7 +36,7 @@ def test_default_model_and_defaults(config):
     assert plan.model == "stable-diffusion-2-1"
     assert plan.seeds == (41,)
     (stage,) = plan.stages
-    assert stage.deployment == "stable-diffusion-2-1" and stage.method == "text_to_image"
+    assert stage.deployment == "stable-diffusion-2-1" and isinstance(stage.job, TextToImageJob)
     defaults = config.model("stable-diffusion-2-1").defaults
     assert stage.job == TextToImageJob(
         "a cat", None, 512, 512, defaults.num_inference_steps, defaults.guidance_scale, (41,)
@@ -63,8 +65,8 @@ def test_request_values_override_defaults(config):
 def test_refiner_chain_plans_base_then_refiner(config):
     plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", seed=5, n=2), config)
     base, refiner = plan.stages
-    assert (base.deployment, base.method) == ("stable-diffusion-xl", "text_to_image")
-    assert (refiner.deployment, refiner.method) == ("stable-diffusion-xl-refiner", "refine")
+    assert (base.deployment, type(base.job)) == ("stable-diffusion-xl", TextToImageJob)
+    assert (refiner.deployment, type(refiner.job)) == ("stable-diffusion-xl-refiner", RefineJob)
     assert base.job.denoising_end == 0.8
     assert refiner.job == RefineJob("a cat", None, 5, 5.0, (5, 6), denoising_start=0.8)
     custom = plan_generation(req(model="stable-diffusion-xl-with-refiner", high_noise_frac=0.6), config)
@@ -145,15 +147,20 @@ def test_service_refuses_a_wrong_number_of_images(config):
 
 import numpy as np  # noqa: E402
 
-from deployments.jobs import ImageToImageJob, UpscaleJob  # noqa: E402
+from deployments.contract import ImageToImageJob, UpscaleJob  # noqa: E402
+from serve_app.execution import _sized_inputs  # noqa: E402
 from serve_app.planning import plan_image_to_image, plan_upscale  # noqa: E402
 from serve_app.protocol import ImageEditForm, ImageVariationForm, UpscaleForm  # noqa: E402
 
 UPLOAD = object()  # stands in for the UploadFile: planning only sees decoded arrays
 
 
-def edit(**fields):
+def edit_form(**fields):
     return ImageEditForm.model_construct(**{**ImageEditForm(image=_upload(), prompt="a fox").model_dump(), **fields})
+
+
+def edit(**fields):
+    return edit_form(**fields).to_request()
 
 
 def _upload():
@@ -165,7 +172,7 @@ def _upload():
 
 
 def upscale_form(**fields):
-    return UpscaleForm.model_construct(**{**UpscaleForm(image=_upload()).model_dump(), **fields})
+    return UpscaleForm.model_construct(**{**UpscaleForm(image=_upload()).model_dump(), **fields}).to_request()
 
 
 def pixels(height, width):
@@ -176,8 +183,9 @@ def test_edit_defaults_to_the_input_size_rounded_down_to_8(config):
     plan = plan_image_to_image(edit(seed=4, n=2), pixels(301, 517), None, config)
     (stage,) = plan.stages
     assert (plan.width, plan.height) == (512, 296)
-    assert stage.method == "image_to_image" and len(stage.inputs) == 1
-    assert stage.inputs[0].shape == (296, 512, 3)
+    assert isinstance(stage.job, ImageToImageJob) and len(stage.inputs) == 1
+    # Execution resizes the upload to the job's size on the ingress's CPU.
+    assert [a.shape for a in _sized_inputs(stage)] == [(296, 512, 3)]
     defaults = config.model("stable-diffusion-2-1").defaults
     assert stage.job == ImageToImageJob("a fox", None, 512, 296, defaults.num_inference_steps,
                                         defaults.guidance_scale, defaults.strength, (4, 5))
@@ -187,7 +195,7 @@ def test_edit_with_mask_inpaints_at_full_strength(config):
     mask = np.zeros((64, 64), np.uint8)
     plan = plan_image_to_image(edit(size="128x128"), pixels(64, 64), mask, config)
     (stage,) = plan.stages
-    assert stage.job.strength == 1.0 and [a.shape for a in stage.inputs] == [(128, 128, 3), (128, 128)]
+    assert stage.job.strength == 1.0 and [a.shape for a in _sized_inputs(stage)] == [(128, 128, 3), (128, 128)]
 
 
 @pytest.mark.parametrize(
@@ -212,7 +220,7 @@ def test_edit_errors(config, fields, image, mask, param):
 
 def test_variation_has_no_prompt(config):
     form = ImageVariationForm.model_construct(**ImageVariationForm(image=_upload()).model_dump())
-    plan = plan_image_to_image(form, pixels(64, 64), None, config)
+    plan = plan_image_to_image(form.to_request(), pixels(64, 64), None, config)
     assert plan.stages[0].job.prompt == ""
 
 
@@ -263,7 +271,7 @@ def test_generate_then_latent_upscale_hands_over_latents(config):
     plan = plan_generation(req(size="512x512", upscale="stabilityai/sd-x2-latent-upscaler", seed=8, n=2), config)
     generate, upscale = plan.stages
     assert generate.job.output_latents is True
-    assert (upscale.deployment, upscale.method) == ("stable-diffusion-x2-latent-upscaler", "upscale")
+    assert (upscale.deployment, type(upscale.job)) == ("stable-diffusion-x2-latent-upscaler", UpscaleJob)
     assert upscale.job.prompt == "a cat" and upscale.job.seeds == (8, 9)
     assert (plan.width, plan.height) == (1024, 1024)
 

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 
 from deployments.errors import InvalidJobError
-from deployments.jobs import SafetyJob
+from deployments.contract import SafetyJob
 from serve_app.config import ConfigError, load_app_config
 from serve_app.errors import InvalidRequestError, ModerationBlockedError
-from serve_app.planning import plan_generation, plan_image_to_image, plan_upscale, run_plan
+from serve_app.execution import run_plan
+from serve_app.planning import plan_generation, plan_image_to_image, plan_upscale
 from serve_app.protocol import ImageGenerationRequest, ImageVariationForm
 from serve_app.serving import ImagesService
 from tests.unit.fakes import FakeSafetyHandle, fake_handles
-from tests.unit.test_planning import edit, pixels, upscale_form
+from tests.unit.test_planning import edit, edit_form, pixels, upscale_form
 
 
 def app_config(tiny_args, **safety):
@@ -26,7 +27,7 @@ def app_config(tiny_args, **safety):
 
 
 def req(**fields):
-    return ImageGenerationRequest(**{"prompt": "a cat", "seed": 0, **fields})
+    return ImageGenerationRequest(**{"prompt": "a cat", "seed": 0, **fields}).to_request()
 
 
 @pytest.mark.parametrize(
@@ -59,9 +60,9 @@ def test_low_moderation_can_be_refused(tiny_args):
 def test_every_route_is_checked_and_names_what_it_judged(tiny_args):
     config = app_config(tiny_args, policy="reject")
     image = pixels(64, 64)
-    fields = {k: v for k, v in edit().model_dump().items() if k not in ("prompt", "mask", "upscale",
-                                                                       "stream", "partial_images")}
-    variation = ImageVariationForm.model_construct(**fields)
+    fields = {k: v for k, v in edit_form().model_dump().items() if k not in ("prompt", "mask", "upscale",
+                                                                            "stream", "partial_images")}
+    variation = ImageVariationForm.model_construct(**fields).to_request()
     plans = {
         "prompt": [plan_generation(req(), config), plan_image_to_image(edit(), image, None, config)],
         "image": [plan_image_to_image(variation, image, None, config),
@@ -79,7 +80,7 @@ def test_the_checker_gets_the_last_stage_response_unresolved(tiny_args):
     asyncio.run(run_plan(plan, handles))
     (refine,) = handles["stable-diffusion-xl-refiner"].calls
     (check,) = handles["SafetyChecker"].calls
-    assert check.method == "check" and check.args == (SafetyJob(blur=True), refine)
+    assert check.method == "run" and check.args == (SafetyJob(blur=True), refine)
 
 
 def _service(tiny_args, flagged, **safety):
@@ -140,8 +141,8 @@ def test_livepeer_safety_check_maps_to_moderation():
     from serve_app.livepeer import LivepeerTextToImageRequest, rename_param, to_livepeer
     from serve_app.protocol import ImageData, ImagesResponse, ImagesUsage
 
-    assert LivepeerTextToImageRequest(prompt="x").to_openai().moderation == "auto"
-    assert LivepeerTextToImageRequest(prompt="x", safety_check=False).to_openai().moderation == "low"
+    assert LivepeerTextToImageRequest(prompt="x").to_request().moderation == "auto"
+    assert LivepeerTextToImageRequest(prompt="x", safety_check=False).to_request().moderation == "low"
     assert rename_param(InvalidRequestError("no", param="moderation")).param == "safety_check"
     usage = ImagesUsage(denoising_steps=1, output_pixels=1, model_seconds=0.0)
     flagged = ImagesResponse(created=0, data=[ImageData(b64_json="AA==", seed=1, nsfw=True),
@@ -166,7 +167,7 @@ def test_config_rejects_reserved_names_and_a_wrong_tiny_source(tiny_args):
 
 @pytest.fixture(scope="module")
 def checker():
-    from deployments.jobs import PipelineSpec
+    from deployments.contract import PipelineSpec
     from deployments.safety import SafetyCheckerDeployment
 
     return SafetyCheckerDeployment(
@@ -177,7 +178,7 @@ def checker():
 @pytest.fixture(scope="module")
 def calibration_images():
     """Tiny SD 2.1 images of the calibration request, made by the deployment class."""
-    from deployments.jobs import PipelineSpec, TextToImageJob
+    from deployments.contract import PipelineSpec, TextToImageJob
     from deployments.stable_diffusion import StableDiffusionDeployment
     from deployments.tiny import SAFETY_CALIBRATION as cal
 
@@ -212,7 +213,7 @@ def test_blur_changes_only_flagged_images_and_smooths_them(checker, calibration_
 
 
 def test_check_carries_the_cost_of_earlier_stages(checker, calibration_images):
-    from deployments.batching import StageResult
+    from deployments.contract import StageResult
 
     earlier = StageResult(calibration_images, steps=32, seconds=1.5)
     result = asyncio.run(checker.check(SafetyJob(), earlier))

@@ -1,0 +1,68 @@
+"""Array helpers of the model replicas: seeds to generators, images to and from floats,
+cutting a batch's output into each job's part."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from deployments.batching import BatchEntry
+from deployments.errors import InvalidJobError
+
+def generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
+    """One CPU generator per image, so image i depends only on its own seed.
+
+    CPU generators give the same initial noise on every device, so a seed means the same
+    image on a laptop and on a GPU server (up to kernel precision).
+    """
+    return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] (N, H, W, C) to uint8, rounding as PIL conversion does."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+
+def images_to_float(images: np.ndarray, count: int) -> np.ndarray:
+    """uint8 (H, W, 3) or (N, H, W, 3) to float32 (count, H, W, 3) in [0, 1].
+
+    A single image is repeated ``count`` times (one per seed); a batch must already hold
+    ``count`` images.
+    """
+    if images.ndim == 3:
+        images = np.repeat(images[None], count, axis=0)
+    if images.shape[0] != count:
+        raise InvalidJobError(f"expected {count} images, got {images.shape[0]}")
+    return images.astype(np.float32) / 255.0
+
+
+def finish(output, output_latents: bool):
+    """Latents go to the next replica as float32 CPU tensors; images leave as uint8."""
+    if output_latents:
+        return output.to("cpu", torch.float32)
+    return to_uint8(output)
+
+
+def split(output, entries: list[BatchEntry]) -> list[Any]:
+    """Cut a batch's output into each job's images, in order."""
+    parts, start = [], 0
+    for entry in entries:
+        parts.append(output[start : start + entry.images])
+        start += entry.images
+    return parts
+
+
+def batch_text(entries: list[BatchEntry]) -> dict[str, Any]:
+    """Prompts, negative prompts and generators of a batch, one per image.
+
+    Jobs batch together only when all or none have a negative prompt (SDXL treats a
+    missing one differently from an empty one), so None stays None.
+    """
+    prompts = [e.job.prompt for e in entries for _ in range(e.images)]
+    negatives = None
+    if entries[0].job.negative_prompt is not None:
+        negatives = [e.job.negative_prompt for e in entries for _ in range(e.images)]
+    seeds = tuple(seed for e in entries for seed in e.job.seeds)
+    return {"prompt": prompts, "negative_prompt": negatives, "generator": generators(seeds)}

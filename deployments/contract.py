@@ -1,0 +1,166 @@
+"""The contract between the ingress and the model deployments: jobs, results, methods.
+
+The ingress builds jobs and hands each stage's result to the next stage; a model replica
+runs jobs and returns :class:`StageResult`. Both sides import this module and nothing else
+of each other. A stage is called as ``handle.run.remote(job, *inputs)`` (or
+``handle.options(stream=True).stream.remote(job, *inputs, partial_images=n)``): the
+replica picks the method from the job's type (:data:`JOB_METHODS`), so no method name
+travels as a string.
+
+Plain dataclasses without torch, so that the ingress can build them without importing any
+model code. Images travel as uint8 numpy arrays (N, H, W, 3) or (H, W, 3); latents (from a
+stage with ``output_latents``) as CPU tensors (N, 4, h, w) that the ingress never touches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Protocol
+
+
+@dataclass(frozen=True)
+class PipelineSpec:
+    """How a deployment loads its pipeline."""
+
+    name: str
+    family: str
+    source: str
+    revision: str | None = None
+    variant: str | None = None
+    dtype: str = "float16"
+    cpu_dtype: str = "float32"
+    cpu_offload: bool = False
+    compile: bool = False
+    cpu_threads: int | None = None
+    max_batch_images: int = 8
+    batch_wait_timeout_s: float = 0.0
+    preview_decoder: str | None = None  # a tiny autoencoder for stream previews
+    vae: str | None = None  # a replacement VAE (same latent space)
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+
+
+@dataclass(frozen=True)
+class TextToImageJob:
+    """Generate ``len(seeds)`` images of one prompt; image i starts from ``seeds[i]``.
+
+    ``denoising_end`` stops early (the first half of a base -> refiner chain);
+    ``output_latents`` returns latents instead of decoded images.
+    """
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    denoising_end: float | None = None
+    output_latents: bool = False
+
+
+@dataclass(frozen=True)
+class ImageToImageJob:
+    """Edit one input image ``len(seeds)`` times (the image and an optional mask are
+    passed beside the job, already at ``width`` x ``height``)."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    strength: float
+    seeds: tuple[int, ...]
+    output_latents: bool = False
+
+
+@dataclass(frozen=True)
+class RefineJob:
+    """Finish denoising latents from ``denoising_start`` on and decode them to images."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    denoising_start: float
+    output_latents: bool = False
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    """Upscale one image (repeated ``len(seeds)`` times) or a batch of ``len(seeds)``
+    images or latents by the model's factor. Diffusion upscalers use the prompt, steps,
+    guidance and seeds; ESRGAN ignores them."""
+
+    prompt: str
+    negative_prompt: str | None
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    noise_level: int | None = None
+
+
+@dataclass(frozen=True)
+class SafetyJob:
+    """Check a stage's images with the safety checker; ``blur`` blurs the flagged ones."""
+
+    blur: bool = False
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a model replica returns: its output and what producing it cost.
+
+    ``steps`` are denoising steps summed over the job's images; ``seconds`` is the job's
+    share (by image count) of its batch's pipeline time. A chained stage receives its
+    predecessor's StageResult, works on ``output`` and adds its own cost, so the last stage
+    returns the cost of the whole chain.
+    """
+
+    output: Any
+    steps: int = 0
+    seconds: float = 0.0
+    nsfw: tuple[bool, ...] | None = None  # the safety checker's flags, one per image
+    # When ``output`` is latents: the latent space they live in (deployments/families.py).
+    latent_space: str | None = None
+
+    def plus(self, earlier: "StageResult | None") -> "StageResult":
+        if earlier is None:
+            return self
+        return dataclasses.replace(self, steps=self.steps + earlier.steps,
+                                   seconds=self.seconds + earlier.seconds)
+
+
+def unwrap(value: Any) -> tuple[Any, StageResult | None]:
+    """(output, cost so far) of a stage input that may be a previous stage's result."""
+    if isinstance(value, StageResult):
+        return value.output, value
+    return value, None
+
+
+# The job types a model deployment runs, and the method of the deployment class that runs
+# each (a deployment runs the job types whose method it has).
+JOB_METHODS: dict[type, str] = {
+    TextToImageJob: "text_to_image",
+    ImageToImageJob: "image_to_image",
+    RefineJob: "refine",
+    UpscaleJob: "upscale",
+    SafetyJob: "check",
+}
+
+# Jobs whose denoising can stream previews.
+STREAMING_JOBS = (TextToImageJob, ImageToImageJob)
+
+
+class ModelDeployment(Protocol):
+    """What the ingress calls on every model deployment's handle."""
+
+    async def run(self, job: Any, *inputs: Any) -> StageResult:
+        """Run ``job`` on ``inputs`` (decoded uploads, or the previous stage's result)."""
+
+    def stream(self, job: Any, *inputs: Any, partial_images: int = 0) -> AsyncIterator[tuple]:
+        """Run a streaming job: ``("partial", index, pixels)`` previews, then
+        ``("final", StageResult)``."""

@@ -1,0 +1,95 @@
+"""Running a plan: one handle call per stage, each stage's response handed to the next,
+then the safety check; or, for a streamed plan, previews as they come.
+
+Intermediate results (latents, images) go from replica to replica as unresolved
+``DeploymentResponse``s and never come back through the ingress. Every call is
+``handle.run.remote(job, *inputs)``: the job's type says what the replica does with it
+(deployments/contract.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+
+from deployments.contract import ImageToImageJob, SafetyJob
+from serve_app.config import SAFETY_NAME
+from serve_app.planning import GenerationPlan, Stage
+from serve_app.uploads import resize
+
+
+def _sized_inputs(stage: Stage) -> tuple:
+    """The first stage's uploads at the size its job asks for: an edit's image (and mask,
+    kept sharp with nearest-neighbour) are resized to the output size; upscalers take the
+    image as it is."""
+    job = stage.job
+    if not isinstance(job, ImageToImageJob) or not stage.inputs:
+        return stage.inputs
+    from PIL import Image
+
+    image, *mask = stage.inputs
+    sized = (resize(image, job.width, job.height),)
+    if mask:
+        sized += (resize(mask[0], job.width, job.height, Image.Resampling.NEAREST),)
+    return sized
+
+
+def _check(handles: dict[str, Any], job: SafetyJob, source: Any):
+    """The safety check of ``source`` (a stage's response, or preview pixels)."""
+    return handles[SAFETY_NAME].run.remote(job, source)
+
+
+async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None):
+    """Call each stage's deployment, chaining responses, then the safety checker on the
+    last stage's response when the plan has a check; return the last result.
+
+    If the caller goes away (client disconnect) or ``timeout_s`` passes, every stage's
+    request is cancelled, so replicas stop work nobody will read (raises TimeoutError on
+    timeout).
+    """
+    first = plan.stages[0]
+    inputs = await asyncio.to_thread(_sized_inputs, first)
+    responses = [handles[first.deployment].run.remote(first.job, *inputs)]
+    for stage in plan.stages[1:]:
+        responses.append(handles[stage.deployment].run.remote(stage.job, responses[-1]))
+    if plan.safety is not None:
+        responses.append(_check(handles, plan.safety, responses[-1]))
+
+    async def last():
+        return await responses[-1]
+
+    try:
+        return await asyncio.wait_for(last(), timeout_s)
+    except BaseException:
+        for response in responses:
+            response.cancel()
+        raise
+
+
+async def stream_plan(plan: GenerationPlan, handles: dict[str, Any],
+                      timeout_s: float | None = None) -> AsyncIterator[tuple]:
+    """Run a one-stage plan through a streaming handle: ``("partial", index, pixels)``
+    previews (checked, and blurred where flagged, when the plan checks previews), then
+    ``("final", result)`` with the plan's safety check applied. Past ``timeout_s`` it
+    raises TimeoutError; the replica's work is cancelled whenever the stream ends early."""
+    stage = plan.stages[0]
+    inputs = await asyncio.to_thread(_sized_inputs, stage)
+    events = handles[stage.deployment].options(stream=True).stream.remote(
+        stage.job, *inputs, partial_images=plan.partial_images)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for kind, *rest in events:
+                if kind == "partial":
+                    index, pixels = rest
+                    if plan.check_previews:
+                        pixels = (await _check(handles, SafetyJob(blur=True), pixels)).output
+                    yield ("partial", index, pixels)
+                else:
+                    result = rest[0]
+                    if plan.safety is not None:
+                        result = await _check(handles, plan.safety, result)
+                    yield ("final", result)
+    except BaseException:
+        events.cancel()
+        raise
