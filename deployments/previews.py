@@ -15,13 +15,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from deployments.families import SD_LATENTS, SDXL_LATENTS
+
 # Latent-to-RGB factors of the SD 1.x/2.x and SDXL latent spaces (as widely used for
 # previews); rows are latent channels, columns R, G, B.
 _FACTORS = {
-    "sd": (np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
+    SD_LATENTS: (np.array([[0.298, 0.207, 0.208], [0.187, 0.286, 0.173],
                      [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]], np.float32),
            np.zeros(3, np.float32)),
-    "sdxl": (np.array([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
+    SDXL_LATENTS: (np.array([[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068],
                        [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]], np.float32),
              np.array([0.1084, -0.0175, -0.0011], np.float32)),
 }
