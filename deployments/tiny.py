@@ -214,13 +214,15 @@ def _from_config(cls_name: str, config: dict[str, Any], seed_key: str):
     return getattr(diffusers, cls_name).from_config(config).eval()
 
 
-def build_pipeline_object(name: str):
-    """The tiny pipeline of family ``name`` (not yet saved), built from the real
+def build_tiny_pipeline(name: str):
+    """The tiny pipeline of diffusers family ``name`` (not yet saved), built from the real
     ``model_index.json`` and component configs with :data:`SHRINK_KEYS` changed."""
     import diffusers
     import inspect
 
     info = family(name)
+    if info.layout != "pipeline":
+        raise ValueError(f"unknown tiny family {name!r}: not a diffusers pipeline")
     index = read_real_config(info.real_config, "model_index.json")
     components = {key: value for key, value in index.items() if isinstance(value, list)}
     text_keys = [k for k in ("text_encoder", "text_encoder_2") if components.get(k, [None])[0]]
@@ -273,15 +275,8 @@ def _pad_token(folder: str) -> str:
     return "<|endoftext|>"
 
 
-def build_tiny_pipeline(name: str):
-    """The tiny pipeline object of a diffusers pipeline family (not yet saved)."""
-    if family(name).layout != "pipeline":
-        raise ValueError(f"unknown tiny family {name!r}: not a diffusers pipeline")
-    return build_pipeline_object(name)
-
-
 def build_pipeline(name: str, folder: Path) -> None:
-    build_pipeline_object(name).save_pretrained(folder)
+    build_tiny_pipeline(name).save_pretrained(folder)
 
 
 def build_component(name: str, folder: Path) -> None:

@@ -32,12 +32,12 @@ class _LivepeerCommon(_Strict):
         "(moderation 'auto'), false only marks flagged images (moderation 'low'). Without "
         "one, every image reports nsfw: false.",
     )
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    num_inference_steps: int | None = Field(default=None, ge=1)
 
     @property
     def moderation(self) -> str:
         return "auto" if self.safety_check else "low"
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(default=None, ge=1)
 
 
 class LivepeerTextToImageRequest(_LivepeerCommon):
