@@ -1,5 +1,6 @@
 """Array helpers of the model replicas: seeds to generators, images to and from floats,
-cutting a batch's output into each job's part."""
+padding inputs to the size a model takes and cropping its output back, cutting a batch's
+output into each job's part."""
 
 from __future__ import annotations
 
@@ -38,6 +39,41 @@ def images_to_float(images: np.ndarray, count: int) -> np.ndarray:
     return images.astype(np.float32) / 255.0
 
 
+def padded_side(side: int, multiple: int, floor: int = 1) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``side`` and ``floor``."""
+    return max(side, floor, 1) + (-max(side, floor, 1)) % multiple
+
+
+def pad_images(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 images (H, W, C) or (N, H, W, C) padded at the bottom and on the right to
+    (height, width) by repeating their edge pixels; returned as they are when they fit."""
+    extra_h, extra_w = height - images.shape[-3], width - images.shape[-2]
+    if extra_h < 0 or extra_w < 0:
+        raise ValueError(f"cannot pad {images.shape[-3]}x{images.shape[-2]} to {height}x{width}")
+    if extra_h == 0 and extra_w == 0:
+        return images
+    widths = [(0, 0)] * images.ndim
+    widths[-3], widths[-2] = (0, extra_h), (0, extra_w)
+    return np.pad(images, widths, mode="edge")
+
+
+def pad_latents(latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Latents (N, C, h, w) padded at the bottom and on the right to (height, width) by
+    repeating their edge values; returned as they are when they fit."""
+    extra_h, extra_w = height - latents.shape[-2], width - latents.shape[-1]
+    if extra_h < 0 or extra_w < 0:
+        raise ValueError(f"cannot pad {latents.shape[-2]}x{latents.shape[-1]} to {height}x{width}")
+    if extra_h == 0 and extra_w == 0:
+        return latents
+    return torch.nn.functional.pad(latents, (0, extra_w, 0, extra_h), mode="replicate")
+
+
+def crop(images: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The top-left (height, width) of images (N, H, W, C): a padded input's output, less
+    what the padding added."""
+    return images[:, :height, :width]
+
+
 def finish(output, output_latents: bool):
     """Latents go to the next replica as float32 CPU tensors; images leave as uint8."""
     if output_latents:
@@ -65,4 +101,13 @@ def batch_text(entries: list[BatchEntry]) -> dict[str, Any]:
     if entries[0].job.negative_prompt is not None:
         negatives = [e.job.negative_prompt for e in entries for _ in range(e.images)]
     seeds = tuple(seed for e in entries for seed in e.job.seeds)
-    return {"prompt": prompts, "negative_prompt": negatives, "generator": generators(seeds)}
+    text = {"prompt": prompts, "negative_prompt": negatives, "generator": generators(seeds)}
+    # SDXL's second text encoder: its own prompts where a job has them, else the first's
+    # (what SDXL does with prompt_2=None). Only SDXL jobs carry them.
+    if any(getattr(e.job, "prompt_2", None) is not None for e in entries):
+        text["prompt_2"] = [e.job.prompt_2 or e.job.prompt for e in entries for _ in range(e.images)]
+    if negatives is not None and any(getattr(e.job, "negative_prompt_2", None) is not None
+                                     for e in entries):
+        text["negative_prompt_2"] = [e.job.negative_prompt_2 or e.job.negative_prompt
+                                     for e in entries for _ in range(e.images)]
+    return text
