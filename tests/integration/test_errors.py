@@ -18,9 +18,10 @@ def error_of(exc_info):
         ({"n": 11}, "n"),
         ({"n": 0}, "n"),
         ({"size": "512"}, "size"),
-        ({"size": "640x640"}, "size"),
+        ({"size": "776x776"}, "size"),  # over 768x768's area
+        ({"size": "1024x248"}, "size"),  # a side under min_side
         ({"model": "stable-diffusion-xl", "size": "300x300"}, "size"),
-        ({"extra_body": {"num_inference_steps": 51}}, "num_inference_steps"),
+        ({"extra_body": {"num_inference_steps": 101}}, "num_inference_steps"),
         ({"extra_body": {"seed": -1}}, "seed"),
         ({"output_format": "gif"}, "output_format"),
         ({"output_compression": 50}, "output_compression"),

@@ -127,10 +127,11 @@ def test_unknown_keys_are_rejected_with_their_path(tiny_args):
         (lambda a: a.update(default_model="missing"), "default_model"),
         (lambda a: a["models"][0].update(source="tiny:sdxl"), "does not match family"),
         (lambda a: a["models"][0].update(family="sd3"), "family"),
-        (lambda a: a["models"][0]["defaults"].update(size="640x640"), "not in limits.sizes"),
+        (lambda a: a["models"][0]["defaults"].update(size="1024x1024"), "not an allowed size"),
+        (lambda a: a["models"][0]["defaults"].update(size="776x776"), "not an allowed size"),  # over 768^2 px
         (lambda a: a["models"][0]["limits"].update(sizes=["500x500"]), "multiples of 8"),
         (lambda a: a["models"][0]["limits"].update(max_n=11), "max_n"),
-        (lambda a: a["models"][0]["defaults"].update(num_inference_steps=99), "max_steps"),
+        (lambda a: a["models"][0]["defaults"].update(num_inference_steps=101), "max_steps"),
         (lambda a: a["chains"][0].update(base="stable-diffusion-2-1"), "must name an sdxl model"),
         (lambda a: a["chains"][0].update(refiner="stable-diffusion-xl"), "sdxl-refiner"),
         (lambda a: a["models"][0]["deployment"].update(autoscaling_config={"max_replica": 2}), "max_replica"),
@@ -142,7 +143,9 @@ def test_unknown_keys_are_rejected_with_their_path(tiny_args):
         (lambda a: a["models"][0]["deployment"].update(num_replicas=2), "not both"),
         (lambda a: a["models"][0]["batching"].update(max_batch_images=64), "max_ongoing_requests"),
         (lambda a: a["models"][3]["limits"].pop("max_input_pixels"), "max_input_pixels"),
-        (lambda a: a["models"][0]["limits"].update(sizes=[]), "limits.sizes"),
+        (lambda a: a["models"][0]["limits"].update(sizes=[], max_pixels=None), "allowed size (none)"),
+        (lambda a: a["models"][0]["limits"].update(min_side=800), "no size would be allowed"),
+        (lambda a: a["models"][0]["limits"].update(min_pixels=10**7), "min_pixels"),
         (lambda a: a.update(default_upscaler="stable-diffusion-2-1"), "not an upscaler"),
     ],
 )
@@ -211,3 +214,36 @@ def test_vae_only_where_there_is_one(tiny_args):
     esrgan["vae_tiling"] = True
     with pytest.raises(ConfigError, match="has no VAE"):
         load_app_config(args)
+
+
+def test_size_bounds_allow_any_multiple_of_8_within_them(tiny_args):
+    limits = load_app_config(tiny_args).model("stable-diffusion-2-1").limits
+    assert limits.allows(1024, 576)  # Livepeer's default, 768x768's area
+    assert limits.allows(256, 256) and limits.allows(512, 768) and limits.allows(776, 760)
+    assert not limits.allows(1024, 584)  # over the pixels
+    assert not limits.allows(1024, 252)  # a side under min_side
+    assert not limits.allows(516, 512)  # not a multiple of 8
+    assert "at least 256" in limits.describe_sizes() and "589824" in limits.describe_sizes()
+
+
+def test_named_sizes_alone_allow_only_themselves(tiny_args):
+    args = copy.deepcopy(tiny_args)
+    args["models"][0]["limits"].pop("max_pixels")
+    limits = load_app_config(args).model("stable-diffusion-2-1").limits
+    assert limits.allows(512, 768) and not limits.allows(1024, 576)
+    assert limits.output_pixels == 768 * 768
+
+
+def test_gpu_configs_allow_livepeers_defaults_and_sdxl_around_a_megapixel():
+    for name in ("local-gpu", "cluster"):
+        app = load_app_config(
+            load_serve_config(REPO_ROOT / "configs" / f"{name}.yaml")["applications"][0]["args"])
+        for model in ("stable-diffusion-2-1", "stable-diffusion-xl", "stable-diffusion-xl-with-refiner"):
+            served = app.resolve(model)
+            assert served.limits.allows(1024, 576), (name, model)
+            assert served.limits.max_steps >= 80, (name, model)  # 100 steps x 0.8 to edit
+        sdxl = app.resolve("stable-diffusion-xl").limits
+        assert sdxl.allows(1344, 768) and sdxl.allows(1536, 640) and not sdxl.allows(512, 512)
+        assert not sdxl.allows(1152, 1152)
+        for upscaler in ("stable-diffusion-x2-latent-upscaler", "stable-diffusion-x4-upscaler"):
+            assert app.model(upscaler).limits.max_steps >= 75, (name, upscaler)

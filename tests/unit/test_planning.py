@@ -88,8 +88,10 @@ def test_chain_hands_the_base_response_to_the_refiner_unresolved(config):
 @pytest.mark.parametrize(
     "fields,param",
     [
-        ({"size": "640x640"}, "size"),
-        ({"num_inference_steps": 51}, "num_inference_steps"),
+        ({"size": "776x776"}, "size"),  # over 768x768's area
+        ({"size": "1024x248"}, "size"),  # a side under min_side
+        ({"size": "516x516"}, "size"),  # not multiples of 8
+        ({"num_inference_steps": 101}, "num_inference_steps"),
         ({"output_format": "png", "output_compression": 50}, "output_compression"),
         ({"model": "stable-diffusion-xl-refiner"}, "model"),
         ({"high_noise_frac": 0.5}, "high_noise_frac"),
@@ -108,7 +110,7 @@ def test_max_n_comes_from_the_model(tiny_args):
     tiny_args = {**tiny_args, "models": [dict(tiny_args["models"][0], limits={
         **tiny_args["models"][0]["limits"], "max_n": 2})], "chains": [], "default_upscaler": None}
     config = load_app_config(tiny_args)
-    with pytest.raises(InvalidRequestError, match="above the limit of 2") as info:
+    with pytest.raises(InvalidRequestError, match="limit of 2") as info:
         plan_generation(req(n=3), config)
     assert info.value.param == "n"
 
@@ -258,7 +260,7 @@ def test_esrgan_ignores_the_diffusion_fields(config):
         ({"width": 16384}, (100, 100), "width", "output pixels"),
         ({"model": "stable-diffusion-2-1"}, (64, 64), "model", "upscale"),
         ({"noise_level": 10}, (64, 64), "noise_level", "x4"),
-        ({}, (32, 32), "image", "at least 64"),
+        ({}, (4, 4), "image", "at least 8"),
     ],
 )
 def test_upscale_limits(config, fields, image, param, needle):
