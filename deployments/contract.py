@@ -58,6 +58,9 @@ class TextToImageJob:
     seeds: tuple[int, ...]
     denoising_end: float | None = None
     output_latents: bool = False
+    # SDXL's second text encoder (OpenCLIP bigG) reads these; None: the prompts above.
+    prompt_2: str | None = None
+    negative_prompt_2: str | None = None
 
 
 @dataclass(frozen=True)

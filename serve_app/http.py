@@ -1,4 +1,5 @@
-"""HTTP error handling: every failure leaves as OpenAI's envelope with the right status."""
+"""HTTP error handling: every failure leaves with the right status, in OpenAI's envelope,
+or in Livepeer's runner shape on Livepeer's routes (serve_app/livepeer.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serve_app.livepeer import LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors
 from serve_app.errors import (
     APIError,
     InvalidRequestError,
@@ -18,7 +20,20 @@ from serve_app.errors import (
 )
 
 
-def error_response(error: APIError) -> JSONResponse:
+def route_path(scope: dict[str, Any]) -> str:
+    """The path below the app's route prefix (Serve mounts an app at its root_path)."""
+    path, root = scope.get("path", "/"), scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):] or "/"
+    return path
+
+
+def error_response(error: APIError, path: str | None = None) -> JSONResponse:
+    """``error`` as the route at ``path`` answers errors: Livepeer's shape on its routes,
+    OpenAI's envelope everywhere else."""
+    if path in LIVEPEER_PATHS:
+        status, body = livepeer_error(error)
+        return JSONResponse(status_code=status, content=body, headers=error.headers or None)
     return JSONResponse(
         status_code=error.status_code,
         content=error.to_response().model_dump(),
@@ -60,8 +75,11 @@ def install_error_handlers(app: FastAPI) -> None:
     """Route every error raised while serving ``app`` through the envelope."""
 
     @app.exception_handler(RequestValidationError)
-    async def _on_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(list(exc.errors())))
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = list(exc.errors())
+        if route_path(request.scope) in LIVEPEER_PATHS:  # FastAPI's own 422, as the runner's
+            return JSONResponse(status_code=422, content=livepeer_validation_errors(errors))
+        return error_response(validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -75,14 +93,14 @@ def install_error_handlers(app: FastAPI) -> None:
             error = APIError(str(exc.detail))
             error.status_code = exc.status_code
             error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        return error_response(error)
+        return error_response(error, route_path(request.scope))
 
     @app.exception_handler(APIError)
-    async def _on_api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, route_path(request.scope))
 
     @app.exception_handler(Exception)
-    async def _on_error(_: Request, exc: Exception) -> JSONResponse:
+    async def _on_error(request: Request, exc: Exception) -> JSONResponse:
         # Anything unexpected, Ray's wrapped replica errors included: mapped, and logged
         # server-side with its traceback, never echoed to the client.
-        return error_response(error_from_exception(exc))
+        return error_response(error_from_exception(exc), route_path(request.scope))

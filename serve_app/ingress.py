@@ -15,6 +15,8 @@ from serve_app.config import AppConfig, load_app_config
 from serve_app.errors import APIError, error_from_exception
 from serve_app.http import install_error_handlers
 from serve_app.livepeer import (
+    LivepeerHTTPError,
+    LivepeerHTTPValidationError,
     LivepeerImageResponse,
     LivepeerImageToImageForm,
     LivepeerTextToImageRequest,
@@ -73,6 +75,22 @@ def base_url(request: Request) -> str:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 500, 503)
 }
+
+_LIVEPEER_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{code: {"model": LivepeerHTTPError} for code in (400, 401, 500, 503)},
+    422: {"model": LivepeerHTTPValidationError},
+}
+
+
+def _livepeer_route(path: str):
+    """A Livepeer route and its trailing-slash twin (the runner answers both)."""
+    def decorate(func):
+        api.post(path + "/", response_model=LivepeerImageResponse, responses=_LIVEPEER_ERRORS,
+                 include_in_schema=False)(func)
+        return api.post(path, response_model=LivepeerImageResponse,
+                        responses=_LIVEPEER_ERRORS)(func)
+    return decorate
+
 
 api = FastAPI(
     title="serve_app images API",
@@ -140,19 +158,19 @@ class ImagesIngress:
         """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
         return json_response(await self._answer(request, self.service.plan(form.to_request(), form.image)))
 
-    @api.post("/text-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
+    @_livepeer_route("/text-to-image")
     async def livepeer_text_to_image(self, request: Request, body: LivepeerTextToImageRequest) -> Response:
         """Livepeer runner's text-to-image."""
         return await self._livepeer(request, lambda: self.service.plan(body.to_request()))
 
-    @api.post("/image-to-image", response_model=LivepeerImageResponse, responses=_ERRORS)
+    @_livepeer_route("/image-to-image")
     async def livepeer_image_to_image(
         self, request: Request, form: Multipart[LivepeerImageToImageForm]
     ) -> Response:
         """Livepeer runner's image-to-image."""
         return await self._livepeer(request, lambda: self.service.plan(form.to_request(), form.image))
 
-    @api.post("/upscale", response_model=LivepeerImageResponse, responses=_ERRORS)
+    @_livepeer_route("/upscale")
     async def livepeer_upscale(
         self, request: Request, form: Multipart[LivepeerUpscaleForm]
     ) -> Response:

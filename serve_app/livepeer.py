@@ -9,23 +9,65 @@ renamed back, so they name the field the client sent.
 
 from __future__ import annotations
 
+import json
+
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.errors import APIError, InvalidRequestError
+from serve_app.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.protocol import MAX_N, MAX_SEED, ImageRequest, ImagesResponse, PromptField
 
 # Our field -> Livepeer's, for error messages.
 _PARAMS = {"model": "model_id", "n": "num_images_per_prompt", "size": "width",
            "moderation": "safety_check"}
 
+# Livepeer's routes, with the trailing-slash twins its runner also answers.
+LIVEPEER_PATHS = frozenset({"/text-to-image", "/image-to-image", "/upscale",
+                            "/text-to-image/", "/image-to-image/", "/upscale/"})
+
+# Livepeer's client (livepeer-ai) sends every field with these defaults, as its runner
+# (livepeer/ai-worker, runner/app/routes) declares them.
+TEXT_TO_IMAGE_STEPS = 50
+IMAGE_TO_IMAGE_STEPS = 100
+UPSCALE_STEPS = 75
+DEFAULT_WIDTH, DEFAULT_HEIGHT = 1024, 576
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = 0.8
+DEFAULT_IMAGE_GUIDANCE = 1.5
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_loras(loras: str) -> None:
+    """``loras``: Livepeer's JSON map of adapter to weight. Empty (``""`` or ``{}``) is
+    accepted; this server serves no adapters yet, so a named one is refused."""
+    text = loras.strip()
+    if not text:
+        return
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        raise InvalidRequestError(
+            'loras must be a JSON object of adapter to weight, such as {"name": 1.0}',
+            param="loras",
+        ) from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequestError(
+            'loras must be a JSON object of adapter to weight, such as {"name": 1.0}',
+            param="loras",
+        )
+    if parsed:
+        raise InvalidRequestError(
+            f"LoRA adapters are not served here ({', '.join(map(str, parsed))} asked for); "
+            "send loras empty",
+            param="loras",
+        )
+
+
 class _LivepeerCommon(_Strict):
-    model_id: str | None = Field(default=None, description="Served model name or Hub id.")
+    model_id: str = Field(default="", description="Served model name or Hub id; '' for the default.")
     safety_check: bool = Field(
         default=True,
         description="With a safety checker configured: true applies the server's policy "
@@ -33,53 +75,85 @@ class _LivepeerCommon(_Strict):
         "one, every image reports nsfw: false.",
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    num_inference_steps: int | None = Field(default=None, ge=1)
 
     @property
     def moderation(self) -> str:
         return "auto" if self.safety_check else "low"
 
 
-class LivepeerTextToImageRequest(_LivepeerCommon):
-    """JSON body of ``POST /text-to-image``."""
+class _LivepeerDiffusion(_LivepeerCommon):
+    """Fields of text-to-image and image-to-image."""
 
     prompt: PromptField = Field(min_length=1)
-    negative_prompt: str | None = None
-    guidance_scale: float | None = Field(default=None, ge=0, le=50)
-    width: int | None = Field(default=None, ge=8, le=16384)
-    height: int | None = Field(default=None, ge=8, le=16384)
+    loras: str = Field(
+        default="",
+        description='LoRA adapters as a JSON map of name to weight, such as {"name": 1.0}; '
+        "empty for none.",
+    )
+    negative_prompt: str = Field(default="", description="What the image should not show.")
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)
     num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_N)
 
+
+def split_prompt(text: str) -> tuple[str, tuple[str, ...]]:
+    """Livepeer's 'first | second' prompts: the first prompt and the further ones, each
+    stripped, empty parts dropped (its runner's ``split_prompt``). A text without '|' is
+    returned as it is."""
+    if "|" not in text:
+        return text, ()
+    parts = [part.strip() for part in text.split("|") if part.strip()]
+    return (parts[0], tuple(parts[1:])) if parts else ("", ())
+
+
+class LivepeerTextToImageRequest(_LivepeerDiffusion):
+    """JSON body of ``POST /text-to-image``. ``prompt`` and ``negative_prompt`` may hold
+    one prompt per text encoder separated by '|' (SDXL: two)."""
+
+    width: int = Field(default=DEFAULT_WIDTH, ge=8, le=16384)
+    height: int = Field(default=DEFAULT_HEIGHT, ge=8, le=16384)
+    num_inference_steps: int = Field(default=TEXT_TO_IMAGE_STEPS, ge=1)
+
     def to_request(self) -> ImageRequest:
-        if (self.width is None) != (self.height is None):
-            missing = "height" if self.height is None else "width"
-            raise InvalidRequestError("give both width and height, or neither", param=missing)
-        size = f"{self.width}x{self.height}" if self.width is not None else None
+        check_loras(self.loras)
+        prompt, more_prompts = split_prompt(self.prompt)
+        negative, more_negatives = split_prompt(self.negative_prompt)
+        if not prompt:
+            raise InvalidRequestError("prompt must not be blank", param="prompt")
         return ImageRequest(
             task="generate",
             moderation=self.moderation,
-            prompt=self.prompt,
+            prompt=prompt,
+            more_prompts=more_prompts,
+            more_negative_prompts=more_negatives,
             model=self.model_id or None,
             n=self.num_images_per_prompt,
-            size=size,
-            negative_prompt=self.negative_prompt,
+            size=f"{self.width}x{self.height}",
+            negative_prompt=negative,
             seed=self.seed,
             guidance_scale=self.guidance_scale,
             num_inference_steps=self.num_inference_steps,
         )
 
 
-class LivepeerImageToImageForm(_LivepeerCommon):
+class LivepeerImageToImageForm(_LivepeerDiffusion):
     """Multipart body of ``POST /image-to-image``."""
 
     image: UploadFile
-    prompt: PromptField = Field(min_length=1)
-    negative_prompt: str | None = None
-    strength: float | None = Field(default=None, gt=0, le=1)
-    guidance_scale: float | None = Field(default=None, ge=0, le=50)
-    num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_N)
+    strength: float = Field(default=DEFAULT_STRENGTH, gt=0, le=1)
+    image_guidance_scale: float = Field(
+        default=DEFAULT_IMAGE_GUIDANCE,
+        ge=0,
+        description="InstructPix2Pix models only: how closely to follow the input image. "
+        "Accepted and ignored by every model served here, as Livepeer's runner ignores it "
+        "for every other model.",
+    )
+    num_inference_steps: int = Field(
+        default=IMAGE_TO_IMAGE_STEPS, ge=1,
+        description="Steps of the whole schedule; num_inference_steps x strength of them run.",
+    )
 
     def to_request(self) -> ImageRequest:
+        check_loras(self.loras)
         return ImageRequest(
             task="edit",
             moderation=self.moderation,
@@ -98,7 +172,12 @@ class LivepeerUpscaleForm(_LivepeerCommon):
     """Multipart body of ``POST /upscale``."""
 
     image: UploadFile
-    prompt: str = Field(default="")
+    prompt: str = Field(default="", description="Guides the diffusion upscalers.")
+    num_inference_steps: int = Field(
+        default=UPSCALE_STEPS, ge=1,
+        description="Diffusion upscalers' steps; ESRGAN (one forward pass) ignores it, as "
+        "Livepeer's runner sets the steps of fixed-step models itself.",
+    )
 
     def to_request(self) -> ImageRequest:
         return ImageRequest(
@@ -121,6 +200,28 @@ class LivepeerImageResponse(BaseModel):
     images: list[LivepeerMedia]
 
 
+class LivepeerAPIError(BaseModel):
+    msg: str = Field(description="The error message, naming the field at fault.")
+
+
+class LivepeerHTTPError(BaseModel):
+    """Livepeer's error body (400, 401, 413, 500, 503, 504)."""
+
+    detail: LivepeerAPIError
+
+
+class LivepeerValidationError(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class LivepeerHTTPValidationError(BaseModel):
+    """Livepeer's 422 body: fields of the wrong type or out of range."""
+
+    detail: list[LivepeerValidationError]
+
+
 def to_livepeer(response: ImagesResponse) -> LivepeerImageResponse:
     mime = f"image/{response.output_format}"
     return LivepeerImageResponse(
@@ -137,3 +238,24 @@ def rename_param(error: APIError) -> APIError:
     if error.param in _PARAMS:
         error.param = _PARAMS[error.param]
     return error
+
+
+def livepeer_error(error: APIError) -> tuple[int, dict]:
+    """Status and body of ``error`` as Livepeer's runner answers: ``{"detail": {"msg":
+    ...}}``, the field named in the message; an unknown model is a 400, as the runner
+    answers a request for a model it was not started with."""
+    status = 400 if isinstance(error, ModelNotFoundError) else error.status_code
+    message = error.message
+    if error.param and not message.startswith(error.param):
+        message = f"{error.param}: {message}"
+    return status, {"detail": {"msg": message}}
+
+
+def livepeer_validation_errors(errors: list[dict]) -> dict:
+    """FastAPI's 422 body, as Livepeer's runner (a FastAPI app) answers it: ``loc``,
+    ``msg`` and ``type`` of each error, without the echoed input."""
+    return {"detail": [
+        {"loc": [p if isinstance(p, (int, str)) else str(p) for p in e.get("loc", ())],
+         "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in errors
+    ]}

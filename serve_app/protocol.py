@@ -66,6 +66,10 @@ class ImageRequest:
 
     task: Literal["generate", "edit", "variation", "upscale"]
     prompt: str = ""
+    # Prompts for a model's further text encoders (SDXL's second), from Livepeer's
+    # 'first | second' prompts; planning refuses them for a model with fewer encoders.
+    more_prompts: tuple[str, ...] = ()
+    more_negative_prompts: tuple[str, ...] = ()
     model: str | None = None
     n: int = 1
     size: str | None = None

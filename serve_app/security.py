@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.errors import APIError
-from serve_app.http import error_response
+from serve_app.http import error_response, route_path
 
 API_KEYS_ENV = "SERVE_APP_API_KEYS"
 
@@ -67,17 +67,9 @@ def key_is_valid(presented: bytes, keys: tuple[bytes, ...]) -> bool:
     return valid
 
 
-async def _send_error(send, error: APIError) -> None:
-    """Answer with ``error`` from the ASGI layer, as every route answers errors."""
-    await error_response(error)({"type": "http"}, None, send)
-
-
-def route_path(scope: dict[str, Any]) -> str:
-    """The path below the app's route prefix (Serve mounts an app at its root_path)."""
-    path, root = scope["path"], scope.get("root_path", "")
-    if root and path.startswith(root):
-        path = path[len(root):] or "/"
-    return path
+async def _send_error(scope, send, error: APIError) -> None:
+    """Answer with ``error`` from the ASGI layer, as the route would answer it."""
+    await error_response(error, route_path(scope))({"type": "http"}, None, send)
 
 
 class _BodyTooLarge(Exception):
@@ -103,11 +95,11 @@ class GateMiddleware:
         if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             error = self._check_key(headers.get(b"authorization", b""), settings.api_keys)
             if error is not None:
-                return await _send_error(send, error)
+                return await _send_error(scope, send, error)
         limit = settings.max_body_bytes
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await _send_error(send, PayloadTooLargeError(limit))
+            return await _send_error(scope, send, PayloadTooLargeError(limit))
         await self._call_counting(scope, receive, send, limit)
 
     @staticmethod
@@ -143,7 +135,7 @@ class GateMiddleware:
             if exceeded:
                 if not responded:
                     responded = True
-                    await _send_error(send, PayloadTooLargeError(limit))
+                    await _send_error(scope, send, PayloadTooLargeError(limit))
                 return
             if message["type"] == "http.response.start":
                 responded = True
@@ -155,4 +147,4 @@ class GateMiddleware:
             if not exceeded:
                 raise
         if exceeded and not responded:
-            await _send_error(send, PayloadTooLargeError(limit))
+            await _send_error(scope, send, PayloadTooLargeError(limit))

@@ -46,13 +46,18 @@ def test_without_keys_everything_is_open():
 def test_keys_are_required_on_api_routes(header):
     client = make_client(KEYS)
     headers = {"Authorization": header} if header is not None else {}
-    for path in ("/v1/images/generations", "/upscale"):
-        response = client.post(path, json={"prompt": "a"}, headers=headers)
-        assert response.status_code == 401
-        assert response.headers["www-authenticate"] == "Bearer"
-        error = response.json()["error"]
-        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
-        assert "sk-one" not in response.text
+    response = client.post("/v1/images/generations", json={"prompt": "a"}, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+    assert "sk-one" not in response.text
+    # Livepeer's routes answer in its runner's shape: {"detail": {"msg": ...}}.
+    response = client.post("/upscale", json={"prompt": "a"}, headers=headers)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "API key" in response.json()["detail"]["msg"]
+    assert "sk-one" not in response.text
 
 
 @pytest.mark.parametrize("key", ["sk-one", "sk-two"])
@@ -121,3 +126,10 @@ def test_bodies_under_the_limit_pass():
     response = client.post("/v1/images/edits", data={"prompt": "a"},
                            files={"image": ("small.png", b"\0" * 100, "image/png")})
     assert response.status_code == 200 and response.json() == {"ok": 100}
+
+
+def test_livepeer_routes_answer_413_in_livepeers_shape():
+    client = make_client(GateSettings(max_body_bytes=1000))
+    response = client.post("/upscale", content=b"x" * 2000, headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "1000" in response.json()["detail"]["msg"]
