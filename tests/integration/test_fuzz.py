@@ -63,6 +63,9 @@ def test_the_document_describes_every_route(api_schema):
 # raising max_examples, not by luck.
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_no_5xx_and_every_4xx_in_the_envelope(case):
+    # Again here: cases built from the document's examples and defaults (Livepeer's 10
+    # images of 1024x576 at 50 steps) do not pass through the map_body hook.
+    case.body = cheap(case.body, case.path)
     response = case.call(timeout=120)
     SEEN.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
     assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
