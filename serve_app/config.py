@@ -22,7 +22,7 @@ from ray.serve.config import AutoscalingConfig
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
 from deployments.contract import PipelineSpec
-from serve_app.protocol import MAX_N, parse_size
+from serve_app.protocol import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N, parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
 
@@ -245,6 +245,23 @@ class GenerationLimits(_Strict):
         return self
 
 
+class LoraAdapterConfig(_Strict):
+    """A LoRA adapter a model's requests may name."""
+
+    name: str = Field(min_length=1, description="The name requests use (`loras`).")
+    source: str = Field(
+        min_length=1,
+        description="Hub id, local folder, or 'tiny:lora/<family>/<name>' for a tiny seeded one.",
+    )
+    weight_name: str | None = Field(
+        default=None, description="The weights file in source (default: diffusers' own name)."
+    )
+    default_weight: float = Field(
+        default=1.0, ge=LORA_WEIGHT_MIN, le=LORA_WEIGHT_MAX,
+        description="Weight when a request names the adapter without one.",
+    )
+
+
 class _Served(_Strict):
     name: str = Field(min_length=1, description="Served model name (the `model` field).")
     aliases: list[str] = Field(default_factory=list, description="Other accepted names (Hub ids).")
@@ -335,6 +352,20 @@ class ModelConfig(_Served, _WeightsReplica):
     vae_slicing: bool = Field(
         default=False, description="Decode a batch one image at a time: VAE memory of one image."
     )
+    loras: list[LoraAdapterConfig] = Field(
+        default_factory=list, description="LoRA adapters requests may name (SD 2.1 and SDXL)."
+    )
+    max_loras_per_request: int = Field(default=3, ge=1, description="Most adapters in one request.")
+    max_loaded_loras: int = Field(
+        default=8, ge=1,
+        description="Adapters a replica keeps loaded; the least recently used is unloaded first.",
+    )
+    allow_hub_loras: bool = Field(
+        default=False,
+        description="Let requests name any Hub LoRA by its id (as Livepeer's runner does): "
+        "the replica downloads and loads files from outside, so it is off unless an operator "
+        "turns it on.",
+    )
 
     @model_validator(mode="after")
     def _family_requirements(self) -> ModelConfig:
@@ -362,7 +393,24 @@ class ModelConfig(_Served, _WeightsReplica):
             )
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
+        self._check_loras()
         return self
+
+    def _check_loras(self) -> None:
+        if (self.loras or self.allow_hub_loras) and not self.info.takes_loras:
+            raise ValueError(f"loras: family {self.family} takes no LoRA adapters")
+        names = [adapter.name for adapter in self.loras]
+        if len(set(names)) != len(names):
+            raise ValueError("loras: two adapters have the same name")
+        for adapter in self.loras:
+            if adapter.source.startswith("tiny:"):
+                parts = adapter.source.split("/")
+                if len(parts) != 3 or parts[0] != "tiny:lora" or not parts[2]:
+                    raise ValueError(f"loras: {adapter.source!r}: expected 'tiny:lora/<family>/<name>'")
+                if parts[1] != self.family:
+                    raise ValueError(
+                        f"loras: {adapter.source!r} is a LoRA of {parts[1]}, not of {self.family}"
+                    )
 
     def _check_component(self, key: str, source: str, capability: str) -> None:
         """A known component (tiny or a registered Hub id) must do ``capability`` in this
@@ -424,6 +472,7 @@ class ModelConfig(_Served, _WeightsReplica):
             vae=self.vae,
             vae_tiling=self.vae_tiling,
             vae_slicing=self.vae_slicing,
+            max_loaded_loras=self.max_loaded_loras,
         )
 
 

@@ -44,6 +44,8 @@ def error_response(error: APIError, path: str | None = None) -> JSONResponse:
 def _param(loc: tuple[Any, ...]) -> str | None:
     # loc is ("body", "n") for a JSON field, ("body", 12) for a JSON syntax error.
     parts = [str(p) for p in loc[1:] if isinstance(p, str)]
+    if parts and parts[0] == "loras":  # its union's member names are not fields
+        return "loras"
     return ".".join(parts) or None
 
 

@@ -15,7 +15,9 @@ from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.errors import APIError, InvalidRequestError, ModelNotFoundError
-from serve_app.protocol import MAX_N, MAX_SEED, ImageRequest, ImagesResponse, PromptField
+from serve_app.protocol import (
+    MAX_N, MAX_SEED, ImageRequest, ImagesResponse, LoraSet, PromptField, normalize_loras,
+)
 
 # Our field -> Livepeer's, for error messages.
 _PARAMS = {"model": "model_id", "n": "num_images_per_prompt", "size": "width",
@@ -40,30 +42,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def check_loras(loras: str) -> None:
-    """``loras``: Livepeer's JSON map of adapter to weight. Empty (``""`` or ``{}``) is
-    accepted; this server serves no adapters yet, so a named one is refused."""
-    text = loras.strip()
-    if not text:
-        return
+def parse_loras(loras: str) -> LoraSet:
+    """``loras``: Livepeer's JSON map of adapter to weight (``""`` and ``{}``: none), the
+    names checked against the model's adapters when the request is planned."""
     try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        raise InvalidRequestError(
-            'loras must be a JSON object of adapter to weight, such as {"name": 1.0}',
-            param="loras",
-        ) from None
-    if not isinstance(parsed, dict):
-        raise InvalidRequestError(
-            'loras must be a JSON object of adapter to weight, such as {"name": 1.0}',
-            param="loras",
-        )
-    if parsed:
-        raise InvalidRequestError(
-            f"LoRA adapters are not served here ({', '.join(map(str, parsed))} asked for); "
-            "send loras empty",
-            param="loras",
-        )
+        return normalize_loras(loras)
+    except ValueError as error:
+        raise InvalidRequestError(str(error), param="loras") from None
 
 
 class _LivepeerCommon(_Strict):
@@ -87,8 +72,8 @@ class _LivepeerDiffusion(_LivepeerCommon):
     prompt: PromptField = Field(min_length=1)
     loras: str = Field(
         default="",
-        description='LoRA adapters as a JSON map of name to weight, such as {"name": 1.0}; '
-        "empty for none.",
+        description='LoRA adapters as a JSON map of name to weight, such as {"ink": 0.8}: the '
+        "model's configured adapters, or Hub ids where the server allows them; empty for none.",
     )
     negative_prompt: str = Field(default="", description="What the image should not show.")
     guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)
@@ -114,7 +99,6 @@ class LivepeerTextToImageRequest(_LivepeerDiffusion):
     num_inference_steps: int = Field(default=TEXT_TO_IMAGE_STEPS, ge=1)
 
     def to_request(self) -> ImageRequest:
-        check_loras(self.loras)
         prompt, more_prompts = split_prompt(self.prompt)
         negative, more_negatives = split_prompt(self.negative_prompt)
         if not prompt:
@@ -125,6 +109,7 @@ class LivepeerTextToImageRequest(_LivepeerDiffusion):
             prompt=prompt,
             more_prompts=more_prompts,
             more_negative_prompts=more_negatives,
+            loras=parse_loras(self.loras),
             model=self.model_id or None,
             n=self.num_images_per_prompt,
             size=f"{self.width}x{self.height}",
@@ -153,10 +138,10 @@ class LivepeerImageToImageForm(_LivepeerDiffusion):
     )
 
     def to_request(self) -> ImageRequest:
-        check_loras(self.loras)
         return ImageRequest(
             task="edit",
             moderation=self.moderation,
+            loras=parse_loras(self.loras),
             prompt=self.prompt,
             model=self.model_id or None,
             n=self.num_images_per_prompt,

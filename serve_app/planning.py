@@ -8,6 +8,7 @@ request arrives as one :class:`~serve_app.protocol.ImageRequest`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,6 +18,7 @@ import numpy as np
 from deployments.families import hands_latents
 from deployments.contract import (
     ImageToImageJob,
+    LoraRef,
     RefineJob,
     SafetyJob,
     TextToImageJob,
@@ -25,6 +27,9 @@ from deployments.contract import (
 from serve_app.config import AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.protocol import MAX_SEED, ImageRequest, parse_size
+
+# A Hub repository id: owner/name.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 # Seeds drawn for requests without one stay in 32 bits, like the seeds other services show.
 _DRAWN_SEED_LIMIT = 2**32
@@ -285,6 +290,8 @@ def plan_generation(
     guidance, negative = _guidance(req, served), _negative(req, served)
     seeds = _seeds(req.seed, req.n, seed_source)
     second = _second_prompts(req, config, served)
+    # Adapters apply to the stage they were made for: the base of a refiner chain.
+    loras = lora_refs(req, config.model(served.base) if isinstance(served, RefinerChainConfig) else served)
 
     if isinstance(served, RefinerChainConfig):
         frac = req.high_noise_frac if req.high_noise_frac is not None else defaults.high_noise_frac
@@ -300,7 +307,7 @@ def plan_generation(
             Stage(
                 served.base,
                 TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
-                               denoising_end=frac, output_latents=True, **second),
+                               denoising_end=frac, output_latents=True, loras=loras, **second),
             ),
             Stage(
                 served.refiner,
@@ -316,7 +323,8 @@ def plan_generation(
         stages = [
             Stage(
                 served.name,
-                TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds, **second),
+                TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
+                               loras=loras, **second),
             )
         ]
     all_stages, out_w, out_h = _with_upscale(
@@ -342,6 +350,38 @@ def _second_prompts(req: ImageRequest, config: AppConfig, served) -> dict[str, s
             )
     return {"prompt_2": req.more_prompts[0] if req.more_prompts else None,
             "negative_prompt_2": req.more_negative_prompts[0] if req.more_negative_prompts else None}
+
+
+def lora_refs(req: ImageRequest, model: ModelConfig) -> tuple[LoraRef, ...]:
+    """The adapters ``req`` names, resolved against ``model``'s config: each a configured
+    adapter, or (``allow_hub_loras``) a Hub id. Raises a 400 naming ``loras``."""
+    if not req.loras:
+        return ()
+    if not model.info.takes_loras:
+        raise InvalidRequestError(f"{model.name} takes no LoRA adapters", param="loras")
+    if len(req.loras) > model.max_loras_per_request:
+        raise InvalidRequestError(
+            f"{len(req.loras)} adapters asked for; {model.name} applies at most "
+            f"{model.max_loras_per_request} per request",
+            param="loras",
+        )
+    configured = {adapter.name: adapter for adapter in model.loras}
+    refs = []
+    for name, weight in req.loras:
+        adapter = configured.get(name)
+        if adapter is not None:
+            refs.append(LoraRef(name, adapter.source, adapter.weight_name,
+                                adapter.default_weight if weight is None else weight))
+        elif model.allow_hub_loras and _HUB_ID.match(name):
+            refs.append(LoraRef(name, name, None, 1.0 if weight is None else weight))
+        else:
+            known = ", ".join(configured) or "none"
+            hub = "; or any Hub LoRA by its id" if model.allow_hub_loras else ""
+            raise InvalidRequestError(
+                f"{name!r} is not a LoRA adapter of {model.name}; its adapters: {known}{hub}",
+                param="loras",
+            )
+    return tuple(refs)
 
 
 def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
@@ -420,7 +460,8 @@ def plan_image_to_image(
     seeds = _seeds(req.seed, req.n, seed_source)
     stage = Stage(
         served.name,
-        ImageToImageJob(prompt, negative, width, height, steps, guidance, strength, seeds),
+        ImageToImageJob(prompt, negative, width, height, steps, guidance, strength, seeds,
+                        loras=lora_refs(req, served)),
         (image,) if mask is None else (image, mask),
     )
     stages, out_w, out_h = _with_upscale(

@@ -7,14 +7,19 @@ the services our users come from. This module imports neither torch nor Ray.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from dataclasses import dataclass, fields
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import UploadFile
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_N = 10
+# A LoRA adapter's weight (its scale): 0 leaves the model as it is, 1 is the adapter as
+# trained, negative values push away from it.
+LORA_WEIGHT_MIN, LORA_WEIGHT_MAX = -2.0, 2.0
 # torch generators take seeds below 2**64; image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
 
@@ -39,6 +44,75 @@ def _check_prompt(value: str) -> str:
     if not value.strip():
         raise ValueError("prompt must not be blank")
     return value
+
+
+LoraSet = tuple[tuple[str, float | None], ...]
+
+
+def normalize_loras(value: Any) -> LoraSet:
+    """``loras`` as ``((name, weight or None), ...)``: from a map of name to weight, a list
+    of ``{"name", "weight"}`` (weight optional: the adapter's default), or either as JSON
+    text (multipart forms, Livepeer). Raises ValueError on anything else."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        if not value.strip():
+            return ()
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                'loras must be a JSON map of adapter to weight, such as {"ink": 0.8}, or a '
+                'list such as [{"name": "ink", "weight": 0.8}]'
+            ) from None
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = []
+        for entry in value:
+            if isinstance(entry, BaseModel):
+                entry = entry.model_dump()
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or set(entry) - {"name", "weight"}:
+                raise ValueError('each loras entry must be {"name": ..., "weight": ...}')
+            items.append((entry["name"], entry.get("weight")))
+    else:
+        raise ValueError('loras must be a map of adapter to weight, or a list of {"name", "weight"}')
+    result = []
+    for name, weight in items:
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError("a loras name must be a non-empty string")
+        if weight is not None:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise ValueError(f"the weight of {name!r} must be a number")
+            if not LORA_WEIGHT_MIN <= weight <= LORA_WEIGHT_MAX:
+                raise ValueError(
+                    f"the weight of {name!r} is {weight}; weights are from {LORA_WEIGHT_MIN} "
+                    f"to {LORA_WEIGHT_MAX}"
+                )
+            weight = float(weight)
+        result.append((name, weight))
+    names = [name for name, _ in result]
+    if len(set(names)) != len(names):
+        raise ValueError("loras names the same adapter twice")
+    return tuple(result)
+
+
+def _check_loras(value: Any) -> Any:
+    normalize_loras(value)
+    return value
+
+
+_LORAS_DESCRIPTION = (
+    "LoRA adapters of the model (GET /v1/models/{model} lists them) and their weights "
+    f"({LORA_WEIGHT_MIN} to {LORA_WEIGHT_MAX}; omitted: the adapter's default)"
+)
+
+
+class LoraWeight(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="Adapter name.")
+    weight: float | None = Field(default=None, description="Its weight; omitted: its default.")
 
 
 _MODERATION = (
@@ -85,6 +159,7 @@ class ImageRequest:
     upscale: str | None = None
     stream: bool = False
     partial_images: int | None = None
+    loras: LoraSet = ()
     moderation: str = "auto"
     response_format: str = "b64_json"
     output_format: str = "png"
@@ -134,8 +209,10 @@ class _ImageOptions(_Strict):
 
     def to_request(self) -> ImageRequest:
         """This request in the form planning takes."""
-        return ImageRequest(task=self._task, **{name: value for name, value in self
-                                                 if name in _REQUEST_FIELDS})
+        values = {name: value for name, value in self if name in _REQUEST_FIELDS}
+        if "loras" in values:
+            values["loras"] = normalize_loras(values["loras"])
+        return ImageRequest(task=self._task, **values)
 
 
 class _Streaming(_Strict):
@@ -164,6 +241,10 @@ class ImageGenerationRequest(_Streaming, _ImageOptions):
         default=None,
         description="Upscaler model to run on every generated image (output size x factor).",
     )
+    loras: Annotated[
+        dict[str, float] | list[LoraWeight] | None, AfterValidator(_check_loras)
+    ] = Field(default=None, description=_LORAS_DESCRIPTION + ": a map of name to weight, or "
+              'a list of {"name", "weight"}.')
 
 
 _SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
@@ -177,6 +258,9 @@ class _ImageForm(_ImageOptions):
 
 class _EditFields(_ImageForm):
     size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION)
+    loras: Annotated[str | None, AfterValidator(_check_loras)] = Field(
+        default=None, description=_LORAS_DESCRIPTION + ', as JSON text: {"ink": 0.8} or '
+        '[{"name": "ink", "weight": 0.8}].')
     strength: float | None = Field(
         default=None, gt=0, le=1, description="How far to move from the input (0 < s <= 1)."
     )
@@ -242,6 +326,11 @@ class ImagesResponse(BaseModel):
     usage: ImagesUsage
 
 
+class LoraCard(BaseModel):
+    name: str
+    default_weight: float
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -251,6 +340,13 @@ class ModelCard(BaseModel):
         default_factory=list,
         description="What the model does: text-to-image, image-to-image, inpaint, upscale, refine.",
     )
+    loras: list[LoraCard] | None = Field(
+        default=None, description="LoRA adapters a request may name (models that take them)."
+    )
+    allow_hub_loras: bool | None = Field(
+        default=None, description="Whether a request may name any Hub LoRA by its id."
+    )
+    max_loras_per_request: int | None = None
 
 
 class ModelList(BaseModel):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from deployments.contract import unwrap
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, RefinerChainConfig
 from serve_app.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
@@ -30,6 +30,7 @@ from serve_app.imaging import encode_image
 from serve_app.planning import GenerationPlan, plan_generation, plan_image_to_image, plan_upscale
 from serve_app.protocol import (
     ImageData,
+    LoraCard,
     ImageRequest,
     ImagesResponse,
     ImagesUsage,
@@ -188,8 +189,16 @@ class ImagesService:
                 for image_id, seed in zip(ids, plan.seeds)]
 
     def _card(self, entry) -> ModelCard:
+        model = self.config.model(entry.base) if isinstance(entry, RefinerChainConfig) else entry
+        lora_fields = {}
+        if model.info.takes_loras:
+            lora_fields = dict(
+                loras=[LoraCard(name=a.name, default_weight=a.default_weight) for a in model.loras],
+                allow_hub_loras=model.allow_hub_loras,
+                max_loras_per_request=model.max_loras_per_request,
+            )
         return ModelCard(id=entry.name, created=self.created, owned_by=entry.owned_by,
-                         capabilities=sorted(entry.capabilities))
+                         capabilities=sorted(entry.capabilities), **lora_fields)
 
     def list_models(self) -> ModelList:
         """Answer ``GET /v1/models``: every served name (aliases are accepted, not listed)."""

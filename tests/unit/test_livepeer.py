@@ -13,7 +13,7 @@ from serve_app.config import load_app_config
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.livepeer import (
     LivepeerTextToImageRequest,
-    check_loras,
+    parse_loras,
     livepeer_error,
     livepeer_validation_errors,
     split_prompt,
@@ -42,15 +42,25 @@ def test_the_clients_defaults_plan_on_the_tiny_profile(config):
 
 
 @pytest.mark.parametrize("loras", ["", "  ", "{}"])
-def test_empty_loras_are_accepted(loras):
-    check_loras(loras)
+def test_empty_loras_are_none(loras):
+    assert parse_loras(loras) == ()
 
 
-@pytest.mark.parametrize("loras", ['{"a/b": 1.0}', "not json", "[1]"])
-def test_other_loras_are_a_400_naming_loras(loras):
+def test_loras_is_livepeers_json_map():
+    assert parse_loras('{"ink": 0.5, "a/b": 1}') == (("ink", 0.5), ("a/b", 1.0))
+
+
+@pytest.mark.parametrize("loras", ["not json", "[1]", '{"ink": 3}', '{"ink": "x"}'])
+def test_malformed_loras_are_a_400_naming_loras(loras):
     with pytest.raises(InvalidRequestError) as info:
-        check_loras(loras)
+        parse_loras(loras)
     assert info.value.param == "loras"
+
+
+def test_livepeer_loras_reach_the_job(config):
+    request = LivepeerTextToImageRequest(prompt="a cat", loras='{"ink": 0.5}', width=512, height=512)
+    (ref,) = plan_generation(request.to_request(), config).stages[0].job.loras
+    assert (ref.name, ref.weight, ref.source) == ("ink", 0.5, "tiny:lora/sd21/ink")
 
 
 def test_split_prompt_follows_the_runner():

@@ -363,3 +363,51 @@ def test_total_output_pixels_limit(tiny_args):
         plan_generation(req(n=1, size="512x512", upscale="esrgan-x2"), config)
     with pytest.raises(InvalidRequestError):
         plan_upscale(upscale_form(n=4), pixels(256, 256), config)
+
+
+def test_loras_resolve_to_the_models_adapters(config):
+    (ref,) = plan_generation(req(loras=[{"name": "pastel"}]), config).stages[0].job.loras
+    assert (ref.name, ref.source, ref.weight) == ("pastel", "tiny:lora/sd21/pastel", 0.8)  # its default
+    refs = plan_generation(req(loras={"ink": 0.5, "grain": -1}), config).stages[0].job.loras
+    assert [(r.name, r.weight) for r in refs] == [("ink", 0.5), ("grain", -1.0)]
+
+
+def test_a_chains_loras_go_to_its_base_only(config):
+    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", loras={"ink": 1.0}), config)
+    assert [r.name for r in plan.stages[0].job.loras] == ["ink"]
+    assert not hasattr(plan.stages[1].job, "loras")  # the refiner takes none
+    plan = plan_generation(req(loras={"ink": 1.0}, upscale="stable-diffusion-x4-upscaler",
+                               size="256x256"), config)
+    assert plan.stages[0].job.loras and not hasattr(plan.stages[1].job, "loras")
+
+
+@pytest.mark.parametrize(
+    "loras,needle",
+    [({"nope": 1.0}, "not a LoRA adapter"),  # unknown
+     ({"ink": 1.0, "pastel": 1.0, "grain": 1.0}, "at most 2"),  # too many
+     ({"org/some-lora": 1.0}, "not a LoRA adapter")],  # Hub ids only where allowed
+)
+def test_bad_loras_are_400_naming_loras(config, loras, needle):
+    with pytest.raises(InvalidRequestError, match=needle) as info:
+        plan_generation(req(loras=loras), config)
+    assert info.value.param == "loras"
+
+
+def test_a_model_without_adapters_refuses_them(config):
+    with pytest.raises(InvalidRequestError) as info:  # the SDXL refiner chain's base has "ink" only
+        plan_generation(req(model="stable-diffusion-xl", loras={"pastel": 1.0}), config)
+    assert info.value.param == "loras" and "ink" in info.value.message
+
+
+def test_weights_outside_the_range_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        req(loras={"ink": 2.5})
+
+
+def test_hub_loras_where_the_operator_allows_them(tiny_args):
+    args = dict(tiny_args, models=[dict(tiny_args["models"][0], allow_hub_loras=True)] + tiny_args["models"][1:])
+    config = load_app_config(args)
+    (ref,) = plan_generation(req(loras={"org/some-lora": 0.7}), config).stages[0].job.loras
+    assert (ref.name, ref.source, ref.weight) == ("org/some-lora", "org/some-lora", 0.7)
