@@ -40,6 +40,7 @@ class PipelineSpec:
     vae_tiling: bool = False
     vae_slicing: bool = False
     max_loaded_loras: int = 8  # LoRA adapters kept loaded; the least recently used leave
+    fused_loras: tuple = ()  # LoraRefs merged into the weights at load (no per-step cost)
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,10 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
         pipe.vae.enable_tiling()
     if spec.vae_slicing:
         pipe.vae.enable_slicing()
+    if spec.fused_loras:
+        from deployments.loras import fuse_loras
+
+        fuse_loras(pipe, spec.fused_loras)  # before moving and compiling: merged once
     if device == "cuda":
         # PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
         from diffusers.models.attention_processor import AttnProcessor2_0

@@ -218,3 +218,24 @@ class LoraCache:
         if self.metrics is not None:
             self.metrics.on_lora_eviction(ref_name)
         logger.info("%s: unloaded LoRA adapter %s", self.model, ref_name)
+
+
+def fuse_loras(pipe: Any, refs: Sequence[LoraRef]) -> None:
+    """Merge a deployment's fixed adapter set into its weights, once, at load: each adapter
+    loads through ``load_lora_weights``, ``set_adapters`` weighs them, ``fuse_lora`` adds
+    their weighted deltas to the UNet's and text encoders' weights, and
+    ``unload_lora_weights`` removes the LoRA layers. The model then runs at its plain speed
+    (no LoRA matmuls per step) and per-request adapters still load on top."""
+    if not refs:
+        return
+    names = []
+    for ref in refs:
+        name = adapter_name(ref.name)
+        pipe.load_lora_weights(resolve_source(ref.source), weight_name=ref.weight_name,
+                               adapter_name=name)
+        names.append(name)
+    pipe.set_adapters(names, adapter_weights=[ref.weight for ref in refs])
+    pipe.fuse_lora(adapter_names=names, lora_scale=1.0)
+    pipe.unload_lora_weights()
+    logger.info("fused LoRA adapters into the weights: %s",
+                ", ".join(f"{r.name} ({r.weight:g})" for r in refs))

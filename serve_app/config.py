@@ -21,7 +21,7 @@ from pydantic import (
 from ray.serve.config import AutoscalingConfig
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
-from deployments.contract import PipelineSpec
+from deployments.contract import LoraRef, PipelineSpec
 from serve_app.protocol import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N, parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
@@ -262,6 +262,16 @@ class LoraAdapterConfig(_Strict):
     )
 
 
+class FusedLoraConfig(_Strict):
+    """An adapter of ``loras`` merged into the model's weights at load."""
+
+    name: str = Field(min_length=1, description="An adapter of the model's `loras`.")
+    weight: float | None = Field(
+        default=None, ge=LORA_WEIGHT_MIN, le=LORA_WEIGHT_MAX,
+        description="Its weight in the merge (default: its default_weight).",
+    )
+
+
 class _Served(_Strict):
     name: str = Field(min_length=1, description="Served model name (the `model` field).")
     aliases: list[str] = Field(default_factory=list, description="Other accepted names (Hub ids).")
@@ -360,6 +370,11 @@ class ModelConfig(_Served, _WeightsReplica):
         default=8, ge=1,
         description="Adapters a replica keeps loaded; the least recently used is unloaded first.",
     )
+    fused_loras: list[FusedLoraConfig] = Field(
+        default_factory=list,
+        description="Adapters of `loras` merged into the weights at load: every request runs "
+        "with them at no per-step cost, and requests cannot name them.",
+    )
     allow_hub_loras: bool = Field(
         default=False,
         description="Let requests name any Hub LoRA by its id (as Livepeer's runner does): "
@@ -402,6 +417,9 @@ class ModelConfig(_Served, _WeightsReplica):
         names = [adapter.name for adapter in self.loras]
         if len(set(names)) != len(names):
             raise ValueError("loras: two adapters have the same name")
+        fused = [entry.name for entry in self.fused_loras]
+        if len(set(fused)) != len(fused) or set(fused) - set(names):
+            raise ValueError(f"fused_loras: each must name a different adapter of loras ({names})")
         for adapter in self.loras:
             if adapter.source.startswith("tiny:"):
                 parts = adapter.source.split("/")
@@ -473,6 +491,21 @@ class ModelConfig(_Served, _WeightsReplica):
             vae_tiling=self.vae_tiling,
             vae_slicing=self.vae_slicing,
             max_loaded_loras=self.max_loaded_loras,
+            fused_loras=self.fused_lora_refs(),
+        )
+
+    @property
+    def requestable_loras(self) -> list[LoraAdapterConfig]:
+        """The adapters a request may name: those not fused into the weights."""
+        fused = {entry.name for entry in self.fused_loras}
+        return [adapter for adapter in self.loras if adapter.name not in fused]
+
+    def fused_lora_refs(self) -> tuple[LoraRef, ...]:
+        adapters = {adapter.name: adapter for adapter in self.loras}
+        return tuple(
+            LoraRef(e.name, adapters[e.name].source, adapters[e.name].weight_name,
+                    adapters[e.name].default_weight if e.weight is None else e.weight)
+            for e in self.fused_loras
         )
 
 

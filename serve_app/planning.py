@@ -365,7 +365,7 @@ def lora_refs(req: ImageRequest, model: ModelConfig) -> tuple[LoraRef, ...]:
             f"{model.max_loras_per_request} per request",
             param="loras",
         )
-    configured = {adapter.name: adapter for adapter in model.loras}
+    configured = {adapter.name: adapter for adapter in model.requestable_loras}
     refs = []
     for name, weight in req.loras:
         adapter = configured.get(name)

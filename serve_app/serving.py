@@ -193,7 +193,8 @@ class ImagesService:
         lora_fields = {}
         if model.info.takes_loras:
             lora_fields = dict(
-                loras=[LoraCard(name=a.name, default_weight=a.default_weight) for a in model.loras],
+                loras=[LoraCard(name=a.name, default_weight=a.default_weight)
+                       for a in model.requestable_loras],
                 allow_hub_loras=model.allow_hub_loras,
                 max_loras_per_request=model.max_loras_per_request,
             )

@@ -336,3 +336,29 @@ def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
     assert close(run(dep.text_to_image(t2i([ref("ink", weight=0.7), ref("pastel", weight=-0.5)]))),
                  alone["both"])
     assert np.array_equal(run(dep.text_to_image(t2i())), alone["none"])
+
+
+def test_a_fixed_adapter_set_fused_into_the_weights_runs_without_lora_layers(alone):
+    from deployments.loras import fuse_loras  # noqa: F401 - the path load_pipeline takes
+
+    fused = StableDiffusionDeployment(sd_spec(fused_loras=(ref("ink", weight=0.7), ref("pastel", weight=-0.5))))
+    # No LoRA layers left: every step runs at the plain model's cost.
+    assert not any("lora" in name for name, _ in fused.pipe.unet.named_modules())
+    # The same pixels as the two adapters applied per request, up to float rounding of the merge.
+    assert close(run(fused.text_to_image(t2i())), alone["both"])
+    # Per-request adapters still load on top.
+    assert differ(run(fused.text_to_image(t2i((ref("ink"),)))), alone["both"])
+
+
+def test_the_config_fuses_adapters_and_requests_cannot_name_them(tiny_args):
+    from serve_app.config import ConfigError, load_app_config
+
+    model = dict(tiny_args["models"][0], fused_loras=[{"name": "ink", "weight": 0.5}])
+    config = load_app_config(dict(tiny_args, models=[model] + tiny_args["models"][1:]))
+    sd = config.model("stable-diffusion-2-1")
+    (fused,) = sd.pipeline_spec().fused_loras
+    assert (fused.name, fused.source, fused.weight) == ("ink", "tiny:lora/sd21/ink", 0.5)
+    assert [a.name for a in sd.requestable_loras] == ["pastel", "grain"]
+    with pytest.raises(ConfigError, match="fused_loras"):
+        bad = dict(tiny_args["models"][0], fused_loras=[{"name": "nope"}])
+        load_app_config(dict(tiny_args, models=[bad] + tiny_args["models"][1:]))
