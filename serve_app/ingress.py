@@ -219,12 +219,13 @@ class ImagesIngress:
         """The playground: a page to try every route from a browser (plain HTML and JS)."""
         return HTMLResponse(PLAYGROUND_HTML, headers={"Cache-Control": "no-cache"})
 
-    @api.get("/v1/models", response_model=ModelList)
+    @api.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
     async def list_models(self) -> ModelList:
         """Served models in OpenAI's list shape."""
         return self.service.list_models()
 
-    @api.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+    @api.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS,
+             response_model_exclude_none=True)
     async def retrieve_model(self, model_id: str) -> ModelCard:
         """One served model, by name or alias."""
         return self.service.get_model(model_id)

@@ -142,8 +142,10 @@ def test_models_list(client, http):
     ]
     raw = http.get("/v1/models").json()
     assert raw["object"] == "list"
+    takes_loras = {"stable-diffusion-2-1", "stable-diffusion-xl", "stable-diffusion-xl-with-refiner"}
     for card in raw["data"]:
-        assert set(card) == {"id", "object", "created", "owned_by", "capabilities"}
+        lora_fields = {"loras", "allow_hub_loras", "max_loras_per_request"} if card["id"] in takes_loras else set()
+        assert set(card) == {"id", "object", "created", "owned_by", "capabilities"} | lora_fields
         assert card["object"] == "model"
     capabilities = {card["id"]: set(card["capabilities"]) for card in raw["data"]}
     assert capabilities["stable-diffusion-2-1"] == {"text-to-image", "image-to-image", "inpaint"}
