@@ -9,7 +9,6 @@ renamed back, so they name the field the client sent.
 
 from __future__ import annotations
 
-import json
 
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field

@@ -5,7 +5,6 @@ test is skipped on a developer machine and fails in CI (``CI`` set), so it never
 stops running there. Screenshots go to ``$TEST_ARTIFACTS`` (default: ``test-artifacts/``).
 """
 
-import io
 import os
 import shutil
 import tempfile

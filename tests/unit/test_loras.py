@@ -339,8 +339,6 @@ def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
 
 
 def test_a_fixed_adapter_set_fused_into_the_weights_runs_without_lora_layers(alone):
-    from deployments.loras import fuse_loras  # noqa: F401 - the path load_pipeline takes
-
     fused = StableDiffusionDeployment(sd_spec(fused_loras=(ref("ink", weight=0.7), ref("pastel", weight=-0.5))))
     # No LoRA layers left: every step runs at the plain model's cost.
     assert not any("lora" in name for name, _ in fused.pipe.unet.named_modules())
