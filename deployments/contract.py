@@ -57,12 +57,8 @@ class LoraRef:
 
 
 @dataclass(frozen=True)
-class TextToImageJob:
-    """Generate ``len(seeds)`` images of one prompt; image i starts from ``seeds[i]``.
-
-    ``denoising_end`` stops early (the first half of a base -> refiner chain);
-    ``output_latents`` returns latents instead of decoded images.
-    """
+class _DenoisingJob:
+    """What text-to-image and image-to-image jobs share: prompts, output size, schedule."""
 
     prompt: str
     negative_prompt: str | None
@@ -70,6 +66,16 @@ class TextToImageJob:
     height: int
     num_inference_steps: int
     guidance_scale: float
+
+
+@dataclass(frozen=True)
+class TextToImageJob(_DenoisingJob):
+    """Generate ``len(seeds)`` images of one prompt; image i starts from ``seeds[i]``.
+
+    ``denoising_end`` stops early (the first half of a base -> refiner chain);
+    ``output_latents`` returns latents instead of decoded images.
+    """
+
     seeds: tuple[int, ...]
     denoising_end: float | None = None
     output_latents: bool = False
@@ -81,16 +87,10 @@ class TextToImageJob:
 
 
 @dataclass(frozen=True)
-class ImageToImageJob:
+class ImageToImageJob(_DenoisingJob):
     """Edit one input image ``len(seeds)`` times (the image and an optional mask are
     passed beside the job, already at ``width`` x ``height``)."""
 
-    prompt: str
-    negative_prompt: str | None
-    width: int
-    height: int
-    num_inference_steps: int
-    guidance_scale: float
     strength: float
     seeds: tuple[int, ...]
     output_latents: bool = False

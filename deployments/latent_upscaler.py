@@ -22,7 +22,6 @@ from deployments.contract import unwrap
 from deployments.arrays import (
     batch_text, crop, images_to_float, pad_images, pad_latents, padded_side, split, to_uint8,
 )
-from deployments.families import FAMILIES
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
@@ -51,15 +50,10 @@ class LatentUpscalerDeployment(PipelineDeployment):
     pipeline_cls = StableDiffusionLatentUpscalePipeline
 
     @property
-    def factor(self) -> int:
-        """The upscale factor; the pipeline runs its UNet at this times the latents' size."""
-        return FAMILIES[self.spec.family].upscale_factor
-
-    @property
     def latent_grid(self) -> tuple[int, int]:
         """(multiple, floor) of the latent sides this replica's UNet takes (4 and 8 for
         sd-x2-latent-upscaler's four levels)."""
-        return latent_grid(self.pipe.unet.config.down_block_types, self.factor)
+        return latent_grid(self.pipe.unet.config.down_block_types, self.upscale_factor)
 
     @property
     def image_grid(self) -> tuple[int, int]:
@@ -114,5 +108,5 @@ class LatentUpscalerDeployment(PipelineDeployment):
             callback=self._legacy_step_callback(entries),
             callback_steps=1,
         ).images
-        output = crop(output, self.factor * scale * height, self.factor * scale * width)
+        output = crop(output, self.upscale_factor * scale * height, self.upscale_factor * scale * width)
         return split(to_uint8(output), entries)

@@ -211,7 +211,7 @@ class LoraCache:
             logger.exception("%s: could not remove the half-loaded LoRA adapter %s", self.model, name)
 
     def _evict(self, ref_name: str) -> None:
-        name, source, _ = self.loaded.pop(ref_name)
+        name = self.loaded.pop(ref_name)[0]
         self._active = None
         self.pipe.delete_adapters(name)
         self.evictions.append(ref_name)

@@ -26,10 +26,6 @@ from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
 
-# The batch kinds whose jobs carry LoRA adapters.
-LORA_KINDS = ("text_to_image", "image_to_image")
-
-
 def serve_metrics_available() -> bool:
     """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""
     import ray
@@ -46,6 +42,11 @@ class PipelineDeployment:
     """
 
     pipeline_cls: Any = None
+
+    @property
+    def upscale_factor(self) -> int | None:
+        """An upscaler's factor, from the registry."""
+        return FAMILIES[self.spec.family].upscale_factor
 
     @property
     def takes_loras(self) -> bool:
@@ -148,10 +149,11 @@ class PipelineDeployment:
             # OMP_NUM_THREADS (1 for a fraction of a CPU): set it here, where torch runs.
             torch.set_num_threads(cpu_threads(self.spec))
         try:
-            if self.loras is not None and kind in LORA_KINDS:
+            if self.loras is not None:
                 # Outside inference mode: loading creates the adapters' parameters. Every job
-                # of a batch has the same adapters (they are part of the batch key).
-                self.loras.use(entries[0].job.loras)
+                # of a batch has the same adapters (they are part of the batch key); a job
+                # without any runs with LoRA off.
+                self.loras.use(getattr(entries[0].job, "loras", ()))
             with torch.inference_mode():
                 return getattr(self, f"_batch_{kind}")(entries)
         except RuntimeError as exc:

@@ -17,7 +17,6 @@ from deployments.contract import unwrap
 from deployments.arrays import (
     batch_text, crop, images_to_float, pad_images, padded_side, split, to_uint8,
 )
-from deployments.families import FAMILIES
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
@@ -28,10 +27,6 @@ class X4UpscalerDeployment(PipelineDeployment):
     """One StableDiffusionUpscalePipeline per replica."""
 
     pipeline_cls = StableDiffusionUpscalePipeline
-
-    @property
-    def factor(self) -> int:
-        return FAMILIES[self.spec.family].upscale_factor
 
     @property
     def image_multiple(self) -> int:
@@ -74,5 +69,5 @@ class X4UpscalerDeployment(PipelineDeployment):
             callback=self._legacy_step_callback(entries),
             callback_steps=1,
         ).images
-        output = crop(output, self.factor * height, self.factor * width)
+        output = crop(output, self.upscale_factor * height, self.upscale_factor * width)
         return split(to_uint8(output), entries)

@@ -417,6 +417,12 @@ class ModelConfig(_Served, _WeightsReplica):
         names = [adapter.name for adapter in self.loras]
         if len(set(names)) != len(names):
             raise ValueError("loras: two adapters have the same name")
+        if self.max_loras_per_request > self.max_loaded_loras:
+            raise ValueError(
+                f"max_loras_per_request ({self.max_loras_per_request}) must be at most "
+                f"max_loaded_loras ({self.max_loaded_loras}): a replica runs a request's "
+                "adapters loaded together"
+            )
         fused = [entry.name for entry in self.fused_loras]
         if len(set(fused)) != len(fused) or set(fused) - set(names):
             raise ValueError(f"fused_loras: each must name a different adapter of loras ({names})")
@@ -741,6 +747,11 @@ class AppConfig(_Strict):
             if upscaler is None or "upscale" not in upscaler.capabilities:
                 raise ValueError(f"default_upscaler {self.default_upscaler!r} is not an upscaler model")
         return self
+
+    def prompted_model(self, entry: ModelConfig | RefinerChainConfig) -> ModelConfig:
+        """The model that reads a served entry's prompt and adapters: itself, or the base
+        of a refiner chain."""
+        return self.model(entry.base) if isinstance(entry, RefinerChainConfig) else entry
 
     def model(self, name: str) -> ModelConfig:
         """The pipeline model called ``name`` (its served name)."""

@@ -291,7 +291,7 @@ def plan_generation(
     seeds = _seeds(req.seed, req.n, seed_source)
     second = _second_prompts(req, config, served)
     # Adapters apply to the stage they were made for: the base of a refiner chain.
-    loras = lora_refs(req, config.model(served.base) if isinstance(served, RefinerChainConfig) else served)
+    loras = lora_refs(req, config.prompted_model(served))
 
     if isinstance(served, RefinerChainConfig):
         frac = req.high_noise_frac if req.high_noise_frac is not None else defaults.high_noise_frac
@@ -338,7 +338,7 @@ def plan_generation(
 def _second_prompts(req: ImageRequest, config: AppConfig, served) -> dict[str, str | None]:
     """``prompt_2`` / ``negative_prompt_2`` of the job: the further prompts of a request
     ('first | second' on Livepeer's route), refused for a model with fewer text encoders."""
-    model = config.model(served.base) if isinstance(served, RefinerChainConfig) else served
+    model = config.prompted_model(served)
     room = max(model.info.text_encoders - 1, 0)
     for param, more in (("prompt", req.more_prompts), ("negative_prompt", req.more_negative_prompts)):
         if len(more) > room:

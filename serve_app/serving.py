@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from deployments.contract import unwrap
-from serve_app.config import AppConfig, RefinerChainConfig
+from serve_app.config import AppConfig
 from serve_app.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
@@ -189,7 +189,7 @@ class ImagesService:
                 for image_id, seed in zip(ids, plan.seeds)]
 
     def _card(self, entry) -> ModelCard:
-        model = self.config.model(entry.base) if isinstance(entry, RefinerChainConfig) else entry
+        model = self.config.prompted_model(entry)
         lora_fields = {}
         if model.info.takes_loras:
             lora_fields = dict(

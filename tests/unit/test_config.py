@@ -146,6 +146,7 @@ def test_unknown_keys_are_rejected_with_their_path(tiny_args):
         (lambda a: a["models"][0]["limits"].update(sizes=[], max_pixels=None), "allowed size (none)"),
         (lambda a: a["models"][0]["limits"].update(min_side=800), "no size would be allowed"),
         (lambda a: a["models"][0]["limits"].update(min_pixels=10**7), "min_pixels"),
+        (lambda a: a["models"][0].update(max_loras_per_request=3), "max_loaded_loras"),
         (lambda a: a.update(default_upscaler="stable-diffusion-2-1"), "not an upscaler"),
     ],
 )
