@@ -11,8 +11,9 @@ import torch
 
 from deployments.batching import PipelineCancelled, batch_cancelled
 from deployments.contract import unwrap
-from deployments.arrays import to_uint8
-from deployments.loading import logger, select_device
+from deployments.arrays import pixels_to_uint8
+from deployments.loading import load_pipeline, logger, select_device
+from deployments.sim import is_sim
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 from deployments.tiny import TINY_WEIGHTS_FILE, materialize_tiny
@@ -45,6 +46,8 @@ class ESRGANDeployment(PipelineDeployment):
     def load(self, spec):
         from spandrel import ImageModelDescriptor, ModelLoader
 
+        if is_sim(spec.source):
+            return load_pipeline(None, spec)
         device, dtype = select_device(spec)
         model = ModelLoader().load_from_file(resolve_weights_file(spec.source))
         if not isinstance(model, ImageModelDescriptor):
@@ -87,8 +90,7 @@ class ESRGANDeployment(PipelineDeployment):
                 raise PipelineCancelled(f"{self.spec.name}: all callers gone")
             chunk = torch.from_numpy(stacked[start : start + self.spec.max_batch_images])
             tensor = chunk.permute(0, 3, 1, 2).to(self.device, self.dtype) / 255.0
-            result = self.pipe(tensor).clamp_(0, 1)
-            outputs.append(to_uint8(result.permute(0, 2, 3, 1).float().cpu().numpy()))
+            outputs.append(pixels_to_uint8(self.pipe(tensor)))
         upscaled = np.concatenate(outputs)
         results, start = [], 0
         for entry, images in zip(entries, distinct):

@@ -20,7 +20,7 @@ import numpy as np
 
 from deployments.contract import unwrap
 from deployments.arrays import (
-    batch_text, crop, images_to_float, pad_images, pad_latents, padded_side, split, to_uint8,
+    batch_text, crop, images_to_float, pad_images, pad_latents, padded_side, pixels_to_uint8, split,
 )
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
@@ -104,9 +104,10 @@ class LatentUpscalerDeployment(PipelineDeployment):
             image=image,
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
-            output_type="np",
+            output_type="pt",
             callback=self._legacy_step_callback(entries),
             callback_steps=1,
         ).images
-        output = crop(output, self.upscale_factor * scale * height, self.upscale_factor * scale * width)
-        return split(to_uint8(output), entries)
+        output = crop(pixels_to_uint8(output), self.upscale_factor * scale * height,
+                      self.upscale_factor * scale * width)
+        return split(output, entries)

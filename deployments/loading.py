@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from deployments.contract import PipelineSpec
+from deployments.sim import is_sim, load_sim
 from deployments.tiny import is_tiny_lora, materialize_tiny, resolve_tiny_lora
 
 logger = logging.getLogger("ray.serve")
@@ -79,6 +80,11 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     The same ``from_pretrained`` call serves real Hub weights, a local folder and the tiny
     models, so tests exercise the production loading path.
     """
+    if is_sim(spec.source):
+        # A simulated accelerator (benchmarks only): the same deployment around a pipeline
+        # that sleeps for the compute (deployments/sim.py).
+        logger.info("%s: SIMULATED %s (benchmarks only)", spec.name, spec.source)
+        return load_sim(spec.family), "cpu"
     device, dtype = select_device(spec)
     source = resolve_source(spec.source)
     # The variant is asked for on CPU too: a folder from `serve-app fetch` may hold only

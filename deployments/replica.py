@@ -25,6 +25,7 @@ from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder
 from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
+from deployments.sim import SimPipeline
 
 def serve_metrics_available() -> bool:
     """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""
@@ -236,7 +237,7 @@ class TextToImageMixin:
             height=job.height,
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
-            output_type="latent" if job.output_latents else "np",
+            output_type="latent" if job.output_latents else "pt",
             callback_on_step_end=self._step_callback(entries),
         )
         if job.denoising_end is not None:
@@ -257,6 +258,9 @@ class ImageToImageMixin:
     inpaint_cls: Any = None
 
     def _init_image_pipelines(self) -> None:
+        if isinstance(self.pipe, SimPipeline):
+            self.img2img = self.inpaint = self.pipe  # it takes every call's arguments
+            return
         # from_pipe casts every shared module to its dtype argument, float32 by default:
         # without it, a float16 replica would serve in float32.
         self.img2img = self.img2img_cls.from_pipe(self.pipe, dtype=self.dtype)
@@ -291,7 +295,7 @@ class ImageToImageMixin:
             strength=job.strength,
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
-            output_type="latent" if job.output_latents else "np",
+            output_type="latent" if job.output_latents else "pt",
             callback_on_step_end=self._step_callback(entries),
         )
         if entries[0].inputs[1] is None:

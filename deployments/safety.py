@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from deployments.contract import StageResult, unwrap
-from deployments.loading import logger, resolve_source, select_device
+from deployments.families import FAMILIES, SAFETY_CHECKER
+from deployments.loading import load_pipeline, logger, resolve_source, select_device
+from deployments.sim import is_sim
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
@@ -40,6 +42,10 @@ class SafetyCheckerDeployment(PipelineDeployment):
         from transformers import CLIPImageProcessor
 
         device, dtype = select_device(spec)
+        if is_sim(spec.source):  # the real image processor, a simulated checker
+            self.processor = CLIPImageProcessor.from_pretrained(FAMILIES[SAFETY_CHECKER].config_folder)
+            self.dtype = dtype
+            return load_pipeline(None, spec)
         source = resolve_source(spec.source)
         kwargs = {"revision": spec.revision} if spec.revision else {}
         if Path(source).is_dir():

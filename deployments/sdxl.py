@@ -61,7 +61,7 @@ class SDXLRefinerDeployment(PipelineDeployment):
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
             denoising_start=job.denoising_start,
-            output_type="latent" if job.output_latents else "np",
+            output_type="latent" if job.output_latents else "pt",
             callback_on_step_end=self._step_callback(entries),
         ).images
         return split(finish(output, job.output_latents), entries)

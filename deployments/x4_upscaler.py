@@ -15,7 +15,7 @@ import numpy as np
 
 from deployments.contract import unwrap
 from deployments.arrays import (
-    batch_text, crop, images_to_float, pad_images, padded_side, split, to_uint8,
+    batch_text, crop, images_to_float, pad_images, padded_side, pixels_to_uint8, split,
 )
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
@@ -65,9 +65,9 @@ class X4UpscalerDeployment(PipelineDeployment):
             num_inference_steps=job.num_inference_steps,
             guidance_scale=job.guidance_scale,
             noise_level=noise_level,
-            output_type="np",
+            output_type="pt",
             callback=self._legacy_step_callback(entries),
             callback_steps=1,
         ).images
-        output = crop(output, self.upscale_factor * height, self.upscale_factor * width)
-        return split(to_uint8(output), entries)
+        output = crop(pixels_to_uint8(output), self.upscale_factor * height, self.upscale_factor * width)
+        return split(output, entries)

@@ -331,7 +331,10 @@ class ModelConfig(_Served, _WeightsReplica):
         description="Model family (deployments/families.py): " + ", ".join(SERVED_FAMILIES) + "."
     )
     source: str = Field(
-        min_length=1, description="Hub id, local folder, or 'tiny:<family>' for tiny random weights."
+        min_length=1,
+        description="Hub id, local folder, 'tiny:<family>' for tiny random weights, or "
+        "'sim:<family>' for a simulated accelerator (benchmarks only: it sleeps for an "
+        "H100's time and returns made-up images; deployments/sim.py).",
     )
     variant: str | None = Field(default=None, description="Weights variant, e.g. 'fp16'.")
     cpu_offload: bool = Field(
@@ -384,11 +387,12 @@ class ModelConfig(_Served, _WeightsReplica):
 
     @model_validator(mode="after")
     def _family_requirements(self) -> ModelConfig:
-        if self.source.startswith("tiny:") and self.source != f"tiny:{self.family}":
-            raise ValueError(
-                f"source {self.source!r} does not match family {self.family!r} "
-                f"(use 'tiny:{self.family}')"
-            )
+        for prefix in ("tiny:", "sim:"):
+            if self.source.startswith(prefix) and self.source != f"{prefix}{self.family}":
+                raise ValueError(
+                    f"source {self.source!r} does not match family {self.family!r} "
+                    f"(use '{prefix}{self.family}')"
+                )
         caps = self.capabilities
         if self.preview_decoder is not None:
             if "text-to-image" not in caps:
@@ -634,8 +638,9 @@ class SafetyConfig(_WeightsReplica):
 
     @model_validator(mode="after")
     def _check(self) -> SafetyConfig:
-        if self.source.startswith("tiny:") and self.source != f"tiny:{SAFETY_CHECKER}":
-            raise ValueError(f"source {self.source!r}: the tiny checker is 'tiny:{SAFETY_CHECKER}'")
+        for prefix in ("tiny:", "sim:"):
+            if self.source.startswith(prefix) and self.source != f"{prefix}{SAFETY_CHECKER}":
+                raise ValueError(f"source {self.source!r}: use '{prefix}{SAFETY_CHECKER}'")
         return self
 
     def pipeline_spec(self) -> PipelineSpec:

@@ -4,6 +4,7 @@ Every source of an application (each model's ``source``, ``preview_decoder`` and
 and ``safety.source``) is one of:
 
 - ``tiny:<family>``: built locally at start, nothing to download;
+- ``sim:<family>``: a simulated accelerator for benchmarks (deployments/sim.py), no weights;
 - a local folder (a local ``.pth`` / ``.safetensors`` file for single-file families);
 - a Hub repo id, or ``hf://OWNER/REPO/PATH[@REVISION]`` for one file of a repo.
 
@@ -383,7 +384,7 @@ def select_for(ref: SourceRef, files: Iterable[str], read_json: Callable[[str], 
 
 @dataclass(frozen=True)
 class Location:
-    """Where a source's files are: kind is tiny, local-folder, local-file, hub or hub-file."""
+    """Where a source's files are: kind is tiny, sim, local-folder, local-file, hub or hub-file."""
 
     kind: str
     path: Path | None = None  # local
@@ -407,6 +408,8 @@ def locate(ref: SourceRef) -> Location:
     source = ref.source
     if source.startswith("tiny:"):
         return Location("tiny")
+    if source.startswith("sim:"):
+        return Location("sim")
     if ref.layout == "single-file":
         # deployments/esrgan.py: hf:// is one Hub file, anything else a local path.
         if source.startswith("hf://"):
@@ -590,6 +593,9 @@ def check_source(ref: SourceRef, hub: Hub) -> SourceReport:
         if name not in FAMILIES:
             return SourceReport(ref, PROBLEM, "tiny source", f"unknown tiny family {name!r}")
         return SourceReport(ref, OK, "tiny source", "built locally, nothing to download")
+    if location.kind == "sim":
+        return SourceReport(ref, OK, "simulated accelerator",
+                            "benchmarks only (deployments/sim.py), nothing to download")
     what = {"local-folder": f"local {ref.layout} folder", "local-file": "local file",
             "hub": "Hub repo", "hub-file": "Hub file"}[location.kind]
     if location.error:
@@ -692,7 +698,7 @@ def fetch_source(ref: SourceRef, dest: Path, hub: Hub) -> Fetched:
     file through ``hf_hub_download``, a local folder is copied with the same selection.
     """
     location = locate(ref)
-    if location.kind == "tiny":
+    if location.kind in ("tiny", "sim"):
         return Fetched(ref, None, [], 0)
     if location.error:
         raise FetchError(f"{ref.label} = {ref.describe()}: {location.error}")
@@ -743,7 +749,7 @@ def fetch_sources(refs: Iterable[SourceRef], to: str | Path, hub: Hub | None = N
     fetched, errors = [], []
     for ref in refs:
         location = locate(ref)
-        if location.kind == "tiny" or location.error:
+        if location.kind in ("tiny", "sim") or location.error:
             dest = root
             key = None
         else:

@@ -1,0 +1,367 @@
+"""``sim:<family>``: a simulated accelerator, for benchmarks only.
+
+A replica whose source is ``sim:<family>`` is the family's own deployment class, with its
+batcher, cancellation, step callbacks, previews and chains, whose pipeline is a
+:class:`SimPipeline`: each call sleeps (no CPU used, the GIL released) for the time the
+cost model below gives an H100 for that call, calling the step callbacks between steps,
+and returns deterministic photo-like images of the right size (PNG cost depends on
+content: noise would make every encode slow, flat colour every encode fast). It measures
+what the serving layer costs at GPU speed on a machine without a GPU. It is not a model:
+never serve it to users, and never read its images as results.
+
+The cost model (H100 SXM, fp16, PyTorch with SDPA). Per denoising step, for a batch of
+``n`` images of ``P`` pixels, classifier-free guidance included::
+
+    step(n, P) = fixed + per_image * n * P / reference_pixels
+
+plus, per pipeline call, the text encoders, and per image the VAE decode (which scales
+with output pixels). ``fixed`` and ``per_image`` are shaped by published batch-scaling
+figures (A100) and scaled so that batch 1 at the reference size matches a published H100
+end-to-end latency. The figures, with their sources:
+
+- [A] diffusers docs, "Accelerated PyTorch 2.0 support" (optimization/torch2.0), A100,
+  iterations/s at batch 1 / 4 / 16: SDXL 1024x1024 8.64 / 2.44 / 0.64; SD 1.5 512x512
+  with torch.compile 49.74 / 17.27 / 4.68.
+  https://huggingface.co/docs/diffusers/optimization/torch2.0
+- [B] stabilityai/stable-diffusion-xl-1.0-tensorrt model card: H100, 1024x1024, batch 1,
+  30 steps, 2496 ms for the non-optimized (PyTorch) pipeline; with TensorRT, CLIP text
+  encoders 4.70 ms and VAE decode 127 ms.
+  https://huggingface.co/stabilityai/stable-diffusion-xl-1.0-tensorrt
+- [C] alexeigor/sd-benchmarks README: SD 2.1 768x768, 50 steps, batch 1, H100-SXM with
+  PyTorch 2 + compile: 1.39 s. https://github.com/alexeigor/sd-benchmarks
+- [D] dbolya/tomesd issue 21: SD x4 upscaler, A100 fp16, batch 1, input 128x128: 3.33 s,
+  256x256: 7.95 s (VAE decode included; 75 steps taken: the pipeline's default, the
+  issue does not say).
+  https://github.com/dbolya/tomesd/issues/21
+- [E] the same [C] README: H100-SXM / A100-SXM with PyTorch 2 + compile, 1.64 to 1.70x
+  (SD 1.5 and SD 2.1): A100 figures are divided by 1.67 where no H100 figure exists.
+
+Where nothing is published (the SDXL refiner, the x2 latent upscaler, Real-ESRGAN, the
+safety checker) the entry says what it assumes; these are estimates, not fits.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from deployments.families import FAMILIES, SAFETY_CHECKER
+
+SIM_PREFIX = "sim:"
+A100_TO_H100 = 1.67  # [E]
+MP = 1024 * 1024  # a "megapixel" here: one 1024x1024 image
+
+
+def is_sim(source: str | None) -> bool:
+    return bool(source) and source.startswith(SIM_PREFIX)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds an H100 takes, per family: see the module's docstring for the sources."""
+
+    # Per denoising step: fixed + per_image * images * pixels / reference_pixels (ms).
+    step_fixed_ms: float
+    step_per_image_ms: float
+    reference_pixels: int
+    text_ms: float = 0.0  # text encoders, per pipeline call
+    decode_ms_per_mp: float = 0.0  # VAE decode, per output image and megapixel (MP)
+    # Pixels the denoiser runs at, per output pixel: 1 for SD/SDXL; 1/16 for the x4
+    # upscaler (it denoises the input); 1/4 for the x2 latent upscaler.
+    denoise_scale: float = 1.0
+
+    def step_s(self, images: int, pixels: int) -> float:
+        ms = self.step_fixed_ms + self.step_per_image_ms * images * pixels / self.reference_pixels
+        return ms / 1000
+
+    def decode_s(self, images: int, pixels: int) -> float:
+        return self.decode_ms_per_mp * images * pixels / MP / 1000
+
+    def call_s(self, images: int, out_pixels: int, steps: int, decode: bool = True) -> float:
+        """One pipeline call: text encoders, ``steps`` denoising steps, decode."""
+        pixels = int(out_pixels * self.denoise_scale)
+        return (self.text_ms / 1000 + steps * self.step_s(images, pixels)
+                + (self.decode_s(images, out_pixels) if decode else 0.0))
+
+    def best_rate(self, steps: int, out_pixels: int, max_images: int) -> float:
+        """Images/s at the best batch size up to ``max_images``: the capacity a
+        benchmark compares served throughput against."""
+        return max(n / self.call_s(n, out_pixels, steps) for n in range(1, max_images + 1))
+
+
+def _fit(a100_its: tuple[tuple[int, float], tuple[int, float]], h100_batch1_step_ms: float
+         ) -> tuple[float, float]:
+    """(fixed, per_image) ms per step: the line through two A100 (batch, it/s) points [A],
+    scaled so that batch 1 takes ``h100_batch1_step_ms``."""
+    (n1, its1), (n2, its2) = a100_its
+    t1, t2 = 1000 / its1, 1000 / its2
+    per_image = (t2 - t1) / (n2 - n1)
+    fixed = t1 - per_image * n1
+    scale = h100_batch1_step_ms / (fixed + per_image)
+    return fixed * scale, per_image * scale
+
+
+SDXL_DECODE_MS_PER_MP = 127.0  # [B], 1024x1024 = 1 MP
+SDXL_TEXT_MS = 4.7  # [B]
+# SDXL, batch 1, 30 steps in 2496 ms [B], less its text encoders and decode.
+_SDXL_STEP_MS = (2496 - SDXL_TEXT_MS - SDXL_DECODE_MS_PER_MP) / 30
+_SDXL_STEP = _fit(((4, 2.44), (16, 0.64)), _SDXL_STEP_MS)
+# SD 2.1 768x768, batch 1, 50 steps in 1.39 s [C], less its decode (the same VAE
+# architecture as SDXL's, by pixels) and text encoder (taken as SDXL's); batch shape from
+# SD 1.5 at 512x512 [A] (a UNet of the same size), its per-image part scaled to 768x768.
+_SD21_PIXELS = 768 * 768
+_SD21_STEP_MS = (1390 - SDXL_TEXT_MS - SDXL_DECODE_MS_PER_MP * _SD21_PIXELS / MP) / 50
+_sd15_fixed, _sd15_per_image = _fit(((4, 17.27), (16, 4.68)), 1000 / 49.74)
+_sd21_scale = _SD21_STEP_MS / (_sd15_fixed + _sd15_per_image * _SD21_PIXELS / (512 * 512))
+_SD21_STEP = (_sd15_fixed * _sd21_scale, _sd15_per_image * _SD21_PIXELS / (512 * 512) * _sd21_scale)
+# x4 upscaler: the line through [D]'s two points (per step, by input pixels, decode
+# included), divided by [E].
+_X4_PER_IMAGE = (7950 - 3330) / 75 / (256 * 256 - 128 * 128) * (256 * 256)  # ms at 256x256 in
+_X4_FIXED = 3330 / 75 - _X4_PER_IMAGE * (128 * 128) / (256 * 256)
+
+COSTS: dict[str, CostModel] = {
+    "sdxl": CostModel(*_SDXL_STEP, MP, SDXL_TEXT_MS, SDXL_DECODE_MS_PER_MP),
+    # Assumed: the refiner's UNet (2.3B parameters) costs the base's (2.6B) per step in
+    # proportion; one text encoder of the base's two. Nothing published.
+    "sdxl-refiner": CostModel(_SDXL_STEP[0] * 2.3 / 2.6, _SDXL_STEP[1] * 2.3 / 2.6, MP,
+                              SDXL_TEXT_MS / 2, SDXL_DECODE_MS_PER_MP),
+    "sd21": CostModel(*_SD21_STEP, _SD21_PIXELS, SDXL_TEXT_MS, SDXL_DECODE_MS_PER_MP),
+    # Assumed: the x2 latent upscaler's UNet costs SD 2.1's per step at its working size
+    # (latents at twice the input's size, i.e. the output's); nothing published.
+    "sd-x2-latent-upscaler": CostModel(*_SD21_STEP, _SD21_PIXELS, SDXL_TEXT_MS,
+                                       SDXL_DECODE_MS_PER_MP),
+    "sd-x4-upscaler": CostModel(_X4_FIXED / A100_TO_H100, _X4_PER_IMAGE / A100_TO_H100, 256 * 256,
+                                0.0, 0.0, denoise_scale=1 / 16),
+    # Assumed from the arithmetic: Real-ESRGAN x2plus (23 RRDB blocks at half the input's
+    # size) is about 9 TFLOP for a 1024x1024 input, run at about 100 TFLOP/s of fp16
+    # convolutions: 90 ms per megapixel of input (a quarter of the output's pixels).
+    "esrgan": CostModel(0.0, 0.0, MP, decode_ms_per_mp=90.0 / 4),
+    # Assumed: CLIP ViT-L/14 at 224x224 (about 80 GFLOP an image): 1 ms fixed + 1 ms per
+    # image, whatever the image size (the processor resizes on the CPU first).
+    SAFETY_CHECKER: CostModel(1.0, 1.0, 1),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Photo-like images
+# ---------------------------------------------------------------------------------------
+
+@lru_cache(maxsize=16)
+def photo_like(width: int, height: int) -> np.ndarray:
+    """A deterministic (height, width, 3) float32 image in [0, 1] with the statistics of a
+    photo: smooth regions at several scales, a few sharp edges, and sensor grain. Its PNG
+    is about as large as a real 1024x1024 photo's (1.7 MB at zlib level 6)."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(width * 100003 + height)
+    longest = max(width, height)
+    out = np.zeros((height, width, 3), np.float32)
+    for cells, amplitude in ((3, 0.55), (9, 0.25), (40, 0.12), (160, 0.06)):
+        grid = rng.random((max(2, cells * height // longest), max(2, cells * width // longest), 3))
+        for c in range(3):
+            layer = Image.fromarray(grid[..., c].astype(np.float32)).resize(
+                (width, height), Image.Resampling.BICUBIC)
+            out[..., c] += amplitude * np.asarray(layer)
+    out = (out - out.min()) / max(float(out.max() - out.min()), 1e-6)
+    shapes = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(shapes)
+    for _ in range(6):  # hard-edged objects over the soft background
+        x, y = rng.integers(0, width), rng.integers(0, height)
+        r = int(rng.integers(longest // 16, longest // 5))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=int(rng.integers(40, 255)))
+    mask = np.asarray(shapes, np.float32)[..., None] / 255
+    out = out * (1 - 0.5 * mask) + 0.5 * mask * rng.random(3).astype(np.float32)
+    out += rng.normal(0, 0.012, out.shape).astype(np.float32)
+    return np.clip(out, 0, 1)
+
+
+@lru_cache(maxsize=16)
+def _photo_uint8(width: int, height: int) -> np.ndarray:
+    return (photo_like(width, height) * 255).round().astype(np.uint8)
+
+
+def _images(width: int, height: int, seeds: list[int]) -> np.ndarray:
+    """uint8 (N, H, W, 3), one image per seed: the size's photo, flipped and its colours
+    turned by the seed (8 variants; made once per size, so a call costs a copy)."""
+    base = _photo_uint8(width, height)
+    views = []
+    for seed in seeds:
+        flip_y, flip_x, swap = seed & 1, (seed >> 1) & 1, (seed >> 2) & 1
+        views.append(base[:: -1 if flip_y else 1, :: -1 if flip_x else 1, ::-1 if swap else 1])
+    return np.stack(views)
+
+
+def _as_output(images: np.ndarray, output_type: str):
+    """A pipeline's output of uint8 (N, H, W, 3) images. ``"pt"`` gives them as a
+    (N, 3, H, W) view of uint8: what the device-side conversion of a GPU replica hands the
+    host (deployments/arrays.py ``pixels_to_uint8``), so the host's CPU does what it does
+    behind a GPU; ``"np"`` gives float32 in [0, 1], as diffusers does."""
+    import torch
+
+    if output_type == "pt":
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
+    return images.astype(np.float32) / 255
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------
+
+
+def _real_config(family: str, *parts: str) -> dict[str, Any]:
+    path = FAMILIES[family].config_folder.joinpath(*parts)
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+class _Config(dict):
+    """A loaded config with attribute access, as diffusers' FrozenDict gives."""
+
+    __getattr__ = dict.get
+
+
+class _Images(SimpleNamespace):
+    images: Any
+
+
+def _seeds(generator) -> list[int]:
+    if generator is None:
+        return [0]
+    generators = generator if isinstance(generator, list) else [generator]
+    return [g.initial_seed() for g in generators]
+
+
+class SimPipeline:
+    """Stands in for a family's pipeline (and its img2img / inpaint views): the same call
+    arguments, the same outputs' types and shapes, the configuration attributes the
+    deployment reads (from the real model's config files), and a sleep for the compute."""
+
+    def __init__(self, family: str):
+        self.family = family
+        self.cost = COSTS[family]
+        self.config = _Config(_real_config(family, "model_index.json"))
+        self.unet = SimpleNamespace(config=_Config(_real_config(family, "unet", "config.json")))
+        vae = _real_config(family, "vae", "config.json")
+        self.vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        self.latent_channels = vae.get("latent_channels", 4)
+        self.image_processor = SimpleNamespace(config=_Config(vae_scale_factor=self.vae_scale_factor))
+        self.num_timesteps = 0
+        self.scale = FAMILIES[family].upscale_factor or 1  # spandrel's attribute (ESRGAN)
+        self._adapters: set[str] = set()
+        self.seconds_slept = 0.0  # for tests: the simulated compute time of every call
+
+    # The pipeline's own conveniences, as the deployments call them.
+    def set_progress_bar_config(self, **kwargs) -> None:
+        pass
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def eval(self):
+        return self
+
+    # LoRA adapters: recorded, costing nothing.
+    def load_lora_weights(self, source, weight_name=None, adapter_name=None, **kwargs) -> None:
+        self._adapters.add(adapter_name)
+
+    def get_list_adapters(self) -> dict[str, list[str]]:
+        return {"unet": sorted(self._adapters)}
+
+    def delete_adapters(self, names) -> None:
+        self._adapters -= {names} if isinstance(names, str) else set(names)
+
+    def set_adapters(self, *args, **kwargs) -> None:
+        pass
+
+    enable_lora = disable_lora = enable_lora_hotswap = unload_lora_weights = set_adapters
+    fuse_lora = set_adapters
+
+    def _sleep(self, seconds: float, deadline: float) -> float:
+        """Sleep until ``deadline + seconds`` (absolute, so waking late does not add up)."""
+        deadline += seconds
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        self.seconds_slept += seconds
+        return deadline
+
+    def _denoise(self, images: int, out_pixels: int, steps: int, latents, on_step) -> float:
+        clock = self._sleep(self.cost.text_ms / 1000, time.perf_counter())
+        self.num_timesteps = steps
+        pixels = int(out_pixels * self.cost.denoise_scale)
+        for step in range(steps):
+            clock = self._sleep(self.cost.step_s(images, pixels), clock)
+            if on_step is not None:
+                on_step(step, latents)
+        return clock
+
+    def __call__(self, *args, **kwargs) -> Any:
+        if args:  # spandrel's model(tensor): Real-ESRGAN
+            return self._upscale_tensor(args[0])
+        if "clip_input" in kwargs:  # the safety checker
+            return self._check(kwargs["clip_input"], kwargs["images"])
+        return self._diffuse(**kwargs)
+
+    def _diffuse(self, prompt=None, generator=None, image=None, mask_image=None, width=None,
+                 height=None, num_inference_steps=50, strength=None, denoising_end=None,
+                 denoising_start=None, output_type="pil", callback_on_step_end=None,
+                 callback=None, callback_steps=1, **ignored) -> _Images:
+        import torch
+
+        seeds = _seeds(generator)
+        count = len(prompt) if isinstance(prompt, list) else len(seeds)
+        factor = FAMILIES[self.family].upscale_factor or 1
+        if image is not None and factor > 1:  # an upscaler: image (N, H, W, 3) or latents
+            if isinstance(image, torch.Tensor):
+                height = image.shape[-2] * self.vae_scale_factor * factor
+                width = image.shape[-1] * self.vae_scale_factor * factor
+            else:
+                height, width = image.shape[1] * factor, image.shape[2] * factor
+        elif isinstance(image, torch.Tensor):  # the refiner: latents (N, C, h, w)
+            height, width = image.shape[-2] * self.vae_scale_factor, image.shape[-1] * self.vae_scale_factor
+        elif image is not None and width is None:  # img2img: PIL images
+            width, height = image[0].size
+        steps = num_inference_steps
+        if strength is not None and denoising_start is None and factor == 1:
+            steps = min(int(steps * strength), steps)  # diffusers' get_timesteps
+        if denoising_start is not None:
+            steps -= int(steps * denoising_start)
+        if denoising_end is not None:
+            steps = int(round(steps * denoising_end))
+        shape = (count, self.latent_channels, height // self.vae_scale_factor,
+                 width // self.vae_scale_factor)
+        latents = torch.zeros(shape)
+
+        def on_step(step, latents):
+            if callback_on_step_end is not None:
+                callback_on_step_end(self, step, 999 - step, {"latents": latents})
+            elif callback is not None and step % callback_steps == 0:
+                callback(step, 999 - step, latents)
+
+        clock = self._denoise(count, width * height, steps, latents, on_step)
+        if output_type == "latent":
+            return _Images(images=latents)
+        self._sleep(self.cost.decode_s(count, width * height), clock)
+        return _Images(images=_as_output(_images(width, height, seeds), output_type))
+
+    def _upscale_tensor(self, tensor):
+        count, _, height, width = tensor.shape
+        self._sleep(self.cost.decode_s(count, height * width * self.scale ** 2), time.perf_counter())
+        return _as_output(_images(width * self.scale, height * self.scale, list(range(count))), "pt")
+
+    def _check(self, clip_input, images):
+        count = len(clip_input)
+        self._sleep(self.cost.step_s(count, 1), time.perf_counter())
+        return images, [False] * count
+
+
+def load_sim(family: str) -> SimPipeline:
+    """The simulated pipeline of ``family`` (``sim:<family>``)."""
+    if family not in COSTS:
+        raise ValueError(f"no simulated accelerator for {family!r}; known: {', '.join(COSTS)}")
+    return SimPipeline(family)

@@ -1,0 +1,159 @@
+"""The simulated accelerator (``sim:<family>``, benchmarks only): the real deployment
+classes around a pipeline that sleeps for an H100's time; called directly (no Ray)."""
+
+import asyncio
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deployments.batching import PipelineCancelled
+from deployments.contract import (
+    ImageToImageJob, PipelineSpec, RefineJob, SafetyJob, StageResult, TextToImageJob, UpscaleJob,
+)
+from deployments.esrgan import ESRGANDeployment
+from deployments.latent_upscaler import LatentUpscalerDeployment
+from deployments.safety import SafetyCheckerDeployment
+from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
+from deployments.sim import COSTS, SimPipeline, photo_like
+from deployments.stable_diffusion import StableDiffusionDeployment
+from deployments.x4_upscaler import X4UpscalerDeployment
+from serve_app.config import ModelConfig
+
+
+def spec(family, **kw):
+    return PipelineSpec(name=family, family=family, source=f"sim:{family}", **kw)
+
+
+def text_job(seeds, width=768, height=768, steps=4, **kw):
+    return TextToImageJob(prompt="a harbour at dawn", negative_prompt=None, width=width,
+                          height=height, num_inference_steps=steps, guidance_scale=7.5,
+                          seeds=tuple(seeds), **kw)
+
+
+def upscale_job(seeds=(1,), steps=2):
+    return UpscaleJob(prompt="", negative_prompt=None, num_inference_steps=steps,
+                      guidance_scale=0.0, seeds=tuple(seeds))
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return StableDiffusionDeployment(spec("sd21", max_batch_images=4))
+
+
+def timed(coro):
+    """(result, wall seconds, CPU seconds of this process) of a deployment call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = asyncio.run(coro)
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def test_cost_model_reproduces_the_published_h100_latencies():
+    # The figures it is fitted to (deployments/sim.py [B] and [C]).
+    assert COSTS["sdxl"].call_s(1, 1024 * 1024, 30) == pytest.approx(2.496, rel=1e-3)
+    assert COSTS["sd21"].call_s(1, 768 * 768, 50) == pytest.approx(1.39, rel=1e-3)
+    # Batching pays a little (SDXL at 1024x1024 fills an H100 at batch 1), never loses.
+    sdxl = COSTS["sdxl"]
+    rates = [n / sdxl.call_s(n, 1024 * 1024, 30) for n in (1, 2, 4, 8)]
+    assert rates == sorted(rates) and 1.1 < rates[-1] / rates[0] < 1.4
+    assert sdxl.best_rate(30, 1024 * 1024, 4) == pytest.approx(rates[2])
+
+
+def test_sim_replica_sleeps_for_the_model_time_without_using_the_cpu(sd):
+    asyncio.run(sd.text_to_image(text_job([0])))  # first call makes the image of this size
+    result, wall, cpu = timed(sd.text_to_image(text_job([1], steps=20)))
+    expected = COSTS["sd21"].call_s(1, 768 * 768, 20)
+    assert isinstance(sd.pipe, SimPipeline) and isinstance(result, StageResult)
+    assert result.output.dtype == np.uint8 and result.output.shape == (1, 768, 768, 3)
+    assert expected <= wall < expected + 0.05
+    assert cpu < 0.1 * wall, f"a sleeping accelerator used {cpu:.3f} s of CPU in {wall:.3f} s"
+    assert result.steps == 20
+
+
+def test_concurrent_jobs_batch_and_cost_the_batched_time(sd):
+    async def four():
+        return await asyncio.gather(*(sd.text_to_image(text_job([seed], steps=10)) for seed in range(4)))
+
+    calls = sd.batcher.stats.pipeline_calls
+    results, wall, _ = timed(four())
+    assert sd.batcher.stats.pipeline_calls == calls + 1
+    expected = COSTS["sd21"].call_s(4, 768 * 768, 10)
+    assert expected <= wall < expected + 0.1
+    assert wall < 4 * COSTS["sd21"].call_s(1, 768 * 768, 10)
+
+
+def test_images_are_deterministic_photo_like_and_seeded(sd):
+    a = asyncio.run(sd.text_to_image(text_job([3, 4], 512, 512))).output
+    b = asyncio.run(sd.text_to_image(text_job([3], 512, 512))).output
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], a[1])
+    # Neighbouring pixels agree (not noise), and the PNG is as large as a photo's.
+    pixels = photo_like(1024, 1024)
+    assert np.abs(np.diff(pixels, axis=1)).mean() < 0.03
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, "PNG", compress_level=6)
+    assert 1.0e6 < len(buffer.getvalue()) < 2.5e6
+
+
+def test_a_cancelled_batch_stops_at_the_next_step(sd):
+    async def cancel_midway():
+        task = asyncio.ensure_future(sd.text_to_image(text_job([1], steps=200)))
+        await asyncio.sleep(0.3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The pipeline thread stops at its next step: a new job starts at once.
+        return await sd.text_to_image(text_job([2], steps=1))
+
+    stopped = sd.batcher.stats.cancelled_running
+    _, wall, _ = timed(cancel_midway())
+    assert wall < 1.5, "the cancelled 200-step job (about 5 s) ran on"
+    assert sd.batcher.stats.cancelled_running == stopped + 1
+    assert PipelineCancelled  # the exception the step callback raised
+
+
+def test_image_to_image_runs_strength_times_steps(sd):
+    image = np.zeros((512, 512, 3), np.uint8)
+    job = ImageToImageJob(prompt="p", negative_prompt=None, width=512, height=512,
+                          num_inference_steps=40, guidance_scale=7.5, strength=0.25, seeds=(1,))
+    result, wall, _ = timed(sd.image_to_image(job, image))
+    assert result.output.shape == (1, 512, 512, 3) and result.steps == 10
+    assert wall == pytest.approx(COSTS["sd21"].call_s(1, 512 * 512, 10), abs=0.05)
+    mask = np.full((512, 512), 255, np.uint8)
+    assert asyncio.run(sd.image_to_image(job, image, mask)).output.shape == (1, 512, 512, 3)
+
+
+def test_sdxl_latents_go_through_the_refiner():
+    base, refiner = SDXLBaseDeployment(spec("sdxl")), SDXLRefinerDeployment(spec("sdxl-refiner"))
+    latents = asyncio.run(base.text_to_image(
+        text_job([1, 2], 1024, 1024, steps=10, denoising_end=0.8, output_latents=True)))
+    assert tuple(latents.output.shape) == (2, 4, 128, 128) and latents.latent_space == "sdxl"
+    job = RefineJob(prompt="p", negative_prompt=None, num_inference_steps=10, guidance_scale=5,
+                    seeds=(1, 2), denoising_start=0.8)
+    images = asyncio.run(refiner.refine(job, latents))
+    assert images.output.shape == (2, 1024, 1024, 3)
+    assert images.steps == 2 * 8 + 2 * 2  # the base's 8 steps and the refiner's 2, per image
+
+
+def test_upscalers_and_the_checker_keep_their_sizes(sd):
+    latents = asyncio.run(sd.text_to_image(text_job([1], 512, 512, output_latents=True)))
+    x2 = LatentUpscalerDeployment(spec("sd-x2-latent-upscaler"))
+    assert asyncio.run(x2.upscale(upscale_job(), latents)).output.shape == (1, 1024, 1024, 3)
+    small = np.zeros((1, 72, 40, 3), np.uint8)
+    x4 = X4UpscalerDeployment(spec("sd-x4-upscaler"))
+    assert asyncio.run(x4.upscale(upscale_job(), small)).output.shape == (1, 288, 160, 3)
+    esrgan = ESRGANDeployment(spec("esrgan"))
+    assert asyncio.run(esrgan.upscale(upscale_job(steps=1), small)).output.shape == (1, 144, 80, 3)
+    checker = SafetyCheckerDeployment(spec("safety-checker"))
+    checked = asyncio.run(checker.check(SafetyJob(), np.zeros((2, 64, 64, 3), np.uint8)))
+    assert checked.nsfw == (False, False) and checked.output.shape == (2, 64, 64, 3)
+
+
+def test_a_sim_source_names_its_own_family():
+    base = dict(name="m", family="sd21",
+                defaults={"size": "512x512", "num_inference_steps": 20, "guidance_scale": 7.5},
+                limits={"sizes": ["512x512"], "max_steps": 50})
+    assert ModelConfig(**base, source="sim:sd21").source == "sim:sd21"
+    with pytest.raises(ValueError, match="sim:sd21"):
+        ModelConfig(**base, source="sim:sdxl")
