@@ -153,7 +153,7 @@ def test_upscalers_and_the_checker_keep_their_sizes(sd):
 def test_a_sim_source_names_its_own_family():
     base = dict(name="m", family="sd21",
                 defaults={"size": "512x512", "num_inference_steps": 20, "guidance_scale": 7.5},
-                limits={"sizes": ["512x512"], "max_steps": 50})
+                limits={"sizes": ["512x512"], "max_steps": 50}, batching={"max_batch_images": 4})
     assert ModelConfig(**base, source="sim:sd21").source == "sim:sd21"
     with pytest.raises(ValueError, match="sim:sd21"):
         ModelConfig(**base, source="sim:sdxl")
