@@ -542,8 +542,14 @@ class IngressConfig(_Strict):
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=64)
     )
+    png_encoder: Literal["fpng", "zlib"] = Field(
+        default="fpng",
+        description="PNG encoder: 'fpng' (a 1024x1024 photo in about 3 ms on one core, files "
+        "about 10% larger than zlib at level 6) or 'zlib' (Pillow at png_compress_level: "
+        "about 90 ms at level 1, 230 ms at 6, for the smallest files).",
+    )
     png_compress_level: int = Field(
-        default=6, ge=0, le=9, description="zlib level for PNG output (1 is fastest)."
+        default=6, ge=0, le=9, description="zlib level of PNG output with png_encoder 'zlib'."
     )
     request_timeout_s: float = Field(
         default=300, gt=0, description="A request still unanswered after this gets 504 and is cancelled."

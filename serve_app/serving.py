@@ -130,8 +130,12 @@ class ImagesService:
         from PIL import Image
 
         scaled = resize(pixels, plan.width, plan.height, Image.Resampling.BILINEAR)
-        return base64.b64encode(encode_image(scaled, plan.output_format, plan.output_compression,
-                                             self.config.ingress.png_compress_level)).decode("ascii")
+        return base64.b64encode(self._encode(scaled, plan)).decode("ascii")
+
+    def _encode(self, pixels: np.ndarray, plan: GenerationPlan) -> bytes:
+        ingress = self.config.ingress
+        return encode_image(pixels, plan.output_format, plan.output_compression,
+                            ingress.png_compress_level, ingress.png_encoder)
 
     def _finish_pixels(self, plan: GenerationPlan, images: np.ndarray) -> list[np.ndarray]:
         count = len(plan.seeds)
@@ -154,11 +158,7 @@ class ImagesService:
             raise ModerationBlockedError(sum(flags), len(flags), plan.moderation_param)
 
         def finish_and_encode() -> list[bytes]:
-            return [
-                encode_image(pixels, plan.output_format, plan.output_compression,
-                             self.config.ingress.png_compress_level)
-                for pixels in self._finish_pixels(plan, images)
-            ]
+            return [self._encode(pixels, plan) for pixels in self._finish_pixels(plan, images)]
 
         encoded = await asyncio.to_thread(finish_and_encode)
         if plan.response_format == "url":
