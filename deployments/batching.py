@@ -90,6 +90,11 @@ class Batcher:
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.stats = BatchStats()
         self._pending: list[BatchEntry] = []
+        # Seconds between the two latest submissions: a batch waits for company only while
+        # jobs arrive closer together than batch_wait_timeout_s (a burst), so a lone job
+        # starts at once.
+        self._last_arrival = float("-inf")
+        self._arrival_gap = float("inf")
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -98,6 +103,8 @@ class Batcher:
     ) -> Any:
         """Queue a job and wait for its result (raised if the job failed)."""
         loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        self._arrival_gap, self._last_arrival = now - self._last_arrival, now
         entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future(),
                            preview=preview)
         self._pending.append(entry)
@@ -135,8 +142,9 @@ class Batcher:
 
     async def _drain(self) -> None:
         while self._pending:
-            if self.batch_wait_timeout_s > 0 and self._compatible_images() < self.max_batch_images:
-                # Give concurrent requests a moment to join this batch.
+            if (self.batch_wait_timeout_s > 0 and self._compatible_images() < self.max_batch_images
+                    and self._arrival_gap <= self.batch_wait_timeout_s):
+                # Jobs are arriving in a burst: give them a moment to join this batch.
                 await asyncio.sleep(self.batch_wait_timeout_s)
                 if not self._pending:
                     break

@@ -10,6 +10,7 @@ the job's type picks the method.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -201,8 +202,15 @@ class PipelineDeployment:
         return lambda step, timestep, latents: on_step_end(None, step, timestep, {})
 
     async def stats(self) -> dict[str, Any]:
-        """Batching and cancellation counters of this replica."""
-        return dataclasses.asdict(self.batcher.stats)
+        """Batching and cancellation counters of this replica, and its Serve replica id
+        ("local" when called directly)."""
+        replica = "local"
+        if serve_metrics_available():
+            from ray import serve
+
+            with contextlib.suppress(Exception):  # not inside a Serve replica
+                replica = serve.get_replica_context().replica_id.unique_id
+        return {**dataclasses.asdict(self.batcher.stats), "replica": replica}
 
     async def ready(self) -> str:
         """Answers once the pipeline is loaded (the constructor has returned)."""

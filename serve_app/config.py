@@ -109,8 +109,9 @@ class BatchingConfig(_Strict):
         default=0.0,
         ge=0,
         le=1,
-        description="How long a batch that is not full waits for more jobs before it starts; "
-        "0 starts at once (jobs that arrive while a batch runs join the next one).",
+        description="How long a batch that is not full waits for more jobs before it starts, "
+        "while jobs arrive closer together than this (a burst); a lone job starts at once. "
+        "0 never waits (jobs that arrive while a batch runs join the next one).",
     )
 
 

@@ -86,17 +86,33 @@ def test_jobs_arriving_during_a_call_form_the_next_batch():
     assert calls == [("t2i", ["first"]), ("t2i", ["late0", "late1", "late2"])]
 
 
-def test_wait_timeout_gathers_a_fuller_batch():
+def test_wait_timeout_gathers_a_fuller_batch_in_a_burst():
     batcher, calls = recording_batcher(max_images=8, wait=0.1)
 
     async def main():
-        first = asyncio.ensure_future(submit(batcher, "a", "k"))
-        await asyncio.sleep(0.02)
-        second = asyncio.ensure_future(submit(batcher, "b", "k"))
-        return await asyncio.gather(first, second)
+        first = asyncio.ensure_future(submit(batcher, "a", "k"))  # alone: starts at once
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(submit(batcher, "b", "k"))  # 10 ms later: a burst
+        await asyncio.sleep(0.03)
+        third = asyncio.ensure_future(submit(batcher, "c", "k"))  # joins b's batch
+        return await asyncio.gather(first, second, third)
 
     asyncio.run(main())
-    assert calls == [("t2i", ["a", "b"])]
+    assert calls == [("t2i", ["a"]), ("t2i", ["b", "c"])]
+
+
+def test_a_lone_job_does_not_wait_for_company():
+    batcher, calls = recording_batcher(max_images=8, wait=0.5)
+
+    async def main():
+        started = time.monotonic()
+        await submit(batcher, "a", "k")
+        await asyncio.sleep(0.6)  # the next one comes after the wait: alone again
+        await submit(batcher, "b", "k")
+        return time.monotonic() - started
+
+    assert asyncio.run(main()) < 0.6 + 0.2
+    assert calls == [("t2i", ["a"]), ("t2i", ["b"])]
 
 
 def test_a_cancelled_queued_job_never_runs():
