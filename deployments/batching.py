@@ -90,11 +90,13 @@ class Batcher:
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self.stats = BatchStats()
         self._pending: list[BatchEntry] = []
-        # Seconds between the two latest submissions: a batch waits for company only while
-        # jobs arrive closer together than batch_wait_timeout_s (a burst), so a lone job
-        # starts at once.
+        # Seconds between the latest submission and the one before it, when that one was
+        # still queued or running (else infinite): a batch waits for company only while
+        # jobs arrive closer together than batch_wait_timeout_s (a burst); a lone job, or
+        # the next of a client that waits for each answer, starts at once.
         self._last_arrival = float("-inf")
         self._arrival_gap = float("inf")
+        self._running = False
         self._task: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -104,7 +106,9 @@ class Batcher:
         """Queue a job and wait for its result (raised if the job failed)."""
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        self._arrival_gap, self._last_arrival = now - self._last_arrival, now
+        in_flight = bool(self._pending) or self._running
+        self._arrival_gap = now - self._last_arrival if in_flight else float("inf")
+        self._last_arrival = now
         entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future(),
                            preview=preview)
         self._pending.append(entry)
@@ -162,9 +166,13 @@ class Batcher:
             try:
                 # As asyncio.to_thread does: the call sees this task's context (request ids).
                 context = contextvars.copy_context()
-                results = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, context.run, self.run_group, batch[0].kind, batch
-                )
+                self._running = True
+                try:
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, context.run, self.run_group, batch[0].kind, batch
+                    )
+                finally:
+                    self._running = False
             except PipelineCancelled:
                 self.stats.cancelled_running += len(batch)
                 for entry in batch:

@@ -87,14 +87,14 @@ def test_jobs_arriving_during_a_call_form_the_next_batch():
 
 
 def test_wait_timeout_gathers_a_fuller_batch_in_a_burst():
-    batcher, calls = recording_batcher(max_images=8, wait=0.1)
+    batcher, calls = recording_batcher(max_images=8, wait=0.1, delay=0.05)
 
     async def main():
         first = asyncio.ensure_future(submit(batcher, "a", "k"))  # alone: starts at once
         await asyncio.sleep(0.01)
-        second = asyncio.ensure_future(submit(batcher, "b", "k"))  # 10 ms later: a burst
-        await asyncio.sleep(0.03)
-        third = asyncio.ensure_future(submit(batcher, "c", "k"))  # joins b's batch
+        second = asyncio.ensure_future(submit(batcher, "b", "k"))  # while a runs: a burst
+        await asyncio.sleep(0.06)
+        third = asyncio.ensure_future(submit(batcher, "c", "k"))  # after a ended: joins b
         return await asyncio.gather(first, second, third)
 
     asyncio.run(main())
@@ -106,13 +106,12 @@ def test_a_lone_job_does_not_wait_for_company():
 
     async def main():
         started = time.monotonic()
-        await submit(batcher, "a", "k")
-        await asyncio.sleep(0.6)  # the next one comes after the wait: alone again
-        await submit(batcher, "b", "k")
+        for name in ("a", "b", "c"):  # a client that sends the next when answered
+            await submit(batcher, name, "k")
         return time.monotonic() - started
 
-    assert asyncio.run(main()) < 0.6 + 0.2
-    assert calls == [("t2i", ["a"]), ("t2i", ["b"])]
+    assert asyncio.run(main()) < 0.25
+    assert calls == [("t2i", ["a"]), ("t2i", ["b"]), ("t2i", ["c"])]
 
 
 def test_a_cancelled_queued_job_never_runs():
