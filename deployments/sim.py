@@ -181,20 +181,19 @@ def photo_like(width: int, height: int) -> np.ndarray:
     return np.clip(out, 0, 1)
 
 
-@lru_cache(maxsize=16)
-def _photo_uint8(width: int, height: int) -> np.ndarray:
-    return (photo_like(width, height) * 255).round().astype(np.uint8)
+@lru_cache(maxsize=8)
+def _variants(width: int, height: int) -> tuple[np.ndarray, ...]:
+    """The size's photo in 8 variants (flipped, colours turned), uint8, made once per size:
+    a call then costs what a GPU replica's host pays for its images, a copy."""
+    base = (photo_like(width, height) * 255).round().astype(np.uint8)
+    return tuple(np.ascontiguousarray(base[:: -1 if v & 1 else 1, :: -1 if v & 2 else 1,
+                                           ::-1 if v & 4 else 1]) for v in range(8))
 
 
 def _images(width: int, height: int, seeds: list[int]) -> np.ndarray:
-    """uint8 (N, H, W, 3), one image per seed: the size's photo, flipped and its colours
-    turned by the seed (8 variants; made once per size, so a call costs a copy)."""
-    base = _photo_uint8(width, height)
-    views = []
-    for seed in seeds:
-        flip_y, flip_x, swap = seed & 1, (seed >> 1) & 1, (seed >> 2) & 1
-        views.append(base[:: -1 if flip_y else 1, :: -1 if flip_x else 1, ::-1 if swap else 1])
-    return np.stack(views)
+    """uint8 (N, H, W, 3), one image per seed (the seed picks one of 8 variants)."""
+    variants = _variants(width, height)
+    return np.stack([variants[seed % 8] for seed in seeds])
 
 
 def _as_output(images: np.ndarray, output_type: str):

@@ -49,7 +49,7 @@ async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: flo
     timeout).
     """
     first = plan.stages[0]
-    inputs = await asyncio.to_thread(_sized_inputs, first)
+    inputs = await asyncio.to_thread(_sized_inputs, first) if first.inputs else ()
     responses = [handles[first.deployment].run.remote(first.job, *inputs)]
     for stage in plan.stages[1:]:
         responses.append(handles[stage.deployment].run.remote(stage.job, responses[-1]))
@@ -74,7 +74,7 @@ async def stream_plan(plan: GenerationPlan, handles: dict[str, Any],
     ``("final", result)`` with the plan's safety check applied. Past ``timeout_s`` it
     raises TimeoutError; the replica's work is cancelled whenever the stream ends early."""
     stage = plan.stages[0]
-    inputs = await asyncio.to_thread(_sized_inputs, stage)
+    inputs = await asyncio.to_thread(_sized_inputs, stage) if stage.inputs else ()
     events = handles[stage.deployment].options(stream=True).stream.remote(
         stage.job, *inputs, partial_images=plan.partial_images)
     try:
