@@ -146,6 +146,14 @@ class PipelineDeployment:
             task.cancel()
 
     def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
+        steps_before = self.batcher.stats.steps
+        try:
+            return self._run_batch(kind, entries)
+        finally:
+            if self.metrics is not None:
+                self.metrics.on_steps(self.batcher.stats.steps - steps_before)
+
+    def _run_batch(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
         if self.device == "cpu":
             # OpenMP's thread count is per OS thread, and this worker thread inherits Ray's
             # OMP_NUM_THREADS (1 for a fraction of a CPU): set it here, where torch runs.
@@ -168,9 +176,6 @@ class PipelineDeployment:
     def _step_callback(self, entries: list[BatchEntry]):
         """``callback_on_step_end``: stop when every caller of the batch has gone."""
         stats = self.batcher.stats
-
-        metrics = self.metrics
-
         streams = any(entry.preview is not None for entry in entries)
         if self.preview_decoder is not None:
             to_rgb = self._decode_previews
@@ -179,8 +184,6 @@ class PipelineDeployment:
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             stats.steps += 1
-            if metrics is not None:
-                metrics.on_step()
             if batch_cancelled(entries):
                 raise PipelineCancelled(f"{self.spec.name}: all callers gone at step {step}")
             if streams and "latents" in callback_kwargs:
