@@ -12,7 +12,7 @@ import torch
 from deployments.batching import PipelineCancelled, batch_cancelled
 from deployments.contract import unwrap
 from deployments.arrays import pixels_to_uint8
-from deployments.loading import load_pipeline, logger, select_device
+from deployments.loading import load_simulated, logger, select_device
 from deployments.sim import is_sim
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
@@ -47,7 +47,7 @@ class ESRGANDeployment(PipelineDeployment):
         from spandrel import ImageModelDescriptor, ModelLoader
 
         if is_sim(spec.source):
-            return load_pipeline(None, spec)
+            return load_simulated(spec)
         device, dtype = select_device(spec)
         model = ModelLoader().load_from_file(resolve_weights_file(spec.source))
         if not isinstance(model, ImageModelDescriptor):

@@ -74,6 +74,13 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "max-autotune-no-cudagraphs", "dynami
                                    "fullgraph": True}
 
 
+def load_simulated(spec: PipelineSpec):
+    """A ``sim:<family>`` source (benchmarks only): the same deployment around a pipeline
+    that sleeps for the compute (deployments/sim.py); returns (pipeline, device)."""
+    logger.info("%s: SIMULATED %s (benchmarks only)", spec.name, spec.source)
+    return load_sim(spec.family), "cpu"
+
+
 def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     """Load ``pipeline_cls`` from ``spec.source`` onto this replica's device.
 
@@ -81,10 +88,7 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     models, so tests exercise the production loading path.
     """
     if is_sim(spec.source):
-        # A simulated accelerator (benchmarks only): the same deployment around a pipeline
-        # that sleeps for the compute (deployments/sim.py).
-        logger.info("%s: SIMULATED %s (benchmarks only)", spec.name, spec.source)
-        return load_sim(spec.family), "cpu"
+        return load_simulated(spec)
     device, dtype = select_device(spec)
     source = resolve_source(spec.source)
     # The variant is asked for on CPU too: a folder from `serve-app fetch` may hold only

@@ -17,7 +17,7 @@ import torch
 
 from deployments.contract import StageResult, unwrap
 from deployments.families import FAMILIES, SAFETY_CHECKER
-from deployments.loading import load_pipeline, logger, resolve_source, select_device
+from deployments.loading import load_simulated, logger, resolve_source, select_device
 from deployments.sim import is_sim
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
@@ -45,7 +45,7 @@ class SafetyCheckerDeployment(PipelineDeployment):
         if is_sim(spec.source):  # the real image processor, a simulated checker
             self.processor = CLIPImageProcessor.from_pretrained(FAMILIES[SAFETY_CHECKER].config_folder)
             self.dtype = dtype
-            return load_pipeline(None, spec)
+            return load_simulated(spec)
         source = resolve_source(spec.source)
         kwargs = {"revision": spec.revision} if spec.revision else {}
         if Path(source).is_dir():

@@ -42,7 +42,6 @@ safety checker) the entry says what it assumes; these are estimates, not fits.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -52,6 +51,7 @@ from typing import Any
 import numpy as np
 
 from deployments.families import FAMILIES, SAFETY_CHECKER
+from deployments.tiny import read_real_config
 
 SIM_PREFIX = "sim:"
 A100_TO_H100 = 1.67  # [E]
@@ -197,15 +197,15 @@ def _images(width: int, height: int, seeds: list[int]) -> np.ndarray:
 
 
 def _as_output(images: np.ndarray, output_type: str):
-    """A pipeline's output of uint8 (N, H, W, 3) images. ``"pt"`` gives them as a
-    (N, 3, H, W) view of uint8: what the device-side conversion of a GPU replica hands the
-    host (deployments/arrays.py ``pixels_to_uint8``), so the host's CPU does what it does
-    behind a GPU; ``"np"`` gives float32 in [0, 1], as diffusers does."""
+    """A pipeline's ``output_type="pt"`` output of uint8 (N, H, W, 3) images: a (N, 3, H, W)
+    view of uint8, what the device-side conversion of a GPU replica hands the host
+    (deployments/arrays.py ``pixels_to_uint8``), so the host's CPU does what it does behind
+    a GPU. The deployments ask for nothing else."""
     import torch
 
-    if output_type == "pt":
-        return torch.from_numpy(images).permute(0, 3, 1, 2)
-    return images.astype(np.float32) / 255
+    if output_type != "pt":
+        raise ValueError(f"the simulated pipeline returns output_type 'pt' or 'latent', not {output_type!r}")
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,9 +213,10 @@ def _as_output(images: np.ndarray, output_type: str):
 # ---------------------------------------------------------------------------------------
 
 
-def _real_config(family: str, *parts: str) -> dict[str, Any]:
-    path = FAMILIES[family].config_folder.joinpath(*parts)
-    return json.loads(path.read_text()) if path.exists() else {}
+def _real_config(family: str, name: str) -> dict[str, Any]:
+    """The family's committed real config file ``name``, or {} where the family has none."""
+    entry = FAMILIES[family]
+    return read_real_config(entry.real_config, name) if (entry.config_folder / name).exists() else {}
 
 
 class _Config(dict):
@@ -244,15 +245,14 @@ class SimPipeline:
         self.family = family
         self.cost = COSTS[family]
         self.config = _Config(_real_config(family, "model_index.json"))
-        self.unet = SimpleNamespace(config=_Config(_real_config(family, "unet", "config.json")))
-        vae = _real_config(family, "vae", "config.json")
+        self.unet = SimpleNamespace(config=_Config(_real_config(family, "unet/config.json")))
+        vae = _real_config(family, "vae/config.json")
         self.vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         self.latent_channels = vae.get("latent_channels", 4)
         self.image_processor = SimpleNamespace(config=_Config(vae_scale_factor=self.vae_scale_factor))
         self.num_timesteps = 0
         self.scale = FAMILIES[family].upscale_factor or 1  # spandrel's attribute (ESRGAN)
         self._adapters: set[str] = set()
-        self.seconds_slept = 0.0  # for tests: the simulated compute time of every call
 
     # The pipeline's own conveniences, as the deployments call them.
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -286,7 +286,6 @@ class SimPipeline:
         remaining = deadline - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
-        self.seconds_slept += seconds
         return deadline
 
     def _denoise(self, images: int, out_pixels: int, steps: int, latents, on_step) -> float:
