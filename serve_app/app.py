@@ -12,31 +12,37 @@ from ray import serve
 from ray.serve import Application
 
 from deployments.families import SAFETY_CHECKER, family
+from deployments.host import ModelHost
 from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
 from serve_app.ingress import ImagesIngress
 
 
 def deployment_class(name: str):
-    """The deployment class of a family, from the registry; imported only when a config
-    uses it (they pull in torch and diffusers; the ingress never needs them)."""
+    """The deployment class of a family, from the registry (imports torch and diffusers)."""
     return family(name).deployment_class()
+
+
+def _model_deployment(family_name: str, name: str, options: dict[str, Any], spec: Any):
+    """One model deployment: a :class:`ModelHost` naming the family's class, so that the
+    controller building the app imports neither torch nor diffusers (the replica does)."""
+    class_path = family(family_name).deployment
+    if class_path is None:
+        raise ValueError(f"{family_name} is a component, not a served family")
+    return serve.deployment(ModelHost).options(name=name, **options).bind(class_path, spec)
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:
     """Build the application graph: ingress -> {model name: model deployment}."""
     config = load_app_config(args)
     handles = {
-        model.name: serve.deployment(deployment_class(model.family))
-        .options(name=model.name, **model.deployment.serve_options())
-        .bind(model.pipeline_spec())
+        model.name: _model_deployment(model.family, model.name,
+                                      model.deployment.serve_options(), model.pipeline_spec())
         for model in config.models
     }
     if config.safety is not None:
-        handles[SAFETY_NAME] = (
-            serve.deployment(deployment_class(SAFETY_CHECKER))
-            .options(name=SAFETY_NAME, **config.safety.deployment.serve_options())
-            .bind(config.safety.pipeline_spec())
-        )
+        handles[SAFETY_NAME] = _model_deployment(
+            SAFETY_CHECKER, SAFETY_NAME, config.safety.deployment.serve_options(),
+            config.safety.pipeline_spec())
     from deployments.image_store import ImageStoreDeployment
 
     store = (

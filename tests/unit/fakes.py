@@ -91,3 +91,16 @@ class FakeSafetyHandle(FakeHandle):
         if job.blur:
             images = np.stack([np.full_like(img, 128) if flag else img for img, flag in zip(images, flags)])
         return StageResult(images, steps=0, seconds=self.seconds, nsfw=flags)
+
+
+class EchoDeployment:
+    """A stand-in deployment class for ModelHost's test: keeps its spec, answers ready."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def ready(self):
+        return self.spec["name"]
+
+    def check_health(self):
+        return None
