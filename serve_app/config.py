@@ -36,6 +36,12 @@ class DeploymentOptions(_Strict):
 
     num_gpus: float = Field(default=0, ge=0, description="GPUs per replica; fractions share one GPU.")
     num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica, to pin replicas to the nodes that "
+        "declare them (configs/cluster.yaml: the ingress takes 'cpu_node', which only the CPU "
+        "workers declare, so it never takes a GPU worker's CPUs).",
+    )
     num_replicas: int | None = Field(
         default=None, ge=0, description="Fixed replica count; leave unset when autoscaling."
     )
@@ -83,7 +89,8 @@ class DeploymentOptions(_Strict):
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         options: dict[str, Any] = {
-            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus},
+            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus,
+                                  **({"resources": dict(self.resources)} if self.resources else {})},
             "max_ongoing_requests": self.max_ongoing_requests,
             "max_queued_requests": self.max_queued_requests,
         }

@@ -248,3 +248,45 @@ def test_gpu_configs_allow_livepeers_defaults_and_sdxl_around_a_megapixel():
         assert not sdxl.allows(1152, 1152)
         for upscaler in ("stable-diffusion-x2-latent-upscaler", "stable-diffusion-x4-upscaler"):
             assert app.model(upscaler).limits.max_steps >= 75, (name, upscaler)
+
+
+def test_building_the_app_imports_neither_torch_nor_diffusers():
+    """Serve's controller runs build_app; it binds ModelHost with the family's class named,
+    so the controller does not spend seconds importing torch (the replicas do)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from serve_app.app import build_app; from serve_app.launch import "
+        "load_serve_config; app = load_serve_config('configs/tiny.yaml')['applications'][0]; "
+        "build_app(app['args']); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_model_host_hands_every_attribute_to_the_family_class():
+    from deployments.host import ModelHost
+
+    host = ModelHost("tests.unit.fakes:EchoDeployment", {"name": "m"})
+    assert host.spec == {"name": "m"}
+    assert host.ready() == "m"
+    host.check_health()
+    # Serve asks for optional methods with getattr(..., None): absent ones stay absent.
+    assert getattr(host, "reconfigure", None) is None
+    assert not hasattr(host, "record_autoscaling_stats")
+    assert "EchoDeployment" in repr(host)
+    with pytest.raises(ModuleNotFoundError):
+        ModelHost("no_such_module:Thing", {})
+
+
+def test_custom_resources_reach_ray_actor_options(tiny_args):
+    args = copy.deepcopy(tiny_args)
+    args["ingress"]["deployment"]["resources"] = {"cpu_node": 1}
+    config = load_app_config(args)
+    assert config.ingress.deployment.serve_options()["ray_actor_options"] == {
+        "num_gpus": 0, "num_cpus": 0.1, "resources": {"cpu_node": 1}}
+    # Without any, Ray's options carry no resources key.
+    assert "resources" not in config.models[0].deployment.serve_options()["ray_actor_options"]

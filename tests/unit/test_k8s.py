@@ -2,6 +2,7 @@
 and every replica fits a worker."""
 
 import copy
+import json
 
 import jsonschema
 import pytest
@@ -11,11 +12,13 @@ from serve_app.config import load_app_config
 from serve_app.launch import load_serve_config
 from tests.conftest import REPO_ROOT
 
+# The RayService schema kept in the project (k8s/schema/README.md says where it comes from);
+# the CRD file itself, where a checkout has it beside it, only to check the copy.
+SCHEMA = REPO_ROOT / "k8s" / "schema" / "rayservice-v1.json"
 CRD = REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
 MANIFEST = REPO_ROOT / "k8s" / "rayservice.yaml"
 CLUSTER = REPO_ROOT / "configs" / "cluster.yaml"
 
-pytestmark = pytest.mark.skipif(not CRD.exists(), reason="../shared/kuberay CRD not present")
 
 
 def strict(schema):
@@ -41,9 +44,13 @@ def strict(schema):
 
 @pytest.fixture(scope="module")
 def validator():
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return jsonschema.Draft7Validator(strict(version["schema"]["openAPIV3Schema"]))
+    return jsonschema.Draft7Validator(strict(json.loads(SCHEMA.read_text())))
+
+
+@pytest.mark.skipif(not CRD.exists(), reason="no KubeRay CRD file beside the checkout")
+def test_kept_schema_is_the_crds():
+    update = _script("update_schema")
+    assert json.loads(SCHEMA.read_text()) == update.v1_schema(yaml.safe_load(CRD.read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -81,21 +88,35 @@ def test_serve_config_is_the_cluster_config(manifest):
     assert serve_config == load_serve_config(CLUSTER), "run: python3 k8s/sync_serve_config.py"
 
 
-def test_sync_script_is_idempotent():
+def _script(name):
+    """A script of k8s/ (not a package), loaded as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("sync", REPO_ROOT / "k8s" / "sync_serve_config.py")
-    sync = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync)
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "k8s" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sync_script_is_idempotent():
+    sync = _script("sync_serve_config")
     text = MANIFEST.read_text()
     assert sync.render(text, CLUSTER.read_text()) == text
+
+
+def worker_resources(params):
+    """The custom resources a group's rayStartParams declare: KubeRay passes the value to
+    ``ray start --resources``, a JSON object inside a quoted string."""
+    text = params.get("resources")
+    return json.loads(json.loads(text)) if text else {}
 
 
 def _workers(manifest):
     groups = []
     for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         params = group["rayStartParams"]
-        groups.append((group["groupName"], float(params.get("num-cpus", 0)), float(params.get("num-gpus", 0))))
+        groups.append((group["groupName"], float(params.get("num-cpus", 0)),
+                       float(params.get("num-gpus", 0)), worker_resources(params)))
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert float(limits["cpu"]) >= float(params.get("num-cpus", 0))
@@ -109,18 +130,24 @@ def test_head_is_cpu_only_and_autoscaling_is_on(manifest):
     head = cluster["headGroupSpec"]
     assert head["rayStartParams"]["num-gpus"] == "0"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert any(gpus >= 1 for _, _, gpus in _workers(manifest))
+    assert any(gpus >= 1 for _, _, gpus, _ in _workers(manifest))
 
 
 def test_every_replica_fits_a_worker(manifest):
     workers = _workers(manifest)
     args = load_serve_config(CLUSTER)["applications"][0]["args"]
     config = load_app_config(args)
-    options = [(m.name, m.deployment) for m in config.models] + [("ingress", config.ingress.deployment)]
+    options = [(m.name, m.deployment) for m in config.models] + [
+        ("ingress", config.ingress.deployment), ("image store", config.image_store.deployment)]
     for name, deployment in options:
-        fits = [g for g, cpus, gpus in workers
-                if deployment.num_cpus <= cpus and deployment.num_gpus <= gpus]
+        fits = [g for g, cpus, gpus, custom in workers
+                if deployment.num_cpus <= cpus and deployment.num_gpus <= gpus
+                and all(amount <= custom.get(key, 0) for key, amount in deployment.resources.items())]
         assert fits, f"{name} ({deployment.num_cpus} CPU, {deployment.num_gpus} GPU) fits no worker"
+    # The ingress and the store stay off the GPU workers; models need a GPU.
+    for name, deployment in options[-2:]:
+        assert all(gpus == 0 for g, _, gpus, custom in workers
+                   if set(deployment.resources) <= set(custom)), name
     # One GPU worker holds one SDXL base or refiner replica at a time.
     assert config.model("stable-diffusion-xl").deployment.num_gpus == 1
 
