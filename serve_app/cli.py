@@ -3,6 +3,7 @@
     serve-app check CONFIG [--hub-timeout S]
     serve-app fetch CONFIG --to DIR [--out FILE] [--hub-timeout S]
     serve-app capacity CONFIG [--gpu-memory 24GiB]
+    serve-app tiny-config CONFIG [--out FILE]
 
 Exit codes: 0 all is well, 1 a source is unusable (missing files, no such repo or variant,
 a fetch that failed), 2 the config itself is invalid.
@@ -84,10 +85,30 @@ def _capacity(args: argparse.Namespace) -> int:
     return capacity_command(args.config, args.gpu_memory)
 
 
+def _tiny_config(args: argparse.Namespace) -> int:
+    from serve_app import sources
+    from serve_app.config import ConfigError
+
+    try:
+        twin = sources.tiny_twin(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INVALID
+    header = (f"# Tiny twin of {args.config}, written by `serve-app tiny-config`: every weights\n"
+              f"# source replaced by its tiny one (built in code at start, nothing downloaded);\n"
+              f"# GPU requests, replicas, batching and limits kept. Run it on a Ray cluster that\n"
+              f"# declares the GPUs it asks for: ray start --head --num-cpus 16 --num-gpus 4\n")
+    if args.out:
+        print(f"wrote {sources.write_config(twin, args.out, header)}", file=sys.stderr)
+    else:
+        sys.stdout.write(header + sources.dump_config(twin))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``serve-app`` argument parser."""
     parser = argparse.ArgumentParser(
-        prog="serve-app", description="Check, fetch and size the weights of a Serve config.")
+        prog="serve-app", description="Check, fetch and size the weights of a Serve config, or write its tiny twin.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def hub_timeout(sub: argparse.ArgumentParser) -> None:
@@ -121,6 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     capacity.add_argument("--gpu-memory", metavar="SIZE", default=None,
                           help="memory of one GPU, e.g. 24GiB")
     capacity.set_defaults(handler=_capacity)
+
+    tiny = commands.add_parser(
+        "tiny-config", help="write the config with every weights source replaced by its tiny one",
+        description="The tiny twin of a config: every model, preview-decoder, VAE, LoRA and "
+                    "safety-checker source replaced by its tiny one; GPU requests, replicas, "
+                    "batching and limits kept, to try a cluster layout on a laptop or in tests.")
+    tiny.add_argument("config", help="Serve config file (configs/*.yaml)")
+    tiny.add_argument("--out", metavar="FILE", help="file to write (default: standard output)")
+    tiny.set_defaults(handler=_tiny_config)
     return parser
 
 

@@ -810,10 +810,14 @@ def write_config(serve_config: dict[str, Any], out: str | Path, header: str = ""
     """Write a Serve config as YAML, keys in their order."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.dump(serve_config, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False,
-                     allow_unicode=True, width=100)
-    out.write_text(header + text, encoding="utf-8")
+    out.write_text(header + dump_config(serve_config), encoding="utf-8")
     return out
+
+
+def dump_config(serve_config: dict[str, Any]) -> str:
+    """A Serve config as YAML text, keys in their order."""
+    return yaml.dump(serve_config, Dumper=_PlainDumper, sort_keys=False, default_flow_style=False,
+                     allow_unicode=True, width=100)
 
 
 def human_bytes(n: int) -> str:
@@ -823,3 +827,42 @@ def human_bytes(n: int) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"
+
+
+def tiny_twin(config_path: str | Path) -> dict[str, Any]:
+    """The Serve config at ``config_path`` with every weights source replaced by its tiny one.
+
+    Model, preview-decoder, VAE and safety-checker sources become ``tiny:<family>`` and
+    LoRAs ``tiny:lora/<family>/<name>`` (revisions and variants go: tiny models have none).
+    Everything else is kept as written: GPU and CPU requests, replica counts, batching,
+    limits and dtypes (a replica without a GPU runs in its ``cpu_dtype``). It runs on any
+    Ray cluster that declares the GPUs it asks for (``ray start --head --num-gpus 4``).
+    """
+    from serve_app.config import ConfigError, load_app_config
+    from serve_app.launch import load_serve_config
+
+    refs = config_sources(config_path)  # validates every application first
+    serve_config = load_serve_config(config_path)
+    for ref in refs:
+        if ref.family is None:
+            raise ConfigError(f"{ref.label}: {ref.source!r} is no registered family; "
+                              "it has no tiny twin")
+        node = serve_config["applications"][ref.app_index].setdefault("args", {})
+        *parents, last = ref.key
+        for part in parents:
+            node = node[part]
+        node[last] = f"tiny:{ref.family}"
+        if last == "source":
+            node.pop("revision", None)
+            node.pop("variant", None)
+    for application in serve_config["applications"]:
+        args = application.setdefault("args", {})
+        for model in args.get("models") or []:
+            for adapter in model.get("loras") or []:
+                adapter["source"] = f"tiny:lora/{model['family']}/{adapter['name']}"
+            model.pop("allow_hub_loras", None)  # tiny models take tiny LoRAs only
+        try:
+            load_app_config(args)  # what is written must still load
+        except ConfigError as exc:
+            raise ConfigError(f"the tiny twin of {config_path} is invalid: {exc}") from None
+    return serve_config

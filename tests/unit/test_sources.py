@@ -494,3 +494,59 @@ def test_console_script_checks_local_gpu_config_offline():
     assert result.returncode == 0, result.stdout + result.stderr
     assert "not checked (offline)" in result.stdout
     assert "11 sources: 0 usable, 11 not checked, 0 with problems" in result.stdout
+
+
+# --- serve-app tiny-config ---------------------------------------------------------------
+
+CLUSTER_CONFIG = REPO_ROOT / "configs" / "cluster.yaml"
+
+
+def _twin_models(serve_config):
+    return serve_config["applications"][0]["args"]["models"]
+
+
+def test_tiny_twin_replaces_every_source_and_keeps_the_gpu_layout(capsys, tmp_path):
+    original = load_serve_config(CLUSTER_CONFIG)
+    out = tmp_path / "cluster-tiny.yaml"
+    assert main(["tiny-config", str(CLUSTER_CONFIG), "--out", str(out)]) == 0
+    twin = load_serve_config(out)
+    assert out.read_text().startswith("# Tiny twin of")
+    for before, after in zip(_twin_models(original), _twin_models(twin), strict=True):
+        assert after["source"] == f"tiny:{before['family']}"
+        assert "variant" not in after and "revision" not in after
+        assert after["deployment"] == before["deployment"]  # num_gpus, replicas, queues kept
+        assert after["limits"] == before["limits"] and after["batching"] == before["batching"]
+        for key in ("preview_decoder", "vae"):
+            if key in before:
+                assert after[key].startswith("tiny:"), (before["name"], key)
+    sdxl = next(m for m in _twin_models(twin) if m["family"] == "sdxl")
+    assert (sdxl["preview_decoder"], sdxl["vae"]) == ("tiny:taesdxl", "tiny:sdxl-vae-fp16-fix")
+    args = twin["applications"][0]["args"]
+    assert args["safety"]["source"] == "tiny:safety-checker"
+    assert args["ingress"] == original["applications"][0]["args"]["ingress"]
+    assert twin["proxy_location"] == original["proxy_location"]
+    # Every source of the twin is a tiny one, which `serve-app check` finds usable offline.
+    assert all(ref.source.startswith("tiny:") for ref in sources.config_sources(out))
+    load_app_config(args)
+
+
+def test_tiny_twin_gives_loras_tiny_sources_and_prints_to_stdout(capsys, tmp_path):
+    config = load_serve_config(LOCAL_GPU_CONFIG)
+    sd21 = next(m for m in _twin_models(config) if m["family"] == "sd21")
+    sd21["loras"] = [{"name": "watercolor", "source": "someone/watercolor-lora"}]
+    sd21["allow_hub_loras"] = True
+    path = tmp_path / "with-loras.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["tiny-config", str(path)]) == 0
+    twin = yaml.safe_load(capsys.readouterr().out)
+    twin_sd21 = next(m for m in _twin_models(twin) if m["family"] == "sd21")
+    assert twin_sd21["loras"] == [{"name": "watercolor", "source": "tiny:lora/sd21/watercolor"}]
+    assert "allow_hub_loras" not in twin_sd21
+
+
+def test_tiny_twin_of_an_invalid_config_exits_2(capsys, tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("applications: [{name: x, import_path: serve_app.app:build_app, "
+                    "args: {models: [{name: m, family: nope, source: a/b}]}}]\n")
+    assert main(["tiny-config", str(path)]) == 2
+    assert "models.0.family" in capsys.readouterr().err
