@@ -162,6 +162,42 @@ def unwrap(value: Any) -> tuple[Any, StageResult | None]:
     return value, None
 
 
+@dataclass(frozen=True)
+class Upstream:
+    """A previous stage's result handed over by reference (a Ray ``ObjectRef``): the
+    replica fetches it itself (:func:`resolve_inputs`), straight from the replica that made
+    it, never through the ingress.
+
+    Not the ``DeploymentResponse`` itself: Serve would resolve that before the call, and
+    when the previous stage's node is lost, its result is an ``ActorUnavailableError`` that
+    Serve's router takes for the next replica's own, retrying the call until the request
+    times out (ray-project/ray#61758 fixed that for ``ActorDiedError`` only). Fetched here,
+    a lost input ends the request at once (:class:`~deployments.errors.UpstreamLost`).
+    """
+
+    ref: Any
+
+
+async def resolve_inputs(inputs: tuple) -> tuple:
+    """``inputs`` with every :class:`Upstream` fetched; raises ``UpstreamLost`` when the
+    replica that made one failed (its error otherwise travels on unchanged)."""
+    if not any(isinstance(item, Upstream) for item in inputs):
+        return inputs
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    from deployments.errors import UpstreamLost
+
+    resolved = []
+    for item in inputs:
+        if isinstance(item, Upstream):
+            try:
+                item = await item.ref
+            except (RayActorError, ActorUnavailableError) as exc:
+                raise UpstreamLost(type(exc).__name__) from None
+        resolved.append(item)
+    return tuple(resolved)
+
+
 # The job types a model deployment runs, and the method of the deployment class that runs
 # each (a deployment runs the job types whose method it has).
 JOB_METHODS: dict[type, str] = {

@@ -17,3 +17,16 @@ class InvalidJobError(ValueError):
     def __reduce__(self):
         # Keep ``param`` when the error crosses a process boundary.
         return (type(self), (self.message, self.param))
+
+
+class UpstreamLost(RuntimeError):
+    """The replica that made this stage's input failed (its node was lost) before handing
+    it over: the request fails at once, as a lost replica does (503)."""
+
+    def __init__(self, reason: str = ""):
+        super().__init__(f"a previous stage's replica failed ({reason})" if reason else
+                         "a previous stage's replica failed")
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (self.reason,))

@@ -19,7 +19,8 @@ import torch
 
 from deployments.arrays import batch_text, finish, split, to_uint8
 from deployments.batching import BatchEntry, Batcher, PipelineCancelled, batch_cancelled
-from deployments.contract import JOB_METHODS, STREAMING_JOBS, PipelineSpec, StageResult
+from deployments.contract import (JOB_METHODS, STREAMING_JOBS, PipelineSpec, StageResult,
+                                  resolve_inputs)
 from deployments.errors import InvalidJobError
 from deployments.families import FAMILIES
 from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder, select_device
@@ -117,7 +118,8 @@ class PipelineDeployment:
 
     async def run(self, job, *inputs) -> StageResult:
         """Run ``job`` on ``inputs``: the one entry point the ingress calls."""
-        return await self._method_for(job)(job, *inputs)
+        method = self._method_for(job)
+        return await method(job, *await resolve_inputs(inputs))
 
     async def stream(self, job, *inputs, partial_images: int = 0):
         """Run a text-to-image or image-to-image job, yielding ``("partial", index,
@@ -128,6 +130,7 @@ class PipelineDeployment:
         if not isinstance(job, STREAMING_JOBS):
             raise InvalidJobError(f"{type(job).__name__} does not stream", param="stream")
         method = self._method_for(job)
+        inputs = await resolve_inputs(inputs)
         queue: asyncio.Queue = asyncio.Queue()
         token = current_sink.set(sink_for(queue, partial_images))
         try:

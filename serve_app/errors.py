@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from deployments.errors import InvalidJobError
+from deployments.errors import InvalidJobError, UpstreamLost
 from serve_app.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line
@@ -147,7 +147,7 @@ def error_from_exception(exc: BaseException, retry_after_s: int = 5) -> APIError
         return ServiceUnavailableError(
             "The model is at capacity and its queue is full; retry shortly.", retry_after_s
         )
-    if isinstance(inner, (RayActorError, ActorUnavailableError)):
+    if isinstance(inner, (RayActorError, ActorUnavailableError, UpstreamLost)):
         logger.warning("a model replica failed during a request: %s", type(inner).__name__)
         return ServiceUnavailableError(
             "A model replica failed while working on this request; it is being replaced. "

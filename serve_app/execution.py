@@ -1,8 +1,8 @@
 """Running a plan: one handle call per stage, each stage's response handed to the next,
 then the safety check; or, for a streamed plan, previews as they come.
 
-Intermediate results (latents, images) go from replica to replica as unresolved
-``DeploymentResponse``s and never come back through the ingress. Every call is
+Intermediate results (latents, images) go from replica to replica by reference
+(:class:`~deployments.contract.Upstream`) and never come back through the ingress. Every call is
 ``handle.run.remote(job, *inputs)``: the job's type says what the replica does with it
 (deployments/contract.py).
 """
@@ -13,7 +13,7 @@ import asyncio
 from typing import Any, AsyncIterator
 
 
-from deployments.contract import ImageToImageJob, SafetyJob
+from deployments.contract import ImageToImageJob, SafetyJob, Upstream
 from serve_app.config import SAFETY_NAME
 from serve_app.planning import GenerationPlan, Stage
 from serve_app.uploads import resize
@@ -35,6 +35,12 @@ def _sized_inputs(stage: Stage) -> tuple:
     return sized
 
 
+async def _upstream(response) -> Upstream:
+    """A stage's response as the next stage's input, by reference (see :class:`Upstream`).
+    Waits only until Serve has sent the request to a replica, not for its result."""
+    return Upstream(await response._to_object_ref())
+
+
 def _check(handles: dict[str, Any], job: SafetyJob, source: Any):
     """The safety check of ``source`` (a stage's response, or preview pixels)."""
     return handles[SAFETY_NAME].run.remote(job, source)
@@ -51,16 +57,17 @@ async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: flo
     first = plan.stages[0]
     inputs = await asyncio.to_thread(_sized_inputs, first) if first.inputs else ()
     responses = [handles[first.deployment].run.remote(first.job, *inputs)]
-    for stage in plan.stages[1:]:
-        responses.append(handles[stage.deployment].run.remote(stage.job, responses[-1]))
-    if plan.safety is not None:
-        responses.append(_check(handles, plan.safety, responses[-1]))
 
-    async def last():
+    async def chain():
+        for stage in plan.stages[1:]:
+            responses.append(handles[stage.deployment].run.remote(
+                stage.job, await _upstream(responses[-1])))
+        if plan.safety is not None:
+            responses.append(_check(handles, plan.safety, await _upstream(responses[-1])))
         return await responses[-1]
 
     try:
-        return await asyncio.wait_for(last(), timeout_s)
+        return await asyncio.wait_for(chain(), timeout_s)
     except BaseException:
         for response in responses:
             response.cancel()

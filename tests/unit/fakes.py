@@ -6,6 +6,8 @@ import asyncio
 
 import numpy as np
 
+from deployments.contract import Upstream
+
 
 class FakeResponse:
     """Stands in for a DeploymentResponse: awaitable, and passed along unresolved."""
@@ -16,6 +18,10 @@ class FakeResponse:
 
     def cancel(self):
         self.cancelled = True
+
+    async def _to_object_ref(self):
+        """DeploymentResponse._to_object_ref: here the response stands for its own ref."""
+        return self
 
     def __await__(self):
         async def resolve():
@@ -55,6 +61,8 @@ class FakeHandle:
         source = response
         while not hasattr(source.args[0], "height"):
             upstream = source.args[1]
+            if isinstance(upstream, Upstream):
+                upstream = upstream.ref
             if not isinstance(upstream, FakeResponse):
                 height, width = upstream.shape[:2]
                 break
@@ -86,6 +94,8 @@ class FakeSafetyHandle(FakeHandle):
         from deployments.contract import StageResult
 
         job, upstream = response.args
+        if isinstance(upstream, Upstream):
+            upstream = upstream.ref
         images = upstream.handle.result_for(upstream) if isinstance(upstream, FakeResponse) else upstream
         flags = tuple(i in self.flagged for i in range(len(images)))
         if job.blur:

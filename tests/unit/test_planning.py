@@ -5,7 +5,7 @@ import io
 import pytest
 from PIL import Image
 
-from deployments.contract import RefineJob, TextToImageJob
+from deployments.contract import RefineJob, TextToImageJob, Upstream, resolve_inputs
 from serve_app.config import load_app_config
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.execution import run_plan
@@ -79,9 +79,9 @@ def test_chain_hands_the_base_response_to_the_refiner_unresolved(config):
     images = asyncio.run(run_plan(plan, handles))
     (base_call,) = handles["stable-diffusion-xl"].calls
     (refine_call,) = handles["stable-diffusion-xl-refiner"].calls
-    # The refiner receives the base's response object itself: Serve resolves it on the
-    # refiner replica, so latents never come back through the ingress.
-    assert refine_call.args[1] is base_call
+    # The refiner receives the base's response by reference (Upstream): the refiner
+    # replica fetches it, so latents never come back through the ingress.
+    assert isinstance(refine_call.args[1], Upstream) and refine_call.args[1].ref is base_call
     assert images.shape == (1, 1024, 1024, 3)
 
 
@@ -319,7 +319,7 @@ def test_chain_of_three_passes_each_response_on(config):
     (base,) = handles["stable-diffusion-xl"].calls
     (refine,) = handles["stable-diffusion-xl-refiner"].calls
     (upscale,) = handles["esrgan-x2"].calls
-    assert refine.args[1] is base and upscale.args[1] is refine
+    assert refine.args[1].ref is base and upscale.args[1].ref is refine
 
 
 def test_timeout_cancels_every_stage(config):
@@ -411,3 +411,33 @@ def test_hub_loras_where_the_operator_allows_them(tiny_args):
     config = load_app_config(args)
     (ref,) = plan_generation(req(loras={"org/some-lora": 0.7}), config).stages[0].job.loras
     assert (ref.name, ref.source, ref.weight) == ("org/some-lora", "org/some-lora", 0.7)
+
+
+def test_an_input_whose_replica_was_lost_ends_the_stage_with_upstream_lost():
+    """A lost node makes the previous stage's result an ActorUnavailableError; the next
+    replica raises UpstreamLost at once (Serve would retry it as its own until timeout),
+    which the ingress answers with a 503; an ordinary error travels on unchanged."""
+    from ray.exceptions import ActorUnavailableError
+
+    from deployments.errors import InvalidJobError, UpstreamLost
+    from serve_app.errors import error_from_exception
+
+    async def failing(exc):
+        raise exc
+
+    class Ref:
+        def __init__(self, exc=None, value=None):
+            self.exc, self.value = exc, value
+
+        def __await__(self):
+            return (failing(self.exc) if self.exc else asyncio.sleep(0, self.value)).__await__()
+
+    assert asyncio.run(resolve_inputs((Upstream(Ref(value=7)), 8))) == (7, 8)
+    plain = (np.zeros(2),)
+    assert asyncio.run(resolve_inputs(plain)) is plain
+    with pytest.raises(UpstreamLost) as lost:
+        asyncio.run(resolve_inputs((Upstream(Ref(ActorUnavailableError("gone", b"\0" * 16))),)))
+    error = error_from_exception(lost.value)
+    assert (error.status_code, error.code) == (503, "overloaded")
+    with pytest.raises(InvalidJobError):
+        asyncio.run(resolve_inputs((Upstream(Ref(InvalidJobError("bad", param="image"))),)))

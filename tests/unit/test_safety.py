@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from deployments.errors import InvalidJobError
-from deployments.contract import SafetyJob
+from deployments.contract import SafetyJob, Upstream
 from serve_app.config import ConfigError, load_app_config
 from serve_app.errors import InvalidRequestError, ModerationBlockedError
 from serve_app.execution import run_plan
@@ -80,7 +80,7 @@ def test_the_checker_gets_the_last_stage_response_unresolved(tiny_args):
     asyncio.run(run_plan(plan, handles))
     (refine,) = handles["stable-diffusion-xl-refiner"].calls
     (check,) = handles["SafetyChecker"].calls
-    assert check.method == "run" and check.args == (SafetyJob(blur=True), refine)
+    assert check.method == "run" and check.args == (SafetyJob(blur=True), Upstream(refine))
 
 
 def _service(tiny_args, flagged, **safety):
