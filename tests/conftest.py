@@ -19,3 +19,9 @@ def tiny_args() -> dict:
     from serve_app.launch import load_serve_config
 
     return load_serve_config(TINY_CONFIG)["applications"][0]["args"]
+
+
+def pytest_collection_modifyitems(config, items):
+    """The multi-node tests (tests/cluster) first: they start a Ray cluster of several
+    nodes, which this process must join before the integration tests start their own."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1)
