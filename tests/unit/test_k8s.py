@@ -17,6 +17,7 @@ from tests.conftest import REPO_ROOT
 SCHEMA = REPO_ROOT / "k8s" / "schema" / "rayservice-v1.json"
 CRD = REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
 MANIFEST = REPO_ROOT / "k8s" / "rayservice.yaml"
+REDIS = REPO_ROOT / "k8s" / "redis.yaml"
 CLUSTER = REPO_ROOT / "configs" / "cluster.yaml"
 
 
@@ -69,6 +70,7 @@ def test_manifest_validates_against_the_crd(validator, manifest):
     [("spec", "rayClusterConfig", "enableInTreeAutoscalling"),
      ("spec", "rayClusterConfig", "workerGroupSpecs", 0, "maxReplica"),
      ("spec", "serveConfig"),
+     ("spec", "rayClusterConfig", "gcsFaultToleranceOptions", "redisAdress"),
      ("spec", "rayClusterConfig", "headGroupSpec", "template", "spec", "containers", 0, "imagee")],
 )
 def test_unknown_fields_fail(validator, manifest, path):
@@ -86,6 +88,66 @@ def test_serve_config_is_the_cluster_config(manifest):
     serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
     assert serve_config == load_serve_config(CLUSTER), "run: python3 k8s/sync_serve_config.py"
+
+
+@pytest.fixture(scope="module")
+def redis_objects():
+    """k8s/redis.yaml's objects by (kind, name)."""
+    return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(REDIS.read_text()) if d}
+
+
+def test_gcs_fault_tolerance_uses_the_redis_of_redis_yaml(manifest, redis_objects):
+    """GCS fault tolerance is on (k8s/README.md, "Head node restarts"): the head keeps its
+    metadata in the Redis of k8s/redis.yaml, reached through its Service, with the password
+    of its Secret, the same one the Redis pod requires."""
+    cluster = manifest["spec"]["rayClusterConfig"]
+    ft = cluster["gcsFaultToleranceOptions"]
+    assert ft.get("backend", "redis") == "redis"
+    host, port = ft["redisAddress"].rsplit(":", 1)
+    service = redis_objects[("Service", host)]
+    (service_port,) = [p for p in service["spec"]["ports"] if p["port"] == int(port)]
+    ref = ft["redisPassword"]["valueFrom"]["secretKeyRef"]
+    secret = redis_objects[("Secret", ref["name"])]
+    assert secret.get("stringData", secret.get("data", {})).get(ref["key"])
+
+    (redis,) = [d for (kind, _), d in redis_objects.items() if kind == "StatefulSet"]
+    template = redis["spec"]["template"]
+    assert redis["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    assert redis["spec"]["serviceName"] == host and redis["spec"]["replicas"] == 1
+    (container,) = template["spec"]["containers"]
+    assert service_port["targetPort"] in [p["name"] for p in container["ports"]]
+    assert {"name": "redis", "containerPort": int(port)} in container["ports"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    args = container["args"]
+    option = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+    assert option["--requirepass"] == "$(REDIS_PASSWORD)" and refs["REDIS_PASSWORD"] == ref
+    # Kept on disk: an append-only file on a PersistentVolumeClaim.
+    assert option["--appendonly"] == "yes"
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    assert {"name": claim["metadata"]["name"], "mountPath": option["--dir"]} in container["volumeMounts"]
+
+    # KubeRay refuses these beside gcsFaultToleranceOptions (the older way to turn it on).
+    head = cluster["headGroupSpec"]
+    assert not {"redis-password", "redis-username"} & set(head["rayStartParams"])
+    env = {e["name"] for c in head["template"]["spec"]["containers"] for e in c.get("env", [])}
+    assert not {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME"} & env
+    assert not {"ray.io/ft-enabled", "ray.io/external-storage-namespace"} & set(
+        manifest["metadata"].get("annotations", {}))
+    # Workers wait for a restarted head: KubeRay's 600 s unless a worker group sets its own.
+    for group in cluster["workerGroupSpecs"]:
+        env = {e["name"] for c in group["template"]["spec"]["containers"] for e in c.get("env", [])}
+        assert "RAY_gcs_rpc_server_reconnect_timeout_s" not in env, group["groupName"]
+
+
+def test_serve_traffic_goes_through_the_workers_only(manifest):
+    """The head pod is no endpoint of the Serve Service, so a head restart cuts no request; the
+    head still declares the `serve` port, from which KubeRay builds that Service's port."""
+    assert manifest["spec"]["excludeHeadPodFromServeSvc"] is True
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["serve"] == load_serve_config(CLUSTER)["http_options"]["port"]
+    assert load_serve_config(CLUSTER)["proxy_location"] == "EveryNode"
 
 
 def _script(name):
