@@ -244,7 +244,7 @@ def cold_start(cache: Path | None, timeout_s: float = 300) -> dict[str, float]:
         except subprocess.TimeoutExpired:
             server.kill()
         subprocess.run(["ray", "stop", "--force"], capture_output=True)
-    print(f"cold start ({'empty cache' if cache else 'cache built'}): {firsts}", flush=True)
+    print(f"cold start (tiny cache {cache}): {firsts}", flush=True)
     return firsts
 
 
