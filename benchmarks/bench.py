@@ -54,10 +54,10 @@ def tiny_args(max_batch_images: int, safety: bool = False) -> dict:
     model = next(m for m in args["models"] if m["name"] == MODEL)
     model = {**model, "batching": {**model["batching"], "max_batch_images": max_batch_images},
              "cpu_threads": MODEL_THREADS}
-    args = {**args, "models": [model], "chains": [], "default_upscaler": None}
-    if not safety:
-        args.pop("safety", None)
-    return args
+    # None, not a missing key: run_local merges these args over the config's, so a missing
+    # "safety" would keep the profile's checker in the runs meant to go without it.
+    return {**args, "models": [model], "chains": [], "default_upscaler": None,
+            **({} if safety else {"safety": None})}
 
 
 def percentile(values: list[float], q: float) -> float:
