@@ -73,8 +73,6 @@ import asyncio
 import gc
 import importlib.util
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -88,6 +86,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402 - benchmarks/common.py, beside this script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -114,7 +114,7 @@ from deployments.contract import PipelineSpec, RefineJob, TextToImageJob, Upscal
 from deployments.families import FAMILIES, family_of_source  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
-GiB = 2**30
+GiB = common.GiB
 GOAL_LATENCY_S = 1.0  # H100, SDXL 1024x1024, 30 steps, batch 1
 GOAL_IMAGES_PER_S = 2.4  # H100, SDXL 1024x1024, 20 steps, batched
 
@@ -161,42 +161,12 @@ MODELS = list(dict.fromkeys(case.family for case in CASES))  # load order
 
 def build_full_pipeline(name: str, folder: Path, device: str) -> None:
     """The full-size pipeline of diffusers family ``name`` with random weights, written to
-    ``folder`` in float16: deployments/tiny.py's component loop over the real
-    ``model_index.json`` with the real component configs unchanged, built on ``device``."""
-    import diffusers
+    ``folder`` in float16: deployments/tiny.py's builder with nothing shrunk, on ``device``."""
+    from deployments.tiny import pipeline_from_real_configs
 
-    from deployments.tiny import _from_config, _pad_token, _tokenizer, read_real_config
-
-    info = FAMILIES[name]
-    index = read_real_config(info.real_config, "model_index.json")
-    tokenizer, _ = _tokenizer(_pad_token(info.real_config))
-    built: dict[str, Any] = {}
     with torch.device(device):
-        for key, value in index.items():
-            if not isinstance(value, list):
-                continue
-            cls_name = value[1]
-            if value[0] is None:
-                built[key] = None
-            elif key.startswith("tokenizer"):
-                built[key] = tokenizer
-            elif key.endswith("scheduler"):
-                built[key] = getattr(diffusers, cls_name).from_config(
-                    read_real_config(info.real_config, f"{key}/scheduler_config.json"))
-            elif key == "feature_extractor":
-                from transformers import CLIPImageProcessor
-
-                built[key] = CLIPImageProcessor()
-            else:  # unet, vae, text encoders: the real config, random init
-                config = read_real_config(info.real_config, f"{key}/config.json")
-                built[key] = _from_config(cls_name, config, key).to(torch.float16)
-    pipeline_cls = getattr(diffusers, index["_class_name"])
-    flags = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
-    import inspect
-
-    if "add_watermarker" in inspect.signature(pipeline_cls.__init__).parameters:
-        flags["add_watermarker"] = False
-    pipeline_cls(**built, **flags).save_pretrained(folder)
+        pipe = pipeline_from_real_configs(name, shrink=False)
+    pipe.to(torch.float16).save_pretrained(folder)
 
 
 def build_full_component(name: str, folder: Path, device: str) -> None:
@@ -451,30 +421,15 @@ def tag(compiled: bool) -> str:
     return "compiled" if compiled else "eager"
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def report_name(device: str, opts) -> str:
     """``gpu-<gpu name>.md`` for a whole run; a part names its models, ``-eager`` without
     compile, ``-smoke`` in smoke mode."""
-    stem = "gpu-" + (slug(torch.cuda.get_device_name(0)) if device == "cuda" else "cpu")
+    stem = f"gpu-{common.device_slug(device)}"
     if opts.models != MODELS:
         stem += "-" + "-".join(opts.models)
     if opts.no_compile and device == "cuda":
         stem += "-eager"
     return stem + ("-smoke" if opts.smoke else "") + ".md"
-
-
-def machine(device: str) -> str:
-    import diffusers
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{platform.processor() or platform.machine()}, {cores} CPU cores"
-    if device == "cuda":
-        props = torch.cuda.get_device_properties(0)
-        text = f"{props.name} ({props.total_memory / GiB:.1f} GiB), CUDA {torch.version.cuda}; {text}"
-    return f"{text}; Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
 
 
 def gib(value: int | None) -> str:
@@ -492,7 +447,7 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
          "GPU benchmark, not its figures." if smoke else
          "Full-size models with random weights built from deployments/model_configs/, loaded by "
          "the deployment classes (called directly, no Ray) in float16."),
-        f"Machine: {machine(device)}.",
+        f"Machine: {common.machine(device)}.",
         f"Command: `{command}`.",
         f"Per case and batch size: {opts.warmup} warm-up call(s), then {opts.repeats} timed; "
         "the median. Each batch of n is one job of n seeds: one pipeline call.",
@@ -583,20 +538,6 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
     return report
 
 
-def quiet() -> None:
-    """No progress bars or load reports between the figures; warnings still show."""
-    import logging
-
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -624,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     if opts.smoke and torch.cuda.is_available():
         print("--smoke runs on CPU; CUDA is not used", flush=True)
         torch.cuda.is_available = lambda: False  # select_device: CPU, as on a CPU machine
-    quiet()
+    common.quiet()
     sources = Sources(opts.smoke, device)
     variants = [False] + ([True] if device == "cuda" and not opts.no_compile else [])
     loads, timings, failures = [], [], []

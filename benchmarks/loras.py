@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
-import re
 import shlex
 import statistics
 import sys
@@ -48,6 +46,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import common  # noqa: E402 - benchmarks/common.py, beside this script
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -212,49 +212,14 @@ def bench_grouped(replicas: dict[str, Replica], rounds: int, size: int, steps: i
 
 
 def quiet() -> None:
-    """No progress bars or load reports between the figures; warnings still show."""
-    import logging
+    """common.quiet, after Ray Serve has set its logger up (imported by the deployments)."""
+    import deployments.stable_diffusion  # noqa: F401 - sets Ray Serve's logger up
 
-    import diffusers
-    import transformers
-
-    import deployments.stable_diffusion  # noqa: F401 - imports Ray Serve, which sets its logger up
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("ray.serve").setLevel(logging.WARNING)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: str) -> str:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu_model()}, {cores} CPU cores"
-    if device == "cuda":
-        text = f"{torch.cuda.get_device_name(0)}; {text}"
-    import diffusers
-    import peft
-
-    return (f"{text}; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"diffusers {diffusers.__version__}, peft {peft.__version__}")
+    common.quiet()
 
 
 def report_name(device: str, smoke: bool) -> str:
-    if device == "cuda":
-        stem = "loras-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
-    else:
-        stem = "loras-cpu"
-    return stem + ("-smoke" if smoke else "") + ".md"
+    return f"loras-{common.device_slug(device)}" + ("-smoke" if smoke else "") + ".md"
 
 
 def lora_size_kib() -> float:
@@ -274,7 +239,7 @@ def write_report(switching: dict, grouped: dict, opts, device: str, dtype: str, 
         f"Tiny SD 2.1 (`tiny:sd21`) on {device} in {dtype}, torch threads {opts.threads}; "
         f"tiny rank-4 LoRAs `{ADAPTER_A.source}` (A) and `{ADAPTER_B.source}` (B), "
         f"{lora_size_kib():.0f} KiB each (UNet and text encoder attention projections), weight 1.0.",
-        f"Machine: {machine(device)}.",
+        f"Machine: {common.machine(device, 'peft')}.",
         f"Command: `{command}`.",
         "",
         "## Switching cost between batches",

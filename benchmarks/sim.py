@@ -34,7 +34,6 @@ import base64
 import io
 import json
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass

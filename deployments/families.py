@@ -86,10 +86,16 @@ class Family:
         return sum(1 for key, value in entries.items()
                    if key.startswith("text_encoder") and isinstance(value, list) and value[0])
 
-    def deployment_class(self) -> Any:
+    @property
+    def deployment_path(self) -> str:
+        """``"module:Class"`` of the deployment serving this family."""
         if self.deployment is None:
             raise ValueError(f"{self.name} is a component, not a served family")
-        return load_attribute(self.deployment)
+        return self.deployment
+
+    def deployment_class(self) -> Any:
+        """The deployment class itself (imports torch and diffusers)."""
+        return load_attribute(self.deployment_path)
 
     def weights_cls(self) -> Any:
         return load_attribute(self.weights_class)

@@ -218,6 +218,15 @@ def _from_config(cls_name: str, config: dict[str, Any], seed_key: str):
 def build_tiny_pipeline(name: str):
     """The tiny pipeline of diffusers family ``name`` (not yet saved), built from the real
     ``model_index.json`` and component configs with :data:`SHRINK_KEYS` changed."""
+    return pipeline_from_real_configs(name, shrink=True)
+
+
+def pipeline_from_real_configs(name: str, shrink: bool = True):
+    """The pipeline of diffusers family ``name`` with seeded random weights, from the real
+    ``model_index.json`` and component configs: shrunk (the tiny model), or at full size
+    (``shrink=False``: the real architecture, for benchmarks/gpu.py; build it under
+    ``torch.device("cuda")`` or ``"meta"``). The tokenizer is the tiny one either way (no
+    real vocabulary is committed); prompts are still padded to the real length."""
     import diffusers
     import inspect
 
@@ -240,14 +249,16 @@ def build_tiny_pipeline(name: str):
                 read_real_config(info.real_config, f"{key}/scheduler_config.json"))
         elif key.startswith("text_encoder"):
             real = read_real_config(info.real_config, f"{key}/config.json")
-            built[key] = _from_config(cls_name, shrink_text_encoder(real, vocab_size), key)
+            config = shrink_text_encoder(real, vocab_size) if shrink else real
+            built[key] = _from_config(cls_name, config, key)
         elif key == "unet":
             real = read_real_config(info.real_config, "unet/config.json")
-            config = shrink_unet(real, [_TEXT_HIDDEN] * len(real_text), real_text)
+            config = shrink_unet(real, [_TEXT_HIDDEN] * len(real_text), real_text) if shrink else real
             built[key] = _from_config(cls_name, config, "unet")
         elif key == "vae":
             real = read_real_config(info.real_config, "vae/config.json")
-            built[key] = _from_config(cls_name, shrink_vae(real), f"vae-{info.latent_space}")
+            config = shrink_vae(real) if shrink else real
+            built[key] = _from_config(cls_name, config, f"vae-{info.latent_space}")
         elif key == "feature_extractor":
             # For a safety checker the tiny pipelines do not carry (requires_safety_checker
             # is false in the real index too).

@@ -17,18 +17,11 @@ from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, l
 from serve_app.ingress import ImagesIngress
 
 
-def deployment_class(name: str):
-    """The deployment class of a family, from the registry (imports torch and diffusers)."""
-    return family(name).deployment_class()
-
-
 def _model_deployment(family_name: str, name: str, options: dict[str, Any], spec: Any):
     """One model deployment: a :class:`ModelHost` naming the family's class, so that the
     controller building the app imports neither torch nor diffusers (the replica does)."""
-    class_path = family(family_name).deployment
-    if class_path is None:
-        raise ValueError(f"{family_name} is a component, not a served family")
-    return serve.deployment(ModelHost).options(name=name, **options).bind(class_path, spec)
+    return (serve.deployment(ModelHost).options(name=name, **options)
+            .bind(family(family_name).deployment_path, spec))
 
 
 def build_app(args: dict[str, Any] | AppConfig) -> Application:

@@ -25,3 +25,25 @@ def pytest_collection_modifyitems(config, items):
     """The multi-node tests (tests/cluster) first: they start a Ray cluster of several
     nodes, which this process must join before the integration tests start their own."""
     items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1)
+
+
+def run_benchmark_smoke(script: str, out: Path, timeout: float):
+    """Run ``benchmarks/<script> --smoke --out <out>`` as the benchmark is run: a process of
+    its own (it sets torch's thread count, or starts its own Ray), inheriting this session's
+    private tiny-model cache. Returns the finished process (output captured as text)."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--smoke",
+                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def ray_start_resources(params: dict) -> tuple[float, float, dict[str, float]]:
+    """(CPUs, GPUs, custom resources) that a KubeRay group's ``rayStartParams`` declare; the
+    custom ones are a JSON object inside a quoted string (passed to ``ray start --resources``)."""
+    import json
+
+    custom = params.get("resources")
+    return (float(params.get("num-cpus", 0)), float(params.get("num-gpus", 0)),
+            json.loads(json.loads(custom)) if custom else {})

@@ -35,7 +35,7 @@ from PIL import Image
 
 from serve_app import sources
 from serve_app.launch import free_port, wait_healthy
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, ray_start_resources
 
 pytestmark = pytest.mark.cluster
 
@@ -59,14 +59,9 @@ def worker_groups() -> list[dict]:
     manifest = yaml.safe_load(MANIFEST.read_text())
     groups = []
     for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
-        params = group["rayStartParams"]
-        custom = params.get("resources")
-        groups.append({
-            "name": group["groupName"],
-            "num_cpus": int(float(params.get("num-cpus", 0))),
-            "num_gpus": int(float(params.get("num-gpus", 0))),
-            "resources": json.loads(json.loads(custom)) if custom else {},
-        })
+        cpus, gpus, custom = ray_start_resources(group["rayStartParams"])
+        groups.append({"name": group["groupName"], "num_cpus": int(cpus), "num_gpus": int(gpus),
+                       "resources": custom})
     return groups
 
 

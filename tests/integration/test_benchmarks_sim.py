@@ -1,17 +1,11 @@
 """benchmarks/sim.py runs end to end in its smoke mode (simulated accelerators, its own
 Ray instance in a subprocess, as the benchmark is run) and writes its table."""
 
-import subprocess
-import sys
-from pathlib import Path
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "benchmarks" / "sim.py"
+from tests.conftest import run_benchmark_smoke
 
 
 def test_sim_benchmark_smoke_writes_its_table(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    done = run_benchmark_smoke("sim.py", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     table = (tmp_path / "sim-h100-smoke.md").read_text()
     assert table.strip() in done.stdout

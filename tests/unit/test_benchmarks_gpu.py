@@ -4,12 +4,8 @@ A subprocess, as the benchmark is run: it sets torch's thread count for its whol
 It inherits this session's private tiny-model cache (tests/conftest.py).
 """
 
-import subprocess
-import sys
-from pathlib import Path
+from tests.conftest import run_benchmark_smoke
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "benchmarks" / "gpu.py"
 # Every served model's workload of issue 16 (sdxl-20: the batched goal's 20 steps).
 CASES = ["sdxl", "sdxl-20", "sdxl+refiner", "sd21", "x4-upscaler", "x2-latent-upscaler", "esrgan"]
 FAMILIES = ["sdxl", "sdxl-refiner", "sd21", "sd-x4-upscaler", "sd-x2-latent-upscaler", "esrgan"]
@@ -23,8 +19,7 @@ def section(table: str, title: str) -> list[list[str]]:
 
 
 def test_gpu_benchmark_smoke_writes_its_tables(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    done = run_benchmark_smoke("gpu.py", tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = list(tmp_path.glob("gpu-*-smoke.md"))  # gpu-cpu-smoke.md
     assert len(reports) == 1, sorted(p.name for p in tmp_path.iterdir())

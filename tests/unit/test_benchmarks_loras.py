@@ -4,17 +4,12 @@ A subprocess, as the benchmark is run: it sets torch's thread count for its whol
 It inherits this session's private tiny-model cache (tests/conftest.py).
 """
 
-import subprocess
-import sys
-from pathlib import Path
+from tests.conftest import run_benchmark_smoke
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = REPO_ROOT / "benchmarks" / "loras.py"
 
 
 def test_lora_benchmark_smoke_writes_its_table(tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=180)
+    done = run_benchmark_smoke("loras.py", tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = list(tmp_path.glob("loras-*-smoke.md"))  # loras-cpu-smoke.md, or the GPU's name
     assert len(reports) == 1, sorted(p.name for p in tmp_path.iterdir())

@@ -171,7 +171,9 @@ def test_every_deployment_autoscales_and_has_room_for_a_batch(path):
 
 def test_every_family_has_a_deployment_class():
     from deployments.families import FAMILIES, SERVED_FAMILIES
-    from serve_app.app import deployment_class
+
+    def deployment_class(name):
+        return FAMILIES[name].deployment_class()
 
     assert set(SERVED_FAMILIES) == {"sd21", "sdxl", "sdxl-refiner", "sd-x2-latent-upscaler",
                                     "sd-x4-upscaler", "esrgan"}

@@ -10,7 +10,7 @@ import yaml
 
 from serve_app.config import load_app_config
 from serve_app.launch import load_serve_config
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, ray_start_resources
 
 # The RayService schema kept in the project (k8s/schema/README.md says where it comes from);
 # the CRD file itself, where a checkout has it beside it, only to check the copy.
@@ -166,19 +166,11 @@ def test_sync_script_is_idempotent():
     assert sync.render(text, CLUSTER.read_text()) == text
 
 
-def worker_resources(params):
-    """The custom resources a group's rayStartParams declare: KubeRay passes the value to
-    ``ray start --resources``, a JSON object inside a quoted string."""
-    text = params.get("resources")
-    return json.loads(json.loads(text)) if text else {}
-
-
 def _workers(manifest):
     groups = []
     for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         params = group["rayStartParams"]
-        groups.append((group["groupName"], float(params.get("num-cpus", 0)),
-                       float(params.get("num-gpus", 0)), worker_resources(params)))
+        groups.append((group["groupName"], *ray_start_resources(params)))
         assert group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert float(limits["cpu"]) >= float(params.get("num-cpus", 0))

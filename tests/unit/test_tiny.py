@@ -69,3 +69,20 @@ def test_tiny_weights_are_seeded(tmp_path):
 def test_unknown_family(tmp_path):
     with pytest.raises(ValueError, match="unknown tiny family"):
         materialize_tiny("sd3", root=tmp_path)
+
+
+def test_the_builder_unshrunk_is_the_real_architecture():
+    """benchmarks/gpu.py builds full-size models with the tiny builder, nothing shrunk: on
+    the meta device, SD 2.1's UNet and text encoder have the published parameter counts
+    (865.9M and 340.4M) and the real configs."""
+    import torch
+
+    from deployments.tiny import pipeline_from_real_configs, read_real_config
+
+    with torch.device("meta"):
+        pipe = pipeline_from_real_configs("sd21", shrink=False)
+    counts = {key: sum(p.numel() for p in getattr(pipe, key).parameters())
+              for key in ("unet", "text_encoder")}
+    assert counts == {"unet": 865_910_724, "text_encoder": 340_387_840}
+    real = read_real_config("sd21", "unet/config.json")
+    assert list(pipe.unet.config.block_out_channels) == real["block_out_channels"]

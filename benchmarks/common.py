@@ -1,0 +1,65 @@
+"""What the benchmark scripts share: quiet libraries, the machine they ran on, the device's
+name in their results' file names. Imports neither Ray nor the deployments (gpu.py runs
+where Ray is not installed)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+from pathlib import Path
+
+GiB = 1024**3
+
+
+def quiet() -> None:
+    """No progress bars or load reports between the figures; warnings still show."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str, *packages: str) -> str:
+    """The CPU, its cores, the GPU (with ``device == "cuda"``) and the versions of Python,
+    torch, diffusers and ``packages``."""
+    import importlib
+
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    text = f"{cpu_model()}, {cores} CPU cores"
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        text = f"{props.name} ({props.total_memory / GiB:.1f} GiB), CUDA {torch.version.cuda}; {text}"
+    versions = ", ".join(f"{name} {importlib.import_module(name).__version__}"
+                         for name in ("torch", "diffusers", *packages))
+    return f"{text}; Python {platform.python_version()}, {versions}"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_slug(device: str) -> str:
+    """``cpu``, or the GPU's name as a file-name part (``nvidia-h100-80gb-hbm3``)."""
+    if device != "cuda":
+        return "cpu"
+    import torch
+
+    return slug(torch.cuda.get_device_name(0))
