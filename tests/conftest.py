@@ -21,12 +21,6 @@ def tiny_args() -> dict:
     return load_serve_config(TINY_CONFIG)["applications"][0]["args"]
 
 
-def pytest_collection_modifyitems(config, items):
-    """The multi-node tests (tests/cluster) first: they start a Ray cluster of several
-    nodes, which this process must join before the integration tests start their own."""
-    items.sort(key=lambda item: 0 if item.get_closest_marker("cluster") else 1)
-
-
 def run_benchmark_smoke(script: str, out: Path, timeout: float):
     """Run ``benchmarks/<script> --smoke --out <out>`` as the benchmark is run: a process of
     its own (it sets torch's thread count, or starts its own Ray), inheriting this session's
