@@ -14,7 +14,9 @@ host's CPUs to it.
    (max_batch_images 1): images/s and p50/p99 latency. The safety checker is left out here,
    so these figures measure the model's path alone.
 3. At concurrency 1, bare and served calls alternated, plus the same served call through
-   a second app that has the tiny profile's safety checker: what the check costs.
+   a second app that has the tiny profile's safety checker (what the check costs), and the
+   same pipeline behind Ray Serve's own floor (``common.serve_floor_app``: a FastAPI route,
+   one deployment, fpng, base64): how much of the served overhead is this app's.
 
 4. Cold start: ``serve run configs/tiny.yaml`` from its launch to the first 200 of
    ``/v1/models`` (the ingress answers), of a generation (the default model answers) and
@@ -39,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import serve_floor_app  # noqa: E402 - benchmarks/common.py, beside this script
 from serve_app.launch import load_serve_config, run_local  # noqa: E402
 
 MODEL = "stable-diffusion-2-1"
@@ -138,14 +141,15 @@ async def drive(url: str, concurrency: int, total: int) -> dict:
     }
 
 
-def interleaved_c1(url: str, checked_url: str, bare_call, rounds: int = 4, samples: int = 6) -> dict[str, float]:
+def interleaved_c1(url: str, checked_url: str, floor_url: str, bare_call, rounds: int = 4,
+                   samples: int = 6) -> dict[str, float]:
     """Concurrency 1, bare and served calls alternated so that the machine's drift hits both
     alike (this VM's speed varies by tens of percent from minute to minute). ``checked_url``
-    serves the same model with the safety checker."""
+    serves the same model with the safety checker, ``floor_url`` behind Ray Serve's floor."""
     import httpx
 
     times: dict[str, list[float]] = {"bare": [], "served_png": [], "served_jpeg": [],
-                                     "served_png_checked": []}
+                                     "served_png_checked": [], "floor_png": []}
     payload = {"prompt": PROMPT, "model": MODEL, "size": f"{SIZE}x{SIZE}", "seed": 1}
     with httpx.Client(timeout=300) as client:
         calls = {
@@ -156,6 +160,8 @@ def interleaved_c1(url: str, checked_url: str, bare_call, rounds: int = 4, sampl
             ).raise_for_status(),
             "served_png_checked": lambda: client.post(
                 f"{checked_url}/v1/images/generations", json=payload).raise_for_status(),
+            "floor_png": lambda: client.post(
+                f"{floor_url}/v1/images/generations", json=payload).raise_for_status(),
         }
         for call in calls.values():
             call()  # warm
@@ -175,13 +181,24 @@ def bare_call_factory(steps: int):
 
     pipe = load_bare_pipeline()
 
-    def call():
+    def call(seed: int = 1):
+        # OpenMP's thread count is per OS thread: set where the pipeline runs.
+        torch.set_num_threads(MODEL_THREADS)
         with torch.inference_mode():
             out = pipe(prompt=PROMPT, width=SIZE, height=SIZE, num_inference_steps=steps,
-                       generator=generators((1,)), output_type="np").images
+                       generator=generators((seed,)), output_type="np").images
         return to_uint8(out)
 
     return call
+
+
+def floor_model(steps: int):
+    """For :func:`serve_floor_app`: the bare pipeline, built in the floor's replica."""
+    def make_model():
+        call = bare_call_factory(steps)
+        return lambda seed: call(seed)[0]
+
+    return make_model
 
 
 def bench_served(total: int, steps: int) -> dict[str, dict]:
@@ -192,8 +209,10 @@ def bench_served(total: int, steps: int) -> dict[str, dict]:
     results: dict[str, dict] = {}
     with run_local(ROOT / "configs" / "tiny.yaml", args_override=tiny_args(8)) as url:
         serve.run(build_app(tiny_args(8, safety=True)), name="checked", route_prefix="/checked")
-        results["c1"] = interleaved_c1(url, f"{url}/checked", bare_call_factory(steps))
+        serve.run(serve_floor_app(floor_model(steps)), name="floor", route_prefix="/floor")
+        results["c1"] = interleaved_c1(url, f"{url}/checked", f"{url}/floor", bare_call_factory(steps))
         serve.delete("checked")
+        serve.delete("floor")
         print(f"interleaved c=1: {results['c1']}", flush=True)
         for label, batch in (("batched", 8), ("unbatched", 1)):
             if label == "unbatched":
@@ -289,15 +308,20 @@ def write_report(bare: dict, served: dict, steps: int, out: Path, cold: dict, pn
         "",
         "Concurrency 1, bare and served calls alternated in the same minutes (medians):",
         "",
-        "| bare pipeline | served, png | served, jpeg | served, png, safety checker |",
-        "| --- | --- | --- | --- |",
+        "| bare pipeline | served, png | served, jpeg | served, png, safety checker "
+        "| Ray Serve's floor, png |",
+        "| --- | --- | --- | --- | --- |",
         f"| {c1['bare'] * 1000:.0f} ms | {c1['served_png'] * 1000:.0f} ms | {c1['served_jpeg'] * 1000:.0f} ms "
-        f"| {c1['served_png_checked'] * 1000:.0f} ms |",
+        f"| {c1['served_png_checked'] * 1000:.0f} ms | {c1['floor_png'] * 1000:.0f} ms |",
         "",
         f"- Served p50 at concurrency 1 minus bare p50: {(c1['served_png'] - c1['bare']) * 1000:+.0f} ms "
         f"with PNG output, {(c1['served_jpeg'] - c1['bare']) * 1000:+.0f} ms with JPEG; PNG encode "
         f"(fpng) {png_ms:.1f} ms; target: served p50 <= bare p50 + PNG encode + 15 ms, i.e. "
         f"an excess of {(c1['served_png'] - c1['bare']) * 1000 - png_ms:+.0f} ms against 15.",
+        f"- Ray Serve's own floor for the same pipeline (`common.serve_floor_app`: a FastAPI "
+        f"route, one deployment running the pipeline in a thread, fpng, base64, a JSON body "
+        f"built by hand) minus bare: {(c1['floor_png'] - c1['bare']) * 1000:+.0f} ms; this app "
+        f"minus the floor: {(c1['served_png'] - c1['floor_png']) * 1000:+.0f} ms.",
         f"- The safety checker (tiny, CPU) at concurrency 1: "
         f"{(c1['served_png_checked'] - c1['served_png']) * 1000:+.0f} ms, "
         f"{c1['served_png_checked'] / c1['served_png']:.2f}x the served latency without it.",

@@ -63,3 +63,49 @@ def device_slug(device: str) -> str:
     import torch
 
     return slug(torch.cuda.get_device_name(0))
+
+
+def serve_floor_app(make_model, route: str = "/v1/images/generations"):
+    """Ray Serve's own floor for a served image, to measure this app's path against: a
+    FastAPI route that calls one deployment, then encodes its image as the ingress does
+    (fpng PNG, base64) into a JSON body built by hand. No validation, planning, batching,
+    metrics or logging of ours: what is left is the proxy, FastAPI, two Serve hops, the
+    array and the body.
+
+    ``make_model()`` runs in the model replica and returns ``call(seed)`` -> one (H, W, 3)
+    uint8 image; the call runs in a worker thread, as this app's pipelines do. Ray is
+    imported here only (gpu.py uses this module where Ray is not installed)."""
+    import asyncio
+    import base64
+
+    from fastapi import FastAPI
+    from fastapi.responses import Response
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="FloorModel", ray_actor_options={"num_cpus": 0.01})
+    class FloorModel:
+        def __init__(self):
+            self.call = make_model()
+
+        async def run(self, seed: int):
+            return await asyncio.to_thread(self.call, seed)
+
+    @serve.deployment(name="FloorIngress", ray_actor_options={"num_cpus": 0.01})
+    @serve.ingress(api)
+    class FloorIngress:
+        def __init__(self, model):
+            self.model = model
+
+        @api.post(route)
+        async def generate(self, request: dict):
+            from serve_app.imaging import encode_image
+
+            seed = int(request.get("seed", 0))
+            image = await self.model.run.remote(seed)
+            png = await asyncio.to_thread(encode_image, image, "png")
+            body = b'{"data":[{"b64_json":"' + base64.b64encode(png) + b'","seed":%d}]}' % seed
+            return Response(content=body, media_type="application/json")
+
+    return FloorIngress.bind(FloorModel.bind())

@@ -17,7 +17,10 @@ concurrent clients in a closed loop:
   most ``max_batch_images`` a batch) x replicas;
 - p50 and p99 latency, and at concurrency 1 the served p50 minus the simulated model time
   (text encoders + steps + VAE decode of one image): what the serving layer adds;
-- the mean batch size the replicas ran.
+- the mean batch size the replicas ran;
+- at concurrency 1 with one replica, this app and Ray Serve's own floor for the same bytes
+  (``common.serve_floor_app``) alternated request by request: how much of the
+  overhead is ours.
 
 Then, in this process, what the path's CPU steps cost for one image of each size: PNG
 (fpng and zlib), base64, JSON.
@@ -43,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from common import serve_floor_app  # noqa: E402 - benchmarks/common.py, beside this script
 from deployments.sim import COSTS  # noqa: E402
 from serve_app.launch import load_serve_config, run_local  # noqa: E402
 
@@ -153,6 +157,43 @@ def mean_batch(before: dict, after: dict) -> float:
     return images / calls if calls else 0.0
 
 
+def sim_floor_model(case: Case, model_s: float):
+    """For :func:`serve_floor_app`: sleep the simulated model time, then the same
+    photo-like image ``sim:`` returns."""
+    width, height = map(int, case.size.split("x"))
+
+    def make_model():
+        from deployments.sim import _images
+
+        def call(seed: int):
+            time.sleep(model_s)
+            return _images(width, height, [seed])[0]
+
+        return call
+
+    return make_model
+
+
+def side_by_side(url: str, model: str, case: Case, pairs: int) -> dict:
+    """Concurrency 1, our app and the floor app alternated request by request (the VM's
+    drift falls on both): p50 of each after two warm-up pairs."""
+    import httpx
+
+    payload = {"model": model, "prompt": PROMPT, "size": case.size, "n": 1}
+    ours, floor = [], []
+    with httpx.Client(timeout=600) as client:
+        for index in range(pairs + 2):
+            for path, into in (("", ours), ("/floor", floor)):
+                sent = time.perf_counter()
+                response = client.post(f"{url}{path}/v1/images/generations", json={**payload, "seed": index})
+                elapsed = time.perf_counter() - sent
+                if response.status_code != 200 or b'"b64_json":"' not in response.content[:200]:
+                    raise RuntimeError(f"{path or '/'}: {response.status_code} {response.text[:200]}")
+                if index >= 2:
+                    into.append(elapsed)
+    return {"ours_p50_s": percentile(ours, 50), "floor_p50_s": percentile(floor, 50), "pairs": pairs}
+
+
 def run_case(url: str, case: Case, replicas: int, concurrencies: tuple[int, ...], smoke: bool) -> dict:
     from ray import serve
 
@@ -178,6 +219,12 @@ def run_case(url: str, case: Case, replicas: int, concurrencies: tuple[int, ...]
         rows[concurrency] = row
         print(f"{case.label}, {replicas} replicas, c={concurrency}: "
               f"{ {k: v for k, v in row.items() if k != 'failures'} }", flush=True)
+    if 1 in rows and replicas == 1:
+        serve.run(serve_floor_app(sim_floor_model(case, model_s)), name="floor", route_prefix="/floor")
+        pairs = 4 if smoke else max(12, round(60 / model_s))
+        rows[1]["floor"] = side_by_side(url, name, case, pairs)
+        serve.delete("floor")
+        print(f"{case.label}, side by side with the floor: {rows[1]['floor']}", flush=True)
     return rows
 
 
@@ -240,6 +287,21 @@ def write_report(results: dict, cases: list[Case], smoke: bool, out: Path, comma
             row = rows[1]
             lines.append(f"| {label} | {replicas} | {row['model_s'] * 1000:.0f} ms | {row['p50_s'] * 1000:.0f} ms "
                          f"| {(row['p50_s'] - row['model_s']) * 1000:+.0f} ms |")
+    floors = [(label, rows[1]) for (label, _), rows in results.items() if "floor" in rows.get(1, {})]
+    if floors:
+        lines += ["", "At concurrency 1, one replica, side by side: this app and Ray Serve's own floor "
+                  "for the same bytes (`benchmarks/common.py: serve_floor_app`: a FastAPI route calling "
+                  "a deployment that sleeps the model time and returns the same image, fpng, base64, "
+                  "a JSON body built by hand), requests alternated:", "",
+                  "| model | model time | pairs | this app p50 | floor p50 | this app's overhead "
+                  "| floor's overhead | this app above the floor |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for label, row in floors:
+            side, model_ms = row["floor"], row["model_s"] * 1000
+            ours_ms, floor_ms = side["ours_p50_s"] * 1000, side["floor_p50_s"] * 1000
+            lines.append(f"| {label} | {model_ms:.0f} ms | {side['pairs']} | {ours_ms:.0f} ms "
+                         f"| {floor_ms:.0f} ms | {ours_ms - model_ms:+.0f} ms | {floor_ms - model_ms:+.0f} ms "
+                         f"| {ours_ms - floor_ms:+.0f} ms |")
     lines += ["", "CPU cost of the path's steps for one image (this process, best of 5):", "", *path_lines]
     if smoke:
         lines += ["", "smoke run: a small model and short runs, to keep the script working; "

@@ -20,4 +20,8 @@ def test_sim_benchmark_smoke_writes_its_table(tmp_path):
     assert float(main[1][6]) > 1.5 and float(main[0][6]) == 1.0
     overheads = [row for row in rows if len(row) == 5]
     assert len(overheads) == 2 and all(row[4].endswith("ms |") for row in overheads)
+    # Side by side with Ray Serve's own floor: both answered, both above the model time.
+    (side,) = [row for row in rows if len(row) == 8]
+    model_ms, ours_ms, floor_ms = (float(side[i].split()[0]) for i in (1, 3, 4))
+    assert side[2] == "4" and ours_ms > model_ms and floor_ms > model_ms
     assert "| 256x256 | " in table  # the path's CPU steps
