@@ -141,11 +141,11 @@ async def drive(url: str, concurrency: int, total: int) -> dict:
     }
 
 
-def interleaved_c1(url: str, checked_url: str, floor_url: str, bare_call, rounds: int = 4,
-                   samples: int = 6) -> dict[str, float]:
-    """Concurrency 1, bare and served calls alternated so that the machine's drift hits both
-    alike (this VM's speed varies by tens of percent from minute to minute). ``checked_url``
-    serves the same model with the safety checker, ``floor_url`` behind Ray Serve's floor."""
+def interleaved_c1(url: str, checked_url: str, floor_url: str, bare_call, rounds: int = 24) -> dict[str, float]:
+    """Concurrency 1, bare and served calls alternated call by call (``rounds`` of one call
+    each), so that the machine's drift hits all alike (this VM's speed varies by tens of
+    percent from minute to minute). ``checked_url`` serves the same model with the safety
+    checker, ``floor_url`` behind Ray Serve's floor."""
     import httpx
 
     times: dict[str, list[float]] = {"bare": [], "served_png": [], "served_jpeg": [],
@@ -167,10 +167,9 @@ def interleaved_c1(url: str, checked_url: str, floor_url: str, bare_call, rounds
             call()  # warm
         for _ in range(rounds):
             for label, call in calls.items():
-                for _ in range(samples):
-                    start = time.perf_counter()
-                    call()
-                    times[label].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                call()
+                times[label].append(time.perf_counter() - start)
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -306,7 +305,7 @@ def write_report(bare: dict, served: dict, steps: int, out: Path, cold: dict, pn
     c16 = served["batched"][16]["images_per_s"]
     lines += [
         "",
-        "Concurrency 1, bare and served calls alternated in the same minutes (medians):",
+        "Concurrency 1, bare and served calls alternated call by call (medians of 24 each):",
         "",
         "| bare pipeline | served, png | served, jpeg | served, png, safety checker "
         "| Ray Serve's floor, png |",
