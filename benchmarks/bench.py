@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import serve_floor_app  # noqa: E402 - benchmarks/common.py, beside this script
+from common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402 - benchmarks/common.py
 from serve_app.launch import load_serve_config, run_local  # noqa: E402
 
 MODEL = "stable-diffusion-2-1"
@@ -61,12 +61,6 @@ def tiny_args(max_batch_images: int, safety: bool = False) -> dict:
     # "safety" would keep the profile's checker in the runs meant to go without it.
     return {**args, "models": [model], "chains": [], "default_upscaler": None,
             **({} if safety else {"safety": None})}
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def load_bare_pipeline():
@@ -148,28 +142,20 @@ def interleaved_c1(url: str, checked_url: str, floor_url: str, bare_call, rounds
     checker, ``floor_url`` behind Ray Serve's floor."""
     import httpx
 
-    times: dict[str, list[float]] = {"bare": [], "served_png": [], "served_jpeg": [],
-                                     "served_png_checked": [], "floor_png": []}
     payload = {"prompt": PROMPT, "model": MODEL, "size": f"{SIZE}x{SIZE}", "seed": 1}
     with httpx.Client(timeout=300) as client:
-        calls = {
-            "bare": bare_call,
-            "served_png": lambda: client.post(f"{url}/v1/images/generations", json=payload).raise_for_status(),
-            "served_jpeg": lambda: client.post(
+        calls = {  # every call with seed 1: the same image each time
+            "bare": lambda _: bare_call(),
+            "served_png": lambda _: client.post(f"{url}/v1/images/generations", json=payload).raise_for_status(),
+            "served_jpeg": lambda _: client.post(
                 f"{url}/v1/images/generations", json={**payload, "output_format": "jpeg"}
             ).raise_for_status(),
-            "served_png_checked": lambda: client.post(
+            "served_png_checked": lambda _: client.post(
                 f"{checked_url}/v1/images/generations", json=payload).raise_for_status(),
-            "floor_png": lambda: client.post(
+            "floor_png": lambda _: client.post(
                 f"{floor_url}/v1/images/generations", json=payload).raise_for_status(),
         }
-        for call in calls.values():
-            call()  # warm
-        for _ in range(rounds):
-            for label, call in calls.items():
-                start = time.perf_counter()
-                call()
-                times[label].append(time.perf_counter() - start)
+        times = alternate(calls, rounds)
     return {label: statistics.median(values) for label, values in times.items()}
 
 
@@ -342,9 +328,7 @@ def write_report(bare: dict, served: dict, steps: int, out: Path, cold: dict, pn
         cells = [f"{firsts[k]:.1f} s" if k in firsts else "not within 300 s"
                  for k in ("models", "generation", "health")]
         lines.append(f"| {label} | {' | '.join(cells)} |")
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / "tiny-cpu.md"
-    report.write_text("\n".join(lines) + "\n")
+    report = write_lines(out, "tiny-cpu.md", lines)
 
     import matplotlib
 

@@ -1,6 +1,7 @@
 """What the benchmark scripts share: quiet libraries, the machine they ran on, the device's
-name in their results' file names. Imports neither Ray nor the deployments (gpu.py runs
-where Ray is not installed)."""
+name in their results' file names, percentiles, calls alternated against drift, writing a
+report, and Ray Serve's floor app. Imports neither Ray nor the deployments at import time
+(gpu.py runs where Ray is not installed); ``serve_floor_app`` imports Ray when called."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import logging
 import os
 import platform
 import re
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 GiB = 1024**3
 
@@ -63,6 +66,35 @@ def device_slug(device: str) -> str:
     import torch
 
     return slug(torch.cuda.get_device_name(0))
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``values``, by nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def alternate(calls: dict[str, Callable[[int], Any]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each labelled call, the calls taken in turn one by one for ``rounds``
+    rounds after ``warmup`` untimed ones, so that the machine's drift (tens of percent from
+    minute to minute on a shared VM) falls on every label alike. Each call gets the round's
+    index (a seed, where it takes one)."""
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for index in range(warmup + rounds):
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call(index)
+            if index >= warmup:
+                times[label].append(time.perf_counter() - started)
+    return times
+
+
+def write_lines(out: Path, name: str, lines: list[str]) -> Path:
+    """Write a report's lines to ``out/name`` (the folder made if missing); returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / name
+    report.write_text("\n".join(lines) + "\n")
+    return report
 
 
 def serve_floor_app(make_model, route: str = "/v1/images/generations"):

@@ -532,10 +532,7 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
         lines += ["", "## Failures", ""] + [f"- {failure}" for failure in failures]
     lines += ["", "## Loading", "", "| model | compile | construct (s) |", "| --- | --- | --- |"]
     lines += [f"| {load.family} | {'on' if load.compiled else 'off'} | {load.load_s:.1f} |" for load in loads]
-    opts.out.mkdir(parents=True, exist_ok=True)
-    report = opts.out / report_name(device, opts)
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return common.write_lines(opts.out, report_name(device, opts), lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -61,12 +61,6 @@ ADAPTER_A = LoraRef("ink", "tiny:lora/sd21/ink", None, 1.0)
 ADAPTER_B = LoraRef("pastel", "tiny:lora/sd21/pastel", None, 1.0)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def job(loras: tuple[LoraRef, ...], seeds: tuple[int, ...], size: int, steps: int) -> TextToImageJob:
     return TextToImageJob(prompt=PROMPT, negative_prompt=None, width=size, height=size,
                           num_inference_steps=steps, guidance_scale=7.5, seeds=seeds, loras=loras)
@@ -117,7 +111,7 @@ class Replica:
 
 
 def summary(times: list[float]) -> dict[str, float]:
-    return {"median_s": statistics.median(times), "p90_s": percentile(times, 90)}
+    return {"median_s": statistics.median(times), "p90_s": common.percentile(times, 90)}
 
 
 # Part 1: the adapters of batch i of each scenario.
@@ -320,10 +314,7 @@ def write_report(switching: dict, grouped: dict, opts, device: str, dtype: str, 
         f"adapters takes {grouped['plain']['median_s']:.3f} s, two calls of {BATCH_IMAGES} "
         f"(2 x (a)) {2 * base:.3f} s; grouping can only cost what batching gains.",
     ]
-    opts.out.mkdir(parents=True, exist_ok=True)
-    report = opts.out / report_name(device, opts.smoke)
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return common.write_lines(opts.out, report_name(device, opts.smoke), lines)
 
 
 def main(argv: list[str] | None = None) -> int:

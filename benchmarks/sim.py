@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import serve_floor_app  # noqa: E402 - benchmarks/common.py, beside this script
+from common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402 - benchmarks/common.py
 from deployments.sim import COSTS  # noqa: E402
 from serve_app.launch import load_serve_config, run_local  # noqa: E402
 
@@ -94,11 +94,6 @@ def sim_args(case: Case, replicas: int) -> dict:
 def capacity(case: Case, args: dict, replicas: int) -> float:
     max_images = args["models"][0]["batching"]["max_batch_images"]
     return COSTS[case.family].best_rate(case.steps, case.pixels, max_images) * replicas
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 async def closed_loop(url: str, model: str, case: Case, concurrency: int, warmup_s: float,
@@ -180,18 +175,17 @@ def side_by_side(url: str, model: str, case: Case, pairs: int) -> dict:
     import httpx
 
     payload = {"model": model, "prompt": PROMPT, "size": case.size, "n": 1}
-    ours, floor = [], []
     with httpx.Client(timeout=600) as client:
-        for index in range(pairs + 2):
-            for path, into in (("", ours), ("/floor", floor)):
-                sent = time.perf_counter()
-                response = client.post(f"{url}{path}/v1/images/generations", json={**payload, "seed": index})
-                elapsed = time.perf_counter() - sent
+        def generate(path: str):
+            def call(seed: int) -> None:
+                response = client.post(f"{url}{path}/v1/images/generations", json={**payload, "seed": seed})
                 if response.status_code != 200 or b'"b64_json":"' not in response.content[:200]:
                     raise RuntimeError(f"{path or '/'}: {response.status_code} {response.text[:200]}")
-                if index >= 2:
-                    into.append(elapsed)
-    return {"ours_p50_s": percentile(ours, 50), "floor_p50_s": percentile(floor, 50), "pairs": pairs}
+            return call
+
+        times = alternate({"ours": generate(""), "floor": generate("/floor")}, pairs, warmup=2)
+    return {"ours_p50_s": percentile(times["ours"], 50), "floor_p50_s": percentile(times["floor"], 50),
+            "pairs": pairs}
 
 
 def run_case(url: str, case: Case, replicas: int, concurrencies: tuple[int, ...], smoke: bool) -> dict:
@@ -306,10 +300,7 @@ def write_report(results: dict, cases: list[Case], smoke: bool, out: Path, comma
     if smoke:
         lines += ["", "smoke run: a small model and short runs, to keep the script working; "
                   "not figures to quote."]
-    out.mkdir(parents=True, exist_ok=True)
-    report = out / ("sim-h100-smoke.md" if smoke else "sim-h100.md")
-    report.write_text("\n".join(lines) + "\n")
-    return report
+    return write_lines(out, "sim-h100-smoke.md" if smoke else "sim-h100.md", lines)
 
 
 def main() -> int:
