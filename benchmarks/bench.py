@@ -80,13 +80,12 @@ def load_bare_pipeline():
     return pipe
 
 
-def bench_bare(steps: int, rounds: int) -> dict[int, dict]:
+def bench_bare(pipe, steps: int, rounds: int) -> dict[int, dict]:
     """The pipeline alone, at several batch sizes: the limit the server can approach."""
     import torch
 
     from deployments.arrays import generators, to_uint8
 
-    pipe = load_bare_pipeline()
     results = {}
     with torch.inference_mode():
         for batch in (1, 2, 4, 8):
@@ -108,8 +107,9 @@ def bench_bare(steps: int, rounds: int) -> dict[int, dict]:
     return results
 
 
-async def drive(url: str, concurrency: int, total: int) -> dict:
-    """``total`` requests over HTTP, ``concurrency`` at a time."""
+async def drive(url: str, concurrency: int, total: int, warmup: bool = True) -> dict:
+    """``total`` requests over HTTP, ``concurrency`` at a time (after one untimed request
+    per client with ``warmup``)."""
     import httpx
 
     latencies: list[float] = []
@@ -125,9 +125,9 @@ async def drive(url: str, concurrency: int, total: int) -> dict:
                 response.raise_for_status()
                 latencies.append(time.perf_counter() - start)
 
-        # Warm-up: one request per worker, not counted.
-        await asyncio.gather(*(client.post(f"{url}/v1/images/generations", json=payload)
-                               for _ in range(concurrency)))
+        if warmup:  # one request per worker, not counted
+            await asyncio.gather(*(client.post(f"{url}/v1/images/generations", json=payload)
+                                   for _ in range(concurrency)))
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -173,16 +173,18 @@ def side_by_side_c16(url: str, bare_call, rounds: int = 3, requests: int = 32) -
         for seed in range(16):
             bare_call(seed)
         bare.append(16 / (time.perf_counter() - started))
-        served.append(asyncio.run(drive(url, 16, requests))["images_per_s"])
+        # The app was warmed at concurrency 16 just before (bench_served): no warm-up here.
+        served.append(asyncio.run(drive(url, 16, requests, warmup=False))["images_per_s"])
     return {"bare": statistics.median(bare), "served": statistics.median(served)}
 
 
-def bare_call_factory(steps: int):
+def bare_call_factory(steps: int, pipe=None):
+    """One image of the bare pipeline (``pipe``, loaded here when None) per call."""
     import torch
 
     from deployments.arrays import generators, to_uint8
 
-    pipe = load_bare_pipeline()
+    pipe = pipe if pipe is not None else load_bare_pipeline()
 
     def call(seed: int = 1):
         # OpenMP's thread count is per OS thread: set where the pipeline runs.
@@ -204,7 +206,7 @@ def floor_model(steps: int):
     return make_model
 
 
-def bench_served(total: int, steps: int) -> dict[str, dict]:
+def bench_served(pipe, total: int, steps: int) -> dict[str, dict]:
     from ray import serve
 
     from serve_app.app import build_app
@@ -213,7 +215,7 @@ def bench_served(total: int, steps: int) -> dict[str, dict]:
     with run_local(ROOT / "configs" / "tiny.yaml", args_override=tiny_args(8)) as url:
         serve.run(build_app(tiny_args(8, safety=True)), name="checked", route_prefix="/checked")
         serve.run(serve_floor_app(floor_model(steps)), name="floor", route_prefix="/floor")
-        bare_call = bare_call_factory(steps)
+        bare_call = bare_call_factory(steps, pipe)
         results["c1"] = interleaved_c1(url, f"{url}/checked", f"{url}/floor", bare_call)
         serve.delete("checked")
         serve.delete("floor")
@@ -231,10 +233,17 @@ def bench_served(total: int, steps: int) -> dict[str, dict]:
     return results
 
 
-SERVE_RUN = {
-    "this app": ["serve", "run", "configs/tiny.yaml"],
-    "Serve floor, tiny SD 2.1": ["serve", "run", "--app-dir", "benchmarks", "floor_apps:tiny_sd21"],
-    "Serve hello world": ["serve", "run", "--app-dir", "benchmarks", "floor_apps:hello"],
+THIS_APP, FLOOR_SD21, FLOOR_HELLO = "this app", "Serve floor, tiny SD 2.1", "Serve hello world"
+URL = "http://127.0.0.1:8000"
+# The probes of each app, in order: a generation is tried once /v1/models answers.
+APP_PROBES = {"models": ("GET", "/v1/models", None),
+              "generation": ("POST", "/v1/images/generations", {"prompt": PROMPT, "size": f"{SIZE}x{SIZE}"}),
+              "health": ("GET", "/health", None)}
+FLOOR_PROBES = {"generation": ("POST", "/", None)}
+SERVE_RUN = {  # label: (command, probes)
+    THIS_APP: (["serve", "run", "configs/tiny.yaml"], APP_PROBES),
+    FLOOR_SD21: (["serve", "run", "--app-dir", "benchmarks", "floor_apps:tiny_sd21"], FLOOR_PROBES),
+    FLOOR_HELLO: (["serve", "run", "--app-dir", "benchmarks", "floor_apps:hello"], FLOOR_PROBES),
 }
 
 
@@ -248,31 +257,24 @@ def cold_start(label: str, cache: Path | None, timeout_s: float = 300) -> dict[s
     import httpx
 
     env = {**os.environ, **({"SERVE_APP_TINY_CACHE": str(cache)} if cache else {})}
-    url = "http://127.0.0.1:8000"
-    if label == "this app":
-        probes = {"models": lambda client: client.get(f"{url}/v1/models"),
-                  "generation": lambda client: client.post(
-                      f"{url}/v1/images/generations", json={"prompt": PROMPT, "size": f"{SIZE}x{SIZE}"}),
-                  "health": lambda client: client.get(f"{url}/health")}
-    else:
-        probes = {"generation": lambda client: client.post(f"{url}/")}
+    command, probes = SERVE_RUN[label]
     try:  # a server left running would answer for the one under test
-        httpx.get(f"{url}/", timeout=2)
-        raise RuntimeError(f"something already answers on {url}: stop it (serve shutdown; ray stop)")
+        httpx.get(f"{URL}/", timeout=2)
+        raise RuntimeError(f"something already answers on {URL}: stop it (serve shutdown; ray stop)")
     except httpx.TransportError:
         pass
     firsts: dict[str, float] = {}
     started = time.perf_counter()
-    server = subprocess.Popen(SERVE_RUN[label], cwd=ROOT, env=env,
+    server = subprocess.Popen(command, cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with httpx.Client(timeout=60) as client:
             while len(firsts) < len(probes) and time.perf_counter() - started < timeout_s:
-                for name, probe in probes.items():
+                for name, (method, path, body) in probes.items():
                     if name in firsts or (name == "generation" and "models" in probes and "models" not in firsts):
                         continue
                     try:
-                        if probe(client).status_code == 200:
+                        if client.request(method, f"{URL}{path}", json=body).status_code == 200:
                             firsts[name] = time.perf_counter() - started
                     except httpx.HTTPError:
                         pass
@@ -295,7 +297,7 @@ def cold_starts(rounds: int = 3) -> tuple[dict[str, float], dict[str, list[dict[
     import tempfile
 
     with tempfile.TemporaryDirectory() as cache:  # empty, then built by the first start
-        from_nothing = cold_start("this app", Path(cache))
+        from_nothing = cold_start(THIS_APP, Path(cache))
         built: dict[str, list[dict[str, float]]] = {label: [] for label in SERVE_RUN}
         for _ in range(rounds):
             for label in SERVE_RUN:
@@ -303,13 +305,13 @@ def cold_starts(rounds: int = 3) -> tuple[dict[str, float], dict[str, list[dict[
     return from_nothing, built
 
 
-def png_encode_ms() -> float:
+def png_encode_ms(pipe) -> float:
     """fpng (the ingress's default) on one tiny-model output of SIZE x SIZE, best of 5."""
     import numpy as np
 
     from serve_app.imaging import encode_image
 
-    pixels = bare_call_factory(1)()[0]
+    pixels = bare_call_factory(1, pipe)()[0]
     times = []
     for _ in range(5):
         started = time.perf_counter()
@@ -331,7 +333,7 @@ def cold_lines(from_nothing: dict[str, float], built: dict[str, list[dict[str, f
             return f"{values[0]:.1f} s"
         return f"{statistics.median(values):.1f} s ({min(values):.1f}-{max(values):.1f})"
 
-    rounds = len(built["this app"])
+    rounds = len(built[THIS_APP])
     lines = [
         "",
         f"Cold start (seconds from launching `serve run` to the first 200; with the cache built, "
@@ -345,14 +347,13 @@ def cold_lines(from_nothing: dict[str, float], built: dict[str, list[dict[str, f
         "| --- | --- | --- | --- | --- |",
         f"| `configs/tiny.yaml` (this app) | built from nothing | {cell([from_nothing], 'models')} "
         f"| {cell([from_nothing], 'generation')} | {cell([from_nothing], 'health')} |",
-        f"| `configs/tiny.yaml` (this app) | built | {cell(built['this app'], 'models')} "
-        f"| {cell(built['this app'], 'generation')} | {cell(built['this app'], 'health')} |",
-        f"| `floor_apps:tiny_sd21` (Serve floor) | built | | {cell(built['Serve floor, tiny SD 2.1'], 'generation')} | |",
-        f"| `floor_apps:hello` (Serve floor) | | | {cell(built['Serve hello world'], 'generation')} (an \"ok\", no image) | |",
+        f"| `configs/tiny.yaml` (this app) | built | {cell(built[THIS_APP], 'models')} "
+        f"| {cell(built[THIS_APP], 'generation')} | {cell(built[THIS_APP], 'health')} |",
+        f"| `floor_apps:tiny_sd21` (Serve floor) | built | | {cell(built[FLOOR_SD21], 'generation')} | |",
+        f"| `floor_apps:hello` (Serve floor) | | | {cell(built[FLOOR_HELLO], 'generation')} (an \"ok\", no image) | |",
     ]
-    ours = [run["generation"] for run in built["this app"] if "generation" in run]
-    floor = [run["generation"] for run in built["Serve floor, tiny SD 2.1"] if "generation" in run]
-    hello = [run["generation"] for run in built["Serve hello world"] if "generation" in run]
+    ours, floor, hello = ([run["generation"] for run in built[label] if "generation" in run]
+                          for label in (THIS_APP, FLOOR_SD21, FLOOR_HELLO))
     if ours and floor and hello:
         lines += [
             "",
@@ -461,9 +462,10 @@ def main() -> int:
     opts = parser.parse_args()
     steps = tiny_args(8)["models"][0]["defaults"]["num_inference_steps"]
     cold = cold_starts(opts.cold_rounds)
-    bare = bench_bare(steps, opts.rounds)
-    served = bench_served(opts.requests, steps)
-    report = write_report(bare, served, steps, opts.out, cold, png_encode_ms())
+    pipe = load_bare_pipeline()
+    bare = bench_bare(pipe, steps, opts.rounds)
+    served = bench_served(pipe, opts.requests, steps)
+    report = write_report(bare, served, steps, opts.out, cold, png_encode_ms(pipe))
     print(report.read_text())
     return 0
 

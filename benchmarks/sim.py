@@ -158,11 +158,11 @@ def sim_floor_model(case: Case, model_s: float):
     width, height = map(int, case.size.split("x"))
 
     def make_model():
-        from deployments.sim import _images
+        from deployments.sim import sim_images
 
         def call(seed: int):
             time.sleep(model_s)
-            return _images(width, height, [seed])[0]
+            return sim_images(width, height, [seed])[0]
 
         return call
 
@@ -227,7 +227,7 @@ def path_costs(cases: list[Case]) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    from deployments.sim import _images
+    from deployments.sim import sim_images
     from serve_app.imaging import encode_image
 
     def best(call, repeat=5) -> float:
@@ -242,7 +242,7 @@ def path_costs(cases: list[Case]) -> list[str]:
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for case in cases:
         width, height = map(int, case.size.split("x"))
-        pixels = np.ascontiguousarray(_images(width, height, [0])[0])
+        pixels = np.ascontiguousarray(sim_images(width, height, [0])[0])
         fast = encode_image(pixels, "png")
         small = encode_image(pixels, "png", png_level=6, png_encoder="zlib")
         b64 = base64.b64encode(fast).decode("ascii")

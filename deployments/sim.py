@@ -190,8 +190,9 @@ def _variants(width: int, height: int) -> tuple[np.ndarray, ...]:
                                            ::-1 if v & 4 else 1]) for v in range(8))
 
 
-def _images(width: int, height: int, seeds: list[int]) -> np.ndarray:
-    """uint8 (N, H, W, 3), one image per seed (the seed picks one of 8 variants)."""
+def sim_images(width: int, height: int, seeds: list[int]) -> np.ndarray:
+    """uint8 (N, H, W, 3), one image per seed (the seed picks one of 8 variants): what a
+    ``sim:`` pipeline returns, and what benchmarks/sim.py's floor app returns beside it."""
     variants = _variants(width, height)
     return np.stack([variants[seed % 8] for seed in seeds])
 
@@ -345,12 +346,12 @@ class SimPipeline:
         if output_type == "latent":
             return _Images(images=latents)
         self._sleep(self.cost.decode_s(count, width * height), clock)
-        return _Images(images=_as_output(_images(width, height, seeds), output_type))
+        return _Images(images=_as_output(sim_images(width, height, seeds), output_type))
 
     def _upscale_tensor(self, tensor):
         count, _, height, width = tensor.shape
         self._sleep(self.cost.decode_s(count, height * width * self.scale ** 2), time.perf_counter())
-        return _as_output(_images(width * self.scale, height * self.scale, list(range(count))), "pt")
+        return _as_output(sim_images(width * self.scale, height * self.scale, list(range(count))), "pt")
 
     def _check(self, clip_input, images):
         count = len(clip_input)
