@@ -5,8 +5,11 @@
     serve-app capacity CONFIG [--gpu-memory 24GiB]
     serve-app tiny-config CONFIG [--out FILE]
 
+``check`` also prints the installed torch, diffusers, transformers, peft, ray and spandrel
+and whether each is the version ``constraints.txt`` locks (serve_app/versions.py).
+
 Exit codes: 0 all is well, 1 a source is unusable (missing files, no such repo or variant,
-a fetch that failed), 2 the config itself is invalid.
+a fetch that failed) or the installed libraries clash, 2 the config itself is invalid.
 """
 
 from __future__ import annotations
@@ -32,7 +35,10 @@ def _sources(config: str):
 
 def _check(args: argparse.Namespace) -> int:
     from serve_app import sources
+    from serve_app.versions import version_report
 
+    versions = version_report()
+    print("\n".join(versions.lines))
     refs = _sources(args.config)
     if refs is None:
         return EXIT_INVALID
@@ -43,7 +49,7 @@ def _check(args: argparse.Namespace) -> int:
               for status in (sources.OK, sources.NOT_CHECKED, sources.PROBLEM)}
     print(f"{len(reports)} sources: {counts[sources.OK]} usable, "
           f"{counts[sources.NOT_CHECKED]} not checked, {counts[sources.PROBLEM]} with problems")
-    return EXIT_UNUSABLE if counts[sources.PROBLEM] else EXIT_OK
+    return EXIT_UNUSABLE if counts[sources.PROBLEM] or versions.problems else EXIT_OK
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -118,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check", help="validate a config and say whether each weights source is usable",
-        description="Validate every application's args, then check every weights source: "
+        description="Print the installed versions of torch, diffusers, transformers, peft, "
+                    "ray and spandrel against the lock (constraints.txt); validate every "
+                    "application's args, then check every weights source: "
                     "tiny sources, local folders and files (the files their loader needs), "
                     "Hub repos (when the Hub answers; HF_HUB_OFFLINE=1 skips them).")
     check.add_argument("config", help="Serve config file (configs/*.yaml)")
