@@ -1,6 +1,6 @@
 """The playground page at GET /, driven in headless Chromium through Selenium.
 
-Needs Debian's chromium and chromium-driver (``.ci/run`` installs them). Without them the
+Needs Debian's chromium and chromium-driver (the README's browser line; ``.ci/run`` runs it). Without them the
 test is skipped on a developer machine and fails in CI (``CI`` set), so it never silently
 stops running there. Screenshots go to ``$TEST_ARTIFACTS`` (default: ``test-artifacts/``).
 """
@@ -20,6 +20,8 @@ pytestmark = pytest.mark.integration
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+# The README's browser line (tests/unit/test_ci.py checks that the README has it).
+BROWSER_LINE = "sudo apt-get update && sudo apt-get install -y chromium chromium-driver"
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 
 
@@ -27,7 +29,7 @@ ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", REPO_ROOT / "test-artifacts"))
 def browser():
     webdriver = pytest.importorskip("selenium.webdriver")
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        message = "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)"
+        message = f"needs Debian's chromium and chromium-driver: run the README's browser line, {BROWSER_LINE}"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)

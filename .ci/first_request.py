@@ -1,0 +1,97 @@
+"""CI's first calls against the README's server command (``serve run configs/tiny.yaml``):
+wait for ``/health`` to answer 200, then ask for an image with and without a LoRA adapter and
+check that both are PNGs of the asked size and that the adapter changed the picture.
+
+Standard library only: it runs in the fresh environment before the test extra is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import struct
+import sys
+import time
+import urllib.error
+import urllib.request
+
+BASE = "http://127.0.0.1:8000"
+
+
+def call(path: str, body: dict | None = None, timeout: float = 120) -> tuple[int, bytes]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(BASE + path, data=data,
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def alive(pid: int | None) -> bool:
+    if pid is None:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def wait_healthy(seconds: float, pid: int | None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            status, _ = call("/health", timeout=5)
+            if status == 200:
+                return
+        except OSError:
+            pass
+        if not alive(pid):
+            raise SystemExit("the server command exited before /health answered 200")
+        time.sleep(3)
+    raise SystemExit(f"/health did not answer 200 within {seconds:.0f} s")
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise SystemExit("the image is not a PNG")
+    return struct.unpack(">II", data[16:24])
+
+
+def generate(loras: dict | None) -> bytes:
+    body = {"model": "stable-diffusion-2-1", "prompt": "a lighthouse at dusk", "size": "512x512",
+            "seed": 7, "response_format": "b64_json"}
+    if loras:
+        body["loras"] = loras
+    status, answer = call("/v1/images/generations", body)
+    if status != 200:
+        raise SystemExit(f"generation {body} answered {status}: {answer[:500]!r}")
+    image = base64.b64decode(json.loads(answer)["data"][0]["b64_json"])
+    if png_size(image) != (512, 512):
+        raise SystemExit(f"expected a 512x512 image, got {png_size(image)}")
+    return image
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--wait", type=float, default=600, help="seconds to wait for /health")
+    parser.add_argument("--pid", type=int, help="the server command's process: stop waiting if it exits")
+    args = parser.parse_args()
+    started = time.monotonic()
+    wait_healthy(args.wait, args.pid)
+    print(f"first_request: /health 200 after {time.monotonic() - started:.0f} s", flush=True)
+    plain = generate(None)
+    with_ink = generate({"ink": 1.0})
+    if plain == with_ink:
+        raise SystemExit("the LoRA adapter 'ink' did not change the image")
+    print(f"first_request: a 512x512 image with and without LoRA 'ink' "
+          f"({time.monotonic() - started:.0f} s in all)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
