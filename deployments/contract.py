@@ -41,6 +41,10 @@ class PipelineSpec:
     vae_slicing: bool = False
     max_loaded_loras: int = 8  # LoRA adapters kept loaded; the least recently used leave
     fused_loras: tuple = ()  # LoraRefs merged into the weights at load (no per-step cost)
+    # LoraRefs of the adapters the config names (requests may ask for them): a failure to
+    # load one is the server's; the replica loads the first at start to prove its LoRA stack.
+    loras: tuple = ()
+    hub_loras: bool = False  # requests may name Hub LoRAs (the start probes the stack then too)
 
 
 @dataclass(frozen=True)

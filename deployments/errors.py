@@ -30,3 +30,17 @@ class UpstreamLost(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.reason,))
+
+
+class ServerFaultError(RuntimeError):
+    """A job failed for the server's reasons, not the request's: its libraries clash, a
+    file its config names is missing on the server, the Hub cannot be reached. The ingress
+    answers a 5xx ``server_error`` with ``message`` (a line, no traceback) and ``code``."""
+
+    def __init__(self, message: str, code: str = "server_fault"):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.code))

@@ -18,9 +18,21 @@ batch key), so one pipeline call runs one adapter set. The image-to-image and in
 pipelines are ``from_pipe`` views sharing the base pipeline's UNet and text encoders: the
 adapters loaded and activated through the base pipeline are the ones they run with.
 
-A load that fails (no such files, another model's shapes, not a LoRA) raises
-:class:`~deployments.errors.InvalidJobError` (``param="loras"``) naming the adapter, after
-removing whatever part of it was injected, so the pipeline keeps serving.
+Whose fault a failed load is decides its answer; either way whatever part of the adapter was
+injected is removed first, so the pipeline keeps serving:
+
+- the **server's** (:class:`~deployments.errors.ServerFaultError`, a 500): an adapter the
+  config names (its files are the operator's), and for any adapter a library clash, a Hub
+  that cannot be reached, anything not known to be the adapter's own doing;
+- the **client's** (:class:`~deployments.errors.InvalidJobError`, ``param="loras"``, a 400):
+  a Hub LoRA the request named that does not exist, is another model's (its shapes, or
+  none of its layers, fit), or is not a LoRA file at all (:func:`client_fault`).
+
+:meth:`LoraCache.probe`, at replica start, loads the first configured adapter (or, with Hub
+LoRAs only, a zero LoRA built from the pipeline's own layers) through the same calls as a
+request's: a broken LoRA stack (a transformers release that refuses the installed peft) stops
+the replica from starting, with a log line naming the versions, instead of failing every
+request that names an adapter.
 """
 
 from __future__ import annotations
@@ -38,7 +50,7 @@ from typing import Any
 import torch
 
 from deployments.contract import LoraRef, PipelineSpec
-from deployments.errors import InvalidJobError
+from deployments.errors import InvalidJobError, ServerFaultError
 from deployments.loading import resolve_source
 
 logger = logging.getLogger("ray.serve")
@@ -74,6 +86,37 @@ def _device_failure(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "CUDA error" in str(exc)
 
 
+def adapter_source(ref: LoraRef) -> str:
+    """What ``load_lora_weights`` takes for ``ref``: a tiny LoRA built (once), a Hub id, or a
+    local path, which must exist (else diffusers reads it as a Hub id and reports something
+    else)."""
+    source = resolve_source(ref.source)
+    if (os.path.isabs(source) or source.startswith((".", "~"))) and not Path(source).exists():
+        raise FileNotFoundError("no such file or folder")
+    return source
+
+
+# Messages of a failed load that mean the adapter itself is wrong for this model.
+_ADAPTER_FAULTS = ("size mismatch", "mismatched_sizes", "Invalid LoRA checkpoint",
+                   "none of its layers is a layer of this model")
+
+
+def client_fault(exc: BaseException) -> bool:
+    """Whether a Hub LoRA a request named failed to load for its own reasons: no such repo,
+    revision or file on the Hub, not an id at all, not a readable safetensors file, or layers
+    that are not this model's. Anything else (a library clash, no network, no memory) is
+    the server's."""
+    from huggingface_hub import errors as hub
+    from safetensors import SafetensorError
+
+    if isinstance(exc, hub.LocalEntryNotFoundError):
+        return False  # not in the cache and the Hub not reachable: the server's network
+    if isinstance(exc, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError,
+                        hub.RemoteEntryNotFoundError, hub.HFValidationError, SafetensorError)):
+        return True
+    return any(text in str(exc) for text in _ADAPTER_FAULTS)
+
+
 def _reason(exc: BaseException, limit: int = 300) -> str:
     """Why a load failed, in a line a client can read (the full error goes to the log)."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -93,6 +136,8 @@ class LoraCache:
     def __init__(self, pipe: Any, spec: PipelineSpec, device: str = "cpu", metrics: Any = None):
         self.pipe = pipe
         self.model = spec.name
+        # (source, weight_name) of the adapters the config names: their failures are the server's.
+        self.configured = frozenset((ref.source, ref.weight_name) for ref in spec.loras)
         self.capacity = max(1, spec.max_loaded_loras)
         self.metrics = metrics
         # job adapter name -> (pipeline adapter name, source, weight_name); LRU first.
@@ -171,10 +216,7 @@ class LoraCache:
         self._active = None  # loading activates the new adapter
         self._layers = True
         try:
-            source = resolve_source(ref.source)
-            if (os.path.isabs(source) or source.startswith((".", "~"))) and not Path(source).exists():
-                # Else diffusers reads it as a Hub id and reports something else.
-                raise FileNotFoundError("no such file or folder")
+            source = adapter_source(ref)
             with warnings.catch_warnings():
                 # peft warns at every adapter after the first that a model holds several, and
                 # when diffusers removes the part of a failed adapter it had just activated.
@@ -188,17 +230,56 @@ class LoraCache:
             self._discard(name)
             if _device_failure(exc):
                 raise
-            logger.warning("%s: LoRA adapter %s from %s failed to load: %s", self.model, ref.name,
-                           ref.source, exc)
-            raise InvalidJobError(
-                f"LoRA adapter {ref.name!r} cannot be loaded into {self.model}: "
-                f"{_reason(exc)}", param="loras") from exc
+            message = f"LoRA adapter {ref.name!r} cannot be loaded into {self.model}: {_reason(exc)}"
+            if (ref.source, ref.weight_name) not in self.configured and client_fault(exc):
+                logger.warning("%s: LoRA adapter %s from %s failed to load: %s", self.model,
+                               ref.name, ref.source, exc)
+                raise InvalidJobError(message, param="loras") from exc
+            logger.error("%s: LoRA adapter %s from %s failed to load for the server's reasons "
+                         "(%s): %s", self.model, ref.name, ref.source, lora_stack_versions(), exc)
+            raise ServerFaultError(
+                f"{message} (a fault of the server, not of the request)",
+                code="lora_unavailable") from exc
         self.loaded[ref.name] = (name, ref.source, ref.weight_name)
         self.loads.append(ref.name)
         if self.metrics is not None:
             self.metrics.on_lora_load(ref.name)
         logger.info("%s: loaded LoRA adapter %s from %s (%d loaded)", self.model, ref.name,
                     ref.source, len(self.loaded))
+
+    def probe(self, configured: Sequence[LoraRef] = ()) -> None:
+        """Prove at replica start that adapters load and switch here: the first of
+        ``configured`` (the config's adapters; a tiny one is built here), or else a zero LoRA
+        on one attention layer of each LoRA-loadable module (:func:`probe_state_dict`), goes
+        through the same ``load_lora_weights``, ``enable_lora``, ``set_adapters`` and
+        ``disable_lora`` calls as a request's adapter; then every LoRA layer is removed
+        again, leaving the model as loaded. Raises :class:`LoraStackError` naming the
+        adapter and the library versions."""
+        name = "_serve_app_probe"
+        what = f"adapter {configured[0].name!r}" if configured else "a probe adapter"
+        try:
+            if configured:
+                self.pipe.load_lora_weights(adapter_source(configured[0]),
+                                            weight_name=configured[0].weight_name, adapter_name=name)
+            else:
+                self.pipe.load_lora_weights(probe_state_dict(self.pipe), adapter_name=name)
+            if not any(name in names for names in self.pipe.get_list_adapters().values()):
+                raise ValueError("none of its layers is a layer of this model")
+            self.pipe.enable_lora()
+            self.pipe.set_adapters([name], adapter_weights=[1.0])
+            self.pipe.disable_lora()
+            self.pipe.unload_lora_weights()
+        except Exception as exc:
+            message = (f"{self.model}: LoRA {what} cannot be loaded at start "
+                       f"({lora_stack_versions()}): {_reason(exc)}. With a library clash, install "
+                       "the tested set (pip install -c constraints.txt, README 'Dependencies'); "
+                       "with a missing adapter, fix its source; or remove loras and "
+                       "allow_hub_loras from this model's config.")
+            logger.error(message)
+            raise LoraStackError(message) from exc
+        self._active = None
+        logger.info("%s: LoRA %s loaded and removed at start (%s)", self.model, what,
+                    lora_stack_versions())
 
     def _discard(self, name: str) -> None:
         """Remove what a failed load injected (the UNet's part may have loaded before the
@@ -218,6 +299,39 @@ class LoraCache:
         if self.metrics is not None:
             self.metrics.on_lora_eviction(ref_name)
         logger.info("%s: unloaded LoRA adapter %s", self.model, ref_name)
+
+
+class LoraStackError(RuntimeError):
+    """A replica's start-up LoRA load failed: its libraries clash, or its first configured
+    adapter cannot be loaded."""
+
+
+def lora_stack_versions() -> str:
+    """``diffusers X, peft Y, transformers Z``: the libraries a LoRA load goes through."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return ", ".join(f"{name} {installed(name)}" for name in ("diffusers", "peft", "transformers"))
+
+
+def probe_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
+    """A rank-1 LoRA in diffusers' format whose B factors are zero (it changes nothing):
+    one attention query projection of the UNet and of each text encoder the pipeline has."""
+    state: dict[str, torch.Tensor] = {}
+    for prefix, suffix in (("unet", ".to_q"), ("text_encoder", ".q_proj"), ("text_encoder_2", ".q_proj")):
+        module = getattr(pipe, prefix, None)
+        if module is None:
+            continue
+        path, layer = next((path, layer) for path, layer in module.named_modules()
+                           if path.endswith(suffix) and isinstance(layer, torch.nn.Linear))
+        state[f"{prefix}.{path}.lora_A.weight"] = torch.zeros(1, layer.in_features)
+        state[f"{prefix}.{path}.lora_B.weight"] = torch.zeros(layer.out_features, 1)
+    return state
 
 
 def fuse_loras(pipe: Any, refs: Sequence[LoraRef]) -> None:

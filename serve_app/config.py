@@ -510,6 +510,9 @@ class ModelConfig(_Served, _WeightsReplica):
             vae_slicing=self.vae_slicing,
             max_loaded_loras=self.max_loaded_loras,
             fused_loras=self.fused_lora_refs(),
+            loras=tuple(LoraRef(a.name, a.source, a.weight_name, a.default_weight)
+                        for a in self.requestable_loras),
+            hub_loras=self.allow_hub_loras,
         )
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from deployments.errors import InvalidJobError, UpstreamLost
+from deployments.errors import InvalidJobError, ServerFaultError, UpstreamLost
 from serve_app.protocol import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line
@@ -107,6 +107,31 @@ class GatewayTimeoutError(APIError):
         )
 
 
+class ServerFault(APIError):
+    """500: the request was fine and the server could not run it (a library clash, a file its
+    config names missing on the server): the message says what, without a traceback."""
+
+    status_code = 500
+    error_type = "server_error"
+
+
+class ModelUnavailableError(APIError):
+    """503: a deployment the request needs cannot start a replica (Serve reports why, and
+    ``what`` names it: "The model 'x'", "The safety checker"); the request was fine."""
+
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, what: str, cause: str, retry_after_s: int):
+        super().__init__(
+            f"{what} cannot start on the server: {cause}. This is a fault of the "
+            "server, not of the request; the operator sees it in the deployment's status. "
+            "Retry later.",
+            code="model_unavailable",
+        )
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
 class InternalServerError(APIError):
     status_code = 500
     error_type = "server_error"
@@ -143,6 +168,9 @@ def error_from_exception(exc: BaseException, retry_after_s: int = 5) -> APIError
         return inner
     if isinstance(inner, InvalidJobError):
         return InvalidRequestError(inner.message, param=inner.param)
+    if isinstance(inner, ServerFaultError):
+        logger.error("a server fault while serving a request: %s", inner.message)
+        return ServerFault(inner.message, code=inner.code)
     if isinstance(inner, BackPressureError):
         return ServiceUnavailableError(
             "The model is at capacity and its queue is full; retry shortly.", retry_after_s

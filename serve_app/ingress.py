@@ -3,8 +3,10 @@
 
 import asyncio
 import logging
+import re
+import time
 from importlib import resources
-from typing import Annotated, Any, Awaitable, Callable, TypeVar
+from typing import Annotated, Any, Awaitable, Callable, NamedTuple, TypeVar
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -105,11 +107,63 @@ api.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the g
 _READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
 
 
-def deployments_ready(statuses: dict[str, tuple[str, int]]) -> bool:
-    """``statuses`` maps deployment name to (status, running replicas)."""
+class DeploymentState(NamedTuple):
+    """What Serve's status says of one deployment."""
+
+    status: str  # HEALTHY, UPSCALING, UNHEALTHY, DEPLOY_FAILED...
+    running: int  # replicas in the RUNNING state
+    trigger: str = ""  # why the status is what it is: REPLICA_STARTUP_FAILED...
+    message: str = ""  # Serve's message: a failed start ends with the error's last line
+
+
+def deployments_ready(statuses: dict[str, tuple]) -> bool:
+    """``statuses`` maps deployment name to a :class:`DeploymentState` (status, running
+    replicas, ...)."""
     return bool(statuses) and all(
-        status in _READY_STATES or running > 0 for status, running in statuses.values()
+        state[0] in _READY_STATES or state[1] > 0 for state in statuses.values()
     )
+
+
+# Serve gave up starting replicas for now (it retries later): the deployment is one of these
+# with this trigger.
+_FAILED_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
+_MODULE_PATH = re.compile(r"^(?:[a-z_]\w*\.)+(?=[A-Z]\w*:)")
+
+
+def start_failures(statuses: dict[str, DeploymentState]) -> dict[str, str]:
+    """Deployments without a running replica because their replicas fail to start, each
+    with the cause: the last line of Serve's message, the exception its constructor raised
+    (``FileNotFoundError: ...``), never the traceback above it."""
+    failed = {}
+    for name, state in statuses.items():
+        if (state.running == 0 and state.status in _FAILED_STATES
+                and state.trigger == "REPLICA_STARTUP_FAILED"):
+            lines = [line.strip() for line in state.message.splitlines() if line.strip()]
+            # The exception's class without its module path: "deployments.loras.X: ..." -> "X: ..."
+            cause = _MODULE_PATH.sub("", lines[-1]) if lines else "its replicas fail to start"
+            failed[name] = cause if len(cause) <= 400 else cause[:397] + "..."
+    return failed
+
+
+class StartFailureWatch:
+    """:func:`start_failures` of this application, from ``read`` (a blocking read of Serve's
+    status, run in a thread), read again at most every ``max_age_s``: every waiting request
+    shares one read instead of asking the controller each."""
+
+    def __init__(self, read: Callable[[], dict[str, DeploymentState]], max_age_s: float = 2.0):
+        self.read, self.max_age_s = read, max_age_s
+        self._at, self._failures = float("-inf"), {}
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> dict[str, str]:
+        async with self._lock:
+            if time.monotonic() - self._at >= self.max_age_s:
+                try:
+                    self._failures = start_failures(await asyncio.to_thread(self.read))
+                except Exception:  # noqa: BLE001 - the controller busy: keep the last answer
+                    logger.warning("could not read Serve's status", exc_info=True)
+                self._at = time.monotonic()
+            return self._failures
 
 
 async def guarded(call: Awaitable[T], retry_after_s: int = 5) -> T:
@@ -128,7 +182,8 @@ class ImagesIngress:
 
     def __init__(self, config: AppConfig | dict, handles: dict[str, Any], store: Any = None):
         self.config = load_app_config(config)
-        self.service = ImagesService(self.config, handles, store)
+        self.service = ImagesService(self.config, handles, store,
+                                     start_failures=StartFailureWatch(self._deployment_statuses))
         ingress = self.config.ingress
         api.state.gate = GateSettings(
             api_keys=api_keys_from([key.get_secret_value() for key in ingress.api_keys]),
@@ -237,17 +292,21 @@ class ImagesIngress:
         ready = deployments_ready(statuses)
         body = HealthResponse(
             status="ok" if ready else "starting",
-            deployments={name: status for name, (status, _) in statuses.items()},
+            deployments={name: state.status for name, state in statuses.items()},
+            failures=start_failures(statuses),
         )
         return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
 
     @staticmethod
-    def _deployment_statuses() -> dict[str, tuple[str, int]]:
+    def _deployment_statuses() -> dict[str, DeploymentState]:
         app_name = serve.get_replica_context().app_name
         app = serve.status().applications.get(app_name)
         if app is None:
             return {}
         return {
-            name: (str(getattr(d.status, "value", d.status)), int(d.replica_states.get("RUNNING", 0)))
+            name: DeploymentState(str(getattr(d.status, "value", d.status)),
+                                  int(d.replica_states.get("RUNNING", 0)),
+                                  str(getattr(d.status_trigger, "value", d.status_trigger)),
+                                  d.message or "")
             for name, d in app.deployments.items()
         }

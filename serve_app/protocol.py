@@ -368,5 +368,9 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
+    """``GET /health``: 200 with ``ok`` once every deployment has running replicas, else 503."""
+
     status: Literal["ok", "starting"]
-    deployments: dict[str, str]
+    deployments: dict[str, str]  # deployment -> Serve's status (HEALTHY, UNHEALTHY, ...)
+    # Deployments whose replicas fail to start, each with the error they fail with.
+    failures: dict[str, str] = {}

@@ -12,15 +12,16 @@ import base64
 import contextlib
 import json
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 
 import numpy as np
 
 from deployments.contract import unwrap
-from serve_app.config import AppConfig
+from serve_app.config import SAFETY_NAME, AppConfig
 from serve_app.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
+    ModelUnavailableError,
     ModerationBlockedError,
     NotFoundError,
     error_from_exception,
@@ -49,12 +50,56 @@ class ResultShapeError(RuntimeError):
     """A deployment returned a different number or size of images than planned."""
 
 
+T = TypeVar("T")
+
+# While a request waits, how often it looks whether a deployment it needs cannot start.
+START_WATCH_FIRST_S, START_WATCH_EVERY_S = 1.0, 2.0
+
+
+def plan_deployments(plan: GenerationPlan) -> list[str]:
+    """The deployments a plan calls, in order (the safety checker last)."""
+    return [stage.deployment for stage in plan.stages] + ([SAFETY_NAME] if plan.safety else [])
+
+
 class ImagesService:
-    def __init__(self, config: AppConfig, handles: dict[str, Any], store: Any = None):
+    """``start_failures``, when given, answers ``{deployment: cause}`` for the deployments
+    that have no running replica because their replicas fail to start (the ingress reads
+    Serve's status); a request waiting on one of them fails with a 503 naming the cause
+    instead of waiting out its timeout."""
+
+    def __init__(self, config: AppConfig, handles: dict[str, Any], store: Any = None,
+                 start_failures: Callable[[], Awaitable[dict[str, str]]] | None = None):
         self.config = config
         self.handles = handles
         self.store = store  # the ImageStore deployment's handle (response_format "url")
+        self.start_failures = start_failures
         self.created = int(time.time())
+
+    async def _unless_start_fails(self, work: Awaitable[T], deployments: list[str]) -> T:
+        """Await ``work``; if one of ``deployments`` cannot start a replica meanwhile, cancel
+        it and raise :class:`ModelUnavailableError` (a load that fails for the server's
+        reasons, such as weights missing on the server, is the server's fault)."""
+        if self.start_failures is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        wait_s = START_WATCH_FIRST_S
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=wait_s)
+                if done:
+                    return task.result()
+                wait_s = START_WATCH_EVERY_S
+                failures = await self.start_failures()
+                failed = next((name for name in deployments if name in failures), None)
+                if failed is not None:
+                    what = "The safety checker" if failed == SAFETY_NAME else f"The model '{failed}'"
+                    raise ModelUnavailableError(what, failures[failed],
+                                                self.config.ingress.retry_after_s)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
     async def plan(self, request: ImageRequest, image=None, mask=None) -> GenerationPlan:
         """Decode a request's uploads and plan it: 400 or 404 before any model work.
@@ -94,7 +139,8 @@ class ImagesService:
             return self._stream(plan, base_url)
         timeout_s = self.config.ingress.request_timeout_s
         try:
-            images = await run_plan(plan, self.handles, timeout_s)
+            images = await self._unless_start_fails(run_plan(plan, self.handles, timeout_s),
+                                                    plan_deployments(plan))
         except TimeoutError:
             raise GatewayTimeoutError(timeout_s) from None
         return await self._respond(plan, images, base_url)
@@ -109,7 +155,12 @@ class ImagesService:
         try:
             # Closed with this generator (a client that goes away): the replica's work stops.
             async with contextlib.aclosing(stream_plan(plan, self.handles, timeout_s)) as events:
-                async for event in events:
+                deployments = plan_deployments(plan)
+                while True:
+                    try:
+                        event = await self._unless_start_fails(anext(events), deployments)
+                    except StopAsyncIteration:
+                        break
                     created = int(time.time())
                     if event[0] == "partial":
                         _, index, pixels = event

@@ -10,20 +10,24 @@ from tests.conftest import TINY_CONFIG
 
 
 @contextlib.contextmanager
-def side_app(config_path, base_url, **args_override):
+def side_app(config_path, base_url, healthy=True, **args_override):
     """Deploy the first application of ``config_path`` beside the tiny app, on the same
     Serve instance, until the block ends; ``args_override`` replaces top-level keys of its
-    ``args``. Yields its base URL."""
+    ``args``. Yields its base URL once ``/health`` answers 200 (``healthy=False``: once the
+    deploy is sent, for an app that never gets there)."""
     from ray import serve
 
     from serve_app.app import build_app
 
     app = load_serve_config(config_path)["applications"][0]
-    serve.run(build_app({**app["args"], **args_override}), name=app["name"],
-              route_prefix=app["route_prefix"], blocking=False)
+    target = serve.api.RunTarget(target=build_app({**app["args"], **args_override}),
+                                 name=app["name"], route_prefix=app["route_prefix"])
+    # serve.run waits for the app to be RUNNING and raises once it is DEPLOY_FAILED.
+    serve.run_many([target], wait_for_applications_running=healthy)
     url = f"{base_url}{app['route_prefix']}"
     try:
-        wait_healthy(url, timeout_s=120)
+        if healthy:
+            wait_healthy(url, timeout_s=120)
         yield url
     finally:
         serve.delete(app["name"])

@@ -3,10 +3,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
-from deployments.errors import InvalidJobError
+from deployments.errors import InvalidJobError, ServerFaultError
 from serve_app.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
 from serve_app.http import install_error_handlers
-from serve_app.ingress import deployments_ready, guarded
+from serve_app.ingress import DeploymentState, StartFailureWatch, deployments_ready, guarded, start_failures
 from serve_app.protocol import ErrorResponse, ImageGenerationRequest
 
 
@@ -149,3 +149,61 @@ def test_a_dead_replica_is_503():
 
     error = error_from_exception(ActorDiedError())
     assert error.status_code == 503 and error.headers["Retry-After"] == "5"
+
+
+def test_a_server_fault_in_a_replica_is_a_500_server_error_that_names_it():
+    fault = ServerFaultError("LoRA adapter 'ink' cannot be loaded into sd: The version of PEFT "
+                             "you are using is not compatible (a fault of the server, not of "
+                             "the request)", code="lora_unavailable")
+    wrapped = RayTaskError("run", "remote traceback", fault)
+    response = make_client(wrapped.as_instanceof_cause()).post(
+        "/v1/images/generations", json={"prompt": "a cat"})
+    assert response.status_code == 500
+    error = envelope(response)
+    assert (error["type"], error["code"], error["param"]) == ("server_error", "lora_unavailable", None)
+    assert "The version of PEFT" in error["message"] and "remote traceback" not in error["message"]
+    import pickle
+
+    again = pickle.loads(pickle.dumps(fault))
+    assert (again.message, again.code) == (fault.message, fault.code)
+
+
+FAILED_START = ("The deployment failed to start 3 times in a row. This may be due to a problem "
+                "with its constructor or initial health check failing. See controller logs for "
+                "details. Error:\nTraceback (most recent call last):\n  File \"/x.py\", line 8, "
+                "in __init__\n    open(\"/models/x2.pth\")\nFileNotFoundError: [Errno 2] No such "
+                "file or directory: '/models/x2.pth'\n")
+
+
+def test_start_failures_are_deployments_with_no_replica_and_a_failed_start_with_its_cause():
+    statuses = {
+        "esrgan-x2": DeploymentState("UNHEALTHY", 0, "REPLICA_STARTUP_FAILED", FAILED_START),
+        # Still retrying, or failed once but serving with another replica: not (yet) failed.
+        "sd": DeploymentState("UPSCALING", 0, "UPSCALE_COMPLETED", FAILED_START),
+        "xl": DeploymentState("UNHEALTHY", 1, "REPLICA_STARTUP_FAILED", FAILED_START),
+        "x4": DeploymentState("HEALTHY", 0, "CONFIG_UPDATE_COMPLETED", ""),
+        "lora": DeploymentState("DEPLOY_FAILED", 0, "REPLICA_STARTUP_FAILED",
+                                "Error:\n  raise X\ndeployments.loras.LoraStackError: sd: it.failed: no"),
+    }
+    assert start_failures(statuses) == {
+        "esrgan-x2": "FileNotFoundError: [Errno 2] No such file or directory: '/models/x2.pth'",
+        "lora": "LoraStackError: sd: it.failed: no"}
+    assert not deployments_ready({"esrgan-x2": statuses["esrgan-x2"]})
+
+
+def test_the_start_failure_watch_reads_serves_status_at_most_every_max_age():
+    import asyncio
+
+    reads = []
+
+    def read():
+        reads.append(1)
+        return {"esrgan-x2": DeploymentState("DEPLOY_FAILED", 0, "REPLICA_STARTUP_FAILED", FAILED_START)}
+
+    watch = StartFailureWatch(read, max_age_s=60)
+
+    async def many():
+        return await asyncio.gather(*(watch() for _ in range(20)))
+
+    answers = asyncio.run(many())
+    assert len(reads) == 1 and all("esrgan-x2" in answer for answer in answers)

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from deployments.contract import ImageToImageJob, LoraRef, PipelineSpec, TextToImageJob
-from deployments.errors import InvalidJobError
+from deployments.errors import InvalidJobError, ServerFaultError
 from deployments.loading import resolve_source
-from deployments.loras import LoraCache, adapter_name, lora_batch_key
+from deployments.loras import LoraCache, LoraStackError, adapter_name, lora_batch_key
 from deployments.sdxl import SDXLBaseDeployment
 from deployments.stable_diffusion import StableDiffusionDeployment
 from deployments.tiny import materialize_tiny, materialize_tiny_lora, resolve_tiny_lora
@@ -292,10 +292,11 @@ def _saved(folder, state):
     return folder
 
 
-@pytest.mark.parametrize("case", ["missing", "sdxl-lora", "torn", "not-a-lora", "no-layer-fits"])
-def test_an_adapter_that_does_not_load_is_a_bad_job_and_the_replica_goes_on(case, sd, alone, fresh, tmp_path):
+@pytest.mark.parametrize("case", ["sdxl-lora", "torn", "not-a-lora", "no-layer-fits"])
+def test_a_requested_adapter_that_is_not_this_models_is_a_bad_job_and_the_replica_goes_on(
+        case, sd, alone, fresh, tmp_path):
+    # A Hub LoRA a request names (not in the config): its own faults are the client's (400).
     source = {
-        "missing": lambda: str(tmp_path / "no-such-lora"),
         "sdxl-lora": lambda: "tiny:lora/sdxl/ink",  # another model's shapes
         "torn": lambda: str(_torn_lora(tmp_path / "torn")),
         "not-a-lora": lambda: str(_saved(tmp_path / "plain", {"unet.conv_in.weight": torch.zeros(2, 2)})),
@@ -313,6 +314,91 @@ def test_an_adapter_that_does_not_load_is_a_bad_job_and_the_replica_goes_on(case
     assert bad.name not in sd.loras.loaded
     assert np.array_equal(run(sd.text_to_image(t2i())), fresh["sd21"])
     assert np.array_equal(run(sd.text_to_image(t2i([ref("ink")]))), alone["ink"])
+
+
+@pytest.fixture(scope="module")
+def configured(tmp_path_factory):
+    """A replica whose config names ink (loads) and ghost (its folder is not on the server)."""
+    ghost = LoraRef("ghost", str(tmp_path_factory.mktemp("loras") / "ghost"), None, 1.0)
+    return StableDiffusionDeployment(sd_spec(loras=(ref("ink"), ghost))), ghost
+
+
+def test_the_start_probe_loads_the_first_configured_adapter_and_leaves_the_model_as_loaded(
+        configured, fresh):
+    dep, _ = configured  # its start loaded ink and removed it again (before any job)
+    assert not any("lora" in name for name, _ in dep.pipe.unet.named_modules())
+    assert dep.loras.loaded == {} and dep.loras.loads == []
+    assert np.array_equal(run(dep.text_to_image(t2i())), fresh["sd21"])
+
+
+def test_a_configured_adapter_that_does_not_load_is_the_servers_fault(configured, alone, fresh):
+    dep, ghost = configured
+    with pytest.raises(ServerFaultError) as info:
+        run(dep.text_to_image(t2i([ghost])))
+    assert info.value.code == "lora_unavailable"
+    assert "'ghost'" in info.value.message and "no such file or folder" in info.value.message
+    assert "fault of the server" in info.value.message
+    assert np.array_equal(run(dep.text_to_image(t2i())), fresh["sd21"])
+    assert np.array_equal(run(dep.text_to_image(t2i([ref("ink")]))), alone["ink"])
+
+
+@pytest.mark.parametrize("family", ["sd21", "sdxl"])
+def test_with_hub_loras_only_the_start_probe_is_a_zero_lora_of_every_loadable_module(family, fresh, monkeypatch):
+    from deployments.loras import probe_state_dict
+
+    cls = StableDiffusionDeployment if family == "sd21" else SDXLBaseDeployment
+    loaded = []
+    real = cls.pipeline_cls.load_lora_weights
+    monkeypatch.setattr(cls.pipeline_cls, "load_lora_weights",
+                        lambda pipe, source, **kw: (loaded.append(source), real(pipe, source, **kw))[1])
+    dep = cls(PipelineSpec(name=family, family=family, source=f"tiny:{family}", hub_loras=True))
+    (state,) = loaded
+    modules = {key.split(".")[0] for key in state}
+    assert modules == ({"unet", "text_encoder"} if family == "sd21" else {"unet", "text_encoder", "text_encoder_2"})
+    assert all(not value.any() for key, value in state.items() if "lora_B" in key)
+    assert state.keys() == probe_state_dict(dep.pipe).keys()
+    assert not any("lora" in name for name, _ in dep.pipe.unet.named_modules())
+    assert np.array_equal(run(dep.text_to_image(t2i())), fresh[family])
+
+
+def test_a_broken_lora_stack_stops_the_replica_from_starting(monkeypatch, tmp_path):
+    # The clash of transformers >= 5.24 with peft 0.21 (transformers' own check, made to
+    # fail here by raising its minimum): the replica does not start, and says why.
+    import transformers.integrations.peft as transformers_peft
+
+    monkeypatch.setenv("SERVE_APP_TINY_CACHE", str(tmp_path))  # the tiny LoRA is built at start
+    monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")
+    logged = []
+    monkeypatch.setattr("deployments.loras.logger.error", lambda message, *args: logged.append(message % args))
+    with pytest.raises(LoraStackError) as info:
+        StableDiffusionDeployment(sd_spec(loras=(ref("ink"),)))
+    message = str(info.value)
+    assert "adapter 'ink' cannot be loaded at start" in message
+    assert "The version of PEFT you are using is not compatible" in message
+    assert "transformers " in message and "peft " in message and "constraints.txt" in message
+    assert logged == [message]  # the replica's log says it too, as Serve reports it
+
+
+def test_a_hub_lora_a_request_names_is_the_clients_fault_only_for_its_own_faults(sd, monkeypatch):
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    hub = LoraRef("someone/no-such-lora", "someone/no-such-lora", None, 1.0)
+
+    def not_on_the_hub(*args, **kwargs):
+        import httpx
+
+        url = "https://huggingface.co/api/models/someone/no-such-lora"
+        raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
+                                      response=httpx.Response(404, request=httpx.Request("GET", url)))
+
+    monkeypatch.setattr(sd.pipe, "load_lora_weights", not_on_the_hub)
+    with pytest.raises(InvalidJobError) as info:
+        run(sd.text_to_image(t2i([hub])))
+    assert info.value.param == "loras"
+    monkeypatch.undo()
+    # The real load with the Hub out of reach (HF_HUB_OFFLINE in tests): the server's.
+    with pytest.raises(ServerFaultError):
+        run(sd.text_to_image(t2i([hub])))
 
 
 def test_a_replica_without_adapters_rejects_jobs_with_them():

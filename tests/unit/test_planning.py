@@ -1,6 +1,7 @@
 import asyncio
 import base64
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -134,6 +135,42 @@ def test_service_encodes_every_image_with_its_seed(config):
         assert (image.format, image.size) == ("JPEG", (256, 256))
         # The fake fills image i with gray level seed_i: the order is preserved.
         assert abs(image.getpixel((5, 5))[0] - item.seed) <= 2
+
+
+@pytest.mark.parametrize("stalled", ["stable-diffusion-2-1", "SafetyChecker"])
+def test_a_request_waiting_on_a_deployment_that_cannot_start_is_a_503_naming_the_cause(stalled, tiny_args):
+    from serve_app.errors import ModelUnavailableError
+    from serve_app.serving import START_WATCH_FIRST_S
+
+    # (The fakes hand a stage's response on without awaiting it: the last stage stalls.)
+    checked = stalled == "SafetyChecker"
+    config = load_app_config(dict(tiny_args, safety={"source": "tiny:safety-checker"}) if checked else tiny_args)
+    handles = fake_handles(config, **{stalled: FakeHandle(stalled, delay_s=3600)})
+    cause = "FileNotFoundError: [Errno 2] No such file or directory: '/models/x.pth'"
+    asked = []
+
+    async def start_failures():
+        asked.append(1)
+        return {stalled: cause}
+
+    service = ImagesService(config, handles, start_failures=start_failures)
+    started = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as info:
+        asyncio.run(service.generate(req()))
+    assert time.monotonic() - started < START_WATCH_FIRST_S + 1 and asked == [1]
+    error = info.value
+    assert (error.status_code, error.error_type, error.code) == (503, "server_error", "model_unavailable")
+    assert cause in error.message and error.headers["Retry-After"]
+    assert ("safety checker" in error.message) == checked
+    assert all(call.cancelled for call in handles[stalled].calls)  # its work is called off
+
+
+def test_a_request_that_finishes_never_asks_for_start_failures(config):
+    async def start_failures():
+        raise AssertionError("asked")
+
+    service = ImagesService(config, fake_handles(config), start_failures=start_failures)
+    assert len(asyncio.run(service.generate(req(n=2))).data) == 2
 
 
 def test_service_refuses_a_wrong_number_of_images(config):
