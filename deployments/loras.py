@@ -146,6 +146,9 @@ class LoraCache:
         self.evictions: list[str] = []
         self._active: tuple | None = None  # what the pipeline runs with now; None: unknown
         self._layers = False  # whether LoRA layers were ever injected into the modules
+        if spec.loras or spec.hub_loras:
+            # Before the hotswap preparation below, which the first adapter loaded consumes.
+            self.probe(spec.loras)  # a broken LoRA stack stops the start, not every request
         if spec.compile and device == "cuda" and hasattr(pipe, "enable_lora_hotswap"):
             # A compiled UNet (loading.py) recompiles when the layers under it change. Diffusers
             # must be told before the first adapter loads: enable_lora_hotswap pads that
@@ -329,8 +332,9 @@ def probe_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
             continue
         path, layer = next((path, layer) for path, layer in module.named_modules()
                            if path.endswith(suffix) and isinstance(layer, torch.nn.Linear))
-        state[f"{prefix}.{path}.lora_A.weight"] = torch.zeros(1, layer.in_features)
-        state[f"{prefix}.{path}.lora_B.weight"] = torch.zeros(layer.out_features, 1)
+        like = {"dtype": layer.weight.dtype, "device": layer.weight.device}
+        state[f"{prefix}.{path}.lora_A.weight"] = torch.zeros(1, layer.in_features, **like)
+        state[f"{prefix}.{path}.lora_B.weight"] = torch.zeros(layer.out_features, 1, **like)
     return state
 
 

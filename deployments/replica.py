@@ -64,8 +64,6 @@ class PipelineDeployment:
         self.preview_decoder = load_preview_decoder(spec, self.device) if spec.preview_decoder else None
         self.metrics = ReplicaMetrics(spec.name) if serve_metrics_available() else None
         self.loras = LoraCache(self.pipe, spec, self.device, self.metrics) if self.takes_loras else None
-        if self.loras is not None and (spec.loras or spec.hub_loras):
-            self.loras.probe(spec.loras)  # a broken LoRA stack stops the start, not every request
         self.batcher = Batcher(
             self._run_group,
             spec.max_batch_images,

@@ -416,7 +416,9 @@ def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
     # On CUDA with compile, the cache calls enable_lora_hotswap before the first load (it
     # pads that adapter's rank and makes its scalings tensors); the same path on CPU here.
     dep = StableDiffusionDeployment(sd_spec())
-    dep.loras = LoraCache(dep.pipe, sd_spec(compile=True), device="cuda")
+    # With adapters configured: the start-up probe loads one first, and must not use up the
+    # preparation, which diffusers applies to the first adapter loaded after it.
+    dep.loras = LoraCache(dep.pipe, sd_spec(compile=True, loras=(ref("grain"),)), device="cuda")
     assert dep.pipe.unet._prepare_lora_hotswap_kwargs is not None
     assert close(run(dep.text_to_image(t2i([ref("ink")]))), alone["ink"])
     assert close(run(dep.text_to_image(t2i([ref("ink", weight=0.7), ref("pastel", weight=-0.5)]))),
