@@ -86,6 +86,12 @@ class DeploymentOptions(_Strict):
             raise ValueError("set either num_replicas or autoscaling_config, not both")
         return self
 
+    @property
+    def scales_to_zero(self) -> bool:
+        """Autoscaling down to no replica (``min_replicas: 0``): the first request starts one."""
+        return self.autoscaling_config is not None and AutoscalingConfig(
+            **self.autoscaling_config).min_replicas == 0
+
     def serve_options(self) -> dict[str, Any]:
         """Keyword arguments for ``Deployment.options``."""
         options: dict[str, Any] = {
@@ -795,6 +801,13 @@ class AppConfig(_Strict):
 
     def served_names(self) -> list[str]:
         return [entry.name for entry in [*self.models, *self.chains]]
+
+    def on_demand_deployments(self) -> frozenset[str]:
+        """The model deployments (and the safety checker) that may have no replica running."""
+        names = {model.name for model in self.models if model.deployment.scales_to_zero}
+        if self.safety is not None and self.safety.deployment.scales_to_zero:
+            names.add(SAFETY_NAME)
+        return frozenset(names)
 
 
 class ConfigError(ValueError):

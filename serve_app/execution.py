@@ -10,7 +10,7 @@ Intermediate results (latents, images) go from replica to replica by reference
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Collection
 
 
 from deployments.contract import ImageToImageJob, SafetyJob, Upstream
@@ -46,9 +46,22 @@ def _check(handles: dict[str, Any], job: SafetyJob, source: Any):
     return handles[SAFETY_NAME].run.remote(job, source)
 
 
-async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None):
+def wake_later_stages(plan: GenerationPlan, handles: dict[str, Any], on_demand: Collection[str]) -> list:
+    """Ask each later stage's deployment that may be at zero replicas (``on_demand``) for
+    ``ready`` now, so that Serve starts its replica while the earlier stages work: a cold
+    SDXL -> refiner chain (or generate -> upscale) then waits for one replica start, not one
+    after the other. Nothing waits for these calls; they answer once a replica is up."""
+    later = [stage.deployment for stage in plan.stages[1:]]
+    if plan.safety is not None:
+        later.append(SAFETY_NAME)
+    return [handles[name].ready.remote() for name in dict.fromkeys(later) if name in on_demand]
+
+
+async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None,
+                   on_demand: Collection[str] = ()):
     """Call each stage's deployment, chaining responses, then the safety checker on the
-    last stage's response when the plan has a check; return the last result.
+    last stage's response when the plan has a check; return the last result. Later stages
+    that may be at zero replicas (``on_demand``) are woken at once (:func:`wake_later_stages`).
 
     If the caller goes away (client disconnect) or ``timeout_s`` passes, every stage's
     request is cancelled, so replicas stop work nobody will read (raises TimeoutError on
@@ -57,6 +70,7 @@ async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: flo
     first = plan.stages[0]
     inputs = await asyncio.to_thread(_sized_inputs, first) if first.inputs else ()
     responses = [handles[first.deployment].run.remote(first.job, *inputs)]
+    wake_later_stages(plan, handles, on_demand)
 
     async def chain():
         for stage in plan.stages[1:]:
@@ -75,7 +89,8 @@ async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: flo
 
 
 async def stream_plan(plan: GenerationPlan, handles: dict[str, Any],
-                      timeout_s: float | None = None) -> AsyncIterator[tuple]:
+                      timeout_s: float | None = None,
+                      on_demand: Collection[str] = ()) -> AsyncIterator[tuple]:
     """Run a one-stage plan through a streaming handle: ``("partial", index, pixels)``
     previews (checked, and blurred where flagged, when the plan checks previews), then
     ``("final", result)`` with the plan's safety check applied. Past ``timeout_s`` it
@@ -84,6 +99,7 @@ async def stream_plan(plan: GenerationPlan, handles: dict[str, Any],
     inputs = await asyncio.to_thread(_sized_inputs, stage) if stage.inputs else ()
     events = handles[stage.deployment].options(stream=True).stream.remote(
         stage.job, *inputs, partial_images=plan.partial_images)
+    wake_later_stages(plan, handles, on_demand)  # the checker, when it may be at zero
     try:
         async with asyncio.timeout(timeout_s):
             async for kind, *rest in events:

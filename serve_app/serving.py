@@ -73,6 +73,7 @@ class ImagesService:
         self.handles = handles
         self.store = store  # the ImageStore deployment's handle (response_format "url")
         self.start_failures = start_failures
+        self.on_demand = config.on_demand_deployments()  # woken early in a chain (execution.py)
         self.created = int(time.time())
 
     async def _unless_start_fails(self, work: Awaitable[T], deployments: list[str]) -> T:
@@ -139,8 +140,9 @@ class ImagesService:
             return self._stream(plan, base_url)
         timeout_s = self.config.ingress.request_timeout_s
         try:
-            images = await self._unless_start_fails(run_plan(plan, self.handles, timeout_s),
-                                                    plan_deployments(plan))
+            images = await self._unless_start_fails(
+                run_plan(plan, self.handles, timeout_s, self.on_demand),
+                plan_deployments(plan))
         except TimeoutError:
             raise GatewayTimeoutError(timeout_s) from None
         return await self._respond(plan, images, base_url)
@@ -154,7 +156,7 @@ class ImagesService:
                   "background": "opaque"}
         try:
             # Closed with this generator (a client that goes away): the replica's work stops.
-            async with contextlib.aclosing(stream_plan(plan, self.handles, timeout_s)) as events:
+            async with contextlib.aclosing(stream_plan(plan, self.handles, timeout_s, self.on_demand)) as events:
                 deployments = plan_deployments(plan)
                 while True:
                     try:

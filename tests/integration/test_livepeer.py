@@ -57,6 +57,17 @@ def test_text_to_image_with_the_clients_defaults(livepeer):
     assert isinstance(media.seed, int) and isinstance(media.nsfw, bool)
 
 
+def test_sdxl_at_1024_with_two_images_and_the_clients_50_steps_answers_within_the_timeout(livepeer):
+    # A newcomer's first call on the tiny profile: SDXL starts on demand, then 2 x 50 steps
+    # at 1024x1024; past the profile's request_timeout_s (60 s) this would be a 504.
+    result = livepeer.generate.text_to_image(request={
+        "prompt": "a lighthouse", "model_id": "stable-diffusion-xl", "width": 1024, "height": 1024,
+        "num_images_per_prompt": 2})
+    images = images_of(result)
+    assert len(images) == 2 and all(from_data_url(m.url).shape == (1024, 1024, 3) for m in images)
+    assert images[0].seed != images[1].seed
+
+
 def test_image_to_image_with_the_clients_defaults(livepeer):
     # 100 steps at strength 0.8 (80 run), image_guidance_scale 1.5, loras "".
     result = livepeer.generate.image_to_image(request={"prompt": "a fox", "image": upload(96, 64)})

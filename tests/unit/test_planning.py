@@ -86,6 +86,33 @@ def test_chain_hands_the_base_response_to_the_refiner_unresolved(config):
     assert images.shape == (1, 1024, 1024, 3)
 
 
+def test_later_stages_that_may_be_at_zero_are_woken_when_the_chain_starts(config):
+    # tiny.yaml: SDXL, its refiner and the upscalers start on demand (min_replicas 0).
+    assert config.on_demand_deployments() == {
+        "stable-diffusion-xl", "stable-diffusion-xl-refiner", "stable-diffusion-x2-latent-upscaler",
+        "stable-diffusion-x4-upscaler", "esrgan-x2"}
+    order = []
+
+    class Recording(FakeHandle):
+        def __getattr__(self, method):
+            order.append((self.name, method))
+            return super().__getattr__(method)
+
+    handles = {name: Recording(name) for name in fake_handles(config)}
+    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", seed=3, upscale="esrgan-x2",
+                               size="512x512"), config)
+    asyncio.run(run_plan(plan, handles, on_demand=config.on_demand_deployments()))
+    # The refiner and the upscaler are asked for `ready` right after the base gets its job,
+    # before their own jobs (which wait for the stage before): their replicas start while
+    # the base works. Nothing else is woken.
+    assert order == [("stable-diffusion-xl", "run"), ("stable-diffusion-xl-refiner", "ready"),
+                     ("esrgan-x2", "ready"), ("stable-diffusion-xl-refiner", "run"), ("esrgan-x2", "run")]
+    # Without on-demand deployments, no extra call.
+    order.clear()
+    asyncio.run(run_plan(plan, handles))
+    assert [method for _, method in order] == ["run", "run", "run"]
+
+
 @pytest.mark.parametrize(
     "fields,param",
     [
