@@ -119,10 +119,19 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
             pipe.enable_model_cpu_offload()
         else:
             pipe.to(device)
-        if spec.compile:
-            pipe.unet = torch.compile(pipe.unet, **COMPILE_OPTIONS)
     else:
         pipe.to(device)
+    if spec.loras or spec.hub_loras:
+        from deployments.loras import probe_lora_stack
+
+        # On the device, before compiling: a broken LoRA stack stops the start, not every request.
+        probe_lora_stack(pipe, spec.name, spec.loras)
+    if device == "cuda" and spec.compile:
+        # In place (nn.Module.compile), not pipe.unet = torch.compile(pipe.unet): diffusers'
+        # set_adapters, enable_lora and disable_lora act only on components that are still a
+        # ModelMixin, and skip the OptimizedModule wrapper without a word, so a compiled
+        # replica kept running the last adapter for requests without one.
+        pipe.unet.compile(**COMPILE_OPTIONS)
     logger.info("%s: loaded %s from %s on %s (%s)", spec.name, pipeline_cls.__name__,
                 spec.source, device, dtype)
     return pipe, device

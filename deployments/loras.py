@@ -28,7 +28,7 @@ injected is removed first, so the pipeline keeps serving:
   a Hub LoRA the request named that does not exist, is another model's (its shapes, or
   none of its layers, fit), or is not a LoRA file at all (:func:`client_fault`).
 
-:meth:`LoraCache.probe`, at replica start, loads the first configured adapter (or, with Hub
+:func:`probe_lora_stack`, at replica start, loads the first configured adapter (or, with Hub
 LoRAs only, a zero LoRA built from the pipeline's own layers) through the same calls as a
 request's: a broken LoRA stack (a transformers release that refuses the installed peft) stops
 the replica from starting, with a log line naming the versions, instead of failing every
@@ -146,9 +146,6 @@ class LoraCache:
         self.evictions: list[str] = []
         self._active: tuple | None = None  # what the pipeline runs with now; None: unknown
         self._layers = False  # whether LoRA layers were ever injected into the modules
-        if spec.loras or spec.hub_loras:
-            # Before the hotswap preparation below, which the first adapter loaded consumes.
-            self.probe(spec.loras)  # a broken LoRA stack stops the start, not every request
         if spec.compile and device == "cuda" and hasattr(pipe, "enable_lora_hotswap"):
             # A compiled UNet (loading.py) recompiles when the layers under it change. Diffusers
             # must be told before the first adapter loads: enable_lora_hotswap pads that
@@ -157,9 +154,13 @@ class LoraCache:
             # (load_lora_weights(..., hotswap=True)) without recompiling. Adapters loaded
             # under new names, as this cache does, still inject new layers: each new adapter
             # set costs a recompile (Dynamo falls back to eager after its recompile limit).
-            # A CPU replica never compiles; the unit tests run this preparation on a CPU
-            # pipeline (tests/unit/test_loras.py), not on a compiled UNet.
-            pipe.enable_lora_hotswap(target_rank=HOTSWAP_TARGET_RANK)
+            # The UNet is compiled in place at load (loading.py), before any adapter: its
+            # first adapter is prepared on a compiled module, which diffusers refuses by
+            # default; compiling is lazy and Dynamo recompiles for the new layers anyway, so
+            # the check is turned off. A CPU replica never compiles; the unit tests run this
+            # preparation on a CPU pipeline (tests/unit/test_loras.py), the GPU tests on a
+            # compiled UNet (tests/unit/test_gpu.py).
+            pipe.enable_lora_hotswap(target_rank=HOTSWAP_TARGET_RANK, check_compiled="ignore")
 
     # -- checks on the event loop, before a job is queued ------------------------------
 
@@ -250,40 +251,6 @@ class LoraCache:
         logger.info("%s: loaded LoRA adapter %s from %s (%d loaded)", self.model, ref.name,
                     ref.source, len(self.loaded))
 
-    def probe(self, configured: Sequence[LoraRef] = ()) -> None:
-        """Prove at replica start that adapters load and switch here: the first of
-        ``configured`` (the config's adapters; a tiny one is built here), or else a zero LoRA
-        on one attention layer of each LoRA-loadable module (:func:`probe_state_dict`), goes
-        through the same ``load_lora_weights``, ``enable_lora``, ``set_adapters`` and
-        ``disable_lora`` calls as a request's adapter; then every LoRA layer is removed
-        again, leaving the model as loaded. Raises :class:`LoraStackError` naming the
-        adapter and the library versions."""
-        name = "_serve_app_probe"
-        what = f"adapter {configured[0].name!r}" if configured else "a probe adapter"
-        try:
-            if configured:
-                self.pipe.load_lora_weights(adapter_source(configured[0]),
-                                            weight_name=configured[0].weight_name, adapter_name=name)
-            else:
-                self.pipe.load_lora_weights(probe_state_dict(self.pipe), adapter_name=name)
-            if not any(name in names for names in self.pipe.get_list_adapters().values()):
-                raise ValueError("none of its layers is a layer of this model")
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([name], adapter_weights=[1.0])
-            self.pipe.disable_lora()
-            self.pipe.unload_lora_weights()
-        except Exception as exc:
-            message = (f"{self.model}: LoRA {what} cannot be loaded at start "
-                       f"({lora_stack_versions()}): {_reason(exc)}. With a library clash, install "
-                       "the tested set (pip install -c constraints.txt, README 'Dependencies'); "
-                       "with a missing adapter, fix its source; or remove loras and "
-                       "allow_hub_loras from this model's config.")
-            logger.error(message)
-            raise LoraStackError(message) from exc
-        self._active = None
-        logger.info("%s: LoRA %s loaded and removed at start (%s)", self.model, what,
-                    lora_stack_versions())
-
     def _discard(self, name: str) -> None:
         """Remove what a failed load injected (the UNet's part may have loaded before the
         text encoder's failed); diffusers has already removed the failing component's."""
@@ -336,6 +303,42 @@ def probe_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
         state[f"{prefix}.{path}.lora_A.weight"] = torch.zeros(1, layer.in_features, **like)
         state[f"{prefix}.{path}.lora_B.weight"] = torch.zeros(layer.out_features, 1, **like)
     return state
+
+
+def probe_lora_stack(pipe: Any, model: str, configured: Sequence[LoraRef] = ()) -> None:
+    """Prove at replica start that adapters load and switch in ``pipe``: the first of
+    ``configured`` (the config's adapters; a tiny one is built here), or else a zero LoRA on
+    one attention layer of each LoRA-loadable module (:func:`probe_state_dict`), goes
+    through the same ``load_lora_weights``, ``enable_lora``, ``set_adapters`` and
+    ``disable_lora`` calls as a request's adapter; then every LoRA layer is removed again,
+    leaving the model as loaded. Raises :class:`LoraStackError` naming the adapter and the
+    library versions.
+
+    Called by ``load_pipeline`` on the replica's device, before the UNet is compiled: the
+    probe's layers never reach a compiled graph."""
+    name = "_serve_app_probe"
+    what = f"adapter {configured[0].name!r}" if configured else "a probe adapter"
+    try:
+        if configured:
+            pipe.load_lora_weights(adapter_source(configured[0]),
+                                   weight_name=configured[0].weight_name, adapter_name=name)
+        else:
+            pipe.load_lora_weights(probe_state_dict(pipe), adapter_name=name)
+        if not any(name in names for names in pipe.get_list_adapters().values()):
+            raise ValueError("none of its layers is a layer of this model")
+        pipe.enable_lora()
+        pipe.set_adapters([name], adapter_weights=[1.0])
+        pipe.disable_lora()
+        pipe.unload_lora_weights()
+    except Exception as exc:
+        message = (f"{model}: LoRA {what} cannot be loaded at start "
+                   f"({lora_stack_versions()}): {_reason(exc)}. With a library clash, install "
+                   "the tested set (pip install -c constraints.txt, README 'Dependencies'); "
+                   "with a missing adapter, fix its source; or remove loras and "
+                   "allow_hub_loras from this model's config.")
+        logger.error(message)
+        raise LoraStackError(message) from exc
+    logger.info("%s: LoRA %s loaded and removed at start (%s)", model, what, lora_stack_versions())
 
 
 def fuse_loras(pipe: Any, refs: Sequence[LoraRef]) -> None:
