@@ -96,9 +96,21 @@ def adapter_source(ref: LoraRef) -> str:
     return source
 
 
-# Messages of a failed load that mean the adapter itself is wrong for this model.
-_ADAPTER_FAULTS = ("size mismatch", "mismatched_sizes", "Invalid LoRA checkpoint",
-                   "none of its layers is a layer of this model")
+class NoLayerFits(ValueError):
+    """A LoRA file loaded without error but none of its keys named a layer of this model
+    (diffusers only warns then)."""
+
+    def __init__(self):
+        super().__init__("none of its layers is a layer of this model")
+
+
+def _check_loaded(pipe: Any, name: str) -> None:
+    if not any(name in names for names in pipe.get_list_adapters().values()):
+        raise NoLayerFits()
+
+
+# Messages of diffusers' and torch's failed loads that mean the adapter is wrong for this model.
+_ADAPTER_FAULTS = ("size mismatch", "mismatched_sizes", "Invalid LoRA checkpoint")
 
 
 def client_fault(exc: BaseException) -> bool:
@@ -112,7 +124,8 @@ def client_fault(exc: BaseException) -> bool:
     if isinstance(exc, hub.LocalEntryNotFoundError):
         return False  # not in the cache and the Hub not reachable: the server's network
     if isinstance(exc, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError,
-                        hub.RemoteEntryNotFoundError, hub.HFValidationError, SafetensorError)):
+                        hub.RemoteEntryNotFoundError, hub.HFValidationError, SafetensorError,
+                        NoLayerFits)):
         return True
     return any(text in str(exc) for text in _ADAPTER_FAULTS)
 
@@ -227,9 +240,7 @@ class LoraCache:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 warnings.filterwarnings("ignore", message=".*was active which is now deleted")
                 self.pipe.load_lora_weights(source, weight_name=ref.weight_name, adapter_name=name)
-            if not any(name in names for names in self.pipe.get_list_adapters().values()):
-                # Diffusers only warns when no key of the file names a layer of this model.
-                raise ValueError("none of its layers is a layer of this model")
+            _check_loaded(self.pipe, name)
         except Exception as exc:
             self._discard(name)
             if _device_failure(exc):
@@ -324,8 +335,7 @@ def probe_lora_stack(pipe: Any, model: str, configured: Sequence[LoraRef] = ()) 
                                    weight_name=configured[0].weight_name, adapter_name=name)
         else:
             pipe.load_lora_weights(probe_state_dict(pipe), adapter_name=name)
-        if not any(name in names for names in pipe.get_list_adapters().values()):
-            raise ValueError("none of its layers is a layer of this model")
+        _check_loaded(pipe, name)
         pipe.enable_lora()
         pipe.set_adapters([name], adapter_weights=[1.0])
         pipe.disable_lora()

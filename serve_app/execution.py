@@ -46,15 +46,14 @@ def _check(handles: dict[str, Any], job: SafetyJob, source: Any):
     return handles[SAFETY_NAME].run.remote(job, source)
 
 
-def wake_later_stages(plan: GenerationPlan, handles: dict[str, Any], on_demand: Collection[str]) -> list:
+def wake_later_stages(plan: GenerationPlan, handles: dict[str, Any], on_demand: Collection[str]) -> None:
     """Ask each later stage's deployment that may be at zero replicas (``on_demand``) for
     ``ready`` now, so that Serve starts its replica while the earlier stages work: a cold
     SDXL -> refiner chain (or generate -> upscale) then waits for one replica start, not one
     after the other. Nothing waits for these calls; they answer once a replica is up."""
-    later = [stage.deployment for stage in plan.stages[1:]]
-    if plan.safety is not None:
-        later.append(SAFETY_NAME)
-    return [handles[name].ready.remote() for name in dict.fromkeys(later) if name in on_demand]
+    for name in dict.fromkeys(plan.deployments[1:]):
+        if name in on_demand:
+            handles[name].ready.remote()
 
 
 async def run_plan(plan: GenerationPlan, handles: dict[str, Any], timeout_s: float | None = None,

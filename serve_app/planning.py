@@ -24,7 +24,7 @@ from deployments.contract import (
     TextToImageJob,
     UpscaleJob,
 )
-from serve_app.config import AppConfig, ModelConfig, RefinerChainConfig
+from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.protocol import MAX_SEED, ImageRequest, parse_size
 
@@ -83,6 +83,11 @@ class GenerationPlan:
     @property
     def size(self) -> str:
         return f"{self.width}x{self.height}"
+
+    @property
+    def deployments(self) -> tuple[str, ...]:
+        """The deployments this plan calls, in order (the safety checker last)."""
+        return tuple(stage.deployment for stage in self.stages) + ((SAFETY_NAME,) if self.safety else ())
 
 
 def _resolve(config: AppConfig, name: str | None, default: str | None = None):

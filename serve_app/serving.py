@@ -56,11 +56,6 @@ T = TypeVar("T")
 START_WATCH_FIRST_S, START_WATCH_EVERY_S = 1.0, 2.0
 
 
-def plan_deployments(plan: GenerationPlan) -> list[str]:
-    """The deployments a plan calls, in order (the safety checker last)."""
-    return [stage.deployment for stage in plan.stages] + ([SAFETY_NAME] if plan.safety else [])
-
-
 class ImagesService:
     """``start_failures``, when given, answers ``{deployment: cause}`` for the deployments
     that have no running replica because their replicas fail to start (the ingress reads
@@ -76,7 +71,7 @@ class ImagesService:
         self.on_demand = config.on_demand_deployments()  # woken early in a chain (execution.py)
         self.created = int(time.time())
 
-    async def _unless_start_fails(self, work: Awaitable[T], deployments: list[str]) -> T:
+    async def _unless_start_fails(self, work: Awaitable[T], deployments: tuple[str, ...]) -> T:
         """Await ``work``; if one of ``deployments`` cannot start a replica meanwhile, cancel
         it and raise :class:`ModelUnavailableError` (a load that fails for the server's
         reasons, such as weights missing on the server, is the server's fault)."""
@@ -141,8 +136,7 @@ class ImagesService:
         timeout_s = self.config.ingress.request_timeout_s
         try:
             images = await self._unless_start_fails(
-                run_plan(plan, self.handles, timeout_s, self.on_demand),
-                plan_deployments(plan))
+                run_plan(plan, self.handles, timeout_s, self.on_demand), plan.deployments)
         except TimeoutError:
             raise GatewayTimeoutError(timeout_s) from None
         return await self._respond(plan, images, base_url)
@@ -157,10 +151,9 @@ class ImagesService:
         try:
             # Closed with this generator (a client that goes away): the replica's work stops.
             async with contextlib.aclosing(stream_plan(plan, self.handles, timeout_s, self.on_demand)) as events:
-                deployments = plan_deployments(plan)
                 while True:
                     try:
-                        event = await self._unless_start_fails(anext(events), deployments)
+                        event = await self._unless_start_fails(anext(events), plan.deployments)
                     except StopAsyncIteration:
                         break
                     created = int(time.time())

@@ -72,6 +72,7 @@ def version_report(lock: Path = LOCK_FILE) -> VersionReport:
     pins = locked_versions(lock)
     lines = [f"libraries (against {lock.name}):" if pins is not None else
              f"libraries (no {lock.name} here: an install outside a checkout is not compared):"]
+    unlocked = False  # some key library is missing or not the locked version
     for name in KEY_PACKAGES:
         have = installed(name)
         want = pins.get(normalize(name)) if pins is not None else None
@@ -85,9 +86,10 @@ def version_report(lock: Path = LOCK_FILE) -> VersionReport:
             state = "locked"
         else:
             state = f"NOT the locked {want}"
+        unlocked |= have is None or state.startswith("NOT")
         lines.append(f"  {name:<13} {have or '-':<12} {state}".rstrip())
     problems = [clash] if (clash := peft_clash()) else []
     lines.extend(f"  PROBLEM: {problem}" for problem in problems)
-    if pins is not None and any("NOT" in line for line in lines[1:]):
+    if pins is not None and unlocked:
         lines.append(f"  (install the tested set: python3 -m pip install -c {lock.name} -e .)")
     return VersionReport(lines, problems)

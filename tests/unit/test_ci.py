@@ -41,16 +41,14 @@ def test_the_browser_line_is_the_one_ci_and_the_skip_name():
 def test_the_lock_pins_every_direct_dependency():
     import tomllib
 
+    from serve_app.versions import locked_versions, normalize
+
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
-    pins = {}
-    for line in (REPO_ROOT / "constraints.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[re.sub(r"[-_.]+", "-", name).lower()] = version
+    pins = locked_versions(REPO_ROOT / "constraints.txt")
     wanted = project["dependencies"] + [d for extra in project["optional-dependencies"].values()
                                         for d in extra]
     for requirement in wanted:
-        name = re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9_.-]+", requirement).group()).lower()
+        name = normalize(re.match(r"[A-Za-z0-9_.-]+", requirement).group())
         if name == "serve-app":
             continue
         assert pins.get(name), f"constraints.txt pins no version of {name}"
