@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402 - benchmarks/common.py
-from serve_app.launch import load_serve_config, run_local  # noqa: E402
+from serve_app.tools.launch import load_serve_config, run_local  # noqa: E402
 
 MODEL = "stable-diffusion-2-1"
 SIZE = 512
@@ -70,7 +70,7 @@ def load_bare_pipeline():
     """The tiny SD 2.1 pipeline in this process, as a replica loads it."""
     from diffusers import StableDiffusionPipeline
 
-    from deployments.tiny import materialize_tiny
+    from deployments.standins.tiny import materialize_tiny
 
     import torch
 
@@ -309,7 +309,7 @@ def png_encode_ms(pipe) -> float:
     """fpng (the ingress's default) on one tiny-model output of SIZE x SIZE, best of 5."""
     import numpy as np
 
-    from serve_app.imaging import encode_image
+    from serve_app.service.encoding import encode_image
 
     pixels = bare_call_factory(1, pipe)()[0]
     times = []

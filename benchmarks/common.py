@@ -132,7 +132,7 @@ def serve_floor_app(make_model, route: str = "/v1/images/generations"):
 
         @api.post(route)
         async def generate(self, request: dict):
-            from serve_app.imaging import encode_image
+            from serve_app.service.encoding import encode_image
 
             seed = int(request.get("seed", 0))
             image = await self.model.run.remote(seed)

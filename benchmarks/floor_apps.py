@@ -33,7 +33,7 @@ class TinySD21:
         import torch
         from diffusers import StableDiffusionPipeline
 
-        from deployments.tiny import materialize_tiny
+        from deployments.standins.tiny import materialize_tiny
 
         torch.set_num_threads(os.cpu_count() or 1)  # as the tiny profile's replica does
 

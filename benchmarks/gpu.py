@@ -33,7 +33,7 @@ batch of n images is one job of n seeds: one pipeline call (checked with the bat
    construction.
 2. Peak GPU memory: ``torch.cuda.max_memory_allocated`` (after ``reset_peak_memory_stats``)
    during the largest batch (4) at the case's size, less what was allocated before the
-   model was loaded; against ``serve_app.capacity.estimate_model`` for the same settings
+   model was loaded; against ``serve_app.tools.capacity.estimate_model`` for the same settings
    (weights + activation peak, which the measurement corresponds to; its total adds the
    0.5 GiB CUDA context estimate, which the allocator does not see).
 3. Latency and images/s: SDXL 1024x1024 30 steps (and 20 steps, for the batched goal);
@@ -162,7 +162,7 @@ MODELS = list(dict.fromkeys(case.family for case in CASES))  # load order
 def build_full_pipeline(name: str, folder: Path, device: str) -> None:
     """The full-size pipeline of diffusers family ``name`` with random weights, written to
     ``folder`` in float16: deployments/tiny.py's builder with nothing shrunk, on ``device``."""
-    from deployments.tiny import pipeline_from_real_configs
+    from deployments.standins.tiny import pipeline_from_real_configs
 
     with torch.device(device):
         pipe = pipeline_from_real_configs(name, shrink=False)
@@ -171,7 +171,7 @@ def build_full_pipeline(name: str, folder: Path, device: str) -> None:
 
 def build_full_component(name: str, folder: Path, device: str) -> None:
     """A single diffusers model (the fp16-fix VAE) at full size, random weights."""
-    from deployments.tiny import _from_config, read_real_config
+    from deployments.standins.tiny import _from_config, read_real_config
 
     config = read_real_config(FAMILIES[name].real_config, "config.json")
     with torch.device(device):
@@ -183,7 +183,7 @@ def build_full_esrgan(name: str, folder: Path, device: str) -> Path:
     as a .pth file spandrel reads."""
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    from deployments.tiny import read_real_config
+    from deployments.standins.tiny import read_real_config
 
     kwargs = read_real_config(FAMILIES[name].real_config, "config.json")["spandrel_kwargs"]
     torch.manual_seed(0)
@@ -389,9 +389,9 @@ def bench_model(name: str, compiled: bool, opts, sources: Sources, latents: dict
 
 
 def capacity_estimate(spec: PipelineSpec, case: Case, batch: int, smoke: bool):
-    """``serve_app.capacity.estimate_model`` for this spec at ``batch`` images and the
+    """``serve_app.tools.capacity.estimate_model`` for this spec at ``batch`` images and the
     case's (full) size: the real model's figures, whatever the source."""
-    from serve_app.capacity import estimate_model
+    from serve_app.tools.capacity import estimate_model
 
     ns = types.SimpleNamespace
     info = FAMILIES[spec.family]
@@ -465,7 +465,7 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
     lines += ["", "## Peak GPU memory at the largest batch", "",
               f"`torch.cuda.max_memory_allocated` during a call of {max(opts.batches)} images at "
               "the case's size, less what was allocated before the model loaded; the estimate is "
-              "`serve_app.capacity.estimate_model` for the same spec (the full-size model, "
+              "`serve_app.tools.capacity.estimate_model` for the same spec (the full-size model, "
               "float16) at that batch and size: weights + activation peak (its total adds the "
               f"{0.5:.1f} GiB CUDA context estimate, which the allocator does not count).", "",
               "| model | case | compile | batch | weights loaded (GiB) | measured peak (GiB) | "

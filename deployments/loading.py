@@ -14,8 +14,8 @@ from typing import Any
 import torch
 
 from deployments.contract import PipelineSpec
-from deployments.sim import is_sim, load_sim
-from deployments.tiny import is_tiny_lora, materialize_tiny, resolve_tiny_lora
+from deployments.standins.sim import is_sim, load_sim
+from deployments.standins.tiny import is_tiny_lora, materialize_tiny, resolve_tiny_lora
 
 logger = logging.getLogger("ray.serve")
 

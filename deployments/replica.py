@@ -27,7 +27,7 @@ from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder
 from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
-from deployments.sim import SimPipeline
+from deployments.standins.sim import SimPipeline
 
 def serve_metrics_available() -> bool:
     """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""

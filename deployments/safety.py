@@ -18,7 +18,7 @@ import torch
 from deployments.contract import StageResult, unwrap
 from deployments.families import FAMILIES, SAFETY_CHECKER
 from deployments.loading import load_simulated, logger, resolve_source, select_device
-from deployments.sim import is_sim
+from deployments.standins.sim import is_sim
 from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 

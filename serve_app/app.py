@@ -14,7 +14,7 @@ from ray.serve import Application
 from deployments.families import SAFETY_CHECKER, family
 from deployments.host import ModelHost
 from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
-from serve_app.ingress import ImagesIngress
+from serve_app.fronts.ingress import ImagesIngress
 
 
 def _model_deployment(family_name: str, name: str, options: dict[str, Any], spec: Any):

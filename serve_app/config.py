@@ -22,7 +22,7 @@ from ray.serve.config import AutoscalingConfig
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
 from deployments.contract import LoraRef, PipelineSpec
-from serve_app.protocol import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N, parse_size
+from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N, parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
 

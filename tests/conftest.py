@@ -16,7 +16,7 @@ TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 @pytest.fixture(scope="session")
 def tiny_args() -> dict:
     """The ``args`` of the application in configs/tiny.yaml."""
-    from serve_app.launch import load_serve_config
+    from serve_app.tools.launch import load_serve_config
 
     return load_serve_config(TINY_CONFIG)["applications"][0]["args"]
 

@@ -34,8 +34,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve_app import sources
-from serve_app.launch import free_port, wait_healthy
+from serve_app.tools import sources
+from serve_app.tools.launch import free_port, wait_healthy
 from tests.conftest import REPO_ROOT, ray_start_resources
 
 CLUSTER_CONFIG = REPO_ROOT / "configs" / "cluster.yaml"

@@ -5,7 +5,7 @@ import contextlib
 import httpx
 import pytest
 
-from serve_app.launch import free_port, load_serve_config, run_local, wait_healthy
+from serve_app.tools.launch import free_port, load_serve_config, run_local, wait_healthy
 from tests.conftest import TINY_CONFIG
 
 

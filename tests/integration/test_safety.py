@@ -12,7 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
-from deployments.tiny import SAFETY_CALIBRATION
+from deployments.standins.tiny import SAFETY_CALIBRATION
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import side_app
 
@@ -39,7 +39,7 @@ def oracle():
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
-    from deployments.tiny import materialize_tiny
+    from deployments.standins.tiny import materialize_tiny
 
     folder = materialize_tiny("safety-checker")
     checker = StableDiffusionSafetyChecker.from_pretrained(folder, local_files_only=True).eval()

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from ray import serve
 
-from serve_app.launch import load_serve_config
+from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import side_app
 

@@ -7,10 +7,10 @@ import json
 import pytest
 import yaml
 
-from serve_app import capacity
-from serve_app.capacity import GiB, capacity_command, estimate_app
+from serve_app.tools import capacity
+from serve_app.tools.capacity import GiB, capacity_command, estimate_app
 from serve_app.config import ConfigError, load_app_config, parse_memory
-from serve_app.launch import load_serve_config
+from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT
 
 LOCAL = REPO_ROOT / "configs" / "local-gpu.yaml"

@@ -41,7 +41,7 @@ def test_the_browser_line_is_the_one_ci_and_the_skip_name():
 def test_the_lock_pins_every_direct_dependency():
     import tomllib
 
-    from serve_app.versions import locked_versions, normalize
+    from serve_app.tools.versions import locked_versions, normalize
 
     project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
     pins = locked_versions(REPO_ROOT / "constraints.txt")

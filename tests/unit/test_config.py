@@ -4,7 +4,7 @@ import pytest
 
 from serve_app.app import build_app
 from serve_app.config import ConfigError, load_app_config
-from serve_app.launch import load_serve_config
+from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT
 
 CONFIGS = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -259,7 +259,7 @@ def test_building_the_app_imports_neither_torch_nor_diffusers():
     import sys
 
     code = (
-        "import sys; from serve_app.app import build_app; from serve_app.launch import "
+        "import sys; from serve_app.app import build_app; from serve_app.tools.launch import "
         "load_serve_config; app = load_serve_config('configs/tiny.yaml')['applications'][0]; "
         "build_app(app['args']); "
         "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"

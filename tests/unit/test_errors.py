@@ -4,10 +4,12 @@ from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
 from deployments.errors import InvalidJobError, ServerFaultError
-from serve_app.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
-from serve_app.http import install_error_handlers
-from serve_app.ingress import DeploymentState, StartFailureWatch, deployments_ready, guarded, start_failures
-from serve_app.protocol import ErrorResponse, ImageGenerationRequest
+from serve_app.service.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
+from serve_app.fronts.http import install_error_handlers
+from serve_app.fronts.ingress import guarded
+from serve_app.service.health import DeploymentState, StartFailureWatch, deployments_ready, start_failures
+from serve_app.service.responses import ErrorResponse
+from serve_app.fronts.openai import ImageGenerationRequest
 
 
 def make_client(raise_in_route=None):
@@ -137,7 +139,7 @@ def test_backpressure_is_503_with_retry_after():
 
 
 def test_timeout_is_504_in_the_envelope():
-    from serve_app.errors import GatewayTimeoutError
+    from serve_app.service.errors import GatewayTimeoutError
 
     response = make_client(GatewayTimeoutError(30)).post("/v1/images/generations", json={"prompt": "a"})
     assert response.status_code == 504

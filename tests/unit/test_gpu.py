@@ -54,7 +54,7 @@ def test_safety_checker_in_fp16_agrees_with_float32_on_cpu():
     from deployments.contract import SafetyJob, TextToImageJob
     from deployments.safety import SafetyCheckerDeployment
     from deployments.stable_diffusion import StableDiffusionDeployment
-    from deployments.tiny import SAFETY_CALIBRATION as cal
+    from deployments.standins.tiny import SAFETY_CALIBRATION as cal
 
     sd = StableDiffusionDeployment(spec(dtype="float32"))
     job = TextToImageJob(cal["prompt"], None, cal["size"], cal["size"], cal["steps"], 7.5,

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from serve_app.config import load_app_config
-from serve_app.launch import load_serve_config
+from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT, ray_start_resources
 
 # The RayService schema kept in the project and the KubeRay CRD file it is taken from

@@ -10,15 +10,15 @@ from deployments.arrays import batch_text
 from deployments.batching import BatchEntry
 from deployments.contract import PipelineSpec, TextToImageJob
 from serve_app.config import load_app_config
-from serve_app.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.livepeer import (
+from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
+from serve_app.fronts.livepeer import (
     LivepeerTextToImageRequest,
     parse_loras,
     livepeer_error,
     livepeer_validation_errors,
     split_prompt,
 )
-from serve_app.planning import plan_generation, plan_image_to_image
+from serve_app.service.planning import plan_generation, plan_image_to_image
 
 
 @pytest.fixture
@@ -101,7 +101,7 @@ def test_a_blank_first_prompt_is_refused():
 
 
 def test_image_to_image_counts_the_steps_that_run(config):
-    from serve_app.livepeer import LivepeerImageToImageForm
+    from serve_app.fronts.livepeer import LivepeerImageToImageForm
 
     image = np.zeros((64, 64, 3), np.uint8)
 

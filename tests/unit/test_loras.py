@@ -17,7 +17,7 @@ from deployments.loading import resolve_source
 from deployments.loras import LoraCache, LoraStackError, adapter_name, lora_batch_key
 from deployments.sdxl import SDXLBaseDeployment
 from deployments.stable_diffusion import StableDiffusionDeployment
-from deployments.tiny import materialize_tiny, materialize_tiny_lora, resolve_tiny_lora
+from deployments.standins.tiny import materialize_tiny, materialize_tiny_lora, resolve_tiny_lora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SIZE = 64
@@ -128,7 +128,7 @@ def test_tiny_lora_is_a_seeded_diffusers_lora_file(tmp_path):
 
 
 def test_tiny_lora_bytes_are_the_same_in_another_process(tmp_path):
-    code = ("import sys; from deployments.tiny import materialize_tiny_lora as m; "
+    code = ("import sys; from deployments.standins.tiny import materialize_tiny_lora as m; "
             "print(m('sd21', 'ink', root=sys.argv[1]))")
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env, check=True,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deployments.families import FAMILIES, MODEL_CONFIGS
-from deployments.tiny import METADATA_KEYS, SHRINK_KEYS, materialize_tiny
+from deployments.standins.tiny import METADATA_KEYS, SHRINK_KEYS, materialize_tiny
 
 
 def effective_config(cls_name: str, config: dict) -> dict:
@@ -107,7 +107,7 @@ def test_tiny_esrgan_matches_its_real_config():
     import torch
     from spandrel import ModelLoader
 
-    from deployments.tiny import TINY_WEIGHTS_FILE
+    from deployments.standins.tiny import TINY_WEIGHTS_FILE
 
     real = json.loads((FAMILIES["esrgan"].config_folder / "config.json").read_text())
     model = ModelLoader().load_from_file(materialize_tiny("esrgan") / TINY_WEIGHTS_FILE)
@@ -133,7 +133,7 @@ def test_shrink_keys_are_widths_and_depths():
 
 def test_behaviour_keys_are_the_real_ones():
     """Spot checks of what the issue named, read from the built tiny pipelines."""
-    from deployments.tiny import build_tiny_pipeline
+    from deployments.standins.tiny import build_tiny_pipeline
 
     sd = build_tiny_pipeline("sd21")
     assert sd.scheduler.config.prediction_type == "v_prediction"

@@ -1,7 +1,8 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.protocol import ImageGenerationRequest, parse_size
+from serve_app.service.request import parse_size
+from serve_app.fronts.openai import ImageGenerationRequest
 
 
 def test_defaults_follow_openai():

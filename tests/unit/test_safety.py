@@ -11,11 +11,11 @@ import pytest
 from deployments.errors import InvalidJobError
 from deployments.contract import SafetyJob, Upstream
 from serve_app.config import ConfigError, load_app_config
-from serve_app.errors import InvalidRequestError, ModerationBlockedError
-from serve_app.execution import run_plan
-from serve_app.planning import plan_generation, plan_image_to_image, plan_upscale
-from serve_app.protocol import ImageGenerationRequest, ImageVariationForm
-from serve_app.serving import ImagesService
+from serve_app.service.errors import InvalidRequestError, ModerationBlockedError
+from serve_app.service.execution import run_plan
+from serve_app.service.planning import plan_generation, plan_image_to_image, plan_upscale
+from serve_app.fronts.openai import ImageGenerationRequest, ImageVariationForm
+from serve_app.service.images import ImagesService
 from tests.unit.fakes import FakeSafetyHandle, fake_handles
 from tests.unit.test_planning import edit, edit_form, pixels, upscale_form
 
@@ -138,8 +138,8 @@ def test_without_a_checker_data_carries_no_nsfw(tiny_args):
 
 
 def test_livepeer_safety_check_maps_to_moderation():
-    from serve_app.livepeer import LivepeerTextToImageRequest, rename_param, to_livepeer
-    from serve_app.protocol import ImageData, ImagesResponse, ImagesUsage
+    from serve_app.fronts.livepeer import LivepeerTextToImageRequest, rename_param, to_livepeer
+    from serve_app.service.responses import ImageData, ImagesResponse, ImagesUsage
 
     assert LivepeerTextToImageRequest(prompt="x").to_request().moderation == "auto"
     assert LivepeerTextToImageRequest(prompt="x", safety_check=False).to_request().moderation == "low"
@@ -180,7 +180,7 @@ def calibration_images():
     """Tiny SD 2.1 images of the calibration request, made by the deployment class."""
     from deployments.contract import PipelineSpec, TextToImageJob
     from deployments.stable_diffusion import StableDiffusionDeployment
-    from deployments.tiny import SAFETY_CALIBRATION as cal
+    from deployments.standins.tiny import SAFETY_CALIBRATION as cal
 
     sd = StableDiffusionDeployment(PipelineSpec(name="sd", family="sd21", source="tiny:sd21"))
     job = TextToImageJob(cal["prompt"], None, cal["size"], cal["size"], cal["steps"], 7.5,

@@ -4,9 +4,9 @@ import pytest
 from fastapi import FastAPI, Form
 from fastapi.testclient import TestClient
 
-from serve_app.http import install_error_handlers
-from serve_app.protocol import ImageEditForm, ImageGenerationRequest
-from serve_app.security import GateMiddleware, GateSettings, api_keys_from, key_is_valid
+from serve_app.fronts.http import install_error_handlers
+from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest
+from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from, key_is_valid
 
 
 def make_client(settings: GateSettings) -> TestClient:
@@ -73,7 +73,7 @@ def test_health_stays_open():
 
 
 def test_open_paths_are_matched_below_the_route_prefix():
-    from serve_app.security import route_path
+    from serve_app.fronts.gate import route_path
 
     assert route_path({"path": "/secure/health", "root_path": "/secure"}) == "/health"
     assert route_path({"path": "/health", "root_path": ""}) == "/health"

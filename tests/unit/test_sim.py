@@ -17,7 +17,7 @@ from deployments.esrgan import ESRGANDeployment
 from deployments.latent_upscaler import LatentUpscalerDeployment
 from deployments.safety import SafetyCheckerDeployment
 from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
-from deployments.sim import COSTS, SimPipeline, photo_like
+from deployments.standins.sim import COSTS, SimPipeline, photo_like
 from deployments.stable_diffusion import StableDiffusionDeployment
 from deployments.x4_upscaler import X4UpscalerDeployment
 from serve_app.config import ModelConfig

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app import sources
-from serve_app.cli import main
+from serve_app.tools import sources
+from serve_app.tools.cli import main
 from serve_app.config import load_app_config
-from serve_app.launch import load_serve_config
+from serve_app.tools.launch import load_serve_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
@@ -54,7 +54,7 @@ def listing(folder: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def tiny_sd21(tmp_path_factory) -> Path:
-    from deployments.tiny import materialize_tiny
+    from deployments.standins.tiny import materialize_tiny
 
     return materialize_tiny("sd21", root=tmp_path_factory.mktemp("tiny"))
 
@@ -475,9 +475,9 @@ def test_unanswered_hub_is_not_checked(capsys, tmp_path, monkeypatch):
 
 def test_capacity_subcommand_calls_capacity_command(monkeypatch):
     seen = []
-    fake = types.ModuleType("serve_app.capacity")
+    fake = types.ModuleType("serve_app.tools.capacity")
     fake.capacity_command = lambda config_path, gpu_memory: seen.append((config_path, gpu_memory)) or 3
-    monkeypatch.setitem(sys.modules, "serve_app.capacity", fake)
+    monkeypatch.setitem(sys.modules, "serve_app.tools.capacity", fake)
     assert main(["capacity", "configs/local-gpu.yaml", "--gpu-memory", "24GiB"]) == 3
     assert main(["capacity", "configs/local-gpu.yaml"]) == 3
     assert seen == [("configs/local-gpu.yaml", "24GiB"), ("configs/local-gpu.yaml", None)]

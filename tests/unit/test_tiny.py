@@ -2,7 +2,7 @@ import threading
 
 import pytest
 
-from deployments.tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, materialize_tiny
+from deployments.standins.tiny import TINY_WEIGHTS_FILE, build_tiny_pipeline, materialize_tiny
 
 # Sizes keep their meaning: 512 px is a 64-latent, as for the real models; the x4
 # upscaler's VAE is a factor of 4, as the real one.
@@ -77,7 +77,7 @@ def test_the_builder_unshrunk_is_the_real_architecture():
     (865.9M and 340.4M) and the real configs."""
     import torch
 
-    from deployments.tiny import pipeline_from_real_configs, read_real_config
+    from deployments.standins.tiny import pipeline_from_real_configs, read_real_config
 
     with torch.device("meta"):
         pipe = pipeline_from_real_configs("sd21", shrink=False)

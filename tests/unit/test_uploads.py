@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.errors import InvalidRequestError
-from serve_app.uploads import decode_image, decode_mask, resize
+from serve_app.service.errors import InvalidRequestError
+from serve_app.service.uploads import decode_image, decode_mask, resize
 
 LIMIT = 4096 * 4096
 

@@ -4,8 +4,8 @@ from importlib.metadata import version
 
 import pytest
 
-from serve_app import cli
-from serve_app.versions import KEY_PACKAGES, LOCK_FILE, locked_versions, version_report
+from serve_app.tools import cli
+from serve_app.tools.versions import KEY_PACKAGES, LOCK_FILE, locked_versions, version_report
 from tests.conftest import REPO_ROOT, TINY_CONFIG
 
 

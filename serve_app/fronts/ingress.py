@@ -3,10 +3,9 @@
 
 import asyncio
 import logging
-import re
 import time
 from importlib import resources
-from typing import Annotated, Any, Awaitable, Callable, NamedTuple, TypeVar
+from typing import Annotated, Any, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Form, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -14,9 +13,9 @@ from pydantic import BaseModel
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
-from serve_app.errors import APIError, error_from_exception
-from serve_app.http import install_error_handlers
-from serve_app.livepeer import (
+from serve_app.service.errors import APIError, error_from_exception
+from serve_app.fronts.http import install_error_handlers
+from serve_app.fronts.livepeer import (
     LivepeerHTTPError,
     LivepeerHTTPValidationError,
     LivepeerImageResponse,
@@ -26,25 +25,17 @@ from serve_app.livepeer import (
     rename_param,
     to_livepeer,
 )
-from serve_app.protocol import (
-    ErrorResponse,
-    HealthResponse,
-    ImageEditForm,
-    ImageGenerationRequest,
-    ImagesResponse,
-    ImageVariationForm,
-    ModelCard,
-    ModelList,
-    UpscaleForm,
-)
-from serve_app.metrics import MetricsMiddleware
-from serve_app.planning import GenerationPlan
-from serve_app.security import GateMiddleware, GateSettings, api_keys_from
-from serve_app.serving import ImagesService
+from serve_app.service.responses import ErrorResponse, HealthResponse, ImagesResponse, ModelCard, ModelList
+from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
+from serve_app.fronts.metrics import MetricsMiddleware
+from serve_app.service.planning import GenerationPlan
+from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from
+from serve_app.service.health import DeploymentState, StartFailureWatch, deployments_ready, start_failures
+from serve_app.service.images import ImagesService
 
 T = TypeVar("T")
 
-PLAYGROUND_HTML = resources.files("serve_app").joinpath("static/playground.html").read_text("utf-8")
+PLAYGROUND_HTML = resources.files("serve_app.fronts").joinpath("static/playground.html").read_text("utf-8")
 
 
 class _MultipartAlias:
@@ -102,69 +93,6 @@ api = FastAPI(
 install_error_handlers(api)
 api.add_middleware(GateMiddleware)
 api.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the gate's answers too
-
-# A deployment counts as ready in these states; replicas keep serving while Serve scales.
-_READY_STATES = {"HEALTHY", "UPSCALING", "DOWNSCALING"}
-
-
-class DeploymentState(NamedTuple):
-    """What Serve's status says of one deployment."""
-
-    status: str  # HEALTHY, UPSCALING, UNHEALTHY, DEPLOY_FAILED...
-    running: int  # replicas in the RUNNING state
-    trigger: str = ""  # why the status is what it is: REPLICA_STARTUP_FAILED...
-    message: str = ""  # Serve's message: a failed start ends with the error's last line
-
-
-def deployments_ready(statuses: dict[str, tuple]) -> bool:
-    """``statuses`` maps deployment name to a :class:`DeploymentState` (status, running
-    replicas, ...)."""
-    return bool(statuses) and all(
-        state[0] in _READY_STATES or state[1] > 0 for state in statuses.values()
-    )
-
-
-# Serve gave up starting replicas for now (it retries later): the deployment is one of these
-# with this trigger.
-_FAILED_STATES = {"UNHEALTHY", "DEPLOY_FAILED"}
-_MODULE_PATH = re.compile(r"^(?:[a-z_]\w*\.)+(?=[A-Z]\w*:)")
-
-
-def start_failures(statuses: dict[str, DeploymentState]) -> dict[str, str]:
-    """Deployments without a running replica because their replicas fail to start, each
-    with the cause: the last line of Serve's message, the exception its constructor raised
-    (``FileNotFoundError: ...``), never the traceback above it."""
-    failed = {}
-    for name, state in statuses.items():
-        if (state.running == 0 and state.status in _FAILED_STATES
-                and state.trigger == "REPLICA_STARTUP_FAILED"):
-            lines = [line.strip() for line in state.message.splitlines() if line.strip()]
-            # The exception's class without its module path: "deployments.loras.X: ..." -> "X: ..."
-            cause = _MODULE_PATH.sub("", lines[-1]) if lines else "its replicas fail to start"
-            failed[name] = cause if len(cause) <= 400 else cause[:397] + "..."
-    return failed
-
-
-class StartFailureWatch:
-    """:func:`start_failures` of this application, from ``read`` (a blocking read of Serve's
-    status, run in a thread), read again at most every ``max_age_s``: every waiting request
-    shares one read instead of asking the controller each."""
-
-    def __init__(self, read: Callable[[], dict[str, DeploymentState]], max_age_s: float = 2.0):
-        self.read, self.max_age_s = read, max_age_s
-        self._at, self._failures = float("-inf"), {}
-        self._lock = asyncio.Lock()
-
-    async def __call__(self) -> dict[str, str]:
-        async with self._lock:
-            if time.monotonic() - self._at >= self.max_age_s:
-                try:
-                    self._failures = start_failures(await asyncio.to_thread(self.read))
-                except Exception:  # noqa: BLE001 - the controller busy: keep the last answer
-                    logger.warning("could not read Serve's status", exc_info=True)
-                self._at = time.monotonic()
-            return self._failures
-
 
 async def guarded(call: Awaitable[T], retry_after_s: int = 5) -> T:
     """Await ``call``; any failure becomes the APIError the client should see."""

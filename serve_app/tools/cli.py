@@ -23,7 +23,7 @@ EXIT_OK, EXIT_UNUSABLE, EXIT_INVALID = 0, 1, 2
 
 def _sources(config: str):
     """The config's weights sources, or None (said on stderr) when the config is invalid."""
-    from serve_app import sources
+    from serve_app.tools import sources
     from serve_app.config import ConfigError
 
     try:
@@ -34,8 +34,8 @@ def _sources(config: str):
 
 
 def _check(args: argparse.Namespace) -> int:
-    from serve_app import sources
-    from serve_app.versions import version_report
+    from serve_app.tools import sources
+    from serve_app.tools.versions import version_report
 
     versions = version_report()
     print("\n".join(versions.lines))
@@ -53,9 +53,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from serve_app import sources
+    from serve_app.tools import sources
     from serve_app.config import ConfigError, load_app_config
-    from serve_app.launch import load_serve_config
+    from serve_app.tools.launch import load_serve_config
 
     refs = _sources(args.config)
     if refs is None:
@@ -86,13 +86,13 @@ def _fetch(args: argparse.Namespace) -> int:
 
 def _capacity(args: argparse.Namespace) -> int:
     # Written separately; imported only when asked for.
-    from serve_app.capacity import capacity_command
+    from serve_app.tools.capacity import capacity_command
 
     return capacity_command(args.config, args.gpu_memory)
 
 
 def _tiny_config(args: argparse.Namespace) -> int:
-    from serve_app import sources
+    from serve_app.tools import sources
     from serve_app.config import ConfigError
 
     try:

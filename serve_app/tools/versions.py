@@ -14,7 +14,7 @@ from pathlib import Path
 
 # The libraries a request goes through, in the order a reader thinks of them.
 KEY_PACKAGES = ("torch", "diffusers", "transformers", "peft", "ray", "spandrel")
-LOCK_FILE = Path(__file__).resolve().parent.parent / "constraints.txt"
+LOCK_FILE = Path(__file__).resolve().parents[2] / "constraints.txt"
 
 
 def normalize(name: str) -> str:

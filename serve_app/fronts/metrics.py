@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray.serve import metrics
 
-from serve_app.security import route_path
+from serve_app.fronts.gate import route_path
 
 
 class IngressMetrics:

@@ -1,6 +1,6 @@
 """GPU memory capacity of a Serve config: does every replica fit its share of a GPU?
 
-``serve-app capacity CONFIG [--gpu-memory 24GiB]`` (or ``python3 -m serve_app.capacity``).
+``serve-app capacity CONFIG [--gpu-memory 24GiB]`` (or ``python3 -m serve_app.tools.capacity``).
 For every application and every deployment that loads weights (each model and the safety
 checker), it builds the model's real architecture on the ``meta`` device from the
 configuration files committed in ``deployments/model_configs/`` (no weights, no download),
@@ -350,7 +350,7 @@ def _max_replicas(deployment) -> int:
 def _largest_size(model, app) -> tuple[int, str]:
     """(pixels, label) of the largest output of a generating / refining model: its
     largest named size, or its ``max_pixels`` bound (its chains' too)."""
-    from serve_app.protocol import parse_size
+    from serve_app.service.request import parse_size
 
     limits = [model.limits] + [c.limits for c in app.chains if model.name in (c.base, c.refiner)]
     best = (0, "-")
@@ -562,7 +562,7 @@ def capacity_command(config_path: str, gpu_memory: str | None = None) -> int:
     """Print the memory table of every application of a Serve config file; return 1 when a
     GPU is over-committed, 0 when everything fits (or no GPU memory is known)."""
     from serve_app.config import parse_memory, load_app_config
-    from serve_app.launch import load_serve_config
+    from serve_app.tools.launch import load_serve_config
 
     serve_config = load_serve_config(config_path)
     flag_memory = parse_memory(gpu_memory) if gpu_memory else None

@@ -148,7 +148,7 @@ def load_apps(config_path: str | Path) -> list[tuple[str, Any]]:
     :class:`~serve_app.config.ConfigError` on an invalid config.
     """
     from serve_app.config import ConfigError, load_app_config
-    from serve_app.launch import load_serve_config
+    from serve_app.tools.launch import load_serve_config
 
     try:
         serve_config = load_serve_config(config_path)
@@ -839,7 +839,7 @@ def tiny_twin(config_path: str | Path) -> dict[str, Any]:
     Ray cluster that declares the GPUs it asks for (``ray start --head --num-gpus 4``).
     """
     from serve_app.config import ConfigError, load_app_config
-    from serve_app.launch import load_serve_config
+    from serve_app.tools.launch import load_serve_config
 
     refs = config_sources(config_path)  # validates every application first
     serve_config = load_serve_config(config_path)

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from deployments.families import FAMILIES, SAFETY_CHECKER
-from deployments.tiny import read_real_config
+from deployments.standins.tiny import read_real_config
 
 SIM_PREFIX = "sim:"
 A100_TO_H100 = 1.67  # [E]

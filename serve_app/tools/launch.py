@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def load_serve_config(path: str | Path) -> dict[str, Any]:

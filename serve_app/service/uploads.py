@@ -13,7 +13,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve_app.errors import InvalidRequestError
+from serve_app.service.errors import InvalidRequestError
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}

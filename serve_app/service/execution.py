@@ -15,8 +15,8 @@ from typing import Any, AsyncIterator, Collection
 
 from deployments.contract import ImageToImageJob, SafetyJob, Upstream
 from serve_app.config import SAFETY_NAME
-from serve_app.planning import GenerationPlan, Stage
-from serve_app.uploads import resize
+from serve_app.service.planning import GenerationPlan, Stage
+from serve_app.service.uploads import resize
 
 
 def _sized_inputs(stage: Stage) -> tuple:

@@ -18,7 +18,7 @@ import numpy as np
 
 from deployments.contract import unwrap
 from serve_app.config import SAFETY_NAME, AppConfig
-from serve_app.errors import (
+from serve_app.service.errors import (
     GatewayTimeoutError,
     ModelNotFoundError,
     ModelUnavailableError,
@@ -26,19 +26,12 @@ from serve_app.errors import (
     NotFoundError,
     error_from_exception,
 )
-from serve_app.execution import run_plan, stream_plan
-from serve_app.imaging import encode_image
-from serve_app.planning import GenerationPlan, plan_generation, plan_image_to_image, plan_upscale
-from serve_app.protocol import (
-    ImageData,
-    LoraCard,
-    ImageRequest,
-    ImagesResponse,
-    ImagesUsage,
-    ModelCard,
-    ModelList,
-)
-from serve_app.uploads import decode_image, decode_mask, resize
+from serve_app.service.execution import run_plan, stream_plan
+from serve_app.service.encoding import encode_image
+from serve_app.service.planning import GenerationPlan, plan_generation, plan_image_to_image, plan_upscale
+from serve_app.service.request import ImageRequest
+from serve_app.service.responses import ImageData, ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
+from serve_app.service.uploads import decode_image, decode_mask, resize
 
 
 def sse(payload: dict) -> str:

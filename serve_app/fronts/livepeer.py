@@ -3,7 +3,7 @@
 ``POST /text-to-image`` (JSON), ``POST /image-to-image`` and ``POST /upscale`` (multipart)
 take the fields of Livepeer's ai-runner and answer ``{"images": [{"url": "data:...",
 "seed": ..., "nsfw": ...}]}``. Each adapter converts itself into the internal
-:class:`~serve_app.protocol.ImageRequest`, as the OpenAI-shaped models do, and errors are
+:class:`~serve_app.service.request.ImageRequest`, as the OpenAI-shaped models do, and errors are
 renamed back, so they name the field the client sent.
 """
 
@@ -13,10 +13,10 @@ from __future__ import annotations
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.errors import APIError, InvalidRequestError, ModelNotFoundError
-from serve_app.protocol import (
-    MAX_N, MAX_SEED, ImageRequest, ImagesResponse, LoraSet, PromptField, normalize_loras,
-)
+from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
+from serve_app.service.request import MAX_N, MAX_SEED, ImageRequest, LoraSet, PromptField, lora_set_from_json
+from serve_app.service.responses import ImagesResponse
+
 
 # Our field -> Livepeer's, for error messages.
 _PARAMS = {"model": "model_id", "n": "num_images_per_prompt", "size": "width",
@@ -45,7 +45,7 @@ def parse_loras(loras: str) -> LoraSet:
     """``loras``: Livepeer's JSON map of adapter to weight (``""`` and ``{}``: none), the
     names checked against the model's adapters when the request is planned."""
     try:
-        return normalize_loras(loras)
+        return lora_set_from_json(loras)
     except ValueError as error:
         raise InvalidRequestError(str(error), param="loras") from None
 

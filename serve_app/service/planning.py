@@ -2,7 +2,7 @@
 
 A plan is built and checked against the models' limits before any model work starts;
 planning only builds and checks plans (serve_app/execution.py runs them). Every route's
-request arrives as one :class:`~serve_app.protocol.ImageRequest`.
+request arrives as one :class:`~serve_app.service.request.ImageRequest`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from deployments.contract import (
     UpscaleJob,
 )
 from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
-from serve_app.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.protocol import MAX_SEED, ImageRequest, parse_size
+from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
+from serve_app.service.request import ImageRequest, MAX_SEED, parse_size
 
 # A Hub repository id: owner/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.errors import APIError
-from serve_app.http import error_response, route_path
+from serve_app.service.errors import APIError
+from serve_app.fronts.http import error_response, route_path
 
 API_KEYS_ENV = "SERVE_APP_API_KEYS"
 

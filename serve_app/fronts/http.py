@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.livepeer import LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors
-from serve_app.errors import (
+from serve_app.fronts.livepeer import LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors
+from serve_app.service.errors import (
     APIError,
     InvalidRequestError,
     MethodNotAllowedError,

@@ -1,0 +1,146 @@
+"""The one normalized request: :class:`ImageRequest`, what every front converts its wire
+shape into (``to_request()``), and the request-level rules every front shares: sizes,
+image counts, seeds and LoRA weights.
+
+This module imports neither torch, Ray nor any web framework.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+
+MAX_N = 10
+# A LoRA adapter's weight (its scale): 0 leaves the model as it is, 1 is the adapter as
+# trained, negative values push away from it.
+LORA_WEIGHT_MIN, LORA_WEIGHT_MAX = -2.0, 2.0
+# torch generators take seeds below 2**64; image i of a request uses seed + i.
+MAX_SEED = 2**63 - 1
+
+_SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """Parse ``"WIDTHxHEIGHT"`` into ``(width, height)``; raise ``ValueError`` otherwise."""
+    match = _SIZE_RE.match(size)
+    if not match:
+        raise ValueError(f"size must be 'WIDTHxHEIGHT', such as '512x512'; got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def _check_size(value: str | None) -> str | None:
+    if value is not None and value != "auto":
+        parse_size(value)
+    return value
+
+
+def _check_prompt(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must not be blank")
+    return value
+
+
+# "WIDTHxHEIGHT" or "auto"; and a prompt that is not only whitespace.
+SizeField = Annotated[str | None, AfterValidator(_check_size)]
+PromptField = Annotated[str, AfterValidator(_check_prompt)]
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA adapters of a request, declared once as pydantic types
+# ---------------------------------------------------------------------------------------
+
+LoraSet = tuple[tuple[str, float | None], ...]
+
+AdapterName = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+LoraWeightValue = Annotated[
+    float, Field(ge=LORA_WEIGHT_MIN, le=LORA_WEIGHT_MAX, allow_inf_nan=False, strict=True)
+]
+
+
+class LoraWeight(BaseModel):
+    """One adapter of a request and its weight (omitted: the adapter's default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: AdapterName = Field(description="Adapter name.")
+    weight: LoraWeightValue | None = Field(
+        default=None,
+        description=f"Its weight, {LORA_WEIGHT_MIN} to {LORA_WEIGHT_MAX}; omitted: its default.",
+    )
+
+
+# ``loras`` on the wire: a map of name to weight, or a list of {"name", "weight"}.
+Loras = dict[AdapterName, LoraWeightValue | None] | list[LoraWeight]
+_LORAS = TypeAdapter(Loras)
+
+
+def _unique(pairs: LoraSet) -> LoraSet:
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise ValueError("loras names the same adapter twice")
+    return pairs
+
+
+def lora_set(value: Any) -> LoraSet:
+    """``loras`` as ``((name, weight or None), ...)``, from a validated :data:`Loras`."""
+    if not value:
+        return ()
+    if isinstance(value, dict):
+        pairs = tuple((name, None if w is None else float(w)) for name, w in value.items())
+    else:
+        pairs = tuple((entry.name, entry.weight) for entry in value)
+    return _unique(pairs)
+
+
+def lora_set_from_json(text: str | None) -> LoraSet:
+    """``loras`` sent as JSON text (multipart forms, Livepeer's runner): validated as
+    :data:`Loras` (``""`` is none). Raises ValueError with pydantic's reason."""
+    if text is None or not text.strip():
+        return ()
+    try:
+        return lora_set(_LORAS.validate_json(text))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"][1:])  # [0] is the union branch
+        if first["type"] == "json_invalid":
+            raise ValueError(
+                'loras must be a JSON map of adapter to weight, such as {"ink": 0.8}, or a '
+                'list such as [{"name": "ink", "weight": 0.8}]'
+            ) from None
+        raise ValueError(f"loras{'.' + where if where else ''}: {first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A request as planning takes it, whichever front and wire shape it came in: each wire
+    model converts itself (``to_request``). Uploads travel beside it, decoded."""
+
+    task: Literal["generate", "edit", "variation", "upscale"]
+    prompt: str = ""
+    # Prompts for a model's further text encoders (SDXL's second), from Livepeer's
+    # 'first | second' prompts; planning refuses them for a model with fewer encoders.
+    more_prompts: tuple[str, ...] = ()
+    more_negative_prompts: tuple[str, ...] = ()
+    model: str | None = None
+    n: int = 1
+    size: str | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    high_noise_frac: float | None = None
+    strength: float | None = None
+    noise_level: int | None = None
+    width: int | None = None
+    height: int | None = None
+    upscale: str | None = None
+    stream: bool = False
+    partial_images: int | None = None
+    loras: LoraSet = ()
+    moderation: str = "auto"
+    response_format: str = "b64_json"
+    output_format: str = "png"
+    output_compression: int | None = None
