@@ -112,6 +112,7 @@ import torch  # noqa: E402
 
 from deployments.contract import PipelineSpec, RefineJob, TextToImageJob, UpscaleJob  # noqa: E402
 from deployments.families import FAMILIES, family_of_source  # noqa: E402
+from deployments.sources import Source  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
 GiB = common.GiB
@@ -247,7 +248,7 @@ def make_spec(name: str, sources: Sources, compile_: bool, max_batch: int) -> Pi
     model = cluster_model(name)
     vae = model.get("vae")
     if vae is not None:
-        vae = sources(family_of_source(vae).name)
+        vae = sources(family_of_source(Source.parse(vae)).name)
     return PipelineSpec(name=f"bench-{name}", family=name, source=sources(name),
                         dtype=model.get("dtype", "float16"), compile=compile_,
                         max_batch_images=max_batch, vae=vae,
@@ -405,8 +406,8 @@ def capacity_estimate(spec: PipelineSpec, case: Case, batch: int, smoke: bool):
                   max_input_pixels=width * height if upscaler else None),
         cpu_offload=spec.cpu_offload,
         # The real configs: tiny sources and the built folders both describe the real model.
-        source=f"tiny:{spec.family}" if smoke else spec.source,
-        vae=(f"tiny:{family_of_source(cluster_model(spec.family)['vae']).name}"
+        source=Source.parse(f"tiny:{spec.family}") if smoke else spec.source,
+        vae=(Source.parse(f"tiny:{family_of_source(Source.parse(cluster_model(spec.family)['vae'])).name}")
              if smoke and spec.vae else spec.vae),
         preview_decoder=spec.preview_decoder, vae_tiling=spec.vae_tiling, vae_slicing=spec.vae_slicing,
     )

@@ -217,9 +217,9 @@ def report_name(device: str, smoke: bool) -> str:
 
 
 def lora_size_kib() -> float:
-    from deployments.loading import resolve_source
+    from deployments.sources import local_path
 
-    folder = Path(resolve_source(ADAPTER_A.source))
+    folder = Path(local_path(ADAPTER_A.source))
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 1024
 
 

@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
+from deployments.sources import Source
+
 
 @dataclass(frozen=True)
 class PipelineSpec:
@@ -25,7 +27,7 @@ class PipelineSpec:
 
     name: str
     family: str
-    source: str
+    source: Source
     revision: str | None = None
     variant: str | None = None
     dtype: str = "float16"
@@ -35,8 +37,8 @@ class PipelineSpec:
     cpu_threads: int | None = None
     max_batch_images: int = 8
     batch_wait_timeout_s: float = 0.0
-    preview_decoder: str | None = None  # a tiny autoencoder for stream previews
-    vae: str | None = None  # a replacement VAE (same latent space)
+    preview_decoder: Source | None = None  # a tiny autoencoder for stream previews
+    vae: Source | None = None  # a replacement VAE (same latent space)
     vae_tiling: bool = False
     vae_slicing: bool = False
     max_loaded_loras: int = 8  # LoRA adapters kept loaded; the least recently used leave
@@ -46,18 +48,31 @@ class PipelineSpec:
     loras: tuple = ()
     hub_loras: bool = False  # requests may name Hub LoRAs (the start probes the stack then too)
 
+    def __post_init__(self):
+        # Sources arrive parsed from the config; a spec written by hand (tests, benchmarks)
+        # may name them as text, parsed here by the one parser.
+        for key in ("source", "preview_decoder", "vae"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                object.__setattr__(self, key, Source.parse(value))
+
 
 @dataclass(frozen=True)
 class LoraRef:
     """One LoRA adapter a job runs with: ``name`` is its adapter name in the pipeline (the
-    configured name, or the Hub id of a client-named one), ``source`` a Hub id, a local
-    folder, or ``tiny:lora/<family>/<name>``; ``weight_name`` the file in it (None: the
-    diffusers default); ``weight`` its scale (0 leaves the model as it is)."""
+    configured name, or the Hub id of a client-named one), ``source`` where its weights are
+    (:class:`~deployments.sources.Source`: a Hub id, a local folder, a stand-in such as
+    ``tiny:lora/<family>/<name>``); ``weight_name`` the file in it (None: the diffusers
+    default); ``weight`` its scale (0 leaves the model as it is)."""
 
     name: str
-    source: str
+    source: Source
     weight_name: str | None
     weight: float
+
+    def __post_init__(self):
+        if isinstance(self.source, str):
+            object.__setattr__(self, "source", Source.parse(self.source))
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Real-ESRGAN x2 (and other ESRGAN-family nets), loaded with spandrel from a .pth file.
 
-spandrel detects the architecture and scale from the state dict, so the tiny seeded net
-and the real RealESRGAN_x2plus.pth go through the same loading code.
+spandrel detects the architecture and scale from the state dict, so any .pth or
+.safetensors file of the family loads through the same code: a local file, one Hub file
+(``hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth``), or a stand-in's.
 """
 
 from __future__ import annotations
@@ -12,32 +13,10 @@ import torch
 from deployments.batching import PipelineCancelled, batch_cancelled
 from deployments.contract import unwrap
 from deployments.arrays import pixels_to_uint8
-from deployments.loading import load_simulated, logger, select_device
-from deployments.standins.sim import is_sim
-from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
-from deployments.standins.tiny import TINY_WEIGHTS_FILE, materialize_tiny
-
-
-def resolve_weights_file(source: str) -> str:
-    """A local .pth path for ``source``.
-
-    ``tiny:esrgan`` builds the tiny net; ``hf://OWNER/REPO/PATH/FILE.pth[@REVISION]``
-    downloads one file from the Hub (cached); anything else is a local path.
-    """
-    if source.startswith("tiny:"):
-        return str(materialize_tiny(source.removeprefix("tiny:")) / TINY_WEIGHTS_FILE)
-    if source.startswith("hf://"):
-        from huggingface_hub import hf_hub_download
-
-        reference, _, revision = source.removeprefix("hf://").partition("@")
-        parts = reference.split("/")
-        if len(parts) < 3:
-            raise ValueError(f"expected hf://OWNER/REPO/FILE, got {source!r}")
-        return hf_hub_download(
-            repo_id="/".join(parts[:2]), filename="/".join(parts[2:]), revision=revision or None
-        )
-    return source
+from deployments.loading import load_stand_in, logger, select_device
+from deployments.replica import PipelineDeployment
+from deployments.sources import local_path
 
 
 class ESRGANDeployment(PipelineDeployment):
@@ -46,10 +25,11 @@ class ESRGANDeployment(PipelineDeployment):
     def load(self, spec):
         from spandrel import ImageModelDescriptor, ModelLoader
 
-        if is_sim(spec.source):
-            return load_simulated(spec)
+        stand_in = load_stand_in(spec)
+        if stand_in is not None:
+            return stand_in
         device, dtype = select_device(spec)
-        model = ModelLoader().load_from_file(resolve_weights_file(spec.source))
+        model = ModelLoader().load_from_file(local_path(spec.source))
         if not isinstance(model, ImageModelDescriptor):
             raise ValueError(f"{spec.source} is not an image-to-image model")
         model.to(device).eval()

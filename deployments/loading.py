@@ -1,7 +1,9 @@
-"""Loading a replica's model: weights sources, device and dtype, the pipeline itself.
+"""Loading a replica's model: device and dtype, the pipeline itself.
 
-The same ``from_pretrained`` calls serve real Hub weights, local folders and the tiny
-models (``tiny:<family>``), so tests exercise the production loading path.
+Weights come through :func:`deployments.sources.local_path`, so the same
+``from_pretrained`` calls serve real Hub weights, local folders and any stand-in kind that
+supplies weights (tests exercise the production loading path); a kind that supplies a whole
+model instead (:func:`deployments.sources.stand_in_model`) replaces the load.
 """
 
 from __future__ import annotations
@@ -14,26 +16,12 @@ from typing import Any
 import torch
 
 from deployments.contract import PipelineSpec
-from deployments.standins.sim import is_sim, load_sim
-from deployments.standins.tiny import is_tiny_lora, materialize_tiny, resolve_tiny_lora
+from deployments.loras import fuse_loras, probe_lora_stack
+from deployments.sources import Source, local_path, stand_in_model
 
 logger = logging.getLogger("ray.serve")
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def resolve_source(source: str) -> str:
-    """Turn a weights source into something ``from_pretrained`` accepts.
-
-    ``tiny:<family>`` is built (once) into a local folder, as is a tiny LoRA
-    ``tiny:lora/<family>/<name>`` (for ``load_lora_weights``); a Hub id or a local path is
-    passed through unchanged.
-    """
-    if is_tiny_lora(source):
-        return str(resolve_tiny_lora(source))
-    if source.startswith("tiny:"):
-        return str(materialize_tiny(source.removeprefix("tiny:")))
-    return source
 
 
 def select_device(spec: PipelineSpec) -> tuple[str, torch.dtype]:
@@ -57,6 +45,7 @@ def cpu_threads(spec: PipelineSpec) -> int:
 
 def _from_pretrained_kwargs(source: str, dtype: torch.dtype, revision: str | None = None,
                             variant: str | None = None) -> dict[str, Any]:
+    """``source`` is a :func:`local_path`: a folder here loads without asking the Hub."""
     kwargs: dict[str, Any] = {"dtype": dtype}
     if revision:
         kwargs["revision"] = revision
@@ -74,11 +63,14 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "max-autotune-no-cudagraphs", "dynami
                                    "fullgraph": True}
 
 
-def load_simulated(spec: PipelineSpec):
-    """A ``sim:<family>`` source (benchmarks only): the same deployment around a pipeline
-    that sleeps for the compute (deployments/sim.py); returns (pipeline, device)."""
-    logger.info("%s: SIMULATED %s (benchmarks only)", spec.name, spec.source)
-    return load_sim(spec.family), "cpu"
+def load_stand_in(spec: PipelineSpec):
+    """The whole model a stand-in source kind supplies (the benchmarks' simulated
+    accelerator), as (model, device), or None when the source has weights to load."""
+    model = stand_in_model(spec.source, spec.family)
+    if model is None:
+        return None
+    logger.info("%s: STAND-IN %s (not a model: never serve it to users)", spec.name, spec.source)
+    return model, "cpu"
 
 
 def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
@@ -87,17 +79,18 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     The same ``from_pretrained`` call serves real Hub weights, a local folder and the tiny
     models, so tests exercise the production loading path.
     """
-    if is_sim(spec.source):
-        return load_simulated(spec)
+    stand_in = load_stand_in(spec)
+    if stand_in is not None:
+        return stand_in
     device, dtype = select_device(spec)
-    source = resolve_source(spec.source)
+    source = local_path(spec.source)
     # The variant is asked for on CPU too: a folder from `serve-app fetch` may hold only
     # the variant's weights (they are cast to this replica's dtype on load).
     kwargs = _from_pretrained_kwargs(source, dtype, spec.revision, spec.variant)
     if spec.vae:
         from diffusers import AutoencoderKL
 
-        vae_source = resolve_source(spec.vae)
+        vae_source = local_path(spec.vae)
         kwargs["vae"] = AutoencoderKL.from_pretrained(vae_source,
                                                       **_from_pretrained_kwargs(vae_source, dtype))
     pipe = pipeline_cls.from_pretrained(source, **kwargs)
@@ -107,8 +100,6 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     if spec.vae_slicing:
         pipe.vae.enable_slicing()
     if spec.fused_loras:
-        from deployments.loras import fuse_loras
-
         fuse_loras(pipe, spec.fused_loras)  # before moving and compiling: merged once
     if device == "cuda":
         # PyTorch's scaled_dot_product_attention (flash / memory-efficient kernels).
@@ -122,8 +113,6 @@ def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     else:
         pipe.to(device)
     if spec.loras or spec.hub_loras:
-        from deployments.loras import probe_lora_stack
-
         # On the device, before compiling: a broken LoRA stack stops the start, not every request.
         probe_lora_stack(pipe, spec.name, spec.loras)
     if device == "cuda" and spec.compile:
@@ -142,7 +131,7 @@ def load_preview_decoder(spec: PipelineSpec, device: str):
     from diffusers import AutoencoderTiny
 
     _, dtype = select_device(spec)
-    source = resolve_source(spec.preview_decoder)
+    source = local_path(spec.preview_decoder)
     decoder = AutoencoderTiny.from_pretrained(source, **_from_pretrained_kwargs(source, dtype))
     decoder = decoder.to(device).eval()
     logger.info("%s: stream previews decoded by %s", spec.name, spec.preview_decoder)

@@ -6,7 +6,7 @@ weight). The replica's :class:`LoraCache`, always on the replica's one pipeline 
 - **loads** an adapter the first time a batch needs it, through diffusers' own
   ``pipe.load_lora_weights(source, weight_name=..., adapter_name=...)`` (peft layers injected
   into the UNet and text encoders), so real Hub LoRAs, local folders and the tiny seeded ones
-  (``tiny:lora/<family>/<name>``) take one path;
+  (``tiny:lora/<family>/<name>``) take one path (deployments/sources.py);
 - **evicts** the least recently used adapter that the batch does not need
   (``pipe.delete_adapters``) before a load would keep more than ``spec.max_loaded_loras``;
 - **activates** exactly the batch's adapters and weights before each pipeline call
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import warnings
 from collections import OrderedDict
@@ -51,7 +50,7 @@ import torch
 
 from deployments.contract import LoraRef, PipelineSpec
 from deployments.errors import InvalidJobError, ServerFaultError
-from deployments.loading import resolve_source
+from deployments.sources import LOCAL, local_path
 
 logger = logging.getLogger("ray.serve")
 
@@ -63,7 +62,7 @@ def lora_batch_key(refs: Sequence[LoraRef]) -> tuple:
     """The part of a job's batch key that its adapters make: jobs batch together only with
     the same adapters (names, files) at the same weights. Sorted by name, as they are
     activated, so that the order a client listed them in changes nothing."""
-    return tuple(sorted((ref.name, ref.source, ref.weight_name, float(ref.weight)) for ref in refs))
+    return tuple(sorted((ref.name, str(ref.source), ref.weight_name, float(ref.weight)) for ref in refs))
 
 
 # peft keeps an adapter's layers in ModuleDicts (and ParameterDicts) keyed by its name.
@@ -90,8 +89,8 @@ def adapter_source(ref: LoraRef) -> str:
     """What ``load_lora_weights`` takes for ``ref``: a tiny LoRA built (once), a Hub id, or a
     local path, which must exist (else diffusers reads it as a Hub id and reports something
     else)."""
-    source = resolve_source(ref.source)
-    if (os.path.isabs(source) or source.startswith((".", "~"))) and not Path(source).exists():
+    source = local_path(ref.source)
+    if ref.source.kind == LOCAL and not Path(source).exists():
         raise FileNotFoundError("no such file or folder")
     return source
 
@@ -362,7 +361,7 @@ def fuse_loras(pipe: Any, refs: Sequence[LoraRef]) -> None:
     names = []
     for ref in refs:
         name = adapter_name(ref.name)
-        pipe.load_lora_weights(resolve_source(ref.source), weight_name=ref.weight_name,
+        pipe.load_lora_weights(local_path(ref.source), weight_name=ref.weight_name,
                                adapter_name=name)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[ref.weight for ref in refs])

@@ -27,7 +27,6 @@ from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder
 from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
-from deployments.standins.sim import SimPipeline
 
 def serve_metrics_available() -> bool:
     """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""
@@ -272,8 +271,8 @@ class ImageToImageMixin:
     inpaint_cls: Any = None
 
     def _init_image_pipelines(self) -> None:
-        if isinstance(self.pipe, SimPipeline):
-            self.img2img = self.inpaint = self.pipe  # it takes every call's arguments
+        if self.spec.source.stand_in and not isinstance(self.pipe, self.pipeline_cls):
+            self.img2img = self.inpaint = self.pipe  # a whole stand-in takes every call itself
             return
         # from_pipe casts every shared module to its dtype argument, float32 by default:
         # without it, a float16 replica would serve in float32.

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 
 from deployments.contract import StageResult, unwrap
-from deployments.families import FAMILIES, SAFETY_CHECKER
-from deployments.loading import load_simulated, logger, resolve_source, select_device
-from deployments.standins.sim import is_sim
-from deployments.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
+from deployments.loading import load_stand_in, logger, select_device
+from deployments.replica import PipelineDeployment
+from deployments.sources import local_path
 
 # Gaussian blur radius of a flagged image, as a fraction of its longer side.
 BLUR_RADIUS_FRACTION = 0.04
@@ -42,11 +41,12 @@ class SafetyCheckerDeployment(PipelineDeployment):
         from transformers import CLIPImageProcessor
 
         device, dtype = select_device(spec)
-        if is_sim(spec.source):  # the real image processor, a simulated checker
-            self.processor = CLIPImageProcessor.from_pretrained(FAMILIES[SAFETY_CHECKER].config_folder)
-            self.dtype = dtype
-            return load_simulated(spec)
-        source = resolve_source(spec.source)
+        self.dtype = dtype
+        stand_in = load_stand_in(spec)
+        if stand_in is not None:  # a whole stand-in checker brings its image processor
+            self.processor = stand_in[0].processor
+            return stand_in
+        source = local_path(spec.source)
         kwargs = {"revision": spec.revision} if spec.revision else {}
         if Path(source).is_dir():
             kwargs["local_files_only"] = True

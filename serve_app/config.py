@@ -7,10 +7,13 @@ fails at deploy time with the offending path in the message.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
+    PlainSerializer,
+    WithJsonSchema,
     ConfigDict,
     Field,
     SecretStr,
@@ -22,9 +25,19 @@ from ray.serve.config import AutoscalingConfig
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
 from deployments.contract import LoraRef, PipelineSpec
+from deployments.sources import Source
 from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N, parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
+
+# A weights source, parsed once here (deployments/sources.py) and written back as its text.
+SourceField = Annotated[
+    Source,
+    BeforeValidator(Source.parse),
+    PlainSerializer(str, return_type=str),
+    WithJsonSchema({"type": "string", "description": "Hub id, local folder, hf://ID[@REV]/PATH, "
+                    "or KIND:NAME of an installed source kind (tiny:, sim:)."}),
+]
 
 
 class _Strict(BaseModel):
@@ -263,8 +276,7 @@ class LoraAdapterConfig(_Strict):
     """A LoRA adapter a model's requests may name."""
 
     name: str = Field(min_length=1, description="The name requests use (`loras`).")
-    source: str = Field(
-        min_length=1,
+    source: SourceField = Field(
         description="Hub id, local folder, or 'tiny:lora/<family>/<name>' for a tiny seeded one.",
     )
     weight_name: str | None = Field(
@@ -344,8 +356,7 @@ class ModelConfig(_Served, _WeightsReplica):
     family: Family = Field(
         description="Model family (deployments/families.py): " + ", ".join(SERVED_FAMILIES) + "."
     )
-    source: str = Field(
-        min_length=1,
+    source: SourceField = Field(
         description="Hub id, local folder, 'tiny:<family>' for tiny random weights, or "
         "'sim:<family>' for a simulated accelerator (benchmarks only: it sleeps for an "
         "H100's time and returns made-up images; deployments/sim.py).",
@@ -359,13 +370,13 @@ class ModelConfig(_Served, _WeightsReplica):
         description="CUDA only: torch.compile the UNet (dynamic shapes, no CUDA graphs), "
         "warmed up at start.",
     )
-    preview_decoder: str | None = Field(
+    preview_decoder: SourceField | None = Field(
         default=None,
         description="Tiny autoencoder for streamed previews, of the model's latent space "
         "(madebyollin/taesd for SD 2.1, madebyollin/taesdxl for SDXL, a local folder, or "
         "'tiny:taesd' / 'tiny:taesdxl'); default: a linear latent-to-RGB projection.",
     )
-    vae: str | None = Field(
+    vae: SourceField | None = Field(
         default=None,
         description="A replacement VAE of the same latent space, e.g. "
         "madebyollin/sdxl-vae-fp16-fix for SDXL: decodes in float16 instead of upcasting "
@@ -401,12 +412,11 @@ class ModelConfig(_Served, _WeightsReplica):
 
     @model_validator(mode="after")
     def _family_requirements(self) -> ModelConfig:
-        for prefix in ("tiny:", "sim:"):
-            if self.source.startswith(prefix) and self.source != f"{prefix}{self.family}":
-                raise ValueError(
-                    f"source {self.source!r} does not match family {self.family!r} "
-                    f"(use '{prefix}{self.family}')"
-                )
+        if self.source.stand_in and self.source.family != self.family:
+            raise ValueError(
+                f"source {str(self.source)!r} does not match family {self.family!r} "
+                f"(use '{self.source.kind}:{self.family}')"
+            )
         caps = self.capabilities
         if self.preview_decoder is not None:
             if "text-to-image" not in caps:
@@ -445,28 +455,35 @@ class ModelConfig(_Served, _WeightsReplica):
         if len(set(fused)) != len(fused) or set(fused) - set(names):
             raise ValueError(f"fused_loras: each must name a different adapter of loras ({names})")
         for adapter in self.loras:
-            if adapter.source.startswith("tiny:"):
-                parts = adapter.source.split("/")
-                if len(parts) != 3 or parts[0] != "tiny:lora" or not parts[2]:
-                    raise ValueError(f"loras: {adapter.source!r}: expected 'tiny:lora/<family>/<name>'")
-                if parts[1] != self.family:
+            source = adapter.source
+            if source.stand_in:
+                if source.lora is None:
+                    raise ValueError(f"loras: {str(source)!r}: expected "
+                                     f"'{source.kind}:lora/<family>/<name>'")
+                if source.lora[0] != self.family:
                     raise ValueError(
-                        f"loras: {adapter.source!r} is a LoRA of {parts[1]}, not of {self.family}"
+                        f"loras: {str(source)!r} is a LoRA of {source.lora[0]}, not of {self.family}"
                     )
 
-    def _check_component(self, key: str, source: str, capability: str) -> None:
-        """A known component (tiny or a registered Hub id) must do ``capability`` in this
-        model's latent space; a local folder or another Hub id is taken on trust."""
+    def _check_component(self, key: str, source: Source, capability: str) -> None:
+        """A known component (a stand-in or a registered Hub id) must do ``capability`` in
+        this model's latent space; a local folder or another Hub id is taken on trust."""
         known = family_of_source(source)
         if known is None:
-            if source.startswith("tiny:"):
-                raise ValueError(f"{key}: unknown tiny source {source!r}")
+            if source.stand_in:
+                raise ValueError(f"{key}: unknown {source.kind} source {str(source)!r}")
             return
         if capability not in known.capabilities or known.latent_space != self.info.latent_space:
             fitting = component_for(capability, self.info.latent_space)
+            if fitting is None:
+                hint = "none"
+            elif source.stand_in:
+                hint = f"{source.kind}:{fitting.name}"
+            else:  # a Hub id: the real one, and the tiny profile's
+                hint = f"{fitting.hub_source} (tiny profile: tiny:{fitting.name})"
             raise ValueError(
-                f"{key}: {source!r} is not a {capability} of {self.family}'s latent space "
-                f"({self.info.latent_space}); use {f'tiny:{fitting.name}' if fitting else 'none'}"
+                f"{key}: {str(source)!r} is not a {capability} of {self.family}'s latent space "
+                f"({self.info.latent_space}); use {hint}"
             )
 
     @property
@@ -639,9 +656,9 @@ RESERVED_NAMES = (INGRESS_NAME, STORE_NAME, SAFETY_NAME)
 class SafetyConfig(_WeightsReplica):
     """The optional safety checker: Stable Diffusion's NSFW classifier on every output."""
 
-    source: str = Field(
+    source: SourceField = Field(
         default=FAMILIES[SAFETY_CHECKER].hub_source,
-        min_length=1,
+        validate_default=True,
         description="Hub id or local folder of the checker's weights, or 'tiny:safety-checker'.",
     )
     policy: Literal["flag", "blur", "reject"] = Field(
@@ -661,9 +678,8 @@ class SafetyConfig(_WeightsReplica):
 
     @model_validator(mode="after")
     def _check(self) -> SafetyConfig:
-        for prefix in ("tiny:", "sim:"):
-            if self.source.startswith(prefix) and self.source != f"{prefix}{SAFETY_CHECKER}":
-                raise ValueError(f"source {self.source!r}: use '{prefix}{SAFETY_CHECKER}'")
+        if self.source.stand_in and self.source.family != SAFETY_CHECKER:
+            raise ValueError(f"source {str(self.source)!r}: use '{self.source.kind}:{SAFETY_CHECKER}'")
         return self
 
     def pipeline_spec(self) -> PipelineSpec:

@@ -51,15 +51,11 @@ from typing import Any
 import numpy as np
 
 from deployments.families import FAMILIES, SAFETY_CHECKER
+from deployments.sources import Source
 from deployments.standins.tiny import read_real_config
 
-SIM_PREFIX = "sim:"
 A100_TO_H100 = 1.67  # [E]
 MP = 1024 * 1024  # a "megapixel" here: one 1024x1024 image
-
-
-def is_sim(source: str | None) -> bool:
-    return bool(source) and source.startswith(SIM_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -364,3 +360,24 @@ def load_sim(family: str) -> SimPipeline:
     if family not in COSTS:
         raise ValueError(f"no simulated accelerator for {family!r}; known: {', '.join(COSTS)}")
     return SimPipeline(family)
+
+
+class SimSourceKind:
+    """``sim:<family>``: no weights; the family's deployment runs a :class:`SimPipeline`."""
+
+    def local_path(self, source: Source) -> str:
+        raise ValueError(f"{source}: a simulated accelerator has no weights to load")
+
+    def model(self, source: Source, family: str) -> SimPipeline:
+        if source.family != family:
+            raise ValueError(f"{source} stands in for {source.family}, not for {family}")
+        pipe = load_sim(family)
+        if family == SAFETY_CHECKER:
+            # The safety deployment feeds its checker through the real image processor.
+            from transformers import CLIPImageProcessor
+
+            pipe.processor = CLIPImageProcessor.from_pretrained(FAMILIES[family].config_folder)
+        return pipe
+
+
+SOURCE_KIND = SimSourceKind()

@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import zlib
 from pathlib import Path
 from typing import Any
 
-from deployments.families import FAMILIES, SAFETY_CHECKER, family, load_attribute
+from deployments.families import FAMILIES, SAFETY_CHECKER, family
+from deployments.sources import Source
 
 # Bump when the tiny architectures change, so stale caches are not reused.
 TINY_VERSION = "6"
@@ -461,7 +461,7 @@ def materialize_tiny(name: str, root: Path | None = None) -> Path:
     root = Path(root) if root is not None else tiny_cache_root()
     return _build_atomically(
         root / f"{name}-v{TINY_VERSION}",
-        lambda staging: load_attribute(FAMILIES[name].tiny_builder)(name, staging),
+        lambda staging: _builder(name)(name, staging),
         {"family": name, "version": TINY_VERSION},
     )
 
@@ -470,7 +470,6 @@ def materialize_tiny(name: str, root: Path | None = None) -> Path:
 # of ``family``, written in diffusers' LoRA format and loaded by ``load_lora_weights`` as a
 # real one is. Bump when the recipe below changes (TINY_VERSION bumps rebuild them too).
 TINY_LORA_VERSION = "2"
-TINY_LORA_PREFIX = "tiny:lora/"
 TINY_LORA_RANK = 4
 # lora_B is scaled by this at build: with torch's default init alone the delta is faint, and
 # with attention from UNet level 2 only (ATTENTION_FROM_LEVEL) an
@@ -480,30 +479,24 @@ TINY_LORA_GAIN = 3.0
 # CLIP text encoders' attention projections.
 TINY_LORA_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TINY_LORA_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
-_TINY_LORA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 # The families whose replicas take LoRA adapters (SD 2.1, SDXL base).
 TINY_LORA_FAMILIES = ("sd21", "sdxl")
 
 
-def is_tiny_lora(source: str) -> bool:
-    return source.startswith(TINY_LORA_PREFIX)
-
-
-def parse_tiny_lora(source: str) -> tuple[str, str]:
+def parse_tiny_lora(source: str | Source) -> tuple[str, str]:
     """``tiny:lora/<family>/<name>`` -> (family, name); ValueError when malformed."""
-    parts = source.removeprefix(TINY_LORA_PREFIX).split("/") if is_tiny_lora(source) else []
-    if len(parts) != 2:
-        raise ValueError(f"{source!r}: a tiny LoRA source is 'tiny:lora/<family>/<name>'")
-    family_name, name = parts
-    if family_name not in TINY_LORA_FAMILIES:
-        raise ValueError(f"{source!r}: no tiny LoRAs of family {family_name!r}; known: "
+    parsed = Source.parse(source)
+    lora = parsed.lora if parsed.kind == "tiny" else None
+    if lora is None:
+        raise ValueError(f"{str(source)!r}: a tiny LoRA source is 'tiny:lora/<family>/<name>' "
+                         "(a name of letters, digits, '_' and '-')")
+    if lora[0] not in TINY_LORA_FAMILIES:
+        raise ValueError(f"{str(source)!r}: no tiny LoRAs of family {lora[0]!r}; known: "
                          f"{', '.join(TINY_LORA_FAMILIES)}")
-    if not _TINY_LORA_NAME.fullmatch(name):
-        raise ValueError(f"{source!r}: a tiny LoRA name is letters, digits, '_' and '-'")
-    return family_name, name
+    return lora
 
 
-def resolve_tiny_lora(source: str, root: Path | None = None) -> Path:
+def resolve_tiny_lora(source: str | Source, root: Path | None = None) -> Path:
     """The folder of tiny LoRA ``tiny:lora/<family>/<name>``, building it on first use."""
     return materialize_tiny_lora(*parse_tiny_lora(source), root=root)
 
@@ -553,7 +546,7 @@ def materialize_tiny_lora(family: str, name: str, root: Path | None = None) -> P
     building it on first use (built once, seeded from family and name: the same bytes in
     every process and on every machine). Cached beside the tiny models, as
     ``lora-<family>-<name>-v<TINY_VERSION>.<TINY_LORA_VERSION>``, written atomically."""
-    family_name, name = parse_tiny_lora(f"{TINY_LORA_PREFIX}{family}/{name}")
+    family_name, name = parse_tiny_lora(f"tiny:lora/{family}/{name}")
     root = Path(root) if root is not None else tiny_cache_root()
     return _build_atomically(
         root / f"lora-{family_name}-{name}-v{TINY_VERSION}.{TINY_LORA_VERSION}",
@@ -561,3 +554,33 @@ def materialize_tiny_lora(family: str, name: str, root: Path | None = None) -> P
         {"family": family_name, "lora": name, "version": TINY_VERSION,
          "lora_version": TINY_LORA_VERSION},
     )
+
+
+def _builder(name: str):
+    """How the tiny model of family ``name`` is built: by the layout of its real weights."""
+    entry = family(name)
+    if name == SAFETY_CHECKER:
+        return build_safety_checker
+    if entry.layout == "single-file":
+        return build_esrgan
+    return build_pipeline if entry.layout == "pipeline" else build_component
+
+
+class TinySourceKind:
+    """``tiny:<family>`` and ``tiny:lora/<family>/<name>``: built here, loaded as real weights."""
+
+    def local_path(self, source: Source) -> str:
+        if source.lora is not None:
+            return str(resolve_tiny_lora(source))
+        name = source.rest
+        if name not in TINY_FAMILIES:
+            raise ValueError(f"unknown tiny family {name!r}; known: {', '.join(TINY_FAMILIES)}")
+        folder = materialize_tiny(name)
+        # spandrel reads one file, not a folder.
+        return str(folder / TINY_WEIGHTS_FILE if FAMILIES[name].layout == "single-file" else folder)
+
+    def model(self, source: Source, family: str) -> None:
+        return None  # weights, loaded through the real loaders
+
+
+SOURCE_KIND = TinySourceKind()

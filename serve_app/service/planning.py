@@ -16,6 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from deployments.families import hands_latents
+from deployments.sources import Source
 from deployments.contract import (
     ImageToImageJob,
     LoraRef,
@@ -378,7 +379,7 @@ def lora_refs(req: ImageRequest, model: ModelConfig) -> tuple[LoraRef, ...]:
             refs.append(LoraRef(name, adapter.source, adapter.weight_name,
                                 adapter.default_weight if weight is None else weight))
         elif model.allow_hub_loras and _HUB_ID.match(name):
-            refs.append(LoraRef(name, name, None, 1.0 if weight is None else weight))
+            refs.append(LoraRef(name, Source.hub(name), None, 1.0 if weight is None else weight))
         else:
             known = ", ".join(configured) or "none"
             hub = "; or any Hub LoRA by its id" if model.allow_hub_loras else ""

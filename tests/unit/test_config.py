@@ -199,7 +199,7 @@ def test_preview_decoder_only_where_previews_stream(tiny_args):
 
 @pytest.mark.parametrize("key, source, match", [
     ("preview_decoder", "tiny:taesd", "use tiny:taesdxl"),  # SD's TAESD on SDXL latents
-    ("preview_decoder", "madebyollin/taesd", "use tiny:taesdxl"),
+    ("preview_decoder", "madebyollin/taesd", "tiny profile: tiny:taesdxl"),
     ("vae", "tiny:taesdxl", "use tiny:sdxl-vae-fp16-fix"),
     ("vae", "tiny:nothing", "unknown tiny source"),
 ])

@@ -93,7 +93,8 @@ def test_health_and_ready(sd):
 
 # --- image to image, inpainting and upscalers -------------------------------------------
 
-from deployments.esrgan import ESRGANDeployment, resolve_weights_file  # noqa: E402
+from deployments.esrgan import ESRGANDeployment  # noqa: E402
+from deployments.sources import Source, local_path  # noqa: E402
 from deployments.contract import ImageToImageJob, UpscaleJob  # noqa: E402
 from deployments.latent_upscaler import LatentUpscalerDeployment  # noqa: E402
 from deployments.x4_upscaler import X4UpscalerDeployment  # noqa: E402
@@ -227,10 +228,10 @@ def test_esrgan_doubles_and_is_deterministic(esrgan):
 
 
 def test_weights_file_references(tmp_path):
-    assert resolve_weights_file("tiny:esrgan").endswith("model.pth")
-    assert resolve_weights_file(str(tmp_path / "x.pth")) == str(tmp_path / "x.pth")
-    with pytest.raises(ValueError, match="hf://OWNER/REPO/FILE"):
-        resolve_weights_file("hf://just-a-repo")
+    assert local_path(Source.parse("tiny:esrgan")).endswith("model.pth")
+    assert local_path(Source.parse(str(tmp_path / "x.pth"))) == str(tmp_path / "x.pth")
+    with pytest.raises(ValueError, match=r"hf://ID\[@REVISION\]/PATH"):
+        Source.parse("hf://owner/just-a-repo")
 
 
 def test_pipeline_calls_run_on_one_thread_per_replica(sd):

@@ -13,7 +13,7 @@ import torch
 
 from deployments.contract import ImageToImageJob, LoraRef, PipelineSpec, TextToImageJob
 from deployments.errors import InvalidJobError, ServerFaultError
-from deployments.loading import resolve_source
+from deployments.sources import Source, local_path
 from deployments.loras import LoraCache, LoraStackError, adapter_name, lora_batch_key
 from deployments.sdxl import SDXLBaseDeployment
 from deployments.stable_diffusion import StableDiffusionDeployment
@@ -140,11 +140,11 @@ def test_tiny_lora_bytes_are_the_same_in_another_process(tmp_path):
 
 def test_tiny_lora_sources_resolve_to_their_folder():
     folder = resolve_tiny_lora("tiny:lora/sdxl/ink")
-    assert resolve_source("tiny:lora/sdxl/ink") == str(folder)
+    assert local_path(Source.parse("tiny:lora/sdxl/ink")) == str(folder)
     assert (folder / LORA_FILE).is_file()
     for bad in ("tiny:lora/sd21", "tiny:lora/esrgan/ink", "tiny:lora/sd21/../x", "tiny:lora/sd21/a/b"):
         with pytest.raises(ValueError):
-            resolve_source(bad)
+            local_path(Source.parse(bad))
 
 
 def test_tiny_lora_loads_through_load_lora_weights():

@@ -1,0 +1,122 @@
+"""The layout's rules, checked on the code: imports go one way without cycles, the serving
+path never names a stand-in, and only deployments/sources.py reads a source string."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+PACKAGES = ("serve_app", "deployments")
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in (REPO_ROOT / package).rglob("*.py"):
+            parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            found[name] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _imports(path: Path) -> set[str]:
+    """Every project module ``path`` imports, at the top or inside a function."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in names if name in MODULES}
+
+
+GRAPH = {name: _imports(path) for name, path in MODULES.items()}
+
+
+def test_no_import_cycle():
+    color: dict[str, int] = {}
+    cycles = []
+
+    def visit(name: str, stack: list[str]) -> None:
+        color[name] = 1  # on the stack
+        stack.append(name)
+        for target in sorted(GRAPH[name]):
+            if color.get(target) == 1:
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in color:
+                visit(target, stack)
+        stack.pop()
+        color[name] = 2
+
+    for name in sorted(GRAPH):
+        if name not in color:
+            visit(name, [])
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def _layer(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "deployments":
+        return "standins" if "standins" in parts else "deployments"
+    return parts[1] if len(parts) > 1 and parts[1] in ("fronts", "service", "tools") else "app"
+
+
+# Who may import whom: the fronts over the service, the service over the deployments'
+# contract, the tools beside them; the deployments never import serve_app; nobody in the
+# serving path imports a stand-in.
+ALLOWED = {
+    "fronts": {"fronts", "service", "app", "deployments"},
+    "service": {"service", "app", "deployments"},
+    "app": {"app", "fronts", "service", "deployments"},
+    "tools": {"tools", "app", "service", "deployments", "standins"},
+    "deployments": {"deployments"},
+    "standins": {"standins", "deployments"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_imports_go_one_way(module):
+    wrong = sorted(t for t in GRAPH[module] if _layer(t) not in ALLOWED[_layer(module)])
+    assert not wrong, f"{module} ({_layer(module)}) imports {wrong}"
+
+
+# The serving path: every module but the stand-ins themselves, the registry they plug into,
+# and the operator tools (tiny-config writes tiny sources on purpose).
+SERVING = sorted(name for name in MODULES
+                 if _layer(name) not in ("standins", "tools") and name != "deployments.sources")
+STAND_IN_NAMES = re.compile(r"standins|SimPipeline|\bload_sim\b|materialize_tiny|\bis_sim\b|is_tiny")
+
+
+@pytest.mark.parametrize("module", SERVING)
+def test_the_serving_path_names_no_stand_in(module):
+    # Docstrings and descriptions may say what a source looks like; code may not name one.
+    tree = ast.parse(MODULES[module].read_text())
+    names = [node.id for node in ast.walk(tree) if isinstance(node, ast.Name)]
+    names += [node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)]
+    names += [alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+              for alias in node.names]
+    names += [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module]
+    assert not [n for n in names if STAND_IN_NAMES.search(n)], module
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_only_the_source_type_parses_a_source(module):
+    if module == "deployments.sources":
+        return
+    hits = []
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
+                "startswith", "removeprefix", "removesuffix", "partition", "split"):
+            for arg in node.args:
+                texts = arg.elts if isinstance(arg, ast.Tuple) else [arg]
+                for text in texts:
+                    if isinstance(text, ast.Constant) and str(text.value).startswith(("tiny:", "sim:", "hf:")):
+                        hits.append(f"line {node.lineno}: .{node.func.attr}({text.value!r})")
+    assert not hits, f"{module} reads a source string by hand: {hits}"
