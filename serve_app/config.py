@@ -26,7 +26,9 @@ from ray.serve.config import AutoscalingConfig
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
 from deployments.contract import LoraRef, PipelineSpec
 from deployments.sources import Source
-from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N, parse_size
+from serve_app.service import sizes as size_rules
+from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N
+from serve_app.service.sizes import parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
 
@@ -218,36 +220,19 @@ class GenerationLimits(_Strict):
         "smallest the model takes, from the family registry).",
     )
 
+    # The rules themselves are serve_app/service/sizes.py's, shared with planning.
     @property
     def output_pixels(self) -> int:
         """Largest allowed output area: max_pixels, or the largest of the named sizes."""
-        named = max((w * h for w, h in map(parse_size, self.sizes)), default=0)
-        return max(self.max_pixels or 0, named)
+        return size_rules.output_pixels(self)
 
     def allows(self, width: int, height: int) -> bool:
         """Whether text-to-image may make ``width`` x ``height``."""
-        if f"{width}x{height}" in self.sizes:
-            return True
-        return (
-            self.max_pixels is not None
-            and width % 8 == 0
-            and height % 8 == 0
-            and min(width, height) >= self.min_side
-            and (self.min_pixels or 0) <= width * height <= self.max_pixels
-        )
+        return size_rules.allows(self, width, height)
 
     def describe_sizes(self) -> str:
         """The allowed sizes, in words, for error messages."""
-        parts = []
-        if self.max_pixels is not None:
-            fewest = f"at least {self.min_pixels} and " if self.min_pixels else ""
-            parts.append(
-                f"any WIDTHxHEIGHT in multiples of 8 with both sides at least {self.min_side} "
-                f"and {fewest}at most {self.max_pixels} pixels"
-            )
-        if self.sizes:
-            parts.append(", ".join(self.sizes))
-        return "; or ".join(parts) or "none"
+        return size_rules.describe_sizes(self)
 
     @field_validator("sizes")
     @classmethod

@@ -28,7 +28,7 @@ from serve_app.service.errors import (
 )
 from serve_app.service.execution import run_plan, stream_plan
 from serve_app.service.encoding import encode_image
-from serve_app.service.planning import GenerationPlan, plan_generation, plan_image_to_image, plan_upscale
+from serve_app.service.planning import GenerationPlan, plan_request
 from serve_app.service.request import ImageRequest
 from serve_app.service.responses import ImageData, ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
 from serve_app.service.uploads import decode_image, decode_mask, resize
@@ -96,13 +96,9 @@ class ImagesService:
         ``image`` and ``mask`` are uploads (anything with an async ``read``); every route
         plans the same way, on the event loop (planning is cheap; decoding runs in a thread).
         """
-        if request.task == "generate":
-            return plan_generation(request, self.config)
-        pixels = await self._decode(image, "image")
-        if request.task == "upscale":
-            return plan_upscale(request, pixels, self.config)
+        pixels = await self._decode(image, "image") if image is not None else None
         alpha = await self._decode(mask, "mask", decode_mask) if mask is not None else None
-        return plan_image_to_image(request, pixels, alpha, self.config)
+        return plan_request(request, self.config, pixels, alpha)
 
     async def generate(self, request: ImageRequest, base_url: str = "") -> ImagesResponse:
         """Plan and run a generation (for callers without HTTP: tests, notebooks)."""

@@ -1,8 +1,12 @@
 """Request planning: which deployments run a request, in what order, with which jobs.
 
-A plan is built and checked against the models' limits before any model work starts;
-planning only builds and checks plans (serve_app/execution.py runs them). Every route's
-request arrives as one :class:`~serve_app.service.request.ImageRequest`.
+Every front's request arrives as one :class:`~serve_app.service.request.ImageRequest`,
+and :func:`plan_request` plans every operation (generate, edit, variation, upscale) in one
+sequence: the ingress's limits, the model, the checks every model shares, the operation's
+own checks and output size (serve_app/service/sizes.py), seeds, the operation's stages, an
+optional upscale stage, the request's pixel budget, streaming and the safety check. Only
+the steps that differ are the operation's (:class:`Operation`). A plan is checked against
+the models' limits before any model work starts; serve_app/service/execution.py runs it.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from deployments.contract import (
 )
 from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.service.request import ImageRequest, MAX_SEED, parse_size
+from serve_app.service import sizes
+from serve_app.service.request import MAX_SEED, ImageRequest
 
 # A Hub repository id: owner/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -205,47 +210,6 @@ def _require(served, capability: str, what: str, param: str = "model") -> ModelC
     return served
 
 
-def _upscale_stage(
-    config: AppConfig,
-    name: str,
-    prompt: str,
-    negative_prompt: str | None,
-    seeds: tuple[int, ...],
-    width: int,
-    height: int,
-) -> tuple[Stage, ModelConfig]:
-    """The stage that upscales a generation's or edit's output (extension ``upscale``)."""
-    upscaler = config.resolve(name)
-    if upscaler is None or not isinstance(upscaler, ModelConfig) or "upscale" not in upscaler.capabilities:
-        known = [m.name for m in config.models if "upscale" in m.capabilities]
-        raise InvalidRequestError(
-            f"upscale={name!r} is not an upscaler; available: {', '.join(known) or 'none'}",
-            param="upscale",
-        )
-    limit = upscaler.limits.max_input_pixels
-    if width * height > limit:
-        raise InvalidRequestError(
-            f"{upscaler.name} takes at most {limit} input pixels; {width}x{height} is "
-            f"{width * height}. Ask for a smaller size or another upscaler.",
-            param="upscale",
-        )
-    if len(seeds) > upscaler.limits.max_n:
-        raise InvalidRequestError(
-            f"{upscaler.name} upscales at most {upscaler.limits.max_n} images per request",
-            param="n",
-        )
-    defaults = upscaler.defaults
-    job = UpscaleJob(
-        prompt,
-        negative_prompt,
-        defaults.num_inference_steps,
-        defaults.guidance_scale,
-        seeds,
-        noise_level=defaults.noise_level,
-    )
-    return Stage(upscaler.name, job), upscaler
-
-
 def _with_upscale(
     config: AppConfig,
     name: str | None,
@@ -256,12 +220,28 @@ def _with_upscale(
     width: int,
     height: int,
 ) -> tuple[tuple[Stage, ...], int, int]:
-    """Append an upscale stage when asked. Latents are handed over where the upscaler
-    takes latents of the same latent space (SD 2.1 -> x2 latent), so the previous stage
-    skips its VAE decode; from any other space (SDXL -> x2) images go over."""
+    """Append an upscale stage when asked (extension ``upscale``). Latents are handed over
+    where the upscaler takes latents of the same latent space (SD 2.1 -> x2 latent), so the
+    previous stage skips its VAE decode; from any other space (SDXL -> x2) images go over."""
     if name is None:
         return tuple(stages), width, height
-    stage, upscaler = _upscale_stage(config, name, prompt, negative_prompt, seeds, width, height)
+    upscaler = config.resolve(name)
+    if upscaler is None or not isinstance(upscaler, ModelConfig) or "upscale" not in upscaler.capabilities:
+        known = [m.name for m in config.models if "upscale" in m.capabilities]
+        raise InvalidRequestError(
+            f"upscale={name!r} is not an upscaler; available: {', '.join(known) or 'none'}",
+            param="upscale",
+        )
+    sizes.upscale_input(upscaler, width, height, chained=True)
+    if len(seeds) > upscaler.limits.max_n:
+        raise InvalidRequestError(
+            f"{upscaler.name} upscales at most {upscaler.limits.max_n} images per request",
+            param="n",
+        )
+    defaults = upscaler.defaults
+    stage = Stage(upscaler.name, UpscaleJob(prompt, negative_prompt, defaults.num_inference_steps,
+                                            defaults.guidance_scale, seeds,
+                                            noise_level=defaults.noise_level))
     last = stages[-1]
     if hands_latents(config.model(last.deployment).family, upscaler.family):
         stages[-1] = dataclasses.replace(last, job=dataclasses.replace(last.job, output_latents=True))
@@ -269,76 +249,230 @@ def _with_upscale(
     return (*stages, stage), width * factor, height * factor
 
 
-def plan_generation(
-    req: ImageRequest,
-    config: AppConfig,
-    seed_source: SeedSource = draw_seed,
-) -> GenerationPlan:
-    """Check ``req`` against its model and build the stages that answer it.
+@dataclass(frozen=True)
+class Inputs:
+    """What one request brings: the request, its decoded uploads, and what planning has
+    found so far (the served model, its steps and the output size)."""
 
-    Raises :class:`ModelNotFoundError` (404) or :class:`InvalidRequestError` (400) before
-    any model work.
-    """
-    check_request_limits(req, config)
-    served = _resolve(config, req.model)
-    if isinstance(served, ModelConfig):
-        _require(served, "text-to-image", "generate images from text" + _chain_hint(config, served))
-    steps = _check_common(req, served)
-    defaults = served.defaults
-    size = defaults.size if req.size in (None, "auto") else req.size
-    width, height = parse_size(size)
-    if not served.limits.allows(width, height):
-        raise InvalidRequestError(
-            f"{width}x{height} (width x height) is not a size {served.name} makes; allowed: "
-            f"{served.limits.describe_sizes()}",
-            param="size",
-        )
-    guidance, negative = _guidance(req, served), _negative(req, served)
-    seeds = _seeds(req.seed, req.n, seed_source)
-    second = _second_prompts(req, config, served)
-    # Adapters apply to the stage they were made for: the base of a refiner chain.
-    loras = lora_refs(req, config.prompted_model(served))
+    req: ImageRequest
+    image: np.ndarray | None  # (H, W, 3) uint8, at its own size
+    mask: np.ndarray | None  # (H, W) uint8
+    served: Any = None  # ModelConfig | RefinerChainConfig
+    steps: int = 0
+    width: int = 0
+    height: int = 0
 
-    if isinstance(served, RefinerChainConfig):
-        frac = req.high_noise_frac if req.high_noise_frac is not None else defaults.high_noise_frac
-        # Both experts must get at least one step, or one of them silently does nothing.
-        if min(steps * frac, steps * (1 - frac)) < 1 - 1e-6:
-            raise InvalidRequestError(
-                f"num_inference_steps={steps} with high_noise_frac={frac} leaves one of base and "
-                "refiner without a denoising step; raise num_inference_steps or move "
-                "high_noise_frac towards 0.5",
-                param="num_inference_steps",
-            )
-        stages = [
-            Stage(
-                served.base,
-                TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
-                               denoising_end=frac, output_latents=True, loras=loras, **second),
-            ),
-            Stage(
-                served.refiner,
-                RefineJob(req.prompt, negative, steps, guidance, seeds, denoising_start=frac),
-            ),
-        ]
-    else:
-        if req.high_noise_frac is not None:
+
+class Operation:
+    """The steps of :func:`plan_request` that differ between operations."""
+
+    default_model: Callable[[AppConfig], str | None] = staticmethod(lambda config: None)
+
+    def require(self, served, config: AppConfig, inputs: Inputs):
+        """The served model, if it does this operation (else a 400 naming ``model``)."""
+        raise NotImplementedError
+
+    def checks_steps(self, served) -> bool:
+        """Whether ``num_inference_steps`` itself is held to the model's ``max_steps``."""
+        return True
+
+    def output_size(self, config: AppConfig, inputs: Inputs) -> tuple[int, int]:
+        """The operation's own checks; returns the output size (before any upscale)."""
+        raise NotImplementedError
+
+    def stages(self, config: AppConfig, inputs: Inputs, seeds: tuple[int, ...]) -> list[Stage]:
+        raise NotImplementedError
+
+    def moderation_param(self, req: ImageRequest) -> str:
+        """The field a flagged image is blamed on: what the checker judged came from it."""
+        return "prompt"
+
+
+class Generate(Operation):
+    """Text to image, by one model or a refiner chain (base -> refiner)."""
+
+    def require(self, served, config, inputs):
+        if isinstance(served, ModelConfig):
+            _require(served, "text-to-image", "generate images from text" + _chain_hint(config, served))
+        return served
+
+    def output_size(self, config, inputs):
+        req, served = inputs.req, inputs.served
+        width, height = sizes.generation_size(served, req.size)
+        if isinstance(served, RefinerChainConfig):
+            frac = self._frac(req, served)
+            # Both experts must get at least one step, or one of them silently does nothing.
+            if min(inputs.steps * frac, inputs.steps * (1 - frac)) < 1 - 1e-6:
+                raise InvalidRequestError(
+                    f"num_inference_steps={inputs.steps} with high_noise_frac={frac} leaves one "
+                    "of base and refiner without a denoising step; raise num_inference_steps or "
+                    "move high_noise_frac towards 0.5",
+                    param="num_inference_steps",
+                )
+        elif req.high_noise_frac is not None:
             raise InvalidRequestError(
                 f"high_noise_frac applies to refiner chains only, not to {served.name}",
                 param="high_noise_frac",
             )
-        stages = [
-            Stage(
-                served.name,
-                TextToImageJob(req.prompt, negative, width, height, steps, guidance, seeds,
-                               loras=loras, **second),
+        return width, height
+
+    @staticmethod
+    def _frac(req, served) -> float:
+        return req.high_noise_frac if req.high_noise_frac is not None else served.defaults.high_noise_frac
+
+    def stages(self, config, inputs, seeds):
+        req, served = inputs.req, inputs.served
+        guidance, negative = _guidance(req, served), _negative(req, served)
+        second = _second_prompts(req, config, served)
+        # Adapters apply to the stage they were made for: the base of a refiner chain.
+        loras = lora_refs(req, config.prompted_model(served))
+        if isinstance(served, RefinerChainConfig):
+            frac = self._frac(req, served)
+            return [
+                Stage(served.base, TextToImageJob(
+                    req.prompt, negative, inputs.width, inputs.height, inputs.steps, guidance, seeds,
+                    denoising_end=frac, output_latents=True, loras=loras, **second)),
+                Stage(served.refiner, RefineJob(req.prompt, negative, inputs.steps, guidance, seeds,
+                                                denoising_start=frac)),
+            ]
+        return [Stage(served.name, TextToImageJob(
+            req.prompt, negative, inputs.width, inputs.height, inputs.steps, guidance, seeds,
+            loras=loras, **second))]
+
+
+class ImageToImage(Operation):
+    """An edit (prompt, optional mask: inpainting) or a variation (no prompt, no mask)."""
+
+    def require(self, served, config, inputs):
+        if inputs.mask is not None:
+            return _require(served, "inpaint", "inpaint (edits with a mask)")
+        return _require(served, "image-to-image", "edit images")
+
+    def checks_steps(self, served) -> bool:
+        return False  # it runs num_inference_steps x strength of them: checked below
+
+    def output_size(self, config, inputs):
+        req, served, image, mask = inputs.req, inputs.served, inputs.image, inputs.mask
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise InvalidRequestError(
+                f"mask is {mask.shape[1]}x{mask.shape[0]} but image is "
+                f"{image.shape[1]}x{image.shape[0]}; they must be the same size",
+                param="mask",
             )
-        ]
-    all_stages, out_w, out_h = _with_upscale(
-        config, req.upscale, stages, req.prompt, negative, seeds, width, height
-    )
+        width, height = sizes.edit_size(served, req.size, image.shape[1], image.shape[0])
+        strength, steps = self._strength(inputs), inputs.steps
+        run = steps_run(steps, strength)
+        if run < 1:
+            raise InvalidRequestError(
+                f"strength={strength} with num_inference_steps={steps} runs no denoising step; "
+                "raise one of them",
+                param="strength",
+            )
+        if run > served.limits.max_steps:
+            raise InvalidRequestError(
+                f"num_inference_steps={steps} with strength={strength} runs {run} denoising steps; "
+                f"{served.name}'s limit is {served.limits.max_steps}",
+                param="num_inference_steps",
+            )
+        return width, height
+
+    @staticmethod
+    def _strength(inputs: Inputs) -> float:
+        default = 1.0 if inputs.mask is not None else inputs.served.defaults.strength
+        return inputs.req.strength if inputs.req.strength is not None else default
+
+    def stages(self, config, inputs, seeds):
+        req, served, image, mask = inputs.req, inputs.served, inputs.image, inputs.mask
+        job = ImageToImageJob(req.prompt, _negative(req, served), inputs.width, inputs.height,
+                              inputs.steps, _guidance(req, served), self._strength(inputs), seeds,
+                              loras=lora_refs(req, served))
+        return [Stage(served.name, job, (image,) if mask is None else (image, mask))]
+
+    def moderation_param(self, req):
+        # A variation has no prompt: what the checker judged came from the image.
+        return "prompt" if req.task == "edit" else "image"
+
+
+class Upscale(Operation):
+    """``POST /v1/images/upscale``: one upscaler on an uploaded image."""
+
+    default_model = staticmethod(lambda config: config.default_upscaler)
+
+    def require(self, served, config, inputs):
+        return _require(served, "upscale", "upscale images")
+
+    def checks_steps(self, served) -> bool:
+        # ESRGAN is one forward pass: like Stability's API, it ignores the diffusion fields.
+        return served.info.diffusion
+
+    def output_size(self, config, inputs):
+        req, upscaler = inputs.req, inputs.served
+        in_h, in_w = inputs.image.shape[:2]
+        sizes.upscale_input(upscaler, in_w, in_h)
+        out = sizes.upscale_size(upscaler, in_w, in_h, req.width, req.height)
+        if req.noise_level is not None and not upscaler.info.takes_noise_level:
+            raise InvalidRequestError(
+                f"noise_level applies to the x4 upscaler only, not to {upscaler.name}",
+                param="noise_level",
+            )
+        return out
+
+    def stages(self, config, inputs, seeds):
+        req, upscaler = inputs.req, inputs.served
+        diffusion = upscaler.info.diffusion
+        job = UpscaleJob(
+            req.prompt if diffusion else "",
+            _negative(req, upscaler) if diffusion else None,
+            inputs.steps,
+            _guidance(req, upscaler),
+            seeds,
+            noise_level=req.noise_level if req.noise_level is not None else upscaler.defaults.noise_level,
+        )
+        return [Stage(upscaler.name, job, (inputs.image,))]
+
+    def moderation_param(self, req):
+        return "image"
+
+
+OPERATIONS: dict[str, Operation] = {
+    "generate": Generate(),
+    "edit": ImageToImage(),
+    "variation": ImageToImage(),
+    "upscale": Upscale(),
+}
+
+
+def plan_request(
+    req: ImageRequest,
+    config: AppConfig,
+    image: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    seed_source: SeedSource = draw_seed,
+) -> GenerationPlan:
+    """Check ``req`` against its model and build the stages that answer it, whatever the
+    operation (``req.task``). ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded
+    uploads at their own size: the job says the output size, and execution resizes them.
+
+    Raises :class:`ModelNotFoundError` (404) or :class:`InvalidRequestError` (400) before
+    any model work.
+    """
+    operation = OPERATIONS[req.task]
+    inputs = Inputs(req, image, mask)
+    check_request_limits(req, config)
+    served = operation.require(_resolve(config, req.model, operation.default_model(config)),
+                               config, inputs)
+    steps = _check_common(req, served, check_steps=operation.checks_steps(served))
+    inputs = dataclasses.replace(inputs, served=served, steps=steps)
+    width, height = operation.output_size(config, inputs)
+    inputs = dataclasses.replace(inputs, width=width, height=height)
+    seeds = _seeds(req.seed, req.n, seed_source)
+    stages = operation.stages(config, inputs, seeds)
+    all_stages, out_w, out_h = _with_upscale(config, req.upscale, stages, req.prompt,
+                                             _negative(req, served), seeds, width, height)
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
                           req.output_compression, req.response_format)
-    return _with_safety(_with_stream(_check_total_pixels(plan, config), req), req, config, "prompt")
+    plan = _with_stream(_check_total_pixels(plan, config), req)
+    return _with_safety(plan, req, config, operation.moderation_param(req))
 
 
 def _second_prompts(req: ImageRequest, config: AppConfig, served) -> dict[str, str | None]:
@@ -393,153 +527,3 @@ def lora_refs(req: ImageRequest, model: ModelConfig) -> tuple[LoraRef, ...]:
 def _chain_hint(config: AppConfig, served: ModelConfig) -> str:
     chains = [c.name for c in config.chains if c.refiner == served.name]
     return f"; use {', '.join(chains)}" if chains else ""
-
-
-def _edit_size(req, served: ModelConfig, image: np.ndarray) -> tuple[int, int]:
-    """The output size of an edit: as asked, else the input's rounded down to 8."""
-    limits = served.limits
-    if req.size in (None, "auto"):
-        width, height = image.shape[1] // 8 * 8, image.shape[0] // 8 * 8
-        param = "image"
-    else:
-        width, height = parse_size(req.size)
-        param = "size"
-        if width % 8 or height % 8:
-            raise InvalidRequestError(
-                f"size {req.size!r}: width and height must be multiples of 8", param="size"
-            )
-    if min(width, height) < served.min_input_side:
-        raise InvalidRequestError(
-            f"{served.name} edits images of at least {served.min_input_side} pixels a side; "
-            f"the output would be {width}x{height}",
-            param=param,
-        )
-    if width * height > limits.output_pixels:
-        raise InvalidRequestError(
-            f"{width}x{height} is over {served.name}'s limit of {limits.output_pixels} output pixels",
-            param=param,
-        )
-    return width, height
-
-
-def plan_image_to_image(
-    req: ImageRequest,
-    image: np.ndarray,
-    mask: np.ndarray | None,
-    config: AppConfig,
-    seed_source: SeedSource = draw_seed,
-) -> GenerationPlan:
-    """Plan an edit (prompt, optional mask) or a variation (no prompt, no mask).
-
-    ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded uploads, at their own size: the
-    job says the output size, and execution resizes them to it.
-    """
-    check_request_limits(req, config)
-    served = _resolve(config, req.model)
-    what = "inpaint" if mask is not None else "image-to-image"
-    _require(served, what, "inpaint (edits with a mask)" if mask is not None else "edit images")
-    steps = _check_common(req, served, check_steps=False)
-    if mask is not None and mask.shape != image.shape[:2]:
-        raise InvalidRequestError(
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but image is "
-            f"{image.shape[1]}x{image.shape[0]}; they must be the same size",
-            param="mask",
-        )
-    width, height = _edit_size(req, served, image)
-    default_strength = 1.0 if mask is not None else served.defaults.strength
-    strength = req.strength if req.strength is not None else default_strength
-    run = steps_run(steps, strength)
-    if run < 1:
-        raise InvalidRequestError(
-            f"strength={strength} with num_inference_steps={steps} runs no denoising step; "
-            "raise one of them",
-            param="strength",
-        )
-    if run > served.limits.max_steps:
-        raise InvalidRequestError(
-            f"num_inference_steps={steps} with strength={strength} runs {run} denoising steps; "
-            f"{served.name}'s limit is {served.limits.max_steps}",
-            param="num_inference_steps",
-        )
-    prompt = req.prompt
-    negative, guidance = _negative(req, served), _guidance(req, served)
-    seeds = _seeds(req.seed, req.n, seed_source)
-    stage = Stage(
-        served.name,
-        ImageToImageJob(prompt, negative, width, height, steps, guidance, strength, seeds,
-                        loras=lora_refs(req, served)),
-        (image,) if mask is None else (image, mask),
-    )
-    stages, out_w, out_h = _with_upscale(
-        config, req.upscale, [stage], prompt, negative, seeds, width, height
-    )
-    plan = GenerationPlan(served.name, out_w, out_h, seeds, stages, req.output_format,
-                          req.output_compression, req.response_format)
-    # A variation has no prompt: what the checker judged came from the image.
-    param = "prompt" if req.task == "edit" else "image"
-    return _with_safety(_with_stream(_check_total_pixels(plan, config), req), req, config, param)
-
-
-def plan_upscale(
-    req: ImageRequest,
-    image: np.ndarray,
-    config: AppConfig,
-    seed_source: SeedSource = draw_seed,
-) -> GenerationPlan:
-    """Plan ``POST /v1/images/upscale``: one upscaler on an uploaded image."""
-    check_request_limits(req, config)
-    served = _resolve(config, req.model, config.default_upscaler)
-    upscaler = _require(served, "upscale", "upscale images")
-    # ESRGAN is one forward pass: like Stability's API, it ignores the diffusion fields.
-    diffusion = upscaler.info.diffusion
-    steps = _check_common(req, upscaler, check_steps=diffusion)
-    limits, factor = upscaler.limits, upscaler.upscale_factor
-    in_h, in_w = image.shape[:2]
-    if in_w * in_h > limits.max_input_pixels:
-        raise InvalidRequestError(
-            f"{upscaler.name} takes at most {limits.max_input_pixels} input pixels; the image is "
-            f"{in_w}x{in_h} = {in_w * in_h}",
-            param="image",
-        )
-    if min(in_w, in_h) < upscaler.min_input_side:
-        raise InvalidRequestError(
-            f"{upscaler.name} needs an image of at least {upscaler.min_input_side} pixels a side; "
-            f"the image is {in_w}x{in_h}",
-            param="image",
-        )
-    if req.width is not None and req.height is not None:
-        raise InvalidRequestError(
-            "give width or height, not both: the other follows the image's aspect ratio",
-            param="height",
-        )
-    if req.width is not None:
-        out_w, out_h, param = req.width, max(1, round(req.width * in_h / in_w)), "width"
-    elif req.height is not None:
-        out_w, out_h, param = max(1, round(req.height * in_w / in_h)), req.height, "height"
-    else:
-        out_w, out_h, param = in_w * factor, in_h * factor, "image"
-    if out_w * out_h > upscaler.max_output_pixels:
-        raise InvalidRequestError(
-            f"{upscaler.name} makes at most {upscaler.max_output_pixels} output pixels; "
-            f"{out_w}x{out_h} is {out_w * out_h}",
-            param=param,
-        )
-    if req.noise_level is not None and not upscaler.info.takes_noise_level:
-        raise InvalidRequestError(
-            f"noise_level applies to the x4 upscaler only, not to {upscaler.name}",
-            param="noise_level",
-        )
-    defaults = upscaler.defaults
-    seeds = _seeds(req.seed, req.n, seed_source)
-    job = UpscaleJob(
-        req.prompt if diffusion else "",
-        _negative(req, upscaler) if diffusion else None,
-        steps,
-        _guidance(req, upscaler),
-        seeds,
-        noise_level=req.noise_level if req.noise_level is not None else defaults.noise_level,
-    )
-    stage = Stage(upscaler.name, job, (image,))
-    plan = GenerationPlan(upscaler.name, out_w, out_h, seeds, (stage,), req.output_format,
-                          req.output_compression, req.response_format)
-    return _with_safety(_check_total_pixels(plan, config), req, config, "image")

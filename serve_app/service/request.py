@@ -7,10 +7,10 @@ This module imports neither torch, Ray nor any web framework.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from serve_app.service.sizes import parse_size
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 MAX_N = 10
@@ -19,17 +19,6 @@ MAX_N = 10
 LORA_WEIGHT_MIN, LORA_WEIGHT_MAX = -2.0, 2.0
 # torch generators take seeds below 2**64; image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
-
-_SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
-
-
-def parse_size(size: str) -> tuple[int, int]:
-    """Parse ``"WIDTHxHEIGHT"`` into ``(width, height)``; raise ``ValueError`` otherwise."""
-    match = _SIZE_RE.match(size)
-    if not match:
-        raise ValueError(f"size must be 'WIDTHxHEIGHT', such as '512x512'; got {size!r}")
-    return int(match.group(1)), int(match.group(2))
-
 
 def _check_size(value: str | None) -> str | None:
     if value is not None and value != "auto":

@@ -18,7 +18,7 @@ from serve_app.fronts.livepeer import (
     livepeer_validation_errors,
     split_prompt,
 )
-from serve_app.service.planning import plan_generation, plan_image_to_image
+from serve_app.service.planning import plan_request
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def test_text_to_image_takes_the_runners_defaults():
 
 
 def test_the_clients_defaults_plan_on_the_tiny_profile(config):
-    plan = plan_generation(LivepeerTextToImageRequest(prompt="a cat").to_request(), config)
+    plan = plan_request(LivepeerTextToImageRequest(prompt="a cat").to_request(), config)
     assert (plan.width, plan.height) == (1024, 576)
     assert plan.stages[0].job.num_inference_steps == 50
 
@@ -59,7 +59,7 @@ def test_malformed_loras_are_a_400_naming_loras(loras):
 
 def test_livepeer_loras_reach_the_job(config):
     request = LivepeerTextToImageRequest(prompt="a cat", loras='{"ink": 0.5}', width=512, height=512)
-    (ref,) = plan_generation(request.to_request(), config).stages[0].job.loras
+    (ref,) = plan_request(request.to_request(), config).stages[0].job.loras
     assert (ref.name, ref.weight, ref.source) == ("ink", 0.5, "tiny:lora/sd21/ink")
 
 
@@ -74,12 +74,12 @@ def test_a_second_prompt_goes_to_sdxls_second_encoder(config):
     request = LivepeerTextToImageRequest(
         prompt="a cat | watercolor", negative_prompt="blur | dark",
         model_id="stable-diffusion-xl", width=512, height=512).to_request()
-    job = plan_generation(request, config).stages[0].job
+    job = plan_request(request, config).stages[0].job
     assert (job.prompt, job.prompt_2) == ("a cat", "watercolor")
     assert (job.negative_prompt, job.negative_prompt_2) == ("blur", "dark")
     chain = LivepeerTextToImageRequest(
         prompt="a cat | watercolor", model_id="stable-diffusion-xl-with-refiner").to_request()
-    assert plan_generation(chain, config).stages[0].job.prompt_2 == "watercolor"
+    assert plan_request(chain, config).stages[0].job.prompt_2 == "watercolor"
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_a_second_prompt_goes_to_sdxls_second_encoder(config):
 )
 def test_more_prompts_than_text_encoders_is_a_400(config, fields, param):
     with pytest.raises(InvalidRequestError) as info:
-        plan_generation(LivepeerTextToImageRequest(**fields).to_request(), config)
+        plan_request(LivepeerTextToImageRequest(**fields).to_request(), config)
     assert info.value.param == param and "text encoder" in info.value.message
 
 
@@ -109,7 +109,7 @@ def test_image_to_image_counts_the_steps_that_run(config):
         form = LivepeerImageToImageForm.model_construct(
             **{**{k: f.default for k, f in LivepeerImageToImageForm.model_fields.items()
                   if k != "image"}, "prompt": "a fox", **fields})
-        return plan_image_to_image(form.to_request(), image, None, config)
+        return plan_request(form.to_request(), config, image, None)
 
     assert plan().stages[0].job.num_inference_steps == 100  # 100 x 0.8 = 80 run: allowed
     assert plan(num_inference_steps=200, strength=0.5).stages[0].job.strength == 0.5  # 100 run

@@ -10,7 +10,7 @@ from deployments.contract import RefineJob, TextToImageJob, Upstream, resolve_in
 from serve_app.config import load_app_config
 from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.service.execution import run_plan
-from serve_app.service.planning import plan_generation
+from serve_app.service.planning import plan_request
 from serve_app.fronts.openai import ImageGenerationRequest
 from serve_app.service.images import ImagesService, ResultShapeError
 from tests.unit.fakes import FakeHandle, fake_handles
@@ -33,7 +33,7 @@ def req(**fields):
 
 
 def test_default_model_and_defaults(config):
-    plan = plan_generation(req(), config, seed_source=lambda: 41)
+    plan = plan_request(req(), config, seed_source=lambda: 41)
     assert plan.model == "stable-diffusion-2-1"
     assert plan.seeds == (41,)
     (stage,) = plan.stages
@@ -45,13 +45,13 @@ def test_default_model_and_defaults(config):
 
 
 def test_seeds_are_consecutive_from_the_request_seed(config):
-    plan = plan_generation(req(n=3, seed=10), config, seed_source=lambda: 0)
+    plan = plan_request(req(n=3, seed=10), config, seed_source=lambda: 0)
     assert plan.seeds == (10, 11, 12)
     assert plan.stages[0].job.seeds == (10, 11, 12)
 
 
 def test_request_values_override_defaults(config):
-    plan = plan_generation(
+    plan = plan_request(
         req(model="stabilityai/stable-diffusion-xl-base-1.0", size="768x768", guidance_scale=3.0,
             num_inference_steps=7, negative_prompt="blur", seed=1),
         config,
@@ -64,19 +64,19 @@ def test_request_values_override_defaults(config):
 
 
 def test_refiner_chain_plans_base_then_refiner(config):
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", seed=5, n=2), config)
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", seed=5, n=2), config)
     base, refiner = plan.stages
     assert (base.deployment, type(base.job)) == ("stable-diffusion-xl", TextToImageJob)
     assert (refiner.deployment, type(refiner.job)) == ("stable-diffusion-xl-refiner", RefineJob)
     assert base.job.denoising_end == 0.8
     assert refiner.job == RefineJob("a cat", None, 5, 5.0, (5, 6), denoising_start=0.8)
-    custom = plan_generation(req(model="stable-diffusion-xl-with-refiner", high_noise_frac=0.6), config)
+    custom = plan_request(req(model="stable-diffusion-xl-with-refiner", high_noise_frac=0.6), config)
     assert custom.stages[0].job.denoising_end == custom.stages[1].job.denoising_start == 0.6
 
 
 def test_chain_hands_the_base_response_to_the_refiner_unresolved(config):
     handles = fake_handles(config)
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", seed=3), config)
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", seed=3), config)
     images = asyncio.run(run_plan(plan, handles))
     (base_call,) = handles["stable-diffusion-xl"].calls
     (refine_call,) = handles["stable-diffusion-xl-refiner"].calls
@@ -99,7 +99,7 @@ def test_later_stages_that_may_be_at_zero_are_woken_when_the_chain_starts(config
             return super().__getattr__(method)
 
     handles = {name: Recording(name) for name in fake_handles(config)}
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", seed=3, upscale="esrgan-x2",
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", seed=3, upscale="esrgan-x2",
                                size="512x512"), config)
     asyncio.run(run_plan(plan, handles, on_demand=config.on_demand_deployments()))
     # The refiner and the upscaler are asked for `ready` right after the base gets its job,
@@ -130,7 +130,7 @@ def test_later_stages_that_may_be_at_zero_are_woken_when_the_chain_starts(config
 )
 def test_model_limits_are_400_with_param(config, fields, param):
     with pytest.raises(InvalidRequestError) as info:
-        plan_generation(req(**fields), config)
+        plan_request(req(**fields), config)
     assert info.value.param == param and info.value.status_code == 400
 
 
@@ -139,13 +139,13 @@ def test_max_n_comes_from_the_model(tiny_args):
         **tiny_args["models"][0]["limits"], "max_n": 2})], "chains": [], "default_upscaler": None}
     config = load_app_config(tiny_args)
     with pytest.raises(InvalidRequestError, match="limit of 2") as info:
-        plan_generation(req(n=3), config)
+        plan_request(req(n=3), config)
     assert info.value.param == "n"
 
 
 def test_unknown_model_is_404_naming_the_known_ones(config):
     with pytest.raises(ModelNotFoundError) as info:
-        plan_generation(req(model="dall-e-3"), config)
+        plan_request(req(model="dall-e-3"), config)
     error = info.value
     assert (error.status_code, error.param, error.code) == (404, "model", "model_not_found")
     assert "stable-diffusion-xl-with-refiner" in error.message
@@ -215,7 +215,7 @@ import numpy as np  # noqa: E402
 
 from deployments.contract import ImageToImageJob, UpscaleJob  # noqa: E402
 from serve_app.service.execution import _sized_inputs  # noqa: E402
-from serve_app.service.planning import plan_image_to_image, plan_upscale  # noqa: E402
+from serve_app.service.planning import plan_request  # noqa: E402
 from serve_app.fronts.openai import ImageEditForm, ImageVariationForm, UpscaleForm  # noqa: E402
 
 UPLOAD = object()  # stands in for the UploadFile: planning only sees decoded arrays
@@ -246,7 +246,7 @@ def pixels(height, width):
 
 
 def test_edit_defaults_to_the_input_size_rounded_down_to_8(config):
-    plan = plan_image_to_image(edit(seed=4, n=2), pixels(301, 517), None, config)
+    plan = plan_request(edit(seed=4, n=2), config, pixels(301, 517), None)
     (stage,) = plan.stages
     assert (plan.width, plan.height) == (512, 296)
     assert isinstance(stage.job, ImageToImageJob) and len(stage.inputs) == 1
@@ -259,7 +259,7 @@ def test_edit_defaults_to_the_input_size_rounded_down_to_8(config):
 
 def test_edit_with_mask_inpaints_at_full_strength(config):
     mask = np.zeros((64, 64), np.uint8)
-    plan = plan_image_to_image(edit(size="128x128"), pixels(64, 64), mask, config)
+    plan = plan_request(edit(size="128x128"), config, pixels(64, 64), mask)
     (stage,) = plan.stages
     assert stage.job.strength == 1.0 and [a.shape for a in _sized_inputs(stage)] == [(128, 128, 3), (128, 128)]
 
@@ -280,18 +280,18 @@ def test_edit_with_mask_inpaints_at_full_strength(config):
 def test_edit_errors(config, fields, image, mask, param):
     mask_pixels = np.zeros(mask, np.uint8) if mask else None
     with pytest.raises(InvalidRequestError) as info:
-        plan_image_to_image(edit(**fields), pixels(*image), mask_pixels, config)
+        plan_request(edit(**fields), config, pixels(*image), mask_pixels)
     assert info.value.param == param
 
 
 def test_variation_has_no_prompt(config):
     form = ImageVariationForm.model_construct(**ImageVariationForm(image=_upload()).model_dump())
-    plan = plan_image_to_image(form.to_request(), pixels(64, 64), None, config)
+    plan = plan_request(form.to_request(), config, pixels(64, 64), None)
     assert plan.stages[0].job.prompt == ""
 
 
 def test_upscale_defaults_to_the_configured_upscaler_and_factor(config):
-    plan = plan_upscale(upscale_form(prompt="sharp", seed=1, n=2), pixels(100, 150), config)
+    plan = plan_request(upscale_form(prompt="sharp", seed=1, n=2), config, pixels(100, 150))
     (stage,) = plan.stages
     assert (plan.model, plan.width, plan.height) == ("stable-diffusion-x2-latent-upscaler", 300, 200)
     defaults = config.model("stable-diffusion-x2-latent-upscaler").defaults
@@ -304,13 +304,12 @@ def test_upscale_defaults_to_the_configured_upscaler_and_factor(config):
     [({"width": 1000}, (1000, 667)), ({"height": 50}, (75, 50)), ({"model": "stable-diffusion-x4-upscaler"}, (600, 400))],
 )
 def test_upscale_output_size(config, fields, size):
-    plan = plan_upscale(upscale_form(**fields), pixels(100, 150), config)
+    plan = plan_request(upscale_form(**fields), config, pixels(100, 150))
     assert (plan.width, plan.height) == size
 
 
 def test_esrgan_ignores_the_diffusion_fields(config):
-    plan = plan_upscale(upscale_form(model="esrgan-v1-x2plus", prompt="x", num_inference_steps=30),
-                        pixels(100, 150), config)
+    plan = plan_request(upscale_form(model="esrgan-v1-x2plus", prompt="x", num_inference_steps=30), config, pixels(100, 150))
     assert plan.model == "esrgan-x2" and plan.stages[0].job.prompt == ""
 
 
@@ -329,12 +328,12 @@ def test_esrgan_ignores_the_diffusion_fields(config):
 )
 def test_upscale_limits(config, fields, image, param, needle):
     with pytest.raises(InvalidRequestError) as info:
-        plan_upscale(upscale_form(**fields), pixels(*image), config)
+        plan_request(upscale_form(**fields), config, pixels(*image))
     assert info.value.param == param and needle in info.value.message
 
 
 def test_generate_then_latent_upscale_hands_over_latents(config):
-    plan = plan_generation(req(size="512x512", upscale="stabilityai/sd-x2-latent-upscaler", seed=8, n=2), config)
+    plan = plan_request(req(size="512x512", upscale="stabilityai/sd-x2-latent-upscaler", seed=8, n=2), config)
     generate, upscale = plan.stages
     assert generate.job.output_latents is True
     assert (upscale.deployment, type(upscale.job)) == ("stable-diffusion-x2-latent-upscaler", UpscaleJob)
@@ -345,7 +344,7 @@ def test_generate_then_latent_upscale_hands_over_latents(config):
 @pytest.mark.parametrize("model", ["stable-diffusion-xl", "stable-diffusion-xl-with-refiner"])
 def test_sdxl_then_x2_hands_over_images_not_latents(config, model):
     # The x2 latent upscaler knows the SD 1.x/2.x VAE's latent space only.
-    plan = plan_generation(req(model=model, size="512x512",
+    plan = plan_request(req(model=model, size="512x512",
                                upscale="stable-diffusion-x2-latent-upscaler"), config)
     assert plan.stages[-2].job.output_latents is False
     assert (plan.stages[-1].deployment, plan.width) == ("stable-diffusion-x2-latent-upscaler", 1024)
@@ -353,13 +352,13 @@ def test_sdxl_then_x2_hands_over_images_not_latents(config, model):
 
 def test_generate_then_image_upscalers_hand_over_images(config):
     for name, factor in (("stable-diffusion-x4-upscaler", 4), ("esrgan-v1-x2plus", 2)):
-        plan = plan_generation(req(size="512x512", upscale=name), config)
+        plan = plan_request(req(size="512x512", upscale=name), config)
         assert plan.stages[0].job.output_latents is False
         assert (plan.width, plan.height) == (512 * factor, 512 * factor)
 
 
 def test_refiner_chain_then_upscale(config):
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", size="512x512",
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", size="512x512",
                                upscale="esrgan-x2"), config)
     assert [s.deployment for s in plan.stages] == [
         "stable-diffusion-xl", "stable-diffusion-xl-refiner", "esrgan-x2"]
@@ -368,17 +367,17 @@ def test_refiner_chain_then_upscale(config):
 
 def test_upscale_chain_limits(config):
     with pytest.raises(InvalidRequestError) as info:
-        plan_generation(req(model="stable-diffusion-xl", size="1024x1024",
+        plan_request(req(model="stable-diffusion-xl", size="1024x1024",
                             upscale="stable-diffusion-x4-upscaler"), config)
     assert info.value.param == "upscale" and "393216" in info.value.message
     with pytest.raises(InvalidRequestError) as info:
-        plan_generation(req(upscale="nope"), config)
+        plan_request(req(upscale="nope"), config)
     assert info.value.param == "upscale"
 
 
 def test_chain_of_three_passes_each_response_on(config):
     handles = fake_handles(config)
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", size="256x256", upscale="esrgan-x2"), config)
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", size="256x256", upscale="esrgan-x2"), config)
     asyncio.run(run_plan(plan, handles))
     (base,) = handles["stable-diffusion-xl"].calls
     (refine,) = handles["stable-diffusion-xl-refiner"].calls
@@ -388,7 +387,7 @@ def test_chain_of_three_passes_each_response_on(config):
 
 def test_timeout_cancels_every_stage(config):
     handles = fake_handles(config, **{"stable-diffusion-xl-refiner": FakeHandle("ref", delay_s=5)})
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner"), config)
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner"), config)
     with pytest.raises(TimeoutError):
         asyncio.run(run_plan(plan, handles, timeout_s=0.05))
     calls = handles["stable-diffusion-xl"].calls + handles["stable-diffusion-xl-refiner"].calls
@@ -410,37 +409,37 @@ def test_prompt_length_limit(tiny_args):
     config = load_app_config({**tiny_args, "ingress": {"max_prompt_chars": 10}})
     for fields, param in (({"prompt": "x" * 11}, "prompt"), ({"negative_prompt": "y" * 11}, "negative_prompt")):
         with pytest.raises(InvalidRequestError) as info:
-            plan_generation(req(**fields), config)
+            plan_request(req(**fields), config)
         assert info.value.param == param and "limit is 10" in info.value.message
     with pytest.raises(InvalidRequestError) as info:
-        plan_image_to_image(edit(prompt="z" * 11), pixels(64, 64), None, config)
+        plan_request(edit(prompt="z" * 11), config, pixels(64, 64), None)
     assert info.value.param == "prompt"
 
 
 def test_total_output_pixels_limit(tiny_args):
     config = load_app_config({**tiny_args, "ingress": {"max_request_pixels": 3 * 512 * 512}})
-    plan_generation(req(n=3, size="512x512"), config)
+    plan_request(req(n=3, size="512x512"), config)
     with pytest.raises(InvalidRequestError) as info:
-        plan_generation(req(n=4, size="512x512"), config)
+        plan_request(req(n=4, size="512x512"), config)
     assert info.value.param == "n" and "786432" in info.value.message
     with pytest.raises(InvalidRequestError):  # upscaling counts the output size
-        plan_generation(req(n=1, size="512x512", upscale="esrgan-x2"), config)
+        plan_request(req(n=1, size="512x512", upscale="esrgan-x2"), config)
     with pytest.raises(InvalidRequestError):
-        plan_upscale(upscale_form(n=4), pixels(256, 256), config)
+        plan_request(upscale_form(n=4), config, pixels(256, 256))
 
 
 def test_loras_resolve_to_the_models_adapters(config):
-    (ref,) = plan_generation(req(loras=[{"name": "pastel"}]), config).stages[0].job.loras
+    (ref,) = plan_request(req(loras=[{"name": "pastel"}]), config).stages[0].job.loras
     assert (ref.name, ref.source, ref.weight) == ("pastel", "tiny:lora/sd21/pastel", 0.8)  # its default
-    refs = plan_generation(req(loras={"ink": 0.5, "grain": -1}), config).stages[0].job.loras
+    refs = plan_request(req(loras={"ink": 0.5, "grain": -1}), config).stages[0].job.loras
     assert [(r.name, r.weight) for r in refs] == [("ink", 0.5), ("grain", -1.0)]
 
 
 def test_a_chains_loras_go_to_its_base_only(config):
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", loras={"ink": 1.0}), config)
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", loras={"ink": 1.0}), config)
     assert [r.name for r in plan.stages[0].job.loras] == ["ink"]
     assert not hasattr(plan.stages[1].job, "loras")  # the refiner takes none
-    plan = plan_generation(req(loras={"ink": 1.0}, upscale="stable-diffusion-x4-upscaler",
+    plan = plan_request(req(loras={"ink": 1.0}, upscale="stable-diffusion-x4-upscaler",
                                size="256x256"), config)
     assert plan.stages[0].job.loras and not hasattr(plan.stages[1].job, "loras")
 
@@ -453,13 +452,13 @@ def test_a_chains_loras_go_to_its_base_only(config):
 )
 def test_bad_loras_are_400_naming_loras(config, loras, needle):
     with pytest.raises(InvalidRequestError, match=needle) as info:
-        plan_generation(req(loras=loras), config)
+        plan_request(req(loras=loras), config)
     assert info.value.param == "loras"
 
 
 def test_a_model_without_adapters_refuses_them(config):
     with pytest.raises(InvalidRequestError) as info:  # the SDXL refiner chain's base has "ink" only
-        plan_generation(req(model="stable-diffusion-xl", loras={"pastel": 1.0}), config)
+        plan_request(req(model="stable-diffusion-xl", loras={"pastel": 1.0}), config)
     assert info.value.param == "loras" and "ink" in info.value.message
 
 
@@ -473,7 +472,7 @@ def test_weights_outside_the_range_are_refused():
 def test_hub_loras_where_the_operator_allows_them(tiny_args):
     args = dict(tiny_args, models=[dict(tiny_args["models"][0], allow_hub_loras=True)] + tiny_args["models"][1:])
     config = load_app_config(args)
-    (ref,) = plan_generation(req(loras={"org/some-lora": 0.7}), config).stages[0].job.loras
+    (ref,) = plan_request(req(loras={"org/some-lora": 0.7}), config).stages[0].job.loras
     assert (ref.name, ref.source, ref.weight) == ("org/some-lora", "org/some-lora", 0.7)
 
 

@@ -13,7 +13,7 @@ from deployments.contract import SafetyJob, Upstream
 from serve_app.config import ConfigError, load_app_config
 from serve_app.service.errors import InvalidRequestError, ModerationBlockedError
 from serve_app.service.execution import run_plan
-from serve_app.service.planning import plan_generation, plan_image_to_image, plan_upscale
+from serve_app.service.planning import plan_request
 from serve_app.fronts.openai import ImageGenerationRequest, ImageVariationForm
 from serve_app.service.images import ImagesService
 from tests.unit.fakes import FakeSafetyHandle, fake_handles
@@ -36,7 +36,7 @@ def req(**fields):
      ("blur", "low", False, False), ("reject", "low", False, False)],
 )
 def test_policy_and_moderation_decide_the_check(tiny_args, policy, moderation, blur, reject):
-    plan = plan_generation(req(moderation=moderation), app_config(tiny_args, policy=policy))
+    plan = plan_request(req(moderation=moderation), app_config(tiny_args, policy=policy))
     assert plan.safety == SafetyJob(blur=blur)
     assert plan.reject_flagged is reject
     # Previews of a stream are checked when flagged images must not be seen as made.
@@ -45,16 +45,16 @@ def test_policy_and_moderation_decide_the_check(tiny_args, policy, moderation, b
 
 def test_no_checker_no_check(tiny_args):
     args = {k: v for k, v in tiny_args.items() if k != "safety"}
-    plan = plan_generation(req(moderation="low"), load_app_config(args))
+    plan = plan_request(req(moderation="low"), load_app_config(args))
     assert plan.safety is None and not plan.reject_flagged
 
 
 def test_low_moderation_can_be_refused(tiny_args):
     config = app_config(tiny_args, allow_low=False)
     with pytest.raises(InvalidRequestError) as info:
-        plan_generation(req(moderation="low"), config)
+        plan_request(req(moderation="low"), config)
     assert info.value.param == "moderation"
-    assert plan_generation(req(), config).safety is not None
+    assert plan_request(req(), config).safety is not None
 
 
 def test_every_route_is_checked_and_names_what_it_judged(tiny_args):
@@ -64,9 +64,9 @@ def test_every_route_is_checked_and_names_what_it_judged(tiny_args):
                                                                             "stream", "partial_images")}
     variation = ImageVariationForm.model_construct(**fields).to_request()
     plans = {
-        "prompt": [plan_generation(req(), config), plan_image_to_image(edit(), image, None, config)],
-        "image": [plan_image_to_image(variation, image, None, config),
-                  plan_upscale(upscale_form(), image, config)],
+        "prompt": [plan_request(req(), config), plan_request(edit(), config, image, None)],
+        "image": [plan_request(variation, config, image, None),
+                  plan_request(upscale_form(), config, image)],
     }
     for param, group in plans.items():
         for plan in group:
@@ -76,7 +76,7 @@ def test_every_route_is_checked_and_names_what_it_judged(tiny_args):
 def test_the_checker_gets_the_last_stage_response_unresolved(tiny_args):
     config = app_config(tiny_args)
     handles = fake_handles(config)
-    plan = plan_generation(req(model="stable-diffusion-xl-with-refiner", size="256x256"), config)
+    plan = plan_request(req(model="stable-diffusion-xl-with-refiner", size="256x256"), config)
     asyncio.run(run_plan(plan, handles))
     (refine,) = handles["stable-diffusion-xl-refiner"].calls
     (check,) = handles["SafetyChecker"].calls
