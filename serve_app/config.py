@@ -7,7 +7,9 @@ fails at deploy time with the offending path in the message.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+import dataclasses
+
+from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
     BaseModel,
@@ -18,10 +20,12 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    create_model,
     field_validator,
     model_validator,
 )
 from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import DeploymentSchema
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
 from deployments.contract import LoraRef, PipelineSpec
@@ -46,8 +50,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DeploymentOptions(_Strict):
-    """Ray Serve options of one deployment (passed to ``serve.deployment(...).options``)."""
+class _DeploymentOptions(_Strict):
+    """Ray Serve options of one deployment (passed to ``serve.deployment(...).options``).
+
+    Declared here: the options whose shape or defaults are ours (the actor's resources
+    flattened out of ``ray_actor_options``; request limits sized for a model replica; one
+    way to scale). Every other option of Serve's deployment schema is added below from
+    ``ray.serve.schema.DeploymentSchema`` itself, and the whole set is checked by that schema.
+    """
 
     num_gpus: float = Field(default=0, ge=0, description="GPUs per replica; fractions share one GPU.")
     num_cpus: float = Field(default=1, ge=0, description="CPUs reserved per replica.")
@@ -73,16 +83,6 @@ class DeploymentOptions(_Strict):
         ge=-1,
         description="Requests waiting for a replica before callers get 503; -1 is unbounded.",
     )
-    health_check_period_s: float | None = Field(default=None, gt=0)
-    health_check_timeout_s: float | None = Field(default=None, gt=0)
-    graceful_shutdown_timeout_s: float | None = Field(
-        default=None,
-        ge=0,
-        description="On redeploy or downscale, how long a replica may finish in-flight requests.",
-    )
-    graceful_shutdown_wait_loop_s: float | None = Field(
-        default=None, gt=0, description="How often a stopping replica checks for in-flight requests."
-    )
 
     @field_validator("autoscaling_config")
     @classmethod
@@ -96,9 +96,10 @@ class DeploymentOptions(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_way_to_scale(self) -> DeploymentOptions:
+    def _serve_checks(self):
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("set either num_replicas or autoscaling_config, not both")
+        DeploymentSchema(name="check", **self.serve_options())  # Serve's own checks
         return self
 
     @property
@@ -108,23 +109,31 @@ class DeploymentOptions(_Strict):
             **self.autoscaling_config).min_replicas == 0
 
     def serve_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
-        options: dict[str, Any] = {
-            "ray_actor_options": {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus,
-                                  **({"resources": dict(self.resources)} if self.resources else {})},
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
-        }
-        if self.autoscaling_config is not None:
-            options["autoscaling_config"] = self.autoscaling_config
-        else:
+        """Keyword arguments for ``Deployment.options``: the options as written, the actor's
+        resources gathered into ``ray_actor_options``, one replica unless told otherwise."""
+        actor = {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus,
+                 **({"resources": dict(self.resources)} if self.resources else {})}
+        options = self.model_dump(exclude_none=True,
+                                  exclude={"num_gpus", "num_cpus", "resources", "num_replicas"})
+        if self.autoscaling_config is None:
             options["num_replicas"] = self.num_replicas if self.num_replicas is not None else 1
-        for key in ("health_check_period_s", "health_check_timeout_s", "graceful_shutdown_timeout_s",
-                    "graceful_shutdown_wait_loop_s"):
-            value = getattr(self, key)
-            if value is not None:
-                options[key] = value
-        return options
+        return {"ray_actor_options": actor, **options}
+
+
+# Serve's options this app sets itself (name, the actor options, the app's own args) or
+# declares above; every other option of Serve's deployment schema passes through as written.
+_SET_BY_THE_APP = {"name", "ray_actor_options", "user_config", *_DeploymentOptions.model_fields}
+DeploymentOptions = create_model(
+    "DeploymentOptions",
+    __base__=_DeploymentOptions,
+    __doc__=_DeploymentOptions.__doc__,
+    **{
+        name: (Optional[Annotated[(field.annotation, *field.metadata)] if field.metadata
+                        else field.annotation],
+               Field(default=None, description=f"Serve's own option: {field.description}"))
+        for name, field in DeploymentSchema.model_fields.items() if name not in _SET_BY_THE_APP
+    },
+)
 
 
 class BatchingConfig(_Strict):
@@ -324,6 +333,15 @@ class _WeightsReplica(_Strict):
     batching: BatchingConfig = Field(default_factory=BatchingConfig)
     deployment: DeploymentOptions = Field(default_factory=DeploymentOptions)
 
+    def _spec(self, **values: Any) -> PipelineSpec:
+        """The pipeline spec: every spec field this config (or its ``batching``) has under
+        the same name, then ``values``."""
+        names = {f.name for f in dataclasses.fields(PipelineSpec)} - set(values)
+        own = {key: getattr(self, key) for key in type(self).model_fields if key in names}
+        batching = {key: getattr(self.batching, key) for key in BatchingConfig.model_fields
+                    if key in names}
+        return PipelineSpec(**own, **batching, **values)
+
     @model_validator(mode="after")
     def _batch_fits(self):
         # A full batch of one-image requests must fit in what Serve lets a replica take on.
@@ -499,24 +517,8 @@ class ModelConfig(_Served, _WeightsReplica):
         return (self.limits.max_input_pixels or 0) * (self.upscale_factor or 1) ** 2
 
     def pipeline_spec(self) -> PipelineSpec:
-        return PipelineSpec(
-            name=self.name,
-            family=self.family,
-            source=self.source,
-            revision=self.revision,
-            variant=self.variant,
-            dtype=self.dtype,
-            cpu_dtype=self.cpu_dtype,
-            cpu_offload=self.cpu_offload,
-            compile=self.compile,
-            cpu_threads=self.cpu_threads,
-            max_batch_images=self.batching.max_batch_images,
-            batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
-            preview_decoder=self.preview_decoder,
-            vae=self.vae,
-            vae_tiling=self.vae_tiling,
-            vae_slicing=self.vae_slicing,
-            max_loaded_loras=self.max_loaded_loras,
+        """What this model's replicas load: its spec fields, the adapters as LoraRefs."""
+        return self._spec(
             fused_loras=self.fused_lora_refs(),
             loras=tuple(LoraRef(a.name, a.source, a.weight_name, a.default_weight)
                         for a in self.requestable_loras),
@@ -668,17 +670,7 @@ class SafetyConfig(_WeightsReplica):
         return self
 
     def pipeline_spec(self) -> PipelineSpec:
-        return PipelineSpec(
-            name=SAFETY_NAME,
-            family=SAFETY_CHECKER,
-            source=self.source,
-            revision=self.revision,
-            dtype=self.dtype,
-            cpu_dtype=self.cpu_dtype,
-            cpu_threads=self.cpu_threads,
-            max_batch_images=self.batching.max_batch_images,
-            batch_wait_timeout_s=self.batching.batch_wait_timeout_s,
-        )
+        return self._spec(name=SAFETY_NAME, family=SAFETY_CHECKER)
 
 
 _MEMORY_UNITS = {
