@@ -9,7 +9,7 @@ Issue 16's goals (H100): SDXL 1024x1024, 30 steps, batch 1 in at most 1.0 s; bat
 Models are the real architectures at full size with random weights: every component is
 built from the real configuration files committed in ``deployments/model_configs/`` (the
 family registry's ``real_config`` folder; the same files and the same component loop as
-deployments/tiny.py's tiny builders, without shrinking a width), directly on the GPU, cast
+deployments/standins/tiny.py's tiny builders, without shrinking a width), directly on the GPU, cast
 to float16 and written with ``save_pretrained`` to a temporary folder. Each deployment class
 (deployments/sdxl.py, stable_diffusion.py, x4_upscaler.py, latent_upscaler.py, esrgan.py)
 then loads that folder as its ``source`` through the production ``load_pipeline`` path,
@@ -47,7 +47,7 @@ On a GPU machine without Ray (the deployments import Ray only for metrics, which
 when Ray is not running; this script stands in a stub for the missing module): install the
 project's wheels that the machine lacks, e.g. ``pip install --no-deps diffusers-*.whl
 spandrel-*.whl`` from wheels carried with the working tree (and pyyaml; fastapi and pydantic
-for the capacity estimate, whose size parsing lives in serve_app/protocol.py: without them
+for the capacity estimate, whose config parsing needs them: without them
 the estimate cells read n/a and everything else is measured), then
 
     python3 benchmarks/gpu.py                                 # everything, eager then compiled
@@ -162,7 +162,7 @@ MODELS = list(dict.fromkeys(case.family for case in CASES))  # load order
 
 def build_full_pipeline(name: str, folder: Path, device: str) -> None:
     """The full-size pipeline of diffusers family ``name`` with random weights, written to
-    ``folder`` in float16: deployments/tiny.py's builder with nothing shrunk, on ``device``."""
+    ``folder`` in float16: deployments/standins/tiny.py's builder with nothing shrunk, on ``device``."""
     from deployments.standins.tiny import pipeline_from_real_configs
 
     with torch.device(device):
@@ -479,7 +479,7 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
         load = by_load[(timing.case.family, timing.compiled)]
         try:
             estimate = capacity_estimate(load.spec, timing.case, max(opts.batches), smoke)
-        except Exception as exc:  # noqa: BLE001 - e.g. serve_app.protocol's fastapi missing on a bare GPU machine
+        except Exception as exc:  # noqa: BLE001 - e.g. the config's pydantic missing on a bare GPU machine
             # The measurements stay; the estimate can be had later with `serve-app capacity`.
             cell = f"n/a ({type(exc).__name__}: {str(exc)[:80]})"
             lines.append(f"| {timing.case.family} | {timing.case.key} | {'on' if timing.compiled else 'off'} | "

@@ -3,7 +3,7 @@
     python3 benchmarks/sim.py [--out benchmarks/results] [--smoke]
 
 Every model replica here is a simulated accelerator (``sim:<family>``,
-deployments/sim.py, benchmarks only): the real deployment class, batcher, cancellation
+deployments/standins/sim.py, benchmarks only): the real deployment class, batcher, cancellation
 and step callbacks around a pipeline that sleeps for the time a cost model fitted to
 published H100 figures gives, and returns photo-like images. So the figures measure the
 serving layer (HTTP, ingress, handle calls, batching, object store, PNG, base64, JSON)
@@ -259,7 +259,7 @@ def path_costs(cases: list[Case]) -> list[str]:
 def write_report(results: dict, cases: list[Case], smoke: bool, out: Path, command: str,
                  path_lines: list[str]) -> Path:
     lines = [
-        "Simulated H100s (`sim:<family>`, deployments/sim.py: a cost model fitted to published "
+        "Simulated H100s (`sim:<family>`, deployments/standins/sim.py: a cost model fitted to published "
         "H100 figures; benchmarks only), served by the real app on this machine's "
         f"{os.cpu_count()} CPU cores. Command: `{command}`.",
         "",

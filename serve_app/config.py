@@ -362,7 +362,7 @@ class ModelConfig(_Served, _WeightsReplica):
     source: SourceField = Field(
         description="Hub id, local folder, 'tiny:<family>' for tiny random weights, or "
         "'sim:<family>' for a simulated accelerator (benchmarks only: it sleeps for an "
-        "H100's time and returns made-up images; deployments/sim.py).",
+        "H100's time and returns made-up images; deployments/standins/sim.py).",
     )
     variant: str | None = Field(default=None, description="Weights variant, e.g. 'fp16'.")
     cpu_offload: bool = Field(

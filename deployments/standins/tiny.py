@@ -12,7 +12,7 @@ type, attention upcasting, added embeddings and their number of conditioning val
 scaling factor and upcasting, scheduler settings, pipeline flags such as
 ``force_zeros_for_empty_prompt``, which text encoders exist, which UNet levels have
 attention but for the two highest-resolution ones) is the real one, so a tiny test takes the real
-model's code paths. The parity test (tests/unit/test_tiny.py) lists every key that differs.
+model's code paths. The parity test (tests/unit/test_parity.py) lists every key that differs.
 
 The VAE keeps its spatial factor (8; 4 for the x4 upscaler) so that ``512x512`` asks for a
 64x64 latent, exactly as the real model does. VAEs are seeded by their latent space: SD 2.1
@@ -380,7 +380,7 @@ SAFETY_CALIBRATION = {"prompt": "safety calibration", "size": 256, "steps": 4, "
 
 
 def build_tiny_safety_checker(path: Path) -> None:
-    """Write a tiny checker that flags about half of tiny SD 2.1's images.
+    """Write a tiny checker that flags some of tiny SD 2.1's images and passes the others.
 
     Random weights flag nothing with the real thresholds, so one concept is calibrated:
     its embedding is the direction in which tiny SD 2.1 images differ most, and its

@@ -1,5 +1,5 @@
 """HTTP error handling: every failure leaves with the right status, in OpenAI's envelope,
-or in Livepeer's runner shape on Livepeer's routes (serve_app/livepeer.py)."""
+or in Livepeer's runner shape on Livepeer's routes (serve_app/fronts/livepeer.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""The images service: decodes uploads, plans a request (serve_app/planning.py), runs the
-plan (serve_app/execution.py) and encodes the result.
+"""The images service: decodes uploads, plans a request (serve_app/service/planning.py), runs the
+plan (serve_app/service/execution.py) and encodes the result.
 
 Independent of HTTP and of Ray: it is handed a ``{deployment name: handle}`` map, so unit
 tests can drive it with fake handles.

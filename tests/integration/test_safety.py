@@ -18,7 +18,7 @@ from tests.integration.conftest import side_app
 
 pytestmark = pytest.mark.integration
 
-# The request the tiny checker was calibrated on: about half its images are flagged.
+# The request the tiny checker was calibrated on: some of its images are flagged, some not.
 REQUEST = {"prompt": SAFETY_CALIBRATION["prompt"], "size": "256x256", "n": 8, "seed": 0,
            "num_inference_steps": SAFETY_CALIBRATION["steps"], "guidance_scale": 7.5}
 

@@ -100,7 +100,7 @@ def redis_objects():
 
 
 def test_gcs_fault_tolerance_uses_the_redis_of_redis_yaml(manifest, redis_objects):
-    """GCS fault tolerance is on (k8s/README.md, "Head node restarts"): the head keeps its
+    """GCS fault tolerance is on (docs/kubernetes.md, "Head node restarts"): the head keeps its
     metadata in the Redis of k8s/redis.yaml, reached through its Service, with the password
     of its Secret, the same one the Redis pod requires."""
     cluster = manifest["spec"]["rayClusterConfig"]

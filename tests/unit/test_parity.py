@@ -1,6 +1,6 @@
 """Tiny models cannot drift from the real ones: every configuration key of every tiny
 component is the real model's (deployments/model_configs/), but for the widths and depths
-that deployments/tiny.py may shrink (SHRINK_KEYS). A failure lists every key that differs."""
+that deployments/standins/tiny.py may shrink (SHRINK_KEYS). A failure lists every key that differs."""
 
 import json
 

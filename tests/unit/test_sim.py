@@ -51,7 +51,7 @@ def timed(coro):
 
 
 def test_cost_model_reproduces_the_published_h100_latencies():
-    # The figures it is fitted to (deployments/sim.py [B] and [C]).
+    # The figures it is fitted to (deployments/standins/sim.py [B] and [C]).
     assert COSTS["sdxl"].call_s(1, 1024 * 1024, 30) == pytest.approx(2.496, rel=1e-3)
     assert COSTS["sd21"].call_s(1, 768 * 768, 50) == pytest.approx(1.39, rel=1e-3)
     # Batching pays a little (SDXL at 1024x1024 fills an H100 at batch 1), never loses.

@@ -1,4 +1,4 @@
-"""serve-app check's library versions against the lock (serve_app/versions.py)."""
+"""serve-app check's library versions against the lock (serve_app/tools/versions.py)."""
 
 from importlib.metadata import version
 
