@@ -2,20 +2,29 @@
 
 ``serve-app capacity CONFIG [--gpu-memory 24GiB]`` (or ``python3 -m serve_app.tools.capacity``).
 For every application and every deployment that loads weights (each model and the safety
-checker), it builds the model's real architecture on the ``meta`` device from the
-configuration files committed in ``deployments/model_configs/`` (no weights, no download),
-counts its bytes, adds an estimate of the activation peak at the deployment's largest batch
-and size, and compares the total with the replica's share of a GPU (``num_gpus`` x GPU
-memory). The GPU memory comes from ``--gpu-memory`` or the config's ``gpu: {name, memory}``.
+checker), it builds the model's real architecture empty (accelerate's ``init_empty_weights``:
+parameters on the ``meta`` device) from the configuration files committed in
+``deployments/model_configs/`` (no weights, no download), counts its bytes with accelerate's
+``compute_module_sizes``, adds an estimate of the activation peak at the deployment's
+largest batch and size, and compares the total with the replica's share of a GPU
+(``num_gpus`` x GPU memory). The GPU memory comes from ``--gpu-memory`` or the config's
+``gpu: {name, memory}``.
 
 Weights (counted, not estimated)
-    Every ``nn.Module`` component of the family's ``model_index.json`` (UNet, VAE, text
-    encoders) built with ``from_config`` on ``meta``; parameters and buffers, floating ones in
-    the deployment's dtype. A ``vae:`` override counts that VAE's config instead of the
-    pipeline's; a ``preview_decoder`` adds TAESD / TAESDXL; the safety checker is
-    ``StableDiffusionSafetyChecker(CLIPConfig)``; ESRGAN is spandrel's ``ESRGAN(**kwargs)``.
+    A pipeline family is the real-size pipeline that the stand-ins build from the real
+    configs (``deployments.standins.tiny.pipeline_from_real_configs(name, shrink=False)``),
+    built empty; every ``nn.Module`` component (UNet, VAE, text encoders) counted in the
+    deployment's dtype (integer buffers in their own), as diffusers counts components for a
+    ``device_map``. Whatever the source (Hub, local folder, stand-in), a family is its real
+    architecture. A ``vae:`` override counts that VAE instead of the pipeline's; a
+    ``preview_decoder`` adds TAESD / TAESDXL; one-model folders (those, the safety checker)
+    are built by their class's own loader from the registry's configs (or a local folder's
+    ``config.json``); ESRGAN is spandrel's ``ESRGAN(**kwargs)``.
 
 Activation peak (an estimate)
+    Kept as formulas of our own: no library estimates the peak of a diffusion call
+    (accelerate counts weights only), and these were fitted to, and are tested against, the
+    live tensor bytes of the real modules' forward passes (tests/unit/test_capacity.py).
     The phases of a pipeline call run one after another (text encoders, the denoising loop
     with its stream previews, the VAE decode), so the peak is the largest phase, not their
     sum. B is the largest number of images in one pipeline call: ``max(batching.
@@ -89,7 +98,6 @@ Over-committed (exit 1) when, with the GPU memory known:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import json
@@ -100,7 +108,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from deployments.families import FAMILIES, SAFETY_CHECKER, component_for, family_of_source
+from deployments.families import FAMILIES, SAFETY_CHECKER, component_for, family_of_source, load_attribute
+from deployments.sources import LOCAL, Source, local_path
 
 GiB = 2**30
 # The CUDA context of one replica process: ~300-500 MiB for the context and loaded kernels on
@@ -130,16 +139,15 @@ PUBLISHED_FP16_GB = {name: f.published_fp16_gb for name, f in FAMILIES.items()
 
 @dataclass(frozen=True)
 class Component:
-    """One module of a model: its class, config and element counts."""
+    """One module of a model: its class, config and bytes per dtype."""
 
     name: str
     cls: str
     config: dict[str, Any]
-    floating: int  # parameter and buffer elements stored in the model's dtype
-    other_bytes: int  # integer buffers (position ids ...), in their own dtype
+    sizes: dict[str, int]  # dtype -> bytes (accelerate's compute_module_sizes)
 
     def nbytes(self, dtype: str) -> int:
-        return self.floating * _BYTES[dtype] + self.other_bytes
+        return self.sizes[dtype]
 
 
 @contextlib.contextmanager
@@ -160,86 +168,86 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _count(name: str, cls_name: str, config: dict[str, Any], module) -> Component:
-    floating = other = 0
-    seen: set[int] = set()
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        if tensor.is_floating_point():
-            floating += tensor.numel()
-        else:
-            other += tensor.numel() * tensor.element_size()
-    return Component(name, cls_name, config, floating, other)
+def _config_of(module) -> dict[str, Any]:
+    config = module.config
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)  # transformers | diffusers
 
 
-def _build(name: str, library: str, cls_name: str, config: dict[str, Any]) -> Component:
-    """Instantiate ``library.cls_name`` from ``config`` on meta and count it."""
+def _count(name: str, module, config: dict[str, Any] | None = None) -> Component:
+    """The bytes of an (empty) module in each dtype: floating parameters and buffers in that
+    dtype, integer ones in their own (accelerate's ``compute_module_sizes``)."""
     import torch
+    from accelerate.utils import compute_module_sizes
 
-    cls = getattr(importlib.import_module(library), cls_name)
-    with _quiet(), torch.device("meta"):
-        if hasattr(cls, "from_config") and hasattr(cls, "config_name"):  # diffusers
-            module = cls.from_config(config)
-        else:  # transformers: Model(ConfigClass(**config))
-            module = cls(cls.config_class.from_dict(config))
-    return _count(name, cls_name, config, module)
+    # compute_module_sizes counts a tensor at the smaller of its own and the asked size: start
+    # from float32 (a config's torch_dtype float16 builds some text encoders in float16).
+    with _quiet():  # diffusers warns of modules kept in float32 on a cast: none here
+        module = module.to(torch.float32)
+    sizes = {dtype: int(compute_module_sizes(module, dtype=dtype)[""]) for dtype in _BYTES}
+    return Component(name, type(module).__name__,
+                     _config_of(module) if config is None else config, sizes)
 
 
 @lru_cache(maxsize=None)
-def pipeline_components(folder: str) -> tuple[Component, ...]:
-    """The module components of the pipeline folder (from its model_index.json)."""
+def family_pipeline(family: str) -> tuple[tuple[Component, ...], str]:
+    """(module components, pipeline class name) of a registered pipeline family at its real
+    size, built empty by the stand-ins' builder from the committed real configs."""
     import torch
+    from accelerate import init_empty_weights
 
-    root = Path(folder)
-    index = _read_json(root / "model_index.json")
-    components = []
-    for name, entry in sorted(index.items()):
-        if name.startswith("_") or not isinstance(entry, list) or None in entry:
-            continue
-        library, cls_name = entry
-        cls = getattr(importlib.import_module(library), cls_name, None)
-        if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-            continue  # schedulers, tokenizers, image processors: no weights
-        config_file = root / name / "config.json"
-        if not config_file.exists():
-            raise FileNotFoundError(f"{config_file}: needed to build {cls_name}")
-        components.append(_build(name, library, cls_name, _read_json(config_file)))
-    return tuple(components)
+    from deployments.standins.tiny import pipeline_from_real_configs
+
+    with _quiet(), init_empty_weights():
+        pipe = pipeline_from_real_configs(family, shrink=False)
+    components = tuple(_count(name, module) for name, module in sorted(pipe.components.items())
+                       if isinstance(module, torch.nn.Module))
+    return components, type(pipe).__name__
 
 
 @lru_cache(maxsize=None)
 def model_component(folder: str, weights_class: str) -> Component:
-    """A single-model folder (``config.json``) built as ``"module:Class"``."""
-    library, _, cls_name = weights_class.partition(":")
-    config = _read_json(Path(folder) / "config.json")
-    return _build(Path(folder).name, library, cls_name, config)
+    """A one-model folder (``config.json``) built empty by ``"module:Class"``'s own loader:
+    diffusers' ``load_config`` + ``from_config``, or transformers' config class."""
+    from accelerate import init_empty_weights
+
+    cls = load_attribute(weights_class)
+    with _quiet(), init_empty_weights():
+        if hasattr(cls, "load_config"):  # diffusers
+            module = cls.from_config(cls.load_config(folder))
+        else:  # transformers
+            module = cls(cls.config_class.from_pretrained(folder))
+    return _count(Path(folder).name, module)
 
 
 @lru_cache(maxsize=None)
 def single_file_component(folder: str) -> Component:
     """A spandrel net described by ``config.json`` (``architecture`` + ``spandrel_kwargs``)."""
-    import torch
+    from accelerate import init_empty_weights
 
     config = _read_json(Path(folder) / "config.json")
     arch = config["architecture"]
     cls = getattr(importlib.import_module(f"spandrel.architectures.{arch}"), arch)
-    with torch.device("meta"):
+    with init_empty_weights():
         module = cls(**config["spandrel_kwargs"])
-    return _count(arch, arch, config, module)
+    return _count(arch, module, config)
 
 
-def _override_folder(source: str) -> str | None:
+def _local_config_folder(source: Source) -> str | None:
+    """A local folder source holding a ``config.json``, else None."""
+    if source.kind != LOCAL:
+        return None
+    folder = Path(local_path(source))
+    return str(folder) if (folder / "config.json").is_file() else None
+
+
+def _override_folder(source: Source) -> str | None:
     """The config folder describing a component source (a ``vae:`` or ``preview_decoder:``):
     a registered source's family folder, or a local folder holding a config.json; None when
     unknown (another Hub id)."""
     known = family_of_source(source)
     if known is not None:
         return str(known.config_folder)
-    if (Path(source) / "config.json").exists():
-        return str(Path(source))
-    return None
+    return _local_config_folder(source)
 
 
 # ---------------------------------------------------------------------------------------
@@ -379,8 +387,8 @@ def estimate_model(model, app) -> Estimate:
                         _max_replicas(model.deployment), batch, "-", 0,
                         cpu_offload=model.cpu_offload and on_gpu)
     margin = ALLOCATOR_MARGIN
-    if model.source.startswith("tiny:"):
-        estimate.notes.append("tiny source: figures are the real model's")
+    if model.source.stand_in:
+        estimate.notes.append("stand-in source: figures are the real model's")
 
     if info.layout == "single-file":  # ESRGAN through spandrel
         net = single_file_component(str(info.config_folder))
@@ -395,17 +403,14 @@ def estimate_model(model, app) -> Estimate:
         estimate.phases["net"] = (estimate.weights, int(act * margin))
         return estimate
 
-    folder = info.config_folder
-    if Path(model.source).is_dir() and (Path(model.source) / "model_index.json").exists():
-        folder = Path(model.source)
-    components = {c.name: c for c in pipeline_components(str(folder))}
-    index = _read_json(Path(folder) / "model_index.json")
+    built, pipeline_class = family_pipeline(model.family)
+    components = {c.name: c for c in built}
     vae = components.get("vae")
     if model.vae is not None and vae is not None:
         vae_folder = _override_folder(model.vae)
         if vae_folder is not None:
             vae = model_component(vae_folder, "diffusers:AutoencoderKL")
-            vae = Component("vae", vae.cls, vae.config, vae.floating, vae.other_bytes)
+            vae = Component("vae", vae.cls, vae.config, vae.sizes)
             components["vae"] = vae
         estimate.notes.append(f"vae: {model.vae}" + ("" if vae_folder else " (unknown: counted as "
                                                           "the pipeline's own VAE)"))
@@ -444,7 +449,7 @@ def estimate_model(model, app) -> Estimate:
         act = preview_decode_bytes(preview.config, pixels, 1, nbytes)  # one image a step
         estimate.phases["previews"] = (unet_bytes, int(act * margin))
     # VAE decode.
-    upcast = (index.get("_class_name") in UPCASTING_PIPELINES and dtype == "float16"
+    upcast = (pipeline_class in UPCASTING_PIPELINES and dtype == "float16"
               and vae.config.get("force_upcast", True))
     element = 4 if upcast else nbytes
     act = vae_decode_bytes(vae.config, pixels, batch, element, model.vae_tiling, model.vae_slicing)
@@ -467,7 +472,7 @@ def estimate_safety(safety, app) -> Estimate:
     info = FAMILIES[SAFETY_CHECKER]
     on_gpu = safety.deployment.num_gpus > 0
     dtype = safety.dtype if on_gpu else safety.cpu_dtype
-    folder = safety.source if (Path(safety.source) / "config.json").exists() else str(info.config_folder)
+    folder = _local_config_folder(safety.source) or str(info.config_folder)
     checker = model_component(folder, info.weights_class)
     served_max_n = [m.limits.max_n for m in app.models] + [c.limits.max_n for c in app.chains]
     batch = max([safety.batching.max_batch_images, *served_max_n])
@@ -560,19 +565,28 @@ def check_one_gpu(estimates: list[Estimate], gpu_memory: int | None) -> list[str
 
 def capacity_command(config_path: str, gpu_memory: str | None = None) -> int:
     """Print the memory table of every application of a Serve config file; return 1 when a
-    GPU is over-committed, 0 when everything fits (or no GPU memory is known)."""
-    from serve_app.config import parse_memory, load_app_config
-    from serve_app.tools.launch import load_serve_config
+    GPU is over-committed (or a local source cannot be sized), 0 when everything fits (or
+    no GPU memory is known). Raises :class:`~serve_app.config.ConfigError` on a config that
+    cannot be read or is invalid, and on a bad ``gpu_memory`` (``serve-app``: exit 2)."""
+    from serve_app.config import ConfigError, parse_memory
+    from serve_app.tools.sources import apps_of, read_serve_config
 
-    serve_config = load_serve_config(config_path)
-    flag_memory = parse_memory(gpu_memory) if gpu_memory else None
-    apps = [(entry.get("name", "default"), load_app_config(entry.get("args", {})))
-            for entry in serve_config.get("applications", [])]
+    try:
+        flag_memory = parse_memory(gpu_memory) if gpu_memory else None
+    except ValueError as exc:
+        raise ConfigError(f"--gpu-memory: {exc}") from None
+    serve_config = read_serve_config(config_path)
+    apps = apps_of(serve_config)
     everything: list[Estimate] = []
     memories = []
     problems: list[str] = []
     for name, app in apps:
-        estimates = estimate_app(app)
+        try:
+            estimates = estimate_app(app)
+        except (OSError, json.JSONDecodeError) as exc:  # a local folder's config.json
+            print(f"serve-app capacity: application {name!r}: cannot size a source: {exc}",
+                  file=sys.stderr)
+            return 1
         memory = flag_memory or (app.gpu.memory_bytes if app.gpu else None)
         if memory:
             memories.append(memory)
@@ -601,18 +615,35 @@ def capacity_command(config_path: str, gpu_memory: str | None = None) -> int:
         print("OVER-COMMITTED:")
         for problem in problems:
             print(f"  {problem}")
+        sys.stdout.flush()
+        print(f"serve-app capacity: {config_path} over-commits its GPU "
+              f"({len(problems)} problem{'s' if len(problems) > 1 else ''}, listed above)",
+              file=sys.stderr)
         return 1
     print("fits" if memories else "no GPU memory known: nothing checked but num_gpus shares")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """``python3 -m serve_app.tools.capacity CONFIG [--gpu-memory SIZE]``: ``serve-app
+    capacity`` (its exit codes: 2 and one line on stderr for an unreadable or invalid config)."""
+    import argparse
+
+    from serve_app.config import ConfigError
+    from serve_app.tools.sources import one_line
+
+    parser = argparse.ArgumentParser(prog="python3 -m serve_app.tools.capacity",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("config", help="Serve config file, e.g. configs/local-gpu.yaml")
     parser.add_argument("--gpu-memory", default=None,
                         help="memory of one GPU, e.g. 24GiB (overrides the config's gpu.memory)")
     args = parser.parse_args(argv)
-    return capacity_command(args.config, args.gpu_memory)
+    try:
+        return capacity_command(args.config, args.gpu_memory)
+    except ConfigError as exc:
+        sys.stdout.flush()
+        print(f"serve-app capacity: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@
 ``check`` also prints the installed torch, diffusers, transformers, peft, ray and spandrel
 and whether each is the version ``constraints.txt`` locks (serve_app/versions.py).
 
-Exit codes: 0 all is well, 1 a source is unusable (missing files, no such repo or variant,
-a fetch that failed) or the installed libraries clash, 2 the config itself is invalid.
+Exit codes, the same for every command: 0 all is well; 1 a source is unusable (missing
+files, no such repo or variant, a fetch that failed), a GPU is over-committed or the installed
+libraries clash; 2 the config is invalid (a ConfigError, a file that is missing or not YAML, a
+bad argument value). A 1 or a 2 comes with a one-line message on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,19 +20,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from serve_app.tools.sources import one_line
+
 EXIT_OK, EXIT_UNUSABLE, EXIT_INVALID = 0, 1, 2
-
-
-def _sources(config: str):
-    """The config's weights sources, or None (said on stderr) when the config is invalid."""
-    from serve_app.tools import sources
-    from serve_app.config import ConfigError
-
-    try:
-        return sources.config_sources(config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return None
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -39,9 +31,7 @@ def _check(args: argparse.Namespace) -> int:
 
     versions = version_report()
     print("\n".join(versions.lines))
-    refs = _sources(args.config)
-    if refs is None:
-        return EXIT_INVALID
+    refs = sources.config_sources(args.config)
     reports = sources.check_sources(refs, sources.Hub(args.hub_timeout))
     for report in reports:
         print(report.line())
@@ -49,43 +39,48 @@ def _check(args: argparse.Namespace) -> int:
               for status in (sources.OK, sources.NOT_CHECKED, sources.PROBLEM)}
     print(f"{len(reports)} sources: {counts[sources.OK]} usable, "
           f"{counts[sources.NOT_CHECKED]} not checked, {counts[sources.PROBLEM]} with problems")
-    return EXIT_UNUSABLE if counts[sources.PROBLEM] or versions.problems else EXIT_OK
+    if counts[sources.PROBLEM] or versions.problems:
+        said = [f"{counts[sources.PROBLEM]} sources with problems"] if counts[sources.PROBLEM] else []
+        said += [f"library clash: {problem}" for problem in versions.problems]
+        print(f"serve-app check: {one_line('; '.join(said))}", file=sys.stderr)
+        return EXIT_UNUSABLE
+    return EXIT_OK
 
 
 def _fetch(args: argparse.Namespace) -> int:
     from serve_app.tools import sources
     from serve_app.config import ConfigError, load_app_config
-    from serve_app.tools.launch import load_serve_config
 
-    refs = _sources(args.config)
-    if refs is None:
-        return EXIT_INVALID
+    refs = sources.config_sources(args.config)
     to = Path(args.to).resolve()
     fetched, errors = sources.fetch_sources(refs, to, sources.Hub(args.hub_timeout))
     total = sum(item.nbytes for item in fetched)
     if errors:
         # A config naming half-fetched folders would fail at deploy time: write none.
-        print(f"{len(errors)} sources could not be fetched; no config written "
+        print(f"serve-app fetch: {len(errors)} sources could not be fetched; no config written "
               f"({total} bytes fetched)", file=sys.stderr)
         return EXIT_UNUSABLE
     out = Path(args.out) if args.out else to / Path(args.config).name
-    serve_config = sources.rewrite_config(load_serve_config(args.config), fetched)
+    serve_config = sources.rewrite_config(sources.read_serve_config(args.config), fetched)
     try:
         for application in serve_config["applications"]:
             load_app_config(application.get("args") or {})  # what is written must still load
     except ConfigError as exc:
-        print(f"the rewritten config is invalid: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        raise ConfigError(f"the rewritten config is invalid: {exc}") from None
     header = (f"# Written by `serve-app fetch {args.config} --to {to}`: the weights sources\n"
-              f"# point at the fetched folders (tiny sources are built at start).\n")
-    sources.write_config(serve_config, out, header)
+              f"# point at the fetched folders (stand-in sources are built at start).\n")
+    try:
+        sources.write_config(serve_config, out, header)
+    except OSError as exc:
+        print(f"serve-app fetch: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_UNUSABLE
     print(f"wrote {out}")
     print(f"fetched {total} bytes ({sources.human_bytes(total)})")
     return EXIT_OK
 
 
 def _capacity(args: argparse.Namespace) -> int:
-    # Written separately; imported only when asked for.
+    # Imported only when asked for (it builds models on the meta device).
     from serve_app.tools.capacity import capacity_command
 
     return capacity_command(args.config, args.gpu_memory)
@@ -93,19 +88,20 @@ def _capacity(args: argparse.Namespace) -> int:
 
 def _tiny_config(args: argparse.Namespace) -> int:
     from serve_app.tools import sources
-    from serve_app.config import ConfigError
 
-    try:
-        twin = sources.tiny_twin(args.config)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_INVALID
+    twin = sources.tiny_twin(args.config)
     header = (f"# Tiny twin of {args.config}, written by `serve-app tiny-config`: every weights\n"
               f"# source replaced by its tiny one (built in code at start, nothing downloaded);\n"
               f"# GPU requests, replicas, batching and limits kept. Run it on a Ray cluster that\n"
               f"# declares the GPUs it asks for: ray start --head --num-cpus 16 --num-gpus 4\n")
     if args.out:
-        print(f"wrote {sources.write_config(twin, args.out, header)}", file=sys.stderr)
+        try:
+            written = sources.write_config(twin, args.out, header)
+        except OSError as exc:
+            print(f"serve-app tiny-config: cannot write {args.out}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return EXIT_UNUSABLE
+        print(f"wrote {written}", file=sys.stderr)
     else:
         sys.stdout.write(header + sources.dump_config(twin))
     return EXIT_OK
@@ -127,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the installed versions of torch, diffusers, transformers, peft, "
                     "ray and spandrel against the lock (constraints.txt); validate every "
                     "application's args, then check every weights source: "
-                    "tiny sources, local folders and files (the files their loader needs), "
+                    "stand-in sources, local folders and files (the files their loader needs), "
                     "Hub repos (when the Hub answers; HF_HUB_OFFLINE=1 skips them).")
     check.add_argument("config", help="Serve config file (configs/*.yaml)")
     hub_timeout(check)
@@ -163,9 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``serve-app`` console script; returns the exit code."""
+    """Entry point of the ``serve-app`` console script; returns the exit code.
+
+    An unreadable or invalid config (a :class:`~serve_app.config.ConfigError`, which the
+    commands raise for a missing file or bad YAML too) is exit 2 with one line on stderr."""
+    from serve_app.config import ConfigError
+
     args = build_parser().parse_args(argv)
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except ConfigError as exc:
+        sys.stdout.flush()
+        print(f"serve-app {args.command}: {one_line(exc)}", file=sys.stderr)
+        return EXIT_INVALID
 
 
 if __name__ == "__main__":

@@ -1,24 +1,35 @@
 """Weights sources of a config: which files each needs, whether they are there, fetching them.
 
 Every source of an application (each model's ``source``, ``preview_decoder`` and ``vae``,
-and ``safety.source``) is one of:
+and ``safety.source``) is a :class:`deployments.sources.Source`, parsed when the config was
+validated: a stand-in (a plug-in kind: built locally, nothing to download), a local folder
+or file, a Hub repo id, or one file of a Hub repo (``hf://ID[@REVISION]/PATH``).
 
-- ``tiny:<family>``: built locally at start, nothing to download;
-- ``sim:<family>``: a simulated accelerator for benchmarks (deployments/sim.py), no weights;
-- a local folder (a local ``.pth`` / ``.safetensors`` file for single-file families);
-- a Hub repo id, or ``hf://OWNER/REPO/PATH[@REVISION]`` for one file of a repo.
+Which files a source needs is the libraries' choice, made on a listing (a local folder's
+files, or the ``siblings`` of ``HfApi().model_info``):
 
-:func:`select_files` decides which files of a listing a loader needs, from the family's
-layout in the registry (``deployments/families.py``) and, for pipelines, the components
-named in ``model_index.json``. ``serve-app check`` and ``serve-app fetch`` both use it, on a
-local folder and on a Hub listing alike, so what is checked is exactly what is fetched.
+- a pipeline (``model_index.json``): the files ``DiffusionPipeline.download`` takes, from
+  diffusers' own helpers (:func:`pipeline_files`): safetensors unless a component has none,
+  a variant's weights where a component has them, the configs, tokenizers and schedulers;
+- one model folder (a VAE, a preview decoder, the safety checker): its configuration files
+  (the registry's) and the weights diffusers' ``variant_compatible_siblings`` picks;
+- one file (spandrel): that file (``HfApi().file_exists`` on the Hub).
 
-Nothing here imports torch or reaches the Hub unless asked to (a Hub listing).
+``serve-app check`` and ``serve-app fetch`` use the one selection, so what is checked is
+what is fetched: ``snapshot_download(allow_patterns=<the selection>)`` for a Hub repo,
+``hf_hub_download`` for one Hub file (both with huggingface_hub's progress bars), a copy
+for a local folder. What stays ours is what the libraries never say because they download
+what exists: which files a component cannot load without (its class's configuration file,
+a tokenizer's vocabulary, weights, every shard an index names).
+
+Nothing here reaches the Hub unless asked to, nor imports torch for stand-in sources.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -31,40 +42,17 @@ from typing import Any
 import yaml
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HFValidationError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import filter_repo_objects
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, Family, component_for, family_of_source
+from deployments.sources import HUB, HUB_FILE, LOCAL, Source, local_path
 
 # How long one Hub call may take before the Hub counts as unreachable for the whole run.
 DEFAULT_HUB_TIMEOUT_S = 10.0
-
-# Weight files the diffusers and transformers loaders look for (the regexes of
-# diffusers.pipelines.pipeline_loading_utils.variant_compatible_siblings): a folder's other
-# files (openvino_model.bin, model.onnx, flax_model.msgpack, a root-level single-file
-# checkpoint such as sdxl_vae.safetensors) are never loaded from a folder.
-_SHARD = r"-\d{5}-of-\d{5}"
-_WEIGHTS_RE = re.compile(
-    rf"^(?P<base>diffusion_pytorch_model|pytorch_model|model)(?:{_SHARD})?"
-    rf"(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:{_SHARD})?\.(?P<ext>safetensors|bin)$"
-)
-_INDEX_RE = re.compile(
-    r"^(?P<base>diffusion_pytorch_model|pytorch_model|model)\.(?P<ext>safetensors|bin)"
-    r"(?:\.(?P<legacy>[A-Za-z0-9_]+))?\.index(?:\.(?P<variant>[A-Za-z0-9_]+))?\.json$"
-)
-# Weights file names by library, to name what is missing.
-_WEIGHTS_BASE = {"diffusers": "diffusion_pytorch_model", "transformers": "model"}
-# Files a tokenizer may be saved as (slow or fast, BPE, WordPiece or SentencePiece).
-_TOKENIZER_FILES = frozenset({
-    "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja", "chat_template.json",
-})
-SINGLE_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+# The files spandrel's ModelLoader.load_from_file reads (spandrel 0.4 has no list to import).
+SINGLE_FILE_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+MODEL_INDEX = "model_index.json"
 
 
 class HubUnreachable(Exception):
@@ -85,21 +73,29 @@ class SourceRef:
     # Path of the key inside the application's args, e.g. ("models", 0, "source").
     key: tuple[str | int, ...]
     label: str
-    source: str
+    source: Source
     layout: str  # pipeline | model | single-file (the registry's layout)
     family: str | None = None
     revision: str | None = None
     variant: str | None = None
+    # Pipeline components the loader hands to from_pretrained (a ``vae:`` override):
+    # diffusers neither loads nor downloads them from the source.
+    passed: tuple[str, ...] = ()
 
     @property
     def config_files(self) -> tuple[str, ...]:
         """Model layout: the configuration files the loader reads beside the weights."""
         return model_config_files(FAMILIES.get(self.family) if self.family else None)
 
+    @property
+    def hub_revision(self) -> str | None:
+        """The revision asked of the Hub: an hf:// source's own, else the config's."""
+        return self.source.revision or self.revision
+
     def describe(self) -> str:
         extras = [f"revision {self.revision}"] if self.revision else []
         extras += [f"variant {self.variant}"] if self.variant else []
-        return self.source + (f" [{', '.join(extras)}]" if extras else "")
+        return str(self.source) + (f" [{', '.join(extras)}]" if extras else "")
 
 
 def model_config_files(entry: Family | None) -> tuple[str, ...]:
@@ -112,7 +108,7 @@ def model_config_files(entry: Family | None) -> tuple[str, ...]:
     return ("config.json",)
 
 
-def _component_family(model_family: Family, source: str, capability: str) -> str | None:
+def _component_family(model_family: Family, source: Source, capability: str) -> str | None:
     """The registry family a preview decoder or VAE source stands for: the one it names, or
     else the one of that capability in the model's latent space (a local folder)."""
     known = family_of_source(source) or component_for(capability, model_family.latent_space)
@@ -126,8 +122,11 @@ def sources_of(app: Any, app_index: int = 0, app_name: str = "") -> list[SourceR
     for i, model in enumerate(app.models):
         entry = FAMILIES[model.family]
         where = f"{prefix}models[{i}] ({model.name})"
+        # deployments/loading.py passes a `vae:` override to from_pretrained as `vae=`.
+        passed = ("vae",) if model.vae is not None and entry.layout == "pipeline" else ()
         refs.append(SourceRef(app_index, app_name, ("models", i, "source"), f"{where}.source",
-                              model.source, entry.layout, entry.name, model.revision, model.variant))
+                              model.source, entry.layout, entry.name, model.revision,
+                              model.variant, passed))
         # The loader takes neither revision nor variant for these components.
         for key, capability in (("preview_decoder", "preview-decoder"), ("vae", "vae")):
             value = getattr(model, key)
@@ -141,30 +140,49 @@ def sources_of(app: Any, app_index: int = 0, app_name: str = "") -> list[SourceR
     return refs
 
 
-def load_apps(config_path: str | Path) -> list[tuple[str, Any]]:
-    """Read a Serve config file and validate every application's args.
-
-    Returns ``(application name, AppConfig)`` pairs; raises
-    :class:`~serve_app.config.ConfigError` on an invalid config.
-    """
-    from serve_app.config import ConfigError, load_app_config
+def read_serve_config(config_path: str | Path) -> dict[str, Any]:
+    """A Serve config file as written; :class:`~serve_app.config.ConfigError` when it cannot
+    be read (no such file, not YAML) or holds no applications."""
+    from serve_app.config import ConfigError
     from serve_app.tools.launch import load_serve_config
 
     try:
         serve_config = load_serve_config(config_path)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"cannot read {config_path}: {exc}") from None
-    applications = (serve_config or {}).get("applications") if isinstance(serve_config, dict) else None
-    if not applications:
+    except OSError as exc:
+        raise ConfigError(f"cannot read {config_path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{config_path} is not YAML: {exc}") from None
+    applications = serve_config.get("applications") if isinstance(serve_config, dict) else None
+    if not applications or not isinstance(applications, list):
         raise ConfigError(f"{config_path}: no 'applications' in this Serve config")
-    apps = []
     for index, application in enumerate(applications):
+        if not isinstance(application, dict):
+            raise ConfigError(f"{config_path}: applications[{index}] is not a mapping")
+    return serve_config
+
+
+def apps_of(serve_config: dict[str, Any]) -> list[tuple[str, Any]]:
+    """``(application name, AppConfig)`` of every application of a Serve config (as read by
+    :func:`read_serve_config`); :class:`~serve_app.config.ConfigError` names the invalid one."""
+    from serve_app.config import ConfigError, load_app_config
+
+    apps = []
+    for index, application in enumerate(serve_config["applications"]):
         name = application.get("name", f"applications[{index}]")
         try:
             apps.append((name, load_app_config(application.get("args") or {})))
         except ConfigError as exc:
             raise ConfigError(f"application {name!r}: {exc}") from None
     return apps
+
+
+def load_apps(config_path: str | Path) -> list[tuple[str, Any]]:
+    """Read a Serve config file and validate every application's args.
+
+    Returns ``(application name, AppConfig)`` pairs; raises
+    :class:`~serve_app.config.ConfigError` on an unreadable or invalid config.
+    """
+    return apps_of(read_serve_config(config_path))
 
 
 def config_sources(config_path: str | Path) -> list[SourceRef]:
@@ -194,92 +212,238 @@ class Selection:
 
     def _need(self, path: str, present: set[str]) -> bool:
         if path in present:
-            self.files.append(path)
+            if path not in self.files:
+                self.files.append(path)
             return True
         self.missing.append(path)
         return False
 
 
-def component_kind(name: str, class_name: str) -> str:
-    """What a ``model_index.json`` component is: scheduler, tokenizer, processor or model."""
-    if class_name.endswith("Scheduler") or name.endswith("scheduler"):
-        return "scheduler"
-    if "Tokenizer" in class_name:
-        return "tokenizer"
-    if class_name.endswith(("ImageProcessor", "FeatureExtractor", "Processor")):
-        return "processor"
-    return "model"
+@contextlib.contextmanager
+def _quiet_diffusers():
+    """diffusers warns of a variant found in some components only; the check says so in a note."""
+    logger = logging.getLogger("diffusers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
-def _by_folder(files: Iterable[str]) -> dict[str, list[str]]:
-    folders: dict[str, list[str]] = {}
-    for path in files:
-        parent = str(PurePosixPath(path).parent)
-        folders.setdefault("" if parent == "." else parent, []).append(PurePosixPath(path).name)
-    return folders
+@dataclass(frozen=True)
+class PipelineFiles:
+    """What ``DiffusionPipeline.download`` would take of a pipeline repo's listing."""
+
+    files: tuple[str, ...]  # the files, sorted
+    variant_files: frozenset[str]  # the weights (and indexes) of the asked variant
+    model_folders: frozenset[str]  # components with weight files
+    safetensors: bool  # every model component has safetensors (else .bin throughout)
 
 
-def _select_weights(
-    folder: str, names: list[str], present: set[str], variant: str | None, library: str | None,
-    read_json: Callable[[str], Any] | None, selection: Selection,
-) -> bool | None:
-    """Add the weight files of one model folder to ``selection``.
+def _ignore_patterns(files: list[str], model_folders: set[str], passed: Iterable[str],
+                     variant: str | None) -> list[str]:
+    # diffusers 0.42's private _get_ignore_patterns, as DiffusionPipeline.download calls it
+    # (use_safetensors left to its default: safetensors when every component has them, else
+    # the pickled .bin; never flax, ONNX on ONNX pipelines only, none here). Its public part,
+    # is_safetensors_compatible, decides only the first half.
+    from diffusers.pipelines.pipeline_loading_utils import _get_ignore_patterns
 
-    Safetensors are preferred over .bin; with a variant, its files when the folder has them,
-    else the default ones (diffusers falls back per component). Returns whether the
-    variant was found (None without a variant or without weights)."""
-    prefix = f"{folder}/" if folder else ""
-    weights = [(n, m) for n in names if (m := _WEIGHTS_RE.match(n))]
-    indexes = [(n, m) for n in names if (m := _INDEX_RE.match(n))]
+    return _get_ignore_patterns(list(passed), model_folders, files, use_safetensors=True,
+                                allow_pickle=True, use_onnx=None, is_onnx=False,
+                                use_flashpack=False, variant=variant)
 
-    def variant_of(match: re.Match) -> str | None:
-        return match.groupdict().get("legacy") or match.group("variant")
 
-    found_variant = None
-    chosen = []
-    if variant is not None:
-        chosen = [(n, m) for n, m in weights if variant_of(m) == variant]
-        found_variant = bool(chosen)
-    if not chosen:
-        chosen = [(n, m) for n, m in weights if variant_of(m) is None]
-    if not chosen:
-        base = _WEIGHTS_BASE.get(library or "")
-        wanted = (f"{base}.safetensors" if base
-                  else "diffusion_pytorch_model.safetensors or model.safetensors")
-        selection.missing.append(f"{prefix}{wanted} (weights)")
-        return None
-    ext = "safetensors" if any(m.group("ext") == "safetensors" for _, m in chosen) else "bin"
-    wanted_variant = variant_of(chosen[0][1])
-    picked = sorted(n for n, m in chosen if m.group("ext") == ext)
-    picked_indexes = sorted(n for n, m in indexes
-                            if m.group("ext") == ext and variant_of(m) == wanted_variant)
-    selection.files += [prefix + n for n in picked + picked_indexes]
-    if not picked_indexes and any(re.search(_SHARD, n) for n in picked):
-        selection.missing.append(f"{prefix}{chosen[0][1].group('base')}.{ext}.index.json")
-    # A sharded checkpoint is usable only with every shard its index names.
-    for index in picked_indexes:
+def _take(files: Iterable[str], allow: list[str], ignore: list[str]) -> list[str]:
+    # What DiffusionPipeline.download keeps, with huggingface_hub's own pattern filter
+    # (snapshot_download's): index files of ignored weights go too.
+    ignore = ignore + [f"{pattern}.index.*json" for pattern in ignore]
+    return sorted(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=ignore))
+
+
+def pipeline_files(files: Iterable[str], index: dict[str, Any], variant: str | None = None,
+                   passed: Iterable[str] = ()) -> PipelineFiles:
+    """The files of a pipeline listing that ``DiffusionPipeline.download`` takes (diffusers
+    0.42, ``pipeline_utils.py``), from its own helpers: ``filter_model_files``,
+    ``variant_compatible_siblings`` and ``_get_ignore_patterns``. ``download`` has no dry
+    run and fetches into the Hub cache only, so the allow patterns it builds are built here
+    the same way (custom pipeline code and connected pipelines aside: never loaded here).
+
+    Raises ValueError (diffusers') when a ``variant`` is asked that no file has.
+    """
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines.pipeline_loading_utils import (
+        CUSTOM_PIPELINE_FILE_NAME,
+        filter_model_files,
+        variant_compatible_siblings,
+    )
+    from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
+    from diffusers.utils import CONFIG_NAME
+    from diffusers.utils.constants import TRANSFORMERS_COMPONENT_AUX_FILES
+
+    passed = list(passed)
+    names = sorted(set(files) - set(index.get("_ignore_files", [])))
+    folder_names = [k for k, v in index.items() if isinstance(v, list) and k != "_class_name"]
+    model_folders = {os.path.split(f)[0] for f in filter_model_files(names)
+                     if os.path.split(f)[0] in folder_names}
+    ignore = _ignore_patterns(names, model_folders, passed, variant)
+    with _quiet_diffusers():
+        model_files, variant_files = variant_compatible_siblings(names, variant=variant,
+                                                                 ignore_patterns=ignore)
+    allow = list(model_files)
+    allow += [f"{k}/*" for k in folder_names if k not in model_folders]
+    allow += [f"{k}/{CONFIG_NAME}" for k in model_folders]
+    allow += [SCHEDULER_CONFIG_NAME, CONFIG_NAME, DiffusionPipeline.config_name,
+              CUSTOM_PIPELINE_FILE_NAME]
+    allow = [p for p in allow if not (len(p.split("/")) == 2 and p.split("/")[0] in passed)]
+    allow += TRANSFORMERS_COMPONENT_AUX_FILES
+    return PipelineFiles(tuple(_take(names, allow, ignore)), frozenset(variant_files),
+                         frozenset(model_folders), "*.safetensors" not in ignore)
+
+
+def model_files(files: Iterable[str], variant: str | None = None) -> list[str]:
+    """The weight files (and shard indexes) at the root of one model's folder that its
+    ``from_pretrained`` reads, chosen as diffusers chooses a component's: safetensors when
+    there are any, else .bin; the variant's when asked and present."""
+    from diffusers.pipelines.pipeline_loading_utils import variant_compatible_siblings
+
+    root = sorted(f for f in files if "/" not in f)
+    ignore = _ignore_patterns(root, set(), (), variant)
+    with _quiet_diffusers():
+        chosen, _ = variant_compatible_siblings(root, variant=variant, ignore_patterns=ignore)
+    return _take(chosen, ["*"], ignore)
+
+
+# What a component's class reads, as its library names the files.
+_CONFIG, _WEIGHTS, _VOCABULARY = "config", "weights", "vocabulary"
+
+
+def _class_needs(cls: type) -> dict[str, Any]:
+    """The files a loadable class cannot load without: its configuration file, the name of
+    its safetensors weights (models), its vocabulary files (tokenizers)."""
+    import diffusers
+    import transformers
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+    from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, SAFE_WEIGHTS_NAME
+
+    if issubclass(cls, diffusers.ModelMixin):
+        return {_CONFIG: cls.config_name, _WEIGHTS: SAFETENSORS_WEIGHTS_NAME}
+    if issubclass(cls, transformers.PreTrainedModel):
+        return {_CONFIG: CONFIG_NAME, _WEIGHTS: SAFE_WEIGHTS_NAME}
+    if issubclass(cls, diffusers.ConfigMixin):  # schedulers, guiders
+        return {_CONFIG: cls.config_name}
+    if issubclass(cls, transformers.PreTrainedTokenizerBase):
+        # tokenizer.json alone, or the files of the tokenizer's own vocabulary.
+        vocabulary = tuple(sorted(n for n in getattr(cls, "vocab_files_names", {}).values()
+                                  if n != FULL_TOKENIZER_FILE))
+        return {_CONFIG: TOKENIZER_CONFIG_FILE, _VOCABULARY: (FULL_TOKENIZER_FILE, vocabulary)}
+    if issubclass(cls, (transformers.ImageProcessingMixin, transformers.FeatureExtractionMixin)):
+        return {_CONFIG: IMAGE_PROCESSOR_NAME}
+    return {}
+
+
+def _is_index(name: str) -> bool:
+    base = PurePosixPath(name).name
+    return base.endswith(".json") and ".index." in base
+
+
+def _weights_in(folder: str, chosen: Iterable[str]) -> list[str]:
+    """The weight files (diffusers' ``filter_model_files``) of one component folder."""
+    from diffusers.pipelines.pipeline_loading_utils import filter_model_files
+
+    return [f for f in filter_model_files(list(chosen)) if str(PurePosixPath(f).parent) == folder]
+
+
+def _check_shards(chosen: Iterable[str], present: set[str], read_json, selection: Selection) -> None:
+    # A sharded checkpoint loads only with every shard its index names; the loaders find
+    # out while loading, the download takes what is there.
+    for index in (f for f in chosen if _is_index(f)):
         if read_json is None:
             continue
+        prefix = str(PurePosixPath(index).parent)
+        prefix = "" if prefix == "." else f"{prefix}/"
         try:
-            shards = set(read_json(prefix + index).get("weight_map", {}).values())
+            shards = set(read_json(index).get("weight_map", {}).values())
         except HubUnreachable:
             raise
         except Exception:  # an unreadable index is the loader's error to report
             continue
         selection.missing += sorted(prefix + s for s in shards if prefix + s not in present)
-    if variant is not None and not found_variant:
-        selection.notes.append(f"{folder or 'weights'}: no {variant} weights, the default ones load")
-    return found_variant
 
 
-def _select_model(
-    folder: str, names: list[str], present: set[str], config_files: Iterable[str],
-    variant: str | None, library: str | None, read_json, selection: Selection,
-) -> bool | None:
-    prefix = f"{folder}/" if folder else ""
+def _select_pipeline(present: set[str], read_json, variant: str | None, passed: tuple[str, ...],
+                     selection: Selection) -> None:
+    from diffusers.pipelines.pipeline_loading_utils import simple_get_class_obj
+
+    if not selection._need(MODEL_INDEX, present):
+        return
+    try:
+        index = read_json(MODEL_INDEX) if read_json else None
+        if not isinstance(index, dict):
+            raise ValueError("not a JSON object")
+    except HubUnreachable:
+        raise
+    except Exception as exc:
+        selection.problems.append(f"{MODEL_INDEX} unreadable: {exc}")
+        return
+    selection.pipeline_class = index.get("_class_name")
+    try:
+        chosen = pipeline_files(present, index, variant, passed)
+    except ValueError:  # diffusers refuses a variant that no component has
+        selection.problems.append(f"variant {variant!r} not found: no component has "
+                                  f"*.{variant}.safetensors (or .bin) weights")
+        return
+    selection.files = list(chosen.files)
+    for name, entry in index.items():
+        # Components are [library, class]; [null, null] is a component left out, and the
+        # other keys are pipeline settings (requires_safety_checker, ...).
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
+            continue
+        if None in entry or name in passed:
+            continue
+        library, class_name = entry
+        try:
+            cls = simple_get_class_obj(library, class_name)
+        except (ImportError, AttributeError, ValueError) as exc:
+            selection.problems.append(f"{name}: {library}.{class_name} cannot be loaded here "
+                                      f"({str(exc).splitlines()[0]})")
+            continue
+        needs = _class_needs(cls) if isinstance(cls, type) else {}
+        if _CONFIG in needs:
+            selection._need(f"{name}/{needs[_CONFIG]}", present)
+        if _VOCABULARY in needs:
+            whole, parts = needs[_VOCABULARY]
+            if f"{name}/{whole}" not in present and not (
+                    parts and all(f"{name}/{p}" in present for p in parts)):
+                alternative = f" (or {' + '.join(parts)})" if parts else ""
+                selection.missing.append(f"{name}/{whole}{alternative}")
+        if _WEIGHTS in needs:
+            weights = _weights_in(name, chosen.files)
+            if not weights:
+                selection.missing.append(f"{name}/{needs[_WEIGHTS]} (weights)")
+            elif variant is not None and not chosen.variant_files.intersection(weights):
+                selection.notes.append(f"{name}: no {variant} weights, the default ones load")
+    if not chosen.safetensors and any(f.endswith(".bin") for f in chosen.files):
+        selection.notes.append("a component has no safetensors weights: diffusers takes the "
+                               ".bin weights of every component")
+    _check_shards(chosen.files, present, read_json, selection)
+
+
+def _select_model(present: set[str], read_json, variant: str | None,
+                  config_files: Iterable[str], selection: Selection) -> None:
     for config in config_files:
-        selection._need(prefix + config, present)
-    return _select_weights(folder, names, present, variant, library, read_json, selection)
+        selection._need(config, present)
+    try:
+        chosen = model_files(present, variant)
+    except ValueError:
+        chosen = []
+        selection.problems.append(f"variant {variant!r} not found")
+    weights = [f for f in chosen if not _is_index(f)]
+    if not weights and not selection.problems:
+        selection.missing.append("diffusion_pytorch_model.safetensors or model.safetensors (weights)")
+    selection.files += [f for f in chosen if f not in selection.files]
+    _check_shards(chosen, present, read_json, selection)
 
 
 def select_files(
@@ -290,19 +454,18 @@ def select_files(
     variant: str | None = None,
     config_files: Iterable[str] = ("config.json",),
     filename: str | None = None,
+    passed: Iterable[str] = (),
 ) -> Selection:
     """The files of a source (a folder's or a repo's listing) that its loader needs.
 
-    ``layout`` is the registry's: ``pipeline`` (``model_index.json``, and for every
-    non-null component its config, scheduler, tokenizer or preprocessor files and, for
-    models, its weights), ``model`` (``config_files`` and weights at the root) or
+    ``layout`` is the registry's: ``pipeline`` (what ``DiffusionPipeline.download`` takes:
+    :func:`pipeline_files`; each component's class says what it cannot load without),
+    ``model`` (``config_files`` and the weights :func:`model_files` picks at the root) or
     ``single-file`` (``filename``). ``read_json(path)`` reads a file of the listing
-    (``model_index.json``, shard indexes). Weights: safetensors rather than .bin; with a
-    ``variant``, its files where a component has them. Nothing else is ever selected:
-    no root-level single-file checkpoints, .ckpt, .onnx, flax, README or images.
+    (``model_index.json``, shard indexes). ``passed`` names pipeline components the loader
+    passes in (not loaded from the source).
     """
     present = set(files)
-    folders = _by_folder(present)
     selection = Selection()
     if layout == "single-file":
         if filename is None:
@@ -310,71 +473,20 @@ def select_files(
         selection._need(filename, present)
         return selection
     if layout == "model":
-        _select_model("", folders.get("", []), present, config_files, variant, None, read_json,
-                      selection)
+        _select_model(present, read_json, variant, config_files, selection)
         return selection
     if layout != "pipeline":
         raise ValueError(f"unknown layout {layout!r}")
-
-    if not selection._need("model_index.json", present):
-        return selection
-    try:
-        index = read_json("model_index.json") if read_json else None
-        if not isinstance(index, dict):
-            raise ValueError("not a JSON object")
-    except HubUnreachable:
-        raise
-    except Exception as exc:
-        selection.problems.append(f"model_index.json unreadable: {exc}")
-        return selection
-    selection.pipeline_class = index.get("_class_name")
-    variants_found = []
-    for name, entry in index.items():
-        # Components are [library, class]; [null, null] is a component left out, and the
-        # other keys are pipeline settings (requires_safety_checker, ...).
-        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
-            continue
-        library, class_name = entry
-        if library is None or class_name is None:
-            continue
-        names = folders.get(name, [])
-        kind = component_kind(name, str(class_name))
-        if kind == "scheduler":
-            selection._need(f"{name}/scheduler_config.json", present)
-        elif kind == "processor":
-            selection._need(f"{name}/preprocessor_config.json", present)
-        elif kind == "tokenizer":
-            _select_tokenizer(name, names, present, selection)
-        else:
-            found = _select_model(name, names, present, ("config.json",), variant, library,
-                                  read_json, selection)
-            if found is not None:
-                variants_found.append(found)
-    if variant is not None and variants_found and not any(variants_found):
-        # diffusers refuses a variant that no component has.
-        selection.notes = [n for n in selection.notes if f"no {variant} weights" not in n]
-        selection.problems.append(f"variant {variant!r} not found: no component has "
-                                  f"*.{variant}.safetensors (or .bin) weights")
+    _select_pipeline(present, read_json, variant, tuple(passed), selection)
     return selection
-
-
-def _select_tokenizer(name: str, names: list[str], present: set[str], selection: Selection) -> None:
-    picked = sorted(n for n in names if n in _TOKENIZER_FILES or n.endswith((".model", ".tiktoken")))
-    selection.files += [f"{name}/{n}" for n in picked]
-    if "tokenizer_config.json" not in picked:
-        selection.missing.append(f"{name}/tokenizer_config.json")
-    has_vocab = ("tokenizer.json" in picked or "vocab.txt" in picked
-                 or any(n.endswith(".model") for n in picked)
-                 or ("vocab.json" in picked and "merges.txt" in picked))
-    if not has_vocab:
-        selection.missing.append(f"{name}/tokenizer.json (or vocab.json + merges.txt)")
 
 
 def select_for(ref: SourceRef, files: Iterable[str], read_json: Callable[[str], Any] | None,
                filename: str | None = None) -> Selection:
-    """:func:`select_files` with a source's layout, variant and configuration files."""
+    """:func:`select_files` with a source's layout, variant, configuration files and the
+    components its loader passes in."""
     return select_files(ref.layout, files, read_json, variant=ref.variant,
-                        config_files=ref.config_files, filename=filename)
+                        config_files=ref.config_files, filename=filename, passed=ref.passed)
 
 
 # ---------------------------------------------------------------------------------------
@@ -384,59 +496,43 @@ def select_for(ref: SourceRef, files: Iterable[str], read_json: Callable[[str], 
 
 @dataclass(frozen=True)
 class Location:
-    """Where a source's files are: kind is tiny, sim, local-folder, local-file, hub or hub-file."""
+    """What a (non-stand-in) source is for its loader: ``what`` it is as the check reports
+    it, the local path (local sources) and why the loader cannot take it (``error``)."""
 
-    kind: str
-    path: Path | None = None  # local
-    repo: str | None = None  # hub
-    filename: str | None = None  # hub-file: the file in the repo
-    revision: str | None = None
-    error: str | None = None  # a source that is none of these
-
-
-def parse_hf_url(source: str) -> tuple[str, str, str | None]:
-    """``hf://OWNER/REPO/PATH[@REVISION]`` as (repo, path, revision)."""
-    reference, _, revision = source.removeprefix("hf://").partition("@")
-    parts = reference.split("/")
-    if len(parts) < 3 or not all(parts):
-        raise ValueError(f"expected hf://OWNER/REPO/PATH, got {source!r}")
-    return "/".join(parts[:2]), "/".join(parts[2:]), revision or None
+    what: str
+    path: Path | None = None
+    error: str | None = None
 
 
 def locate(ref: SourceRef) -> Location:
-    """Classify a source as the loaders do: a local path when it exists, else a Hub id."""
+    """A source as its loader takes it: spandrel reads one file (local, or hf://), the
+    diffusers and transformers loaders a folder or a Hub repo id."""
     source = ref.source
-    if source.startswith("tiny:"):
-        return Location("tiny")
-    if source.startswith("sim:"):
-        return Location("sim")
-    if ref.layout == "single-file":
-        # deployments/esrgan.py: hf:// is one Hub file, anything else a local path.
-        if source.startswith("hf://"):
-            try:
-                repo, filename, revision = parse_hf_url(source)
-            except ValueError as exc:
-                return Location("hub-file", error=str(exc))
-            return Location("hub-file", repo=repo, filename=filename, revision=revision or ref.revision)
-        path = Path(source).expanduser()
+    single_file = ref.layout == "single-file"
+    if source.kind == HUB_FILE:
+        if not single_file:
+            return Location("Hub file", error="hf:// names one file; this loader takes a Hub "
+                                              "repo id or a folder")
+        return Location("Hub file")
+    if source.kind == HUB:
+        if single_file:
+            return Location("Hub repo", error="this loader reads one file: "
+                                              f"hf://{source.repo_id}/PATH or a local file")
+        return Location("Hub repo")
+    path = Path(local_path(source))
+    if single_file:
         if path.is_dir():
-            return Location("local-file", path=path,
-                            error="is a folder; expected a .pth or .safetensors file")
+            return Location("local file", path, "is a folder; expected a "
+                            f"{' / '.join(SINGLE_FILE_SUFFIXES)} file")
         if not path.is_file():
-            return Location("local-file", path=path, error="no such file")
-        return Location("local-file", path=path)
-    if source.startswith("hf://"):
-        return Location("hub", error="hf:// names one file; this loader takes a Hub repo id or a folder")
-    path = Path(source).expanduser()
+            return Location("local file", path, "no such file")
+        return Location("local file", path)
+    what = f"local {ref.layout} folder"
     if path.is_dir():
-        return Location("local-folder", path=path)
+        return Location(what, path)
     if path.exists():
-        return Location("local-folder", path=path, error="is a file; expected a folder")
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        return Location("local-folder", path=path, error="no such folder (and not a Hub repo id)")
-    return Location("hub", repo=source, revision=ref.revision)
+        return Location(what, path, "is a file; expected a folder")
+    return Location(what, path, "no such folder (and not a Hub repo id)")
 
 
 def local_files(folder: Path) -> list[str]:
@@ -492,7 +588,8 @@ def _with_timeout(call: Callable[[], Any], timeout_s: float) -> Any:
 
 class Hub:
     """The Hub as this run sees it: listings cached, and once it has failed to answer it
-    is not asked again (one timeout per run, not one per source)."""
+    is not asked again (one timeout per run, not one per source). Downloads are not timed:
+    they take as long as the weights do."""
 
     def __init__(self, timeout_s: float = DEFAULT_HUB_TIMEOUT_S):
         self.timeout_s = timeout_s
@@ -514,11 +611,12 @@ class Hub:
             raise HubUnreachable(self.unreachable) from exc
 
     def list_files(self, repo: str, revision: str | None) -> list[str]:
-        """``HfApi().list_repo_files``, with the run's timeout."""
+        """The files of a model repo: the siblings of ``HfApi().model_info``."""
         key = (repo, revision)
         if key not in self._listings:
-            self._listings[key] = list(self._call(
-                lambda: HfApi().list_repo_files(repo, revision=revision)))
+            info = self._call(lambda: HfApi().model_info(repo, revision=revision,
+                                                         files_metadata=False))
+            self._listings[key] = [sibling.rfilename for sibling in info.siblings or []]
         return self._listings[key]
 
     def json_reader(self, repo: str, revision: str | None) -> Callable[[str], Any]:
@@ -529,13 +627,36 @@ class Hub:
 
         return read
 
+    def file_problem(self, source: Source, revision: str | None) -> str | None:
+        """Why one Hub file (an hf:// source) cannot be downloaded, or None: it exists."""
+        repo, repo_type = source.repo_id, source.repo_type
+        api = HfApi()
+        if self._call(lambda: api.file_exists(repo, source.path_in_repo, repo_type=repo_type,
+                                              revision=revision)):
+            return None
+        # file_exists says False for a missing repo or revision too: say which.
+        if not self._call(lambda: api.repo_exists(repo, repo_type=repo_type)):
+            return _no_repo(repo)
+        if revision and not self._call(lambda: api.revision_exists(repo, revision,
+                                                                   repo_type=repo_type)):
+            return _no_revision(repo, revision)
+        return f"missing {source.path_in_repo}"
+
+
+def _no_repo(repo: str) -> str:
+    return f"repo {repo} does not exist (or is private: log in with HF_TOKEN)"
+
+
+def _no_revision(repo: str, revision: str | None) -> str:
+    return f"revision {revision!r} does not exist in {repo}"
+
 
 def _hub_answer_error(exc: Exception, repo: str, revision: str | None) -> str:
     if isinstance(exc, GatedRepoError):
         return f"repo {repo} is gated: accept its terms on the Hub and log in (HF_TOKEN)"
     if isinstance(exc, RevisionNotFoundError):
-        return f"revision {revision!r} does not exist in {repo}"
-    return f"repo {repo} does not exist (or is private: log in with HF_TOKEN)"
+        return _no_revision(repo, revision)
+    return _no_repo(repo)
 
 
 # ---------------------------------------------------------------------------------------
@@ -543,6 +664,7 @@ def _hub_answer_error(exc: Exception, repo: str, revision: str | None) -> str:
 # ---------------------------------------------------------------------------------------
 
 OK, NOT_CHECKED, PROBLEM = "OK", "NOT CHECKED", "PROBLEM"
+STAND_IN = "stand-in source"
 
 
 @dataclass
@@ -580,56 +702,55 @@ def _pipeline_note(ref: SourceRef, selection: Selection) -> None:
         return
     wanted = entry.weights_class.partition(":")[2]
     if selection.pipeline_class != wanted:
-        selection.notes.append(f"model_index.json is a {selection.pipeline_class}, "
+        selection.notes.append(f"{MODEL_INDEX} is a {selection.pipeline_class}, "
                                f"family {ref.family} loads {wanted}")
-
-
-def check_source(ref: SourceRef, hub: Hub) -> SourceReport:
-    """Whether one source is usable: its needed files present (local), or its repo,
-    files and variant on the Hub (when the Hub answers)."""
-    location = locate(ref)
-    if location.kind == "tiny":
-        name = ref.source.removeprefix("tiny:")
-        if name not in FAMILIES:
-            return SourceReport(ref, PROBLEM, "tiny source", f"unknown tiny family {name!r}")
-        return SourceReport(ref, OK, "tiny source", "built locally, nothing to download")
-    if location.kind == "sim":
-        return SourceReport(ref, OK, "simulated accelerator",
-                            "benchmarks only (deployments/sim.py), nothing to download")
-    what = {"local-folder": f"local {ref.layout} folder", "local-file": "local file",
-            "hub": "Hub repo", "hub-file": "Hub file"}[location.kind]
-    if location.error:
-        return SourceReport(ref, PROBLEM, what, location.error)
-    if location.kind == "local-file":
-        return SourceReport(ref, OK, what, _single_file_detail(location.path.name))
-    if location.kind == "local-folder":
-        selection = select_for(ref, local_files(location.path), _local_json_reader(location.path))
-        _pipeline_note(ref, selection)
-        return SourceReport(ref, OK if selection.usable else PROBLEM, what,
-                            _selection_detail(selection), selection)
-    # The Hub.
-    try:
-        files = hub.list_files(location.repo, location.revision)
-        filename = location.filename
-        selection = select_for(ref, files, hub.json_reader(location.repo, location.revision), filename)
-    except HubUnreachable as exc:
-        reason = "" if hub_offline() else f": {exc}"
-        return SourceReport(ref, NOT_CHECKED, what, f"not checked (offline{reason})")
-    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        return SourceReport(ref, PROBLEM, what, _hub_answer_error(exc, location.repo, location.revision))
-    _pipeline_note(ref, selection)
-    detail = _selection_detail(selection)
-    if selection.usable and location.kind == "hub-file":
-        detail = _single_file_detail(PurePosixPath(location.filename).name)
-    elif selection.usable:
-        detail = f"repo exists, {detail}"
-    return SourceReport(ref, OK if selection.usable else PROBLEM, what, detail, selection)
 
 
 def _single_file_detail(name: str) -> str:
     if name.endswith(SINGLE_FILE_SUFFIXES):
         return "usable (the file exists)"
     return f"the file exists, but spandrel reads {' / '.join(SINGLE_FILE_SUFFIXES)} files"
+
+
+def check_source(ref: SourceRef, hub: Hub) -> SourceReport:
+    """Whether one source is usable: its needed files present (local), or its repo,
+    files and variant on the Hub (when the Hub answers)."""
+    source = ref.source
+    if source.stand_in:
+        return SourceReport(ref, OK, STAND_IN, "built locally, nothing to download")
+    location = locate(ref)
+    what = location.what
+    if location.error:
+        return SourceReport(ref, PROBLEM, what, location.error)
+    if source.kind == LOCAL and ref.layout == "single-file":
+        return SourceReport(ref, OK, what, _single_file_detail(location.path.name))
+    if source.kind == LOCAL:
+        selection = select_for(ref, local_files(location.path), _local_json_reader(location.path))
+        _pipeline_note(ref, selection)
+        return SourceReport(ref, OK if selection.usable else PROBLEM, what,
+                            _selection_detail(selection), selection)
+    # The Hub.
+    revision = ref.hub_revision
+    try:
+        if source.kind == HUB_FILE:
+            problem = hub.file_problem(source, revision)
+            if problem:
+                return SourceReport(ref, PROBLEM, what, problem)
+            return SourceReport(ref, OK, what,
+                                _single_file_detail(PurePosixPath(source.path_in_repo).name),
+                                Selection(files=[source.path_in_repo]))
+        files = hub.list_files(source.repo_id, revision)
+        selection = select_for(ref, files, hub.json_reader(source.repo_id, revision))
+    except HubUnreachable as exc:
+        reason = "" if hub_offline() else f": {exc}"
+        return SourceReport(ref, NOT_CHECKED, what, f"not checked (offline{reason})")
+    except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
+        return SourceReport(ref, PROBLEM, what, _hub_answer_error(exc, source.repo_id, revision))
+    _pipeline_note(ref, selection)
+    detail = _selection_detail(selection)
+    if selection.usable:
+        detail = f"repo exists, {detail}"
+    return SourceReport(ref, OK if selection.usable else PROBLEM, what, detail, selection)
 
 
 def check_sources(refs: Iterable[SourceRef], hub: Hub | None = None) -> list[SourceReport]:
@@ -652,7 +773,7 @@ class Fetched:
     """A fetched source: the path the config should now name, and the bytes it holds."""
 
     ref: SourceRef
-    path: Path | None  # None: a tiny source, left as it is
+    path: Path | None  # None: a stand-in, left as it is
     files: list[str]
     nbytes: int
 
@@ -664,17 +785,20 @@ def _safe_name(text: str) -> str:
 def _folder_key(ref: SourceRef, location: Location) -> tuple[tuple, str]:
     """(identity, wanted folder name) of the folder a source is fetched into: the same
     repo, revision and variant share one folder."""
-    if location.kind in ("hub", "hub-file"):
-        base = location.repo.replace("/", "--")
-        identity = (location.kind == "hub-file", location.repo, location.revision, ref.variant)
-    elif location.kind == "local-file":
+    source, revision = ref.source, None
+    if source.kind in (HUB, HUB_FILE):
+        revision = ref.hub_revision
+        base = source.repo_id.replace("/", "--")
+        identity = (source.kind, source.repo_type, source.repo_id, revision, ref.variant,
+                    ref.passed)
+    elif ref.layout == "single-file":
         base = location.path.stem
         identity = ("file", str(location.path.resolve()))
     else:
         base = location.path.resolve().name
-        identity = ("folder", str(location.path.resolve()), ref.variant)
+        identity = ("folder", str(location.path.resolve()), ref.variant, ref.passed)
     # Variants select different files: a folder each.
-    name = "--".join(_safe_name(p) for p in (base, location.revision, ref.variant) if p)
+    name = "--".join(_safe_name(p) for p in (base, revision, ref.variant) if p)
     return identity, name
 
 
@@ -691,43 +815,70 @@ def _size(dest: Path, files: Iterable[str]) -> int:
     return sum((dest / rel).stat().st_size for rel in files)
 
 
+def one_line(text: object) -> str:
+    """A (multi-line) error message as one line: 'head: a; b' for 'head:\\n  a\\n  b'."""
+    parts = [part.strip() for part in str(text).splitlines() if part.strip()]
+    if not parts:
+        return ""
+    head, rest = parts[0], "; ".join(parts[1:])
+    if not rest:
+        return head
+    return f"{head} {rest}" if head.endswith(":") else f"{head}; {rest}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
 def fetch_source(ref: SourceRef, dest: Path, hub: Hub) -> Fetched:
     """Fetch the files a source needs into ``dest``; returns what the config should name.
 
     Hub repos go through ``snapshot_download(allow_patterns=<the selection>)``, one Hub
-    file through ``hf_hub_download``, a local folder is copied with the same selection.
+    file through ``hf_hub_download`` (huggingface_hub's progress bars on a terminal), a
+    local folder is copied with the same selection.
     """
-    location = locate(ref)
-    if location.kind in ("tiny", "sim"):
+    source = ref.source
+    if source.stand_in:
         return Fetched(ref, None, [], 0)
+    location = locate(ref)
+    label = f"{ref.label} = {ref.describe()}"
     if location.error:
-        raise FetchError(f"{ref.label} = {ref.describe()}: {location.error}")
-    if location.kind == "local-file":
+        raise FetchError(f"{label}: {location.error}")
+    if source.kind == LOCAL and ref.layout == "single-file":
         files = [location.path.name]
         _copy(files, location.path.parent, dest)
         return Fetched(ref, dest / location.path.name, files, _size(dest, files))
-    if location.kind == "local-folder":
+    if source.kind == LOCAL:
         selection = select_for(ref, local_files(location.path), _local_json_reader(location.path))
         _raise_unusable(ref, selection)
         _copy(selection.files, location.path, dest)
         return Fetched(ref, dest, selection.files, _size(dest, selection.files))
+    revision = ref.hub_revision
     try:
-        files = hub.list_files(location.repo, location.revision)
-        selection = select_for(ref, files, hub.json_reader(location.repo, location.revision),
-                               location.filename)
+        if source.kind == HUB_FILE:
+            problem = hub.file_problem(source, revision)
+            if problem:
+                raise FetchError(f"{label}: {problem}")
+            selection = Selection(files=[source.path_in_repo])
+        else:
+            files = hub.list_files(source.repo_id, revision)
+            selection = select_for(ref, files, hub.json_reader(source.repo_id, revision))
     except HubUnreachable as exc:
-        raise FetchError(f"{ref.label} = {ref.describe()}: cannot reach the Hub ({exc})") from None
+        raise FetchError(f"{label}: cannot reach the Hub ({exc})") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as exc:
-        raise FetchError(f"{ref.label} = {ref.describe()}: "
-                         f"{_hub_answer_error(exc, location.repo, location.revision)}") from None
+        raise FetchError(f"{label}: {_hub_answer_error(exc, source.repo_id, revision)}") from None
     _raise_unusable(ref, selection)
     dest.mkdir(parents=True, exist_ok=True)
-    if location.kind == "hub-file":
-        path = Path(hf_hub_download(location.repo, location.filename, revision=location.revision,
-                                    local_dir=str(dest)))
-        return Fetched(ref, path, selection.files, _size(dest, selection.files))
-    snapshot_download(location.repo, revision=location.revision, allow_patterns=selection.files,
-                      local_dir=str(dest))
+    try:
+        if source.kind == HUB_FILE:
+            path = Path(hf_hub_download(source.repo_id, source.path_in_repo, revision=revision,
+                                        repo_type=source.repo_type, local_dir=str(dest)))
+            return Fetched(ref, path, selection.files, _size(dest, selection.files))
+        snapshot_download(source.repo_id, revision=revision, allow_patterns=selection.files,
+                          local_dir=str(dest))
+    except Exception as exc:  # the network, the disk: said in one line, not a traceback
+        raise FetchError(f"{label}: download failed ({_first_line(exc)})") from None
     return Fetched(ref, dest, selection.files, _size(dest, selection.files))
 
 
@@ -748,8 +899,8 @@ def fetch_sources(refs: Iterable[SourceRef], to: str | Path, hub: Hub | None = N
     done: dict[tuple, Fetched] = {}
     fetched, errors = [], []
     for ref in refs:
-        location = locate(ref)
-        if location.kind in ("tiny", "sim") or location.error:
+        location = None if ref.source.stand_in else locate(ref)
+        if location is None or location.error:
             dest = root
             key = None
         else:
@@ -761,7 +912,7 @@ def fetch_sources(refs: Iterable[SourceRef], to: str | Path, hub: Hub | None = N
                     candidate, n = root / f"{name}-{n}", n + 1
                 folders[identity] = candidate
             dest = folders[identity]
-            key = (identity, location.filename, ref.layout, ref.config_files)
+            key = (identity, ref.source.path_in_repo, ref.layout, ref.config_files)
         try:
             if key is not None and key in done:
                 result = Fetched(ref, done[key].path, done[key].files, 0)  # counted once
@@ -769,13 +920,14 @@ def fetch_sources(refs: Iterable[SourceRef], to: str | Path, hub: Hub | None = N
                 result = fetch_source(ref, dest, hub)
                 if key is not None:
                     done[key] = result
-        except FetchError as exc:
-            errors.append(str(exc))
-            log(f"{PROBLEM:<12} {exc}")
+        except (FetchError, OSError) as exc:
+            message = str(exc) if isinstance(exc, FetchError) else f"{ref.label}: {_first_line(exc)}"
+            errors.append(message)
+            log(f"{PROBLEM:<12} {message}")
             continue
         fetched.append(result)
         if result.path is None:
-            log(f"{'TINY':<12} {ref.label} = {ref.source}: stays as it is (built locally)")
+            log(f"{'STAND-IN':<12} {ref.label} = {ref.source}: stays as it is (built locally)")
         else:
             log(f"{'FETCHED':<12} {ref.label} = {ref.describe()} -> {result.path} "
                 f"({len(result.files)} files, {result.nbytes} bytes)")
@@ -837,15 +989,16 @@ def tiny_twin(config_path: str | Path) -> dict[str, Any]:
     Everything else is kept as written: GPU and CPU requests, replica counts, batching,
     limits and dtypes (a replica without a GPU runs in its ``cpu_dtype``). It runs on any
     Ray cluster that declares the GPUs it asks for (``ray start --head --num-gpus 4``).
+    Raises :class:`~serve_app.config.ConfigError` on an unreadable or invalid config.
     """
     from serve_app.config import ConfigError, load_app_config
-    from serve_app.tools.launch import load_serve_config
 
-    refs = config_sources(config_path)  # validates every application first
-    serve_config = load_serve_config(config_path)
+    serve_config = read_serve_config(config_path)
+    refs = [ref for index, (name, app) in enumerate(apps_of(serve_config))
+            for ref in sources_of(app, index, name)]  # validates every application first
     for ref in refs:
         if ref.family is None:
-            raise ConfigError(f"{ref.label}: {ref.source!r} is no registered family; "
+            raise ConfigError(f"{ref.label}: {str(ref.source)!r} is no registered family; "
                               "it has no tiny twin")
         node = serve_config["applications"][ref.app_index].setdefault("args", {})
         *parents, last = ref.key

@@ -70,6 +70,16 @@ def test_weights_count_the_real_components():
     assert estimates["esrgan-x2"].weights == pytest.approx(16.7e6 * 2, rel=0.01)  # RRDB 23 blocks
 
 
+def test_weights_are_counted_in_the_deployments_dtype():
+    # accelerate's compute_module_sizes, from float32 modules: a text encoder whose config says
+    # torch_dtype float16 still counts 4 bytes a parameter in float32 (integer buffers aside).
+    components, pipeline_class = capacity.family_pipeline("sdxl")
+    assert pipeline_class == "StableDiffusionXLPipeline"
+    for component in components:
+        assert component.nbytes("float32") == pytest.approx(2 * component.nbytes("float16"), rel=1e-5)
+        assert component.nbytes("bfloat16") == component.nbytes("float16")
+
+
 @pytest.mark.parametrize("memory", ["8GiB", "16GiB"])
 def test_too_small_a_gpu_is_over_committed(memory, capsys):
     assert capacity_command(str(LOCAL), memory) == 1

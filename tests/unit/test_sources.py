@@ -109,7 +109,7 @@ def test_check_tiny_config_reports_tiny_sources(capsys):
     lines = [line for line in out.splitlines() if " = tiny:" in line]
     # Every model source, the SDXL preview decoder and the safety checker.
     assert len(lines) == 8
-    assert all(line.startswith("OK") and "tiny source" in line and "nothing to download" in line
+    assert all(line.startswith("OK") and "stand-in source" in line and "nothing to download" in line
                for line in lines)
 
 
@@ -240,11 +240,11 @@ def test_fetch_local_folder_copies_exactly_the_needed_files(capsys, tmp_path, sd
     written = to / "local.yaml"
     args = load_serve_config(written)["applications"][0]["args"]
     app = load_app_config(args)
-    fetched = Path(app.models[0].source)
+    fetched = Path(str(app.models[0].source))
     assert fetched.is_absolute() and fetched.parent == to.resolve()
     assert listing(fetched) == needed_files(sd21_folder, variant)
     # Tiny sources stay as they are; everything else is kept.
-    assert app.models[1].source == "tiny:sdxl" and app.safety.source == "tiny:safety-checker"
+    assert str(app.models[1].source) == "tiny:sdxl" and str(app.safety.source) == "tiny:safety-checker"
     original = load_serve_config(config)
     assert list(load_serve_config(written)) == list(original)
     assert list(args["models"][0]) == list(original["applications"][0]["args"]["models"][0])
@@ -318,7 +318,8 @@ SD21_FP16_NEEDED = {
 
 
 class FakeHub:
-    """Stands in for HfApi, hf_hub_download and snapshot_download."""
+    """Stands in for HfApi (model_info, file_exists, repo_exists), hf_hub_download and
+    snapshot_download."""
 
     def __init__(self, tmp_path: Path, repos: dict[str, list[str]]):
         self.repos, self.tmp_path = repos, tmp_path
@@ -330,14 +331,25 @@ class FakeHub:
         hub = self
 
         class FakeHfApi:
-            def list_repo_files(self, repo_id, *, revision=None, **_):
+            def model_info(self, repo_id, *, revision=None, files_metadata=False, **_):
                 hub.listed.append((repo_id, revision))
                 if repo_id not in hub.repos:
                     from huggingface_hub.errors import RepositoryNotFoundError
 
                     response = types.SimpleNamespace(headers={}, request=None)
                     raise RepositoryNotFoundError(f"404 {repo_id}", response=response)
-                return list(hub.repos[repo_id])
+                siblings = [types.SimpleNamespace(rfilename=name) for name in hub.repos[repo_id]]
+                return types.SimpleNamespace(id=repo_id, siblings=siblings)
+
+            def file_exists(self, repo_id, filename, *, repo_type=None, revision=None, **_):
+                hub.listed.append((repo_id, revision))
+                return filename in hub.repos.get(repo_id, [])
+
+            def repo_exists(self, repo_id, *, repo_type=None, **_):
+                return repo_id in hub.repos
+
+            def revision_exists(self, repo_id, revision, *, repo_type=None, **_):
+                return repo_id in hub.repos and revision == "main"
 
         def fake_hf_hub_download(repo_id, filename, *, revision=None, local_dir=None, **_):
             hub.downloads.append((repo_id, filename, revision, local_dir))
@@ -416,8 +428,8 @@ def test_hub_fetch_passes_the_selection(capsys, tmp_path, online):
     assert ("ai-forever/Real-ESRGAN", "RealESRGAN_x2.pth", None, str(to / "ai-forever--Real-ESRGAN")) \
         in online.downloads
     app = load_app_config(load_serve_config(to / "hub.yaml")["applications"][0]["args"])
-    assert app.models[0].source == str(to / "stabilityai--stable-diffusion-2-1--fp16")
-    assert app.models[5].source == str(to / "ai-forever--Real-ESRGAN" / "RealESRGAN_x2.pth")
+    assert str(app.models[0].source) == str(to / "stabilityai--stable-diffusion-2-1--fp16")
+    assert str(app.models[5].source) == str(to / "ai-forever--Real-ESRGAN" / "RealESRGAN_x2.pth")
 
 
 def test_hub_fetch_without_variant_prefers_safetensors(capsys, tmp_path, online):
@@ -452,7 +464,7 @@ def test_unanswered_hub_is_not_checked(capsys, tmp_path, monkeypatch):
     calls = []
 
     class SlowHfApi:
-        def list_repo_files(self, repo_id, **_):
+        def model_info(self, repo_id, **_):
             calls.append(repo_id)
             release.wait(5)
             return []
@@ -526,7 +538,7 @@ def test_tiny_twin_replaces_every_source_and_keeps_the_gpu_layout(capsys, tmp_pa
     assert args["ingress"] == original["applications"][0]["args"]["ingress"]
     assert twin["proxy_location"] == original["proxy_location"]
     # Every source of the twin is a tiny one, which `serve-app check` finds usable offline.
-    assert all(ref.source.startswith("tiny:") for ref in sources.config_sources(out))
+    assert all(ref.source.kind == "tiny" for ref in sources.config_sources(out))
     load_app_config(args)
 
 
