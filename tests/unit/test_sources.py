@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve_app.tools import hub as hub_module
 from serve_app.tools import sources
+from serve_app.tools.selection import select_files
 from serve_app.tools.cli import main
 from serve_app.config import load_app_config
 from serve_app.tools.launch import load_serve_config
@@ -204,7 +206,7 @@ def test_model_layout_takes_only_the_loaders_files():
     # diffusers weights, .bin beside .safetensors.
     files = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
              "sdxl_vae.safetensors", "sdxl.vae.safetensors", "README.md", "images/compare.png"]
-    selection = sources.select_files("model", files)
+    selection = select_files("model", files)
     assert selection.usable and set(selection.files) == {"config.json",
                                                          "diffusion_pytorch_model.safetensors"}
     # The safety checker also needs its image processor's config (from the registry).
@@ -222,7 +224,7 @@ def test_sharded_weights_need_every_shard():
     index = {"weight_map": {"a": "model-00001-of-00002.safetensors",
                             "b": "model-00002-of-00002.safetensors"}}
     files = ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors"]
-    selection = sources.select_files("model", files, lambda path: index)
+    selection = select_files("model", files, lambda path: index)
     assert set(selection.files) == set(files)
     assert selection.missing == ["model-00002-of-00002.safetensors"]
 
@@ -366,7 +368,8 @@ class FakeHub:
                 (Path(local_dir) / name).write_text("weights")
             return local_dir
 
-        monkeypatch.setattr(sources, "HfApi", FakeHfApi)
+        monkeypatch.setattr(hub_module, "HfApi", FakeHfApi)
+        monkeypatch.setattr(hub_module, "hf_hub_download", fake_hf_hub_download)
         monkeypatch.setattr(sources, "hf_hub_download", fake_hf_hub_download)
         monkeypatch.setattr(sources, "snapshot_download", fake_snapshot_download)
 
@@ -447,7 +450,7 @@ def test_offline_hub_ids_are_not_checked(capsys, tmp_path, monkeypatch):
         def __init__(self):
             raise AssertionError("the Hub was asked while offline")
 
-    monkeypatch.setattr(sources, "HfApi", NoHub)
+    monkeypatch.setattr(hub_module, "HfApi", NoHub)
     code, out = run(capsys, "check", hub_config(tmp_path / "hub.yaml", variant="fp16"))
     assert code == 0, out
     line = line_of(out, "models[0]")
@@ -469,7 +472,7 @@ def test_unanswered_hub_is_not_checked(capsys, tmp_path, monkeypatch):
             release.wait(5)
             return []
 
-    monkeypatch.setattr(sources, "HfApi", SlowHfApi)
+    monkeypatch.setattr(hub_module, "HfApi", SlowHfApi)
     config = load_serve_config(LOCAL_GPU_CONFIG)
     path = tmp_path / "gpu.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))

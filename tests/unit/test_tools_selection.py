@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from serve_app.tools import sources
+from serve_app.tools.selection import select_files
 from tests.unit.test_sources import SD21_INDEX, SD21_REPO
 
 SDXL_INDEX = {
@@ -97,7 +97,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_the_selection_is_what_diffusers_downloads(monkeypatch, tmp_path, case):
     files, index, variant, passed = CASES[case]
-    selection = sources.select_files("pipeline", files, reader(index), variant=variant,
+    selection = select_files("pipeline", files, reader(index), variant=variant,
                                      passed=passed)
     assert selection.usable, (selection.missing, selection.problems)
     expected = download_takes(monkeypatch, tmp_path, files, index, variant=variant,
@@ -107,26 +107,26 @@ def test_the_selection_is_what_diffusers_downloads(monkeypatch, tmp_path, case):
 
 def test_a_passed_vae_is_neither_needed_nor_fetched():
     files = [f for f in SDXL_REPO if not f.startswith("vae/")]
-    selection = sources.select_files("pipeline", files, reader(SDXL_INDEX), variant="fp16",
+    selection = select_files("pipeline", files, reader(SDXL_INDEX), variant="fp16",
                                      passed=("vae",))
     assert selection.usable and not any(f.startswith("vae/") for f in selection.files)
     # diffusers takes the weights of a folder model_index.json does not name (vae_1_0) too.
     assert "vae_1_0/diffusion_pytorch_model.safetensors" in selection.files
     assert "text_encoder_2/model.fp16-00002-of-00002.safetensors" in selection.files
-    without = sources.select_files("pipeline", files, reader(SDXL_INDEX), variant="fp16")
+    without = select_files("pipeline", files, reader(SDXL_INDEX), variant="fp16")
     assert without.missing == ["vae/config.json", "vae/diffusion_pytorch_model.safetensors (weights)"]
 
 
 def test_a_missing_shard_and_a_missing_vocabulary_are_named():
     files = [f for f in SDXL_REPO if f not in ("text_encoder_2/model.fp16-00002-of-00002.safetensors",
                                               "tokenizer_2/merges.txt")]
-    selection = sources.select_files("pipeline", files, reader(SDXL_INDEX), variant="fp16")
+    selection = select_files("pipeline", files, reader(SDXL_INDEX), variant="fp16")
     assert selection.missing == ["tokenizer_2/tokenizer.json (or merges.txt + vocab.json)",
                                  "text_encoder_2/model.fp16-00002-of-00002.safetensors"]
 
 
 def test_bin_weights_throughout_are_said():
-    selection = sources.select_files("pipeline", SD21_VAE_BIN, reader(SD21_INDEX))
+    selection = select_files("pipeline", SD21_VAE_BIN, reader(SD21_INDEX))
     assert selection.usable
     assert "unet/diffusion_pytorch_model.bin" in selection.files
     assert any("no safetensors weights" in note for note in selection.notes)
