@@ -12,7 +12,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel
 from ray import serve
 
-from serve_app.config import AppConfig, load_app_config
+from serve_app.config import AppConfig, IngressConfig, load_app_config
 from serve_app.service.errors import APIError, error_from_exception
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.livepeer import (
@@ -26,9 +26,16 @@ from serve_app.fronts.livepeer import (
     to_livepeer,
 )
 from serve_app.service.responses import ErrorResponse, HealthResponse, ImagesResponse, ModelCard, ModelList
-from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
+from serve_app.fronts.openai import (
+    IMAGE_CONTENT_TYPES,
+    ImageEditForm,
+    ImageGenerationRequest,
+    ImageVariationForm,
+    UpscaleForm,
+)
 from serve_app.fronts.metrics import MetricsMiddleware
 from serve_app.service.planning import GenerationPlan
+from serve_app.service.request import MAX_SEED
 from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from
 from serve_app.service.health import DeploymentState, StartFailureWatch, deployments_ready, start_failures
 from serve_app.service.images import ImagesService
@@ -93,6 +100,58 @@ api = FastAPI(
 install_error_handlers(api)
 api.add_middleware(GateMiddleware)
 api.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the gate's answers too
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI document, built once (on first use): FastAPI's, plus what a valid upload
+    is, for client generators and fuzzers. Each multipart operation's file parts get their
+    image types (the requestBody's ``encoding``) and a ``maxLength``: the body limit the
+    ingress enforces (``ingress.max_upload_bytes``, which the constructor installs with
+    the gate before any request; the config's default until then). Integer bounds are
+    written as integers, the seed's exactly (FastAPI's OpenAPI model keeps bounds as
+    floats, and 2**63 - 1 as a float is 2**63, one past the largest seed)."""
+    if api.openapi_schema is None:
+        document = FastAPI.openapi(api)  # FastAPI's own, cached in api.openapi_schema
+        gate = getattr(api.state, "gate", None)
+        max_bytes = gate.max_body_bytes if gate else IngressConfig.model_fields["max_upload_bytes"].default
+        _describe_uploads(document, max_bytes)
+        _integer_bounds(document)
+    return api.openapi_schema
+
+
+def _describe_uploads(document: dict[str, Any], max_bytes: int) -> None:
+    schemas = document.get("components", {}).get("schemas", {})
+    for path_item in document["paths"].values():
+        for operation in path_item.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if form is None:
+                continue
+            ref = form["schema"].get("$ref", "")
+            schema = schemas[ref.rsplit("/", 1)[-1]] if ref else form["schema"]
+            files = [name for name, field in schema.get("properties", {}).items()
+                     if field.get("format") == "binary"]
+            for name in files:
+                schema["properties"][name]["maxLength"] = max_bytes
+            form["encoding"] = {name: {"contentType": ", ".join(IMAGE_CONTENT_TYPES)}
+                                for name in files}
+
+
+def _integer_bounds(node: Any) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _integer_bounds(item)
+    elif isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                bound = node.get(key)
+                if isinstance(bound, float) and bound.is_integer():
+                    node[key] = MAX_SEED if bound == float(MAX_SEED) else int(bound)
+        for value in node.values():
+            _integer_bounds(value)
+
+
+api.openapi = openapi_document  # before serve.ingress below freezes a copy of the app
+
 
 async def guarded(call: Awaitable[T], retry_after_s: int = 5) -> T:
     """Await ``call``; any failure becomes the APIError the client should see."""

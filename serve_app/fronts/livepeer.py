@@ -13,6 +13,13 @@ from __future__ import annotations
 from fastapi import UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.fronts.openai import (
+    LORAS_JSON_SCHEMA,
+    PROMPT_PATTERN,
+    UPLOAD_LIMITS,
+    form_schema,
+    upload_schema,
+)
 from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.service.request import MAX_N, MAX_SEED, ImageRequest, LoraSet, PromptField, lora_set_from_json
 from serve_app.service.responses import ImagesResponse
@@ -51,7 +58,11 @@ def parse_loras(loras: str) -> LoraSet:
 
 
 class _LivepeerCommon(_Strict):
-    model_id: str = Field(default="", description="Served model name or Hub id; '' for the default.")
+    model_id: str = Field(
+        default="",
+        description="Served model name or alias (such as its Hub id; GET /v1/models lists "
+        "them); '' for the default.",
+    )
     safety_check: bool = Field(
         default=True,
         description="With a safety checker configured: true applies the server's policy "
@@ -68,11 +79,12 @@ class _LivepeerCommon(_Strict):
 class _LivepeerDiffusion(_LivepeerCommon):
     """Fields of text-to-image and image-to-image."""
 
-    prompt: PromptField = Field(min_length=1)
+    prompt: PromptField = Field(min_length=1, json_schema_extra={"pattern": PROMPT_PATTERN})
     loras: str = Field(
         default="",
         description='LoRA adapters as a JSON map of name to weight, such as {"ink": 0.8}: the '
         "model's configured adapters, or Hub ids where the server allows them; empty for none.",
+        json_schema_extra=LORAS_JSON_SCHEMA,
     )
     negative_prompt: str = Field(default="", description="What the image should not show.")
     guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)
@@ -92,6 +104,9 @@ def split_prompt(text: str) -> tuple[str, tuple[str, ...]]:
 class LivepeerTextToImageRequest(_LivepeerDiffusion):
     """JSON body of ``POST /text-to-image``. ``prompt`` and ``negative_prompt`` may hold
     one prompt per text encoder separated by '|' (SDXL: two)."""
+
+    # Split at '|', the first prompt must not be blank.
+    prompt: PromptField = Field(min_length=1, json_schema_extra={"pattern": r"[^\s|]"})
 
     width: int = Field(default=DEFAULT_WIDTH, ge=8, le=16384)
     height: int = Field(default=DEFAULT_HEIGHT, ge=8, le=16384)
@@ -119,10 +134,15 @@ class LivepeerTextToImageRequest(_LivepeerDiffusion):
         )
 
 
+_IMAGE_DESCRIPTION = "The input image: PNG, JPEG or WebP. " + UPLOAD_LIMITS
+
+
 class LivepeerImageToImageForm(_LivepeerDiffusion):
     """Multipart body of ``POST /image-to-image``."""
 
-    image: UploadFile
+    model_config = ConfigDict(json_schema_extra=form_schema)
+
+    image: UploadFile = Field(description=_IMAGE_DESCRIPTION, json_schema_extra=upload_schema)
     strength: float = Field(default=DEFAULT_STRENGTH, gt=0, le=1)
     image_guidance_scale: float = Field(
         default=DEFAULT_IMAGE_GUIDANCE,
@@ -155,7 +175,9 @@ class LivepeerImageToImageForm(_LivepeerDiffusion):
 class LivepeerUpscaleForm(_LivepeerCommon):
     """Multipart body of ``POST /upscale``."""
 
-    image: UploadFile
+    model_config = ConfigDict(json_schema_extra=form_schema)
+
+    image: UploadFile = Field(description=_IMAGE_DESCRIPTION, json_schema_extra=upload_schema)
     prompt: str = Field(default="", description="Guides the diffusion upscalers.")
     num_inference_steps: int = Field(
         default=UPSCALE_STEPS, ge=1,

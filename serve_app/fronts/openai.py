@@ -9,10 +9,10 @@ follow the services our users come from. Each request model converts itself into
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import UploadFile
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
 
 from serve_app.service.responses import (
     ErrorResponse,
@@ -55,6 +55,102 @@ _LORAS_DESCRIPTION = (
 )
 
 
+# --- what the OpenAPI document says a valid request is -----------------------------------
+# Upload decoding is serve_app/service/uploads.py's: these are the formats it opens (it
+# reads an upload by its content, not by its file name or its part's Content-Type).
+IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp")
+# What service/request.py's parse_size takes; edits also want multiples of 8 (the
+# description says so) and every model its own bounds, which no pattern can know.
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+# A prompt that is not only whitespace (service/request.py's PromptField).
+PROMPT_PATTERN = r"\S"
+
+UPLOAD_LIMITS = (
+    "The ingress reads it by its content (not its file name or part Content-Type) and refuses, "
+    "with a 400 naming the field, an empty, truncated or undecodable file and one of more than "
+    "`ingress.max_upload_pixels` pixels (default 4096x4096 = 16777216). Each side must be at "
+    "least the model's `limits.min_input_side` (by default its family's: 64 for SD 2.1 and "
+    "SDXL, 8 for the upscalers), and an upscaler takes at most its "
+    "`limits.max_input_pixels`. The whole request body is at most `ingress.max_upload_bytes` "
+    "bytes (a 413 past it): this field's maxLength."
+)
+
+
+def upload_schema(schema: dict[str, Any]) -> None:
+    """An upload's JSON schema: binary (OpenAPI 3.0's ``format`` beside 3.1's
+    ``contentMediaType``), not empty. The image types of its part are the requestBody's
+    ``encoding`` and its ``maxLength`` the configured byte limit: the ingress's OpenAPI
+    document adds both, per app."""
+    schema.update(format="binary", contentMediaType="application/octet-stream", minLength=1)
+
+
+def _present(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A condition: ``name`` is given (not left out, not null)."""
+    return {"required": [name], "properties": {name: schema}}
+
+
+def request_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema of an images request: the rules between its fields that no field's
+    own schema can say (planning refuses a request that breaks one, whatever the model).
+    ``output_compression`` is for jpeg and webp (png, the default, has no quality);
+    ``partial_images`` needs ``stream``; a stream is one image of one model (no upscale)."""
+    fields = schema.get("properties", {})
+    rules = []
+    if "output_compression" in fields:
+        rules.append({"if": _present("output_compression", {"type": "integer"}),
+                      "then": _present("output_format", {"enum": ["jpeg", "webp"]})})
+    if "stream" in fields:
+        rules.append({"if": _present("partial_images", {"type": "integer"}),
+                      "then": _present("stream", {"const": True})})
+        one = {"n": {"const": 1}} | ({"upscale": {"type": "null"}} if "upscale" in fields else {})
+        rules.append({"if": _present("stream", {"const": True}), "then": {"properties": one}})
+    if rules:
+        schema["allOf"] = schema.get("allOf", []) + rules
+
+
+def form_schema(schema: dict[str, Any]) -> None:
+    """A multipart form's JSON schema: an optional field is left out, never sent as null (a
+    form part is text, and ``null`` is no value of it), so the ``null`` branches (and the
+    null defaults, which leaving the field out means) go.
+
+    The rules between fields stay in the fields' descriptions, not in the schema: beside a
+    binary part, schemathesis (4.32) checks ``allOf``, ``if`` and ``not`` with a validator
+    that cannot read the part's bytes, and its negative cases fail to generate."""
+    for field in schema.get("properties", {}).values():
+        branches = field.get("anyOf")
+        if not branches or {"type": "null"} not in branches:
+            continue
+        rest = [branch for branch in branches if branch != {"type": "null"}]
+        del field["anyOf"]
+        if "default" in field and field["default"] is None:
+            del field["default"]
+        if len(rest) == 1:
+            field.update({key: value for key, value in rest[0].items() if key not in field})
+        else:
+            field["anyOf"] = rest
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` references replaced by the definitions themselves."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)
+
+
+# ``loras`` of a form or of Livepeer's runner: JSON text of this shape.
+LORAS_JSON_SCHEMA = {"contentMediaType": "application/json",
+                     "contentSchema": _inline_defs(TypeAdapter(Loras).json_schema())}
+
 _MODERATION = (
     "Safety-checker strictness: 'auto' applies the server's policy (flag, blur or reject); "
     "'low' checks and marks images but returns them as made. Ignored without a checker."
@@ -75,8 +171,12 @@ _REQUEST_FIELDS = frozenset(f.name for f in fields(ImageRequest))
 class _ImageOptions(_Strict):
     """Fields every images route takes."""
 
+    model_config = ConfigDict(json_schema_extra=request_schema)
+
     model: str | None = Field(
-        default=None, description="Served model name or alias; the configured default if omitted."
+        default=None,
+        description="Served model name or alias (GET /v1/models lists them); the configured "
+        "default if omitted.",
     )
     n: int = Field(default=1, ge=1, le=MAX_N, description="Number of images.")
     response_format: Literal["b64_json", "url"] = Field(
@@ -90,7 +190,8 @@ class _ImageOptions(_Strict):
         default=None,
         ge=0,
         le=100,
-        description="Quality (0-100) for jpeg and webp; 100 keeps the most detail. Default 100.",
+        description="Quality (0-100) for jpeg and webp (not png); 100 keeps the most detail. "
+        "Default 100.",
     )
     user: str | None = Field(default=None, description="End-user identifier, for the logs.")
     negative_prompt: str | None = Field(default=None, description="What the image should not show.")
@@ -120,7 +221,11 @@ class _ImageOptions(_Strict):
 
 
 class _Streaming(_Strict):
-    stream: bool = Field(default=False, description="Answer with Server-Sent Events.")
+    stream: bool = Field(
+        default=False,
+        description="Answer with Server-Sent Events: one image (n 1) of one model (no refiner "
+        "chain, no upscale).",
+    )
     partial_images: int | None = Field(
         default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
     )
@@ -130,10 +235,12 @@ class ImageGenerationRequest(_Streaming, _ImageOptions):
     """Body of ``POST /v1/images/generations``."""
 
     _task = "generate"
-    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).")
+    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).",
+                                json_schema_extra={"pattern": PROMPT_PATTERN})
     size: SizeField = Field(
         default=None,
         description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
+        json_schema_extra={"pattern": SIZE_PATTERN},
     )
     high_noise_frac: float | None = Field(
         default=None,
@@ -151,20 +258,28 @@ class ImageGenerationRequest(_Streaming, _ImageOptions):
               'a list of {"name", "weight"}.')
 
 
-_SIZE_DESCRIPTION = "'WIDTHxHEIGHT', multiples of 8; default: the input's size rounded down to 8."
+_SIZE_DESCRIPTION = (
+    "'WIDTHxHEIGHT' or 'auto': multiples of 8, each side at least the model's "
+    "`limits.min_input_side`, at most its output pixels (`limits.max_pixels`, or the largest of "
+    "`limits.sizes`); default: the input's size rounded down to multiples of 8."
+)
 
 
 class _ImageForm(_ImageOptions):
     """Multipart fields shared by the image-input routes."""
 
-    image: UploadFile = Field(description="PNG, JPEG or WebP image.")
+    model_config = ConfigDict(json_schema_extra=form_schema)
+
+    image: UploadFile = Field(description="PNG, JPEG or WebP image. " + UPLOAD_LIMITS,
+                              json_schema_extra=upload_schema)
 
 
 class _EditFields(_ImageForm):
-    size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION)
+    size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION,
+                            json_schema_extra={"pattern": SIZE_PATTERN, "examples": ["auto"]})
     loras: Annotated[str | None, AfterValidator(_check_json_loras)] = Field(
         default=None, description=_LORAS_DESCRIPTION + ', as JSON text: {"ink": 0.8} or '
-        '[{"name": "ink", "weight": 0.8}].')
+        '[{"name": "ink", "weight": 0.8}].', json_schema_extra=LORAS_JSON_SCHEMA)
     strength: float | None = Field(
         default=None, gt=0, le=1, description="How far to move from the input (0 < s <= 1)."
     )
@@ -174,13 +289,20 @@ class ImageEditForm(_Streaming, _EditFields):
     """Multipart body of ``POST /v1/images/edits``."""
 
     _task = "edit"
-    prompt: PromptField = Field(min_length=1, description="What the edited image should show.")
+    prompt: PromptField = Field(min_length=1, description="What the edited image should show.",
+                                json_schema_extra={"pattern": PROMPT_PATTERN})
     mask: UploadFile | None = Field(
         default=None,
         description="Same size as image; fully transparent pixels mark the area to repaint "
-        "(without an alpha channel: white marks it).",
+        "(without an alpha channel: white marks it). PNG, JPEG or WebP, as image; an alpha "
+        "channel without a transparent pixel is refused (nothing to edit).",
+        json_schema_extra=upload_schema,
     )
-    upscale: str | None = Field(default=None, description="Upscaler to run on every result.")
+    upscale: str | None = Field(
+        default=None,
+        description="Upscaler (GET /v1/models lists those with the upscale capability) to run "
+        "on every result.",
+    )
 
 
 class ImageVariationForm(_EditFields):
@@ -195,5 +317,11 @@ class UpscaleForm(_ImageForm):
     _task = "upscale"
     prompt: str = Field(default="", description="Guides diffusion upscalers; esrgan ignores it.")
     noise_level: int | None = Field(default=None, ge=0, le=350, description="x4 upscaler only.")
-    width: int | None = Field(default=None, ge=8, le=16384, description="Output width (keeps aspect).")
-    height: int | None = Field(default=None, ge=8, le=16384, description="Output height (keeps aspect).")
+    width: int | None = Field(
+        default=None, ge=8, le=16384,
+        description="Output width (the height keeps the aspect ratio); not with height. The "
+        "output is at most the upscaler's `limits.max_output_pixels`.")
+    height: int | None = Field(
+        default=None, ge=8, le=16384,
+        description="Output height (the width keeps the aspect ratio); not with width. The "
+        "output is at most the upscaler's `limits.max_output_pixels`.")
