@@ -5,9 +5,10 @@ A front converts its wire shapes into the one :class:`~serve_app.service.request
 the answer and any :class:`~serve_app.service.errors.APIError` back to its own shapes. No
 front holds logic another front would need: that belongs to the service.
 
-- ``ingress.py``: the ingress deployment, FastAPI routes of the HTTP fronts
-- ``openai.py``: OpenAI's Images API request bodies and forms
+- ``openai.py``: OpenAI's Images API routes, request bodies and forms
 - ``livepeer.py``: Livepeer's runner routes (its client, ``livepeer-ai``)
+- ``ingress.py``: the ingress deployment, one FastAPI app with every HTTP front's router
+- ``routing.py``, ``openapi.py``: what the HTTP routes share, what the OpenAPI document says
 - ``http.py``, ``gate.py``, ``metrics.py``: error handlers, API keys and body limits, metrics
 
 A new front (Stability's gRPC ``GenerationService`` on Ray Serve's gRPC proxy, the async

@@ -1,4 +1,4 @@
-"""Livepeer-compatible routes: Livepeer's runner field names over our request planning.
+"""Livepeer's runner routes, for Livepeer's own client: its field names over our planning.
 
 ``POST /text-to-image`` (JSON), ``POST /image-to-image`` and ``POST /upscale`` (multipart)
 take the fields of Livepeer's ai-runner and answer ``{"images": [{"url": "data:...",
@@ -9,18 +9,23 @@ renamed back, so they name the field the client sent.
 
 from __future__ import annotations
 
+from typing import Any, Awaitable, Callable
 
-from fastapi import UploadFile
+from fastapi import APIRouter, Request, UploadFile
+from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from serve_app.fronts.openai import (
+from serve_app.fronts.openapi import (
     LORAS_JSON_SCHEMA,
     PROMPT_PATTERN,
     UPLOAD_LIMITS,
     form_schema,
     upload_schema,
 )
+from serve_app.fronts.routing import Multipart, Service, answer, json_response
 from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
+from serve_app.service.images import ImagesService
+from serve_app.service.planning import GenerationPlan
 from serve_app.service.request import MAX_N, MAX_SEED, ImageRequest, LoraSet, PromptField, lora_set_from_json
 from serve_app.service.responses import ImagesResponse
 
@@ -265,3 +270,54 @@ def livepeer_validation_errors(errors: list[dict]) -> dict:
          "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
         for e in errors
     ]}
+
+
+# ---------------------------------------------------------------------------------------
+# The routes, each with its trailing-slash twin (the runner answers both)
+# ---------------------------------------------------------------------------------------
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **{code: {"model": LivepeerHTTPError} for code in (400, 401, 500, 503)},
+    422: {"model": LivepeerHTTPValidationError},
+}
+
+
+def _route(path: str):
+    def decorate(func):
+        router.post(path + "/", response_model=LivepeerImageResponse, responses=_ERRORS,
+                    include_in_schema=False)(func)
+        return router.post(path, response_model=LivepeerImageResponse, responses=_ERRORS)(func)
+    return decorate
+
+
+async def _answer(request: Request, service: ImagesService,
+                  planning: Callable[[], Awaitable[GenerationPlan]]) -> Response:
+    async def plan():  # converting the request may refuse it too (width without height)
+        return await planning()
+
+    try:
+        return json_response(to_livepeer(await answer(request, service, plan())))
+    except APIError as error:
+        raise rename_param(error) from None
+
+
+@_route("/text-to-image")
+async def livepeer_text_to_image(request: Request, body: LivepeerTextToImageRequest,
+                                 service: Service) -> Response:
+    """Livepeer runner's text-to-image."""
+    return await _answer(request, service, lambda: service.plan(body.to_request()))
+
+
+@_route("/image-to-image")
+async def livepeer_image_to_image(request: Request, form: Multipart[LivepeerImageToImageForm],
+                                  service: Service) -> Response:
+    """Livepeer runner's image-to-image."""
+    return await _answer(request, service, lambda: service.plan(form.to_request(), form.image))
+
+
+@_route("/upscale")
+async def livepeer_upscale(request: Request, form: Multipart[LivepeerUpscaleForm],
+                           service: Service) -> Response:
+    """Livepeer runner's upscale."""
+    return await _answer(request, service, lambda: service.plan(form.to_request(), form.image))

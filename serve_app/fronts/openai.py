@@ -1,4 +1,5 @@
-"""OpenAI's Images API on the wire: request bodies and forms, responses, the error envelope.
+"""OpenAI's Images API: its routes, request bodies and forms (responses and the error
+envelope are the service's own, in OpenAI's shapes).
 
 Field names follow OpenAI's Images API; the extension fields (``seed``,
 ``negative_prompt``, ``guidance_scale``, ``num_inference_steps``, ``high_noise_frac``, ``loras``)
@@ -11,9 +12,21 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Annotated, Any, ClassVar, Literal
 
-from fastapi import UploadFile
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter
+from fastapi import APIRouter, Request, UploadFile
+from fastapi.responses import Response
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from serve_app.fronts.openapi import (
+    IMAGE_CONTENT_TYPES,
+    LORAS_JSON_SCHEMA,
+    PROMPT_PATTERN,
+    SIZE_PATTERN,
+    UPLOAD_LIMITS,
+    form_schema,
+    request_schema,
+    upload_schema,
+)
+from serve_app.fronts.routing import Multipart, Service, answer, guarded, json_response
 from serve_app.service.responses import (
     ErrorResponse,
     HealthResponse,
@@ -35,7 +48,8 @@ from serve_app.service.request import (
     SizeField,
 )
 
-# The responses are the service's own (serve_app/service/responses.py): OpenAI's shapes.
+# The request bodies' schema names LoraWeight; the responses are the service's own
+# (serve_app/service/responses.py), in OpenAI's shapes.
 __all__ = ["LoraWeight", "ErrorResponse", "ImagesResponse", "ModelCard", "ModelList", "HealthResponse"]
 
 
@@ -54,102 +68,6 @@ _LORAS_DESCRIPTION = (
     f"({LORA_WEIGHT_MIN} to {LORA_WEIGHT_MAX}; omitted: the adapter's default)"
 )
 
-
-# --- what the OpenAPI document says a valid request is -----------------------------------
-# Upload decoding is serve_app/service/uploads.py's: these are the formats it opens (it
-# reads an upload by its content, not by its file name or its part's Content-Type).
-IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp")
-# What service/request.py's parse_size takes; edits also want multiples of 8 (the
-# description says so) and every model its own bounds, which no pattern can know.
-SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
-# A prompt that is not only whitespace (service/request.py's PromptField).
-PROMPT_PATTERN = r"\S"
-
-UPLOAD_LIMITS = (
-    "The ingress reads it by its content (not its file name or part Content-Type) and refuses, "
-    "with a 400 naming the field, an empty, truncated or undecodable file and one of more than "
-    "`ingress.max_upload_pixels` pixels (default 4096x4096 = 16777216). Each side must be at "
-    "least the model's `limits.min_input_side` (by default its family's: 64 for SD 2.1 and "
-    "SDXL, 8 for the upscalers), and an upscaler takes at most its "
-    "`limits.max_input_pixels`. The whole request body is at most `ingress.max_upload_bytes` "
-    "bytes (a 413 past it): this field's maxLength."
-)
-
-
-def upload_schema(schema: dict[str, Any]) -> None:
-    """An upload's JSON schema: binary (OpenAPI 3.0's ``format`` beside 3.1's
-    ``contentMediaType``), not empty. The image types of its part are the requestBody's
-    ``encoding`` and its ``maxLength`` the configured byte limit: the ingress's OpenAPI
-    document adds both, per app."""
-    schema.update(format="binary", contentMediaType="application/octet-stream", minLength=1)
-
-
-def _present(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """A condition: ``name`` is given (not left out, not null)."""
-    return {"required": [name], "properties": {name: schema}}
-
-
-def request_schema(schema: dict[str, Any]) -> None:
-    """The JSON schema of an images request: the rules between its fields that no field's
-    own schema can say (planning refuses a request that breaks one, whatever the model).
-    ``output_compression`` is for jpeg and webp (png, the default, has no quality);
-    ``partial_images`` needs ``stream``; a stream is one image of one model (no upscale)."""
-    fields = schema.get("properties", {})
-    rules = []
-    if "output_compression" in fields:
-        rules.append({"if": _present("output_compression", {"type": "integer"}),
-                      "then": _present("output_format", {"enum": ["jpeg", "webp"]})})
-    if "stream" in fields:
-        rules.append({"if": _present("partial_images", {"type": "integer"}),
-                      "then": _present("stream", {"const": True})})
-        one = {"n": {"const": 1}} | ({"upscale": {"type": "null"}} if "upscale" in fields else {})
-        rules.append({"if": _present("stream", {"const": True}), "then": {"properties": one}})
-    if rules:
-        schema["allOf"] = schema.get("allOf", []) + rules
-
-
-def form_schema(schema: dict[str, Any]) -> None:
-    """A multipart form's JSON schema: an optional field is left out, never sent as null (a
-    form part is text, and ``null`` is no value of it), so the ``null`` branches (and the
-    null defaults, which leaving the field out means) go.
-
-    The rules between fields stay in the fields' descriptions, not in the schema: beside a
-    binary part, schemathesis (4.32) checks ``allOf``, ``if`` and ``not`` with a validator
-    that cannot read the part's bytes, and its negative cases fail to generate."""
-    for field in schema.get("properties", {}).values():
-        branches = field.get("anyOf")
-        if not branches or {"type": "null"} not in branches:
-            continue
-        rest = [branch for branch in branches if branch != {"type": "null"}]
-        del field["anyOf"]
-        if "default" in field and field["default"] is None:
-            del field["default"]
-        if len(rest) == 1:
-            field.update({key: value for key, value in rest[0].items() if key not in field})
-        else:
-            field["anyOf"] = rest
-
-
-def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
-    """``schema`` with its ``$defs`` references replaced by the definitions themselves."""
-    defs = schema.pop("$defs", {})
-
-    def inline(node):
-        if isinstance(node, dict):
-            ref = node.get("$ref", "")
-            if ref.startswith("#/$defs/"):
-                return inline(defs[ref.removeprefix("#/$defs/")])
-            return {key: inline(value) for key, value in node.items()}
-        if isinstance(node, list):
-            return [inline(item) for item in node]
-        return node
-
-    return inline(schema)
-
-
-# ``loras`` of a form or of Livepeer's runner: JSON text of this shape.
-LORAS_JSON_SCHEMA = {"contentMediaType": "application/json",
-                     "contentSchema": _inline_defs(TypeAdapter(Loras).json_schema())}
 
 _MODERATION = (
     "Safety-checker strictness: 'auto' applies the server's policy (flag, blur or reject); "
@@ -325,3 +243,66 @@ class UpscaleForm(_ImageForm):
         default=None, ge=8, le=16384,
         description="Output height (the width keeps the aspect ratio); not with width. The "
         "output is at most the upscaler's `limits.max_output_pixels`.")
+
+
+# ---------------------------------------------------------------------------------------
+# The routes: each converts its body, asks the images service, answers in OpenAI's shape
+# ---------------------------------------------------------------------------------------
+
+router = APIRouter()
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 500, 503)
+}
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
+async def create_image(request: Request, body: ImageGenerationRequest, service: Service) -> Response:
+    """Text to image (OpenAI's ``images.generate``)."""
+    return json_response(await answer(request, service, service.plan(body.to_request())))
+
+
+@router.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
+async def edit_image(request: Request, form: Multipart[ImageEditForm], service: Service) -> Response:
+    """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
+    planning = service.plan(form.to_request(), form.image, form.mask)
+    return json_response(await answer(request, service, planning))
+
+
+@router.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
+async def create_variation(request: Request, form: Multipart[ImageVariationForm],
+                           service: Service) -> Response:
+    """Variations of an image (OpenAI's ``images.create_variation``)."""
+    return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))
+
+
+@router.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
+async def upscale_image(request: Request, form: Multipart[UpscaleForm], service: Service) -> Response:
+    """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
+    return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))
+
+
+@router.get(
+    "/v1/images/files/{image_id}",
+    response_class=Response,
+    responses={200: {"content": {content_type: {} for content_type in IMAGE_CONTENT_TYPES}},
+               404: {"model": ErrorResponse}},
+)
+async def image_file(image_id: str, service: Service) -> Response:
+    """An image answered with ``response_format: "url"``, until it expires."""
+    data, content_type = await guarded(service.image_file(image_id),
+                                       service.config.ingress.retry_after_s)
+    return Response(content=data, media_type=content_type,
+                    headers={"Cache-Control": "private, max-age=3600"})
+
+
+@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
+async def list_models(service: Service) -> ModelList:
+    """Served models in OpenAI's list shape."""
+    return service.list_models()
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS,
+            response_model_exclude_none=True)
+async def retrieve_model(model_id: str, service: Service) -> ModelCard:
+    """One served model, by name or alias."""
+    return service.get_model(model_id)

@@ -1,0 +1,163 @@
+"""What the OpenAPI document says a valid request is, beyond what FastAPI derives from the
+wire models: an upload's types and byte bound, the form fields' patterns, the rules between
+fields, exact integer bounds. The fronts' models take the schema helpers here
+(``json_schema_extra``); the ingress installs :func:`install_openapi` on its app."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic import TypeAdapter
+
+from serve_app.config import IngressConfig
+from serve_app.service.request import MAX_SEED, Loras
+
+
+# Upload decoding is serve_app/service/uploads.py's: these are the formats it opens (it
+# reads an upload by its content, not by its file name or its part's Content-Type).
+IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp")
+# What service/request.py's parse_size takes; edits also want multiples of 8 (the
+# description says so) and every model its own bounds, which no pattern can know.
+SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
+# A prompt that is not only whitespace (service/request.py's PromptField).
+PROMPT_PATTERN = r"\S"
+
+UPLOAD_LIMITS = (
+    "The ingress reads it by its content (not its file name or part Content-Type) and refuses, "
+    "with a 400 naming the field, an empty, truncated or undecodable file and one of more than "
+    "`ingress.max_upload_pixels` pixels (default 4096x4096 = 16777216). Each side must be at "
+    "least the model's `limits.min_input_side` (by default its family's: 64 for SD 2.1 and "
+    "SDXL, 8 for the upscalers), and an upscaler takes at most its "
+    "`limits.max_input_pixels`. The whole request body is at most `ingress.max_upload_bytes` "
+    "bytes (a 413 past it): this field's maxLength."
+)
+
+
+def upload_schema(schema: dict[str, Any]) -> None:
+    """An upload's JSON schema: binary (OpenAPI 3.0's ``format`` beside 3.1's
+    ``contentMediaType``), not empty. The image types of its part are the requestBody's
+    ``encoding`` and its ``maxLength`` the configured byte limit: the ingress's OpenAPI
+    document adds both, per app."""
+    schema.update(format="binary", contentMediaType="application/octet-stream", minLength=1)
+
+
+def _present(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A condition: ``name`` is given (not left out, not null)."""
+    return {"required": [name], "properties": {name: schema}}
+
+
+def request_schema(schema: dict[str, Any]) -> None:
+    """The JSON schema of an images request: the rules between its fields that no field's
+    own schema can say (planning refuses a request that breaks one, whatever the model).
+    ``output_compression`` is for jpeg and webp (png, the default, has no quality);
+    ``partial_images`` needs ``stream``; a stream is one image of one model (no upscale)."""
+    fields = schema.get("properties", {})
+    rules = []
+    if "output_compression" in fields:
+        rules.append({"if": _present("output_compression", {"type": "integer"}),
+                      "then": _present("output_format", {"enum": ["jpeg", "webp"]})})
+    if "stream" in fields:
+        rules.append({"if": _present("partial_images", {"type": "integer"}),
+                      "then": _present("stream", {"const": True})})
+        one = {"n": {"const": 1}} | ({"upscale": {"type": "null"}} if "upscale" in fields else {})
+        rules.append({"if": _present("stream", {"const": True}), "then": {"properties": one}})
+    if rules:
+        schema["allOf"] = schema.get("allOf", []) + rules
+
+
+def form_schema(schema: dict[str, Any]) -> None:
+    """A multipart form's JSON schema: an optional field is left out, never sent as null (a
+    form part is text, and ``null`` is no value of it), so the ``null`` branches (and the
+    null defaults, which leaving the field out means) go.
+
+    The rules between fields stay in the fields' descriptions, not in the schema: beside a
+    binary part, schemathesis (4.32) checks ``allOf``, ``if`` and ``not`` with a validator
+    that cannot read the part's bytes, and its negative cases fail to generate."""
+    for field in schema.get("properties", {}).values():
+        branches = field.get("anyOf")
+        if not branches or {"type": "null"} not in branches:
+            continue
+        rest = [branch for branch in branches if branch != {"type": "null"}]
+        del field["anyOf"]
+        if "default" in field and field["default"] is None:
+            del field["default"]
+        if len(rest) == 1:
+            field.update({key: value for key, value in rest[0].items() if key not in field})
+        else:
+            field["anyOf"] = rest
+
+
+def _inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` references replaced by the definitions themselves."""
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    return inline(schema)
+
+
+# ``loras`` of a form or of Livepeer's runner: JSON text of this shape.
+LORAS_JSON_SCHEMA = {"contentMediaType": "application/json",
+                     "contentSchema": _inline_defs(TypeAdapter(Loras).json_schema())}
+
+
+def install_openapi(api: FastAPI) -> None:
+    """Serve ``api``'s OpenAPI document with what a valid upload is (built once)."""
+    api.openapi = lambda: _document(api)
+
+
+def _document(api: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document, built once (on first use): FastAPI's, plus what a valid upload
+    is, for client generators and fuzzers. Each multipart operation's file parts get their
+    image types (the requestBody's ``encoding``) and a ``maxLength``: the body limit the
+    ingress enforces (``ingress.max_upload_bytes``, which the constructor installs with
+    the gate before any request; the config's default until then). Integer bounds are
+    written as integers, the seed's exactly (FastAPI's OpenAPI model keeps bounds as
+    floats, and 2**63 - 1 as a float is 2**63, one past the largest seed)."""
+    if api.openapi_schema is None:
+        document = FastAPI.openapi(api)  # FastAPI's own, cached in api.openapi_schema
+        gate = getattr(api.state, "gate", None)
+        max_bytes = gate.max_body_bytes if gate else IngressConfig.model_fields["max_upload_bytes"].default
+        _describe_uploads(document, max_bytes)
+        _integer_bounds(document)
+    return api.openapi_schema
+
+
+def _describe_uploads(document: dict[str, Any], max_bytes: int) -> None:
+    schemas = document.get("components", {}).get("schemas", {})
+    for path_item in document["paths"].values():
+        for operation in path_item.values():
+            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+            if form is None:
+                continue
+            ref = form["schema"].get("$ref", "")
+            schema = schemas[ref.rsplit("/", 1)[-1]] if ref else form["schema"]
+            files = [name for name, field in schema.get("properties", {}).items()
+                     if field.get("format") == "binary"]
+            for name in files:
+                schema["properties"][name]["maxLength"] = max_bytes
+            form["encoding"] = {name: {"contentType": ", ".join(IMAGE_CONTENT_TYPES)}
+                                for name in files}
+
+
+def _integer_bounds(node: Any) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _integer_bounds(item)
+    elif isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                bound = node.get(key)
+                if isinstance(bound, float) and bound.is_integer():
+                    node[key] = MAX_SEED if bound == float(MAX_SEED) else int(bound)
+        for value in node.values():
+            _integer_bounds(value)

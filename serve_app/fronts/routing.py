@@ -1,0 +1,82 @@
+"""What every HTTP front's routes share: the images service of this ingress replica, a
+form read from multipart, the answer (plan, run, log), and the response body."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Awaitable, TypeVar
+
+from fastapi import Depends, Form, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel
+from ray import serve
+
+from serve_app.service.errors import APIError, error_from_exception
+from serve_app.service.images import ImagesService
+from serve_app.service.planning import GenerationPlan
+
+T = TypeVar("T")
+logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
+
+
+def images_service() -> ImagesService:
+    """The ingress replica's images service: the one its deployment instance built, found
+    as Serve finds the instance for the class's own routes (the replica context)."""
+    return serve.get_replica_context().servable_object.service
+
+
+# A route's parameter: ``service: Service``.
+Service = Annotated[ImagesService, Depends(images_service)]
+
+
+class _MultipartAlias:
+    """``Multipart[Model]``: a form model read from ``multipart/form-data``, so the OpenAPI
+    document shows its file fields as uploads."""
+
+    def __getitem__(self, model):
+        return Annotated[model, Form(media_type="multipart/form-data")]
+
+
+Multipart = _MultipartAlias()
+
+
+def json_response(body: Any) -> Response:
+    """An images response: JSON, or Server-Sent Events when the request streams.
+
+    Serialize a response model once, in pydantic's Rust core: images make large bodies.
+    Unset optional fields (``url`` beside ``b64_json``) are left out, as OpenAI does."""
+    if not isinstance(body, BaseModel):
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    return Response(content=body.model_dump_json(exclude_none=True), media_type="application/json")
+
+
+def base_url(request: Request) -> str:
+    """Scheme, host and route prefix the client used: the root of returned image URLs."""
+    return str(request.base_url).rstrip("/")
+
+
+async def guarded(call: Awaitable[T], retry_after_s: int = 5) -> T:
+    """Await ``call``; any failure becomes the APIError the client should see."""
+    try:
+        return await call
+    except APIError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped to the envelope, logged with traceback
+        raise error_from_exception(exc, retry_after_s) from None
+
+
+async def answer(request: Request, service: ImagesService, planning: Awaitable[GenerationPlan]):
+    """Plan, then run: errors mapped to the envelope, the planned model and the images
+    recorded for the metrics, and one log line (Serve adds the request id to it)."""
+    retry_after_s = service.config.ingress.retry_after_s
+    plan = await guarded(planning, retry_after_s)
+    request.state.model = plan.model
+    result = await guarded(service.execute(plan, base_url(request)), retry_after_s)
+    if not isinstance(result, BaseModel):  # a stream: it logs nothing more here
+        logger.info("%s model=%s streamed", request.url.path, plan.model)
+        return result
+    request.state.images = len(result.data)
+    logger.info("%s model=%s images=%d size=%s seeds=%s", request.url.path, plan.model,
+                len(result.data), result.size, [item.seed for item in result.data])
+    return result
