@@ -62,7 +62,7 @@ class LoraRef:
     """One LoRA adapter a job runs with: ``name`` is its adapter name in the pipeline (the
     configured name, or the Hub id of a client-named one), ``source`` where its weights are
     (:class:`~deployments.sources.Source`: a Hub id, a local folder, a stand-in such as
-    ``tiny:lora/<family>/<name>``); ``weight_name`` the file in it (None: the diffusers
+    ``KIND:lora/<family>/<name>``); ``weight_name`` the file in it (None: the diffusers
     default); ``weight`` its scale (0 leaves the model as it is)."""
 
     name: str

@@ -49,7 +49,7 @@ class Family:
     takes_latents: bool = False
     upscale_factor: int | None = None
     # The smallest input side (pixels) an edit or upscale takes: the ingress's default
-    # ``limits.min_input_side``. Upscalers: measured with the tiny models, which keep the
+    # ``limits.min_input_side``. Upscalers: measured with small models of the real configs, which keep the
     # real number of levels (the deployments pad inputs to the size the model needs, so
     # smaller ones work too, down to 1 pixel; 8 is the floor below which upscaling means
     # nothing). SD 2.1 and SDXL edits: 64, latents of 8 that the UNet's three halvings
@@ -193,7 +193,7 @@ def family(name: str) -> Family:
 
 def family_of_source(source) -> Family | None:
     """The family a :class:`~deployments.sources.Source` is known to hold: the one a stand-in
-    names (``tiny:<family>``), or the family whose real weights it is."""
+    names (``KIND:<family>``), or the family whose real weights it is."""
     if source.stand_in:
         return FAMILIES.get(source.family or "")
     for entry in FAMILIES.values():

@@ -30,7 +30,7 @@ def select_device(spec: PipelineSpec) -> tuple[str, torch.dtype]:
 
     On CPU, torch gets ``spec.cpu_threads`` threads (default: every core): Ray sets
     OMP_NUM_THREADS to the replica's reserved CPUs, one thread for a fraction of a CPU,
-    which halves the speed of a tiny replica on a 2-core machine.
+    which halves the speed of a small CPU replica on a 2-core machine.
     """
     if torch.cuda.is_available():
         return "cuda", _DTYPES[spec.dtype]
@@ -64,8 +64,8 @@ COMPILE_OPTIONS: dict[str, Any] = {"mode": "max-autotune-no-cudagraphs", "dynami
 
 
 def load_stand_in(spec: PipelineSpec):
-    """The whole model a stand-in source kind supplies (the benchmarks' simulated
-    accelerator), as (model, device), or None when the source has weights to load."""
+    """The whole model a stand-in source kind supplies (a benchmark's simulated
+    accelerator, say), as (model, device), or None when the source has weights to load."""
     model = stand_in_model(spec.source, spec.family)
     if model is None:
         return None
@@ -76,8 +76,8 @@ def load_stand_in(spec: PipelineSpec):
 def load_pipeline(pipeline_cls: Any, spec: PipelineSpec):
     """Load ``pipeline_cls`` from ``spec.source`` onto this replica's device.
 
-    The same ``from_pretrained`` call serves real Hub weights, a local folder and the tiny
-    models, so tests exercise the production loading path.
+    The same ``from_pretrained`` call serves real Hub weights, a local folder and any
+    stand-in that supplies weights, so tests exercise the production loading path.
     """
     stand_in = load_stand_in(spec)
     if stand_in is not None:

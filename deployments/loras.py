@@ -5,8 +5,8 @@ weight). The replica's :class:`LoraCache`, always on the replica's one pipeline 
 
 - **loads** an adapter the first time a batch needs it, through diffusers' own
   ``pipe.load_lora_weights(source, weight_name=..., adapter_name=...)`` (peft layers injected
-  into the UNet and text encoders), so real Hub LoRAs, local folders and the tiny seeded ones
-  (``tiny:lora/<family>/<name>``) take one path (deployments/sources.py);
+  into the UNet and text encoders), so real Hub LoRAs, local folders and stand-ins
+  (``KIND:lora/<family>/<name>``, deployments/sources.py) take one path;
 - **evicts** the least recently used adapter that the batch does not need
   (``pipe.delete_adapters``) before a load would keep more than ``spec.max_loaded_loras``;
 - **activates** exactly the batch's adapters and weights before each pipeline call
@@ -86,8 +86,8 @@ def _device_failure(exc: BaseException) -> bool:
 
 
 def adapter_source(ref: LoraRef) -> str:
-    """What ``load_lora_weights`` takes for ``ref``: a tiny LoRA built (once), a Hub id, or a
-    local path, which must exist (else diffusers reads it as a Hub id and reports something
+    """What ``load_lora_weights`` takes for ``ref``: a stand-in's folder (built once by its
+    source kind), a Hub id, or a local path, which must exist (else diffusers reads it as a Hub id and reports something
     else)."""
     source = local_path(ref.source)
     if ref.source.kind == LOCAL and not Path(source).exists():
@@ -317,7 +317,7 @@ def probe_state_dict(pipe: Any) -> dict[str, torch.Tensor]:
 
 def probe_lora_stack(pipe: Any, model: str, configured: Sequence[LoraRef] = ()) -> None:
     """Prove at replica start that adapters load and switch in ``pipe``: the first of
-    ``configured`` (the config's adapters; a tiny one is built here), or else a zero LoRA on
+    ``configured`` (the config's adapters; a stand-in's is built here), or else a zero LoRA on
     one attention layer of each LoRA-loadable module (:func:`probe_state_dict`), goes
     through the same ``load_lora_weights``, ``enable_lora``, ``set_adapters`` and
     ``disable_lora`` calls as a request's adapter; then every LoRA layer is removed again,
