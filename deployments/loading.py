@@ -17,7 +17,7 @@ import torch
 
 from deployments.contract import PipelineSpec
 from deployments.loras import fuse_loras, probe_lora_stack
-from deployments.sources import Source, local_path, stand_in_model
+from deployments.sources import local_path, stand_in_model
 
 logger = logging.getLogger("ray.serve")
 

@@ -215,7 +215,6 @@ import numpy as np  # noqa: E402
 
 from deployments.contract import ImageToImageJob, UpscaleJob  # noqa: E402
 from serve_app.service.execution import _sized_inputs  # noqa: E402
-from serve_app.service.planning import plan_request  # noqa: E402
 from serve_app.fronts.openai import ImageEditForm, ImageVariationForm, UpscaleForm  # noqa: E402
 
 UPLOAD = object()  # stands in for the UploadFile: planning only sees decoded arrays
