@@ -1,4 +1,7 @@
-"""Encoding model output (uint8 arrays) into the bytes a client asked for.
+"""Encoding: a plan's result (uint8 arrays from the last stage) into the images response
+the client asked for: checked against the plan, resized to the exact size asked for,
+encoded as PNG, JPEG or WebP, as base64 or stored behind a URL, with the safety flags and
+the usage.
 
 This runs in the ingress, on CPU, so GPU replicas are free for the next batch as soon as
 they return pixels.
@@ -6,10 +9,21 @@ they return pixels.
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import io
+import time
+from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from deployments.contract import unwrap
+from serve_app.config import AppConfig
+from serve_app.service.errors import ModerationBlockedError
+from serve_app.service.planning import GenerationPlan
+from serve_app.service.responses import ImageData, ImagesResponse, ImagesUsage
+from serve_app.service.uploads import resize
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
@@ -39,3 +53,80 @@ def encode_image(
         quality = 100 if compression is None else compression
         image.save(buffer, format=_PIL_FORMATS[output_format], quality=quality)
     return buffer.getvalue()
+
+
+class ResultShapeError(RuntimeError):
+    """A deployment returned a different number or size of images than planned."""
+
+
+class ResponseEncoder:
+    """Builds a plan's images response, with the ingress's encoder settings and the image
+    store's handle (``response_format: "url"``)."""
+
+    def __init__(self, config: AppConfig, store: Any = None):
+        self.config = config
+        self.store = store
+
+    def preview(self, plan: GenerationPlan, pixels: np.ndarray) -> str:
+        """A streamed preview, at the plan's size, as base64 of the plan's format."""
+        from PIL import Image
+
+        scaled = resize(pixels, plan.width, plan.height, Image.Resampling.BILINEAR)
+        return base64.b64encode(self._encode(scaled, plan)).decode("ascii")
+
+    def _encode(self, pixels: np.ndarray, plan: GenerationPlan) -> bytes:
+        ingress = self.config.ingress
+        return encode_image(pixels, plan.output_format, plan.output_compression,
+                            ingress.png_compress_level, ingress.png_encoder)
+
+    def _finish_pixels(self, plan: GenerationPlan, images: np.ndarray) -> list[np.ndarray]:
+        count = len(plan.seeds)
+        shape = getattr(images, "shape", None)
+        if shape is None or len(shape) != 4 or shape[0] != count or shape[3] != 3:
+            # Never hand a client fewer or other images than it asked for.
+            raise ResultShapeError(
+                f"{plan.model} returned {shape or type(images)}, expected {count} RGB images"
+            )
+        # Upscalers answer factor x their input; an asked width or height (the aspect
+        # ratio kept) is reached here with a high-quality resize.
+        return [resize(image, plan.width, plan.height) for image in images]
+
+    async def respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:
+        """The images response of ``result`` (a stage's images and the request's cost)."""
+        images, cost = unwrap(result)
+        flags = cost.nsfw if cost is not None and plan.safety is not None else None
+        if plan.safety is not None and (flags is None or len(flags) != len(plan.seeds)):
+            raise ResultShapeError(f"the safety checker judged {flags} for {len(plan.seeds)} images")
+        if flags is not None and plan.reject_flagged and any(flags):
+            raise ModerationBlockedError(sum(flags), len(flags), plan.moderation_param)
+
+        def finish_and_encode() -> list[bytes]:
+            return [self._encode(pixels, plan) for pixels in self._finish_pixels(plan, images)]
+
+        encoded = await asyncio.to_thread(finish_and_encode)
+        if plan.response_format == "url":
+            data = await self._store(encoded, plan, base_url)
+        else:
+            data = [ImageData(b64_json=base64.b64encode(blob).decode("ascii"), seed=seed)
+                    for blob, seed in zip(encoded, plan.seeds)]
+        if flags is not None:
+            for item, flag in zip(data, flags):
+                item.nsfw = flag
+        return ImagesResponse(
+            created=int(time.time()),
+            data=data,
+            output_format=plan.output_format,
+            size=plan.size,
+            usage=ImagesUsage(
+                denoising_steps=cost.steps if cost else 0,
+                output_pixels=len(plan.seeds) * plan.width * plan.height,
+                model_seconds=round(cost.seconds, 4) if cost else 0.0,
+            ),
+        )
+
+    async def _store(self, encoded: list[bytes], plan: GenerationPlan, base_url: str) -> list[ImageData]:
+        mime = f"image/{plan.output_format}"
+        ids = await asyncio.gather(*(self.store.put.remote(blob, mime) for blob in encoded))
+        root = (self.config.image_store.public_base_url or base_url).rstrip("/")
+        return [ImageData(url=f"{root}/v1/images/files/{image_id}", seed=seed)
+                for image_id, seed in zip(ids, plan.seeds)]

@@ -10,11 +10,13 @@ Intermediate results (latents, images) go from replica to replica by reference
 from __future__ import annotations
 
 import asyncio
-from typing import Any, AsyncIterator, Collection
+import contextlib
+from typing import Any, AsyncIterator, Awaitable, Callable, Collection, TypeVar
 
 
 from deployments.contract import ImageToImageJob, SafetyJob, Upstream
 from serve_app.config import SAFETY_NAME
+from serve_app.service.errors import ModelUnavailableError
 from serve_app.service.planning import GenerationPlan, Stage
 from serve_app.service.uploads import resize
 
@@ -115,3 +117,37 @@ async def stream_plan(plan: GenerationPlan, handles: dict[str, Any],
     except BaseException:
         events.cancel()
         raise
+
+
+T = TypeVar("T")
+
+# While a request waits, how often it looks whether a deployment it needs cannot start.
+START_WATCH_FIRST_S, START_WATCH_EVERY_S = 1.0, 2.0
+
+
+async def unless_start_fails(work: Awaitable[T], deployments: tuple[str, ...],
+                             start_failures: Callable[[], Awaitable[dict[str, str]]] | None,
+                             retry_after_s: int) -> T:
+    """Await ``work``; if one of ``deployments`` cannot start a replica meanwhile, cancel
+    it and raise :class:`ModelUnavailableError` (a load that fails for the server's
+    reasons, such as weights missing on the server, is the server's fault)."""
+    if start_failures is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    wait_s = START_WATCH_FIRST_S
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=wait_s)
+            if done:
+                return task.result()
+            wait_s = START_WATCH_EVERY_S
+            failures = await start_failures()
+            failed = next((name for name in deployments if name in failures), None)
+            if failed is not None:
+                what = "The safety checker" if failed == SAFETY_NAME else f"The model '{failed}'"
+                raise ModelUnavailableError(what, failures[failed], retry_after_s)
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

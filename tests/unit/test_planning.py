@@ -12,7 +12,8 @@ from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.service.execution import run_plan
 from serve_app.service.planning import plan_request
 from serve_app.fronts.openai import ImageGenerationRequest
-from serve_app.service.images import ImagesService, ResultShapeError
+from serve_app.service.encoding import ResultShapeError
+from serve_app.service.images import ImagesService
 from tests.unit.fakes import FakeHandle, fake_handles
 
 
@@ -167,7 +168,7 @@ def test_service_encodes_every_image_with_its_seed(config):
 @pytest.mark.parametrize("stalled", ["stable-diffusion-2-1", "SafetyChecker"])
 def test_a_request_waiting_on_a_deployment_that_cannot_start_is_a_503_naming_the_cause(stalled, tiny_args):
     from serve_app.service.errors import ModelUnavailableError
-    from serve_app.service.images import START_WATCH_FIRST_S
+    from serve_app.service.execution import START_WATCH_FIRST_S
 
     # (The fakes hand a stage's response on without awaiting it: the last stage stalls.)
     checked = stalled == "SafetyChecker"
