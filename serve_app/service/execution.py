@@ -151,3 +151,33 @@ async def unless_start_fails(work: Awaitable[T], deployments: tuple[str, ...],
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+
+
+class Executor:
+    """Runs plans on this ingress's handles: every stage within the request timeout, and
+    given up with a 503 as soon as a deployment the plan needs cannot start a replica
+    (``start_failures`` answers ``{deployment: cause}``; None watches nothing)."""
+
+    def __init__(self, handles: dict[str, Any], timeout_s: float | None, on_demand: Collection[str] = (),
+                 start_failures: Callable[[], Awaitable[dict[str, str]]] | None = None,
+                 retry_after_s: int = 5):
+        self.handles, self.timeout_s, self.on_demand = handles, timeout_s, on_demand
+        self.start_failures, self.retry_after_s = start_failures, retry_after_s
+
+    def _watched(self, work: Awaitable[T], plan: GenerationPlan) -> Awaitable[T]:
+        return unless_start_fails(work, plan.deployments, self.start_failures, self.retry_after_s)
+
+    async def run(self, plan: GenerationPlan):
+        """:func:`run_plan`, watched; raises TimeoutError past the timeout."""
+        return await self._watched(run_plan(plan, self.handles, self.timeout_s, self.on_demand), plan)
+
+    async def stream(self, plan: GenerationPlan) -> AsyncIterator[tuple]:
+        """:func:`stream_plan`'s events, each awaited watched; closing this closes it."""
+        async with contextlib.aclosing(
+                stream_plan(plan, self.handles, self.timeout_s, self.on_demand)) as events:
+            while True:
+                try:
+                    event = await self._watched(anext(events), plan)
+                except StopAsyncIteration:
+                    return
+                yield event

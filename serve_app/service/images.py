@@ -23,7 +23,7 @@ from serve_app.service.errors import (
     error_from_exception,
 )
 from serve_app.service.encoding import ResponseEncoder
-from serve_app.service.execution import run_plan, stream_plan, unless_start_fails
+from serve_app.service.execution import Executor
 from serve_app.service.planning import GenerationPlan, plan_request
 from serve_app.service.request import ImageRequest
 from serve_app.service.responses import ImagesResponse, LoraCard, ModelCard, ModelList
@@ -49,14 +49,11 @@ class ImagesService:
         self.handles = handles
         self.store = store  # the ImageStore deployment's handle (response_format "url")
         self.encoder = ResponseEncoder(config, store)
-        self.start_failures = start_failures
-        self.on_demand = config.on_demand_deployments()  # woken early in a chain (execution.py)
+        # Deployments that may be at zero replicas are woken early in a chain (on demand).
+        self.executor = Executor(handles, config.ingress.request_timeout_s,
+                                 config.on_demand_deployments(), start_failures,
+                                 config.ingress.retry_after_s)
         self.created = int(time.time())
-
-    def _watched(self, work: Awaitable[T], plan: GenerationPlan) -> Awaitable[T]:
-        """``work``, given up with a 503 if a deployment of ``plan`` cannot start a replica."""
-        return unless_start_fails(work, plan.deployments, self.start_failures,
-                                  self.config.ingress.retry_after_s)
 
     async def plan(self, request: ImageRequest, image=None, mask=None) -> GenerationPlan:
         """Decode a request's uploads and plan it: 400 or 404 before any model work.
@@ -92,7 +89,7 @@ class ImagesService:
             return self._stream(plan, base_url)
         timeout_s = self.config.ingress.request_timeout_s
         try:
-            images = await self._watched(run_plan(plan, self.handles, timeout_s, self.on_demand), plan)
+            images = await self.executor.run(plan)
         except TimeoutError:
             raise GatewayTimeoutError(timeout_s) from None
         return await self.encoder.respond(plan, images, base_url)
@@ -106,12 +103,8 @@ class ImagesService:
                   "background": "opaque"}
         try:
             # Closed with this generator (a client that goes away): the replica's work stops.
-            async with contextlib.aclosing(stream_plan(plan, self.handles, timeout_s, self.on_demand)) as events:
-                while True:
-                    try:
-                        event = await self._watched(anext(events), plan)
-                    except StopAsyncIteration:
-                        break
+            async with contextlib.aclosing(self.executor.stream(plan)) as events:
+                async for event in events:
                     created = int(time.time())
                     if event[0] == "partial":
                         _, index, pixels = event
