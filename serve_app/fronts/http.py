@@ -1,16 +1,17 @@
 """HTTP error handling: every failure leaves with the right status, in OpenAI's envelope,
-or in Livepeer's runner shape on Livepeer's routes (serve_app/fronts/livepeer.py)."""
+or in the shape a front registers for its own routes (:func:`register_error_shape`:
+Livepeer's runner shape on Livepeer's routes, serve_app/fronts/livepeer.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.fronts.livepeer import LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors
 from serve_app.service.errors import (
     APIError,
     InvalidRequestError,
@@ -18,6 +19,28 @@ from serve_app.service.errors import (
     NotFoundError,
     error_from_exception,
 )
+
+
+@dataclass(frozen=True)
+class ErrorShape:
+    """How a front answers errors on its own routes: ``error`` gives (status, body) of an
+    APIError, ``validation`` the 422 body of FastAPI's validation errors."""
+
+    paths: frozenset[str]
+    error: Callable[[APIError], tuple[int, dict]]
+    validation: Callable[[list[dict]], dict]
+
+
+_SHAPES: list[ErrorShape] = []
+
+
+def register_error_shape(shape: ErrorShape) -> None:
+    """A front's error shape on its routes (OpenAI's envelope answers everywhere else)."""
+    _SHAPES.append(shape)
+
+
+def _shape(path: str | None) -> ErrorShape | None:
+    return next((shape for shape in _SHAPES if path in shape.paths), None)
 
 
 def route_path(scope: dict[str, Any]) -> str:
@@ -29,10 +52,11 @@ def route_path(scope: dict[str, Any]) -> str:
 
 
 def error_response(error: APIError, path: str | None = None) -> JSONResponse:
-    """``error`` as the route at ``path`` answers errors: Livepeer's shape on its routes,
+    """``error`` as the route at ``path`` answers errors: its front's registered shape,
     OpenAI's envelope everywhere else."""
-    if path in LIVEPEER_PATHS:
-        status, body = livepeer_error(error)
+    shape = _shape(path)
+    if shape is not None:
+        status, body = shape.error(error)
         return JSONResponse(status_code=status, content=body, headers=error.headers or None)
     return JSONResponse(
         status_code=error.status_code,
@@ -79,8 +103,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        if route_path(request.scope) in LIVEPEER_PATHS:  # FastAPI's own 422, as the runner's
-            return JSONResponse(status_code=422, content=livepeer_validation_errors(errors))
+        shape = _shape(route_path(request.scope))
+        if shape is not None:  # FastAPI's own 422, in the front's shape (Livepeer's runner's)
+            return JSONResponse(status_code=422, content=shape.validation(errors))
         return error_response(validation_error(errors))
 
     @app.exception_handler(StarletteHTTPException)

@@ -22,6 +22,7 @@ from serve_app.fronts.openapi import (
     form_schema,
     upload_schema,
 )
+from serve_app.fronts.http import ErrorShape, register_error_shape
 from serve_app.fronts.routing import Multipart, Service, answer, json_response
 from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.service.images import ImagesService
@@ -277,6 +278,7 @@ def livepeer_validation_errors(errors: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------
 
 router = APIRouter()
+register_error_shape(ErrorShape(LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors))
 _ERRORS: dict[int | str, dict[str, Any]] = {
     **{code: {"model": LivepeerHTTPError} for code in (400, 401, 500, 503)},
     422: {"model": LivepeerHTTPValidationError},

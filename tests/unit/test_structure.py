@@ -120,3 +120,18 @@ def test_only_the_source_type_parses_a_source(module):
                     if isinstance(text, ast.Constant) and str(text.value).startswith(("tiny:", "sim:", "hf:")):
                         hits.append(f"line {node.lineno}: .{node.func.attr}({text.value!r})")
     assert not hits, f"{module} reads a source string by hand: {hits}"
+
+
+FRONTS = {"serve_app.fronts.openai", "serve_app.fronts.livepeer"}
+SHARED_BY_FRONTS = {"serve_app.fronts.http", "serve_app.fronts.routing", "serve_app.fronts.openapi",
+                    "serve_app.fronts.gate", "serve_app.fronts.metrics"}
+
+
+def test_each_front_stands_alone():
+    """A front imports no other front, and what the fronts share imports none of them:
+    a new front is one module, included by the ingress."""
+    assert FRONTS | SHARED_BY_FRONTS | {"serve_app.fronts.ingress"} <= set(GRAPH)
+    for front in FRONTS:
+        assert not GRAPH[front] & (FRONTS - {front}), front
+    for shared in SHARED_BY_FRONTS:
+        assert not GRAPH[shared] & (FRONTS | {"serve_app.fronts.ingress"}), shared
