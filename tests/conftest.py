@@ -9,6 +9,11 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("SERVE_APP_TINY_CACHE", tempfile.mkdtemp(prefix="serve-app-tiny-"))
 
+# The stand-ins' source kinds (tiny:, sim:) plug in through the package's entry points; a
+# checkout that is not installed (a bare GPU machine) has them by importing them.
+import deployments.standins.sim  # noqa: E402,F401
+import deployments.standins.tiny  # noqa: E402,F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO_ROOT / "configs" / "tiny.yaml"
 

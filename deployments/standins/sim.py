@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from deployments.families import FAMILIES, SAFETY_CHECKER
-from deployments.sources import Source
+from deployments.sources import Source, register_source_kind
 from deployments.standins.tiny import read_real_config
 
 A100_TO_H100 = 1.67  # [E]
@@ -381,3 +381,6 @@ class SimSourceKind:
 
 
 SOURCE_KIND = SimSourceKind()
+# Installed, the entry point registers it on first use; imported (a checkout that is not
+# installed, such as a bare GPU machine's), it registers itself.
+register_source_kind("sim", SOURCE_KIND)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, family
-from deployments.sources import Source
+from deployments.sources import Source, register_source_kind
 
 # Bump when the tiny architectures change, so stale caches are not reused.
 TINY_VERSION = "6"
@@ -584,3 +584,6 @@ class TinySourceKind:
 
 
 SOURCE_KIND = TinySourceKind()
+# Installed, the entry point registers it on first use; imported (a checkout that is not
+# installed, such as a bare GPU machine's), it registers itself.
+register_source_kind("tiny", SOURCE_KIND)
