@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -142,10 +143,6 @@ class Source:
         match = _STAND_IN_LORA.match(self.rest or "") if self.stand_in else None
         return (match.group("family"), match.group("name")) if match else None
 
-    def with_rest(self, rest: str) -> Source:
-        """The same kind of stand-in, for something else (``tiny:sd21`` -> ``tiny:taesd``)."""
-        return Source.parse(f"{self.kind}:{rest}")
-
 
 # ---------------------------------------------------------------------------------------
 # The registry of plug-in kinds
@@ -170,9 +167,15 @@ def register_source_kind(name: str, kind: SourceKind) -> None:
     _KINDS[name] = kind
 
 
+@lru_cache(maxsize=1)
+def _installed_kinds() -> frozenset[str]:
+    # The installed distributions' metadata, read once per process (each source parses).
+    return frozenset(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
 def source_kinds() -> list[str]:
     """The plug-in kinds known here: registered, or installed as entry points."""
-    return sorted(set(_KINDS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return sorted(set(_KINDS) | _installed_kinds())
 
 
 def source_kind(source: Source) -> SourceKind:

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.fronts.openapi import (
     LORAS_JSON_SCHEMA,
-    PROMPT_PATTERN,
     UPLOAD_LIMITS,
     form_schema,
     upload_schema,
@@ -85,7 +84,7 @@ class _LivepeerCommon(_Strict):
 class _LivepeerDiffusion(_LivepeerCommon):
     """Fields of text-to-image and image-to-image."""
 
-    prompt: PromptField = Field(min_length=1, json_schema_extra={"pattern": PROMPT_PATTERN})
+    prompt: PromptField = Field(min_length=1)
     loras: str = Field(
         default="",
         description='LoRA adapters as a JSON map of name to weight, such as {"ink": 0.8}: the '

@@ -19,8 +19,6 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from serve_app.fronts.openapi import (
     IMAGE_CONTENT_TYPES,
     LORAS_JSON_SCHEMA,
-    PROMPT_PATTERN,
-    SIZE_PATTERN,
     UPLOAD_LIMITS,
     form_schema,
     request_schema,
@@ -153,12 +151,10 @@ class ImageGenerationRequest(_Streaming, _ImageOptions):
     """Body of ``POST /v1/images/generations``."""
 
     _task = "generate"
-    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).",
-                                json_schema_extra={"pattern": PROMPT_PATTERN})
+    prompt: PromptField = Field(min_length=1, description="Text description of the desired image(s).")
     size: SizeField = Field(
         default=None,
         description="'WIDTHxHEIGHT' (one of the model's allowed sizes) or 'auto' for its default.",
-        json_schema_extra={"pattern": SIZE_PATTERN},
     )
     high_noise_frac: float | None = Field(
         default=None,
@@ -193,8 +189,7 @@ class _ImageForm(_ImageOptions):
 
 
 class _EditFields(_ImageForm):
-    size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION,
-                            json_schema_extra={"pattern": SIZE_PATTERN, "examples": ["auto"]})
+    size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION, examples=["auto"])
     loras: Annotated[str | None, AfterValidator(_check_json_loras)] = Field(
         default=None, description=_LORAS_DESCRIPTION + ', as JSON text: {"ink": 0.8} or '
         '[{"name": "ink", "weight": 0.8}].', json_schema_extra=LORAS_JSON_SCHEMA)
@@ -207,8 +202,7 @@ class ImageEditForm(_Streaming, _EditFields):
     """Multipart body of ``POST /v1/images/edits``."""
 
     _task = "edit"
-    prompt: PromptField = Field(min_length=1, description="What the edited image should show.",
-                                json_schema_extra={"pattern": PROMPT_PATTERN})
+    prompt: PromptField = Field(min_length=1, description="What the edited image should show.")
     mask: UploadFile | None = Field(
         default=None,
         description="Same size as image; fully transparent pixels mark the area to repaint "

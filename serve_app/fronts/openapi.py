@@ -8,20 +8,18 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI
+from PIL import Image
 from pydantic import TypeAdapter
 
 from serve_app.config import IngressConfig
 from serve_app.service.request import MAX_SEED, Loras
+from serve_app.service.uploads import ALLOWED_FORMATS
 
 
-# Upload decoding is serve_app/service/uploads.py's: these are the formats it opens (it
-# reads an upload by its content, not by its file name or its part's Content-Type).
-IMAGE_CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp")
-# What service/request.py's parse_size takes; edits also want multiples of 8 (the
-# description says so) and every model its own bounds, which no pattern can know.
-SIZE_PATTERN = r"^(auto|[1-9][0-9]{0,4}x[1-9][0-9]{0,4})$"
-# A prompt that is not only whitespace (service/request.py's PromptField).
-PROMPT_PATTERN = r"\S"
+# The formats serve_app/service/uploads.py opens (it reads an upload by its content, not
+# by its file name or its part's Content-Type), as media types.
+Image.init()  # Pillow's MIME table fills as its format plugins register
+IMAGE_CONTENT_TYPES = tuple(Image.MIME[name] for name in ALLOWED_FORMATS)
 
 UPLOAD_LIMITS = (
     "The ingress reads it by its content (not its file name or part Content-Type) and refuses, "

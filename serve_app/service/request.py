@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from serve_app.service.sizes import parse_size
+from serve_app.service.sizes import SIZE_PATTERN, parse_size
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 MAX_N = 10
@@ -33,8 +33,12 @@ def _check_prompt(value: str) -> str:
 
 
 # "WIDTHxHEIGHT" or "auto"; and a prompt that is not only whitespace.
-SizeField = Annotated[str | None, AfterValidator(_check_size)]
-PromptField = Annotated[str, AfterValidator(_check_prompt)]
+# Their JSON-schema patterns say the same, for client generators and fuzzers.
+PROMPT_PATTERN = r"\S"
+SizeField = Annotated[str | None, AfterValidator(_check_size),
+                      Field(json_schema_extra={"pattern": SIZE_PATTERN})]
+PromptField = Annotated[str, AfterValidator(_check_prompt),
+                        Field(json_schema_extra={"pattern": PROMPT_PATTERN})]
 
 
 # ---------------------------------------------------------------------------------------

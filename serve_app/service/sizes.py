@@ -14,6 +14,8 @@ from typing import Any
 from serve_app.service.errors import InvalidRequestError
 
 _SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+# A size field's JSON-schema pattern: the same rule, or "auto".
+SIZE_PATTERN = "^(auto|" + _SIZE_RE.pattern.strip("^$") + ")$"
 # Sizes are multiples of the VAE's spatial factor: a latent pixel is 8x8 image pixels.
 MULTIPLE = 8
 

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from serve_app.service.errors import InvalidRequestError
 
-ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # in the order the OpenAPI document lists them
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 

@@ -22,12 +22,12 @@ from serve_app.fronts.ingress import api
 from serve_app.fronts.livepeer import LivepeerImageToImageForm, LivepeerUpscaleForm
 from serve_app.fronts.openai import (
     IMAGE_CONTENT_TYPES,
-    SIZE_PATTERN,
     ImageEditForm,
     ImageVariationForm,
     UpscaleForm,
 )
 from serve_app.service.request import MAX_SEED, parse_size
+from serve_app.service.sizes import SIZE_PATTERN
 from serve_app.service.uploads import ALLOWED_FORMATS, decode_image
 from tests.unit.fakes import fake_handles
 

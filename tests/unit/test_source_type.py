@@ -1,5 +1,7 @@
 """The one Source type: huggingface_hub's hf:// grammar, Hub ids, local paths, plug-in kinds."""
 
+import copy
+
 import pytest
 
 from deployments.sources import HUB, HUB_FILE, LOCAL, Source, local_path, source_kinds, stand_in_model
@@ -67,7 +69,7 @@ def test_the_config_parses_each_source_once_and_writes_it_back(tiny_args):
 
 
 def test_a_bad_source_fails_the_config_at_its_path(tiny_args):
-    args = tiny_args
+    args = copy.deepcopy(tiny_args)  # the fixture is the session's
     args["models"][0]["source"] = "hf://org/repo/file.pth@main"
     with pytest.raises(ConfigError, match=r"models\.0\.source: .*revision goes right after"):
         load_app_config(args)
