@@ -86,6 +86,15 @@ class Family:
                    if key.startswith("text_encoder") and isinstance(value, list) and value[0])
 
     @property
+    def scheduler(self) -> str | None:
+        """The diffusers scheduler class the real model runs (its scheduler_config.json's
+        ``_class_name``); None for a family without a denoising loop."""
+        config = self.config_folder / "scheduler" / "scheduler_config.json"
+        if not self.diffusion or not config.exists():
+            return None
+        return json.loads(config.read_text())["_class_name"]
+
+    @property
     def deployment_path(self) -> str:
         """``"module:Class"`` of the deployment serving this family."""
         if self.deployment is None:

@@ -67,6 +67,19 @@ def key_is_valid(presented: bytes, keys: tuple[bytes, ...]) -> bool:
     return valid
 
 
+def check_key(header: bytes, keys: tuple[bytes, ...]) -> APIError | None:
+    """The error for an ``Authorization`` value (HTTP header or gRPC metadata) that does not
+    carry one of ``keys`` as ``Bearer KEY``; None when it does."""
+    scheme, _, token = header.partition(b" ")
+    if not header:
+        return AuthenticationError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+        )
+    if scheme.lower() != b"bearer" or not key_is_valid(token.strip(), keys):
+        return AuthenticationError("Incorrect API key provided.")
+    return None
+
+
 async def _send_error(scope, send, error: APIError) -> None:
     """Answer with ``error`` from the ASGI layer, as the route would answer it."""
     await error_response(error, route_path(scope))({"type": "http"}, None, send)
@@ -93,7 +106,7 @@ class GateMiddleware:
         headers = dict(scope.get("headers") or [])
         path = route_path(scope)
         if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-            error = self._check_key(headers.get(b"authorization", b""), settings.api_keys)
+            error = check_key(headers.get(b"authorization", b""), settings.api_keys)
             if error is not None:
                 return await _send_error(scope, send, error)
         limit = settings.max_body_bytes
@@ -101,17 +114,6 @@ class GateMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_error(scope, send, PayloadTooLargeError(limit))
         await self._call_counting(scope, receive, send, limit)
-
-    @staticmethod
-    def _check_key(header: bytes, keys: tuple[bytes, ...]) -> APIError | None:
-        scheme, _, token = header.partition(b" ")
-        if not header:
-            return AuthenticationError(
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
-            )
-        if scheme.lower() != b"bearer" or not key_is_valid(token.strip(), keys):
-            return AuthenticationError("Incorrect API key provided.")
-        return None
 
     async def _call_counting(self, scope, receive, send, limit: int) -> None:
         received = 0

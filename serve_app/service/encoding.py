@@ -13,6 +13,7 @@ import asyncio
 import base64
 import io
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -55,6 +56,16 @@ def encode_image(
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class EncodedImage:
+    """One finished image: its encoded bytes, its seed, and whether the safety checker
+    flagged it (None: no checker ran)."""
+
+    blob: bytes
+    seed: int
+    nsfw: bool | None = None
+
+
 class ResultShapeError(RuntimeError):
     """A deployment returned a different number or size of images than planned."""
 
@@ -91,8 +102,10 @@ class ResponseEncoder:
         # ratio kept) is reached here with a high-quality resize.
         return [resize(image, plan.width, plan.height) for image in images]
 
-    async def respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:
-        """The images response of ``result`` (a stage's images and the request's cost)."""
+    async def encode(self, plan: GenerationPlan, result) -> tuple[list[EncodedImage], ImagesUsage]:
+        """``result`` (a stage's images and the request's cost) checked against the plan,
+        resized, encoded in the plan's format, each with its seed and safety flag; and the
+        usage. A flagged image fails the request here when the plan rejects flagged ones."""
         images, cost = unwrap(result)
         flags = cost.nsfw if cost is not None and plan.safety is not None else None
         if plan.safety is not None and (flags is None or len(flags) != len(plan.seeds)):
@@ -104,25 +117,27 @@ class ResponseEncoder:
             return [self._encode(pixels, plan) for pixels in self._finish_pixels(plan, images)]
 
         encoded = await asyncio.to_thread(finish_and_encode)
-        if plan.response_format == "url":
-            data = await self._store(encoded, plan, base_url)
-        else:
-            data = [ImageData(b64_json=base64.b64encode(blob).decode("ascii"), seed=seed)
-                    for blob, seed in zip(encoded, plan.seeds)]
-        if flags is not None:
-            for item, flag in zip(data, flags):
-                item.nsfw = flag
-        return ImagesResponse(
-            created=int(time.time()),
-            data=data,
-            output_format=plan.output_format,
-            size=plan.size,
-            usage=ImagesUsage(
-                denoising_steps=cost.steps if cost else 0,
-                output_pixels=len(plan.seeds) * plan.width * plan.height,
-                model_seconds=round(cost.seconds, 4) if cost else 0.0,
-            ),
+        usage = ImagesUsage(
+            denoising_steps=cost.steps if cost else 0,
+            output_pixels=len(plan.seeds) * plan.width * plan.height,
+            model_seconds=round(cost.seconds, 4) if cost else 0.0,
         )
+        flags = flags if flags is not None else [None] * len(encoded)
+        return [EncodedImage(blob, seed, flag)
+                for blob, seed, flag in zip(encoded, plan.seeds, flags)], usage
+
+    async def respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:
+        """The images response of ``result`` (a stage's images and the request's cost)."""
+        encoded, usage = await self.encode(plan, result)
+        if plan.response_format == "url":
+            data = await self._store([image.blob for image in encoded], plan, base_url)
+        else:
+            data = [ImageData(b64_json=base64.b64encode(image.blob).decode("ascii"), seed=image.seed)
+                    for image in encoded]
+        for item, image in zip(data, encoded):
+            item.nsfw = image.nsfw
+        return ImagesResponse(created=int(time.time()), data=data,
+                              output_format=plan.output_format, size=plan.size, usage=usage)
 
     async def _store(self, encoded: list[bytes], plan: GenerationPlan, base_url: str) -> list[ImageData]:
         mime = f"image/{plan.output_format}"

@@ -22,11 +22,11 @@ from serve_app.service.errors import (
     NotFoundError,
     error_from_exception,
 )
-from serve_app.service.encoding import ResponseEncoder
+from serve_app.service.encoding import EncodedImage, ResponseEncoder
 from serve_app.service.execution import Executor
 from serve_app.service.planning import GenerationPlan, plan_request
 from serve_app.service.request import ImageRequest
-from serve_app.service.responses import ImagesResponse, LoraCard, ModelCard, ModelList
+from serve_app.service.responses import ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
 from serve_app.service.uploads import decode_image, decode_mask
 
 
@@ -55,14 +55,16 @@ class ImagesService:
                                  config.ingress.retry_after_s)
         self.created = int(time.time())
 
-    async def plan(self, request: ImageRequest, image=None, mask=None) -> GenerationPlan:
+    async def plan(self, request: ImageRequest, image=None, mask=None,
+                   mask_decoder: Callable[..., np.ndarray] = decode_mask) -> GenerationPlan:
         """Decode a request's uploads and plan it: 400 or 404 before any model work.
 
         ``image`` and ``mask`` are uploads (anything with an async ``read``); every route
         plans the same way, on the event loop (planning is cheap; decoding runs in a thread).
+        ``mask_decoder`` reads the mask in its front's convention (OpenAI's by default).
         """
         pixels = await self._decode(image, "image") if image is not None else None
-        alpha = await self._decode(mask, "mask", decode_mask) if mask is not None else None
+        alpha = await self._decode(mask, "mask", mask_decoder) if mask is not None else None
         return plan_request(request, self.config, pixels, alpha)
 
     async def generate(self, request: ImageRequest, base_url: str = "") -> ImagesResponse:
@@ -87,12 +89,19 @@ class ImagesService:
         """
         if plan.stream:
             return self._stream(plan, base_url)
-        timeout_s = self.config.ingress.request_timeout_s
+        return await self.encoder.respond(plan, await self._run(plan), base_url)
+
+    async def images(self, plan: GenerationPlan) -> tuple[list[EncodedImage], ImagesUsage]:
+        """Run a plan and encode its images, for a front that sends bytes (gRPC) instead of
+        an images response."""
+        return await self.encoder.encode(plan, await self._run(plan))
+
+    async def _run(self, plan: GenerationPlan):
+        """The plan's result; 504 past the request timeout."""
         try:
-            images = await self.executor.run(plan)
+            return await self.executor.run(plan)
         except TimeoutError:
-            raise GatewayTimeoutError(timeout_s) from None
-        return await self.encoder.respond(plan, images, base_url)
+            raise GatewayTimeoutError(self.config.ingress.request_timeout_s) from None
 
     async def _stream(self, plan: GenerationPlan, base_url: str):
         """``image_generation.partial_image`` events during denoising, then

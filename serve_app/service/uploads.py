@@ -108,6 +108,19 @@ def decode_mask(data: bytes, param: str, max_pixels: int) -> np.ndarray:
     return np.asarray(image.convert("L"), dtype=np.uint8)
 
 
+def decode_keep_mask(data: bytes, param: str, max_pixels: int) -> np.ndarray:
+    """Decode a mask in Stability's convention into repaint weights, uint8 (H, W): its
+    gray level is what to keep (0, black: change; 255, white: keep), as its SDK documents
+    for an ARTIFACT_MASK; an alpha channel is not read."""
+    image = _to_8bit(_open(data, param, max_pixels))
+    weights = 255 - np.asarray(image.convert("L"), dtype=np.uint8)
+    if not weights.any():
+        raise InvalidRequestError(
+            f"'{param}' is white everywhere, so there is nothing to change (black marks "
+            "what to change, white what to keep).", param=param)
+    return weights
+
+
 def resize(pixels: np.ndarray, width: int, height: int, resample=Image.Resampling.LANCZOS) -> np.ndarray:
     """Resize (H, W, C) or (H, W) uint8 pixels; a no-op when the size already matches."""
     if pixels.shape[1] == width and pixels.shape[0] == height:
