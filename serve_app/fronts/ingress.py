@@ -3,7 +3,8 @@
 The fronts' routes live with their wire models (``openai.py``, ``livepeer.py``); this module
 puts them on one app with the error handlers, the gate and the metrics, and defines the
 deployment class, which builds the replica's :class:`ImagesService` and answers what is
-the app's own: ``GET /health`` and the playground page.
+the app's own: ``GET /health`` and the playground page. The same class answers Stability's
+gRPC ``Generate`` (``stability.py``) on Serve's gRPC proxy (``grpc_options`` in the configs).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
-from serve_app.fronts import livepeer, openai
+from serve_app.fronts import livepeer, openai, stability
 from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
@@ -50,10 +51,11 @@ class ImagesIngress:
     def __init__(self, config: AppConfig | dict, handles: dict[str, Any], store: Any = None):
         self.config = load_app_config(config)
         ingress = self.config.ingress
-        api.state.gate = GateSettings(
+        self.gate = GateSettings(
             api_keys=api_keys_from([key.get_secret_value() for key in ingress.api_keys]),
             max_body_bytes=ingress.max_upload_bytes,
         )
+        api.state.gate = self.gate
         # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
         self.service = ImagesService(
             self.config, handles, store, start_failures=StartFailureWatch(self._deployment_statuses))
@@ -74,6 +76,19 @@ class ImagesIngress:
             failures=start_failures(statuses),
         )
         return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 - the RPC's name
+        """Stability's ``gooseai.GenerationService/Generate`` on Serve's gRPC proxy
+        (fronts/stability.py): a stream of Answers, or a status naming the field at fault."""
+        try:
+            async for answer in stability.generate(self.service, self.gate.api_keys, request,
+                                                   grpc_context.invocation_metadata()):
+                yield answer
+        except stability.StabilityError as error:
+            # Serve's proxy answers with the code and details set here (no traceback).
+            grpc_context.set_code(error.code)
+            grpc_context.set_details(error.message)
+            raise
 
     @staticmethod
     def _deployment_statuses() -> dict[str, DeploymentState]:

@@ -55,6 +55,7 @@ def run_local(
     num_cpus: int = 4,
     args_override: dict[str, Any] | None = None,
     metrics_export_port: int | None = None,
+    grpc_port: int | None = None,
 ) -> Iterator[str]:
     """Run the first application of ``config_path`` on a private Ray instance.
 
@@ -62,7 +63,8 @@ def run_local(
     count: replicas in the tiny profile reserve fractions of a CPU, so a 2-core machine
     hosts them all. The application's ``runtime_env.env_vars`` are applied to this
     process before Ray starts, so every replica inherits them, and its ``logging_config``
-    is used. With ``metrics_export_port``, Ray serves Prometheus metrics on that port.
+    is used. With ``metrics_export_port``, Ray serves Prometheus metrics on that port. The
+    config's ``grpc_options`` start Serve's gRPC proxy, on ``grpc_port`` when given.
     """
     import ray
     from ray import serve
@@ -88,7 +90,11 @@ def run_local(
         _system_config={"metrics_report_interval_ms": 1000},
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        grpc_options = dict(serve_config.get("grpc_options") or {})
+        if grpc_options and grpc_port is not None:
+            grpc_options["port"] = grpc_port
+        serve.start(http_options={"host": "127.0.0.1", "port": port},
+                    grpc_options=grpc_options or None)
         serve.run(
             build_app(args),
             name=app_config.get("name", "default"),

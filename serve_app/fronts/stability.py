@@ -1,0 +1,435 @@
+"""Stability AI's gRPC generation API: ``gooseai.GenerationService/Generate``, as Stability's
+own SDK (``stability_sdk.client.StabilityInference``) calls it for ``generate()`` and
+``upscale()``. Served on Ray Serve's gRPC proxy by the ingress deployment (its ``Generate``
+method, fronts/ingress.py); the messages are Stability's (fronts/gooseai/generation.proto).
+
+A thin front like the HTTP ones: a ``Request`` becomes one or more
+:class:`~serve_app.service.request.ImageRequest` (one per seed when the client sends a seed
+per sample), planned and run by the same images service, with the same limits; each image
+goes back as one ``Answer`` holding one ``ARTIFACT_IMAGE`` artifact (``finish_reason``
+``FILTER`` when the safety checker flagged it), as soon as its plan finishes. Every failure
+is a gRPC status whose message names the request's field (:class:`StabilityError`).
+
+How Stability's fields map:
+
+- ``engine_id``: a served model name or alias; an upscaler makes it an upscale.
+- ``prompt``: text prompts (weight 1, or -1 for the negative prompt), an ``ARTIFACT_IMAGE``
+  artifact (init image: image-to-image, or the image to upscale) and an ``ARTIFACT_MASK``
+  artifact (inpainting; black changes, white keeps).
+- ``image.height``/``width`` (the output size; an upscale takes one of them or neither),
+  ``samples`` (n), ``seed`` (one, used as seed + i, or one per sample; 0 or none: drawn),
+  ``steps``, ``parameters[0].sampler.cfg_scale`` (guidance), ``parameters[0].schedule.start``
+  (the init image's strength), ``transform.diffusion`` (the sampler: the engine's own only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, AsyncIterator, Iterable
+
+import grpc
+
+from serve_app.config import AppConfig
+from serve_app.fronts.gate import check_key
+from serve_app.fronts.gooseai import generation_pb2 as generation
+from serve_app.service.encoding import EncodedImage
+from serve_app.service.errors import APIError, ModelNotFoundError, error_from_exception
+from serve_app.service.images import ImagesService
+from serve_app.service.planning import GenerationPlan
+from serve_app.service.request import MAX_N, ImageRequest
+from serve_app.service.uploads import decode_keep_mask
+
+logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
+
+# Stability's samplers and the diffusers schedulers that are them; a request may name the
+# sampler its engine runs (the real model's scheduler), no other.
+SAMPLER_SCHEDULERS = {
+    generation.SAMPLER_DDIM: "DDIMScheduler",
+    generation.SAMPLER_DDPM: "DDPMScheduler",
+    generation.SAMPLER_K_EULER: "EulerDiscreteScheduler",
+    generation.SAMPLER_K_EULER_ANCESTRAL: "EulerAncestralDiscreteScheduler",
+    generation.SAMPLER_K_HEUN: "HeunDiscreteScheduler",
+    generation.SAMPLER_K_DPM_2: "KDPM2DiscreteScheduler",
+    generation.SAMPLER_K_DPM_2_ANCESTRAL: "KDPM2AncestralDiscreteScheduler",
+    generation.SAMPLER_K_LMS: "LMSDiscreteScheduler",
+    generation.SAMPLER_K_DPMPP_2M: "DPMSolverMultistepScheduler",
+    generation.SAMPLER_K_DPMPP_SDE: "DPMSolverSDEScheduler",
+}
+
+# Stability's upscale document: the x4 upscaler takes 20 steps unless told, at most 50,
+# and a cfg_scale of 7; ESRGAN ignores prompt, seed, steps and cfg_scale.
+UPSCALE_STEPS, UPSCALE_MAX_STEPS, UPSCALE_CFG_SCALE = 20, 50, 7.0
+SEED_LIMIT = 2**32  # Artifact.seed is a uint32
+# The end of the init image's schedule the pipelines run to (the SDK sends 0.01).
+SCHEDULE_END_MAX = 0.01
+
+# gRPC status of each HTTP status the images service answers with.
+_STATUS = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    404: grpc.StatusCode.NOT_FOUND,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+class StabilityError(Exception):
+    """A gRPC status and the message the client sees (it names the field at fault)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(code, message)  # both in args: Ray pickles it to the proxy
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def invalid(field: str, message: str) -> StabilityError:
+    return StabilityError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A Request as the images service takes it: one ImageRequest per group of samples
+    (``indices`` says which samples each gives), the init image and mask as sent, and the
+    Request's field names for the planner's (``fields``) in error messages."""
+
+    engine: str
+    requests: tuple[ImageRequest, ...]
+    indices: tuple[tuple[int, ...], ...]
+    image: bytes | None
+    mask: bytes | None
+    fields: dict[str, str]
+
+
+def authenticate(metadata: Iterable[tuple[str, Any]], keys: tuple[bytes, ...]) -> None:
+    """API keys on: the ``authorization`` metadata must be ``Bearer KEY`` (what the SDK's
+    access-token credentials send, over TLS)."""
+    if not keys:
+        return
+    header = next((value for key, value in metadata if key.lower() == "authorization"), "")
+    error = check_key(header.encode() if isinstance(header, str) else header, keys)
+    if error is not None:
+        raise StabilityError(grpc.StatusCode.UNAUTHENTICATED,
+                             f"authorization metadata: {error.message}")
+
+
+def _unknown_field(message, path: str) -> str | None:
+    """The first field of ``message`` (or of a message inside it) this server does not
+    declare, as ``path.number``: a client asking for something it would silently not get."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    unknown = UnknownFieldSet(message)
+    if len(unknown):
+        return f"{path}{'.' if path else ''}{unknown[0].field_number}"
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.full_name.startswith("google.protobuf"):
+            continue
+        items = value if field.is_repeated else [value]
+        for index, item in enumerate(items):
+            where = f"{path}{'.' if path else ''}{field.name}"
+            where += f"[{index}]" if field.is_repeated else ""
+            found = _unknown_field(item, where)
+            if found:
+                return found
+    return None
+
+
+def _refuse_set(message, path: str, served: set[str]) -> None:
+    """Refuse any field of ``message`` that is set but not in ``served``."""
+    for field, _ in message.ListFields():
+        if field.name not in served:
+            raise invalid(f"{path}.{field.name}", "not served by this server")
+
+
+def _prompts(request, max_bytes: int) -> tuple[str, str | None, tuple[str, bytes] | None,
+                                               tuple[str, bytes] | None]:
+    """(prompt, negative prompt, (field, init image), (field, mask)) of the Request."""
+    positive: list[str] = []
+    negative: list[str] = []
+    image = mask = None
+    for i, prompt in enumerate(request.prompt):
+        where = f"prompt[{i}]"
+        kind = prompt.WhichOneof("prompt")
+        if kind == "text":
+            weight = prompt.parameters.weight if prompt.parameters.HasField("weight") else 1.0
+            if abs(weight) != 1.0:
+                raise invalid(f"{where}.parameters.weight", f"{weight:g} is not served: 1 makes a "
+                              "prompt, -1 a negative prompt (prompt weighting is not served)")
+            (positive if weight > 0 else negative).append(prompt.text)
+        elif kind == "artifact":
+            artifact = prompt.artifact
+            where += ".artifact"
+            if artifact.type not in (generation.ARTIFACT_IMAGE, generation.ARTIFACT_MASK):
+                raise invalid(f"{where}.type", f"{generation.ArtifactType.Name(artifact.type)} "
+                              "is not served; send ARTIFACT_IMAGE (init image) or ARTIFACT_MASK")
+            if artifact.WhichOneof("data") != "binary" or not artifact.binary:
+                raise invalid(f"{where}.binary", "an image must come as the artifact's binary "
+                              "(PNG, JPEG or WebP bytes)")
+            if len(artifact.binary) > max_bytes:
+                raise invalid(f"{where}.binary", f"{len(artifact.binary)} bytes is over the "
+                              f"server's limit of {max_bytes} bytes an image")
+            found = (where, artifact.binary)
+            if artifact.type == generation.ARTIFACT_IMAGE:
+                if image is not None:
+                    raise invalid(where, f"a second init image ({image[0]} is the first)")
+                image = found
+            else:
+                if mask is not None:
+                    raise invalid(where, f"a second mask ({mask[0]} is the first)")
+                mask = found
+        elif kind == "tokens":
+            raise invalid(f"{where}.tokens", "token prompts are not served; send text")
+        else:
+            raise invalid(where, "an empty prompt: send text or an artifact")
+    for texts, what in ((positive, "prompt"), (negative, "negative prompt")):
+        if len(texts) > 1:
+            raise invalid("prompt", f"{len(texts)} texts with the weight of a {what}; send one "
+                          "(blending prompts is not served)")
+    return (positive[0] if positive else ""), (negative[0] if negative else None), image, mask
+
+
+def _step_parameters(params, has_image: bool) -> tuple[float | None, float | None]:
+    """(cfg_scale, schedule start) of ``image.parameters``."""
+    if len(params.parameters) > 1:
+        raise invalid("image.parameters", f"{len(params.parameters)} step parameter blocks; "
+                      "one is served")
+    if not params.parameters:
+        return None, None
+    step, where = params.parameters[0], "image.parameters[0]"
+    if step.HasField("guidance") and step.guidance.guidance_preset != generation.GUIDANCE_PRESET_NONE:
+        raise invalid(f"{where}.guidance", "CLIP guidance is not served; leave it unset")
+    cfg_scale = start = None
+    if step.HasField("sampler"):
+        _refuse_set(step.sampler, f"{where}.sampler", {"cfg_scale"})
+        if step.sampler.HasField("cfg_scale"):
+            cfg_scale = step.sampler.cfg_scale
+    if step.HasField("schedule"):
+        schedule = step.schedule
+        if not has_image:
+            raise invalid(f"{where}.schedule", "applies to an init image, and none was sent")
+        _refuse_set(schedule, f"{where}.schedule", {"start", "end"})
+        if schedule.HasField("end") and not 0.0 <= schedule.end <= SCHEDULE_END_MAX:
+            raise invalid(f"{where}.schedule.end", f"{schedule.end:g}: the pipelines denoise to "
+                          f"the end; send 0 to {SCHEDULE_END_MAX}")
+        if schedule.HasField("start"):
+            start = schedule.start
+            if not 0.0 < start <= 1.0:
+                raise invalid(f"{where}.schedule.start", f"{start:g}: must be above 0 and at most 1")
+    return cfg_scale, start
+
+
+def _check_sampler(params, served, upscale: bool) -> None:
+    if not params.HasField("transform"):
+        return
+    kind = params.transform.WhichOneof("type")
+    if kind == "upscaler":
+        if not upscale:
+            raise invalid("image.transform.upscaler", "applies to an upscale engine")
+        return
+    if kind != "diffusion":
+        return
+    sampler = params.transform.diffusion
+    name = generation.DiffusionSampler.Name(sampler) if sampler in generation.DiffusionSampler.values() else str(sampler)
+    runs = served.info.scheduler
+    if runs is None or SAMPLER_SCHEDULERS.get(sampler) != runs:
+        ours = [generation.DiffusionSampler.Name(s) for s, c in SAMPLER_SCHEDULERS.items() if c == runs]
+        raise invalid("image.transform.diffusion", f"{name} is not served by {served.name}, "
+                      f"which runs {runs or 'no sampler'}"
+                      + (f" ({ours[0]}); send that or leave it unset" if ours else ""))
+
+
+def _seeds(params, samples: int) -> list[int] | None:
+    """One seed (samples use seed + i), one per sample, or None (drawn)."""
+    seeds = list(params.seed)
+    if not seeds or not any(seeds):
+        return None
+    if len(seeds) not in (1, samples):
+        raise invalid("image.seed", f"{len(seeds)} seeds for {samples} samples; send one, or "
+                      "one per sample")
+    if len(seeds) == 1 and seeds[0] + samples > SEED_LIMIT:
+        raise invalid("image.seed", f"{seeds[0]} + {samples} samples runs past {SEED_LIMIT - 1}")
+    return seeds
+
+
+def to_job(request, config: AppConfig) -> Job:
+    """Check a Request and convert it: every field it sets is served or refused here, so
+    nothing a client asks for is silently dropped."""
+    unknown = _unknown_field(request, "")
+    if unknown:
+        raise invalid(unknown, "this field is not served by this server")
+    if request.requested_type not in (generation.ARTIFACT_NONE, generation.ARTIFACT_IMAGE):
+        raise invalid("requested_type", f"{generation.ArtifactType.Name(request.requested_type)} "
+                      "is not served; this server answers images")
+    if request.HasField("extras") and request.extras.fields:
+        raise invalid("extras", f"{', '.join(sorted(request.extras.fields))} not served "
+                      "(style presets and other extras)")
+    engine = request.engine_id
+    if not engine:
+        raise invalid("engine_id", "empty; name an engine (a served model or alias)")
+    entry = config.resolve(engine)
+    if entry is None:
+        raise StabilityError(grpc.StatusCode.NOT_FOUND, f"engine_id: the engine '{engine}' "
+                             f"does not exist. Available engines: {', '.join(config.served_names())}.")
+    served = config.prompted_model(entry)
+    upscale = "upscale" in entry.capabilities
+    params = request.image
+    text, negative, image, mask = _prompts(request, config.ingress.max_upload_bytes)
+    _refuse_set(params, "image", {"height", "width", "seed", "samples", "steps", "transform",
+                                  "parameters", "adapter", "masked_area_init", "weight_method",
+                                  "quantize"})
+    if params.adapter.adapter_type != generation.T2IADAPTER_NONE:
+        raise invalid("image.adapter.adapter_type", "T2I adapters are not served; send "
+                      "T2IADAPTER_NONE")
+    if params.HasField("weight_method") and params.weight_method != generation.TEXT_ENCODER:
+        raise invalid("image.weight_method", "only TEXT_ENCODER is served")
+    if params.HasField("quantize") and not params.quantize:
+        raise invalid("image.quantize", "images are returned quantized (8-bit PNG) only")
+    if params.HasField("masked_area_init") and params.masked_area_init != generation.MASKED_AREA_INIT_ORIGINAL:
+        raise invalid("image.masked_area_init", "only MASKED_AREA_INIT_ORIGINAL is served: the "
+                      "masked area starts from the init image, noised")
+    _check_sampler(params, served, upscale)
+    cfg_scale, start = _step_parameters(params, image is not None)
+    samples = params.samples if params.HasField("samples") else 1
+    if not 1 <= samples <= MAX_N:
+        raise invalid("image.samples", f"{samples}: must be 1 to {MAX_N}")
+    steps = params.steps if params.HasField("steps") else None
+    width = params.width if params.HasField("width") else None
+    height = params.height if params.HasField("height") else None
+    seeds = _seeds(params, samples)
+    fields = {"model": "engine_id", "n": "image.samples", "seed": "image.seed",
+              "num_inference_steps": "image.steps", "prompt": "prompt",
+              "negative_prompt": "prompt", "guidance_scale": "image.parameters[0].sampler.cfg_scale",
+              "strength": "image.parameters[0].schedule.start",
+              "image": image[0] if image else "prompt", "mask": mask[0] if mask else "prompt"}
+    if upscale:
+        if image is None:
+            raise invalid("prompt", "an upscale needs the image, as a prompt artifact of type "
+                          "ARTIFACT_IMAGE")
+        if mask is not None:
+            raise invalid(mask[0], "an upscale takes no mask")
+        if width is not None and height is not None:
+            raise invalid("image.width", "send image.width or image.height, never both: the "
+                          "other side keeps the image's aspect ratio")
+        diffusion = served.info.diffusion
+        if diffusion:
+            steps = UPSCALE_STEPS if steps is None else steps
+            if steps > UPSCALE_MAX_STEPS:
+                raise invalid("image.steps", f"{steps}: the upscaler takes at most {UPSCALE_MAX_STEPS}")
+        fields.update(upscale="image.width" if width is not None else "image.height",
+                      width="image.width", height="image.height")
+        base = ImageRequest(
+            task="upscale", model=engine, n=samples, width=width, height=height,
+            prompt=text if diffusion else "", negative_prompt=negative if diffusion else None,
+            num_inference_steps=steps if diffusion else None,
+            guidance_scale=(UPSCALE_CFG_SCALE if cfg_scale is None else cfg_scale) if diffusion else None,
+        )
+    else:
+        if (width is None) != (height is None):
+            raise invalid("image.width" if width is None else "image.height",
+                          "send image.width and image.height together, or neither for the "
+                          "engine's default size")
+        if mask is not None and image is None:
+            raise invalid(mask[0], "a mask needs an init image (a prompt artifact of type "
+                          "ARTIFACT_IMAGE)")
+        fields.update(size="image.width", width="image.width", height="image.height")
+        base = ImageRequest(
+            task="edit" if image is not None else "generate", model=engine, n=samples,
+            prompt=text, negative_prompt=negative, num_inference_steps=steps,
+            guidance_scale=cfg_scale, strength=(1.0 if start is None else start) if image else None,
+            size=f"{width}x{height}" if width is not None else None,
+        )
+    if seeds is None:
+        seeds = [secrets.randbelow(SEED_LIMIT - samples + 1)]
+    if len(seeds) == 1:
+        requests, indices = (replace(base, seed=seeds[0]),), (tuple(range(samples)),)
+    else:  # a seed per sample: one image each (the replica batches them together)
+        requests = tuple(replace(base, n=1, seed=seed) for seed in seeds)
+        indices = tuple((i,) for i in range(samples))
+    return Job(engine, requests, indices, image[1] if image else None,
+               mask[1] if mask else None, fields)
+
+
+def status_of(error: APIError, fields: dict[str, str]) -> StabilityError:
+    """The gRPC status of an images-service error, its field named as the Request names it."""
+    code = _STATUS.get(error.status_code, grpc.StatusCode.INTERNAL)
+    if isinstance(error, ModelNotFoundError):
+        return StabilityError(code, f"engine_id: {error.message}")
+    field = fields.get(error.param or "", error.param)
+    return StabilityError(code, f"{field}: {error.message}" if field else error.message)
+
+
+class _Bytes:
+    """An init image or mask as the images service reads an upload."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+    async def read(self) -> bytes:
+        return self.data
+
+
+def answer(request_id: str, engine: str, index: int, image: EncodedImage, received_ms: int):
+    """One image as Stability sends it: an Answer with one ARTIFACT_IMAGE artifact."""
+    artifact = generation.Artifact(
+        id=index, type=generation.ARTIFACT_IMAGE, mime="image/png", binary=image.blob,
+        index=index, seed=image.seed, uuid=str(uuid.uuid4()), size=len(image.blob),
+        finish_reason=generation.FILTER if image.nsfw else generation.NULL,
+    )
+    return generation.Answer(
+        answer_id=str(uuid.uuid4()), request_id=request_id, received=received_ms,
+        created=int(time.time() * 1000), meta=generation.AnswerMeta(engine_id=engine),
+        artifacts=[artifact],
+    )
+
+
+async def generate(service: ImagesService, keys: tuple[bytes, ...], request,
+                   metadata: Iterable[tuple[str, Any]]) -> AsyncIterator[Any]:
+    """Answer one ``Generate`` call: every plan checked before any model work, then one
+    Answer per image as each plan finishes. Raises :class:`StabilityError`; a caller that
+    goes away cancels every plan still running."""
+    received_ms = int(time.time() * 1000)
+    fields: dict[str, str] = {}
+    try:
+        authenticate(metadata, keys)
+        job = to_job(request, service.config)
+        fields = job.fields
+        async for item in _answers(service, job, request.request_id, received_ms):
+            yield item
+    except StabilityError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a status for the client, the traceback in the log
+        error = error_from_exception(exc, service.config.ingress.retry_after_s)
+        raise status_of(error, fields) from None
+
+
+async def _answers(service: ImagesService, job: Job, request_id: str, received_ms: int):
+    async def plan(req: ImageRequest) -> GenerationPlan:
+        return await service.plan(req, _Bytes(job.image) if job.image else None,
+                                  _Bytes(job.mask) if job.mask else None, decode_keep_mask)
+
+    async def run(plan: GenerationPlan, indices: tuple[int, ...]):
+        images, _ = await service.images(plan)
+        return indices, images
+
+    plans = [await plan(req) for req in job.requests]  # every one checked before any runs
+    tasks = [asyncio.ensure_future(run(p, i)) for p, i in zip(plans, job.indices)]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            indices, images = await finished
+            for index, image in zip(indices, images):
+                yield answer(request_id, job.engine, index, image, received_ms)
+    finally:  # a caller gone (or a plan failed): the plans still running stop
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    logger.info("gRPC Generate engine=%s images=%d seeds=%s", job.engine,
+                sum(len(i) for i in job.indices), [r.seed for r in job.requests])
