@@ -153,6 +153,22 @@ def test_serve_traffic_goes_through_the_workers_only(manifest):
     assert load_serve_config(CLUSTER)["proxy_location"] == "EveryNode"
 
 
+def test_the_serve_service_exposes_the_grpc_port(manifest):
+    """Stability's gRPC API: the Serve Service carries the cluster config's gRPC port beside
+    the HTTP one (as HTTP/2 cleartext), and the head declares it as KubeRay >= 1.6 reads it."""
+    config = load_serve_config(CLUSTER)
+    grpc_port = config["grpc_options"]["port"]
+    service = {p["name"]: p for p in manifest["spec"]["serveService"]["spec"]["ports"]}
+    assert service["serve-grpc"]["port"] == service["serve-grpc"]["targetPort"] == grpc_port
+    assert service["serve-grpc"]["appProtocol"] == "kubernetes.io/h2c"
+    assert service["serve"]["port"] == config["http_options"]["port"]
+    assert manifest["spec"]["serveService"]["metadata"]["name"] == "images-serve-svc"
+    head = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in head["ports"]}["serve-grpc"] == grpc_port
+    assert config["grpc_options"]["grpc_servicer_functions"] == [
+        "serve_app.fronts.gooseai.generation_pb2_grpc.add_GenerationServiceServicer_to_server"]
+
+
 def _script(name):
     """A script of k8s/ (not a package), loaded as a module."""
     import importlib.util
