@@ -40,9 +40,21 @@ def metrics_port():
 
 
 @pytest.fixture(scope="session")
-def base_url(metrics_port):
-    with run_local(TINY_CONFIG, metrics_export_port=metrics_port) as url:
+def grpc_port():
+    """Where Serve's gRPC proxy answers Stability's API this session (9000 in the config)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def base_url(metrics_port, grpc_port):
+    with run_local(TINY_CONFIG, metrics_export_port=metrics_port, grpc_port=grpc_port) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def grpc_target(base_url, grpc_port):
+    """``host:port`` of the session's gRPC proxy, once the app is up."""
+    return f"localhost:{grpc_port}"
 
 
 @pytest.fixture(scope="session")
