@@ -283,9 +283,6 @@ def to_job(request, config: AppConfig) -> Job:
     upscale = "upscale" in entry.capabilities
     params = request.image
     text, negative, image, mask = _prompts(request, config.ingress.max_upload_bytes)
-    _refuse_set(params, "image", {"height", "width", "seed", "samples", "steps", "transform",
-                                  "parameters", "adapter", "masked_area_init", "weight_method",
-                                  "quantize"})
     if params.adapter.adapter_type != generation.T2IADAPTER_NONE:
         raise invalid("image.adapter.adapter_type", "T2I adapters are not served; send "
                       "T2IADAPTER_NONE")

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 
@@ -34,8 +34,6 @@ def sse(payload: dict) -> str:
     """One Server-Sent Event, named after the payload's type."""
     return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n"
 
-
-T = TypeVar("T")
 
 class ImagesService:
     """``start_failures``, when given, answers ``{deployment: cause}`` for the deployments
