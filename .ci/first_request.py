@@ -1,8 +1,11 @@
 """CI's first calls against the README's server command (``serve run configs/tiny.yaml``):
 wait for ``/health`` to answer 200, then ask for an image with and without a LoRA adapter and
-check that both are PNGs of the asked size and that the adapter changed the picture.
+check that both are PNGs of the asked size and that the adapter changed the picture; then
+upscale one through Stability's gRPC API on port 9000, as its SDK calls it.
 
-Standard library only: it runs in the fresh environment before the test extra is installed.
+Standard library only until the server is up (it runs in the fresh environment before the
+test extra is installed); the gRPC call uses grpcio and the project's stubs, which the
+server command installed.
 """
 
 from __future__ import annotations
@@ -76,6 +79,28 @@ def generate(loras: dict | None) -> bytes:
     return image
 
 
+def upscale_over_grpc() -> None:
+    """ESRGAN x2 through ``gooseai.GenerationService/Generate`` on the config's port 9000."""
+    import grpc
+
+    from serve_app.fronts.gooseai import generation_pb2 as generation
+    from serve_app.fronts.gooseai import generation_pb2_grpc
+
+    image = base64.b64decode(  # an 8x8 PNG, red (ESRGAN takes 8 pixels a side at least)
+        "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAIAAABLbSncAAAAEUlEQVR42mP8z4AdMDEMKQkAzUEBD7t4NqoAAAAASUVORK5CYII=")
+    request = generation.Request(engine_id="esrgan-v1-x2plus", request_id="ci", prompt=[
+        generation.Prompt(artifact=generation.Artifact(type=generation.ARTIFACT_IMAGE, binary=image))])
+    with grpc.insecure_channel("localhost:9000") as channel:
+        stub = generation_pb2_grpc.GenerationServiceStub(channel)
+        try:
+            answers = list(stub.Generate(request, timeout=180, wait_for_ready=True))
+        except grpc.RpcError as error:
+            raise SystemExit(f"gRPC Generate on 9000 failed: {error.code().name} {error.details()}")
+    sizes = [png_size(a.binary) for answer in answers for a in answer.artifacts]
+    if sizes != [(16, 16)]:
+        raise SystemExit(f"gRPC Generate: expected one 16x16 image, got {sizes}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--wait", type=float, default=600, help="seconds to wait for /health")
@@ -89,6 +114,9 @@ def main() -> int:
     if plain == with_ink:
         raise SystemExit("the LoRA adapter 'ink' did not change the image")
     print(f"first_request: a 512x512 image with and without LoRA 'ink' "
+          f"({time.monotonic() - started:.0f} s in all)", flush=True)
+    upscale_over_grpc()
+    print(f"first_request: ESRGAN x2 over gRPC on port 9000 "
           f"({time.monotonic() - started:.0f} s in all)", flush=True)
     return 0
 
