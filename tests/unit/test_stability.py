@@ -388,3 +388,19 @@ def test_the_status_error_survives_pickling_to_the_proxy():
 
     error = pickle.loads(pickle.dumps(stability.StabilityError(grpc.StatusCode.NOT_FOUND, "engine_id: x")))
     assert (error.code, error.message, str(error)) == (grpc.StatusCode.NOT_FOUND, "engine_id: x", "engine_id: x")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_the_proxys_message_limit_holds_the_largest_image_a_config_returns(name):
+    """Serve's gRPC proxy sends messages up to RAY_SERVE_GRPC_MAX_MESSAGE_SIZE; the largest
+    answer is one image at a config's largest output, as an unfiltered PNG at worst (3 bytes a
+    pixel, a filter byte a row, chunk overhead)."""
+    from ray.serve._private.constants import RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+
+    from serve_app.service.sizes import output_pixels
+
+    config = load_app_config(load_serve_config(REPO_ROOT / "configs" / f"{name}.yaml")["applications"][0]["args"])
+    largest = max(m.max_output_pixels if "upscale" in m.capabilities else output_pixels(m.limits)
+                  for m in config.models)
+    worst_png = largest * 3 + 16384 + 64 * 1024
+    assert largest >= 1024 * 1024 and worst_png < RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
