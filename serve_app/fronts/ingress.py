@@ -10,6 +10,7 @@ gRPC ``Generate`` (``stability.py``) on Serve's gRPC proxy (``grpc_options`` in 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from importlib import resources
 from typing import Any
 
@@ -80,10 +81,12 @@ class ImagesIngress:
     async def Generate(self, request, grpc_context):  # noqa: N802 - the RPC's name
         """Stability's ``gooseai.GenerationService/Generate`` on Serve's gRPC proxy
         (fronts/stability.py): a stream of Answers, or a status naming the field at fault."""
+        answers = stability.generate(self.service, self.gate.api_keys, request,
+                                     grpc_context.invocation_metadata())
         try:
-            async for answer in stability.generate(self.service, self.gate.api_keys, request,
-                                                   grpc_context.invocation_metadata()):
-                yield answer
+            async with contextlib.aclosing(answers):  # closed with this stream, however it ends
+                async for answer in answers:
+                    yield answer
         except stability.StabilityError as error:
             # Serve's proxy answers with the code and details set here (no traceback).
             grpc_context.set_code(error.code)

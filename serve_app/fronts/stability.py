@@ -3,11 +3,11 @@ own SDK (``stability_sdk.client.StabilityInference``) calls it for ``generate()`
 ``upscale()``. Served on Ray Serve's gRPC proxy by the ingress deployment (its ``Generate``
 method, fronts/ingress.py); the messages are Stability's (fronts/gooseai/generation.proto).
 
-A thin front like the HTTP ones: a ``Request`` becomes one or more
-:class:`~serve_app.service.request.ImageRequest` (one per seed when the client sends a seed
-per sample), planned and run by the same images service, with the same limits; each image
-goes back as one ``Answer`` holding one ``ARTIFACT_IMAGE`` artifact (``finish_reason``
-``FILTER`` when the safety checker flagged it), as soon as its plan finishes. Every failure
+A thin front like the HTTP ones: a ``Request`` becomes one
+:class:`~serve_app.service.request.ImageRequest`, planned and run by the same images service,
+with the same limits; each image goes back as one ``Answer`` holding one ``ARTIFACT_IMAGE``
+artifact (``finish_reason`` ``FILTER`` when the safety checker flagged it). The images of a
+call are one batch on the replica, so they are answered together when it ends. Every failure
 is a gRPC status whose message names the request's field (:class:`StabilityError`).
 
 How Stability's fields map:
@@ -24,7 +24,6 @@ How Stability's fields map:
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -40,7 +39,6 @@ from serve_app.fronts.gooseai import generation_pb2 as generation
 from serve_app.service.encoding import EncodedImage
 from serve_app.service.errors import APIError, ModelNotFoundError, error_from_exception
 from serve_app.service.images import ImagesService
-from serve_app.service.planning import GenerationPlan
 from serve_app.service.request import MAX_N, ImageRequest
 from serve_app.service.uploads import decode_keep_mask
 
@@ -65,16 +63,15 @@ SAMPLER_SCHEDULERS = {
 # and a cfg_scale of 7; ESRGAN ignores prompt, seed, steps and cfg_scale.
 UPSCALE_STEPS, UPSCALE_MAX_STEPS, UPSCALE_CFG_SCALE = 20, 50, 7.0
 SEED_LIMIT = 2**32  # Artifact.seed is a uint32
+# What the HTTP routes allow: guidance 0 to 50, sides of 8 to 16384 pixels.
+CFG_SCALE_MAX, SIDE_MIN, SIDE_MAX = 50.0, 8, 16384
 # The end of the init image's schedule the pipelines run to (the SDK sends 0.01).
 SCHEDULE_END_MAX = 0.01
 
 # gRPC status of each HTTP status the images service answers with.
 _STATUS = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
-    401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
-    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -96,15 +93,18 @@ def invalid(field: str, message: str) -> StabilityError:
     return StabilityError(grpc.StatusCode.INVALID_ARGUMENT, f"{field}: {message}")
 
 
+def _name(enum, value: int) -> str:
+    """An enum value's name, or its number when this server does not know it."""
+    return enum.Name(value) if value in enum.values() else str(value)
+
+
 @dataclass(frozen=True)
 class Job:
-    """A Request as the images service takes it: one ImageRequest per group of samples
-    (``indices`` says which samples each gives), the init image and mask as sent, and the
-    Request's field names for the planner's (``fields``) in error messages."""
+    """A Request as the images service takes it: the ImageRequest, the init image and mask
+    as sent, and the Request's field names for the planner's (``fields``) in messages."""
 
     engine: str
-    requests: tuple[ImageRequest, ...]
-    indices: tuple[tuple[int, ...], ...]
+    request: ImageRequest
     image: bytes | None
     mask: bytes | None
     fields: dict[str, str]
@@ -156,6 +156,7 @@ def _prompts(request, max_bytes: int) -> tuple[str, str | None, tuple[str, bytes
     positive: list[str] = []
     negative: list[str] = []
     image = mask = None
+    total = 0
     for i, prompt in enumerate(request.prompt):
         where = f"prompt[{i}]"
         kind = prompt.WhichOneof("prompt")
@@ -167,16 +168,19 @@ def _prompts(request, max_bytes: int) -> tuple[str, str | None, tuple[str, bytes
             (positive if weight > 0 else negative).append(prompt.text)
         elif kind == "artifact":
             artifact = prompt.artifact
+            if prompt.HasField("parameters"):
+                raise invalid(f"{where}.parameters", "weights apply to text prompts only")
             where += ".artifact"
             if artifact.type not in (generation.ARTIFACT_IMAGE, generation.ARTIFACT_MASK):
-                raise invalid(f"{where}.type", f"{generation.ArtifactType.Name(artifact.type)} "
+                raise invalid(f"{where}.type", f"{_name(generation.ArtifactType, artifact.type)} "
                               "is not served; send ARTIFACT_IMAGE (init image) or ARTIFACT_MASK")
             if artifact.WhichOneof("data") != "binary" or not artifact.binary:
                 raise invalid(f"{where}.binary", "an image must come as the artifact's binary "
                               "(PNG, JPEG or WebP bytes)")
-            if len(artifact.binary) > max_bytes:
-                raise invalid(f"{where}.binary", f"{len(artifact.binary)} bytes is over the "
-                              f"server's limit of {max_bytes} bytes an image")
+            total += len(artifact.binary)
+            if total > max_bytes:  # as the HTTP body limit counts every upload of a request
+                raise invalid(f"{where}.binary", f"the request's images come to {total} bytes, "
+                              f"over the server's limit of {max_bytes} bytes")
             found = (where, artifact.binary)
             if artifact.type == generation.ARTIFACT_IMAGE:
                 if image is not None:
@@ -197,7 +201,7 @@ def _prompts(request, max_bytes: int) -> tuple[str, str | None, tuple[str, bytes
     return (positive[0] if positive else ""), (negative[0] if negative else None), image, mask
 
 
-def _step_parameters(params, has_image: bool) -> tuple[float | None, float | None]:
+def _step_parameters(params, has_image: bool, upscale: bool) -> tuple[float | None, float | None]:
     """(cfg_scale, schedule start) of ``image.parameters``."""
     if len(params.parameters) > 1:
         raise invalid("image.parameters", f"{len(params.parameters)} step parameter blocks; "
@@ -205,6 +209,9 @@ def _step_parameters(params, has_image: bool) -> tuple[float | None, float | Non
     if not params.parameters:
         return None, None
     step, where = params.parameters[0], "image.parameters[0]"
+    if step.scaled_step != 0:
+        raise invalid(f"{where}.scaled_step", "one block of parameters for every step is served: "
+                      "send 0")
     if step.HasField("guidance") and step.guidance.guidance_preset != generation.GUIDANCE_PRESET_NONE:
         raise invalid(f"{where}.guidance", "CLIP guidance is not served; leave it unset")
     cfg_scale = start = None
@@ -212,10 +219,14 @@ def _step_parameters(params, has_image: bool) -> tuple[float | None, float | Non
         _refuse_set(step.sampler, f"{where}.sampler", {"cfg_scale"})
         if step.sampler.HasField("cfg_scale"):
             cfg_scale = step.sampler.cfg_scale
+            if not 0.0 <= cfg_scale <= CFG_SCALE_MAX:  # NaN fails both
+                raise invalid(f"{where}.sampler.cfg_scale", f"{cfg_scale:g}: must be 0 to "
+                              f"{CFG_SCALE_MAX:g}")
     if step.HasField("schedule"):
         schedule = step.schedule
-        if not has_image:
-            raise invalid(f"{where}.schedule", "applies to an init image, and none was sent")
+        if not has_image or upscale:
+            raise invalid(f"{where}.schedule", "applies to an init image to change, and "
+                          + ("an upscale changes none" if upscale else "none was sent"))
         _refuse_set(schedule, f"{where}.schedule", {"start", "end"})
         if schedule.HasField("end") and not 0.0 <= schedule.end <= SCHEDULE_END_MAX:
             raise invalid(f"{where}.schedule.end", f"{schedule.end:g}: the pipelines denoise to "
@@ -238,7 +249,7 @@ def _check_sampler(params, served, upscale: bool) -> None:
     if kind != "diffusion":
         return
     sampler = params.transform.diffusion
-    name = generation.DiffusionSampler.Name(sampler) if sampler in generation.DiffusionSampler.values() else str(sampler)
+    name = _name(generation.DiffusionSampler, sampler)
     runs = served.info.scheduler
     if runs is None or SAMPLER_SCHEDULERS.get(sampler) != runs:
         ours = [generation.DiffusionSampler.Name(s) for s, c in SAMPLER_SCHEDULERS.items() if c == runs]
@@ -267,7 +278,7 @@ def to_job(request, config: AppConfig) -> Job:
     if unknown:
         raise invalid(unknown, "this field is not served by this server")
     if request.requested_type not in (generation.ARTIFACT_NONE, generation.ARTIFACT_IMAGE):
-        raise invalid("requested_type", f"{generation.ArtifactType.Name(request.requested_type)} "
+        raise invalid("requested_type", f"{_name(generation.ArtifactType, request.requested_type)} "
                       "is not served; this server answers images")
     if request.HasField("extras") and request.extras.fields:
         raise invalid("extras", f"{', '.join(sorted(request.extras.fields))} not served "
@@ -290,17 +301,26 @@ def to_job(request, config: AppConfig) -> Job:
         raise invalid("image.weight_method", "only TEXT_ENCODER is served")
     if params.HasField("quantize") and not params.quantize:
         raise invalid("image.quantize", "images are returned quantized (8-bit PNG) only")
-    if params.HasField("masked_area_init") and params.masked_area_init != generation.MASKED_AREA_INIT_ORIGINAL:
-        raise invalid("image.masked_area_init", "only MASKED_AREA_INIT_ORIGINAL is served: the "
-                      "masked area starts from the init image, noised")
     _check_sampler(params, served, upscale)
-    cfg_scale, start = _step_parameters(params, image is not None)
+    cfg_scale, start = _step_parameters(params, image is not None, upscale)
+    if params.HasField("masked_area_init") and params.masked_area_init != generation.MASKED_AREA_INIT_ORIGINAL \
+            and start is not None and start < 1.0:
+        # Below 1 the masked area starts from the init image, noised by start_schedule; at 1
+        # (the SDK's default) from noise alone, which ZERO and RANDOM ask for.
+        raise invalid("image.masked_area_init", f"{_name(generation.MaskedAreaInit, params.masked_area_init)} "
+                      "with start_schedule below 1: the masked area starts from the init image, "
+                      "noised (MASKED_AREA_INIT_ORIGINAL); send start_schedule 1 for noise alone")
     samples = params.samples if params.HasField("samples") else 1
     if not 1 <= samples <= MAX_N:
         raise invalid("image.samples", f"{samples}: must be 1 to {MAX_N}")
     steps = params.steps if params.HasField("steps") else None
+    if steps is not None and steps < 1:
+        raise invalid("image.steps", f"{steps}: at least 1")
     width = params.width if params.HasField("width") else None
     height = params.height if params.HasField("height") else None
+    for side, value in (("width", width), ("height", height)):
+        if value is not None and not SIDE_MIN <= value <= SIDE_MAX:
+            raise invalid(f"image.{side}", f"{value}: must be {SIDE_MIN} to {SIDE_MAX} pixels")
     seeds = _seeds(params, samples)
     fields = {"model": "engine_id", "n": "image.samples", "seed": "image.seed",
               "num_inference_steps": "image.steps", "prompt": "prompt",
@@ -337,6 +357,8 @@ def to_job(request, config: AppConfig) -> Job:
         if mask is not None and image is None:
             raise invalid(mask[0], "a mask needs an init image (a prompt artifact of type "
                           "ARTIFACT_IMAGE)")
+        if not text.strip():
+            raise invalid("prompt", "a text prompt (weight 1) is needed, and it must not be blank")
         fields.update(size="image.width", width="image.width", height="image.height")
         base = ImageRequest(
             task="edit" if image is not None else "generate", model=engine, n=samples,
@@ -346,13 +368,9 @@ def to_job(request, config: AppConfig) -> Job:
         )
     if seeds is None:
         seeds = [secrets.randbelow(SEED_LIMIT - samples + 1)]
-    if len(seeds) == 1:
-        requests, indices = (replace(base, seed=seeds[0]),), (tuple(range(samples)),)
-    else:  # a seed per sample: one image each (the replica batches them together)
-        requests = tuple(replace(base, n=1, seed=seed) for seed in seeds)
-        indices = tuple((i,) for i in range(samples))
-    return Job(engine, requests, indices, image[1] if image else None,
-               mask[1] if mask else None, fields)
+    # One seed: sample i uses seed + i; else each sample its own.
+    request_ = replace(base, seed=seeds[0]) if len(seeds) == 1 else replace(base, seeds=tuple(seeds))
+    return Job(engine, request_, image[1] if image else None, mask[1] if mask else None, fields)
 
 
 def status_of(error: APIError, fields: dict[str, str]) -> StabilityError:
@@ -390,43 +408,24 @@ def answer(request_id: str, engine: str, index: int, image: EncodedImage, receiv
 
 async def generate(service: ImagesService, keys: tuple[bytes, ...], request,
                    metadata: Iterable[tuple[str, Any]]) -> AsyncIterator[Any]:
-    """Answer one ``Generate`` call: every plan checked before any model work, then one
-    Answer per image as each plan finishes. Raises :class:`StabilityError`; a caller that
-    goes away cancels every plan still running."""
+    """Answer one ``Generate`` call: the request checked and planned before any model work,
+    run, then one Answer per image. Raises :class:`StabilityError`; a caller that goes away
+    cancels the run (the cancellation reaches the await on the model's handle)."""
     received_ms = int(time.time() * 1000)
     fields: dict[str, str] = {}
     try:
         authenticate(metadata, keys)
         job = to_job(request, service.config)
         fields = job.fields
-        async for item in _answers(service, job, request.request_id, received_ms):
-            yield item
+        plan = await service.plan(job.request, _Bytes(job.image) if job.image else None,
+                                  _Bytes(job.mask) if job.mask else None, decode_keep_mask)
+        images, _ = await service.images(plan)
     except StabilityError:
         raise
     except Exception as exc:  # noqa: BLE001 - a status for the client, the traceback in the log
         error = error_from_exception(exc, service.config.ingress.retry_after_s)
         raise status_of(error, fields) from None
-
-
-async def _answers(service: ImagesService, job: Job, request_id: str, received_ms: int):
-    async def plan(req: ImageRequest) -> GenerationPlan:
-        return await service.plan(req, _Bytes(job.image) if job.image else None,
-                                  _Bytes(job.mask) if job.mask else None, decode_keep_mask)
-
-    async def run(plan: GenerationPlan, indices: tuple[int, ...]):
-        images, _ = await service.images(plan)
-        return indices, images
-
-    plans = [await plan(req) for req in job.requests]  # every one checked before any runs
-    tasks = [asyncio.ensure_future(run(p, i)) for p, i in zip(plans, job.indices)]
-    try:
-        for finished in asyncio.as_completed(tasks):
-            indices, images = await finished
-            for index, image in zip(indices, images):
-                yield answer(request_id, job.engine, index, image, received_ms)
-    finally:  # a caller gone (or a plan failed): the plans still running stop
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    logger.info("gRPC Generate engine=%s images=%d seeds=%s", job.engine,
-                sum(len(i) for i in job.indices), [r.seed for r in job.requests])
+    logger.info("gRPC Generate engine=%s images=%d seeds=%s", job.engine, len(images),
+                [image.seed for image in images])
+    for index, image in enumerate(images):
+        yield answer(request.request_id, job.engine, index, image, received_ms)

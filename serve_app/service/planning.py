@@ -103,7 +103,13 @@ def _resolve(config: AppConfig, name: str | None, default: str | None = None):
     return served
 
 
-def _seeds(seed: int | None, n: int, seed_source: SeedSource) -> tuple[int, ...]:
+def _seeds(seed: int | None, n: int, seed_source: SeedSource,
+           each: tuple[int, ...] = ()) -> tuple[int, ...]:
+    if each:  # one per image, as given
+        if len(each) != n or seed is not None or not all(0 <= s <= MAX_SEED for s in each):
+            raise InvalidRequestError(f"seeds: give {n} seeds from 0 to {MAX_SEED}, one per image, "
+                                      "without seed", param="seed")
+        return tuple(each)
     if seed is not None and seed + n - 1 > MAX_SEED:
         raise InvalidRequestError(f"seed + n - 1 must be at most {MAX_SEED}", param="seed")
     first = seed if seed is not None else seed_source()
@@ -465,7 +471,7 @@ def plan_request(
     inputs = dataclasses.replace(inputs, served=served, steps=steps)
     width, height = operation.output_size(config, inputs)
     inputs = dataclasses.replace(inputs, width=width, height=height)
-    seeds = _seeds(req.seed, req.n, seed_source)
+    seeds = _seeds(req.seed, req.n, seed_source, req.seeds)
     stages = operation.stages(config, inputs, seeds)
     all_stages, out_w, out_h = _with_upscale(config, req.upscale, stages, req.prompt,
                                              _negative(req, served), seeds, width, height)

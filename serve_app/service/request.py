@@ -122,6 +122,8 @@ class ImageRequest:
     size: str | None = None
     negative_prompt: str | None = None
     seed: int | None = None
+    # A seed for each of the n images (Stability's per-sample seeds); empty: seed + i.
+    seeds: tuple[int, ...] = ()
     guidance_scale: float | None = None
     num_inference_steps: int | None = None
     high_noise_frac: float | None = None

@@ -147,18 +147,35 @@ def test_filtered_images_come_back_blurred_as_the_http_route_returns_them(sdk, h
         assert np.array_equal(pixels(artifact["path"]), http_pixels.astype(np.int16))
 
 
-def test_image_to_image_and_inpainting(sdk, tmp_path):
+def test_image_to_image_and_inpainting_give_the_http_edits_pixels(sdk, http, tmp_path):
+    """start_schedule is the edit's strength, and Stability's mask (black: change) is OpenAI's
+    (transparent: change) the other way round: the same image from both fronts."""
     init = save(tmp_path / "init.png", 512, 512, seed=1)
     mask = np.full((512, 512), 255, np.uint8)
     mask[128:384, 128:384] = 0  # black: change this square; white: keep
     Image.fromarray(mask, "L").save(tmp_path / "mask.png")
+    openai_mask = np.full((512, 512, 4), 255, np.uint8)
+    openai_mask[128:384, 128:384, 3] = 0  # transparent: change the same square
+    Image.fromarray(openai_mask, "RGBA").save(tmp_path / "openai-mask.png")
     common = dict(engine="stable-diffusion-512-v2-1", prompt="a garden", height=512, width=512,
-                  seed=9, steps=6, start_schedule=0.5)
+                  seed=9, steps=6, cfg_scale=7.0, start_schedule=0.5)
     edited = only_image(sdk("generate", init=init, **common))
     inpainted = only_image(sdk("generate", init=init, mask=str(tmp_path / "mask.png"), **common))
-    plain = only_image(sdk("generate", **{k: v for k, v in common.items() if k != "start_schedule"}))
+
+    def http_edit(with_mask: bool):
+        files = {"image": ("init.png", open(init, "rb"), "image/png")}
+        if with_mask:
+            files["mask"] = ("mask.png", open(tmp_path / "openai-mask.png", "rb"), "image/png")
+        response = http.post("/v1/images/edits", files=files, data={
+            "model": "stable-diffusion-2-1", "prompt": "a garden", "size": "512x512", "seed": "9",
+            "num_inference_steps": "6", "guidance_scale": "7.0", "strength": "0.5"})
+        assert response.status_code == 200, response.text
+        data = base64.b64decode(response.json()["data"][0]["b64_json"])
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
     assert edited["size"] == inpainted["size"] == [512, 512]
-    assert not np.array_equal(pixels(edited["path"]), pixels(plain["path"]))
+    assert np.array_equal(pixels(edited["path"]), http_edit(False))
+    assert np.array_equal(pixels(inpainted["path"]), http_edit(True))
     assert not np.array_equal(pixels(inpainted["path"]), pixels(edited["path"]))
 
 

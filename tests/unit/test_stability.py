@@ -135,7 +135,7 @@ def test_each_family_names_the_scheduler_its_real_config_runs():
 
 def test_esrgan_upscale_ignores_the_diffusion_fields_as_the_document_says(config):
     job = stability.to_job(sdk_upscale(png(), prompt="ignored", seed=42), config)
-    (req,) = job.requests
+    req = job.request
     assert (req.task, req.model, req.width, req.height) == ("upscale", "esrgan-v1-x2plus", None, None)
     assert (req.prompt, req.num_inference_steps, req.guidance_scale) == ("", None, None)
     assert job.image == png() and job.mask is None
@@ -144,11 +144,11 @@ def test_esrgan_upscale_ignores_the_diffusion_fields_as_the_document_says(config
 def test_x4_upscale_takes_prompt_seed_steps_and_cfg_scale_with_the_documents_defaults(config):
     request = sdk_upscale(png(), "stable-diffusion-x4-latent-upscaler", width=256, prompt="a red car",
                           seed=7, steps=30, cfg_scale=9.0)
-    (req,) = stability.to_job(request, config).requests
+    req = stability.to_job(request, config).request
     assert (req.width, req.height, req.prompt, req.seed) == (256, None, "a red car", 7)
     assert (req.num_inference_steps, req.guidance_scale) == (30, 9.0)
     bare = generation.Request(engine_id="stable-diffusion-x4-latent-upscaler", prompt=[image_prompt(png())])
-    (req,) = stability.to_job(bare, config).requests
+    req = stability.to_job(bare, config).request
     assert (req.num_inference_steps, req.guidance_scale) == (20, 7.0)
 
 
@@ -173,17 +173,15 @@ def test_upscale_needs_an_image_and_takes_no_mask(config):
 
 
 def test_text_to_image_as_the_sdk_sends_it(config):
-    job = stability.to_job(sdk_generate(seed=[5], samples=3, steps=8, cfg_scale=6.0), config)
-    (req,) = job.requests
+    req = stability.to_job(sdk_generate(seed=[5], samples=3, steps=8, cfg_scale=6.0), config).request
     assert (req.task, req.prompt, req.size, req.n, req.seed) == ("generate", "a cat", "512x512", 3, 5)
     assert (req.num_inference_steps, req.guidance_scale, req.strength) == (8, 6.0, None)
-    assert job.indices == ((0, 1, 2),)
 
 
 def test_a_negative_weight_makes_the_negative_prompt(config):
     prompts = [generation.Prompt(text="a castle"),
                generation.Prompt(text="fog", parameters=generation.PromptParameters(weight=-1.0))]
-    (req,) = stability.to_job(sdk_generate(prompts), config).requests
+    req = stability.to_job(sdk_generate(prompts), config).request
     assert (req.prompt, req.negative_prompt) == ("a castle", "fog")
 
 
@@ -197,11 +195,10 @@ def test_prompts_that_would_be_served_otherwise_than_asked_are_refused(config, p
     assert refused(sdk_generate(prompts), config).startswith(f"{field}:")
 
 
-def test_a_seed_per_sample_gives_one_request_each_and_a_missing_seed_is_drawn(config):
-    job = stability.to_job(sdk_generate(seed=[7, 99], samples=2), config)
-    assert [(r.n, r.seed) for r in job.requests] == [(1, 7), (1, 99)]
-    assert job.indices == ((0,), (1,))
-    drawn = stability.to_job(sdk_generate(seed=[0], samples=4), config).requests[0].seed
+def test_a_seed_per_sample_is_kept_and_a_missing_seed_is_drawn(config):
+    req = stability.to_job(sdk_generate(seed=[7, 99], samples=2), config).request
+    assert (req.n, req.seed, req.seeds) == (2, None, (7, 99))
+    drawn = stability.to_job(sdk_generate(seed=[0], samples=4), config).request.seed
     assert 0 <= drawn <= stability.SEED_LIMIT - 4
     assert refused(sdk_generate(seed=[1, 2, 3], samples=2), config).startswith("image.seed:")
     assert refused(sdk_generate(seed=[2**32 - 2], samples=4), config).startswith("image.seed:")
@@ -209,9 +206,9 @@ def test_a_seed_per_sample_gives_one_request_each_and_a_missing_seed_is_drawn(co
 
 def test_image_to_image_and_inpainting_take_start_schedule_as_strength(config):
     job = stability.to_job(sdk_generate(init=png(512, 512), start=0.6), config)
-    assert (job.requests[0].task, job.requests[0].strength) == ("edit", pytest.approx(0.6))
+    assert (job.request.task, job.request.strength) == ("edit", pytest.approx(0.6))
     inpaint = stability.to_job(sdk_generate(init=png(512, 512), mask=png(512, 512, 0, "L")), config)
-    assert inpaint.mask is not None and inpaint.requests[0].strength == 1.0
+    assert inpaint.mask is not None and inpaint.request.strength == 1.0
 
 
 @pytest.mark.parametrize("sampler, ok", [(generation.SAMPLER_DDIM, True), (generation.SAMPLER_K_EULER, False)])
@@ -247,9 +244,40 @@ def _with(request, mutate):
      "image.parameters[0].schedule"),
     (lambda r: setattr(r.image, "samples", 11), "image.samples"),
     (lambda r: setattr(r, "engine_id", ""), "engine_id"),
+    (lambda r: setattr(r, "requested_type", 99), "requested_type"),  # a number we do not know
+    (lambda r: setattr(r.image, "width", 100000), "image.width"),
+    (lambda r: (setattr(r.image, "width", 0), setattr(r.image, "height", 0)), "image.width"),
+    (lambda r: setattr(r.image, "steps", 0), "image.steps"),
+    (lambda r: setattr(r.image.parameters[0].sampler, "cfg_scale", float("nan")),
+     "image.parameters[0].sampler.cfg_scale"),
+    (lambda r: setattr(r.image.parameters[0].sampler, "cfg_scale", 51), "image.parameters[0].sampler.cfg_scale"),
+    (lambda r: setattr(r.image.parameters[0].sampler, "cfg_scale", -1), "image.parameters[0].sampler.cfg_scale"),
+    (lambda r: setattr(r.image.parameters[0], "scaled_step", 5), "image.parameters[0].scaled_step"),
+    (lambda r: setattr(r.prompt[0], "text", "  "), "prompt"),
 ])
 def test_fields_not_served_are_refused_by_name(config, mutate, field):
     assert refused(_with(sdk_generate(), mutate), config).startswith(f"{field}:")
+
+
+def test_upscale_and_mask_fields_that_would_be_ignored_are_refused(config):
+    with_schedule = sdk_upscale(png(), "stable-diffusion-x4-latent-upscaler")
+    with_schedule.image.parameters[0].schedule.start = 0.3
+    assert refused(with_schedule, config).startswith("image.parameters[0].schedule:")
+    narrow = sdk_upscale(png(), width=7)
+    assert refused(narrow, config).startswith("image.width:")
+    weighted_image = sdk_upscale(png())
+    weighted_image.prompt[0].parameters.weight = 0.5
+    assert refused(weighted_image, config).startswith("prompt[0].parameters:")
+    unknown_type = sdk_upscale(png())
+    unknown_type.prompt[0].artifact.type = 42
+    assert refused(unknown_type, config).startswith("prompt[0].artifact.type: 42")
+    # MASKED_AREA_INIT_ZERO (what the SDK's api.Context.inpaint sends): noise alone, at
+    # start_schedule 1; below 1 the masked area starts from the init image.
+    zero = sdk_generate(init=png(512, 512), mask=png(512, 512, 0, "L"))
+    zero.image.masked_area_init = generation.MASKED_AREA_INIT_ZERO
+    stability.to_job(zero, config)
+    zero.image.parameters[0].schedule.start = 0.5
+    assert refused(zero, config).startswith("image.masked_area_init:")
 
 
 def test_init_image_fields_are_checked_by_name(config):
@@ -263,8 +291,10 @@ def test_init_image_fields_are_checked_by_name(config):
     text = sdk_generate(init=png(512, 512))
     text.prompt[1].artifact.text = "not bytes"
     assert refused(text, config).startswith("prompt[1].artifact.binary:")
-    config.ingress.max_upload_bytes = 100
-    assert "limit of 100 bytes" in refused(sdk_generate(init=png(512, 512)), config)
+    both = sdk_generate(init=png(512, 512), mask=png(512, 512, 0, "L"))
+    config.ingress.max_upload_bytes = len(png(512, 512)) + 10  # the image fits, not with the mask
+    message = refused(both, config)
+    assert message.startswith("prompt[2].artifact.binary:") and f"limit of {config.ingress.max_upload_bytes}" in message
 
 
 def test_an_unknown_engine_is_not_found_and_lists_the_engines(config):
@@ -308,6 +338,17 @@ def test_answers_carry_one_png_artifact_each_with_seed_and_index(plain):
         assert (image.format, image.size) == ("PNG", (512, 512))
         assert image.getpixel((3, 3))[0] == artifact.seed % 256  # the fake's gray level per seed
         assert answer.request_id == "r-1" and answer.meta.engine_id == "stable-diffusion-2-1"
+
+
+def test_a_seed_per_sample_is_one_plan_within_the_models_limits(plain):
+    handles = fake_handles(plain)
+    answers = run(ImagesService(plain, handles), sdk_generate(seed=[10, 20, 7], samples=3))
+    assert [(a.artifacts[0].index, a.artifacts[0].seed) for a in answers] == [(0, 10), (1, 20), (2, 7)]
+    assert len(handles["stable-diffusion-2-1"].calls) == 1  # one job of three images
+    plain.models[0].limits.max_n = 2
+    with pytest.raises(stability.StabilityError) as info:
+        run(ImagesService(plain, fake_handles(plain)), sdk_generate(seed=[1, 2, 3], samples=3))
+    assert info.value.message.startswith("image.samples:"), info.value.message
 
 
 def test_a_flagged_image_comes_back_blurred_with_finish_reason_filter(config):
@@ -390,17 +431,50 @@ def test_the_status_error_survives_pickling_to_the_proxy():
     assert (error.code, error.message, str(error)) == (grpc.StatusCode.NOT_FOUND, "engine_id: x", "engine_id: x")
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_the_proxys_message_limit_holds_the_largest_image_a_config_returns(name):
-    """Serve's gRPC proxy sends messages up to RAY_SERVE_GRPC_MAX_MESSAGE_SIZE; the largest
-    answer is one image at a config's largest output, as an unfiltered PNG at worst (3 bytes a
-    pixel, a filter byte a row, chunk overhead)."""
-    from ray.serve._private.constants import RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
-
+def _largest_answer(name: str) -> int:
+    """Bytes of the largest answer a config can return: one image at its largest output, as
+    an unfiltered PNG at worst (3 bytes a pixel, a filter byte a row, chunk overhead)."""
     from serve_app.service.sizes import output_pixels
 
     config = load_app_config(load_serve_config(REPO_ROOT / "configs" / f"{name}.yaml")["applications"][0]["args"])
     largest = max(m.max_output_pixels if "upscale" in m.capabilities else output_pixels(m.limits)
                   for m in config.models)
-    worst_png = largest * 3 + 16384 + 64 * 1024
-    assert largest >= 1024 * 1024 and worst_png < RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+    assert largest >= 1024 * 1024
+    return largest * 3 + 16384 + 64 * 1024
+
+
+@pytest.mark.parametrize("name", ["tiny", "local-gpu"])
+def test_serves_default_message_limit_holds_the_largest_answer(name):
+    from ray.serve._private.constants import RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+
+    assert _largest_answer(name) < RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+
+
+def test_the_clusters_message_limit_holds_the_largest_answer_and_bounds_uploads():
+    """k8s/rayservice.yaml lowers Serve's gRPC message limit on every node (a 2 GiB message
+    would be read whole before the front can refuse it); it still holds the largest answer
+    of configs/cluster.yaml and a request of its upload limit."""
+    import yaml
+
+    manifest = yaml.safe_load((REPO_ROOT / "k8s" / "rayservice.yaml").read_text())
+    cluster = manifest["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    limits = {int(env["value"]) for group in groups for container in group["template"]["spec"]["containers"]
+              for env in container.get("env", []) if env["name"] == "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"}
+    assert len(limits) == 1, "every node's proxy, the same limit"
+    (limit,) = limits
+    uploads = load_app_config(load_serve_config(REPO_ROOT / "configs" / "cluster.yaml")
+                              ["applications"][0]["args"]).ingress.max_upload_bytes
+    assert _largest_answer("cluster") < limit and uploads + 1024 * 1024 < limit < 2**31 - 1
+
+
+def test_planning_takes_a_seed_per_image(config):
+    from serve_app.service.errors import InvalidRequestError
+    from serve_app.service.planning import plan_request
+    from serve_app.service.request import ImageRequest
+
+    plan = plan_request(ImageRequest(task="generate", prompt="x", n=2, seeds=(5, 1)), config)
+    assert plan.seeds == (5, 1)
+    for wrong in (dict(n=3, seeds=(5, 1)), dict(n=2, seeds=(5, 1), seed=3), dict(n=1, seeds=(-1,))):
+        with pytest.raises(InvalidRequestError):
+            plan_request(ImageRequest(task="generate", prompt="x", **wrong), config)
