@@ -13,7 +13,7 @@ from ray.serve import Application
 
 from deployments.families import SAFETY_CHECKER, family
 from deployments.host import ModelHost
-from serve_app.config import INGRESS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
+from serve_app.config import INGRESS_NAME, JOBS_NAME, SAFETY_NAME, STORE_NAME, AppConfig, load_app_config
 from serve_app.fronts.ingress import ImagesIngress
 
 
@@ -43,6 +43,13 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .options(name=STORE_NAME, **config.image_store.deployment.serve_options())
         .bind(config.image_store.spec())
     )
+    if config.jobs is not None:
+        from serve_app.jobs.consumer import consumer_class
+
+        consumer = (serve.deployment(consumer_class(config))
+                    .options(name=JOBS_NAME, **config.jobs.deployment.serve_options())
+                    .bind(config, handles, store))
+        handles = {**handles, JOBS_NAME: consumer}  # bound with the app; the ingress never calls it
     return (
         serve.deployment(ImagesIngress)
         .options(name=INGRESS_NAME, **config.ingress.deployment.serve_options())

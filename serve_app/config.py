@@ -633,11 +633,69 @@ class ImageStoreConfig(_Strict):
         return StoreSpec(backend=self.backend, ttl_s=self.ttl_s, max_bytes=self.max_bytes)
 
 
+class WebhooksConfig(_Strict):
+    """Where job webhooks may go and how they are signed and retried."""
+
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts webhooks may be posted to over https: names, or '*.domain'.",
+    )
+    allowed_http_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts webhooks may be posted to over plain http (a laptop's localhost).",
+    )
+    secret: SecretStr | None = Field(
+        default=None,
+        description="Signing secret, 'whsec_' + base64 (Standard Webhooks); else the "
+        "SERVE_APP_WEBHOOK_SECRET environment variable.",
+    )
+    max_attempts: int = Field(default=5, ge=1, le=20, description="Deliveries tried per job.")
+    backoff_s: float = Field(default=2.0, gt=0, description="Wait before the 2nd attempt; doubles.")
+    timeout_s: float = Field(default=10.0, gt=0, description="Seconds one attempt may take.")
+
+
+class JobsConfig(_Strict):
+    """The asynchronous jobs API (``/v1/images/jobs``) and its broker."""
+
+    broker_url: str = Field(
+        default="filesystem://",
+        description="Celery broker: 'redis://host:6379/0', or 'filesystem://' (files under "
+        "data_folder: no server needed).",
+    )
+    backend_url: str | None = Field(
+        default=None,
+        description="Where job state is kept (Celery result backend); default: the Redis "
+        "broker itself, or 'file://<data_folder>/state' for the filesystem broker.",
+    )
+    data_folder: str = Field(
+        default="/tmp/serve-app-jobs", description="The filesystem broker's and state's folder."
+    )
+    queue: str = Field(default="images-jobs", min_length=1, description="Queue name.")
+    max_retries: int = Field(default=3, ge=0, le=20,
+                             description="Runs after the first when a job fails for the server's reasons.")
+    result_ttl_s: float = Field(default=86400, gt=0, description="Seconds a finished job is kept.")
+    consumer_concurrency: int = Field(default=4, ge=1, le=256,
+                                      description="Jobs one consumer replica runs at once.")
+    webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
+    deployment: DeploymentOptions = Field(
+        default_factory=lambda: DeploymentOptions(num_cpus=0.1, num_replicas=1, max_ongoing_requests=8)
+    )
+
+    @property
+    def state_url(self) -> str:
+        if self.backend_url:
+            return self.backend_url
+        if self.broker_url.startswith("filesystem://"):
+            return f"file://{self.data_folder}/state"
+        return self.broker_url
+
+
 # Deployment names the app builder uses itself; a model may not take one.
 INGRESS_NAME = "ImagesIngress"
 STORE_NAME = "ImageStore"
 SAFETY_NAME = "SafetyChecker"
-RESERVED_NAMES = (INGRESS_NAME, STORE_NAME, SAFETY_NAME)
+JOBS_NAME = "JobsConsumer"
+RESERVED_NAMES = (INGRESS_NAME, STORE_NAME, SAFETY_NAME, JOBS_NAME)
 
 
 class SafetyConfig(_WeightsReplica):
@@ -731,6 +789,9 @@ class AppConfig(_Strict):
     )
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     image_store: ImageStoreConfig = Field(default_factory=ImageStoreConfig)
+    jobs: JobsConfig | None = Field(
+        default=None, description="The asynchronous jobs API; leave out to serve without it."
+    )
     safety: SafetyConfig | None = Field(
         default=None, description="The safety checker; leave out to serve without one."
     )

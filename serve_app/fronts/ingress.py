@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
-from serve_app.fronts import livepeer, openai, stability
+from serve_app.fronts import jobs, livepeer, openai, stability
 from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
@@ -41,6 +41,7 @@ api.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the g
 # The HTTP fronts. A new one is a module beside these with a ``router``, included here.
 api.include_router(openai.router)
 api.include_router(livepeer.router)
+api.include_router(jobs.router)
 install_openapi(api)  # before serve.ingress below freezes a copy of the app
 
 
@@ -57,6 +58,10 @@ class ImagesIngress:
             max_body_bytes=ingress.max_upload_bytes,
         )
         api.state.gate = self.gate
+        if self.config.jobs is not None:
+            from serve_app.jobs.client import Jobs
+
+            api.state.jobs = Jobs(self.config)
         # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
         self.service = ImagesService(
             self.config, handles, store, start_failures=StartFailureWatch(self._deployment_statuses))

@@ -1,0 +1,25 @@
+"""What the ingress holds for the jobs routes: the job records, the webhook policy, and the
+broker to send jobs to (Ray's task processor adapter)."""
+
+from __future__ import annotations
+
+from serve_app.config import AppConfig
+from serve_app.jobs.broker import JOB_TASK, PRIORITIES, task_processor_config
+from serve_app.jobs.consumer import state_backend
+from serve_app.jobs.store import JobRecord, JobStore
+from serve_app.jobs.webhooks import WebhookPolicy
+
+
+class Jobs:
+    def __init__(self, config: AppConfig):
+        from ray.serve.task_consumer import instantiate_adapter_from_config
+
+        jobs = config.jobs
+        self.store = JobStore(state_backend(config), jobs.result_ttl_s)
+        self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts),
+                                    tuple(jobs.webhooks.allowed_http_hosts))
+        self.adapter = instantiate_adapter_from_config(task_processor_config(jobs))
+
+    def enqueue(self, record: JobRecord) -> None:
+        self.adapter.enqueue_task_sync(JOB_TASK, args=[record.id], task_id=record.id,
+                                       priority=PRIORITIES[record.priority])

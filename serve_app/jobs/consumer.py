@@ -1,0 +1,44 @@
+"""The task-consumer deployment: Ray Serve's asynchronous inference (``@task_consumer``) runs
+a Celery worker in each replica, which takes jobs from the broker and hands each to a
+:class:`JobRunner` on the replica's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from serve_app.config import AppConfig, load_app_config
+from serve_app.jobs.broker import JOB_TASK, task_processor_config
+
+
+def state_backend(config: AppConfig):
+    """The Celery result backend holding job records (its key-value store)."""
+    from celery import Celery
+
+    return Celery("serve-app-jobs", backend=config.jobs.state_url).backend
+
+
+def consumer_class(config: AppConfig):
+    """The consumer deployment's class, made for ``config`` (the decorator takes the broker)."""
+    from ray.serve.task_consumer import task_consumer, task_handler
+
+    class JobsConsumer:
+        def __init__(self, config: AppConfig | dict, handles: dict[str, Any], images_store: Any):
+            from serve_app.jobs.runner import JobRunner
+            from serve_app.jobs.store import JobStore
+            from serve_app.service.images import ImagesService
+
+            self.config = load_app_config(config)
+            store = JobStore(state_backend(self.config), self.config.jobs.result_ttl_s)
+            self.runner = JobRunner(self.config, ImagesService(self.config, handles, images_store),
+                                    store, images_store)
+            # Celery's worker threads hand jobs to this loop, where the images service runs.
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="jobs-loop", daemon=True).start()
+
+        @task_handler(name=JOB_TASK)
+        def run_job(self, job_id: str) -> str:
+            return asyncio.run_coroutine_threadsafe(self.runner.run(job_id), self.loop).result()
+
+    return task_consumer(task_processor_config=task_processor_config(config.jobs))(JobsConsumer)

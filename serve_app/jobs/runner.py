@@ -1,0 +1,117 @@
+"""Running a job in the consumer replica: the same planning and execution as the synchronous
+routes (the images service), the job record kept up to date, a cancel asked for while it
+runs honoured at the next denoising step, a webhook when it ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from dataclasses import fields
+
+from serve_app.config import AppConfig
+from serve_app.jobs.store import FINAL, JobRecord, JobStore
+from serve_app.jobs.webhooks import WebhookPolicy, deliver
+from serve_app.service.errors import APIError, error_from_exception
+from serve_app.service.images import ImagesService
+from serve_app.service.request import ImageRequest
+
+logger = logging.getLogger("ray.serve")
+WEBHOOK_SECRET_ENV = "SERVE_APP_WEBHOOK_SECRET"
+_REQUEST_FIELDS = {f.name for f in fields(ImageRequest)}
+
+
+def request_from(data: dict) -> ImageRequest:
+    values = {k: tuple(tuple(p) for p in v) if k == "loras" else
+              (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in _REQUEST_FIELDS}
+    return ImageRequest(**values)
+
+
+class _Upload:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    async def read(self) -> bytes:
+        return self.data
+
+
+class JobRunner:
+    """What the consumer replica does with a job id."""
+
+    def __init__(self, config: AppConfig, service: ImagesService, store: JobStore, images_store):
+        self.config, self.service, self.store, self.images = config, service, store, images_store
+        jobs = config.jobs
+        self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts), tuple(jobs.webhooks.allowed_http_hosts))
+        secret = jobs.webhooks.secret.get_secret_value() if jobs.webhooks.secret else None
+        self.secret = secret or os.environ.get(WEBHOOK_SECRET_ENV)
+
+    async def _get(self, job_id: str) -> JobRecord | None:
+        return await asyncio.to_thread(self.store.get, job_id)
+
+    async def _put(self, record: JobRecord) -> None:
+        await asyncio.to_thread(self.store.put, record)
+
+    async def run(self, job_id: str) -> str:
+        """Run one delivery of a job; returns its status. Raises for a server fault the
+        broker should retry (until ``jobs.max_retries``)."""
+        record = await self._get(job_id)
+        if record is None or record.status in FINAL:
+            return record.status if record else "unknown"  # a duplicate delivery: done already
+        if record.cancel_requested:
+            return await self._finish(record, "canceled")
+        record.status, record.started, record.attempts = "running", int(time.time()), record.attempts + 1
+        await self._put(record)
+        work = asyncio.ensure_future(self._execute(record))
+        try:
+            while not work.done():
+                await asyncio.wait({work}, timeout=1.0)
+                if not work.done() and (await self._get(job_id)).cancel_requested:
+                    work.cancel()  # the replica stops the batch's rows at the next step
+                    await asyncio.gather(work, return_exceptions=True)
+                    return await self._finish(record, "canceled")
+            response = work.result()
+        except APIError as error:
+            if error.status_code < 500:  # the client's: never retried
+                return await self._finish(record, "failed", error=error)
+            return await self._server_fault(record, error)
+        except Exception as exc:  # noqa: BLE001 - mapped, logged with its traceback
+            return await self._server_fault(record, error_from_exception(exc))
+        record.result = json.loads(response.model_dump_json(exclude_none=True))
+        return await self._finish(record, "succeeded")
+
+    async def _execute(self, record: JobRecord):
+        request = request_from(record.request)
+        uploads = {}
+        for name, image_id in record.inputs.items():
+            found = await self.images.get.remote(image_id)
+            if found is None:
+                raise APIError(f"the job's {name} upload has expired from the image store")
+            uploads[name] = _Upload(found[0])
+        plan = await self.service.plan(request, uploads.get("image"), uploads.get("mask"))
+        return await self.service.execute(plan, record.request.get("_base_url", ""))
+
+    async def _server_fault(self, record: JobRecord, error: APIError) -> str:
+        if record.attempts > self.config.jobs.max_retries:
+            return await self._finish(record, "failed", error=error)
+        record.status, record.error = "queued", error.to_response().error.model_dump()
+        await self._put(record)
+        raise RuntimeError(f"job {record.id} attempt {record.attempts}: {error.message}")
+
+    async def _finish(self, record: JobRecord, status: str, error: APIError | None = None) -> str:
+        record.status, record.finished = status, int(time.time())
+        if error is not None:
+            record.error = error.to_response().error.model_dump()
+        await self._put(record)
+        if record.webhook and self.secret:
+            body = json.dumps({"type": f"image.job.{status}", "timestamp": record.finished,
+                               "data": record.public()}).encode()
+            hooks = self.config.jobs.webhooks
+            delivery = await deliver(record.webhook, body, self.secret, f"msg_{record.id}",
+                                     max_attempts=hooks.max_attempts, backoff_s=hooks.backoff_s,
+                                     timeout_s=hooks.timeout_s)
+            logger.info("job %s webhook delivered=%s attempts=%d last=%s", record.id,
+                        delivery.delivered, delivery.attempts, delivery.last)
+        logger.info("job %s %s after %d attempt(s)", record.id, status, record.attempts)
+        return status

@@ -1,0 +1,84 @@
+"""Job records: one JSON object per job in the Celery result backend's key-value store (Redis,
+or files beside the filesystem broker), so any ingress or consumer replica reads the same
+state, and it outlives them (and, on a durable Redis, the application)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
+FINAL = ("succeeded", "failed", "canceled")
+
+
+def new_job_id() -> str:
+    """An unguessable id: 128 random bits."""
+    return "job_" + secrets.token_urlsafe(16)
+
+
+def owner_of(api_key: bytes | None) -> str:
+    """Who a job belongs to: a hash of the key that made it ("" with keys off)."""
+    return hashlib.sha256(api_key).hexdigest() if api_key else ""
+
+
+@dataclass
+class JobRecord:
+    id: str
+    operation: str
+    owner: str
+    request: dict[str, Any]
+    priority: str = "normal"
+    webhook: str | None = None
+    inputs: dict[str, str] = field(default_factory=dict)  # upload name -> image store id
+    status: Status = "queued"
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: int | None = None
+    finished: int | None = None
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    cancel_requested: bool = False
+
+    def public(self) -> dict[str, Any]:
+        """The job object a client sees."""
+        return {"id": self.id, "object": "image.job", "operation": self.operation,
+                "status": self.status, "priority": self.priority, "created": self.created,
+                "started": self.started, "finished": self.finished, "result": self.result,
+                "error": self.error}
+
+
+class JobStore:
+    """Records in a Celery backend (``app.backend``): its own ``get``/``set``/``expire``."""
+
+    PREFIX = b"serve-app-job:"
+    IDEMPOTENCY = b"serve-app-idempotency:"
+
+    def __init__(self, backend, ttl_s: float):
+        self.backend = backend
+        self.ttl_s = ttl_s
+
+    def _key(self, job_id: str) -> bytes:
+        return self.PREFIX + job_id.encode()
+
+    def get(self, job_id: str) -> JobRecord | None:
+        raw = self.backend.get(self._key(job_id))
+        return JobRecord(**json.loads(raw)) if raw else None
+
+    def put(self, record: JobRecord) -> None:
+        self.backend.set(self._key(record.id), json.dumps(asdict(record)).encode())
+
+    def idempotent(self, owner: str, key: str, body_hash: str) -> str | None:
+        """The job id an earlier submit with this key and body made, if any."""
+        raw = self.backend.get(self.IDEMPOTENCY + hashlib.sha256(f"{owner}:{key}".encode()).hexdigest().encode())
+        if not raw:
+            return None
+        stored = json.loads(raw)
+        return stored["job"] if stored["body"] == body_hash else ""
+
+    def remember(self, owner: str, key: str, body_hash: str, job_id: str) -> None:
+        digest = hashlib.sha256(f"{owner}:{key}".encode()).hexdigest().encode()
+        self.backend.set(self.IDEMPOTENCY + digest, json.dumps({"job": job_id, "body": body_hash}).encode())
