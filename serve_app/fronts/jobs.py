@@ -110,8 +110,8 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
     jobs, record = await _owned(request, job_id)
     if record.status in FINAL:
         raise ConflictError(f"The job has already {record.status}.", param="id")
-    record.cancel_requested = True
-    if record.status == "queued":
+    await asyncio.to_thread(jobs.store.request_cancel, job_id)
+    if record.status == "queued":  # it never runs: the consumer finds the flag first
         record.status, record.finished = "canceled", int(time.time())
-    await asyncio.to_thread(jobs.store.put, record)
+        await asyncio.to_thread(jobs.store.put, record)
     return JSONResponse(record.public())

@@ -10,7 +10,13 @@ from serve_app.config import JobsConfig
 
 # The task a job is: its id; the job record (store.py) holds the rest.
 JOB_TASK = "serve_app.run_job"
-PRIORITIES = {"high": 0, "normal": 3, "low": 6}  # kombu's Redis transport: 0 runs first
+# One queue per priority, taken in this order: strictly on Redis (kombu's "priority" queue
+# order), in turns on the filesystem broker (kombu's virtual transports cycle fairly).
+PRIORITIES = ("high", "normal", "low")
+
+
+def priority_queue(queue: str, priority: str) -> str:
+    return f"{queue}.{priority}"
 
 
 def _folders(config: JobsConfig) -> dict[str, str]:
@@ -31,19 +37,58 @@ def task_processor_config(config: JobsConfig, consumer: bool = False):
     if config.broker_url.startswith("filesystem://"):
         transport = _folders(config)
     else:
-        transport = {"queue_order_strategy": "priority", "priority_steps": sorted(PRIORITIES.values()),
-                     "sep": ":", "visibility_timeout": 3600}
+        transport = {"queue_order_strategy": "priority", "visibility_timeout": 3600}
     return TaskProcessorConfig(
         queue_name=config.queue,
+        adapter="serve_app.jobs.broker.PriorityQueuesAdapter",
         adapter_config=CeleryAdapterConfig(
             broker_url=config.broker_url, backend_url=config.state_url,
             broker_transport_options=transport,
             app_custom_config={"broker_connection_retry_on_startup": True,
                                "worker_prefetch_multiplier": 1,
-                               "task_default_priority": PRIORITIES["normal"],
                                "result_expires": int(config.result_ttl_s),
                                "worker_hijack_root_logger": False},
         ),
         max_retries=config.max_retries,
         failed_task_queue_name=f"{config.queue}-failed",
     )
+
+
+def _adapter_base():
+    from ray.serve.task_processor import CeleryTaskProcessorAdapter
+
+    return CeleryTaskProcessorAdapter
+
+
+class PriorityQueuesAdapter(_adapter_base()):
+    """Ray's Celery adapter with one queue per priority: jobs go to their priority's queue
+    and the consumer's worker takes the queues in order. Ray's adapter consumes one queue;
+    this subclass adds the others (its worker arguments and queue table)."""
+
+    def initialize(self, consumer_concurrency: int = 4):
+        super().initialize(consumer_concurrency)
+        name = self._config.queue_name
+        queues = dict(self._app.conf.task_queues or {})
+        for priority in PRIORITIES:
+            queue = priority_queue(name, priority)
+            queues[queue] = {"exchange": queue, "exchange_type": "direct", "routing_key": queue}
+        self._app.conf.update(task_queues=queues,
+                              task_routes={"*": {"queue": priority_queue(name, "normal")}})
+
+    def enqueue_job(self, task_name: str, job_id: str, priority: str) -> None:
+        self._app.send_task(task_name, args=[job_id], task_id=job_id,
+                            queue=priority_queue(self._config.queue_name, priority))
+
+    def start_consumer(self, **kwargs):
+        import threading
+
+        from ray.serve import get_replica_context
+
+        if self._worker_thread is not None and self._worker_thread.is_alive():
+            return
+        self._worker_hostname = f"{self._app.main}_{get_replica_context().replica_tag}"
+        queues = ",".join(priority_queue(self._config.queue_name, p) for p in PRIORITIES)
+        self._worker_thread = threading.Thread(
+            target=self._app.worker_main,
+            args=(["worker", f"--hostname={self._worker_hostname}", "-Q", queues],), daemon=True)
+        self._worker_thread.start()

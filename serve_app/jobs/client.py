@@ -4,7 +4,7 @@ broker to send jobs to (Ray's task processor adapter)."""
 from __future__ import annotations
 
 from serve_app.config import AppConfig
-from serve_app.jobs.broker import JOB_TASK, PRIORITIES, task_processor_config
+from serve_app.jobs.broker import JOB_TASK, task_processor_config
 from serve_app.jobs.consumer import state_backend
 from serve_app.jobs.store import JobRecord, JobStore
 from serve_app.jobs.webhooks import WebhookPolicy
@@ -21,5 +21,4 @@ class Jobs:
         self.adapter = instantiate_adapter_from_config(task_processor_config(jobs))
 
     def enqueue(self, record: JobRecord) -> None:
-        self.adapter.enqueue_task_sync(JOB_TASK, args=[record.id], task_id=record.id,
-                                       priority=PRIORITIES[record.priority])
+        self.adapter.enqueue_job(JOB_TASK, record.id, record.priority)

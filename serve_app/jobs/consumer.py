@@ -36,6 +36,22 @@ def consumer_class(config: AppConfig):
             # Celery's worker threads hand jobs to this loop, where the images service runs.
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="jobs-loop", daemon=True).start()
+            from serve_app.jobs.client import Jobs
+
+            self.sender = Jobs(self.config)
+            asyncio.run_coroutine_threadsafe(self._recover_forever(store), self.loop)
+
+        async def _recover_forever(self, store):
+            from serve_app.jobs.runner import LEASE_S, recover_lost
+
+            while True:
+                try:
+                    await recover_lost(store, self.sender.enqueue)
+                except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+                    import logging
+
+                    logging.getLogger("ray.serve").exception("recovering lost jobs failed")
+                await asyncio.sleep(LEASE_S / 2)
 
         @task_handler(name=JOB_TASK)
         def run_job(self, job_id: str) -> str:

@@ -20,6 +20,9 @@ from serve_app.service.request import ImageRequest
 
 logger = logging.getLogger("ray.serve")
 WEBHOOK_SECRET_ENV = "SERVE_APP_WEBHOOK_SECRET"
+# A running job's lease, renewed every second while it runs: a job whose lease ran out (its
+# consumer replica died) goes back to the broker (recover_lost below).
+LEASE_S = 20.0
 _REQUEST_FIELDS = {f.name for f in fields(ImageRequest)}
 
 
@@ -59,15 +62,22 @@ class JobRunner:
         record = await self._get(job_id)
         if record is None or record.status in FINAL:
             return record.status if record else "unknown"  # a duplicate delivery: done already
-        if record.cancel_requested:
+        leases = await asyncio.to_thread(self.store.leases)
+        if record.status == "running" and leases.get(job_id, 0) > time.time():
+            return "running"  # another consumer runs it now (a redelivery): it stays theirs
+        if await asyncio.to_thread(self.store.cancel_requested, job_id):
             return await self._finish(record, "canceled")
         record.status, record.started, record.attempts = "running", int(time.time()), record.attempts + 1
+        await asyncio.to_thread(self.store.renew_lease, job_id, time.time() + LEASE_S)
         await self._put(record)
         work = asyncio.ensure_future(self._execute(record))
         try:
             while not work.done():
                 await asyncio.wait({work}, timeout=1.0)
-                if not work.done() and (await self._get(job_id)).cancel_requested:
+                if work.done():
+                    break
+                await asyncio.to_thread(self.store.renew_lease, job_id, time.time() + LEASE_S)
+                if await asyncio.to_thread(self.store.cancel_requested, job_id):
                     work.cancel()  # the replica stops the batch's rows at the next step
                     await asyncio.gather(work, return_exceptions=True)
                     return await self._finish(record, "canceled")
@@ -97,6 +107,7 @@ class JobRunner:
             return await self._finish(record, "failed", error=error)
         record.status, record.error = "queued", error.to_response().error.model_dump()
         await self._put(record)
+        await asyncio.to_thread(self.store.drop_lease, record.id)
         raise RuntimeError(f"job {record.id} attempt {record.attempts}: {error.message}")
 
     async def _finish(self, record: JobRecord, status: str, error: APIError | None = None) -> str:
@@ -104,6 +115,7 @@ class JobRunner:
         if error is not None:
             record.error = error.to_response().error.model_dump()
         await self._put(record)
+        await asyncio.to_thread(self.store.drop_lease, record.id)
         if record.webhook and self.secret:
             body = json.dumps({"type": f"image.job.{status}", "timestamp": record.finished,
                                "data": record.public()}).encode()
@@ -115,3 +127,24 @@ class JobRunner:
                         delivery.delivered, delivery.attempts, delivery.last)
         logger.info("job %s %s after %d attempt(s)", record.id, status, record.attempts)
         return status
+
+
+async def recover_lost(store: JobStore, enqueue, now: float | None = None) -> list[str]:
+    """Send back to the broker every running job whose lease ran out: its consumer replica
+    died mid-job (the filesystem broker loses an unacknowledged message with its consumer;
+    Redis would redeliver it only after its visibility timeout). Returns their ids."""
+    now = time.time() if now is None else now
+    lost = []
+    for job_id, until in (await asyncio.to_thread(store.leases)).items():
+        if until >= now:
+            continue
+        record = await asyncio.to_thread(store.get, job_id)
+        await asyncio.to_thread(store.drop_lease, job_id)
+        if record is None or record.status != "running":
+            continue
+        record.status = "queued"
+        await asyncio.to_thread(store.put, record)
+        await asyncio.to_thread(enqueue, record)
+        logger.warning("job %s: its consumer was lost mid-run; sent back to the queue", job_id)
+        lost.append(job_id)
+    return lost

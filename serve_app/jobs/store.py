@@ -41,7 +41,6 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts: int = 0
-    cancel_requested: bool = False
 
     def public(self) -> dict[str, Any]:
         """The job object a client sees."""
@@ -52,9 +51,15 @@ class JobRecord:
 
 
 class JobStore:
-    """Records in a Celery backend (``app.backend``): its own ``get``/``set``/``expire``."""
+    """Records in a Celery backend (``app.backend``): its own ``get``/``set``/``delete``.
+
+    Beside each record, two keys that only one side writes, so neither overwrites the other:
+    the cancel flag (the ingress) and the lease of a running job (its consumer, renewed while
+    it runs)."""
 
     PREFIX = b"serve-app-job:"
+    CANCEL = b"serve-app-cancel:"
+    LEASE = b"serve-app-lease:"
     IDEMPOTENCY = b"serve-app-idempotency:"
 
     def __init__(self, backend, ttl_s: float):
@@ -82,3 +87,34 @@ class JobStore:
     def remember(self, owner: str, key: str, body_hash: str, job_id: str) -> None:
         digest = hashlib.sha256(f"{owner}:{key}".encode()).hexdigest().encode()
         self.backend.set(self.IDEMPOTENCY + digest, json.dumps({"job": job_id, "body": body_hash}).encode())
+
+    def request_cancel(self, job_id: str) -> None:
+        self.backend.set(self.CANCEL + job_id.encode(), b"1")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return bool(self.backend.get(self.CANCEL + job_id.encode()))
+
+    def renew_lease(self, job_id: str, until: float) -> None:
+        self.backend.set(self.LEASE + job_id.encode(), str(until).encode())
+
+    def drop_lease(self, job_id: str) -> None:
+        self.backend.delete(self.LEASE + job_id.encode())
+
+    def leases(self) -> dict[str, float]:
+        """Every running job's lease: ``{job id: until}``. Listing keys is the one thing the
+        backends' key-value API lacks: Redis scans, the filesystem backend lists its folder."""
+        prefix = self.LEASE
+        client = getattr(self.backend, "client", None)
+        if client is not None:  # Redis
+            keys = list(client.scan_iter(match=prefix + b"*", count=500))
+        else:  # Celery's filesystem backend: one file per key in its folder
+            import os
+
+            folder = self.backend.path.decode() if isinstance(self.backend.path, bytes) else self.backend.path
+            keys = [name.encode() for name in os.listdir(folder) if name.encode().startswith(prefix)]
+        found = {}
+        for key in keys:
+            value = self.backend.get(key)
+            if value:
+                found[key[len(prefix):].decode()] = float(value)
+        return found
