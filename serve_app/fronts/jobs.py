@@ -7,14 +7,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile as StarletteUpload
 
-from serve_app.fronts.openai import ImageGenerationRequest
+from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
 from serve_app.fronts.routing import Service, base_url, guarded
 from serve_app.service.errors import APIError, InvalidRequestError, NotFoundError
 
@@ -27,7 +29,7 @@ class ConflictError(APIError):
 
 
 class JobSubmission(BaseModel):
-    """Body of ``POST /v1/images/jobs`` (JSON: generations)."""
+    """Body of ``POST /v1/images/jobs`` as JSON: a generations job."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -35,6 +37,11 @@ class JobSubmission(BaseModel):
     input: ImageGenerationRequest = Field(description="That route's body.")
     webhook: str | None = Field(default=None, description="Posted to when the job ends.")
     priority: Literal["high", "normal", "low"] = "normal"
+
+
+# Multipart jobs: the form of the synchronous route, plus operation, webhook and priority.
+FORMS = {"edits": ImageEditForm, "variations": ImageVariationForm, "upscale": UpscaleForm}
+PRIORITY_NAMES = ("high", "normal", "low")
 
 
 def _jobs(request: Request):
@@ -51,24 +58,80 @@ def _owner(request: Request) -> str:
     return owner_of(header.partition(" ")[2].strip().encode() if header else None)
 
 
+def _validated(model, data, where: tuple = ()):
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:  # the app's handler answers it as the route would: a 400
+        raise RequestValidationError([{**e, "loc": (*where, *e["loc"])} for e in exc.errors()]) from None
+
+
+class _Saved:
+    """An upload read once: kept for planning now and the image store for the run."""
+
+    def __init__(self, data: bytes, content_type: str):
+        self.data, self.content_type = data, content_type
+
+    async def read(self) -> bytes:
+        return self.data
+
+
+async def _submission(request: Request):
+    """(operation, wire model, uploads, webhook, priority, a hash of what was sent)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        fields: dict[str, Any] = {}
+        uploads: dict[str, _Saved] = {}
+        digest = hashlib.sha256()
+        for key, value in sorted(form.multi_items(), key=lambda kv: kv[0]):
+            if isinstance(value, StarletteUpload):
+                data = await value.read()
+                uploads[key] = _Saved(data, value.content_type or "application/octet-stream")
+                digest.update(key.encode() + hashlib.sha256(data).digest())
+                fields[key] = value
+            else:
+                fields[key] = value
+                digest.update(f"{key}={value}".encode())
+        operation = fields.pop("operation", None)
+        webhook, priority = fields.pop("webhook", None), fields.pop("priority", "normal")
+        if operation not in FORMS:
+            raise InvalidRequestError(
+                f"operation must be one of {', '.join(FORMS)} for a multipart job "
+                "(generations: a JSON body)", param="operation")
+        if priority not in PRIORITY_NAMES:
+            raise InvalidRequestError(f"priority must be one of {', '.join(PRIORITY_NAMES)}",
+                                      param="priority")
+        for upload in [v for v in fields.values() if isinstance(v, StarletteUpload)]:
+            await upload.seek(0)
+        wire = _validated(FORMS[operation], fields)
+        return operation, wire, uploads, webhook, priority, digest.hexdigest()
+    raw = await request.body()
+    try:
+        body = JobSubmission.model_validate_json(raw)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from None
+    return body.operation, body.input, {}, body.webhook, body.priority, hashlib.sha256(raw).hexdigest()
+
+
 @router.post("/v1/images/jobs", status_code=202)
-async def submit_job(request: Request, body: JobSubmission, service: Service,
+async def submit_job(request: Request, service: Service,
                      idempotency_key: str | None = Header(default=None)) -> JSONResponse:
-    """Submit a job: 202 with the job object."""
+    """Submit a job: a JSON generations body, or multipart with ``operation`` (edits,
+    variations, upscale) and that route's fields. 202 with the job object."""
     from serve_app.jobs.store import JobRecord, new_job_id
 
     jobs, owner = _jobs(request), _owner(request)
-    wire = body.input
+    operation, wire, uploads, webhook, priority, body_hash = await _submission(request)
     if "response_format" not in wire.model_fields_set:
         wire = wire.model_copy(update={"response_format": "url"})
     image_request = wire.to_request()
-    await guarded(service.plan(image_request), service.config.ingress.retry_after_s)  # 400 now
-    if body.webhook is not None:
+    # Planned now exactly as the synchronous route plans it: a bad request is a 400 here.
+    await guarded(service.plan(image_request, uploads.get("image"), uploads.get("mask")),
+                  service.config.ingress.retry_after_s)
+    if webhook is not None:
         try:
-            jobs.policy.check(body.webhook)
+            jobs.policy.check(webhook)
         except ValueError as exc:
             raise InvalidRequestError(f"webhook: {exc}", param="webhook") from None
-    body_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     if idempotency_key:
         earlier = await asyncio.to_thread(jobs.store.idempotent, owner, idempotency_key, body_hash)
         if earlier == "":
@@ -76,10 +139,13 @@ async def submit_job(request: Request, body: JobSubmission, service: Service,
         if earlier:
             record = await asyncio.to_thread(jobs.store.get, earlier)
             return JSONResponse(record.public(), status_code=202)
-    data: dict[str, Any] = asdict(replace(image_request))
+    inputs = {}
+    for name, upload in uploads.items():  # to the image store, not into the broker message
+        inputs[name] = await service.store.put.remote(upload.data, upload.content_type)
+    data: dict[str, Any] = asdict(image_request)
     data["_base_url"] = base_url(request)
-    record = JobRecord(id=new_job_id(), operation=body.operation, owner=owner, request=data,
-                       priority=body.priority, webhook=body.webhook)
+    record = JobRecord(id=new_job_id(), operation=operation, owner=owner, request=data,
+                       priority=priority, webhook=webhook, inputs=inputs)
     await asyncio.to_thread(jobs.store.put, record)
     if idempotency_key:
         await asyncio.to_thread(jobs.store.remember, owner, idempotency_key, body_hash, record.id)

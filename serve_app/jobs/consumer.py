@@ -55,6 +55,9 @@ def consumer_class(config: AppConfig):
 
         @task_handler(name=JOB_TASK)
         def run_job(self, job_id: str) -> str:
-            return asyncio.run_coroutine_threadsafe(self.runner.run(job_id), self.loop).result()
+            from celery import current_task
+
+            retries = current_task.request.retries if current_task is not None else 0
+            return asyncio.run_coroutine_threadsafe(self.runner.run(job_id, retries), self.loop).result()
 
     return task_consumer(task_processor_config=task_processor_config(config.jobs))(JobsConsumer)

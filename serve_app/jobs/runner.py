@@ -32,6 +32,10 @@ def request_from(data: dict) -> ImageRequest:
     return ImageRequest(**values)
 
 
+class JobServerFault(RuntimeError):
+    """A run that failed for the server's reasons: raised to the broker, which retries it."""
+
+
 class _Upload:
     def __init__(self, data: bytes):
         self.data = data
@@ -56,9 +60,11 @@ class JobRunner:
     async def _put(self, record: JobRecord) -> None:
         await asyncio.to_thread(self.store.put, record)
 
-    async def run(self, job_id: str) -> str:
-        """Run one delivery of a job; returns its status. Raises for a server fault the
-        broker should retry (until ``jobs.max_retries``)."""
+    async def run(self, job_id: str, retries: int = 0) -> str:
+        """Run one delivery of a job (``retries``: the broker's retries of it so far); returns
+        its status. Raises on a server fault, so the broker retries it with backoff; past
+        ``jobs.max_retries`` the job is failed and the broker moves it to its dead-letter
+        queue."""
         record = await self._get(job_id)
         if record is None or record.status in FINAL:
             return record.status if record else "unknown"  # a duplicate delivery: done already
@@ -85,9 +91,9 @@ class JobRunner:
         except APIError as error:
             if error.status_code < 500:  # the client's: never retried
                 return await self._finish(record, "failed", error=error)
-            return await self._server_fault(record, error)
+            return await self._server_fault(record, error, retries)
         except Exception as exc:  # noqa: BLE001 - mapped, logged with its traceback
-            return await self._server_fault(record, error_from_exception(exc))
+            return await self._server_fault(record, error_from_exception(exc), retries)
         record.result = json.loads(response.model_dump_json(exclude_none=True))
         return await self._finish(record, "succeeded")
 
@@ -102,13 +108,14 @@ class JobRunner:
         plan = await self.service.plan(request, uploads.get("image"), uploads.get("mask"))
         return await self.service.execute(plan, record.request.get("_base_url", ""))
 
-    async def _server_fault(self, record: JobRecord, error: APIError) -> str:
-        if record.attempts > self.config.jobs.max_retries:
-            return await self._finish(record, "failed", error=error)
-        record.status, record.error = "queued", error.to_response().error.model_dump()
-        await self._put(record)
-        await asyncio.to_thread(self.store.drop_lease, record.id)
-        raise RuntimeError(f"job {record.id} attempt {record.attempts}: {error.message}")
+    async def _server_fault(self, record: JobRecord, error: APIError, retries: int) -> str:
+        if retries >= self.config.jobs.max_retries:
+            await self._finish(record, "failed", error=error)
+        else:
+            record.status, record.error = "queued", error.to_response().error.model_dump()
+            await self._put(record)
+            await asyncio.to_thread(self.store.drop_lease, record.id)
+        raise JobServerFault(f"job {record.id}, attempt {record.attempts}: {error.message}")
 
     async def _finish(self, record: JobRecord, status: str, error: APIError | None = None) -> str:
         record.status, record.finished = status, int(time.time())
