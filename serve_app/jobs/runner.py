@@ -12,6 +12,7 @@ import time
 from dataclasses import fields
 
 from serve_app.config import AppConfig
+from serve_app.jobs.client import WEBHOOK_SECRET_ENV
 from serve_app.jobs.store import FINAL, JobRecord, JobStore
 from serve_app.jobs.webhooks import WebhookPolicy, deliver
 from serve_app.service.errors import APIError, error_from_exception
@@ -19,7 +20,6 @@ from serve_app.service.images import ImagesService
 from serve_app.service.request import ImageRequest
 
 logger = logging.getLogger("ray.serve")
-WEBHOOK_SECRET_ENV = "SERVE_APP_WEBHOOK_SECRET"
 # A running job's lease, renewed every second while it runs: a job whose lease ran out (its
 # consumer replica died) goes back to the broker (recover_lost below).
 LEASE_S = 20.0

@@ -46,8 +46,17 @@ def grpc_port():
 
 
 @pytest.fixture(scope="session")
-def base_url(metrics_port, grpc_port):
-    with run_local(TINY_CONFIG, metrics_export_port=metrics_port, grpc_port=grpc_port) as url:
+def jobs_folder(tmp_path_factory):
+    """The session's own folder for the jobs' filesystem broker and state."""
+    return tmp_path_factory.mktemp("jobs")
+
+
+@pytest.fixture(scope="session")
+def base_url(metrics_port, grpc_port, jobs_folder):
+    jobs = {**load_serve_config(TINY_CONFIG)["applications"][0]["args"]["jobs"],
+            "data_folder": str(jobs_folder)}
+    with run_local(TINY_CONFIG, metrics_export_port=metrics_port, grpc_port=grpc_port,
+                   args_override={"jobs": jobs}) as url:
         yield url
 
 

@@ -1,0 +1,198 @@
+"""The asynchronous jobs API on the tiny profile's embedded broker (Celery's filesystem
+transport): submit, poll, cancel, idempotency, webhooks, a consumer killed mid-job."""
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.unit.test_webhooks import verify
+
+pytestmark = pytest.mark.integration
+
+FINAL = ("succeeded", "failed", "canceled")
+
+
+def tiny_secret():
+    from serve_app.tools.launch import load_serve_config
+    from tests.conftest import TINY_CONFIG
+
+    return load_serve_config(TINY_CONFIG)["applications"][0]["args"]["jobs"]["webhooks"]["secret"]
+
+
+def submit(http, prompt="a fox", size="256x256", steps=4, seed=5, headers=None, **extra):
+    body = {"operation": "generations", **extra,
+            "input": {"prompt": prompt, "size": size, "seed": seed, "num_inference_steps": steps}}
+    return http.post("/v1/images/jobs", json=body, headers=headers or {})
+
+
+def wait(http, job_id, timeout_s=120, until=FINAL):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = http.get(f"/v1/images/jobs/{job_id}").json()
+        if job["status"] in until:
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s")
+
+
+def pixels_at(http, url):
+    path = url.split("://", 1)[1].partition("/")[2]
+    return np.asarray(Image.open(io.BytesIO(http.get("/" + path).content)).convert("RGB"))
+
+
+def test_a_job_runs_to_the_synchronous_routes_result(http):
+    response = submit(http)
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert (job["object"], job["operation"], job["status"]) == ("image.job", "generations", "queued")
+    assert job["id"].startswith("job_") and len(job["id"]) > 20
+    done = wait(http, job["id"])
+    assert done["status"] == "succeeded" and done["started"] >= done["created"]
+    assert done["finished"] >= done["started"] and done["error"] is None
+    (item,) = done["result"]["data"]
+    assert item["url"] and item["seed"] == 5  # results default to URLs
+    sync = http.post("/v1/images/generations", json={"prompt": "a fox", "size": "256x256", "seed": 5,
+                                                     "num_inference_steps": 4}).json()
+    expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(sync["data"][0]["b64_json"]))).convert("RGB"))
+    assert np.array_equal(pixels_at(http, item["url"]), expected)
+
+
+def test_a_bad_request_is_a_400_at_submit_not_a_failed_job(http):
+    response = submit(http, size="999x999")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "size"
+    response = http.post("/v1/images/jobs", json={"operation": "generations", "input": {"prompt": "x"},
+                                                  "priority": "urgent"})
+    assert response.status_code == 400
+    response = http.post("/v1/images/jobs", data={"operation": "paint"},
+                         files={"image": ("a.png", b"x", "image/png")})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "operation"
+
+
+def test_a_multipart_edit_job(http):
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (30, 120, 200)).save(buffer, format="PNG")
+    response = http.post("/v1/images/jobs", data={"operation": "edits", "prompt": "a boat", "seed": "3",
+                                                  "num_inference_steps": "4"},
+                         files={"image": ("in.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 202, response.text
+    done = wait(http, response.json()["id"])
+    assert done["status"] == "succeeded" and done["operation"] == "edits"
+    assert done["result"]["size"] == "256x256"
+
+
+def blockers(http, count=2):
+    """Jobs that keep the consumer's slots busy for a few seconds."""
+    return [submit(http, prompt=f"blocker {i}", size="768x768", steps=100).json()["id"] for i in range(count)]
+
+
+def test_cancel_a_queued_job_and_a_running_one(http):
+    running = blockers(http)
+    queued = submit(http, prompt="never runs").json()["id"]
+    assert http.post(f"/v1/images/jobs/{queued}/cancel").json()["status"] == "canceled"
+    wait(http, running[0], until=("running",))
+    response = http.post(f"/v1/images/jobs/{running[0]}/cancel")
+    assert response.status_code == 200
+    stopped = wait(http, running[0])
+    assert stopped["status"] == "canceled" and stopped["result"] is None
+    for job_id in running[1:]:
+        wait(http, job_id)
+    time.sleep(2)  # the consumer takes the canceled job's message and drops it
+    never = http.get(f"/v1/images/jobs/{queued}").json()
+    assert never["status"] == "canceled" and never["started"] is None
+    again = http.post(f"/v1/images/jobs/{queued}/cancel")
+    assert again.status_code == 409
+
+
+def test_the_same_idempotency_key_and_body_give_the_same_job(http):
+    first = submit(http, seed=11, headers={"Idempotency-Key": "k-1"}).json()
+    second = submit(http, seed=11, headers={"Idempotency-Key": "k-1"}).json()
+    assert first["id"] == second["id"]
+    other = submit(http, seed=12, headers={"Idempotency-Key": "k-1"})
+    assert other.status_code == 409
+    wait(http, first["id"])
+
+
+def test_an_unknown_job_is_404(http):
+    response = http.get("/v1/images/jobs/job_nothing_here")
+    assert response.status_code == 404 and response.json()["error"]["param"] == "id"
+
+
+class Receiver:
+    """A webhook receiver on this machine: answers ``answers`` in turn, then 200."""
+
+    def __init__(self, answers=()):
+        self.answers, self.received = list(answers), []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(outer.answers.pop(0) if outer.answers else 200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait(self, count, timeout_s=60):
+        deadline = time.monotonic() + timeout_s
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.received
+
+
+def test_a_webhook_signed_as_the_spec_says_after_two_failures(http):
+    receiver = Receiver(answers=[500, 502])
+    job = submit(http, seed=21, webhook=receiver.url).json()
+    received = receiver.wait(3)
+    assert len(received) == 3
+    for headers, body in received:
+        assert verify(tiny_secret(), headers, body)
+        assert headers["webhook-id"] == received[0][0]["webhook-id"]  # one message, retried
+    event = json.loads(received[-1][1])
+    assert event["type"] == "image.job.succeeded" and event["data"]["id"] == job["id"]
+    receiver.server.shutdown()
+
+
+def test_a_webhook_to_a_host_the_config_does_not_allow_is_refused_at_submit(http):
+    response = submit(http, webhook="https://hooks.example.com/x")
+    assert response.status_code == 400 and response.json()["error"]["param"] == "webhook"
+    response = submit(http, webhook="http://169.254.169.254/latest/meta-data")
+    assert response.status_code == 400
+
+
+def test_a_consumer_killed_mid_job_leaves_the_job_to_run_again_once(http):
+    import ray
+
+    receiver = Receiver()
+    job = submit(http, prompt="victim", size="768x768", steps=100, seed=4, webhook=receiver.url).json()
+    wait(http, job["id"], until=("running",))
+    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+               if a["name"].startswith("SERVE_REPLICA::images#JobsConsumer")]
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    done = wait(http, job["id"], timeout_s=180)
+    assert done["status"] == "succeeded"
+    time.sleep(3)
+    assert len(receiver.wait(1)) == 1  # told once
+    receiver.server.shutdown()
+
+
+def test_a_high_priority_job_runs_before_a_backlog_of_low_ones(http):
+    busy = blockers(http)
+    lows = [submit(http, prompt=f"low {i}", seed=i, priority="low").json()["id"] for i in range(4)]
+    high = submit(http, prompt="high", seed=9, priority="high").json()["id"]
+    started = {job_id: wait(http, job_id)["started"] for job_id in [*busy, *lows, high]}
+    # The embedded broker takes its queues in turns (Redis strictly in order): the high job
+    # starts before the backlog's last low one.
+    assert started[high] <= max(started[low] for low in lows)
