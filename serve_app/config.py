@@ -674,11 +674,11 @@ class JobsConfig(_Strict):
     max_retries: int = Field(default=3, ge=0, le=20,
                              description="Runs after the first when a job fails for the server's reasons.")
     result_ttl_s: float = Field(default=86400, gt=0, description="Seconds a finished job is kept.")
-    consumer_concurrency: int = Field(default=4, ge=1, le=256,
-                                      description="Jobs one consumer replica runs at once.")
     webhooks: WebhooksConfig = Field(default_factory=WebhooksConfig)
     deployment: DeploymentOptions = Field(
-        default_factory=lambda: DeploymentOptions(num_cpus=0.1, num_replicas=1, max_ongoing_requests=8)
+        default_factory=lambda: DeploymentOptions(num_cpus=0.1, num_replicas=1, max_ongoing_requests=4),
+        description="The consumer deployment; its max_ongoing_requests is how many jobs a "
+        "replica runs at once (Serve hands it to Celery as the worker's concurrency).",
     )
 
     @property
