@@ -7,6 +7,8 @@ fails at deploy time with the offending path in the message.
 
 from __future__ import annotations
 
+import os
+
 import dataclasses
 
 from typing import Annotated, Any, Literal, Optional
@@ -659,8 +661,8 @@ class JobsConfig(_Strict):
 
     broker_url: str = Field(
         default="filesystem://",
-        description="Celery broker: 'redis://host:6379/0', or 'filesystem://' (files under "
-        "data_folder: no server needed).",
+        description="Celery broker: 'redis://host:6379/0' (${VAR} is read from the "
+        "environment), or 'filesystem://' (files under data_folder: no server needed).",
     )
     backend_url: str | None = Field(
         default=None,
@@ -682,12 +684,18 @@ class JobsConfig(_Strict):
     )
 
     @property
+    def broker(self) -> str:
+        """``broker_url`` with ``${VAR}`` taken from the environment (a password from a
+        Kubernetes secret)."""
+        return os.path.expandvars(self.broker_url)
+
+    @property
     def state_url(self) -> str:
         if self.backend_url:
-            return self.backend_url
+            return os.path.expandvars(self.backend_url)
         if self.broker_url.startswith("filesystem://"):
             return f"file://{self.data_folder}/state"
-        return self.broker_url
+        return self.broker
 
 
 # Deployment names the app builder uses itself; a model may not take one.

@@ -42,7 +42,7 @@ def task_processor_config(config: JobsConfig, consumer: bool = False):
         queue_name=config.queue,
         adapter="serve_app.jobs.broker.PriorityQueuesAdapter",
         adapter_config=CeleryAdapterConfig(
-            broker_url=config.broker_url, backend_url=config.state_url,
+            broker_url=config.broker, backend_url=config.state_url,
             broker_transport_options=transport,
             app_custom_config={"broker_connection_retry_on_startup": True,
                                "worker_prefetch_multiplier": 1,

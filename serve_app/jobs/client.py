@@ -7,11 +7,8 @@ import os
 
 from serve_app.config import AppConfig
 from serve_app.jobs.broker import JOB_TASK, task_processor_config
-from serve_app.jobs.consumer import state_backend
-from serve_app.jobs.store import JobRecord, JobStore
-from serve_app.jobs.webhooks import WebhookPolicy
-
-WEBHOOK_SECRET_ENV = "SERVE_APP_WEBHOOK_SECRET"
+from serve_app.jobs.store import JobRecord, JobStore, state_backend
+from serve_app.jobs.webhooks import WEBHOOK_SECRET_ENV, WebhookPolicy
 
 
 class Jobs:

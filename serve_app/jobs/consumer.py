@@ -12,13 +12,6 @@ from serve_app.config import AppConfig, load_app_config
 from serve_app.jobs.broker import JOB_TASK, task_processor_config
 
 
-def state_backend(config: AppConfig):
-    """The Celery result backend holding job records (its key-value store)."""
-    from celery import Celery
-
-    return Celery("serve-app-jobs", backend=config.jobs.state_url).backend
-
-
 def consumer_class(config: AppConfig):
     """The consumer deployment's class, made for ``config`` (the decorator takes the broker)."""
     from ray.serve.task_consumer import task_consumer, task_handler
@@ -26,7 +19,7 @@ def consumer_class(config: AppConfig):
     class JobsConsumer:
         def __init__(self, config: AppConfig | dict, handles: dict[str, Any], images_store: Any):
             from serve_app.jobs.runner import JobRunner
-            from serve_app.jobs.store import JobStore
+            from serve_app.jobs.store import JobStore, state_backend
             from serve_app.service.images import ImagesService
 
             self.config = load_app_config(config)

@@ -12,9 +12,8 @@ import time
 from dataclasses import fields
 
 from serve_app.config import AppConfig
-from serve_app.jobs.client import WEBHOOK_SECRET_ENV
 from serve_app.jobs.store import FINAL, JobRecord, JobStore
-from serve_app.jobs.webhooks import WebhookPolicy, deliver
+from serve_app.jobs.webhooks import WEBHOOK_SECRET_ENV, WebhookPolicy, deliver
 from serve_app.service.errors import APIError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.request import ImageRequest

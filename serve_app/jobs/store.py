@@ -15,6 +15,13 @@ Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FINAL = ("succeeded", "failed", "canceled")
 
 
+def state_backend(config):
+    """The Celery result backend holding job records (its key-value store) of an AppConfig."""
+    from celery import Celery
+
+    return Celery("serve-app-jobs", backend=config.jobs.state_url).backend
+
+
 def new_job_id() -> str:
     """An unguessable id: 128 random bits."""
     return "job_" + secrets.token_urlsafe(16)

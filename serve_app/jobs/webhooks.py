@@ -18,6 +18,10 @@ import httpx
 from standardwebhooks import Webhook
 
 
+# The signing secret when the config gives none ("whsec_" + base64).
+WEBHOOK_SECRET_ENV = "SERVE_APP_WEBHOOK_SECRET"
+
+
 class WebhookURLError(ValueError):
     """A webhook URL the server will not call: the message says why."""
 
