@@ -58,11 +58,11 @@ def _owner(request: Request) -> str:
     return owner_of(header.partition(" ")[2].strip().encode() if header else None)
 
 
-def _validated(model, data, where: tuple = ()):
+def _validated(model, data):
     try:
         return model.model_validate(data)
     except ValidationError as exc:  # the app's handler answers it as the route would: a 400
-        raise RequestValidationError([{**e, "loc": (*where, *e["loc"])} for e in exc.errors()]) from None
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
 class _Saved:
@@ -108,7 +108,7 @@ async def _submission(request: Request):
     try:
         body = JobSubmission.model_validate_json(raw)
     except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
     return body.operation, body.input, {}, body.webhook, body.priority, hashlib.sha256(raw).hexdigest()
 
 
@@ -124,6 +124,9 @@ async def submit_job(request: Request, service: Service,
     if "response_format" not in wire.model_fields_set:
         wire = wire.model_copy(update={"response_format": "url"})
     image_request = wire.to_request()
+    if image_request.stream:
+        raise InvalidRequestError("stream: a job is not streamed; poll it, or use the synchronous "
+                                  "route to stream", param="stream")
     # Planned now exactly as the synchronous route plans it: a bad request is a 400 here.
     await guarded(service.plan(image_request, uploads.get("image"), uploads.get("mask")),
                   service.config.ingress.retry_after_s)

@@ -23,7 +23,7 @@ def consumer_class(config: AppConfig):
             from serve_app.service.images import ImagesService
 
             self.config = load_app_config(config)
-            store = JobStore(state_backend(self.config), self.config.jobs.result_ttl_s)
+            store = JobStore(state_backend(self.config))
             self.runner = JobRunner(self.config, ImagesService(self.config, handles, images_store),
                                     store, images_store)
             # Celery's worker threads hand jobs to this loop, where the images service runs.

@@ -65,6 +65,8 @@ class JobRunner:
         ``jobs.max_retries`` the job is failed and the broker moves it to its dead-letter
         queue."""
         record = await self._get(job_id)
+        if record is not None and record.status == "canceled" and not record.notified:
+            return await self._finish(record, "canceled")  # canceled while queued: tell it
         if record is None or record.status in FINAL:
             return record.status if record else "unknown"  # a duplicate delivery: done already
         leases = await asyncio.to_thread(self.store.leases)
@@ -94,6 +96,7 @@ class JobRunner:
         except Exception as exc:  # noqa: BLE001 - mapped, logged with its traceback
             return await self._server_fault(record, error_from_exception(exc), retries)
         record.result = json.loads(response.model_dump_json(exclude_none=True))
+        record.error = None  # an earlier run's, if it was retried
         return await self._finish(record, "succeeded")
 
     async def _execute(self, record: JobRecord):
@@ -117,7 +120,8 @@ class JobRunner:
         raise JobServerFault(f"job {record.id}, attempt {record.attempts}: {error.message}")
 
     async def _finish(self, record: JobRecord, status: str, error: APIError | None = None) -> str:
-        record.status, record.finished = status, int(time.time())
+        record.status, record.finished = status, record.finished or int(time.time())
+        record.notified = bool(record.webhook and self.secret)
         if error is not None:
             record.error = error.to_response().error.model_dump()
         await self._put(record)

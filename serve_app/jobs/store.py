@@ -16,10 +16,13 @@ FINAL = ("succeeded", "failed", "canceled")
 
 
 def state_backend(config):
-    """The Celery result backend holding job records (its key-value store) of an AppConfig."""
+    """The Celery result backend holding job records (its key-value store) of an AppConfig;
+    on Redis every key it writes expires after ``jobs.result_ttl_s``."""
     from celery import Celery
 
-    return Celery("serve-app-jobs", backend=config.jobs.state_url).backend
+    app = Celery("serve-app-jobs", backend=config.jobs.state_url)
+    app.conf.result_expires = int(config.jobs.result_ttl_s)
+    return app.backend
 
 
 def new_job_id() -> str:
@@ -48,6 +51,7 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts: int = 0
+    notified: bool = False  # the webhook of its end was sent (or tried)
 
     def public(self) -> dict[str, Any]:
         """The job object a client sees."""
@@ -69,9 +73,8 @@ class JobStore:
     LEASE = b"serve-app-lease:"
     IDEMPOTENCY = b"serve-app-idempotency:"
 
-    def __init__(self, backend, ttl_s: float):
+    def __init__(self, backend):
         self.backend = backend
-        self.ttl_s = ttl_s
 
     def _key(self, job_id: str) -> bytes:
         return self.PREFIX + job_id.encode()

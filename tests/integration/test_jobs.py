@@ -97,7 +97,10 @@ def test_a_bad_request_is_a_400_at_submit_not_a_failed_job(http):
     assert response.status_code == 400 and response.json()["error"]["param"] == "size"
     response = http.post("/v1/images/jobs", json={"operation": "generations", "input": {"prompt": "x"},
                                                   "priority": "urgent"})
-    assert response.status_code == 400
+    assert response.status_code == 400 and response.json()["error"]["param"] == "priority"
+    response = http.post("/v1/images/jobs", json={"operation": "generations",
+                                                  "input": {"prompt": "x", "stream": True}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
     response = http.post("/v1/images/jobs", data={"operation": "paint"},
                          files={"image": ("a.png", b"x", "image/png")})
     assert response.status_code == 400 and response.json()["error"]["param"] == "operation"

@@ -16,7 +16,7 @@ from serve_app.service.request import ImageRequest
 def store(tmp_path):
     from celery import Celery
 
-    return JobStore(Celery("t", backend=f"file://{tmp_path}").backend, ttl_s=60)
+    return JobStore(Celery("t", backend=f"file://{tmp_path}").backend)
 
 
 def record(**fields):
