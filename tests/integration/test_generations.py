@@ -163,6 +163,7 @@ def test_health_reports_every_deployment(http):
         "ImagesIngress",
         "ImageStore",
         "SafetyChecker",
+        "JobsConsumer",  # the jobs API's task consumer
         "stable-diffusion-2-1",
         "stable-diffusion-xl",
         "stable-diffusion-xl-refiner",
