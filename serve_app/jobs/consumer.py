@@ -24,8 +24,11 @@ def consumer_class(config: AppConfig):
 
             self.config = load_app_config(config)
             store = JobStore(state_backend(self.config))
+            from serve_app.jobs.metrics import JobMetrics
+
+            self.metrics = JobMetrics()
             self.runner = JobRunner(self.config, ImagesService(self.config, handles, images_store),
-                                    store, images_store)
+                                    store, images_store, self.metrics)
             # Celery's worker threads hand jobs to this loop, where the images service runs.
             self.loop = asyncio.new_event_loop()
             threading.Thread(target=self.loop.run_forever, name="jobs-loop", daemon=True).start()
@@ -39,7 +42,10 @@ def consumer_class(config: AppConfig):
 
             while True:
                 try:
+                    from serve_app.jobs.metrics import queue_depths
+
                     await recover_lost(store, self.sender.enqueue)
+                    self.metrics.set_queue_depths(await asyncio.to_thread(queue_depths, self.config.jobs))
                 except Exception:  # noqa: BLE001 - logged; the next sweep tries again
                     import logging
 

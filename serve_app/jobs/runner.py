@@ -46,8 +46,10 @@ class _Upload:
 class JobRunner:
     """What the consumer replica does with a job id."""
 
-    def __init__(self, config: AppConfig, service: ImagesService, store: JobStore, images_store):
+    def __init__(self, config: AppConfig, service: ImagesService, store: JobStore, images_store,
+                 metrics=None):
         self.config, self.service, self.store, self.images = config, service, store, images_store
+        self.metrics = metrics  # a JobMetrics in the replica; None in unit tests
         jobs = config.jobs
         self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts), tuple(jobs.webhooks.allowed_http_hosts))
         secret = jobs.webhooks.secret.get_secret_value() if jobs.webhooks.secret else None
@@ -126,6 +128,8 @@ class JobRunner:
             record.error = error.to_response().error.model_dump()
         await self._put(record)
         await asyncio.to_thread(self.store.drop_lease, record.id)
+        if self.metrics is not None:
+            self.metrics.on_finish(status, record.created, record.started, record.finished)
         if record.webhook and self.secret:
             body = json.dumps({"type": f"image.job.{status}", "timestamp": record.finished,
                                "data": record.public()}).encode()
@@ -135,6 +139,8 @@ class JobRunner:
                                      timeout_s=hooks.timeout_s)
             logger.info("job %s webhook delivered=%s attempts=%d last=%s", record.id,
                         delivery.delivered, delivery.attempts, delivery.last)
+            if self.metrics is not None:
+                self.metrics.on_webhook(delivery.delivered, delivery.attempts)
         logger.info("job %s %s after %d attempt(s)", record.id, status, record.attempts)
         return status
 

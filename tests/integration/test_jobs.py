@@ -239,3 +239,28 @@ def test_another_keys_job_is_not_found(http):
     assert http.post(f"/v1/images/jobs/{job['id']}/cancel", headers=other).status_code == 404
     assert http.get(f"/v1/images/jobs/{job['id']}", headers={"Authorization": ""}).status_code == 401
     assert wait(http, job["id"])["status"] == "succeeded"
+
+
+def test_job_metrics_are_exported_for_prometheus(http, metrics_port):
+    if http.app_name != "images":
+        pytest.skip("one app's metrics are enough: the session's tiny app")
+    from tests.integration.test_observability import metric_lines, scrape
+
+    receiver = Receiver()
+    wait(http, submit(http, seed=41, webhook=receiver.url).json()["id"])
+    wanted = {
+        "ray_serve_app_jobs_total": 'status="succeeded"',
+        "ray_serve_app_job_queued_seconds_bucket": "le=",
+        "ray_serve_app_job_running_seconds_bucket": "le=",
+        "ray_serve_app_webhooks_total": 'outcome="delivered"',
+        "ray_serve_app_jobs_queued": 'priority="high"',
+    }
+    deadline = time.monotonic() + 60
+    missing = dict(wanted)
+    while missing and time.monotonic() < deadline:
+        text = scrape(metrics_port)
+        missing = {name: tag for name, tag in wanted.items()
+                   if not any(tag in line for line in metric_lines(text, name))}
+        time.sleep(1)
+    receiver.server.shutdown()
+    assert not missing, f"not exported: {missing}"
