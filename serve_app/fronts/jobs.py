@@ -18,6 +18,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
 from serve_app.fronts.routing import Service, base_url, guarded
+from serve_app.service.uploads import BytesUpload
 from serve_app.service.errors import APIError, InvalidRequestError, NotFoundError
 
 router = APIRouter()
@@ -65,27 +66,17 @@ def _validated(model, data):
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
 
 
-class _Saved:
-    """An upload read once: kept for planning now and the image store for the run."""
-
-    def __init__(self, data: bytes, content_type: str):
-        self.data, self.content_type = data, content_type
-
-    async def read(self) -> bytes:
-        return self.data
-
-
 async def _submission(request: Request):
     """(operation, wire model, uploads, webhook, priority, a hash of what was sent)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         fields: dict[str, Any] = {}
-        uploads: dict[str, _Saved] = {}
+        uploads: dict[str, BytesUpload] = {}
         digest = hashlib.sha256()
         for key, value in sorted(form.multi_items(), key=lambda kv: kv[0]):
             if isinstance(value, StarletteUpload):
                 data = await value.read()
-                uploads[key] = _Saved(data, value.content_type or "application/octet-stream")
+                uploads[key] = BytesUpload(data, value.content_type or "application/octet-stream")
                 digest.update(key.encode() + hashlib.sha256(data).digest())
                 fields[key] = value
             else:

@@ -40,7 +40,7 @@ from serve_app.service.encoding import EncodedImage
 from serve_app.service.errors import APIError, ModelNotFoundError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.request import MAX_N, ImageRequest
-from serve_app.service.uploads import decode_keep_mask
+from serve_app.service.uploads import BytesUpload, decode_keep_mask
 
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
 
@@ -382,16 +382,6 @@ def status_of(error: APIError, fields: dict[str, str]) -> StabilityError:
     return StabilityError(code, f"{field}: {error.message}" if field else error.message)
 
 
-class _Bytes:
-    """An init image or mask as the images service reads an upload."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    async def read(self) -> bytes:
-        return self.data
-
-
 def answer(request_id: str, engine: str, index: int, image: EncodedImage, received_ms: int):
     """One image as Stability sends it: an Answer with one ARTIFACT_IMAGE artifact."""
     artifact = generation.Artifact(
@@ -417,8 +407,8 @@ async def generate(service: ImagesService, keys: tuple[bytes, ...], request,
         authenticate(metadata, keys)
         job = to_job(request, service.config)
         fields = job.fields
-        plan = await service.plan(job.request, _Bytes(job.image) if job.image else None,
-                                  _Bytes(job.mask) if job.mask else None, decode_keep_mask)
+        plan = await service.plan(job.request, BytesUpload(job.image) if job.image else None,
+                                  BytesUpload(job.mask) if job.mask else None, decode_keep_mask)
         images, _ = await service.images(plan)
     except StabilityError:
         raise

@@ -17,6 +17,7 @@ from serve_app.jobs.webhooks import WEBHOOK_SECRET_ENV, WebhookPolicy, deliver
 from serve_app.service.errors import APIError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.request import ImageRequest
+from serve_app.service.uploads import BytesUpload
 
 logger = logging.getLogger("ray.serve")
 # A running job's lease, renewed every second while it runs: a job whose lease ran out (its
@@ -33,14 +34,6 @@ def request_from(data: dict) -> ImageRequest:
 
 class JobServerFault(RuntimeError):
     """A run that failed for the server's reasons: raised to the broker, which retries it."""
-
-
-class _Upload:
-    def __init__(self, data: bytes):
-        self.data = data
-
-    async def read(self) -> bytes:
-        return self.data
 
 
 class JobRunner:
@@ -108,7 +101,7 @@ class JobRunner:
             found = await self.images.get.remote(image_id)
             if found is None:
                 raise APIError(f"the job's {name} upload has expired from the image store")
-            uploads[name] = _Upload(found[0])
+            uploads[name] = BytesUpload(found[0])
         plan = await self.service.plan(request, uploads.get("image"), uploads.get("mask"))
         return await self.service.execute(plan, record.request.get("_base_url", ""))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -17,6 +18,18 @@ from serve_app.service.errors import InvalidRequestError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # in the order the OpenAPI document lists them
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+@dataclass(frozen=True)
+class BytesUpload:
+    """Bytes already read (a gRPC artifact, a job's upload) as the images service reads an
+    upload: with an async ``read``."""
+
+    data: bytes
+    content_type: str = "application/octet-stream"
+
+    async def read(self) -> bytes:
+        return self.data
 
 
 def _open(data: bytes, param: str, max_pixels: int) -> Image.Image:

@@ -7,9 +7,7 @@ import base64
 import io
 import json
 import os
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import numpy as np
@@ -20,7 +18,7 @@ from PIL import Image
 from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT
 from tests.integration.conftest import side_app
-from tests.unit.test_webhooks import verify
+from tests.unit.test_webhooks import Receiver, verify
 
 pytestmark = pytest.mark.integration
 REDIS_CONFIG = REPO_ROOT / "tests" / "integration" / "jobs-redis.yaml"
@@ -155,34 +153,6 @@ def test_an_unknown_job_is_404(http):
     assert response.status_code == 404 and response.json()["error"]["param"] == "id"
 
 
-class Receiver:
-    """A webhook receiver on this machine: answers ``answers`` in turn, then 200."""
-
-    def __init__(self, answers=()):
-        self.answers, self.received = list(answers), []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(outer.answers.pop(0) if outer.answers else 200)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self, count, timeout_s=60):
-        deadline = time.monotonic() + timeout_s
-        while len(self.received) < count and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return self.received
-
-
 def test_a_webhook_signed_as_the_spec_says_after_two_failures(http):
     receiver = Receiver(answers=[500, 502])
     job = submit(http, seed=21, webhook=receiver.url).json()
@@ -244,7 +214,7 @@ def test_another_keys_job_is_not_found(http):
 def test_job_metrics_are_exported_for_prometheus(http, metrics_port):
     if http.app_name != "images":
         pytest.skip("one app's metrics are enough: the session's tiny app")
-    from tests.integration.test_observability import metric_lines, scrape
+    from tests.integration.test_observability import exported
 
     receiver = Receiver()
     wait(http, submit(http, seed=41, webhook=receiver.url).json()["id"])
@@ -255,12 +225,6 @@ def test_job_metrics_are_exported_for_prometheus(http, metrics_port):
         "ray_serve_app_webhooks_total": 'outcome="delivered"',
         "ray_serve_app_jobs_queued": 'priority="high"',
     }
-    deadline = time.monotonic() + 60
-    missing = dict(wanted)
-    while missing and time.monotonic() < deadline:
-        text = scrape(metrics_port)
-        missing = {name: tag for name, tag in wanted.items()
-                   if not any(tag in line for line in metric_lines(text, name))}
-        time.sleep(1)
+    missing, _ = exported(metrics_port, wanted)
     receiver.server.shutdown()
     assert not missing, f"not exported: {missing}"

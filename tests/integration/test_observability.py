@@ -68,6 +68,19 @@ def metric_lines(text: str, name: str) -> list[str]:
     return [line for line in text.splitlines() if line.startswith(name) and not line.startswith("#")]
 
 
+def exported(port: int, wanted: dict[str, str], timeout_s: float = 60) -> tuple[dict[str, str], str]:
+    """Scrape until every ``{metric: text one of its lines holds}`` is there, or the time is
+    up: (what is still missing, the last scrape)."""
+    deadline = time.monotonic() + timeout_s
+    missing, text = dict(wanted), ""
+    while missing and time.monotonic() < deadline:
+        text = scrape(port)
+        missing = {name: tag for name, tag in wanted.items()
+                   if not any(tag in line for line in metric_lines(text, name))}
+        time.sleep(1)
+    return missing, text
+
+
 def test_metrics_are_exported_for_prometheus(http, metrics_port):
     for _ in range(2):
         assert http.post("/v1/images/generations",
@@ -80,13 +93,7 @@ def test_metrics_are_exported_for_prometheus(http, metrics_port):
         "ray_serve_app_queue_wait_seconds_bucket": 'model="stable-diffusion-2-1"',
         "ray_serve_app_batch_images_bucket": 'model="stable-diffusion-2-1"',
     }
-    deadline = time.monotonic() + 60
-    missing = dict(wanted)
-    while missing and time.monotonic() < deadline:
-        text = scrape(metrics_port)
-        missing = {name: tag for name, tag in wanted.items()
-                   if not any(tag in line for line in metric_lines(text, name))}
-        time.sleep(1)
+    missing, text = exported(metrics_port, wanted)
     assert not missing, f"not exported: {missing}"
     statuses = {line.split('status="')[1].split('"')[0]
                 for line in metric_lines(text, "ray_serve_app_requests_total")

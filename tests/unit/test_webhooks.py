@@ -44,16 +44,18 @@ def test_the_signature_verifies_as_the_spec_defines_it():
 
 
 class Receiver:
-    """A local HTTP server answering each POST with the next status of ``answers``."""
+    """A webhook receiver on this machine: answers each POST with the next status of
+    ``answers`` (a redirect points at a cloud metadata address), then 200."""
 
-    def __init__(self, answers):
+    def __init__(self, answers=()):
         self.answers, self.requests = list(answers), []
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = self.rfile.read(int(self.headers["content-length"]))
-                receiver.requests.append((time.monotonic(), dict(self.headers.items()), body))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                receiver.requests.append((time.monotonic(), headers, body))
                 status = receiver.answers.pop(0) if receiver.answers else 200
                 self.send_response(status)
                 if status in (301, 302, 307):
@@ -66,6 +68,17 @@ class Receiver:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def received(self) -> list[tuple[dict, bytes]]:
+        return [(headers, body) for _, headers, body in self.requests]
+
+    def wait(self, count, timeout_s=60):
+        """What was received once ``count`` POSTs came, or the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.requests) < count and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return self.received
 
     def close(self):
         self.server.shutdown()
