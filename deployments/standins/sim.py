@@ -250,6 +250,7 @@ class SimPipeline:
         self.num_timesteps = 0
         self.scale = FAMILIES[family].upscale_factor or 1  # spandrel's attribute (ESRGAN)
         self._adapters: set[str] = set()
+        self.charged_s = 0.0  # model seconds charged so far (what tests compare with the cost model)
 
     # The pipeline's own conveniences, as the deployments call them.
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -279,6 +280,7 @@ class SimPipeline:
 
     def _sleep(self, seconds: float, deadline: float) -> float:
         """Sleep until ``deadline + seconds`` (absolute, so waking late does not add up)."""
+        self.charged_s += seconds
         deadline += seconds
         remaining = deadline - time.perf_counter()
         if remaining > 0:

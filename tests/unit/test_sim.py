@@ -63,11 +63,15 @@ def test_cost_model_reproduces_the_published_h100_latencies():
 
 def test_sim_replica_sleeps_for_the_model_time_without_using_the_cpu(sd):
     asyncio.run(sd.text_to_image(text_job([0])))  # first call makes the image of this size
+    charged = sd.pipe.charged_s
     result, wall, cpu = timed(sd.text_to_image(text_job([1], steps=20)))
     expected = COSTS["sd21"].call_s(1, 768 * 768, 20)
     assert isinstance(sd.pipe, SimPipeline) and isinstance(result, StageResult)
     assert result.output.dtype == np.uint8 and result.output.shape == (1, 768, 768, 3)
-    assert expected <= wall < expected + 0.05
+    # It charged the cost model's time and slept it out (the host's own overhead on a
+    # loaded CI machine is not bounded here: wall time only bounds it from below).
+    assert sd.pipe.charged_s - charged == pytest.approx(expected)
+    assert wall >= expected
     assert cpu < 0.1 * wall, f"a sleeping accelerator used {cpu:.3f} s of CPU in {wall:.3f} s"
     assert result.steps == 20
 
@@ -76,12 +80,14 @@ def test_concurrent_jobs_batch_and_cost_the_batched_time(sd):
     async def four():
         return await asyncio.gather(*(sd.text_to_image(text_job([seed], steps=10)) for seed in range(4)))
 
-    calls = sd.batcher.stats.pipeline_calls
+    calls, charged = sd.batcher.stats.pipeline_calls, sd.pipe.charged_s
     results, wall, _ = timed(four())
     assert sd.batcher.stats.pipeline_calls == calls + 1
     expected = COSTS["sd21"].call_s(4, 768 * 768, 10)
-    assert expected <= wall < expected + 0.1
-    assert wall < 4 * COSTS["sd21"].call_s(1, 768 * 768, 10)
+    assert expected < 4 * COSTS["sd21"].call_s(1, 768 * 768, 10)  # batching pays
+    assert sd.pipe.charged_s - charged == pytest.approx(expected)
+    assert wall >= expected
+    assert expected <= sum(r.seconds for r in results) <= wall  # shares of the one call's time
 
 
 def test_images_are_deterministic_photo_like_and_seeded(sd):
@@ -117,9 +123,11 @@ def test_image_to_image_runs_strength_times_steps(sd):
     image = np.zeros((512, 512, 3), np.uint8)
     job = ImageToImageJob(prompt="p", negative_prompt=None, width=512, height=512,
                           num_inference_steps=40, guidance_scale=7.5, strength=0.25, seeds=(1,))
+    charged = sd.pipe.charged_s
     result, wall, _ = timed(sd.image_to_image(job, image))
     assert result.output.shape == (1, 512, 512, 3) and result.steps == 10
-    assert wall == pytest.approx(COSTS["sd21"].call_s(1, 512 * 512, 10), abs=0.05)
+    expected = COSTS["sd21"].call_s(1, 512 * 512, 10)
+    assert sd.pipe.charged_s - charged == pytest.approx(expected) and wall >= expected
     mask = np.full((512, 512), 255, np.uint8)
     assert asyncio.run(sd.image_to_image(job, image, mask)).output.shape == (1, 512, 512, 3)
 
