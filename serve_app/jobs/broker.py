@@ -10,13 +10,19 @@ from serve_app.config import JobsConfig
 
 # The task a job is: its id; the job record (store.py) holds the rest.
 JOB_TASK = "serve_app.run_job"
-# One queue per priority, taken in this order: strictly on Redis (kombu's "priority" queue
-# order), in turns on the filesystem broker (kombu's virtual transports cycle fairly).
+# One queue per priority, taken strictly in this order: on Redis by kombu's "priority" queue
+# order, on the filesystem broker by PriorityFilesystemTransport below.
 PRIORITIES = ("high", "normal", "low")
 
 
 def priority_queue(queue: str, priority: str) -> str:
     return f"{queue}.{priority}"
+
+
+def _rank(queue: str) -> int:
+    """A queue's place in PRIORITIES (other queues, such as the dead letters', go last)."""
+    suffix = queue.rsplit(".", 1)[-1]
+    return PRIORITIES.index(suffix) if suffix in PRIORITIES else len(PRIORITIES)
 
 
 def _folders(config: JobsConfig) -> dict[str, str]:
@@ -34,20 +40,22 @@ def task_processor_config(config: JobsConfig, consumer: bool = False):
     priority sub-queues the consumer takes in order."""
     from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 
+    custom = {"broker_connection_retry_on_startup": True, "worker_prefetch_multiplier": 1,
+              "result_expires": int(config.result_ttl_s), "worker_hijack_root_logger": False}
     if config.broker_url.startswith("filesystem://"):
         transport = _folders(config)
+        custom["broker_transport"] = f"{__name__}:PriorityFilesystemTransport"
     else:
         transport = {"queue_order_strategy": "priority", "visibility_timeout": 3600}
+        # A worker takes a job only when one of its threads is free: a job fetched early
+        # would sit in the worker ahead of a higher-priority one that arrives after it.
+        custom["worker_disable_prefetch"] = True
     return TaskProcessorConfig(
         queue_name=config.queue,
         adapter="serve_app.jobs.broker.PriorityQueuesAdapter",
         adapter_config=CeleryAdapterConfig(
             broker_url=config.broker, backend_url=config.state_url,
-            broker_transport_options=transport,
-            app_custom_config={"broker_connection_retry_on_startup": True,
-                               "worker_prefetch_multiplier": 1,
-                               "result_expires": int(config.result_ttl_s),
-                               "worker_hijack_root_logger": False},
+            broker_transport_options=transport, app_custom_config=custom,
         ),
         max_retries=config.max_retries,
         failed_task_queue_name=f"{config.queue}-failed",
@@ -92,3 +100,40 @@ class PriorityQueuesAdapter(_adapter_base()):
             target=self._app.worker_main,
             args=(["worker", f"--hostname={self._worker_hostname}", "-Q", queues],), daemon=True)
         self._worker_thread.start()
+
+
+def _filesystem_transport():
+    from queue import Empty
+
+    from kombu.transport import filesystem
+
+    class _InPriorityOrder:
+        """kombu's queue cycle, strict: each fetch tries the consumed queues from the highest
+        priority down (kombu's virtual transports otherwise take their queues in turns)."""
+
+        def __init__(self, fun, resources, predicate=Exception):
+            self.fun, self.resources, self.predicate = fun, resources, predicate
+
+        def get(self, callback, **kwargs):
+            for queue in sorted(self.resources, key=_rank):
+                try:
+                    return self.fun(queue, callback, **kwargs)
+                except self.predicate:
+                    continue
+            raise self.predicate()
+
+        def close(self):
+            pass
+
+    class PriorityChannel(filesystem.Channel):
+        def _reset_cycle(self):
+            self._cycle = _InPriorityOrder(self._get_and_deliver, self._active_queues, Empty)
+
+    class Transport(filesystem.Transport):
+        Channel = PriorityChannel
+
+    return Transport
+
+
+# Celery's filesystem transport (kombu's), taking the priority queues in order.
+PriorityFilesystemTransport = _filesystem_transport()

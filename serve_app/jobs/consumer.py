@@ -44,7 +44,8 @@ def consumer_class(config: AppConfig):
                 try:
                     from serve_app.jobs.metrics import queue_depths
 
-                    await recover_lost(store, self.sender.enqueue)
+                    await recover_lost(store, self.sender.enqueue, self.runner.notify_later)
+                    await asyncio.to_thread(store.expire, self.config.jobs.result_ttl_s)
                     self.metrics.set_queue_depths(await asyncio.to_thread(queue_depths, self.config.jobs))
                 except Exception:  # noqa: BLE001 - logged; the next sweep tries again
                     import logging

@@ -20,9 +20,12 @@ from serve_app.service.request import ImageRequest
 from serve_app.service.uploads import BytesUpload
 
 logger = logging.getLogger("ray.serve")
-# A running job's lease, renewed every second while it runs: a job whose lease ran out (its
-# consumer replica died) goes back to the broker (recover_lost below).
+# A running job's lease, renewed every second while it runs and every LEASE_S / 4 while its
+# webhook is posted: a job whose lease ran out (its consumer replica died) goes back to the
+# broker, or has its webhook posted by another replica (recover_lost below).
 LEASE_S = 20.0
+# Webhook deliveries a consumer replica posts at once (more wait their turn, off the job slots).
+MAX_DELIVERIES = 32
 _REQUEST_FIELDS = {f.name for f in fields(ImageRequest)}
 
 
@@ -47,6 +50,8 @@ class JobRunner:
         self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts), tuple(jobs.webhooks.allowed_http_hosts))
         secret = jobs.webhooks.secret.get_secret_value() if jobs.webhooks.secret else None
         self.secret = secret or os.environ.get(WEBHOOK_SECRET_ENV)
+        self.deliveries: set[asyncio.Task] = set()  # webhooks being posted
+        self._delivery_slots = asyncio.Semaphore(MAX_DELIVERIES)
 
     async def _get(self, job_id: str) -> JobRecord | None:
         return await asyncio.to_thread(self.store.get, job_id)
@@ -60,12 +65,15 @@ class JobRunner:
         ``jobs.max_retries`` the job is failed and the broker moves it to its dead-letter
         queue."""
         record = await self._get(job_id)
-        if record is not None and record.status == "canceled" and not record.notified:
-            return await self._finish(record, "canceled")  # canceled while queued: tell it
-        if record is None or record.status in FINAL:
-            return record.status if record else "unknown"  # a duplicate delivery: done already
+        if record is None:
+            return "unknown"
         leases = await asyncio.to_thread(self.store.leases)
-        if record.status == "running" and leases.get(job_id, 0) > time.time():
+        held = leases.get(job_id, 0) > time.time()  # running, or its webhook being posted
+        if record.status == "canceled" and not record.notified and not held:
+            return await self._finish(record, "canceled")  # canceled while queued: end it here
+        if record.status in FINAL:
+            return record.status  # a duplicate delivery: done already
+        if record.status == "running" and held:
             return "running"  # another consumer runs it now (a redelivery): it stays theirs
         if await asyncio.to_thread(self.store.cancel_requested, job_id):
             return await self._finish(record, "canceled")
@@ -114,34 +122,68 @@ class JobRunner:
             await asyncio.to_thread(self.store.drop_lease, record.id)
         raise JobServerFault(f"job {record.id}, attempt {record.attempts}: {error.message}")
 
+    def _has_webhook(self, record: JobRecord) -> bool:
+        return bool(record.webhook and self.secret)
+
     async def _finish(self, record: JobRecord, status: str, error: APIError | None = None) -> str:
+        """End the job: its final record, then its webhook posted in the background, so the
+        broker's slot takes the next job while a failing receiver is retried."""
         record.status, record.finished = status, record.finished or int(time.time())
-        record.notified = bool(record.webhook and self.secret)
+        record.notified = not self._has_webhook(record)  # else once its webhook is posted
         if error is not None:
             record.error = error.to_response().error.model_dump()
         await self._put(record)
-        await asyncio.to_thread(self.store.drop_lease, record.id)
         if self.metrics is not None:
             self.metrics.on_finish(status, record.created, record.started, record.finished)
-        if record.webhook and self.secret:
-            body = json.dumps({"type": f"image.job.{status}", "timestamp": record.finished,
+        logger.info("job %s %s after %d attempt(s)", record.id, status, record.attempts)
+        if record.notified:
+            await asyncio.to_thread(self.store.drop_lease, record.id)
+        else:
+            self.notify_later(record)
+        return status
+
+    def notify_later(self, record: JobRecord) -> None:
+        """Post an ended job's webhook in the background, holding the job's lease until the
+        delivery ends: a replica lost mid-delivery leaves it to another replica's sweep
+        (recover_lost), which posts it again under the same ``webhook-id``."""
+        task = asyncio.ensure_future(self._notify(record))
+        self.deliveries.add(task)
+        task.add_done_callback(self.deliveries.discard)
+
+    async def _notify(self, record: JobRecord) -> None:
+        lease = asyncio.ensure_future(self._hold_lease(record.id))
+        try:
+            body = json.dumps({"type": f"image.job.{record.status}", "timestamp": record.finished,
                                "data": record.public()}).encode()
             hooks = self.config.jobs.webhooks
-            delivery = await deliver(record.webhook, body, self.secret, f"msg_{record.id}",
-                                     max_attempts=hooks.max_attempts, backoff_s=hooks.backoff_s,
-                                     timeout_s=hooks.timeout_s)
+            async with self._delivery_slots:
+                delivery = await deliver(record.webhook, body, self.secret, f"msg_{record.id}",
+                                         max_attempts=hooks.max_attempts, backoff_s=hooks.backoff_s,
+                                         timeout_s=hooks.timeout_s)
             logger.info("job %s webhook delivered=%s attempts=%d last=%s", record.id,
                         delivery.delivered, delivery.attempts, delivery.last)
             if self.metrics is not None:
                 self.metrics.on_webhook(delivery.delivered, delivery.attempts)
-        logger.info("job %s %s after %d attempt(s)", record.id, status, record.attempts)
-        return status
+            record.notified = True
+            await self._put(record)
+        except Exception:  # noqa: BLE001 - logged; the lease runs out and a sweep tries again
+            logger.exception("job %s: posting its webhook failed", record.id)
+            return
+        finally:
+            lease.cancel()
+        await asyncio.to_thread(self.store.drop_lease, record.id)
+
+    async def _hold_lease(self, job_id: str) -> None:
+        while True:
+            await asyncio.to_thread(self.store.renew_lease, job_id, time.time() + LEASE_S)
+            await asyncio.sleep(LEASE_S / 4)
 
 
-async def recover_lost(store: JobStore, enqueue, now: float | None = None) -> list[str]:
-    """Send back to the broker every running job whose lease ran out: its consumer replica
-    died mid-job (the filesystem broker loses an unacknowledged message with its consumer;
-    Redis would redeliver it only after its visibility timeout). Returns their ids."""
+async def recover_lost(store: JobStore, enqueue, notify=None, now: float | None = None) -> list[str]:
+    """Take over every job whose lease ran out, its consumer replica lost (the filesystem
+    broker loses an unacknowledged message with its consumer; Redis would redeliver it only
+    after its visibility timeout): a running one goes back to the broker, an ended one whose
+    webhook was being posted has it posted by ``notify``. Returns their ids."""
     now = time.time() if now is None else now
     lost = []
     for job_id, until in (await asyncio.to_thread(store.leases)).items():
@@ -149,6 +191,11 @@ async def recover_lost(store: JobStore, enqueue, now: float | None = None) -> li
             continue
         record = await asyncio.to_thread(store.get, job_id)
         await asyncio.to_thread(store.drop_lease, job_id)
+        if record is not None and record.status in FINAL and not record.notified and notify:
+            logger.warning("job %s: its consumer was lost posting its webhook; posting it again", job_id)
+            notify(record)
+            lost.append(job_id)
+            continue
         if record is None or record.status != "running":
             continue
         record.status = "queued"

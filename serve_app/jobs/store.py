@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import secrets
 import time
 from dataclasses import asdict, dataclass, field
@@ -51,7 +52,7 @@ class JobRecord:
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     attempts: int = 0
-    notified: bool = False  # the webhook of its end was sent (or tried)
+    notified: bool = False  # its end was handled: its webhook posted (or given up), or none to post
 
     def public(self) -> dict[str, Any]:
         """The job object a client sees."""
@@ -110,21 +111,47 @@ class JobStore:
     def drop_lease(self, job_id: str) -> None:
         self.backend.delete(self.LEASE + job_id.encode())
 
-    def leases(self) -> dict[str, float]:
-        """Every running job's lease: ``{job id: until}``. Listing keys is the one thing the
-        backends' key-value API lacks: Redis scans, the filesystem backend lists its folder."""
-        prefix = self.LEASE
-        client = getattr(self.backend, "client", None)
-        if client is not None:  # Redis
-            keys = list(client.scan_iter(match=prefix + b"*", count=500))
-        else:  # Celery's filesystem backend: one file per key in its folder
-            import os
+    def _folder(self) -> str | None:
+        """The filesystem backend's folder (one file per key); None on Redis."""
+        if getattr(self.backend, "client", None) is not None:
+            return None
+        path = self.backend.path
+        return path.decode() if isinstance(path, bytes) else path
 
-            folder = self.backend.path.decode() if isinstance(self.backend.path, bytes) else self.backend.path
-            keys = [name.encode() for name in os.listdir(folder) if name.encode().startswith(prefix)]
+    def _keys(self, prefix: bytes) -> list[bytes]:
+        """The keys that start with ``prefix``. Listing keys is the one thing the backends'
+        key-value API lacks: Redis scans, the filesystem backend lists its folder."""
+        folder = self._folder()
+        if folder is None:
+            return list(self.backend.client.scan_iter(match=prefix + b"*", count=500))
+        return [name.encode() for name in os.listdir(folder) if name.encode().startswith(prefix)]
+
+    def leases(self) -> dict[str, float]:
+        """Every running job's lease: ``{job id: until}``."""
         found = {}
-        for key in keys:
+        for key in self._keys(self.LEASE):
             value = self.backend.get(key)
             if value:
-                found[key[len(prefix):].decode()] = float(value)
+                found[key[len(self.LEASE):].decode()] = float(value)
         return found
+
+    def expire(self, ttl_s: float, now: float | None = None) -> int:
+        """Delete the filesystem backend's keys (records, flags, leases, idempotency keys)
+        last written more than ``ttl_s`` ago, and Celery's own results, as Redis expires
+        each key ``ttl_s`` after its last write; the number of our keys deleted."""
+        folder = self._folder()
+        if folder is None:
+            return 0  # Redis expires its keys itself
+        cutoff = (time.time() if now is None else now) - ttl_s
+        removed = 0
+        for prefix in (self.PREFIX, self.CANCEL, self.LEASE, self.IDEMPOTENCY):
+            for key in self._keys(prefix):
+                path = os.path.join(folder, key.decode())
+                try:
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:  # another replica's sweep took it
+                    pass
+        self.backend.cleanup()
+        return removed

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from serve_app.config import load_app_config
-from serve_app.jobs.runner import recover_lost, request_from
+from serve_app.jobs.runner import JobRunner, recover_lost, request_from
 from serve_app.jobs.store import JobRecord, JobStore, new_job_id, owner_of
 from serve_app.service.request import ImageRequest
 
@@ -57,6 +57,26 @@ def test_cancel_flags_and_leases_live_beside_the_record(store):
     assert store.leases() == {"job_b": 20.0}
 
 
+def test_the_filesystem_store_expires_keys_not_written_for_the_ttl(store, tmp_path):
+    import os
+
+    old, fresh = record(), record()
+    for job in (old, fresh):
+        store.put(job)
+        store.request_cancel(job.id)
+    store.remember(old.owner, "key-1", "body", old.id)
+    store.backend.set(b"celery-task-meta-" + old.id.encode(), b"{}")  # Celery's own result
+    two_days_ago = time.time() - 2 * 86400
+    for name in os.listdir(tmp_path):
+        if old.id in name or name.startswith("serve-app-idempotency:"):
+            os.utime(tmp_path / name, (two_days_ago, two_days_ago))
+    assert store.expire(ttl_s=86400) == 3  # the record, its cancel flag, the idempotency key
+    assert store.get(old.id) is None and not store.cancel_requested(old.id)
+    assert store.idempotent(old.owner, "key-1", "body") is None
+    assert store.backend.get(b"celery-task-meta-" + old.id.encode()) is None
+    assert store.get(fresh.id) == fresh and store.cancel_requested(fresh.id)
+
+
 def test_a_running_job_whose_lease_ran_out_goes_back_to_the_broker(store):
     lost, alive, done = record(status="running"), record(status="running"), record(status="succeeded")
     for job in (lost, alive, done):
@@ -69,6 +89,64 @@ def test_a_running_job_whose_lease_ran_out_goes_back_to_the_broker(store):
     assert [r.id for r in sent] == [lost.id] and store.get(lost.id).status == "queued"
     assert store.get(alive.id).status == "running" and store.get(done.id).status == "succeeded"
     assert set(store.leases()) == {alive.id}
+
+
+class _Done:
+    """What a fake images service answers (fakes only in unit tests)."""
+
+    def model_dump_json(self, **kwargs):
+        return '{"created": 1, "data": []}'
+
+
+class _InstantService:
+    async def plan(self, request, image=None, mask=None):
+        return request
+
+    async def execute(self, plan, base_url):
+        return _Done()
+
+
+def runner_for(tiny_args, store, **webhooks):
+    hooks = {**tiny_args["jobs"]["webhooks"], **webhooks}
+    config = load_app_config({**tiny_args, "jobs": {**tiny_args["jobs"], "webhooks": hooks}})
+    return JobRunner(config, _InstantService(), store, images_store=None)
+
+
+def test_a_failing_webhook_is_retried_off_the_jobs_slot(tiny_args, store):
+    """The job's run returns as soon as the job ends; its webhook, which the receiver refuses
+    twice (1 s, then 2 s of backoff), is posted in the background under the job's lease."""
+    from tests.unit.test_webhooks import Receiver
+
+    receiver = Receiver(answers=[500, 500])
+    runner = runner_for(tiny_args, store, backoff_s=1.0, max_attempts=3)
+    job = record(webhook=receiver.url)
+    store.put(job)
+
+    async def run_then_wait():
+        started = time.monotonic()
+        status = await runner.run(job.id)
+        returned_after = time.monotonic() - started
+        mid_delivery = (store.get(job.id).notified, job.id in store.leases())
+        await asyncio.gather(*runner.deliveries)
+        return status, returned_after, mid_delivery
+
+    status, returned_after, mid_delivery = asyncio.run(run_then_wait())
+    receiver.close()
+    assert status == "succeeded" and returned_after < 1.0, returned_after
+    assert mid_delivery == (False, True)  # the lease is held while the webhook is posted
+    assert len(receiver.requests) == 3
+    assert store.get(job.id).notified and job.id not in store.leases()
+
+
+def test_a_webhook_whose_replica_was_lost_is_posted_by_the_sweep(store):
+    ended = record(status="succeeded", webhook="https://hooks.example/x")
+    handled = record(status="succeeded", webhook="https://hooks.example/y", notified=True)
+    for job in (ended, handled):
+        store.put(job)
+        store.renew_lease(job.id, time.time() - 1)
+    sent, posted = [], []
+    assert asyncio.run(recover_lost(store, sent.append, posted.append)) == [ended.id]
+    assert sent == [] and [r.id for r in posted] == [ended.id]
 
 
 def test_a_request_survives_its_trip_through_json():
@@ -87,3 +165,29 @@ def test_the_jobs_config_reads_the_broker_password_from_the_environment(tiny_arg
     assert config.jobs.broker == config.jobs.state_url == "redis://:s3cret@h:6379/1"
     embedded = load_app_config({**tiny_args, "jobs": {"data_folder": "/d"}}).jobs
     assert (embedded.broker, embedded.state_url) == ("filesystem://", "file:///d/state")
+
+
+def test_the_embedded_broker_takes_the_priority_queues_in_order(tmp_path):
+    """kombu's filesystem transport takes its queues in turns (this test gives
+    low, normal, high, low, ... there); ours takes high, then normal, then low."""
+    from kombu import Connection, Consumer, Exchange, Queue
+
+    from serve_app.jobs.broker import PRIORITIES, priority_queue
+
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    queues = {p: Queue(priority_queue("jobs", p), Exchange(priority_queue("jobs", p), "direct"),
+                       routing_key=priority_queue("jobs", p)) for p in PRIORITIES}
+    sent = ["low", "low", "normal", "low", "high", "normal"]
+    taken = []
+    transport = "serve_app.jobs.broker:PriorityFilesystemTransport"
+    with Connection("filesystem://", transport=transport, transport_options=options) as connection:
+        producer = connection.Producer()
+        for priority in sent:
+            queue = queues[priority]
+            producer.publish({"priority": priority}, exchange=queue.exchange,
+                             routing_key=queue.routing_key, declare=[queue])
+        with Consumer(connection, [queues[p] for p in reversed(PRIORITIES)],
+                      callbacks=[lambda body, message: (taken.append(body["priority"]), message.ack())]):
+            for _ in sent:
+                connection.drain_events(timeout=2)
+    assert taken == ["high", "normal", "normal", "low", "low", "low"]
