@@ -51,9 +51,12 @@ def copy_checkout(root: Path, target: Path) -> None:
 
 
 def freeze(python: Path) -> list[str]:
-    out = subprocess.run([str(python), "-m", "pip", "freeze", "--exclude-editable"],
+    """The environment's pins; ``--all`` so that setuptools (which torch and grpcio-tools
+    require, and plain ``pip freeze`` leaves out) is pinned too; pip itself is not."""
+    out = subprocess.run([str(python), "-m", "pip", "freeze", "--all", "--exclude-editable"],
                          check=True, capture_output=True, text=True).stdout
-    return sorted((line for line in out.splitlines() if line and not line.startswith("#")),
+    return sorted((line for line in out.splitlines()
+                   if line and not line.startswith("#") and not line.lower().startswith("pip==")),
                   key=str.lower)
 
 

@@ -47,7 +47,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         from serve_app.jobs.consumer import consumer_class
 
         consumer = (serve.deployment(consumer_class(config))
-                    .options(name=JOBS_NAME, **config.jobs.deployment.serve_options())
+                    .options(name=JOBS_NAME, **config.jobs.consumer_options())
                     .bind(config, handles, store))
         handles = {**handles, JOBS_NAME: consumer}  # bound with the app; the ingress never calls it
     return (

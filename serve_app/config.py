@@ -680,7 +680,11 @@ class JobsConfig(_Strict):
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.1, num_replicas=1, max_ongoing_requests=4),
         description="The consumer deployment; its max_ongoing_requests is how many jobs a "
-        "replica runs at once (Serve hands it to Celery as the worker's concurrency).",
+        "replica runs at once (Serve hands it to Celery as the worker's concurrency). With an "
+        "autoscaling_config it scales on the jobs queued and running (serve_app/jobs/autoscaling.py).",
+    )
+    autoscaling_poll_s: float = Field(
+        default=5.0, gt=0, description="How often the consumer's autoscaling policy counts the jobs."
     )
 
     @property
@@ -688,6 +692,21 @@ class JobsConfig(_Strict):
         """``broker_url`` with ``${VAR}`` taken from the environment (a password from a
         Kubernetes secret)."""
         return os.path.expandvars(self.broker_url)
+
+    def consumer_options(self) -> dict[str, Any]:
+        """The consumer deployment's Serve options. With an autoscaling_config that names no
+        policy of its own: the jobs policy (jobs queued in every priority plus jobs running),
+        aiming at max_ongoing_requests jobs per replica unless target_ongoing_requests is set."""
+        options = self.deployment.serve_options()
+        scaling = options.get("autoscaling_config")
+        if scaling is not None and "policy" not in scaling:
+            from serve_app.jobs.autoscaling import POLICY, policy_kwargs
+
+            options["autoscaling_config"] = {
+                "target_ongoing_requests": self.deployment.max_ongoing_requests, **scaling,
+                "policy": {"policy_function": POLICY,
+                           "policy_kwargs": policy_kwargs(self, self.autoscaling_poll_s)}}
+        return options
 
     @property
     def state_url(self) -> str:

@@ -29,7 +29,7 @@ def _folders(config: JobsConfig) -> dict[str, str]:
     root = Path(config.data_folder)
     folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",
                "processed_folder": root / "processed", "control_folder": root / "control"}
-    for folder in [*folders.values(), root / "state"]:
+    for folder in folders.values():
         os.makedirs(folder, exist_ok=True)
     return {key: str(value) for key, value in folders.items()}
 

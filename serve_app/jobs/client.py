@@ -16,7 +16,7 @@ class Jobs:
         from ray.serve.task_consumer import instantiate_adapter_from_config
 
         jobs = config.jobs
-        self.store = JobStore(state_backend(config))
+        self.store = JobStore(state_backend(config.jobs))
         self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts),
                                     tuple(jobs.webhooks.allowed_http_hosts))
         self.adapter = instantiate_adapter_from_config(task_processor_config(jobs))

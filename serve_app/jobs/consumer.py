@@ -23,7 +23,7 @@ def consumer_class(config: AppConfig):
             from serve_app.service.images import ImagesService
 
             self.config = load_app_config(config)
-            store = JobStore(state_backend(self.config))
+            store = JobStore(state_backend(self.config.jobs))
             from serve_app.jobs.metrics import JobMetrics
 
             self.metrics = JobMetrics()

@@ -16,13 +16,15 @@ Status = Literal["queued", "running", "succeeded", "failed", "canceled"]
 FINAL = ("succeeded", "failed", "canceled")
 
 
-def state_backend(config):
-    """The Celery result backend holding job records (its key-value store) of an AppConfig;
+def state_backend(jobs):
+    """The Celery result backend holding job records (its key-value store) of a JobsConfig;
     on Redis every key it writes expires after ``jobs.result_ttl_s``."""
     from celery import Celery
 
-    app = Celery("serve-app-jobs", backend=config.jobs.state_url)
-    app.conf.result_expires = int(config.jobs.result_ttl_s)
+    if jobs.state_url.startswith("file://"):  # Celery's filesystem backend wants its folder
+        os.makedirs(jobs.state_url.removeprefix("file://"), exist_ok=True)
+    app = Celery("serve-app-jobs", backend=jobs.state_url)
+    app.conf.result_expires = int(jobs.result_ttl_s)
     return app.backend
 
 

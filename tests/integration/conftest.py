@@ -9,12 +9,11 @@ from serve_app.tools.launch import free_port, load_serve_config, run_local, wait
 from tests.conftest import TINY_CONFIG
 
 
-@contextlib.contextmanager
-def side_app(config_path, base_url, healthy=True, **args_override):
-    """Deploy the first application of ``config_path`` beside the tiny app, on the same
-    Serve instance, until the block ends; ``args_override`` replaces top-level keys of its
-    ``args``. Yields its base URL once ``/health`` answers 200 (``healthy=False``: once the
-    deploy is sent, for an app that never gets there)."""
+def deploy_side_app(config_path, base_url, healthy=True, **args_override) -> str:
+    """Deploy (or redeploy) the first application of ``config_path`` beside the tiny app, on
+    the same Serve instance; ``args_override`` replaces top-level keys of its ``args``.
+    Returns its base URL once ``/health`` answers 200 (``healthy=False``: once the deploy
+    is sent, for an app that never gets there)."""
     from ray import serve
 
     from serve_app.app import build_app
@@ -25,12 +24,21 @@ def side_app(config_path, base_url, healthy=True, **args_override):
     # serve.run waits for the app to be RUNNING and raises once it is DEPLOY_FAILED.
     serve.run_many([target], wait_for_applications_running=healthy)
     url = f"{base_url}{app['route_prefix']}"
+    if healthy:
+        wait_healthy(url, timeout_s=120)
+    return url
+
+
+@contextlib.contextmanager
+def side_app(config_path, base_url, healthy=True, **args_override):
+    """deploy_side_app until the block ends; yields the app's base URL."""
+    from ray import serve
+
+    name = load_serve_config(config_path)["applications"][0]["name"]
     try:
-        if healthy:
-            wait_healthy(url, timeout_s=120)
-        yield url
+        yield deploy_side_app(config_path, base_url, healthy, **args_override)
     finally:
-        serve.delete(app["name"])
+        serve.delete(name)
 
 
 @pytest.fixture(scope="session")

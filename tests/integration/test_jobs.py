@@ -17,7 +17,7 @@ from PIL import Image
 
 from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT
-from tests.integration.conftest import side_app
+from tests.integration.conftest import deploy_side_app, side_app
 from tests.unit.test_webhooks import Receiver, verify
 
 pytestmark = pytest.mark.integration
@@ -41,7 +41,14 @@ def http(request, base_url):
             httpx.Client(base_url=app_url, timeout=120,
                          headers={"Authorization": "Bearer sk-jobs-one"}) as client:
         client.app_name = "jobsredis"
+        client.restart = lambda: (serve_delete("jobsredis"), deploy_side_app(REDIS_CONFIG, base_url, jobs=jobs))
         yield client
+
+
+def serve_delete(name):
+    from ray import serve
+
+    serve.delete(name)
 
 FINAL = ("succeeded", "failed", "canceled")
 
@@ -60,11 +67,20 @@ def submit(http, prompt="a fox", size="256x256", steps=4, seed=5, headers=None, 
 
 
 def wait(http, job_id, timeout_s=120, until=FINAL):
-    deadline = time.monotonic() + timeout_s
+    """The job once its status is in ``until``; polls through a restarting app (a 503 or a
+    connection refused while its replicas come back)."""
+    deadline, job = time.monotonic() + timeout_s, {"status": "unknown"}
     while time.monotonic() < deadline:
-        job = http.get(f"/v1/images/jobs/{job_id}").json()
-        if job["status"] in until:
-            return job
+        try:
+            response = http.get(f"/v1/images/jobs/{job_id}")
+        except httpx.TransportError:
+            response = None
+        if response is not None and response.status_code == 200:
+            job = response.json()
+            if job["status"] in until:
+                return job
+        elif response is not None and response.status_code not in (502, 503, 504):
+            raise AssertionError(f"GET job {job_id}: {response.status_code} {response.text}")
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout_s} s")
 
@@ -179,14 +195,69 @@ def test_a_consumer_killed_mid_job_leaves_the_job_to_run_again_once(http):
     receiver = Receiver()
     job = submit(http, prompt="victim", size="768x768", steps=100, seed=4, webhook=receiver.url).json()
     wait(http, job["id"], until=("running",))
-    (name,) = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-               if a["name"].startswith(f"SERVE_REPLICA::{http.app_name}#JobsConsumer")]
-    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    for name in consumer_replicas(http):  # every one (the Redis app may have scaled to two)
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
     done = wait(http, job["id"], timeout_s=180)
     assert done["status"] == "succeeded"
     time.sleep(3)
     assert len(receiver.wait(1)) == 1  # told once
     receiver.server.shutdown()
+
+
+def consumer_replicas(http, deployment="JobsConsumer") -> list[str]:
+    import ray
+
+    return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{http.app_name}#{deployment}#")]
+
+
+def test_a_job_outlives_its_ingress_replica(http):
+    """The record is in the broker's backend, not in the ingress: a new ingress replica
+    answers for the job the killed one took."""
+    import ray
+
+    job = submit(http, prompt="through an ingress restart", size="768x768", steps=60, seed=12).json()
+    for name in consumer_replicas(http, "ImagesIngress"):
+        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    done = wait(http, job["id"], timeout_s=180)
+    assert done["status"] == "succeeded" and done["created"] == job["created"]
+    assert http.get(done["result"]["data"][0]["url"]).status_code == 200
+
+
+def test_jobs_outlive_a_restart_of_the_whole_application(http):
+    """With Redis (a durable broker: it outlives the app) a queued job and a running one both
+    end well after every replica of the application went and came back."""
+    if http.app_name != "jobsredis":
+        pytest.skip("the session's tiny app is not restarted under the other tests; the Redis app is")
+    running = submit(http, prompt="running at the restart", size="768x768", steps=100, seed=21).json()
+    queued = [submit(http, prompt=f"queued at the restart {i}", seed=22 + i).json() for i in range(3)]
+    wait(http, running["id"], until=("running",))
+    http.restart()
+    for job in (running, *queued):
+        assert wait(http, job["id"], timeout_s=240)["status"] == "succeeded", job["id"]
+
+
+def test_the_consumers_scale_out_on_a_backlog_and_back(http):
+    if http.app_name != "jobsredis":
+        pytest.skip("the tiny app runs one consumer; the Redis app autoscales its consumers")
+    from ray import serve
+
+    def running_after(until, timeout_s=60):
+        """Consumer replicas running once ``until(count)`` holds, or the time is up."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = serve.status().applications[http.app_name].deployments["JobsConsumer"]
+            count = status.replica_states.get("RUNNING", 0)
+            if until(count) or time.monotonic() > deadline:
+                return count
+            time.sleep(0.5)
+
+    assert running_after(lambda n: n == 1) == 1, "idle (earlier tests' jobs ended): min_replicas"
+    backlog = [submit(http, prompt=f"backlog {i}", size="768x768", steps=60, seed=i).json()["id"]
+               for i in range(6)]
+    assert running_after(lambda n: n >= 2) == 2, "6 jobs for 2 per replica: more replicas (at most 2)"
+    assert all(wait(http, job_id, timeout_s=240)["status"] == "succeeded" for job_id in backlog)
+    assert running_after(lambda n: n == 1) == 1, "no job left: back to min_replicas"
 
 
 def test_a_high_priority_job_runs_before_a_backlog_of_low_ones(http):

@@ -191,3 +191,52 @@ def test_the_embedded_broker_takes_the_priority_queues_in_order(tmp_path):
             for _ in sent:
                 connection.drain_events(timeout=2)
     assert taken == ["high", "normal", "normal", "low", "low", "low"]
+
+
+def publish(folder, queue_names):
+    """Messages in the embedded broker's queues, as the ingress sends them."""
+    from kombu import Connection, Exchange, Queue
+
+    folder.mkdir(parents=True, exist_ok=True)
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    with Connection("filesystem://", transport_options=options,
+                    transport="serve_app.jobs.broker:PriorityFilesystemTransport") as connection:
+        producer = connection.Producer()
+        for name in queue_names:
+            queue = Queue(name, Exchange(name, "direct"), routing_key=name)
+            producer.publish({"job": name}, exchange=queue.exchange, routing_key=name, declare=[queue])
+
+
+def test_the_consumers_scale_on_jobs_queued_and_running(tiny_args, tmp_path):
+    """The consumer's autoscaling policy: (queued in every priority + running) jobs over the
+    jobs a replica runs at once; the running ones keep their replicas from scaling down."""
+    from types import SimpleNamespace
+
+    from ray.serve.config import AutoscalingConfig
+
+    from serve_app.jobs.autoscaling import JobsAutoscalingPolicy, policy_kwargs
+    from serve_app.jobs.store import state_backend
+
+    args = {**tiny_args, "jobs": {**tiny_args["jobs"], "data_folder": str(tmp_path), "deployment": {
+        "num_cpus": 0.1, "max_ongoing_requests": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}}}
+    jobs = load_app_config(args).jobs
+    options = jobs.consumer_options()["autoscaling_config"]
+    assert options["target_ongoing_requests"] == 2
+    assert options["policy"]["policy_kwargs"] == policy_kwargs(jobs, jobs.autoscaling_poll_s)
+    policy = JobsAutoscalingPolicy(**policy_kwargs(jobs, poll_interval_s=0.0))
+    context = SimpleNamespace(total_num_requests=0, current_num_replicas=1,
+                              config=AutoscalingConfig(**{k: v for k, v in options.items() if k != "policy"}))
+
+    async def desired():
+        policy(context)  # starts a count
+        await policy._task
+        return policy(context)
+
+    assert asyncio.run(desired()) == (0, {"jobs": 0})
+    publish(tmp_path / "queue", ["images-jobs.high", "images-jobs.low", "images-jobs.low"])
+    store = JobStore(state_backend(jobs))
+    for job_id in ("job_a", "job_b", "job_c"):
+        store.renew_lease(job_id, time.time() + 20)
+    assert asyncio.run(desired()) == (3.0, {"jobs": 6})  # 6 jobs, 2 per replica
+    context.current_num_replicas = 0
+    assert asyncio.run(desired())[0] == 1  # from zero: one replica to start with

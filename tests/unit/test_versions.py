@@ -54,3 +54,40 @@ def test_lock_lines(tmp_path, line):
     lock.write_text(line + "\n")
     (name, pinned), = locked_versions(lock).items()
     assert name in ("torch", "ray") and pinned in ("2.14.1", "2.60.0")
+
+
+def required_distributions(name: str, extras: frozenset = frozenset(), seen=None) -> set[str]:
+    """Every distribution ``name[extras]`` needs on this platform, transitively (the
+    installed packages' own metadata, markers evaluated)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen = set() if seen is None else seen
+    key = (canonicalize_name(name), extras)
+    if key in seen:
+        return set()
+    seen.add(key)
+    found = {canonicalize_name(name)}
+    try:
+        requirements = requires(name) or []
+    except PackageNotFoundError:
+        return found
+    for text in requirements:
+        requirement = Requirement(text)
+        wanted = [{"extra": extra} for extra in extras] or [{"extra": ""}]
+        if requirement.marker is None or any(requirement.marker.evaluate(env) for env in wanted):
+            found |= required_distributions(requirement.name, frozenset(requirement.extras), seen)
+    return found
+
+
+def test_the_lock_pins_every_distribution_the_project_and_its_tests_need():
+    """A fresh install with -c constraints.txt takes no version the tests did not run
+    against: each distribution serve-app[test] needs, transitively, is pinned."""
+    from packaging.utils import canonicalize_name
+
+    pins = {canonicalize_name(name) for name in locked_versions()}
+    needed = required_distributions("serve-app", frozenset({"test"})) - {"serve-app"}
+    assert len(needed) > 50
+    assert sorted(needed - pins) == []
