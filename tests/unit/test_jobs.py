@@ -174,7 +174,8 @@ def test_the_embedded_broker_takes_the_priority_queues_in_order(tmp_path):
 
     from serve_app.jobs.broker import PRIORITIES, priority_queue
 
-    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path)}
+    options = {"data_folder_in": str(tmp_path), "data_folder_out": str(tmp_path),
+               "control_folder": str(tmp_path / "control")}
     queues = {p: Queue(priority_queue("jobs", p), Exchange(priority_queue("jobs", p), "direct"),
                        routing_key=priority_queue("jobs", p)) for p in PRIORITIES}
     sent = ["low", "low", "normal", "low", "high", "normal"]
@@ -198,7 +199,8 @@ def publish(folder, queue_names):
     from kombu import Connection, Exchange, Queue
 
     folder.mkdir(parents=True, exist_ok=True)
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder)}
+    options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+               "control_folder": str(folder / "control")}
     with Connection("filesystem://", transport_options=options,
                     transport="serve_app.jobs.broker:PriorityFilesystemTransport") as connection:
         producer = connection.Producer()
