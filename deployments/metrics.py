@@ -29,6 +29,10 @@ class ReplicaMetrics:
         self.batch_images = metrics.Histogram(
             "serve_app_batch_images", "Images per pipeline call.", _BATCH_BOUNDARIES, ("model",)
         )
+        self.step_rows = metrics.Histogram(
+            "serve_app_step_rows", "Step mode: UNet rows per call (the guided jobs count two "
+            "rows an image).", [1, 2, 4, 8, 16, 32, 64, 128], ("model",)
+        )
         self.lora_loads = metrics.Counter(
             "serve_app_lora_loads", "LoRA adapters loaded into a replica's pipeline.",
             ("model", "adapter"),
@@ -49,6 +53,11 @@ class ReplicaMetrics:
         (on the pipeline thread, between GPU steps) a fraction of a millisecond."""
         if steps:
             self.steps.inc(steps, self.tags)
+
+    def on_unet_call(self, rows: int, seconds: float) -> None:
+        """Step mode: one UNet call of ``rows`` rows, every job in flight one step on."""
+        self.steps.inc(1, self.tags)
+        self.step_rows.observe(rows, self.tags)
 
     def on_lora_load(self, adapter: str) -> None:
         self.lora_loads.inc(1, {**self.tags, "adapter": adapter})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 from typing import Any
 
@@ -27,6 +28,10 @@ from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder
 from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
+from deployments.steploop import StepBatcher, StepLoop, StepSlot
+
+# In step mode, the step-loop slot of the job this thread runs (None in request mode).
+_step_slot: contextvars.ContextVar[StepSlot | None] = contextvars.ContextVar("step_slot", default=None)
 
 def serve_metrics_available() -> bool:
     """Ray's metrics need a running Ray; deployments called directly (unit tests) skip them."""
@@ -63,13 +68,16 @@ class PipelineDeployment:
         self.preview_decoder = load_preview_decoder(spec, self.device) if spec.preview_decoder else None
         self.metrics = ReplicaMetrics(spec.name) if serve_metrics_available() else None
         self.loras = LoraCache(self.pipe, spec, self.device, self.metrics) if self.takes_loras else None
-        self.batcher = Batcher(
-            self._run_group,
-            spec.max_batch_images,
-            spec.batch_wait_timeout_s,
-            on_batch=self.metrics.on_batch if self.metrics else None,
-            thread_name=f"{spec.name}-pipeline",
-        )
+        on_batch = self.metrics.on_batch if self.metrics else None
+        self.steps: StepLoop | None = None
+        if spec.batching_mode == "step":
+            self.steps = StepLoop(self.pipe.unet, spec.name, setup=self._thread_setup,
+                                  on_call=self.metrics.on_unet_call if self.metrics else None)
+            self.batcher = StepBatcher(self._run_step_job, spec.max_batch_images, spec.max_shape_wait_s,
+                                       on_batch=on_batch, thread_name=f"{spec.name}-pipeline")
+        else:
+            self.batcher = Batcher(self._run_group, spec.max_batch_images, spec.batch_wait_timeout_s,
+                                   on_batch=on_batch, thread_name=f"{spec.name}-pipeline")
 
     def load(self, spec: PipelineSpec):
         """Load this replica's model; returns (model, device)."""
@@ -80,6 +88,9 @@ class PipelineDeployment:
         """Queue a job of ``images`` images (default: one per seed); returns its
         StageResult, with the cost of earlier stages added."""
         count = len(job.seeds) if images is None else images
+        if self.steps is not None:  # step mode: jobs share UNet calls by latent shape and adapters
+            size = tuple(inputs[0].shape[-2:]) if kind == "refine" else (job.height, job.width)
+            key = (size, self._lora_key(job))
         result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get())
         if getattr(job, "output_latents", False):
             result = dataclasses.replace(result, latent_space=FAMILIES[self.spec.family].latent_space)
@@ -147,6 +158,29 @@ class PipelineDeployment:
         finally:
             task.cancel()
 
+    def _pipeline(self, name: str = "pipe") -> Any:
+        """The pipeline ``name`` (``pipe``, ``img2img``, ``inpaint``) as this thread's job runs
+        it: the replica's own, or in step mode the job's view of it (deployments/steploop.py)."""
+        pipe, slot = getattr(self, name), _step_slot.get()
+        return pipe if slot is None else self.steps.view(pipe, slot)
+
+    def _thread_setup(self) -> None:
+        if self.device == "cpu":
+            # OpenMP's thread count is per OS thread, and a worker thread inherits Ray's
+            # OMP_NUM_THREADS (1 for a fraction of a CPU): set it where torch runs.
+            torch.set_num_threads(cpu_threads(self.spec))
+
+    def _run_step_job(self, entry: BatchEntry) -> tuple[Any, int, float]:
+        """Step mode, on the job's own thread: the job's pipeline call, through the step
+        loop; returns (output, denoising steps of its images, its model seconds)."""
+        slot = StepSlot(cancelled=entry.token.is_set)
+        token = _step_slot.set(slot)
+        try:
+            (output,) = self.steps.run(slot, lambda: self._run_batch(entry.kind, [entry]))
+        finally:
+            _step_slot.reset(token)
+        return output, slot.calls * entry.images, slot.seconds
+
     def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
         steps_before = self.batcher.stats.steps
         try:
@@ -156,10 +190,7 @@ class PipelineDeployment:
                 self.metrics.on_steps(self.batcher.stats.steps - steps_before)
 
     def _run_batch(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
-        if self.device == "cpu":
-            # OpenMP's thread count is per OS thread, and this worker thread inherits Ray's
-            # OMP_NUM_THREADS (1 for a fraction of a CPU): set it here, where torch runs.
-            torch.set_num_threads(cpu_threads(self.spec))
+        self._thread_setup()
         try:
             if self.loras is not None:
                 # Outside inference mode: loading creates the adapters' parameters. Every job
@@ -255,7 +286,7 @@ class TextToImageMixin:
         )
         if job.denoising_end is not None:
             kwargs["denoising_end"] = job.denoising_end
-        output = self.pipe(**kwargs).images
+        output = self._pipeline()(**kwargs).images
         return split(finish(output, job.output_latents), entries)
 
 
@@ -312,9 +343,9 @@ class ImageToImageMixin:
             callback_on_step_end=self._step_callback(entries),
         )
         if entries[0].inputs[1] is None:
-            output = self.img2img(**kwargs).images
+            output = self._pipeline("img2img")(**kwargs).images
         else:
             masks = [Image.fromarray(e.inputs[1]) for e in entries for _ in range(e.images)]
             kwargs.update(mask_image=masks, width=job.width, height=job.height)
-            output = self.inpaint(**kwargs).images
+            output = self._pipeline("inpaint")(**kwargs).images
         return split(finish(output, job.output_latents), entries)

@@ -55,7 +55,7 @@ class SDXLRefinerDeployment(PipelineDeployment):
 
     def _batch_refine(self, entries):
         job = entries[0].job
-        output = self.pipe(
+        output = self._pipeline()(
             **batch_text(entries),
             image=torch.cat([entry.inputs[0] for entry in entries]),
             num_inference_steps=job.num_inference_steps,

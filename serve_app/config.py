@@ -150,7 +150,21 @@ class BatchingConfig(_Strict):
         le=1,
         description="How long a batch that is not full waits for more jobs before it starts, "
         "while jobs arrive closer together than this (a burst); a lone job starts at once. "
-        "0 never waits (jobs that arrive while a batch runs join the next one).",
+        "0 never waits (jobs that arrive while a batch runs join the next one). Request mode only.",
+    )
+    mode: Literal["request", "step"] = Field(
+        default="request",
+        description="'request': a batch of jobs with the same size, steps, guidance, strength "
+        "and adapters runs one pipeline call to its end. 'step' (SD 2.1, SDXL and its refiner): "
+        "jobs join and leave a running batch at every denoising step, and jobs of one latent "
+        "shape and adapter set share each UNet call whatever their steps, guidance, strength "
+        "or denoising start and end (deployments/steploop.py).",
+    )
+    max_shape_wait_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="Step mode: once a job of another shape (or adapter set) has waited this "
+        "long, no more jobs join the running batch, and that job's shape goes next.",
     )
 
 
@@ -342,6 +356,8 @@ class _WeightsReplica(_Strict):
         own = {key: getattr(self, key) for key in type(self).model_fields if key in names}
         batching = {key: getattr(self.batching, key) for key in BatchingConfig.model_fields
                     if key in names}
+        if "batching_mode" in names:
+            batching["batching_mode"] = self.batching.mode
         return PipelineSpec(**own, **batching, **values)
 
     @model_validator(mode="after")
@@ -441,6 +457,13 @@ class ModelConfig(_Served, _WeightsReplica):
             )
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
+        if self.batching.mode == "step":
+            if not self.info.step_batching:
+                raise ValueError(f"batching.mode: family {self.family} batches by request only "
+                                 "(step mode: sd21, sdxl, sdxl-refiner)")
+            if self.cpu_offload:
+                raise ValueError("batching.mode: step cannot run with cpu_offload (the modules "
+                                 "would move on and off the GPU at every step)")
         self._check_loras()
         return self
 
@@ -752,6 +775,8 @@ class SafetyConfig(_WeightsReplica):
     def _check(self) -> SafetyConfig:
         if self.source.stand_in and self.source.family != SAFETY_CHECKER:
             raise ValueError(f"source {str(self.source)!r}: use '{self.source.kind}:{SAFETY_CHECKER}'")
+        if self.batching.mode == "step":
+            raise ValueError("batching.mode: the safety checker batches by request only")
         return self
 
     def pipeline_spec(self) -> PipelineSpec:

@@ -219,6 +219,27 @@ def test_vae_only_where_there_is_one(tiny_args):
         load_app_config(args)
 
 
+def test_step_batching_where_a_pipeline_steps_its_unet(tiny_args):
+    args = copy.deepcopy(tiny_args)
+    for model in args["models"]:
+        if model["family"] in ("sd21", "sdxl", "sdxl-refiner"):  # (YAML anchors share dicts)
+            model["batching"] = {**model.get("batching", {}), "mode": "step"}
+    config = load_app_config(args)
+    stepped = {m.family for m in config.models if m.pipeline_spec().batching_mode == "step"}
+    assert stepped == {"sd21", "sdxl", "sdxl-refiner"} & {m.family for m in config.models}
+
+    def step(family, **more):
+        def mutate(a):
+            model = next(m for m in a["models"] if m["family"] == family)
+            model.update(batching={**model.get("batching", {}), "mode": "step"}, **more)
+        return mutate
+
+    assert "batches by request only" in _broken(tiny_args, step("esrgan"))
+    assert "cpu_offload" in _broken(tiny_args, step("sdxl", cpu_offload=True))
+    safety = _broken(tiny_args, lambda a: a["safety"].update(batching={"mode": "step"}))
+    assert "safety checker batches by request only" in safety
+
+
 def test_size_bounds_allow_any_multiple_of_8_within_them(tiny_args):
     limits = load_app_config(tiny_args).model("stable-diffusion-2-1").limits
     assert limits.allows(1024, 576)  # Livepeer's default, 768x768's area

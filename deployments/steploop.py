@@ -1,0 +1,331 @@
+"""Step-level continuous batching (``batching.mode: step``): jobs join and leave a running
+batch at every denoising step.
+
+Each job runs the pipeline's own call (``pipe(...)``: its own ``encode_prompt``,
+``prepare_latents``, timesteps, scheduler step, classifier-free guidance, inpainting blend,
+VAE decode and upcasting rules) on a thread of its own, through a *view* of the pipeline
+with a scheduler instance of its own and, in place of the UNet, a stand-in that hands the
+call to the replica's :class:`StepLoop`. The step loop owns the UNet: once every job in
+flight has asked for its next UNet call, it runs **one** UNet call for all their rows (each
+row with its own timestep: the UNet embeds a timestep per sample), and hands each job its
+rows back. So each job gets the image ``pipe(...)`` gives it alone, whatever ran beside it,
+and jobs that differ in steps, guidance, strength, seed, prompt or denoising start and end
+share every step; only the latent shape (and the adapter set, which the batcher keeps
+apart) separates them.
+
+One device lock serialises the work on the model: a job's thread holds it while it runs
+(text encoding, latents, scheduler steps, decode) and lets go while it waits for the UNet;
+the step loop holds it for the UNet call. So a finished job decodes at once, between two
+steps of the others, and a new job prepares between two steps and joins the next one.
+
+Why a loop of our own: no library batches diffusion steps across requests (vLLM-Omni's
+step scheduler is for DiT models and vLLM's engine; ComfyUI's and SGLang's are unmerged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import copy
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from deployments.batching import RECENT_BATCHES, BatchEntry, Batcher, PipelineCancelled
+from deployments.contract import StageResult
+
+# How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.
+RECENT_CALLS = 1000
+
+
+@dataclass(eq=False)
+class StepSlot:
+    """One job in the step loop: its pending UNet request, its answer, and its cost."""
+
+    cancelled: Callable[[], bool]
+    request: tuple | None = None  # (sample, timestep, kwargs) while it waits for the UNet
+    answer: Any = None
+    error: BaseException | None = None
+    denoising: bool = False  # asked for its first UNet call, still running
+    calls: int = 0  # UNet calls it took part in (its denoising steps)
+    seconds: float = 0.0  # its own work, plus its rows' share of each UNet call
+    _held_since: float = 0.0
+
+
+@dataclass
+class StepStats:
+    unet_calls: int = 0
+    rows: list[int] = field(default_factory=list)  # rows of the latest RECENT_CALLS calls
+    jobs: list[int] = field(default_factory=list)  # jobs of the same calls
+
+
+class _UNetStandIn:
+    """What a job's pipeline view has as its ``unet``: the real UNet's attributes (config,
+    dtype, device, add_embedding, ...), and calls that go through the step loop."""
+
+    def __init__(self, loop: StepLoop, slot: StepSlot):
+        self._loop, self._slot = loop, slot
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop.unet, name)
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        answer = self._loop.unet_call(self._slot, sample, timestep, encoder_hidden_states, kwargs)
+        return (answer,) if not return_dict else _Output(answer)
+
+
+@dataclass
+class _Output:
+    sample: torch.Tensor
+
+    def __getitem__(self, index):
+        return (self.sample,)[index]
+
+
+def _signature(request: tuple) -> tuple:
+    """What must match for requests to share a UNet call: shapes past the rows, dtypes, and
+    the extra arguments' keys and non-tensor values."""
+    sample, _, kwargs = request
+    parts = [tuple(sample.shape[1:]), sample.dtype]
+    for name in sorted(kwargs):
+        value = kwargs[name]
+        if isinstance(value, torch.Tensor):
+            parts.append((name, tuple(value.shape[1:]), value.dtype))
+        elif isinstance(value, dict):
+            parts.append((name, tuple(sorted((k, tuple(v.shape[1:])) if isinstance(v, torch.Tensor)
+                                            else (k, repr(v)) for k, v in value.items()))))
+        else:
+            parts.append((name, repr(value)))
+    return tuple(parts)
+
+
+def _per_row(timestep, rows: int, device) -> torch.Tensor:
+    timestep = torch.as_tensor(timestep, device=device)
+    return timestep.reshape(1).expand(rows) if timestep.numel() == 1 else timestep.reshape(rows)
+
+
+def _cat(values: list[Any]) -> Any:
+    """Requests' values side by side: tensors along the rows, dicts key by key."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if isinstance(first, dict):
+        return {key: _cat([value[key] for value in values]) for key in first}
+    return first  # None, or the same value in every request (part of the signature)
+
+
+class StepLoop:
+    """The replica's UNet, shared by the jobs in flight one step at a time.
+
+    ``unet`` is the pipeline's UNet; ``setup`` runs once on the loop's own thread (torch's
+    CPU thread count is per OS thread). ``on_call(rows, seconds)`` is told of each call.
+    """
+
+    def __init__(self, unet: Any, name: str, setup: Callable[[], None] | None = None,
+                 on_call: Callable[[int, float], None] | None = None):
+        self.unet = unet
+        self.stats = StepStats()
+        self._device = threading.Lock()
+        self._state = threading.Condition()
+        self._slots: list[StepSlot] = []
+        self._setup, self._on_call = setup, on_call
+        # A thread of its own, not a pool's: it lives as long as the replica and waits for
+        # work; a daemon, so that it never holds a process at exit.
+        threading.Thread(target=self._run, name=f"{name}-steps", daemon=True).start()
+
+    # --- the jobs' side (each on its own thread) ---
+
+    def run(self, slot: StepSlot, work: Callable[[], Any]) -> Any:
+        """Run ``work`` (a job's pipeline call through its view) as ``slot``, holding the
+        device except while it waits for the UNet."""
+        with self._state:
+            self._slots.append(slot)
+        self._hold(slot)
+        try:
+            return work()
+        finally:
+            self._let_go(slot)
+            with self._state:
+                self._slots.remove(slot)
+                self._state.notify_all()
+
+    def view(self, pipe: Any, slot: StepSlot) -> Any:
+        """``pipe`` as one job runs it: the same modules, a scheduler of its own (schedulers
+        keep a job's state: step index, sigmas, a multistep solver's history), and the step
+        loop in place of the UNet."""
+        view = copy.copy(pipe)
+        # object.__setattr__: a pipeline's own __setattr__ would write into its config,
+        # which the view shares with the replica's pipeline.
+        object.__setattr__(view, "unet", _UNetStandIn(self, slot))
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is not None:
+            object.__setattr__(view, "scheduler", type(scheduler).from_config(scheduler.config))
+        return view
+
+    def unet_call(self, slot: StepSlot, sample, timestep, encoder_hidden_states, kwargs) -> torch.Tensor:
+        if slot.cancelled():
+            raise PipelineCancelled("the caller has gone")
+        kwargs = {**kwargs, "encoder_hidden_states": encoder_hidden_states}
+        self._let_go(slot)
+        try:
+            with self._state:
+                slot.request, slot.denoising = (sample, timestep, kwargs), True
+                self._state.notify_all()
+                self._state.wait_for(lambda: slot.request is None)
+                answer, error, slot.answer, slot.error = slot.answer, slot.error, None, None
+        finally:
+            self._hold(slot)
+        if error is not None:
+            raise error
+        return answer
+
+    def _hold(self, slot: StepSlot) -> None:
+        self._device.acquire()
+        slot._held_since = time.perf_counter()
+
+    def _let_go(self, slot: StepSlot) -> None:
+        slot.seconds += time.perf_counter() - slot._held_since
+        self._device.release()
+
+    # --- the loop's side ---
+
+    def _ready(self) -> bool:
+        """A step boundary: some job waits for the UNet, and every job that has begun
+        denoising waits for it too (none is between two of its steps, or decoding)."""
+        waiting = any(slot.request is not None for slot in self._slots)
+        return waiting and all(slot.request is not None for slot in self._slots if slot.denoising)
+
+    def _run(self) -> None:
+        if self._setup is not None:
+            self._setup()
+        while True:
+            with self._state:
+                self._state.wait_for(self._ready)
+                slots = [slot for slot in self._slots if slot.request is not None]
+            groups: dict[tuple, list[StepSlot]] = {}
+            for slot in slots:  # the batcher admits one shape at a time; this is the guard
+                groups.setdefault(_signature(slot.request), []).append(slot)
+            for group in groups.values():
+                self._call(group)
+            with self._state:
+                for slot in slots:
+                    slot.request = None
+                self._state.notify_all()
+
+    def _call(self, slots: list[StepSlot]) -> None:
+        rows = [slot.request[0].shape[0] for slot in slots]
+        samples = [slot.request[0] for slot in slots]
+        # One timestep per row: each job's own, over its rows (both halves of its guidance).
+        timesteps = torch.cat([_per_row(slot.request[1], count, sample.device)
+                               for slot, sample, count in zip(slots, samples, rows)])
+        kwargs = _cat([slot.request[2] for slot in slots])
+        self._device.acquire()
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                output = self.unet(torch.cat(samples), timesteps, return_dict=False, **kwargs)[0]
+            answers = list(output.split(rows))
+        except BaseException as exc:  # noqa: BLE001 - every job of the call gets it
+            for slot in slots:
+                slot.error = exc
+            return
+        finally:
+            seconds = time.perf_counter() - started
+            self._device.release()
+        total = sum(rows)
+        for slot, answer, count in zip(slots, answers, rows):
+            slot.answer = answer
+            slot.calls += 1
+            slot.seconds += seconds * count / total
+        self.stats.unet_calls += 1
+        self.stats.rows.append(total)
+        self.stats.jobs.append(len(slots))
+        del self.stats.rows[:-RECENT_CALLS], self.stats.jobs[:-RECENT_CALLS]
+        if self._on_call is not None:
+            self._on_call(total, seconds)
+
+
+class StepBatcher(Batcher):
+    """The event loop's side of step mode: which queued jobs start, each on a thread of its
+    own (``run_job(entry)`` returns ``(output, steps, seconds)``), to join the step loop.
+
+    Admission, at every arrival and every job's end:
+
+    - a job joins the jobs in flight when it has their *cohort* (latent shape and adapter
+      set: the batch key the deployment gives in step mode) and the images in flight stay
+      within ``max_batch_images``; in arrival order, so a large job is not overtaken for ever;
+    - with nothing in flight, the oldest queued job's cohort goes next;
+    - once a job of another cohort has waited ``max_shape_wait_s``, no more joins: the
+      cohort in flight drains and that job's cohort goes next (a stream of one shape never
+      starves another).
+    """
+
+    def __init__(self, run_job: Callable[[BatchEntry], tuple], max_batch_images: int,
+                 max_shape_wait_s: float, on_batch: Callable[[int, list[float]], None] | None = None,
+                 thread_name: str = "pipeline"):
+        super().__init__(None, max_batch_images, 0.0, on_batch, thread_name)
+        # One thread per job in flight (a job has at least one image).
+        self.executor = ThreadPoolExecutor(max_workers=max_batch_images, thread_name_prefix=f"{thread_name}-job")
+        self.run_job = run_job
+        self.max_shape_wait_s = max_shape_wait_s
+        self.in_flight: list[BatchEntry] = []
+        self.cohort: Any = None
+
+    async def _drain(self) -> None:
+        self._admit()
+
+    @staticmethod
+    def _cohort_of(entry: BatchEntry) -> Any:
+        return entry.key[1]  # Batcher.submit keys entries (kind, key); kinds share the UNet
+
+    def _admit(self) -> None:
+        pending = [entry for entry in self._pending if not entry.future.done()]
+        if not pending:
+            return
+        now = time.monotonic()
+        if not self.in_flight:
+            self.cohort = self._cohort_of(pending[0])
+        elif any(self._cohort_of(entry) != self.cohort and now - entry.queued_at > self.max_shape_wait_s
+                 for entry in pending):
+            return  # another shape has waited long enough: it goes next
+        images = sum(entry.images for entry in self.in_flight)
+        for entry in pending:
+            if self._cohort_of(entry) != self.cohort:
+                continue
+            if self.in_flight and images + entry.images > self.max_batch_images:
+                break
+            self._pending.remove(entry)
+            self.in_flight.append(entry)
+            images += entry.images
+            self.stats.batch_sizes.append(entry.images)
+            del self.stats.batch_sizes[:-RECENT_BATCHES]
+            if self.on_batch is not None:
+                self.on_batch(entry.images, [now - entry.queued_at])
+            asyncio.get_running_loop().create_task(self._run(entry))
+
+    async def _run(self, entry: BatchEntry) -> None:
+        # As asyncio.to_thread does: the job's thread sees this task's context (request ids).
+        context = contextvars.copy_context()
+        try:
+            output, steps, seconds = await asyncio.get_running_loop().run_in_executor(
+                self.executor, context.run, self.run_job, entry)
+        except PipelineCancelled as exc:
+            self.stats.cancelled_running += 1
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+            if not entry.future.done():
+                entry.future.set_exception(exc)
+        else:
+            self.stats.pipeline_calls += 1
+            self.stats.images += entry.images
+            if not entry.future.done():
+                entry.future.set_result(StageResult(output, steps, seconds))
+        finally:
+            self.in_flight.remove(entry)
+            self._admit()
