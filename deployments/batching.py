@@ -59,6 +59,13 @@ class BatchStats:
     cancelled_before_start: int = 0
     cancelled_running: int = 0
     steps: int = 0
+    # Seconds from each job's arrival to the end of its first denoising step (the latest
+    # RECENT_BATCHES jobs): how long a job waits to start, in either batching mode.
+    first_step_waits: list[float] = field(default_factory=list)
+
+    def first_step(self, queued_at: float, now: float) -> None:
+        self.first_step_waits.append(now - queued_at)
+        del self.first_step_waits[:-RECENT_BATCHES]
 
 
 def batch_cancelled(entries: list[BatchEntry]) -> bool:

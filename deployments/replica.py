@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -173,7 +174,8 @@ class PipelineDeployment:
     def _run_step_job(self, entry: BatchEntry) -> tuple[Any, int, float]:
         """Step mode, on the job's own thread: the job's pipeline call, through the step
         loop; returns (output, denoising steps of its images, its model seconds)."""
-        slot = StepSlot(cancelled=entry.token.is_set)
+        slot = StepSlot(cancelled=entry.token.is_set,
+                        on_first_step=lambda now: self.batcher.stats.first_step(entry.queued_at, now))
         token = _step_slot.set(slot)
         try:
             (output,) = self.steps.run(slot, lambda: self._run_batch(entry.kind, [entry]))
@@ -217,6 +219,10 @@ class PipelineDeployment:
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             stats.steps += 1
+            if step == 0 and self.steps is None:  # (step mode: the step loop tells it)
+                now = time.monotonic()
+                for entry in entries:
+                    stats.first_step(entry.queued_at, now)
             if batch_cancelled(entries):
                 raise PipelineCancelled(f"{self.spec.name}: all callers gone at step {step}")
             if streams and "latents" in callback_kwargs:
@@ -246,7 +252,8 @@ class PipelineDeployment:
 
             with contextlib.suppress(Exception):  # not inside a Serve replica
                 replica = serve.get_replica_context().replica_id.unique_id
-        return {**dataclasses.asdict(self.batcher.stats), "replica": replica}
+        steps = dataclasses.asdict(self.steps.stats) if self.steps is not None else {}
+        return {**dataclasses.asdict(self.batcher.stats), **steps, "replica": replica}
 
     async def ready(self) -> str:
         """Answers once the pipeline is loaded (the constructor has returned)."""

@@ -48,6 +48,7 @@ class StepSlot:
     """One job in the step loop: its pending UNet request, its answer, and its cost."""
 
     cancelled: Callable[[], bool]
+    on_first_step: Callable[[float], None] | None = None  # told time.monotonic() after its first
     request: tuple | None = None  # (sample, timestep, kwargs) while it waits for the UNet
     answer: Any = None
     error: BaseException | None = None
@@ -237,11 +238,13 @@ class StepLoop:
         finally:
             seconds = time.perf_counter() - started
             self._device.release()
-        total = sum(rows)
+        total, now = sum(rows), time.monotonic()
         for slot, answer, count in zip(slots, answers, rows):
             slot.answer = answer
             slot.calls += 1
             slot.seconds += seconds * count / total
+            if slot.calls == 1 and slot.on_first_step is not None:
+                slot.on_first_step(now)
         self.stats.unet_calls += 1
         self.stats.rows.append(total)
         self.stats.jobs.append(len(slots))

@@ -76,6 +76,11 @@ class CostModel:
         ms = self.step_fixed_ms + self.step_per_image_ms * images * pixels / self.reference_pixels
         return ms / 1000
 
+    def unet_s(self, rows: int, pixels: int) -> float:
+        """One UNet call of ``rows`` rows: a guided image is two rows (``step_s`` counts
+        guidance in), so the fixed part is paid once a call, the rest by rows."""
+        return self.step_s(rows / 2, pixels)
+
     def decode_s(self, images: int, pixels: int) -> float:
         return self.decode_ms_per_mp * images * pixels / MP / 1000
 
@@ -233,6 +238,39 @@ def _seeds(generator) -> list[int]:
     return [g.initial_seed() for g in generators]
 
 
+class _SimDevice:
+    """The simulated accelerator's clock, shared by a pipeline, its UNet and every view of
+    them (step mode: deployments/steploop.py)."""
+
+    def __init__(self):
+        self.charged_s = 0.0  # model seconds charged so far (what tests compare with the cost model)
+
+    def sleep(self, seconds: float, deadline: float) -> float:
+        """Sleep until ``deadline + seconds`` (absolute, so waking late does not add up)."""
+        self.charged_s += seconds
+        deadline += seconds
+        remaining = deadline - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+        return deadline
+
+
+class _SimUNet:
+    """The UNet: its real config, and a call that sleeps for its rows and size."""
+
+    def __init__(self, family: str, device: _SimDevice, vae_scale_factor: int):
+        self.config = _Config(_real_config(family, "unet/config.json"))
+        self.cost, self.device, self.vae_scale_factor = COSTS[family], device, vae_scale_factor
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+        rows, _, height, width = sample.shape
+        pixels = int(height * width * self.vae_scale_factor ** 2 * self.cost.denoise_scale)
+        self.device.sleep(self.cost.unet_s(rows, pixels), time.perf_counter())
+        # Its input back, as the prediction: no tensor work (CPU threads spinning after a
+        # parallel op would take the CPU that the serving layer is measured on).
+        return (sample,) if not return_dict else SimpleNamespace(sample=sample)
+
+
 class SimPipeline:
     """Stands in for a family's pipeline (and its img2img / inpaint views): the same call
     arguments, the same outputs' types and shapes, the configuration attributes the
@@ -242,15 +280,19 @@ class SimPipeline:
         self.family = family
         self.cost = COSTS[family]
         self.config = _Config(_real_config(family, "model_index.json"))
-        self.unet = SimpleNamespace(config=_Config(_real_config(family, "unet/config.json")))
         vae = _real_config(family, "vae/config.json")
         self.vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+        self.device = _SimDevice()
+        self.unet = _SimUNet(family, self.device, self.vae_scale_factor)
         self.latent_channels = vae.get("latent_channels", 4)
         self.image_processor = SimpleNamespace(config=_Config(vae_scale_factor=self.vae_scale_factor))
         self.num_timesteps = 0
         self.scale = FAMILIES[family].upscale_factor or 1  # spandrel's attribute (ESRGAN)
         self._adapters: set[str] = set()
-        self.charged_s = 0.0  # model seconds charged so far (what tests compare with the cost model)
+
+    @property
+    def charged_s(self) -> float:
+        return self.device.charged_s
 
     # The pipeline's own conveniences, as the deployments call them.
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -279,23 +321,20 @@ class SimPipeline:
     fuse_lora = set_adapters
 
     def _sleep(self, seconds: float, deadline: float) -> float:
-        """Sleep until ``deadline + seconds`` (absolute, so waking late does not add up)."""
-        self.charged_s += seconds
-        deadline += seconds
-        remaining = deadline - time.perf_counter()
-        if remaining > 0:
-            time.sleep(remaining)
-        return deadline
+        return self.device.sleep(seconds, deadline)
 
-    def _denoise(self, images: int, out_pixels: int, steps: int, latents, on_step) -> float:
-        clock = self._sleep(self.cost.text_ms / 1000, time.perf_counter())
+    def _denoise(self, latents, steps: int, guided: bool, on_step) -> None:
+        """Text encoders, then ``steps`` UNet calls (through the step loop in step mode:
+        ``self.unet`` is then a job view's)."""
+        import torch
+
+        self._sleep(self.cost.text_ms / 1000, time.perf_counter())
         self.num_timesteps = steps
-        pixels = int(out_pixels * self.cost.denoise_scale)
+        rows = torch.cat([latents] * 2) if guided else latents
         for step in range(steps):
-            clock = self._sleep(self.cost.step_s(images, pixels), clock)
+            self.unet(rows, torch.tensor(999 - step), encoder_hidden_states=None, return_dict=False)
             if on_step is not None:
                 on_step(step, latents)
-        return clock
 
     def __call__(self, *args, **kwargs) -> Any:
         if args:  # spandrel's model(tensor): Real-ESRGAN
@@ -307,7 +346,7 @@ class SimPipeline:
     def _diffuse(self, prompt=None, generator=None, image=None, mask_image=None, width=None,
                  height=None, num_inference_steps=50, strength=None, denoising_end=None,
                  denoising_start=None, output_type="pil", callback_on_step_end=None,
-                 callback=None, callback_steps=1, **ignored) -> _Images:
+                 callback=None, callback_steps=1, guidance_scale=7.5, **ignored) -> _Images:
         import torch
 
         seeds = _seeds(generator)
@@ -340,10 +379,13 @@ class SimPipeline:
             elif callback is not None and step % callback_steps == 0:
                 callback(step, 999 - step, latents)
 
-        clock = self._denoise(count, width * height, steps, latents, on_step)
+        # A guided image is two UNet rows, an unguided one one (the upscalers' costs are fitted
+        # with guidance: two rows whatever the job asks).
+        guided = guidance_scale > 1 or not FAMILIES[self.family].step_batching
+        self._denoise(latents, steps, guided, on_step)
         if output_type == "latent":
             return _Images(images=latents)
-        self._sleep(self.cost.decode_s(count, width * height), clock)
+        self._sleep(self.cost.decode_s(count, width * height), time.perf_counter())
         return _Images(images=_as_output(sim_images(width, height, seeds), output_type))
 
     def _upscale_tensor(self, tensor):

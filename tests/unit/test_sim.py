@@ -17,7 +17,7 @@ from deployments.esrgan import ESRGANDeployment
 from deployments.latent_upscaler import LatentUpscalerDeployment
 from deployments.safety import SafetyCheckerDeployment
 from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
-from deployments.standins.sim import COSTS, SimPipeline, photo_like
+from deployments.standins.sim import COSTS, MP, SimPipeline, photo_like
 from deployments.stable_diffusion import StableDiffusionDeployment
 from deployments.x4_upscaler import X4UpscalerDeployment
 from serve_app.config import ModelConfig
@@ -165,3 +165,32 @@ def test_a_sim_source_names_its_own_family():
     assert ModelConfig(**base, source="sim:sd21").source == "sim:sd21"
     with pytest.raises(ValueError, match="sim:sd21"):
         ModelConfig(**base, source="sim:sdxl")
+
+
+def test_step_mode_admits_a_job_at_the_next_step_and_charges_each_call_by_rows():
+    """The simulated accelerator's step loop: a job arriving mid-batch starts at the next
+    step (not after the batch), and every UNet call costs the cost model's time for its rows."""
+    xl = SDXLBaseDeployment(spec("sdxl", max_batch_images=8, batching_mode="step", cpu_threads=1))
+    cost = COSTS["sdxl"]
+
+    async def scenario():
+        first = asyncio.ensure_future(xl.text_to_image(text_job([1], 1024, 1024, steps=30)))
+        while xl.steps.stats.unet_calls < 5:
+            await asyncio.sleep(0.005)
+        second = await xl.text_to_image(TextToImageJob(
+            prompt="p", negative_prompt=None, width=1024, height=1024, num_inference_steps=10,
+            guidance_scale=1.0, seeds=(2,)))
+        return await first, second
+
+    charged = xl.pipe.charged_s
+    first, second = asyncio.run(scenario())
+    rows = xl.steps.stats.rows
+    assert rows[:5] == [2] * 5 and rows.count(3) == 10 and len(rows) == 30  # 2 + 1 rows while both ran
+    expected = (sum(cost.unet_s(count, MP) for count in rows) + 2 * cost.text_ms / 1000
+                + 2 * cost.decode_s(1, MP))
+    assert xl.pipe.charged_s - charged == pytest.approx(expected)
+    # The second job waited for its text encoding and one step, not for the first job's 25 left.
+    first_step_wait = xl.batcher.stats.first_step_waits[-1]
+    assert first_step_wait < cost.text_ms / 1000 + 2 * cost.unet_s(3, MP) + 0.5
+    assert first_step_wait < 25 * cost.unet_s(2, MP)
+    assert second.steps == 10 and first.steps == 30
