@@ -208,11 +208,16 @@ class StepLoop:
             with self._state:
                 self._state.wait_for(self._ready)
                 slots = [slot for slot in self._slots if slot.request is not None]
-            groups: dict[tuple, list[StepSlot]] = {}
-            for slot in slots:  # the batcher admits one shape at a time; this is the guard
-                groups.setdefault(_signature(slot.request), []).append(slot)
-            for group in groups.values():
-                self._call(group)
+            try:
+                groups: dict[tuple, list[StepSlot]] = {}
+                for slot in slots:  # the batcher admits one shape at a time; this is the guard
+                    groups.setdefault(_signature(slot.request), []).append(slot)
+                for group in groups.values():
+                    self._call(group)
+            except BaseException as exc:  # noqa: BLE001 - the loop lives on; the jobs get it
+                for slot in slots:
+                    if slot.answer is None:
+                        slot.error = exc
             with self._state:
                 for slot in slots:
                     slot.request = None
@@ -220,14 +225,14 @@ class StepLoop:
 
     def _call(self, slots: list[StepSlot]) -> None:
         rows = [slot.request[0].shape[0] for slot in slots]
-        samples = [slot.request[0] for slot in slots]
-        # One timestep per row: each job's own, over its rows (both halves of its guidance).
-        timesteps = torch.cat([_per_row(slot.request[1], count, sample.device)
-                               for slot, sample, count in zip(slots, samples, rows)])
-        kwargs = _cat([slot.request[2] for slot in slots])
         self._device.acquire()
         started = time.perf_counter()
         try:
+            samples = [slot.request[0] for slot in slots]
+            # One timestep per row: each job's own, over its rows (both halves of its guidance).
+            timesteps = torch.cat([_per_row(slot.request[1], count, sample.device)
+                                   for slot, sample, count in zip(slots, samples, rows)])
+            kwargs = _cat([slot.request[2] for slot in slots])
             with torch.inference_mode():
                 output = self.unet(torch.cat(samples), timesteps, return_dict=False, **kwargs)[0]
             answers = list(output.split(rows))

@@ -108,6 +108,32 @@ def test_a_cancelled_queued_job_never_starts():
     assert steps.stats.cancelled_before_start == 1
 
 
+def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on():
+    import torch
+
+    from deployments.steploop import StepLoop, StepSlot
+
+    calls = []
+
+    def unet(sample, timestep, return_dict=False, **kwargs):
+        calls.append(timestep.tolist())
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return (sample * 2,)
+
+    loop = StepLoop(unet, "fake")
+
+    def job(value):
+        slot = StepSlot(cancelled=lambda: False)
+        sample = torch.full((2, 1), value)
+        return loop.run(slot, lambda: loop.unet_call(slot, sample, torch.tensor(7), None, {}))
+
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        job(1.0)
+    assert job(3.0).tolist() == [[6.0], [6.0]]
+    assert calls[-1] == [7, 7]  # the job's timestep, once per row
+
+
 # --- the tiny models -------------------------------------------------------------------------
 
 RNG = np.random.default_rng(0)
