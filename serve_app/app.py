@@ -44,10 +44,11 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         .bind(config.image_store.spec())
     )
     if config.jobs is not None:
+        from serve_app.jobs.autoscaling import consumer_options
         from serve_app.jobs.consumer import consumer_class
 
         consumer = (serve.deployment(consumer_class(config))
-                    .options(name=JOBS_NAME, **config.jobs.consumer_options())
+                    .options(name=JOBS_NAME, **consumer_options(config.jobs))
                     .bind(config, handles, store))
         handles = {**handles, JOBS_NAME: consumer}  # bound with the app; the ingress never calls it
     return (

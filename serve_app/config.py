@@ -716,21 +716,6 @@ class JobsConfig(_Strict):
         Kubernetes secret)."""
         return os.path.expandvars(self.broker_url)
 
-    def consumer_options(self) -> dict[str, Any]:
-        """The consumer deployment's Serve options. With an autoscaling_config that names no
-        policy of its own: the jobs policy (jobs queued in every priority plus jobs running),
-        aiming at max_ongoing_requests jobs per replica unless target_ongoing_requests is set."""
-        options = self.deployment.serve_options()
-        scaling = options.get("autoscaling_config")
-        if scaling is not None and "policy" not in scaling:
-            from serve_app.jobs.autoscaling import POLICY, policy_kwargs
-
-            options["autoscaling_config"] = {
-                "target_ongoing_requests": self.deployment.max_ongoing_requests, **scaling,
-                "policy": {"policy_function": POLICY,
-                           "policy_kwargs": policy_kwargs(self, self.autoscaling_poll_s)}}
-        return options
-
     @property
     def state_url(self) -> str:
         if self.backend_url:

@@ -28,6 +28,20 @@ def policy_kwargs(config: JobsConfig, poll_interval_s: float) -> dict:
             "poll_interval_s": poll_interval_s}
 
 
+def consumer_options(config: JobsConfig) -> dict:
+    """The consumer deployment's Serve options. With an autoscaling_config that names no
+    policy of its own: this policy, aiming at max_ongoing_requests jobs per replica unless
+    target_ongoing_requests is set."""
+    options = config.deployment.serve_options()
+    scaling = options.get("autoscaling_config")
+    if scaling is not None and "policy" not in scaling:
+        options["autoscaling_config"] = {
+            "target_ongoing_requests": config.deployment.max_ongoing_requests, **scaling,
+            "policy": {"policy_function": POLICY,
+                       "policy_kwargs": policy_kwargs(config, config.autoscaling_poll_s)}}
+    return options
+
+
 def workload(config: JobsConfig) -> int:
     """Jobs waiting in the broker, of every priority, plus jobs running (or posting their
     webhook) on a consumer replica."""

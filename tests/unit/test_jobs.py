@@ -216,13 +216,13 @@ def test_the_consumers_scale_on_jobs_queued_and_running(tiny_args, tmp_path):
 
     from ray.serve.config import AutoscalingConfig
 
-    from serve_app.jobs.autoscaling import JobsAutoscalingPolicy, policy_kwargs
+    from serve_app.jobs.autoscaling import JobsAutoscalingPolicy, consumer_options, policy_kwargs
     from serve_app.jobs.store import state_backend
 
     args = {**tiny_args, "jobs": {**tiny_args["jobs"], "data_folder": str(tmp_path), "deployment": {
         "num_cpus": 0.1, "max_ongoing_requests": 2, "autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}}}
     jobs = load_app_config(args).jobs
-    options = jobs.consumer_options()["autoscaling_config"]
+    options = consumer_options(jobs)["autoscaling_config"]
     assert options["target_ongoing_requests"] == 2
     assert options["policy"]["policy_kwargs"] == policy_kwargs(jobs, jobs.autoscaling_poll_s)
     policy = JobsAutoscalingPolicy(**policy_kwargs(jobs, poll_interval_s=0.0))
