@@ -177,10 +177,8 @@ async def drive(fleets: list[Fleet], trace: list[Arrival], workload: Workload) -
 
 def row(workload: Workload, gpus: int, load: float, result: dict, in_steps: bool = True) -> str:
     first = f"{result['first_p50']:.2f} / {result['first_p99']:.2f}"
-    if in_steps:  # p99 in steps of one guided image, and in mean UNet calls of the fleet
-        call_s = COSTS[workload.family].unet_s(result["rows"], workload.pixels)  # linear in rows
-        first += (f" ({result['first_p99'] / workload.step_s():.1f} steps; "
-                  f"{result['first_p99'] / call_s:.1f} calls)")
+    if in_steps:
+        first += f" ({result['first_p99'] / workload.step_s():.1f} steps)"
     return (f"| {workload.label} | {gpus} | {load:.0%} | {result['mode']} | {result['jobs']} | "
             f"{result['throughput']:.3f} ({result['of_capacity']:.0%}) | {result['rows']:.2f} | "
             f"{first} | {result['p50']:.2f} / {result['p99']:.2f} |")
@@ -189,17 +187,14 @@ def row(workload: Workload, gpus: int, load: float, result: dict, in_steps: bool
 def goals(results: dict) -> list[str]:
     """The issue's goals as ratios of the two fleets on the same arrivals."""
     lines = ["", "Goals (step against request, the same arrivals):", "",
-             "| model | GPUs | at 80 %: p99 step / request (goal <= 0.6) | at 80 %: step's first-step p99 "
-             "in steps of one image; in its mean UNet calls (goal < 2) | at 95 %: throughput step / "
-             "request (goal >= 1) |",
+             "| model | GPUs | at 80 %: p99 step / request (goal <= 0.6) | at 80 %: first-step p99, steps (goal < 2) "
+             "| at 95 %: throughput step / request (goal >= 1) |",
              "| --- | --- | --- | --- | --- |"]
     for (label, gpus), by_load in results.items():
         workload = by_load["workload"]
         at80, at95 = by_load.get(0.8), by_load.get(0.95)
         p99 = f"{at80['step']['p99'] / at80['request']['p99']:.2f}" if at80 else "-"
-        call_s = COSTS[workload.family].unet_s(at80["step"]["rows"], workload.pixels) if at80 else 1
-        first = (f"{at80['step']['first_p99'] / workload.step_s():.1f}; "
-                 f"{at80['step']['first_p99'] / call_s:.1f}") if at80 else "-"
+        first = f"{at80['step']['first_p99'] / workload.step_s():.1f}" if at80 else "-"
         rate = f"{at95['step']['throughput'] / at95['request']['throughput']:.2f}" if at95 else "-"
         lines.append(f"| {label} | {gpus} | {p99} | {first} | {rate} |")
     return lines
