@@ -39,6 +39,9 @@ class PipelineSpec:
     batch_wait_timeout_s: float = 0.0
     batching_mode: str = "request"  # "step": jobs join and leave at every step (steploop.py)
     max_shape_wait_s: float = 2.0  # step mode: the longest a job waits behind another shape
+    # Step mode: images a replica keeps in flight (each UNet call takes at most
+    # max_batch_images of them); None: IN_FLIGHT_PER_BATCH x max_batch_images.
+    max_images_in_flight: int | None = None
     preview_decoder: Source | None = None  # a tiny autoencoder for stream previews
     vae: Source | None = None  # a replacement VAE (same latent space)
     vae_tiling: bool = False

@@ -29,7 +29,7 @@ from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder
 from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
-from deployments.steploop import StepBatcher, StepLoop, StepSlot
+from deployments.steploop import IN_FLIGHT_PER_BATCH, StepBatcher, StepLoop, StepSlot
 
 # In step mode, the step-loop slot of the job this thread runs (None in request mode).
 _step_slot: contextvars.ContextVar[StepSlot | None] = contextvars.ContextVar("step_slot", default=None)
@@ -72,9 +72,12 @@ class PipelineDeployment:
         on_batch = self.metrics.on_batch if self.metrics else None
         self.steps: StepLoop | None = None
         if spec.batching_mode == "step":
-            self.steps = StepLoop(self.pipe.unet, spec.name, setup=self._thread_setup,
+            # A guided image is two UNet rows: max_batch_images guided images to a call.
+            self.steps = StepLoop(self.pipe.unet, spec.name, 2 * spec.max_batch_images,
+                                  setup=self._thread_setup,
                                   on_call=self.metrics.on_unet_call if self.metrics else None)
-            self.batcher = StepBatcher(self._run_step_job, spec.max_batch_images, spec.max_shape_wait_s,
+            in_flight = spec.max_images_in_flight or IN_FLIGHT_PER_BATCH * spec.max_batch_images
+            self.batcher = StepBatcher(self._run_step_job, in_flight, spec.max_shape_wait_s,
                                        on_batch=on_batch, thread_name=f"{spec.name}-pipeline")
         else:
             self.batcher = Batcher(self._run_group, spec.max_batch_images, spec.batch_wait_timeout_s,
@@ -174,7 +177,7 @@ class PipelineDeployment:
     def _run_step_job(self, entry: BatchEntry) -> tuple[Any, int, float]:
         """Step mode, on the job's own thread: the job's pipeline call, through the step
         loop; returns (output, denoising steps of its images, its model seconds)."""
-        slot = StepSlot(cancelled=entry.token.is_set,
+        slot = StepSlot(cancelled=entry.token.is_set, arrived=entry.queued_at,
                         on_first_step=lambda now: self.batcher.stats.first_step(entry.queued_at, now))
         token = _step_slot.set(slot)
         try:

@@ -41,6 +41,12 @@ from deployments.contract import StageResult
 
 # How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.
 RECENT_CALLS = 1000
+# Step mode's default images in flight, per image of a UNet call (max_batch_images): a job
+# waiting between two of its steps holds its latents and conditioning only (about 1 MB an
+# SDXL image in float16), and four to a call let a new job start at the next step at 80 %
+# of capacity in the simulated benchmark (benchmarks/steps.py) where one to a call made it
+# wait for a job to end.
+IN_FLIGHT_PER_BATCH = 4
 
 
 @dataclass(eq=False)
@@ -48,8 +54,10 @@ class StepSlot:
     """One job in the step loop: its pending UNet request, its answer, and its cost."""
 
     cancelled: Callable[[], bool]
+    arrived: float = 0.0  # when its job was queued (time.monotonic()): its place in line
     on_first_step: Callable[[float], None] | None = None  # told time.monotonic() after its first
     request: tuple | None = None  # (sample, timestep, kwargs) while it waits for the UNet
+    decode: tuple | None = None  # (vae, latents, dtype) while it waits for its VAE decode
     answer: Any = None
     error: BaseException | None = None
     denoising: bool = False  # asked for its first UNet call, still running
@@ -61,6 +69,9 @@ class StepSlot:
 @dataclass
 class StepStats:
     unet_calls: int = 0
+    unet_seconds: float = 0.0  # in all the UNet calls
+    decode_calls: int = 0
+    decoded: int = 0  # images decoded
     rows: list[int] = field(default_factory=list)  # rows of the latest RECENT_CALLS calls
     jobs: list[int] = field(default_factory=list)  # jobs of the same calls
 
@@ -78,6 +89,74 @@ class _UNetStandIn:
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
         answer = self._loop.unet_call(self._slot, sample, timestep, encoder_hidden_states, kwargs)
         return (answer,) if not return_dict else _Output(answer)
+
+
+class _VAEStandIn:
+    """What a job's pipeline view has as its ``vae``: the real VAE's attributes; its decode
+    goes through the step loop (jobs that finish together decode in one call).
+
+    Its dtype is the job's own: the pipelines cast the VAE to float32 around an encode or a
+    decode where it overflows in float16 (SDXL's, ``force_upcast``) and back after; on the
+    VAE every job shares, that would race with the others' encodes and decodes. So ``to``
+    records the dtype the job asked for, and each real call runs the VAE in it, casting it
+    and back within the call (while it holds the device)."""
+
+    def __init__(self, loop: StepLoop, slot: StepSlot, vae: Any):
+        self._loop, self._slot, self._vae, self._dtype = loop, slot, vae, vae.dtype
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vae, name)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    def to(self, *args, dtype: torch.dtype | None = None, **kwargs) -> _VAEStandIn:
+        # The pipelines call vae.to(dtype=...) or vae.to(torch.float32) here, nothing else.
+        dtypes = [arg for arg in args if isinstance(arg, torch.dtype)]
+        self._dtype = dtype or (dtypes[0] if dtypes else self._dtype)
+        return self
+
+    @property
+    def post_quant_conv(self) -> Any:
+        # SDXL's pipelines cast the latents to this layer's parameters' dtype to decode.
+        return _InDtype(self._vae.post_quant_conv, self._dtype)
+
+    def encode(self, *args, **kwargs) -> Any:
+        with _vae_in(self._vae, self._dtype):  # the job's thread holds the device here
+            return self._vae.encode(*args, **kwargs)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None, **kwargs) -> Any:
+        if kwargs:  # an asymmetric VAE's image and mask: not one our families have
+            raise TypeError(f"vae.decode in step mode takes no {', '.join(kwargs)}")
+        image = self._loop.decode_call(self._slot, self._vae, z, self._dtype)
+        return (image,) if not return_dict else _Output(image)
+
+
+class _InDtype:
+    def __init__(self, module: Any, dtype: torch.dtype):
+        self._module, self._dtype = module, dtype
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+    def parameters(self, *args, **kwargs):
+        return (parameter.to(self._dtype) for parameter in self._module.parameters(*args, **kwargs))
+
+
+class _vae_in:  # noqa: N801 - a context manager, named as one reads it
+    """Run the VAE in ``dtype`` for the block, and put it back after."""
+
+    def __init__(self, vae: Any, dtype: torch.dtype):
+        self._vae, self._dtype, self._was = vae, dtype, vae.dtype
+
+    def __enter__(self) -> None:
+        if self._was != self._dtype:
+            self._vae.to(dtype=self._dtype)
+
+    def __exit__(self, *exc) -> None:
+        if self._was != self._dtype:
+            self._vae.to(dtype=self._was)
 
 
 @dataclass
@@ -123,13 +202,23 @@ def _cat(values: list[Any]) -> Any:
 class StepLoop:
     """The replica's UNet, shared by the jobs in flight one step at a time.
 
-    ``unet`` is the pipeline's UNet; ``setup`` runs once on the loop's own thread (torch's
-    CPU thread count is per OS thread). ``on_call(rows, seconds)`` is told of each call.
+    ``unet`` is the pipeline's UNet; ``max_rows`` bounds the rows of one call (the memory of
+    its activations); ``setup`` runs once on the loop's own thread (torch's CPU thread count
+    is per OS thread). ``on_call(rows, seconds)`` is told of each call.
+
+    Which waiting jobs a call takes, when more wait than ``max_rows`` allows: first the jobs
+    that have not taken a step yet (a new job starts at the next step), then the others
+    oldest first (the job that has waited longest finishes first, so the tail of the latency
+    is the queue's, not a share of an ever-growing batch). The rest wait between two of
+    their steps, holding only their latents and conditioning. One call takes at least one
+    job, and jobs of one signature (latent shape, conditioning shapes: the batcher admits
+    one cohort at a time, so there is one but for the refiner's chain share).
     """
 
-    def __init__(self, unet: Any, name: str, setup: Callable[[], None] | None = None,
+    def __init__(self, unet: Any, name: str, max_rows: int, setup: Callable[[], None] | None = None,
                  on_call: Callable[[int, float], None] | None = None):
         self.unet = unet
+        self.max_rows = max_rows
         self.stats = StepStats()
         self._device = threading.Lock()
         self._state = threading.Condition()
@@ -166,18 +255,30 @@ class StepLoop:
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None:
             object.__setattr__(view, "scheduler", type(scheduler).from_config(scheduler.config))
+        vae = getattr(pipe, "vae", None)
+        if vae is not None:
+            object.__setattr__(view, "vae", _VAEStandIn(self, slot, vae))
         return view
 
     def unet_call(self, slot: StepSlot, sample, timestep, encoder_hidden_states, kwargs) -> torch.Tensor:
         if slot.cancelled():
             raise PipelineCancelled("the caller has gone")
         kwargs = {**kwargs, "encoder_hidden_states": encoder_hidden_states}
+        return self._wait(slot, "request", (sample, timestep, kwargs))
+
+    def decode_call(self, slot: StepSlot, vae: Any, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self._wait(slot, "decode", (vae, latents, dtype))
+
+    def _wait(self, slot: StepSlot, kind: str, request: tuple) -> Any:
+        """Hand ``request`` to the loop as ``slot``'s ``kind``, and wait for the answer
+        without the device."""
         self._let_go(slot)
         try:
             with self._state:
-                slot.request, slot.denoising = (sample, timestep, kwargs), True
+                setattr(slot, kind, request)
+                slot.denoising = True
                 self._state.notify_all()
-                self._state.wait_for(lambda: slot.request is None)
+                self._state.wait_for(lambda: getattr(slot, kind) is None)
                 answer, error, slot.answer, slot.error = slot.answer, slot.error, None, None
         finally:
             self._hold(slot)
@@ -196,10 +297,13 @@ class StepLoop:
     # --- the loop's side ---
 
     def _ready(self) -> bool:
-        """A step boundary: some job waits for the UNet, and every job that has begun
-        denoising waits for it too (none is between two of its steps, or decoding)."""
-        waiting = any(slot.request is not None for slot in self._slots)
-        return waiting and all(slot.request is not None for slot in self._slots if slot.denoising)
+        """A step boundary: some job waits for the loop, and every job that has begun
+        denoising waits for it too (none is between two of its steps, or after its end)."""
+        def waits(slot: StepSlot) -> bool:
+            return slot.request is not None or slot.decode is not None
+
+        return any(waits(slot) for slot in self._slots) and all(
+            waits(slot) for slot in self._slots if slot.denoising)
 
     def _run(self) -> None:
         if self._setup is not None:
@@ -207,21 +311,79 @@ class StepLoop:
         while True:
             with self._state:
                 self._state.wait_for(self._ready)
-                slots = [slot for slot in self._slots if slot.request is not None]
-            try:
-                groups: dict[tuple, list[StepSlot]] = {}
-                for slot in slots:  # the batcher admits one shape at a time; this is the guard
-                    groups.setdefault(_signature(slot.request), []).append(slot)
-                for group in groups.values():
-                    self._call(group)
-            except BaseException as exc:  # noqa: BLE001 - the loop lives on; the jobs get it
-                for slot in slots:
-                    if slot.answer is None:
-                        slot.error = exc
-            with self._state:
-                for slot in slots:
-                    slot.request = None
-                self._state.notify_all()
+                decodes = self._choose_decodes([slot for slot in self._slots if slot.decode is not None])
+                waiting = [slot for slot in self._slots if slot.request is not None]
+                slots = self._choose(waiting) if waiting else []
+            # Jobs that have finished decode first (they leave), then the step of the others.
+            for kind, chosen, call in (("decode", decodes, self._decode), ("request", slots, self._call)):
+                if not chosen:
+                    continue
+                try:
+                    call(chosen)
+                except BaseException as exc:  # noqa: BLE001 - the loop lives on; the jobs get it
+                    for slot in chosen:
+                        if slot.answer is None:
+                            slot.error = exc
+                with self._state:
+                    for slot in chosen:
+                        setattr(slot, kind, None)
+                    self._state.notify_all()
+
+    def _choose(self, waiting: list[StepSlot]) -> list[StepSlot]:
+        """The jobs the next call takes (see the class's docstring)."""
+        waiting.sort(key=lambda slot: (slot.calls > 0, slot.arrived))
+        signature = _signature(waiting[0].request)
+        chosen, rows = [], 0
+        for slot in waiting:
+            count = slot.request[0].shape[0]
+            if chosen and rows + count > self.max_rows:
+                continue  # a smaller job behind it may fit
+            if _signature(slot.request) == signature:
+                chosen.append(slot)
+                rows += count
+        return chosen
+
+    def _choose_decodes(self, waiting: list[StepSlot]) -> list[StepSlot]:
+        """The finished jobs the next decode takes: the oldest's VAE, latent shape and
+        dtype, up to a UNet call's images (its rows / 2), at least one job."""
+        if not waiting:
+            return []
+        waiting.sort(key=lambda slot: slot.arrived)
+
+        def key(slot):
+            vae, latents, dtype = slot.decode
+            return id(vae), tuple(latents.shape[1:]), latents.dtype, dtype
+
+        first, chosen, images = key(waiting[0]), [], 0
+        for slot in waiting:
+            count = slot.decode[1].shape[0]
+            if key(slot) == first and (not chosen or images + count <= self.max_rows // 2):
+                chosen.append(slot)
+                images += count
+        return chosen
+
+    def _decode(self, slots: list[StepSlot]) -> None:
+        vae, _, dtype = slots[0].decode
+        counts = [slot.decode[1].shape[0] for slot in slots]
+        self._device.acquire()
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode(), _vae_in(vae, dtype):
+                images = vae.decode(torch.cat([slot.decode[1] for slot in slots]), return_dict=False)[0]
+            answers = list(images.split(counts))
+        except BaseException as exc:  # noqa: BLE001 - every job of the call gets it
+            for slot in slots:
+                slot.error = exc
+            return
+        finally:
+            seconds = time.perf_counter() - started
+            self._device.release()
+        total = sum(counts)
+        for slot, answer, count in zip(slots, answers, counts):
+            slot.answer = answer
+            slot.seconds += seconds * count / total
+        self.stats.decode_calls += 1
+        self.stats.decoded += total
 
     def _call(self, slots: list[StepSlot]) -> None:
         rows = [slot.request[0].shape[0] for slot in slots]
@@ -251,6 +413,7 @@ class StepLoop:
             if slot.calls == 1 and slot.on_first_step is not None:
                 slot.on_first_step(now)
         self.stats.unet_calls += 1
+        self.stats.unet_seconds += seconds
         self.stats.rows.append(total)
         self.stats.jobs.append(len(slots))
         del self.stats.rows[:-RECENT_CALLS], self.stats.jobs[:-RECENT_CALLS]
@@ -266,19 +429,21 @@ class StepBatcher(Batcher):
 
     - a job joins the jobs in flight when it has their *cohort* (latent shape and adapter
       set: the batch key the deployment gives in step mode) and the images in flight stay
-      within ``max_batch_images``; in arrival order, so a large job is not overtaken for ever;
+      within ``max_images_in_flight``; in arrival order, so a large job is not overtaken for
+      ever. (Which of them each UNet call takes is the step loop's choice, within its rows.)
     - with nothing in flight, the oldest queued job's cohort goes next;
     - once a job of another cohort has waited ``max_shape_wait_s``, no more joins: the
       cohort in flight drains and that job's cohort goes next (a stream of one shape never
       starves another).
     """
 
-    def __init__(self, run_job: Callable[[BatchEntry], tuple], max_batch_images: int,
+    def __init__(self, run_job: Callable[[BatchEntry], tuple], max_images_in_flight: int,
                  max_shape_wait_s: float, on_batch: Callable[[int, list[float]], None] | None = None,
                  thread_name: str = "pipeline"):
-        super().__init__(None, max_batch_images, 0.0, on_batch, thread_name)
+        super().__init__(None, max_images_in_flight, 0.0, on_batch, thread_name)
+        self.max_images_in_flight = max_images_in_flight
         # One thread per job in flight (a job has at least one image).
-        self.executor = ThreadPoolExecutor(max_workers=max_batch_images, thread_name_prefix=f"{thread_name}-job")
+        self.executor = ThreadPoolExecutor(max_workers=max_images_in_flight, thread_name_prefix=f"{thread_name}-job")
         self.run_job = run_job
         self.max_shape_wait_s = max_shape_wait_s
         self.in_flight: list[BatchEntry] = []
@@ -305,7 +470,7 @@ class StepBatcher(Batcher):
         for entry in pending:
             if self._cohort_of(entry) != self.cohort:
                 continue
-            if self.in_flight and images + entry.images > self.max_batch_images:
+            if self.in_flight and images + entry.images > self.max_images_in_flight:
                 break
             self._pending.remove(entry)
             self.in_flight.append(entry)

@@ -166,6 +166,24 @@ class BatchingConfig(_Strict):
         description="Step mode: once a job of another shape (or adapter set) has waited this "
         "long, no more jobs join the running batch, and that job's shape goes next.",
     )
+    max_images_in_flight: int | None = Field(
+        default=None,
+        ge=1,
+        description="Step mode: most images a replica keeps in flight (started, not yet done); "
+        "each UNet call takes at most max_batch_images of them, new jobs first, then the "
+        "oldest. Default: 4 x max_batch_images. Serve's max_ongoing_requests bounds the jobs "
+        "a replica is sent.",
+    )
+
+    @model_validator(mode="after")
+    def _in_flight(self) -> BatchingConfig:
+        if self.max_images_in_flight is not None:
+            if self.mode != "step":
+                raise ValueError("max_images_in_flight: step mode only (batching.mode: step)")
+            if self.max_images_in_flight < self.max_batch_images:
+                raise ValueError(f"max_images_in_flight ({self.max_images_in_flight}) must be at "
+                                 f"least max_batch_images ({self.max_batch_images})")
+        return self
 
 
 class GenerationDefaults(_Strict):

@@ -244,11 +244,14 @@ class _SimDevice:
 
     def __init__(self):
         self.charged_s = 0.0  # model seconds charged so far (what tests compare with the cost model)
+        # How many times faster than the modelled accelerator the clock runs: a benchmark
+        # sets it to fit more jobs in its minutes, and scales what it measures back.
+        self.speed = 1.0
 
     def sleep(self, seconds: float, deadline: float) -> float:
-        """Sleep until ``deadline + seconds`` (absolute, so waking late does not add up)."""
+        """Sleep until ``deadline + seconds / speed`` (absolute, so waking late does not add up)."""
         self.charged_s += seconds
-        deadline += seconds
+        deadline += seconds / self.speed
         remaining = deadline - time.perf_counter()
         if remaining > 0:
             time.sleep(remaining)
@@ -271,6 +274,26 @@ class _SimUNet:
         return (sample,) if not return_dict else SimpleNamespace(sample=sample)
 
 
+class _SimVAE:
+    """The VAE: its real config, and a decode that sleeps for its images and size."""
+
+    def __init__(self, family: str, device: _SimDevice, vae_scale_factor: int):
+        import torch
+
+        self.config = _Config(_real_config(family, "vae/config.json"))
+        self.cost, self.device, self.vae_scale_factor = COSTS[family], device, vae_scale_factor
+        self.dtype = torch.float32
+
+    def to(self, *args, **kwargs):
+        return self
+
+    def decode(self, z, return_dict=True, generator=None):
+        images, _, height, width = z.shape
+        self.device.sleep(self.cost.decode_s(images, height * width * self.vae_scale_factor ** 2),
+                          time.perf_counter())
+        return (z,) if not return_dict else SimpleNamespace(sample=z)
+
+
 class SimPipeline:
     """Stands in for a family's pipeline (and its img2img / inpaint views): the same call
     arguments, the same outputs' types and shapes, the configuration attributes the
@@ -284,6 +307,7 @@ class SimPipeline:
         self.vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         self.device = _SimDevice()
         self.unet = _SimUNet(family, self.device, self.vae_scale_factor)
+        self.vae = _SimVAE(family, self.device, self.vae_scale_factor)
         self.latent_channels = vae.get("latent_channels", 4)
         self.image_processor = SimpleNamespace(config=_Config(vae_scale_factor=self.vae_scale_factor))
         self.num_timesteps = 0
@@ -385,7 +409,7 @@ class SimPipeline:
         self._denoise(latents, steps, guided, on_step)
         if output_type == "latent":
             return _Images(images=latents)
-        self._sleep(self.cost.decode_s(count, width * height), time.perf_counter())
+        self.vae.decode(latents, return_dict=False)  # (through the step loop in step mode)
         return _Images(images=_as_output(sim_images(width, height, seeds), output_type))
 
     def _upscale_tensor(self, tensor):

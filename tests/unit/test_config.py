@@ -239,6 +239,20 @@ def test_step_batching_where_a_pipeline_steps_its_unet(tiny_args):
     safety = _broken(tiny_args, lambda a: a["safety"].update(batching={"mode": "step"}))
     assert "safety checker batches by request only" in safety
 
+    # Images in flight: step mode's, at least a UNet call's, and carried to the replica.
+    def in_flight(mode, count):
+        def mutate(a):
+            model = next(m for m in a["models"] if m["family"] == "sd21")
+            model["batching"] = {"mode": mode, "max_batch_images": 4, "max_images_in_flight": count}
+        return mutate
+
+    assert "step mode only" in _broken(tiny_args, in_flight("request", 16))
+    assert "must be at least max_batch_images (4)" in _broken(tiny_args, in_flight("step", 3))
+    args = copy.deepcopy(tiny_args)
+    in_flight("step", 16)(args)
+    spec = next(m for m in load_app_config(args).models if m.family == "sd21").pipeline_spec()
+    assert (spec.max_batch_images, spec.max_images_in_flight) == (4, 16)
+
 
 def test_size_bounds_allow_any_multiple_of_8_within_them(tiny_args):
     limits = load_app_config(tiny_args).model("stable-diffusion-2-1").limits

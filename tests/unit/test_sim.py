@@ -194,3 +194,37 @@ def test_step_mode_admits_a_job_at_the_next_step_and_charges_each_call_by_rows()
     assert first_step_wait < cost.text_ms / 1000 + 2 * cost.unet_s(3, MP) + 0.5
     assert first_step_wait < 25 * cost.unet_s(2, MP)
     assert second.steps == 10 and first.steps == 30
+
+
+def test_step_mode_keeps_more_jobs_in_flight_than_a_call_takes_new_ones_first_then_the_oldest():
+    """max_batch_images 2: each UNet call takes two guided images; eight are kept in flight
+    (the default, 4x). A job that arrives while four wait starts at the next call, and of the
+    four, the two oldest end first."""
+    xl = SDXLBaseDeployment(spec("sdxl", max_batch_images=2, batching_mode="step", cpu_threads=1))
+    xl.pipe.device.speed = 2.0  # the simulated clock, twice an H100's
+    assert (xl.batcher.max_images_in_flight, xl.steps.max_rows) == (8, 4)
+    ended: list[int] = []
+
+    async def job(seed):
+        await xl.text_to_image(text_job([seed], 1024, 1024, steps=6))
+        ended.append(seed)
+
+    async def scenario():
+        old = [asyncio.ensure_future(job(seed)) for seed in range(4)]
+        while xl.steps.stats.unet_calls < 4:
+            await asyncio.sleep(0.001)
+        in_flight = len(xl.batcher.in_flight)
+        calls = xl.steps.stats.unet_calls
+        await job(9)
+        await asyncio.gather(*old)
+        return in_flight, calls
+
+    in_flight, calls = asyncio.run(scenario())
+    assert in_flight == 4  # all four started, though a call takes two
+    assert max(xl.steps.stats.rows) == 4 and max(xl.steps.stats.jobs) == 2
+    assert ended[:2] == [0, 1] and set(ended[2:]) == {2, 3, 9}
+    # The late job's first step came within a few calls (the next one, less the host's delays),
+    # not after the ten calls that the four jobs before it had left.
+    wait = xl.batcher.stats.first_step_waits[-1]
+    assert wait * xl.pipe.device.speed < 5 * COSTS["sdxl"].unet_s(4, MP)
+    assert xl.steps.stats.decoded == 5

@@ -121,7 +121,7 @@ def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on():
             raise RuntimeError("CUDA error: an illegal memory access")
         return (sample * 2,)
 
-    loop = StepLoop(unet, "fake")
+    loop = StepLoop(unet, "fake", max_rows=4)
 
     def job(value):
         slot = StepSlot(cancelled=lambda: False)
@@ -132,6 +132,36 @@ def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on():
         job(1.0)
     assert job(3.0).tolist() == [[6.0], [6.0]]
     assert calls[-1] == [7, 7]  # the job's timestep, once per row
+
+
+def waiting(rows, arrived, calls, width=8):
+    import torch
+
+    from deployments.steploop import StepSlot
+
+    slot = StepSlot(cancelled=lambda: False, arrived=arrived)
+    slot.calls = calls
+    slot.request = (torch.zeros(rows, 4, width, width), torch.tensor(1), {})
+    return slot
+
+
+def test_a_call_takes_new_jobs_first_then_the_oldest_within_its_rows():
+    from deployments.steploop import StepLoop
+
+    loop = StepLoop(lambda *a, **k: None, "fake", max_rows=6)
+    old, older, new, newer = (waiting(2, 2.0, 5), waiting(2, 1.0, 9), waiting(2, 4.0, 0),
+                              waiting(2, 3.0, 0))
+    # The two that have not stepped yet (by arrival), then the oldest of the others; the
+    # fourth waits between two of its steps.
+    assert loop._choose([old, older, new, newer]) == [newer, new, older]
+    # A job too large for what is left lets a smaller one behind it fill the call.
+    big, small = waiting(6, 5.0, 3), waiting(1, 6.0, 3)
+    assert loop._choose([older, big, small]) == [older, small]
+    # One call, one signature; the first job's; a job larger than the call runs alone.
+    other = waiting(2, 0.5, 1, width=16)
+    assert loop._choose([older, other, old]) == [other]
+    huge = waiting(8, 1.0, 0)
+    assert loop._choose([huge, old]) == [huge]
 
 
 # --- the tiny models -------------------------------------------------------------------------
@@ -303,3 +333,41 @@ def test_jobs_with_other_adapters_never_share_a_call_and_keep_their_pixels():
     assert all(max_diff(want, have.output) <= 2 for want, have in zip(expected, got))
     assert np.abs(got[0].output.astype(int) - asyncio.run(
         stepped.text_to_image(t2i(21, 8, 7.5))).output.astype(int)).mean() > 1  # the adapter ran
+
+
+def test_jobs_that_finish_together_decode_in_one_call(pair):
+    alone, stepped = pair
+    jobs = [t2i(31, 5, 7.5), t2i(32, 5, 3.0, n=2), t2i(34, 5, 1.0)]
+    expected = [asyncio.run(alone.text_to_image(job)).output for job in jobs]
+    stats = stepped.steps.stats
+    calls, decoded = stats.decode_calls, stats.decoded
+
+    async def together():
+        return await asyncio.gather(*(stepped.text_to_image(job) for job in jobs))
+
+    got = asyncio.run(together())
+    assert all(max_diff(want, have.output) <= 2 for want, have in zip(expected, got))
+    assert stats.decoded - decoded == 4
+    assert stats.decode_calls - calls < 3, "no two of the jobs ended on the same step"
+
+
+def test_a_job_that_upcasts_the_vae_decodes_in_float32_and_leaves_it_in_float16():
+    """SDXL's VAE overflows in float16 (force_upcast): its pipeline casts the VAE to float32
+    to decode and back. In step mode the cast is the job's own; the shared VAE is float16
+    between calls, and the image is the one the pipeline gives alone."""
+    import torch
+
+    half = dict(cpu_dtype="float16")
+    alone = SDXLBaseDeployment(spec("sdxl", "half-alone", **half))
+    stepped = SDXLBaseDeployment(spec("sdxl", "half-stepped", batching_mode="step", **half))
+    assert stepped.pipe.vae.dtype == torch.float16 and stepped.pipe.vae.config.force_upcast
+    jobs = [t2i(41, 4, 6.0), t2i(42, 6, 6.0)]
+    expected = [asyncio.run(alone.text_to_image(job)).output for job in jobs]
+
+    async def both():
+        return await asyncio.gather(*(stepped.text_to_image(job) for job in jobs))
+
+    got = asyncio.run(both())
+    assert all(max_diff(want, have.output) <= 2 for want, have in zip(expected, got))
+    assert stepped.pipe.vae.dtype == torch.float16
+    assert stepped.steps.stats.decoded >= 2
