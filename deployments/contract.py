@@ -21,6 +21,14 @@ from typing import Any, AsyncIterator, Protocol
 from deployments.sources import Source
 
 
+# Step mode's default images in flight, per image of a UNet call (max_batch_images): a job
+# waiting between two of its steps holds its latents and conditioning only (about 1 MB an
+# SDXL image in float16), and four to a call let a new job start at the next step at 80 %
+# of capacity in the simulated benchmark (benchmarks/steps.py) where one to a call made it
+# wait for a job to end.
+IN_FLIGHT_PER_BATCH = 4
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """How a deployment loads its pipeline."""
@@ -52,6 +60,11 @@ class PipelineSpec:
     # load one is the server's; the replica loads the first at start to prove its LoRA stack.
     loras: tuple = ()
     hub_loras: bool = False  # requests may name Hub LoRAs (the start probes the stack then too)
+
+    @property
+    def images_in_flight(self) -> int:
+        """Step mode: the images a replica keeps in flight."""
+        return self.max_images_in_flight or IN_FLIGHT_PER_BATCH * self.max_batch_images
 
     def __post_init__(self):
         # Sources arrive parsed from the config; a spec written by hand (tests, benchmarks)

@@ -29,7 +29,7 @@ from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder
 from deployments.loras import LoraCache, lora_batch_key
 from deployments.metrics import ReplicaMetrics
 from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
-from deployments.steploop import IN_FLIGHT_PER_BATCH, StepBatcher, StepLoop, StepSlot
+from deployments.steploop import StepBatcher, StepLoop, StepSlot
 
 # In step mode, the step-loop slot of the job this thread runs (None in request mode).
 _step_slot: contextvars.ContextVar[StepSlot | None] = contextvars.ContextVar("step_slot", default=None)
@@ -76,8 +76,7 @@ class PipelineDeployment:
             self.steps = StepLoop(self.pipe.unet, spec.name, 2 * spec.max_batch_images,
                                   setup=self._thread_setup,
                                   on_call=self.metrics.on_unet_call if self.metrics else None)
-            in_flight = spec.max_images_in_flight or IN_FLIGHT_PER_BATCH * spec.max_batch_images
-            self.batcher = StepBatcher(self._run_step_job, in_flight, spec.max_shape_wait_s,
+            self.batcher = StepBatcher(self._run_step_job, spec.images_in_flight, spec.max_shape_wait_s,
                                        on_batch=on_batch, thread_name=f"{spec.name}-pipeline")
         else:
             self.batcher = Batcher(self._run_group, spec.max_batch_images, spec.batch_wait_timeout_s,

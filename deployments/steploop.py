@@ -41,12 +41,6 @@ from deployments.contract import StageResult
 
 # How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.
 RECENT_CALLS = 1000
-# Step mode's default images in flight, per image of a UNet call (max_batch_images): a job
-# waiting between two of its steps holds its latents and conditioning only (about 1 MB an
-# SDXL image in float16), and four to a call let a new job start at the next step at 80 %
-# of capacity in the simulated benchmark (benchmarks/steps.py) where one to a call made it
-# wait for a job to end.
-IN_FLIGHT_PER_BATCH = 4
 
 
 @dataclass(eq=False)

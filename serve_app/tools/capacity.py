@@ -27,8 +27,9 @@ Activation peak (an estimate)
     live tensor bytes of the real modules' forward passes (tests/unit/test_capacity.py).
     The phases of a pipeline call run one after another (text encoders, the denoising loop
     with its stream previews, the VAE decode), so the peak is the largest phase, not their
-    sum. In step mode (``batching.mode: step``) B is the images in flight, which share each
-    UNet call, and each job decodes alone (the VAE's batch is the largest max_n). B is the largest number of images in one pipeline call: ``max(batching.
+    sum. In step mode (``batching.mode: step``) B is the images of one UNet call and of
+    one VAE decode too (the jobs that finish on one step); the others in flight wait between
+    two steps with their latents only (not counted: about 1 MB an SDXL image). B is the largest number of images in one pipeline call: ``max(batching.
     max_batch_images, limits.max_n)`` (the batcher always takes a whole job, so one request
     of n images runs as one call of n), with the max_n of the chains a model serves in;
     the safety checker takes the largest max_n of any served name; ESRGAN cuts its input
@@ -453,14 +454,13 @@ def estimate_model(model, app) -> Estimate:
     upcast = (pipeline_class in UPCASTING_PIPELINES and dtype == "float16"
               and vae.config.get("force_upcast", True))
     element = 4 if upcast else nbytes
-    decode_batch = batch
     if model.batching.mode == "step":
-        # Step mode: up to B images in flight share each UNet call (the same 2 B rows), and
-        # each job decodes on its own between two steps: at most one request's images.
-        decode_batch = max([model.limits.max_n]
-                           + [c.limits.max_n for c in app.chains if model.name in (c.base, c.refiner)])
-        estimate.notes.append(f"step mode: {batch} images in flight; a job decodes alone")
-    act = vae_decode_bytes(vae.config, pixels, decode_batch, element, model.vae_tiling, model.vae_slicing)
+        # Step mode: B images a UNet call (the same 2 B rows) and a decode; the rest of the
+        # images in flight wait between two steps with their latents and conditioning only.
+        in_flight = model.pipeline_spec().images_in_flight
+        estimate.notes.append(f"step mode: {batch} images a UNet call and a decode, up to "
+                              f"{in_flight} in flight")
+    act = vae_decode_bytes(vae.config, pixels, batch, element, model.vae_tiling, model.vae_slicing)
     vae_weights = vae.nbytes("float32" if upcast else dtype)
     if upcast:
         estimate.notes.append("VAE decodes in float32 (force_upcast)")
