@@ -4,19 +4,20 @@ batch at every denoising step.
 Each job runs the pipeline's own call (``pipe(...)``: its own ``encode_prompt``,
 ``prepare_latents``, timesteps, scheduler step, classifier-free guidance, inpainting blend,
 VAE decode and upcasting rules) on a thread of its own, through a *view* of the pipeline
-with a scheduler instance of its own and, in place of the UNet, a stand-in that hands the
-call to the replica's :class:`StepLoop`. The step loop owns the UNet: once every job in
-flight has asked for its next UNet call, it runs **one** UNet call for all their rows (each
-row with its own timestep: the UNet embeds a timestep per sample), and hands each job its
-rows back. So each job gets the image ``pipe(...)`` gives it alone, whatever ran beside it,
-and jobs that differ in steps, guidance, strength, seed, prompt or denoising start and end
-share every step; only the latent shape (and the adapter set, which the batcher keeps
-apart) separates them.
+with a scheduler instance of its own and, in place of the UNet and of the VAE's decode,
+stand-ins that hand the call to the replica's :class:`StepLoop`. The step loop owns the
+UNet: once every job in flight has asked for its next UNet call (or its decode), it runs
+**one** UNet call for the rows of the jobs it takes (each row with its own timestep: the
+UNet embeds a timestep per sample) and hands each job its rows back, and **one** VAE decode
+for the jobs that finished on the same step. So each job gets the image ``pipe(...)`` gives
+it alone, whatever ran beside it, and jobs that differ in steps, guidance, strength, seed,
+prompt or denoising start and end share every step; only the latent shape (and the adapter
+set, which the batcher keeps apart) separates them.
 
 One device lock serialises the work on the model: a job's thread holds it while it runs
-(text encoding, latents, scheduler steps, decode) and lets go while it waits for the UNet;
-the step loop holds it for the UNet call. So a finished job decodes at once, between two
-steps of the others, and a new job prepares between two steps and joins the next one.
+(text encoding, latents, scheduler steps, image post-processing) and lets go while it waits
+for the loop; the loop holds it for its calls. So finished jobs decode between two steps of
+the others, and a new job prepares between two steps and joins the next one.
 
 Why a loop of our own: no library batches diffusion steps across requests (vLLM-Omni's
 step scheduler is for DiT models and vLLM's engine; ComfyUI's and SGLang's are unmerged).
@@ -58,6 +59,9 @@ class StepSlot:
     calls: int = 0  # UNet calls it took part in (its denoising steps)
     seconds: float = 0.0  # its own work, plus its rows' share of each UNet call
     _held_since: float = 0.0
+    # Set when the loop has answered its request: each job waits on its own event, so an
+    # answer wakes only the jobs of that call (not every job in flight at every step).
+    _answered: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -269,11 +273,12 @@ class StepLoop:
         self._let_go(slot)
         try:
             with self._state:
+                slot._answered.clear()
                 setattr(slot, kind, request)
                 slot.denoising = True
-                self._state.notify_all()
-                self._state.wait_for(lambda: getattr(slot, kind) is None)
-                answer, error, slot.answer, slot.error = slot.answer, slot.error, None, None
+                self._state.notify_all()  # only the loop waits on it
+            slot._answered.wait()
+            answer, error, slot.answer, slot.error = slot.answer, slot.error, None, None
         finally:
             self._hold(slot)
         if error is not None:
@@ -321,7 +326,8 @@ class StepLoop:
                 with self._state:
                     for slot in chosen:
                         setattr(slot, kind, None)
-                    self._state.notify_all()
+                for slot in chosen:
+                    slot._answered.set()
 
     def _choose(self, waiting: list[StepSlot]) -> list[StepSlot]:
         """The jobs the next call takes (see the class's docstring)."""
@@ -356,19 +362,20 @@ class StepLoop:
                 images += count
         return chosen
 
-    def _decode(self, slots: list[StepSlot]) -> None:
-        vae, _, dtype = slots[0].decode
-        counts = [slot.decode[1].shape[0] for slot in slots]
+    def _on_device(self, slots: list[StepSlot], counts: list[int], compute: Callable[[], torch.Tensor]
+                   ) -> float | None:
+        """Run ``compute`` (one batched call of the jobs' ``counts`` rows) on the device and
+        hand each job its rows and their share of the time; returns the seconds, or None
+        when it failed (every job of the call gets the error)."""
         self._device.acquire()
         started = time.perf_counter()
         try:
-            with torch.inference_mode(), _vae_in(vae, dtype):
-                images = vae.decode(torch.cat([slot.decode[1] for slot in slots]), return_dict=False)[0]
-            answers = list(images.split(counts))
+            with torch.inference_mode():
+                answers = list(compute().split(counts))
         except BaseException as exc:  # noqa: BLE001 - every job of the call gets it
             for slot in slots:
                 slot.error = exc
-            return
+            return None
         finally:
             seconds = time.perf_counter() - started
             self._device.release()
@@ -376,43 +383,46 @@ class StepLoop:
         for slot, answer, count in zip(slots, answers, counts):
             slot.answer = answer
             slot.seconds += seconds * count / total
-        self.stats.decode_calls += 1
-        self.stats.decoded += total
+        return seconds
+
+    def _decode(self, slots: list[StepSlot]) -> None:
+        vae, _, dtype = slots[0].decode
+        counts = [slot.decode[1].shape[0] for slot in slots]
+
+        def decode() -> torch.Tensor:
+            with _vae_in(vae, dtype):
+                return vae.decode(torch.cat([slot.decode[1] for slot in slots]), return_dict=False)[0]
+
+        if self._on_device(slots, counts, decode) is not None:
+            self.stats.decode_calls += 1
+            self.stats.decoded += sum(counts)
 
     def _call(self, slots: list[StepSlot]) -> None:
         rows = [slot.request[0].shape[0] for slot in slots]
-        self._device.acquire()
-        started = time.perf_counter()
-        try:
+
+        def unet() -> torch.Tensor:
             samples = [slot.request[0] for slot in slots]
             # One timestep per row: each job's own, over its rows (both halves of its guidance).
             timesteps = torch.cat([_per_row(slot.request[1], count, sample.device)
                                    for slot, sample, count in zip(slots, samples, rows)])
             kwargs = _cat([slot.request[2] for slot in slots])
-            with torch.inference_mode():
-                output = self.unet(torch.cat(samples), timesteps, return_dict=False, **kwargs)[0]
-            answers = list(output.split(rows))
-        except BaseException as exc:  # noqa: BLE001 - every job of the call gets it
-            for slot in slots:
-                slot.error = exc
+            return self.unet(torch.cat(samples), timesteps, return_dict=False, **kwargs)[0]
+
+        seconds = self._on_device(slots, rows, unet)
+        if seconds is None:
             return
-        finally:
-            seconds = time.perf_counter() - started
-            self._device.release()
-        total, now = sum(rows), time.monotonic()
-        for slot, answer, count in zip(slots, answers, rows):
-            slot.answer = answer
+        now = time.monotonic()
+        for slot in slots:
             slot.calls += 1
-            slot.seconds += seconds * count / total
             if slot.calls == 1 and slot.on_first_step is not None:
                 slot.on_first_step(now)
         self.stats.unet_calls += 1
         self.stats.unet_seconds += seconds
-        self.stats.rows.append(total)
+        self.stats.rows.append(sum(rows))
         self.stats.jobs.append(len(slots))
         del self.stats.rows[:-RECENT_CALLS], self.stats.jobs[:-RECENT_CALLS]
         if self._on_call is not None:
-            self._on_call(total, seconds)
+            self._on_call(sum(rows), seconds)
 
 
 class StepBatcher(Batcher):
