@@ -45,17 +45,18 @@ batch of n images is one job of n seeds: one pipeline call (checked with the bat
 
 On a GPU machine without Ray (the deployments import Ray only for metrics, which stay off
 when Ray is not running; this script stands in a stub for the missing module): install the
-project's wheels that the machine lacks, e.g. ``pip install --no-deps diffusers-*.whl
-spandrel-*.whl`` from wheels carried with the working tree (and pyyaml; fastapi and pydantic
-for the capacity estimate, whose config parsing needs them: without them
-the estimate cells read n/a and everything else is measured), then
+wheels that the machine lacks, ``scripts/gpu_wheels.py``'s (diffusers, spandrel, and pydantic
+for the capacity estimate: without it the estimate cells read n/a and everything else is
+measured), then
 
     python3 benchmarks/gpu.py                                 # everything, eager then compiled
     python3 benchmarks/gpu.py --no-compile                    # eager only
     python3 benchmarks/gpu.py --models sdxl,sdxl-refiner      # one part at a time
 
 (compiling with max-autotune takes minutes a model: where a command's time is limited, run
-the models in parts; a part's report is named after its models, ``gpu-<gpu>-sdxl-...md``).
+the models in parts; a part's report is named after its models, ``gpu-<gpu>-sdxl-...md``; on a
+lent machine with minutes counted, benchmarks/gpu_run.py runs these measurements in the order
+of their value, within a budget).
 A model whose load or call fails (out of memory, a compile error) is reported in a
 Failures section and the run goes on; the exit status is then 1.
 
@@ -132,7 +133,9 @@ class Case:
     guidance: float
     kind: str  # text_to_image | chain_base | refine | upscale
     smoke_size: tuple[int, int] = (128, 128)
-    smoke_steps: int = 2
+    # The fewest steps that run every stage (the refiner runs the last 0.2 of them): the
+    # steps of a smoke call, and of gpu_run.py's warm-up and peak-memory calls.
+    few_steps: int = 2
 
 
 CASES = [
@@ -141,16 +144,16 @@ CASES = [
          "text_to_image"),
     # The base stage of the chain (to 0.8, latents out), then the refiner from 0.8 on them.
     Case("sdxl+refiner", "SDXL -> refiner 1024x1024, 40 steps, high_noise_frac 0.8", "sdxl",
-         (1024, 1024), 40, 5.0, "chain_base", smoke_steps=4),
+         (1024, 1024), 40, 5.0, "chain_base", few_steps=4),
     Case("sdxl+refiner", "SDXL -> refiner 1024x1024, 40 steps, high_noise_frac 0.8", "sdxl-refiner",
-         (1024, 1024), 40, 5.0, "refine", smoke_steps=4),
+         (1024, 1024), 40, 5.0, "refine", few_steps=4),
     Case("sd21", "SD 2.1 768x768, 25 steps", "sd21", (768, 768), 25, 7.5, "text_to_image"),
     Case("x4-upscaler", "x4 upscaler, 512x768 in (2048x3072 out), 20 steps", "sd-x4-upscaler",
          (512, 768), 20, 7.0, "upscale", smoke_size=(32, 48)),
     Case("x2-latent-upscaler", "x2 latent upscaler, 1024x1024 in (2048x2048 out), 20 steps",
          "sd-x2-latent-upscaler", (1024, 1024), 20, 0.0, "upscale", smoke_size=(64, 64)),
     Case("esrgan", "ESRGAN x2, 1024x1024 in (2048x2048 out)", "esrgan", (1024, 1024), 1, 0.0,
-         "upscale", smoke_size=(64, 64), smoke_steps=1),
+         "upscale", smoke_size=(64, 64), few_steps=1),
 ]
 HIGH_NOISE_FRAC = 0.8
 MODELS = list(dict.fromkeys(case.family for case in CASES))  # load order
@@ -199,9 +202,10 @@ class Sources:
     """Weights sources per family: ``tiny:<family>`` (smoke), or full-size random-weight
     folders built on first use into a temporary folder (removed at exit)."""
 
-    def __init__(self, smoke: bool, device: str):
+    def __init__(self, smoke: bool, device: str, built: dict[str, str] | None = None):
         self.smoke, self.device = smoke, device
-        self.built: dict[str, str] = {}
+        self.built: dict[str, str] = dict(built or {})  # given: folders another process built
+        self.build_s: dict[str, float] = {}
         self.tmp = None if smoke else tempfile.TemporaryDirectory(prefix="gpu-bench-")
 
     def __call__(self, name: str) -> str:
@@ -223,8 +227,8 @@ class Sources:
             gc.collect()
             if self.device == "cuda":
                 torch.cuda.empty_cache()
-            print(f"built full-size {name} (random weights) in {time.perf_counter() - start:.1f} s",
-                  flush=True)
+            self.build_s[name] = time.perf_counter() - start
+            print(f"built full-size {name} (random weights) in {self.build_s[name]:.1f} s", flush=True)
             self.built[name] = str(source)
         return self.built[name]
 
@@ -346,11 +350,13 @@ def run_call(dep, case: Case, n: int, size, steps: int, seed0: int, latents) -> 
     return seconds, result.output
 
 
-def bench_model(name: str, compiled: bool, opts, sources: Sources, latents: dict) -> tuple[Loaded, list[Timing]]:
-    """Load ``name``'s deployment alone, time its cases at every batch size, free it."""
+def load_model(name: str, compiled: bool, sources: Sources, max_batch: int) -> tuple[Any, Loaded, int]:
+    """Construct ``name``'s deployment alone (what earlier models left is freed first) with
+    room for ``max_batch`` images a call. Returns the deployment, what loading it cost, and
+    the bytes allocated before it (0 on CPU): its peaks are counted above them."""
     cuda = torch.cuda.is_available()
     cls = FAMILIES[name].deployment_class()
-    spec = make_spec(name, sources, compiled, max(opts.batches))
+    spec = make_spec(name, sources, compiled, max_batch)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -360,49 +366,74 @@ def bench_model(name: str, compiled: bool, opts, sources: Sources, latents: dict
     load_s = time.perf_counter() - start
     loaded = Loaded(name, compiled, load_s, (torch.cuda.memory_allocated() - base) if cuda else None,
                     module_dtypes(dep), spec)
-    timings = []
-    for case in (c for c in CASES if c.family == name):
-        size = case.smoke_size if opts.smoke else case.size
-        steps = case.smoke_steps if opts.smoke else case.steps
-        for n in opts.batches:
-            timing = Timing(case, compiled, n)
-            for r in range(opts.warmup + opts.repeats):
-                measure_peak = cuda and n == max(opts.batches)
-                if measure_peak:
-                    torch.cuda.reset_peak_memory_stats()
-                seconds, output = run_call(dep, case, n, size, steps, 1000 * r, latents)
-                if measure_peak:
-                    peak = torch.cuda.max_memory_allocated() - base
-                    timing.peak = max(timing.peak or 0, peak)
-                if r >= opts.warmup:
-                    timing.seconds.append(seconds)
-                if case.kind == "chain_base":
-                    latents[n] = output  # the refiner's input, as the chain hands it over
-            print(f"{case.key} [{name}{', compiled' if compiled else ''}] batch {n}: "
-                  f"median {timing.median_s:.3f} s, {n / timing.median_s:.2f} images/s", flush=True)
-            timings.append(timing)
+    return dep, loaded, base
+
+
+def free_model(dep) -> None:
+    """Stop the deployment's pipeline thread and give its GPU memory back."""
     dep.batcher.executor.shutdown(wait=True)
     del dep
     gc.collect()
-    if cuda:
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def time_case(dep, case: Case, n: int, size, steps: int, latents: dict, *, warmup: int, repeats: int,
+              warmup_steps: int | None = None, base: int | None = None) -> Timing:
+    """``warmup`` untimed calls of n images (of ``warmup_steps``, default ``steps``: they
+    compile, with ``compile``), then ``repeats`` timed ones. With ``base`` (bytes, on CUDA):
+    the peak GPU memory above it over every call. A chain's base stage leaves its latents
+    in ``latents[n]``, the refiner's input, as the chain hands them over."""
+    timing = Timing(case, dep.spec.compile, n)
+    measure_peak = base is not None and dep.device == "cuda"
+    for r in range(warmup + repeats):
+        if measure_peak:
+            torch.cuda.reset_peak_memory_stats()
+        call_steps = steps if r >= warmup or warmup_steps is None else warmup_steps
+        seconds, output = run_call(dep, case, n, size, call_steps, 1000 * r, latents)
+        if measure_peak:
+            timing.peak = max(timing.peak or 0, torch.cuda.max_memory_allocated() - base)
+        if r >= warmup:
+            timing.seconds.append(seconds)
+        if case.kind == "chain_base":
+            latents[n] = output
+    return timing
+
+
+def bench_model(name: str, compiled: bool, opts, sources: Sources, latents: dict) -> tuple[Loaded, list[Timing]]:
+    """Load ``name``'s deployment alone, time its cases at every batch size, free it."""
+    dep, loaded, base = load_model(name, compiled, sources, max(opts.batches))
+    timings = []
+    for case in (c for c in CASES if c.family == name):
+        size = case.smoke_size if opts.smoke else case.size
+        steps = case.few_steps if opts.smoke else case.steps
+        for n in opts.batches:
+            timing = time_case(dep, case, n, size, steps, latents, warmup=opts.warmup, repeats=opts.repeats,
+                               base=base if n == max(opts.batches) else None)
+            print(f"{case.key} [{name}{', compiled' if compiled else ''}] batch {n}: "
+                  f"median {timing.median_s:.3f} s, {n / timing.median_s:.2f} images/s", flush=True)
+            timings.append(timing)
+    free_model(dep)
     return loaded, timings
 
 
-def capacity_estimate(spec: PipelineSpec, case: Case, batch: int, smoke: bool):
-    """``serve_app.tools.capacity.estimate_model`` for this spec at ``batch`` images and the
-    case's (full) size: the real model's figures, whatever the source."""
+def capacity_estimate(spec: PipelineSpec, size: tuple[int, int], max_batch_images: int, max_n: int,
+                      smoke: bool):
+    """``serve_app.tools.capacity.estimate_model`` for this spec with these batching and
+    ``limits.max_n`` settings, at ``size`` (the output, or an upscaler's input; the full
+    size): the real model's figures, whatever the source. Its ``batch`` is the most images
+    of one call that the settings allow, by capacity's own rule."""
     from serve_app.tools.capacity import estimate_model
 
     ns = types.SimpleNamespace
     info = FAMILIES[spec.family]
-    width, height = case.size
+    width, height = size
     upscaler = info.upscale_factor is not None
     model = ns(
         name=spec.name, family=spec.family, info=info, dtype=spec.dtype, cpu_dtype=spec.cpu_dtype,
         deployment=ns(num_gpus=1, num_replicas=1, autoscaling_config=None),
-        batching=ns(max_batch_images=batch),
-        limits=ns(max_n=batch, sizes=[] if upscaler else [f"{width}x{height}"], max_pixels=None,
+        batching=ns(max_batch_images=max_batch_images, mode=spec.batching_mode), pipeline_spec=lambda: spec,
+        limits=ns(max_n=max_n, sizes=[] if upscaler else [f"{width}x{height}"], max_pixels=None,
                   max_input_pixels=width * height if upscaler else None),
         cpu_offload=spec.cpu_offload,
         # The real configs: tiny sources and the built folders both describe the real model.
@@ -478,7 +509,8 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
             continue
         load = by_load[(timing.case.family, timing.compiled)]
         try:
-            estimate = capacity_estimate(load.spec, timing.case, max(opts.batches), smoke)
+            estimate = capacity_estimate(load.spec, timing.case.size, max(opts.batches), max(opts.batches),
+                                         smoke)
         except Exception as exc:  # noqa: BLE001 - e.g. the config's pydantic missing on a bare GPU machine
             # The measurements stay; the estimate can be had later with `serve-app capacity`.
             cell = f"n/a ({type(exc).__name__}: {str(exc)[:80]})"
@@ -505,7 +537,7 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
         case = parts[0].case
         label = case.label
         if smoke:
-            steps = f", {case.smoke_steps} steps" if FAMILIES[case.family].diffusion else ""
+            steps = f", {case.few_steps} steps" if FAMILIES[case.family].diffusion else ""
             label += f" (smoke: tiny, {'x'.join(map(str, case.smoke_size))}{steps})"
         lines.append(f"| {key} | {label} | {'on' if compiled else 'off'} | {batch} | {seconds:.3f} | "
                      f"{batch / seconds:.2f} | {stages} |")
@@ -536,6 +568,19 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
     return common.write_lines(opts.out, report_name(device, opts), lines)
 
 
+def bench_device(smoke: bool) -> str:
+    """``cuda`` where there is one, else ``cpu``. ``--smoke`` runs on the CPU, every core for
+    torch, with CUDA hidden from the deployments (select_device then picks the CPU, as on a
+    CPU machine)."""
+    if not smoke:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(os.cpu_count() or 1)
+    if torch.cuda.is_available():
+        print("--smoke runs on CPU; CUDA is not used", flush=True)
+        torch.cuda.is_available = lambda: False
+    return "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
@@ -558,11 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     opts.batches = (1, 2, 4)
     if opts.smoke:
         opts.batches, opts.repeats, opts.warmup = (1, 2), 1, 1
-        torch.set_num_threads(os.cpu_count() or 1)
-    device = "cuda" if torch.cuda.is_available() and not opts.smoke else "cpu"
-    if opts.smoke and torch.cuda.is_available():
-        print("--smoke runs on CPU; CUDA is not used", flush=True)
-        torch.cuda.is_available = lambda: False  # select_device: CPU, as on a CPU machine
+    device = bench_device(opts.smoke)
     common.quiet()
     sources = Sources(opts.smoke, device)
     variants = [False] + ([True] if device == "cuda" and not opts.no_compile else [])
