@@ -38,6 +38,20 @@ def run_benchmark_smoke(script: str, out: Path, timeout: float):
                           timeout=timeout)
 
 
+def benchmark_module(name: str):
+    """Import ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package) for the
+    length of a fixture: ``yield from benchmark_module("bench")``."""
+    import importlib
+    import sys
+
+    folder = str(REPO_ROOT / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        yield importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 def ray_start_resources(params: dict) -> tuple[float, float, dict[str, float]]:
     """(CPUs, GPUs, custom resources) that a KubeRay group's ``rayStartParams`` declare; the
     custom ones are a JSON object inside a quoted string (passed to ``ray start --resources``)."""

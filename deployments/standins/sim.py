@@ -277,10 +277,10 @@ class _SimUNet:
 class _SimVAE:
     """The VAE: its real config, and a decode that sleeps for its images and size."""
 
-    def __init__(self, family: str, device: _SimDevice, vae_scale_factor: int):
+    def __init__(self, family: str, config: dict, device: _SimDevice, vae_scale_factor: int):
         import torch
 
-        self.config = _Config(_real_config(family, "vae/config.json"))
+        self.config = _Config(config)
         self.cost, self.device, self.vae_scale_factor = COSTS[family], device, vae_scale_factor
         self.dtype = torch.float32
 
@@ -307,7 +307,7 @@ class SimPipeline:
         self.vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         self.device = _SimDevice()
         self.unet = _SimUNet(family, self.device, self.vae_scale_factor)
-        self.vae = _SimVAE(family, self.device, self.vae_scale_factor)
+        self.vae = _SimVAE(family, vae, self.device, self.vae_scale_factor)
         self.latent_channels = vae.get("latent_channels", 4)
         self.image_processor = SimpleNamespace(config=_Config(vae_scale_factor=self.vae_scale_factor))
         self.num_timesteps = 0

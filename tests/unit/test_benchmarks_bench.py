@@ -1,22 +1,14 @@
 """benchmarks/bench.py's report (the run itself takes 20 minutes and stays out of CI): the
 ratios and cold-start rows it writes come from the figures it is given."""
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.conftest import benchmark_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("bench")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from benchmark_module("bench")
 
 
 def figures():

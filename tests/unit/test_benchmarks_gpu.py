@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT, run_benchmark_smoke
+from tests.conftest import REPO_ROOT, benchmark_module, run_benchmark_smoke
 
 # Every served model's workload of issue 16 (sdxl-20: the batched goal's 20 steps).
 CASES = ["sdxl", "sdxl-20", "sdxl+refiner", "sd21", "x4-upscaler", "x2-latent-upscaler", "esrgan"]
@@ -76,11 +76,7 @@ BENCHMARKS = REPO_ROOT / "benchmarks"
 
 @pytest.fixture(scope="module")
 def gpu_run():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        yield importlib.import_module("gpu_run")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    yield from benchmark_module("gpu_run")
 
 
 @pytest.fixture(scope="module")
