@@ -55,7 +55,6 @@ class StepSlot:
     decode: tuple | None = None  # (vae, latents, dtype) while it waits for its VAE decode
     answer: Any = None
     error: BaseException | None = None
-    denoising: bool = False  # asked for its first UNet call, still running
     calls: int = 0  # UNet calls it took part in (its denoising steps)
     seconds: float = 0.0  # its own work, plus its rows' share of each UNet call
     _held_since: float = 0.0
@@ -71,6 +70,7 @@ class StepStats:
     decode_calls: int = 0
     decoded: int = 0  # images decoded
     rows: list[int] = field(default_factory=list)  # rows of the latest RECENT_CALLS calls
+    seconds: list[float] = field(default_factory=list)  # the same calls' seconds
     jobs: list[int] = field(default_factory=list)  # jobs of the same calls
 
 
@@ -204,13 +204,15 @@ class StepLoop:
     its activations); ``setup`` runs once on the loop's own thread (torch's CPU thread count
     is per OS thread). ``on_call(rows, seconds)`` is told of each call.
 
-    Which waiting jobs a call takes, when more wait than ``max_rows`` allows: first the jobs
-    that have not taken a step yet (a new job starts at the next step), then the others
-    oldest first (the job that has waited longest finishes first, so the tail of the latency
-    is the queue's, not a share of an ever-growing batch). The rest wait between two of
-    their steps, holding only their latents and conditioning. One call takes at least one
-    job, and jobs of one signature (latent shape, conditioning shapes: the batcher admits
-    one cohort at a time, so there is one but for the refiner's chain share).
+    Which waiting jobs a call takes: when jobs that have not taken a step yet wait, those
+    alone (a new job's first step is a short call of its own, right after the call in
+    progress, instead of a full call's worth of the others: its wait to start stays under
+    two step times, for one call's fixed cost a job); otherwise the others oldest first, up
+    to ``max_rows`` (the job that has waited longest finishes first, so the tail of the
+    latency is the queue's, not a share of an ever-growing batch). The rest wait between
+    two of their steps, holding only their latents and conditioning. One call takes at
+    least one job, and jobs of one signature (latent shape, conditioning shapes: the batcher
+    admits one cohort at a time, so there is one but for the refiner's chain share).
     """
 
     def __init__(self, unet: Any, name: str, max_rows: int, setup: Callable[[], None] | None = None,
@@ -275,7 +277,6 @@ class StepLoop:
             with self._state:
                 slot._answered.clear()
                 setattr(slot, kind, request)
-                slot.denoising = True
                 self._state.notify_all()  # only the loop waits on it
             slot._answered.wait()
             answer, error, slot.answer, slot.error = slot.answer, slot.error, None, None
@@ -296,42 +297,46 @@ class StepLoop:
     # --- the loop's side ---
 
     def _ready(self) -> bool:
-        """A step boundary: some job waits for the loop, and every job that has begun
-        denoising waits for it too (none is between two of its steps, or after its end)."""
-        def waits(slot: StepSlot) -> bool:
-            return slot.request is not None or slot.decode is not None
-
-        return any(waits(slot) for slot in self._slots) and all(
-            waits(slot) for slot in self._slots if slot.denoising)
+        """A step boundary: every job in flight waits for the loop (none is between two of
+        its steps, after its end, or preparing its first step). A new job prepares on the
+        device (text encoders, latents) while the others step their schedulers, so waiting
+        for it costs the device nothing, and it joins the very next call."""
+        return bool(self._slots) and all(
+            slot.request is not None or slot.decode is not None for slot in self._slots)
 
     def _run(self) -> None:
         if self._setup is not None:
             self._setup()
         while True:
+            # One call at a time, chosen afresh at each boundary (a job that came during the
+            # last call, or during a decode, takes the next one): a new job's first step
+            # first (its wait to start is the one the loop can keep to a step), then the
+            # decodes of jobs that have finished (they leave; one waits a step at most),
+            # then the step of the others.
             with self._state:
                 self._state.wait_for(self._ready)
-                decodes = self._choose_decodes([slot for slot in self._slots if slot.decode is not None])
                 waiting = [slot for slot in self._slots if slot.request is not None]
                 slots = self._choose(waiting) if waiting else []
-            # Jobs that have finished decode first (they leave), then the step of the others.
-            for kind, chosen, call in (("decode", decodes, self._decode), ("request", slots, self._call)):
-                if not chosen:
-                    continue
-                try:
-                    call(chosen)
-                except BaseException as exc:  # noqa: BLE001 - the loop lives on; the jobs get it
-                    for slot in chosen:
-                        if slot.answer is None:
-                            slot.error = exc
-                with self._state:
-                    for slot in chosen:
-                        setattr(slot, kind, None)
+                decodes = [] if any(slot.calls == 0 for slot in slots) else self._choose_decodes(
+                    [slot for slot in self._slots if slot.decode is not None])
+            kind, chosen, call = ("decode", decodes, self._decode) if decodes else ("request", slots, self._call)
+            try:
+                call(chosen)
+            except BaseException as exc:  # noqa: BLE001 - the loop lives on; the jobs get it
                 for slot in chosen:
-                    slot._answered.set()
+                    if slot.answer is None:
+                        slot.error = exc
+            with self._state:
+                for slot in chosen:
+                    setattr(slot, kind, None)
+            for slot in chosen:
+                slot._answered.set()
 
     def _choose(self, waiting: list[StepSlot]) -> list[StepSlot]:
         """The jobs the next call takes (see the class's docstring)."""
         waiting.sort(key=lambda slot: (slot.calls > 0, slot.arrived))
+        if waiting[0].calls == 0:  # new jobs' first step: a call of their own
+            waiting = [slot for slot in waiting if slot.calls == 0]
         signature = _signature(waiting[0].request)
         chosen, rows = [], 0
         for slot in waiting:
@@ -420,7 +425,9 @@ class StepLoop:
         self.stats.unet_seconds += seconds
         self.stats.rows.append(sum(rows))
         self.stats.jobs.append(len(slots))
-        del self.stats.rows[:-RECENT_CALLS], self.stats.jobs[:-RECENT_CALLS]
+        self.stats.seconds.append(seconds)
+        for recent in (self.stats.rows, self.stats.jobs, self.stats.seconds):
+            del recent[:-RECENT_CALLS]
         if self._on_call is not None:
             self._on_call(sum(rows), seconds)
 

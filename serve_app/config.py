@@ -30,7 +30,7 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
-from deployments.contract import LoraRef, PipelineSpec
+from deployments.contract import IN_FLIGHT_PER_BATCH, LoraRef, PipelineSpec
 from deployments.sources import Source
 from serve_app.service import sizes as size_rules
 from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N
@@ -170,9 +170,9 @@ class BatchingConfig(_Strict):
         default=None,
         ge=1,
         description="Step mode: most images a replica keeps in flight (started, not yet done); "
-        "each UNet call takes at most max_batch_images of them, new jobs first, then the "
-        "oldest. Default: 4 x max_batch_images. Serve's max_ongoing_requests bounds the jobs "
-        "a replica is sent.",
+        "each UNet call takes at most max_batch_images of them (new jobs' first step alone, "
+        "else the oldest first). Default: 16 x max_batch_images. deployment.max_ongoing_requests (the jobs "
+        "Serve sends a replica) defaults to it in step mode.",
     )
 
     @model_validator(mode="after")
@@ -380,6 +380,13 @@ class _WeightsReplica(_Strict):
 
     @model_validator(mode="after")
     def _batch_fits(self):
+        # Step mode: Serve sends a replica as many jobs as it keeps in flight, unless told
+        # otherwise (with the default 4, a fifth job would wait in Serve's queue for one to
+        # end instead of starting at the next step).
+        if self.batching.mode == "step" and "max_ongoing_requests" not in self.deployment.model_fields_set:
+            self.deployment.max_ongoing_requests = max(
+                self.deployment.max_ongoing_requests,
+                self.batching.max_images_in_flight or IN_FLIGHT_PER_BATCH * self.batching.max_batch_images)
         # A full batch of one-image requests must fit in what Serve lets a replica take on.
         if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
             raise ValueError(

@@ -172,7 +172,7 @@ def test_step_mode_takes_a_unet_call_and_a_decode_of_the_same_images():
     assert step[name].batch == request[name].batch == 8  # one UNet call
     assert step[name].phases["unet"] == request[name].phases["unet"]
     assert step[name].phases["vae"] == request[name].phases["vae"]  # the jobs ending on one step
-    assert "step mode: 8 images a UNet call and a decode, up to 32 in flight" in step[name].notes
+    assert "step mode: 8 images a UNet call and a decode, up to 128 in flight" in step[name].notes
 
 
 def test_gpu_memory_is_validated():

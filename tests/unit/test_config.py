@@ -254,6 +254,27 @@ def test_step_batching_where_a_pipeline_steps_its_unet(tiny_args):
     assert (spec.max_batch_images, spec.max_images_in_flight) == (4, 16)
 
 
+def test_step_mode_lets_serve_send_a_replica_the_jobs_it_keeps_in_flight(tiny_args):
+    """deployment.max_ongoing_requests defaults to the images in flight in step mode (else a
+    job past the fourth would wait in Serve's queue for one to end, not for the next step);
+    a value the config sets stays."""
+    def model_with(batching, deployment=None):
+        args = copy.deepcopy(tiny_args)
+        model = next(m for m in args["models"] if m["family"] == "sd21")
+        model["batching"] = batching
+        model.pop("deployment", None)
+        if deployment is not None:
+            model["deployment"] = deployment
+        return next(m for m in load_app_config(args).models if m.family == "sd21")
+
+    assert model_with({"mode": "step", "max_batch_images": 4}).deployment.max_ongoing_requests == 64
+    step = model_with({"mode": "step", "max_batch_images": 4, "max_images_in_flight": 8})
+    assert step.deployment.max_ongoing_requests == 8 and step.pipeline_spec().images_in_flight == 8
+    assert model_with({"mode": "step", "max_batch_images": 4},
+                      {"max_ongoing_requests": 6}).deployment.max_ongoing_requests == 6
+    assert model_with({"mode": "request", "max_batch_images": 4}).deployment.max_ongoing_requests == 4
+
+
 def test_size_bounds_allow_any_multiple_of_8_within_them(tiny_args):
     limits = load_app_config(tiny_args).model("stable-diffusion-2-1").limits
     assert limits.allows(1024, 576)  # Livepeer's default, 768x768's area

@@ -185,7 +185,10 @@ def test_step_mode_admits_a_job_at_the_next_step_and_charges_each_call_by_rows()
     charged = xl.pipe.charged_s
     first, second = asyncio.run(scenario())
     rows = xl.steps.stats.rows
-    assert rows[:5] == [2] * 5 and rows.count(3) == 10 and len(rows) == 30  # 2 + 1 rows while both ran
+    # The second job's first step is a call of its own (1 row: unguided), then 2 + 1 rows
+    # while both run.
+    assert rows[:5] == [2] * 5 and rows.count(1) == 1 and rows.count(3) == 9 and len(rows) == 31
+    assert rows[rows.index(1) + 1] == 3
     expected = (sum(cost.unet_s(count, MP) for count in rows) + 2 * cost.text_ms / 1000
                 + 2 * cost.decode_s(1, MP))
     assert xl.pipe.charged_s - charged == pytest.approx(expected)
@@ -197,12 +200,12 @@ def test_step_mode_admits_a_job_at_the_next_step_and_charges_each_call_by_rows()
 
 
 def test_step_mode_keeps_more_jobs_in_flight_than_a_call_takes_new_ones_first_then_the_oldest():
-    """max_batch_images 2: each UNet call takes two guided images; eight are kept in flight
-    (the default, 4x). A job that arrives while four wait starts at the next call, and of the
-    four, the two oldest end first."""
+    """max_batch_images 2: each UNet call takes two guided images; 32 are kept in flight
+    (the default, 16x). A job that arrives while four wait starts at the next call (a call of
+    its own), and of the four, the two oldest end first."""
     xl = SDXLBaseDeployment(spec("sdxl", max_batch_images=2, batching_mode="step", cpu_threads=1))
     xl.pipe.device.speed = 2.0  # the simulated clock, twice an H100's
-    assert (xl.batcher.max_images_in_flight, xl.steps.max_rows) == (8, 4)
+    assert (xl.batcher.max_images_in_flight, xl.steps.max_rows) == (32, 4)
     ended: list[int] = []
 
     async def job(seed):

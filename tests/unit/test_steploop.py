@@ -5,6 +5,7 @@ through a request-mode replica): same pixels whatever ran beside them."""
 import asyncio
 import threading
 import time
+from multiprocessing.pool import ThreadPool
 
 import numpy as np
 import pytest
@@ -145,15 +146,18 @@ def waiting(rows, arrived, calls, width=8):
     return slot
 
 
-def test_a_call_takes_new_jobs_first_then_the_oldest_within_its_rows():
+def test_a_call_takes_new_jobs_alone_else_the_oldest_within_its_rows():
     from deployments.steploop import StepLoop
 
     loop = StepLoop(lambda *a, **k: None, "fake", max_rows=6)
     old, older, new, newer = (waiting(2, 2.0, 5), waiting(2, 1.0, 9), waiting(2, 4.0, 0),
                               waiting(2, 3.0, 0))
-    # The two that have not stepped yet (by arrival), then the oldest of the others; the
-    # fourth waits between two of its steps.
-    assert loop._choose([old, older, new, newer]) == [newer, new, older]
+    # The two that have not stepped yet (by arrival) take a short call of their own; the
+    # others wait between two of their steps.
+    assert loop._choose([old, older, new, newer]) == [newer, new]
+    # Then the oldest first, up to the rows.
+    young = waiting(2, 5.0, 1)
+    assert loop._choose([old, young, older, waiting(2, 6.0, 2)]) == [older, old, young]
     # A job too large for what is left lets a smaller one behind it fill the call.
     big, small = waiting(6, 5.0, 3), waiting(1, 6.0, 3)
     assert loop._choose([older, big, small]) == [older, small]
@@ -162,6 +166,61 @@ def test_a_call_takes_new_jobs_first_then_the_oldest_within_its_rows():
     assert loop._choose([older, other, old]) == [other]
     huge = waiting(8, 1.0, 0)
     assert loop._choose([huge, old]) == [huge]
+
+
+class FakeVAE:
+    dtype = None
+
+    def __init__(self, log):
+        import torch
+
+        self.dtype, self.log = torch.float32, log
+
+    def decode(self, latents, return_dict=False):
+        self.log.append(("decode", latents[:, 0].tolist()))
+        return (latents,)
+
+
+def test_a_job_that_arrives_during_a_call_takes_the_next_one_before_the_decodes():
+    import torch
+
+    from deployments.steploop import StepLoop, StepSlot
+
+    log, gate = [], threading.Event()
+
+    def unet(sample, timestep, return_dict=False, **kwargs):
+        log.append(("unet", sample[:, 0].tolist()))
+        if len(log) == 2:
+            gate.wait(10)  # the second call is in progress when the new job comes
+        return (sample,)
+
+    loop, vae = StepLoop(unet, "fake", max_rows=4), FakeVAE(log)
+
+    def job(value, prepare):
+        slot = StepSlot(cancelled=lambda: False, arrived=time.monotonic())
+
+        def work():
+            time.sleep(prepare)  # its text encoders, on the device
+            sample = torch.full((1, 1), value)
+            for _ in range(2):
+                sample = loop.unet_call(slot, sample, torch.tensor(1), None, {})
+            return loop.decode_call(slot, vae, sample, torch.float32)
+
+        return loop.run(slot, work)
+
+    with ThreadPool(2) as pool:
+        first = pool.apply_async(job, (1.0, 0.0))
+        while len(log) < 2:
+            time.sleep(0.005)
+        second = pool.apply_async(job, (10.0, 0.1))
+        while len(loop._slots) < 2:
+            time.sleep(0.005)
+        gate.set()
+        first.get(10), second.get(10)
+    # The new job prepared while the first stepped, took the very next call, and that call
+    # went before the first job's decode (which waited one step).
+    assert log == [("unet", [1.0]), ("unet", [1.0]), ("unet", [10.0]), ("decode", [1.0]),
+                   ("unet", [10.0]), ("decode", [10.0])]
 
 
 # --- the tiny models -------------------------------------------------------------------------
