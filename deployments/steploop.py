@@ -26,6 +26,7 @@ step scheduler is for DiT models and vLLM's engine; ComfyUI's and SGLang's are u
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import threading
@@ -142,19 +143,17 @@ class _InDtype:
         return (parameter.to(self._dtype) for parameter in self._module.parameters(*args, **kwargs))
 
 
-class _vae_in:  # noqa: N801 - a context manager, named as one reads it
+@contextlib.contextmanager
+def _vae_in(vae: Any, dtype: torch.dtype):
     """Run the VAE in ``dtype`` for the block, and put it back after."""
-
-    def __init__(self, vae: Any, dtype: torch.dtype):
-        self._vae, self._dtype, self._was = vae, dtype, vae.dtype
-
-    def __enter__(self) -> None:
-        if self._was != self._dtype:
-            self._vae.to(dtype=self._dtype)
-
-    def __exit__(self, *exc) -> None:
-        if self._was != self._dtype:
-            self._vae.to(dtype=self._was)
+    was = vae.dtype
+    if was != dtype:
+        vae.to(dtype=dtype)
+    try:
+        yield
+    finally:
+        if was != dtype:
+            vae.to(dtype=was)
 
 
 @dataclass
