@@ -206,8 +206,8 @@ class StepLoop:
     Which waiting jobs a call takes: when jobs that have not taken a step yet wait, those
     alone (a new job's first step is a short call of its own, right after the call in
     progress, instead of a full call's worth of the others: its wait to start stays under
-    two step times, for one call's fixed cost a job); otherwise the others oldest first, up
-    to ``max_rows`` (the job that has waited longest finishes first, so the tail of the
+    two full-batch steps at p99 in the simulated benchmark, for one call's fixed cost a
+    job); otherwise the others oldest first, up to ``max_rows`` (the job that has waited longest finishes first, so the tail of the
     latency is the queue's, not a share of an ever-growing batch). The rest wait between
     two of their steps, holding only their latents and conditioning. One call takes at
     least one job, and jobs of one signature (latent shape, conditioning shapes: the batcher
@@ -298,7 +298,7 @@ class StepLoop:
     def _ready(self) -> bool:
         """A step boundary: every job in flight waits for the loop (none is between two of
         its steps, after its end, or preparing its first step). A new job prepares on the
-        device (text encoders, latents) while the others step their schedulers, so waiting
+        device (text encoders, latents) in turn with the others' scheduler steps, so waiting
         for it costs the device nothing, and it joins the very next call."""
         return bool(self._slots) and all(
             slot.request is not None or slot.decode is not None for slot in self._slots)
@@ -314,10 +314,16 @@ class StepLoop:
             # then the step of the others.
             with self._state:
                 self._state.wait_for(self._ready)
+                for slot in self._slots:  # gone while it waited its turn: it leaves now
+                    if slot.request is not None and slot.cancelled():
+                        slot.request, slot.error = None, PipelineCancelled("the caller has gone")
+                        slot._answered.set()
                 waiting = [slot for slot in self._slots if slot.request is not None]
                 slots = self._choose(waiting) if waiting else []
                 decodes = [] if any(slot.calls == 0 for slot in slots) else self._choose_decodes(
                     [slot for slot in self._slots if slot.decode is not None])
+            if not (slots or decodes):
+                continue
             kind, chosen, call = ("decode", decodes, self._decode) if decodes else ("request", slots, self._call)
             try:
                 call(chosen)

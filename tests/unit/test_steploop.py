@@ -223,6 +223,49 @@ def test_a_job_that_arrives_during_a_call_takes_the_next_one_before_the_decodes(
                    ("unet", [10.0]), ("decode", [10.0])]
 
 
+def test_a_job_whose_caller_goes_while_it_waits_its_turn_leaves_at_the_next_boundary():
+    """Oldest first, one job a call: the younger job waits between two of its steps; when
+    its caller goes it is answered at the next step boundary, not when its turn comes."""
+    import torch
+
+    from deployments.batching import PipelineCancelled
+    from deployments.steploop import StepLoop, StepSlot
+
+    log, gate, gone = [], threading.Event(), threading.Event()
+
+    def unet(sample, timestep, return_dict=False, **kwargs):
+        log.append(sample[:, 0].tolist())
+        if len(log) == 3:
+            gate.wait(10)
+        return (sample,)
+
+    loop = StepLoop(unet, "fake", max_rows=2)
+
+    def job(value, arrived, cancelled):
+        slot = StepSlot(cancelled=cancelled, arrived=arrived)
+
+        def work():
+            sample = torch.full((2, 1), value)
+            for _ in range(5):
+                sample = loop.unet_call(slot, sample, torch.tensor(1), None, {})
+            return sample
+
+        return loop.run(slot, work)
+
+    with ThreadPool(2) as pool:
+        old = pool.apply_async(job, (1.0, 1.0, lambda: False))
+        young = pool.apply_async(job, (2.0, 2.0, gone.is_set))
+        while len(log) < 3:
+            time.sleep(0.005)
+        gone.set()  # during the old job's second step
+        gate.set()
+        with pytest.raises(PipelineCancelled):
+            young.get(10)
+        assert old.get(10).tolist() == [[1.0], [1.0]]
+    # Each job's first step alone, then the old job's five: the young one took no second.
+    assert sum(call == [2.0, 2.0] for call in log) == 1 and len(log) == 6
+
+
 # --- the tiny models -------------------------------------------------------------------------
 
 RNG = np.random.default_rng(0)
