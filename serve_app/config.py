@@ -384,9 +384,9 @@ class _WeightsReplica(_Strict):
         # otherwise (with the default 4, a fifth job would wait in Serve's queue for one to
         # end instead of starting at the next step).
         if self.batching.mode == "step" and "max_ongoing_requests" not in self.deployment.model_fields_set:
-            self.deployment.max_ongoing_requests = max(
-                self.deployment.max_ongoing_requests,
-                self.batching.max_images_in_flight or IN_FLIGHT_PER_BATCH * self.batching.max_batch_images)
+            in_flight = self.batching.max_images_in_flight or IN_FLIGHT_PER_BATCH * self.batching.max_batch_images
+            # A copy: a DeploymentOptions handed in may be shared with other models.
+            self.deployment = self.deployment.model_copy(update={"max_ongoing_requests": in_flight})
         # A full batch of one-image requests must fit in what Serve lets a replica take on.
         if self.deployment.max_ongoing_requests < self.batching.max_batch_images:
             raise ValueError(

@@ -348,3 +348,16 @@ def test_custom_resources_reach_ray_actor_options(tiny_args):
         "num_gpus": 0, "num_cpus": 0.1, "resources": {"cpu_node": 1}}
     # Without any, Ray's options carry no resources key.
     assert "resources" not in config.models[0].deployment.serve_options()["ray_actor_options"]
+
+
+def test_step_modes_default_leaves_deployment_options_it_was_handed_alone(tiny_args):
+    from serve_app.config import DeploymentOptions
+
+    shared = DeploymentOptions(num_cpus=0.1)
+    args = copy.deepcopy(tiny_args)
+    sd21 = next(m for m in args["models"] if m["family"] == "sd21")
+    sd21["batching"] = {"mode": "step", "max_batch_images": 4}
+    sd21["deployment"] = shared
+    model = next(m for m in load_app_config(args).models if m.family == "sd21")
+    assert model.deployment.max_ongoing_requests == 64
+    assert shared.max_ongoing_requests == 4 and "max_ongoing_requests" not in shared.model_fields_set
