@@ -25,7 +25,7 @@ from deployments.sources import Source
 # waiting between two of its steps holds its latents and conditioning only (about 1 MB an
 # SDXL image in float16). A new job starts at once only while there is room: in the
 # virtual-time model of one replica (benchmarks/steps_model.py, 20000 jobs), at 95 % of
-# capacity 4 to a call made the first-step p99 229 (SDXL) and 69 (SD 2.1) full steps, 16 to
+# capacity 4 to a call made the first-step p99 230 (SDXL) and 69 (SD 2.1) full steps, 16 to
 # a call 1.5 and 1.3, for an end-to-end p99 0.01-0.02x of request level's higher.
 IN_FLIGHT_PER_BATCH = 16
 

@@ -43,8 +43,8 @@ def test_the_models_orders_differ_as_written(model):
     # Two old jobs mid-way, then a new one: the step loop's order gives the new job's first
     # step a call of its own right away; oldest-first makes it wait for the old ones' end.
     jobs = [(0.0, 20, 5.0), (0.0, 20, 5.0), (0.5, 20, 5.0)]
-    _, first_step = model.step_level(jobs, workload, "step", 8)
-    _, first_fifo = model.step_level(jobs, workload, "oldest first", 8)
+    _, first_step, _ = model.step_level(jobs, workload, "step", 8)
+    _, first_fifo, _ = model.step_level(jobs, workload, "oldest first", 8)
     step = model.COSTS["sdxl"].step_s(1, 1024 * 1024)
     assert max(first_step) < 0.5 + 0.1 + 2 * model.COSTS["sdxl"].step_s(2, 1024 * 1024)
     assert max(first_fifo) > 20 * step
@@ -58,4 +58,4 @@ def test_the_model_smoke_writes_its_table(model, tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     table = (tmp_path / "steps-model-smoke.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| sdxl 1024x1024 | 80%")]
-    assert len(rows) == 1 and rows[0].count("x (") == len(model.ORDERS)
+    assert len(rows) == 1 and rows[0].count("x (") == len(model.ORDERS) and rows[0].count(" / ") == len(model.ORDERS)
