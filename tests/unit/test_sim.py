@@ -225,7 +225,7 @@ def test_step_mode_keeps_more_jobs_in_flight_than_a_call_takes_new_ones_first_th
     in_flight, calls = asyncio.run(scenario())
     assert in_flight == 4  # all four started, though a call takes two
     assert max(xl.steps.stats.rows) == 4 and max(xl.steps.stats.jobs) == 2
-    assert ended[:2] == [0, 1] and set(ended[2:]) == {2, 3, 9}
+    assert set(ended[:2]) == {0, 1} and set(ended[2:]) == {2, 3, 9}  # 0 and 1 end on one step
     # The late job's first step came within a few calls (the next one, less the host's delays),
     # not after the ten calls that the four jobs before it had left.
     wait = xl.batcher.stats.first_step_waits[-1]
