@@ -29,7 +29,6 @@ measure; nothing here asserts.
 from __future__ import annotations
 
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
@@ -38,17 +37,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common import percentile, write_lines  # noqa: E402 - benchmarks/common.py
-from steps import GUIDANCE, LOADS, STEPS, Workload, cluster_batch  # noqa: E402
+from steps import LOADS, Arrival, Workload, arrivals, cluster_batch  # noqa: E402
 from deployments.contract import IN_FLIGHT_PER_BATCH  # noqa: E402
 from deployments.standins.sim import COSTS  # noqa: E402
 
 
 
-def trace(rate: float, jobs: int, seed: int) -> list[tuple[float, int, float]]:
-    rng, now, out = random.Random(seed), 0.0, []
-    for _ in range(jobs):
-        now += rng.expovariate(rate)
-        out.append((now, rng.choice(STEPS), rng.choice(GUIDANCE)))
+def trace(rate: float, jobs: int, seed: int) -> list[Arrival]:
+    """The first ``jobs`` of steps.py's arrivals (a span they all but surely fill)."""
+    out = arrivals(rate, 2 * jobs / rate, seed)[:jobs]
+    assert len(out) == jobs, "the span held fewer arrivals than asked for"
     return out
 
 
@@ -58,19 +56,19 @@ def request_level(jobs, workload: Workload) -> tuple[list[float], list[float]]:
     now, queue, done, first, nxt = 0.0, [], [], [], 0
     while nxt < len(jobs) or queue:
         if not queue:
-            now = max(now, jobs[nxt][0])
-        while nxt < len(jobs) and jobs[nxt][0] <= now:
+            now = max(now, jobs[nxt].at)
+        while nxt < len(jobs) and jobs[nxt].at <= now:
             queue.append(jobs[nxt])
             nxt += 1
-        key = queue[0][1:]
-        chosen = [job for job in queue if job[1:] == key][:batch]
+        key = (queue[0].steps, queue[0].guidance)
+        chosen = [job for job in queue if (job.steps, job.guidance) == key][:batch]
         for job in chosen:
             queue.remove(job)
         step = cost.step_s(len(chosen), workload.pixels)
         started = now + cost.text_ms / 1000
         now = started + key[0] * step + cost.decode_s(len(chosen), workload.pixels)
-        done += [now - job[0] for job in chosen]
-        first += [started + step - job[0] for job in chosen]
+        done += [now - job.at for job in chosen]
+        first += [started + step - job.at for job in chosen]
     return done, first
 
 
@@ -82,14 +80,14 @@ def step_level(jobs, workload: Workload, order: str, in_flight: float
     now, queue, flight, finished, done, first, second, nxt = 0.0, [], [], [], [], [], [], 0
     while nxt < len(jobs) or queue or flight or finished:
         if not (queue or flight or finished):
-            now = max(now, jobs[nxt][0])
-        while nxt < len(jobs) and jobs[nxt][0] <= now:
+            now = max(now, jobs[nxt].at)
+        while nxt < len(jobs) and jobs[nxt].at <= now:
             queue.append(jobs[nxt])
             nxt += 1
         while queue and len(flight) + len(finished) < in_flight:  # admitted: its text encoders run
-            arrived, steps, _ = queue.pop(0)
+            job = queue.pop(0)
             now += cost.text_ms / 1000
-            flight.append({"arrived": arrived, "left": steps, "calls": 0})
+            flight.append({"arrived": job.at, "left": job.steps, "calls": 0})
         new = [job for job in flight if job["calls"] == 0]
         if finished and not (order == "step" and new):
             now += cost.decode_s(len(finished[:batch]), pixels)

@@ -30,6 +30,11 @@ from deployments.sources import Source
 IN_FLIGHT_PER_BATCH = 16
 
 
+def images_in_flight(max_batch_images: int, max_images_in_flight: int | None) -> int:
+    """Step mode: the images a replica keeps in flight (the config's, else the default)."""
+    return max_images_in_flight or IN_FLIGHT_PER_BATCH * max_batch_images
+
+
 @dataclass(frozen=True)
 class PipelineSpec:
     """How a deployment loads its pipeline."""
@@ -65,7 +70,7 @@ class PipelineSpec:
     @property
     def images_in_flight(self) -> int:
         """Step mode: the images a replica keeps in flight."""
-        return self.max_images_in_flight or IN_FLIGHT_PER_BATCH * self.max_batch_images
+        return images_in_flight(self.max_batch_images, self.max_images_in_flight)
 
     def __post_init__(self):
         # Sources arrive parsed from the config; a spec written by hand (tests, benchmarks)

@@ -30,7 +30,7 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
-from deployments.contract import IN_FLIGHT_PER_BATCH, LoraRef, PipelineSpec
+from deployments.contract import LoraRef, PipelineSpec, images_in_flight
 from deployments.sources import Source
 from serve_app.service import sizes as size_rules
 from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N
@@ -384,7 +384,7 @@ class _WeightsReplica(_Strict):
         # otherwise (with the default 4, a fifth job would wait in Serve's queue for one to
         # end instead of starting at the next step).
         if self.batching.mode == "step" and "max_ongoing_requests" not in self.deployment.model_fields_set:
-            in_flight = self.batching.max_images_in_flight or IN_FLIGHT_PER_BATCH * self.batching.max_batch_images
+            in_flight = images_in_flight(self.batching.max_batch_images, self.batching.max_images_in_flight)
             # A copy: a DeploymentOptions handed in may be shared with other models.
             self.deployment = self.deployment.model_copy(update={"max_ongoing_requests": in_flight})
         # A full batch of one-image requests must fit in what Serve lets a replica take on.

@@ -32,24 +32,24 @@ def test_the_model_charges_a_lone_job_the_cost_models_pipeline_call_in_every_ord
 
     workload = model.Workload("sdxl", "sdxl", 1024, 4)
     alone = COSTS["sdxl"].call_s(1, 1024 * 1024, 30)
-    done, first = model.request_level([(1.0, 30, 5.0)], workload)
+    done, first = model.request_level([model.Arrival(1.0, 30, 5.0, 0)], workload)
     assert done == pytest.approx([alone])
     for _, order, per_call in model.ORDERS:
-        assert model.step_level([(1.0, 30, 5.0)], workload, order, per_call * 4)[0] == pytest.approx([alone])
+        assert model.step_level([model.Arrival(1.0, 30, 5.0, 0)], workload, order, per_call * 4)[0] == pytest.approx([alone])
 
 
 def test_the_models_orders_differ_as_written(model):
     workload = model.Workload("sdxl", "sdxl", 1024, 2)
     # Two old jobs mid-way, then a new one: the step loop's order gives the new job's first
     # step a call of its own right away; oldest-first makes it wait for the old ones' end.
-    jobs = [(0.0, 20, 5.0), (0.0, 20, 5.0), (0.5, 20, 5.0)]
+    jobs = [model.Arrival(0.0, 20, 5.0, 0), model.Arrival(0.0, 20, 5.0, 1), model.Arrival(0.5, 20, 5.0, 2)]
     _, first_step, _ = model.step_level(jobs, workload, "step", 8)
     _, first_fifo, _ = model.step_level(jobs, workload, "oldest first", 8)
     step = model.COSTS["sdxl"].step_s(1, 1024 * 1024)
     assert max(first_step) < 0.5 + 0.1 + 2 * model.COSTS["sdxl"].step_s(2, 1024 * 1024)
     assert max(first_fifo) > 20 * step
     # The request batcher batches jobs of one key queued together.
-    done, _ = model.request_level([(0.0, 20, 5.0), (0.0, 20, 5.0)], workload)
+    done, _ = model.request_level([model.Arrival(0.0, 20, 5.0, 0), model.Arrival(0.0, 20, 5.0, 1)], workload)
     assert done[0] == done[1] == pytest.approx(model.COSTS["sdxl"].call_s(2, 1024 * 1024, 20))
 
 
