@@ -98,6 +98,16 @@ class Family:
         return json.loads(config.read_text())["_class_name"]
 
     @property
+    def train_timesteps(self) -> int | None:
+        """The timesteps the real model's scheduler was trained on (its scheduler_config.json's
+        ``num_train_timesteps``): the most denoising steps its schedule has. None for a
+        family without a denoising loop."""
+        config = self.config_folder / "scheduler" / "scheduler_config.json"
+        if not self.diffusion or not config.exists():
+            return None
+        return int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
+
+    @property
     def deployment_path(self) -> str:
         """``"module:Class"`` of the deployment serving this family."""
         if self.deployment is None:

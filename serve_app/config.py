@@ -33,7 +33,7 @@ from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, comp
 from deployments.contract import LoraRef, PipelineSpec, images_in_flight
 from deployments.sources import Source
 from serve_app.service import sizes as size_rules
-from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_N
+from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_LORAS, MAX_N, MAX_PROMPT_CHARS, MAX_STEPS
 from serve_app.service.sizes import parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
@@ -221,8 +221,19 @@ class GenerationLimits(_Strict):
     max_n: int = Field(default=MAX_N, ge=1, le=MAX_N, description="Most images per request.")
     max_steps: int = Field(
         ge=1,
+        le=MAX_STEPS,
         description="Most denoising steps a request runs (image-to-image runs "
-        "num_inference_steps x strength of them).",
+        "num_inference_steps x strength of them), and the most num_inference_steps of a "
+        "text-to-image or upscale request.",
+    )
+    max_schedule_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_STEPS,
+        description="Image-to-image (edits, variations, inpainting): the most "
+        "num_inference_steps, whatever the strength (the schedule's length: the scheduler "
+        "sets up every one of its timesteps, however few of them run). Default: 4 x max_steps, "
+        "at most the timesteps the model's scheduler was trained on (1000).",
     )
     sizes: list[str] = Field(
         default_factory=list,
@@ -248,7 +259,11 @@ class GenerationLimits(_Strict):
         "most output pixels (default: the largest of `sizes`).",
     )
     max_input_pixels: int | None = Field(
-        default=None, ge=1, description="Upscalers: most pixels (width x height) of an input image."
+        default=None, ge=1,
+        description="Upscalers: most pixels (width x height) of an input image. Edits and "
+        "variations with a size: most pixels of the uploaded image, which is resized to that "
+        "size (default: ingress.max_upload_pixels; without a size the output is the input's "
+        "size, held to the output limits).",
     )
     max_output_pixels: int | None = Field(
         default=None,
@@ -297,6 +312,9 @@ class GenerationLimits(_Strict):
             self.max_pixels is None or self.min_pixels > self.max_pixels
         ):
             raise ValueError("min_pixels needs max_pixels, and must be at most max_pixels")
+        if self.max_schedule_steps is not None and self.max_schedule_steps < self.max_steps:
+            raise ValueError(f"max_schedule_steps ({self.max_schedule_steps}) must be at least "
+                             f"max_steps ({self.max_steps})")
         return self
 
 
@@ -439,7 +457,7 @@ class ModelConfig(_Served, _WeightsReplica):
     loras: list[LoraAdapterConfig] = Field(
         default_factory=list, description="LoRA adapters requests may name (SD 2.1 and SDXL)."
     )
-    max_loras_per_request: int = Field(default=3, ge=1, description="Most adapters in one request.")
+    max_loras_per_request: int = Field(default=3, ge=1, le=MAX_LORAS, description="Most adapters in one request.")
     max_loaded_loras: int = Field(
         default=8, ge=1,
         description="Adapters a replica keeps loaded; the least recently used is unloaded first.",
@@ -482,6 +500,13 @@ class ModelConfig(_Served, _WeightsReplica):
             )
         if "upscale" in caps and self.limits.max_input_pixels is None:
             raise ValueError(f"family {self.family} needs limits.max_input_pixels")
+        trained = self.info.train_timesteps
+        for key, steps in (("max_steps", self.limits.max_steps),
+                           ("max_schedule_steps", self.limits.max_schedule_steps)):
+            if trained is not None and steps is not None and steps > trained:
+                raise ValueError(f"limits.{key} ({steps}) is above the {trained} timesteps "
+                                 f"{self.family}'s scheduler was trained on: it would refuse "
+                                 "or repeat them")
         if self.batching.mode == "step":
             if not self.info.step_batching:
                 raise ValueError(f"batching.mode: family {self.family} batches by request only "
@@ -551,6 +576,14 @@ class ModelConfig(_Served, _WeightsReplica):
     @property
     def upscale_factor(self) -> int | None:
         return self.info.upscale_factor
+
+    @property
+    def max_schedule_steps(self) -> int:
+        """Image-to-image: the most num_inference_steps, whatever the strength (config, else
+        4 x max_steps within the scheduler's training timesteps)."""
+        if self.limits.max_schedule_steps is not None:
+            return self.limits.max_schedule_steps
+        return min(4 * self.limits.max_steps, self.info.train_timesteps or MAX_STEPS)
 
     @property
     def min_input_side(self) -> int:
@@ -637,7 +670,8 @@ class IngressConfig(_Strict):
         default=20_000_000, ge=1, description="Largest request body; 413 past it, checked as it streams."
     )
     max_prompt_chars: int = Field(
-        default=2000, ge=1, description="Longest prompt or negative_prompt, in characters."
+        default=2000, ge=1, le=MAX_PROMPT_CHARS,
+        description="Longest prompt or negative_prompt, in characters.",
     )
     max_request_pixels: int = Field(
         default=33_554_432,
@@ -647,7 +681,14 @@ class IngressConfig(_Strict):
     max_upload_pixels: int = Field(
         default=4096 * 4096,
         ge=1,
-        description="Uploads with more pixels are refused before decoding (decompression bombs).",
+        description="Uploads with more pixels are refused before decoding (decompression "
+        "bombs); each model's own limits on its inputs are checked before decoding too.",
+    )
+    max_concurrent_decodes: int = Field(
+        default=4,
+        ge=1,
+        description="Uploads an ingress replica decodes at once; more wait their turn. Each "
+        "decode holds up to about 10 bytes a pixel of its image (docs/api.md#uploads).",
     )
 
 
@@ -917,6 +958,21 @@ class AppConfig(_Strict):
 
     def served_names(self) -> list[str]:
         return [entry.name for entry in [*self.models, *self.chains]]
+
+    @property
+    def grpc_message_bytes(self) -> int:
+        """The gRPC message size Serve's proxy must take for this app
+        (``RAY_SERVE_GRPC_MAX_MESSAGE_SIZE``, set by every profile): its largest request
+        (``ingress.max_upload_bytes`` of images and the rest of the message) and its largest
+        answer (one image at the largest output, as an unfiltered PNG: 3 bytes a pixel, a
+        filter byte a row, chunk overhead), rounded up to MiB. Anything larger is refused by
+        the proxy before the ingress (and its key check) sees it."""
+        largest = max(
+            (m.max_output_pixels if "upscale" in m.capabilities else size_rules.output_pixels(m.limits))
+            for m in self.models
+        )
+        need = max(self.ingress.max_upload_bytes + 2**20, largest * 3 + 16384 + 64 * 1024)
+        return -(-need // 2**20) * 2**20
 
     def on_demand_deployments(self) -> frozenset[str]:
         """The model deployments (and the safety checker) that may have no replica running."""

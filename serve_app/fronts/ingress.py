@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 from importlib import resources
 from typing import Any
 
@@ -28,6 +30,9 @@ from serve_app.service.health import DeploymentState, StartFailureWatch, deploym
 from serve_app.service.images import ImagesService
 from serve_app.service.responses import HealthResponse
 
+logger = logging.getLogger("ray.serve")
+GRPC_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
+
 PLAYGROUND_HTML = resources.files("serve_app.fronts").joinpath("static/playground.html").read_text("utf-8")
 
 api = FastAPI(
@@ -43,6 +48,20 @@ api.include_router(openai.router)
 api.include_router(livepeer.router)
 api.include_router(jobs.router)
 install_openapi(api)  # before serve.ingress below freezes a copy of the app
+
+
+def _warn_on_grpc_limit(config: AppConfig, environ=os.environ) -> bool:
+    """Log a warning when Serve's gRPC proxy reads messages far larger than this app takes
+    (the profiles set the limit through the controller, whose environment the replicas
+    share): an unauthenticated client could make the proxy hold that much per call."""
+    value, need = environ.get(GRPC_LIMIT_ENV), config.grpc_message_bytes
+    if value is not None and value.strip().isdigit() and int(value) <= 4 * need:
+        return False
+    logger.warning("%s is %s: Serve's gRPC proxy reads whole messages of that size before the "
+                   "API key is checked; this app needs %d bytes (set it in the config's "
+                   "controller_options.runtime_env.env_vars, docs/api.md#message-sizes)",
+                   GRPC_LIMIT_ENV, value or "unset (2 GiB)", need)
+    return True
 
 
 @serve.ingress(api)
@@ -62,6 +81,7 @@ class ImagesIngress:
             from serve_app.jobs.client import Jobs
 
             api.state.jobs = Jobs(self.config)
+        _warn_on_grpc_limit(self.config)
         # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
         self.service = ImagesService(
             self.config, handles, store, start_failures=StartFailureWatch(self._deployment_statuses))

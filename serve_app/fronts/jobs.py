@@ -17,9 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
-from serve_app.fronts.routing import Service, base_url, guarded
+from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded
 from serve_app.service.uploads import BytesUpload
 from serve_app.service.errors import APIError, InvalidRequestError, NotFoundError
+from serve_app.service.request import MAX_NAME_CHARS
+
+# Longest webhook URL.
+MAX_WEBHOOK_CHARS = 2048
 
 router = APIRouter()
 
@@ -36,7 +40,8 @@ class JobSubmission(BaseModel):
 
     operation: Literal["generations"] = Field(description="The synchronous route the job runs.")
     input: ImageGenerationRequest = Field(description="That route's body.")
-    webhook: str | None = Field(default=None, description="Posted to when the job ends.")
+    webhook: str | None = Field(default=None, max_length=MAX_WEBHOOK_CHARS,
+                                description="Posted to when the job ends.")
     priority: Literal["high", "normal", "low"] = "normal"
 
 
@@ -70,10 +75,12 @@ async def _submission(request: Request):
     """(operation, wire model, uploads, webhook, priority, a hash of what was sent)."""
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
+        check_one_image(count_images(form))
         fields: dict[str, Any] = {}
         uploads: dict[str, BytesUpload] = {}
         digest = hashlib.sha256()
         for key, value in sorted(form.multi_items(), key=lambda kv: kv[0]):
+            key = "image" if key == "image[]" else key  # a list of one, as the openai client sends it
             if isinstance(value, StarletteUpload):
                 data = await value.read()
                 uploads[key] = BytesUpload(data, value.content_type or "application/octet-stream")
@@ -88,6 +95,9 @@ async def _submission(request: Request):
             raise InvalidRequestError(
                 f"operation must be one of {', '.join(FORMS)} for a multipart job "
                 "(generations: a JSON body)", param="operation")
+        if webhook is not None and len(webhook) > MAX_WEBHOOK_CHARS:
+            raise InvalidRequestError(f"webhook is {len(webhook)} characters; the most is "
+                                      f"{MAX_WEBHOOK_CHARS}", param="webhook")
         if priority not in PRIORITY_NAMES:
             raise InvalidRequestError(f"priority must be one of {', '.join(PRIORITY_NAMES)}",
                                       param="priority")
@@ -105,7 +115,8 @@ async def _submission(request: Request):
 
 @router.post("/v1/images/jobs", status_code=202)
 async def submit_job(request: Request, service: Service,
-                     idempotency_key: str | None = Header(default=None)) -> JSONResponse:
+                     idempotency_key: str | None = Header(default=None, max_length=MAX_NAME_CHARS)
+                     ) -> JSONResponse:
     """Submit a job: a JSON generations body, or multipart with ``operation`` (edits,
     variations, upscale) and that route's fields. 202 with the job object."""
     from serve_app.jobs.store import JobRecord, new_job_id

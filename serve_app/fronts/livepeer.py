@@ -26,7 +26,21 @@ from serve_app.fronts.routing import Multipart, Service, answer, json_response
 from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
-from serve_app.service.request import MAX_N, MAX_SEED, ImageRequest, LoraSet, PromptField, lora_set_from_json
+from serve_app.service.request import (
+    MAX_GUIDANCE,
+    MAX_LORAS_JSON_CHARS,
+    MAX_N,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
+    ImageRequest,
+    LoraSet,
+    NameField,
+    PromptField,
+    TextField,
+    lora_set_from_json,
+)
 from serve_app.service.responses import ImagesResponse
 
 
@@ -63,7 +77,7 @@ def parse_loras(loras: str) -> LoraSet:
 
 
 class _LivepeerCommon(_Strict):
-    model_id: str = Field(
+    model_id: NameField = Field(
         default="",
         description="Served model name or alias (such as its Hub id; GET /v1/models lists "
         "them); '' for the default.",
@@ -86,13 +100,13 @@ class _LivepeerDiffusion(_LivepeerCommon):
 
     prompt: PromptField = Field(min_length=1)
     loras: str = Field(
-        default="",
+        default="", max_length=MAX_LORAS_JSON_CHARS,
         description='LoRA adapters as a JSON map of name to weight, such as {"ink": 0.8}: the '
         "model's configured adapters, or Hub ids where the server allows them; empty for none.",
         json_schema_extra=LORAS_JSON_SCHEMA,
     )
-    negative_prompt: str = Field(default="", description="What the image should not show.")
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=50)
+    negative_prompt: TextField = Field(default="", description="What the image should not show.")
+    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE)
     num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_N)
 
 
@@ -113,9 +127,9 @@ class LivepeerTextToImageRequest(_LivepeerDiffusion):
     # Split at '|', the first prompt must not be blank.
     prompt: PromptField = Field(min_length=1, json_schema_extra={"pattern": r"[^\s|]"})
 
-    width: int = Field(default=DEFAULT_WIDTH, ge=8, le=16384)
-    height: int = Field(default=DEFAULT_HEIGHT, ge=8, le=16384)
-    num_inference_steps: int = Field(default=TEXT_TO_IMAGE_STEPS, ge=1)
+    width: int = Field(default=DEFAULT_WIDTH, ge=MIN_SIDE, le=MAX_SIDE)
+    height: int = Field(default=DEFAULT_HEIGHT, ge=MIN_SIDE, le=MAX_SIDE)
+    num_inference_steps: int = Field(default=TEXT_TO_IMAGE_STEPS, ge=1, le=MAX_STEPS)
 
     def to_request(self) -> ImageRequest:
         prompt, more_prompts = split_prompt(self.prompt)
@@ -152,13 +166,15 @@ class LivepeerImageToImageForm(_LivepeerDiffusion):
     image_guidance_scale: float = Field(
         default=DEFAULT_IMAGE_GUIDANCE,
         ge=0,
+        le=MAX_GUIDANCE,
         description="InstructPix2Pix models only: how closely to follow the input image. "
         "Accepted and ignored by every model served here, as Livepeer's runner ignores it "
         "for every other model.",
     )
     num_inference_steps: int = Field(
-        default=IMAGE_TO_IMAGE_STEPS, ge=1,
-        description="Steps of the whole schedule; num_inference_steps x strength of them run.",
+        default=IMAGE_TO_IMAGE_STEPS, ge=1, le=MAX_STEPS,
+        description="Steps of the whole schedule, at most the model's `limits.max_schedule_steps`; "
+        "num_inference_steps x strength of them run, at most its `limits.max_steps`.",
     )
 
     def to_request(self) -> ImageRequest:
@@ -183,9 +199,9 @@ class LivepeerUpscaleForm(_LivepeerCommon):
     model_config = ConfigDict(json_schema_extra=form_schema)
 
     image: UploadFile = Field(description=_IMAGE_DESCRIPTION, json_schema_extra=upload_schema)
-    prompt: str = Field(default="", description="Guides the diffusion upscalers.")
+    prompt: TextField = Field(default="", description="Guides the diffusion upscalers.")
     num_inference_steps: int = Field(
-        default=UPSCALE_STEPS, ge=1,
+        default=UPSCALE_STEPS, ge=1, le=MAX_STEPS,
         description="Diffusion upscalers' steps; ESRGAN (one forward pass) ignores it, as "
         "Livepeer's runner sets the steps of fixed-step models itself.",
     )

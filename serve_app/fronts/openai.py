@@ -14,7 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import Response
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.fronts.openapi import (
     IMAGE_CONTENT_TYPES,
@@ -24,7 +24,7 @@ from serve_app.fronts.openapi import (
     request_schema,
     upload_schema,
 )
-from serve_app.fronts.routing import Multipart, Service, answer, guarded, json_response
+from serve_app.fronts.routing import Multipart, Service, answer, guarded, json_response, one_image
 from serve_app.service.responses import (
     ErrorResponse,
     HealthResponse,
@@ -35,9 +35,18 @@ from serve_app.service.responses import (
 from serve_app.service.request import (
     LORA_WEIGHT_MAX,
     LORA_WEIGHT_MIN,
+    MAX_GUIDANCE,
+    MAX_LORAS_JSON_CHARS,
     MAX_N,
+    MAX_NOISE_LEVEL,
+    MAX_PARTIAL_IMAGES,
     MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MIN_SIDE,
     ImageRequest,
+    NameField,
+    TextField,
     Loras,
     LoraWeight,
     lora_set,
@@ -89,7 +98,7 @@ class _ImageOptions(_Strict):
 
     model_config = ConfigDict(json_schema_extra=request_schema)
 
-    model: str | None = Field(
+    model: NameField | None = Field(
         default=None,
         description="Served model name or alias (GET /v1/models lists them); the configured "
         "default if omitted.",
@@ -109,8 +118,8 @@ class _ImageOptions(_Strict):
         description="Quality (0-100) for jpeg and webp (not png); 100 keeps the most detail. "
         "Default 100.",
     )
-    user: str | None = Field(default=None, description="End-user identifier, for the logs.")
-    negative_prompt: str | None = Field(default=None, description="What the image should not show.")
+    user: NameField | None = Field(default=None, description="End-user identifier, for the logs.")
+    negative_prompt: TextField | None = Field(default=None, description="What the image should not show.")
     seed: int | None = Field(
         default=None,
         ge=0,
@@ -118,10 +127,13 @@ class _ImageOptions(_Strict):
         description="Seed of image 0; image i uses seed + i. Drawn at random when omitted.",
     )
     guidance_scale: float | None = Field(
-        default=None, ge=0, le=50, description="Classifier-free guidance scale."
+        default=None, ge=0, le=MAX_GUIDANCE, description="Classifier-free guidance scale."
     )
     num_inference_steps: int | None = Field(
-        default=None, ge=1, description="Denoising steps (at most the model's limit)."
+        default=None, ge=1, le=MAX_STEPS,
+        description="Denoising steps of the schedule, at most the model's `limits.max_steps` "
+        "(edits and variations run num_inference_steps x strength of them: the schedule is at "
+        "most the model's `limits.max_schedule_steps`, the steps run at most `max_steps`).",
     )
     moderation: Moderation = Field(default="auto", description=_MODERATION)
 
@@ -143,7 +155,8 @@ class _Streaming(_Strict):
         "chain, no upscale).",
     )
     partial_images: int | None = Field(
-        default=None, ge=0, le=3, description="With stream: previews sent during denoising (0-3)."
+        default=None, ge=0, le=MAX_PARTIAL_IMAGES,
+        description=f"With stream: previews sent during denoising (0-{MAX_PARTIAL_IMAGES})."
     )
 
 
@@ -162,7 +175,7 @@ class ImageGenerationRequest(_Streaming, _ImageOptions):
         lt=1,
         description="Refiner chains: fraction of the steps run by the base model (default 0.8).",
     )
-    upscale: str | None = Field(
+    upscale: NameField | None = Field(
         default=None,
         description="Upscaler model to run on every generated image (output size x factor).",
     )
@@ -184,14 +197,25 @@ class _ImageForm(_ImageOptions):
 
     model_config = ConfigDict(json_schema_extra=form_schema)
 
-    image: UploadFile = Field(description="PNG, JPEG or WebP image. " + UPLOAD_LIMITS,
+    image: UploadFile = Field(description="PNG, JPEG or WebP image (one; sent as `image`, or "
+                              "as `image[]` as today's openai client sends a list). " + UPLOAD_LIMITS,
                               json_schema_extra=upload_schema)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _image_from_list(cls, data: Any) -> Any:
+        """Today's openai client sends a list of images as ``image[]`` parts: one of them is
+        the image (more are refused before this, by the route's ``one_image``)."""
+        if isinstance(data, dict) and "image[]" in data and "image" not in data:
+            data = dict(data)
+            data["image"] = data.pop("image[]")
+        return data
 
 
 class _EditFields(_ImageForm):
     size: SizeField = Field(default=None, description=_SIZE_DESCRIPTION, examples=["auto"])
     loras: Annotated[str | None, AfterValidator(_check_json_loras)] = Field(
-        default=None, description=_LORAS_DESCRIPTION + ', as JSON text: {"ink": 0.8} or '
+        default=None, max_length=MAX_LORAS_JSON_CHARS, description=_LORAS_DESCRIPTION + ', as JSON text: {"ink": 0.8} or '
         '[{"name": "ink", "weight": 0.8}].', json_schema_extra=LORAS_JSON_SCHEMA)
     strength: float | None = Field(
         default=None, gt=0, le=1, description="How far to move from the input (0 < s <= 1)."
@@ -210,7 +234,7 @@ class ImageEditForm(_Streaming, _EditFields):
         "channel without a transparent pixel is refused (nothing to edit).",
         json_schema_extra=upload_schema,
     )
-    upscale: str | None = Field(
+    upscale: NameField | None = Field(
         default=None,
         description="Upscaler (GET /v1/models lists those with the upscale capability) to run "
         "on every result.",
@@ -227,14 +251,14 @@ class UpscaleForm(_ImageForm):
     """Multipart body of ``POST /v1/images/upscale``."""
 
     _task = "upscale"
-    prompt: str = Field(default="", description="Guides diffusion upscalers; esrgan ignores it.")
-    noise_level: int | None = Field(default=None, ge=0, le=350, description="x4 upscaler only.")
+    prompt: TextField = Field(default="", description="Guides diffusion upscalers; esrgan ignores it.")
+    noise_level: int | None = Field(default=None, ge=0, le=MAX_NOISE_LEVEL, description="x4 upscaler only.")
     width: int | None = Field(
-        default=None, ge=8, le=16384,
+        default=None, ge=MIN_SIDE, le=MAX_SIDE,
         description="Output width (the height keeps the aspect ratio); not with height. The "
         "output is at most the upscaler's `limits.max_output_pixels`.")
     height: int | None = Field(
-        default=None, ge=8, le=16384,
+        default=None, ge=MIN_SIDE, le=MAX_SIDE,
         description="Output height (the width keeps the aspect ratio); not with width. The "
         "output is at most the upscaler's `limits.max_output_pixels`.")
 
@@ -255,21 +279,24 @@ async def create_image(request: Request, body: ImageGenerationRequest, service: 
     return json_response(await answer(request, service, service.plan(body.to_request())))
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS)
+@router.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS,
+             dependencies=[one_image])
 async def edit_image(request: Request, form: Multipart[ImageEditForm], service: Service) -> Response:
     """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
     planning = service.plan(form.to_request(), form.image, form.mask)
     return json_response(await answer(request, service, planning))
 
 
-@router.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS)
+@router.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS,
+             dependencies=[one_image])
 async def create_variation(request: Request, form: Multipart[ImageVariationForm],
                            service: Service) -> Response:
     """Variations of an image (OpenAI's ``images.create_variation``)."""
     return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))
 
 
-@router.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS)
+@router.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS,
+             dependencies=[one_image])
 async def upscale_image(request: Request, form: Multipart[UpscaleForm], service: Service) -> Response:
     """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
     return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))

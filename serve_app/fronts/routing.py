@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 
-from serve_app.service.errors import APIError, error_from_exception
+from serve_app.service.errors import APIError, InvalidRequestError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
 
@@ -38,6 +38,33 @@ class _MultipartAlias:
 
 
 Multipart = _MultipartAlias()
+
+# The multipart names an image upload comes under: OpenAI's `image`, and `image[]` for a list
+# (today's openai client; OpenAI's newer models take up to 16 images on an edit).
+IMAGE_PARTS = ("image", "image[]")
+
+
+def count_images(form) -> int:
+    """How many images a multipart form carries (its ``image`` and ``image[]`` parts)."""
+    return sum(len(form.getlist(name)) for name in IMAGE_PARTS)
+
+
+def check_one_image(count: int) -> None:
+    """A 400 naming ``image`` unless exactly one image (or none: the form's own validation
+    names a missing one) was sent: every model served here edits one image at a time."""
+    if count > 1:
+        raise InvalidRequestError(
+            f"'image' takes one image, got {count}: the models served here edit one image at "
+            "a time.", param="image")
+
+
+async def _one_image(request: Request) -> None:
+    # FastAPI has read the form already (Starlette keeps it on the request): no second read.
+    check_one_image(count_images(await request.form()))
+
+
+# A route's ``dependencies=[one_image]``: refuses several images before the form is validated.
+one_image = Depends(_one_image)
 
 
 def json_response(body: Any) -> Response:

@@ -39,7 +39,7 @@ from serve_app.fronts.gooseai import generation_pb2 as generation
 from serve_app.service.encoding import EncodedImage
 from serve_app.service.errors import APIError, ModelNotFoundError, error_from_exception
 from serve_app.service.images import ImagesService
-from serve_app.service.request import MAX_N, ImageRequest
+from serve_app.service.request import MAX_GUIDANCE, MAX_N, MAX_NAME_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageRequest
 from serve_app.service.uploads import BytesUpload, decode_keep_mask
 
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
@@ -63,8 +63,10 @@ SAMPLER_SCHEDULERS = {
 # and a cfg_scale of 7; ESRGAN ignores prompt, seed, steps and cfg_scale.
 UPSCALE_STEPS, UPSCALE_MAX_STEPS, UPSCALE_CFG_SCALE = 20, 50, 7.0
 SEED_LIMIT = 2**32  # Artifact.seed is a uint32
-# What the HTTP routes allow: guidance 0 to 50, sides of 8 to 16384 pixels.
-CFG_SCALE_MAX, SIDE_MIN, SIDE_MAX = 50.0, 8, 16384
+# The bounds every front declares (serve_app/service/request.py): guidance, sides.
+CFG_SCALE_MAX, SIDE_MIN, SIDE_MAX = MAX_GUIDANCE, MIN_SIDE, MAX_SIDE
+# Prompts a Request may hold: a text, a negative text, an init image and a mask.
+MAX_PROMPTS = 4
 # The end of the init image's schedule the pipelines run to (the SDK sends 0.01).
 SCHEDULE_END_MAX = 0.01
 
@@ -274,6 +276,12 @@ def _seeds(params, samples: int) -> list[int] | None:
 def to_job(request, config: AppConfig) -> Job:
     """Check a Request and convert it: every field it sets is served or refused here, so
     nothing a client asks for is silently dropped."""
+    if len(request.prompt) > MAX_PROMPTS:  # before anything walks them
+        raise invalid("prompt", f"{len(request.prompt)} prompts; send at most {MAX_PROMPTS}: a "
+                      "text, a negative text (weight -1), an init image and a mask")
+    if len(request.engine_id) > MAX_NAME_CHARS:
+        raise invalid("engine_id", f"{len(request.engine_id)} characters; engine ids are at most "
+                      f"{MAX_NAME_CHARS}")
     unknown = _unknown_field(request, "")
     if unknown:
         raise invalid(unknown, "this field is not served by this server")
@@ -314,8 +322,9 @@ def to_job(request, config: AppConfig) -> Job:
     if not 1 <= samples <= MAX_N:
         raise invalid("image.samples", f"{samples}: must be 1 to {MAX_N}")
     steps = params.steps if params.HasField("steps") else None
-    if steps is not None and steps < 1:
-        raise invalid("image.steps", f"{steps}: at least 1")
+    if steps is not None and not 1 <= steps <= MAX_STEPS:
+        raise invalid("image.steps", f"{steps}: must be 1 to {MAX_STEPS} (and at most the "
+                      "engine's own limit)")
     width = params.width if params.HasField("width") else None
     height = params.height if params.HasField("height") else None
     for side, value in (("width", width), ("height", height)):

@@ -18,16 +18,21 @@ import numpy as np
 from serve_app.config import AppConfig
 from serve_app.service.errors import (
     GatewayTimeoutError,
+    InvalidRequestError,
     ModelNotFoundError,
     NotFoundError,
     error_from_exception,
 )
 from serve_app.service.encoding import EncodedImage, ResponseEncoder
 from serve_app.service.execution import Executor
-from serve_app.service.planning import GenerationPlan, plan_request
+from serve_app.service.planning import GenerationPlan, plan_request, upload_rule
 from serve_app.service.request import ImageRequest
 from serve_app.service.responses import ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
-from serve_app.service.uploads import decode_image, decode_mask
+from serve_app.service.uploads import UploadRule, decode_image, decode_mask
+
+
+# The prefix of a stream's event types, per operation (OpenAI's names).
+STREAM_EVENTS = {"generate": "image_generation", "edit": "image_edit"}
 
 
 def sse(payload: dict) -> str:
@@ -52,6 +57,8 @@ class ImagesService:
                                  config.on_demand_deployments(), start_failures,
                                  config.ingress.retry_after_s)
         self.created = int(time.time())
+        # Decodes at once in this replica: each holds up to a few bytes a pixel of its image.
+        self._decodes = asyncio.Semaphore(config.ingress.max_concurrent_decodes)
 
     async def plan(self, request: ImageRequest, image=None, mask=None,
                    mask_decoder: Callable[..., np.ndarray] = decode_mask) -> GenerationPlan:
@@ -60,10 +67,31 @@ class ImagesService:
         ``image`` and ``mask`` are uploads (anything with an async ``read``); every route
         plans the same way, on the event loop (planning is cheap; decoding runs in a thread).
         ``mask_decoder`` reads the mask in its front's convention (OpenAI's by default).
+        Each upload's size is checked from its header against the model's limits before it
+        is decoded; a mask must be its image's size.
         """
-        pixels = await self._decode(image, "image") if image is not None else None
-        alpha = await self._decode(mask, "mask", mask_decoder) if mask is not None else None
+        pixels = alpha = None
+        if image is not None:
+            rule = upload_rule(request, self.config, has_mask=mask is not None)
+            pixels = await self._decode(image, "image", decode_image, rule)
+        if mask is not None:
+            alpha = await self._decode(mask, "mask", mask_decoder, self._mask_rule(pixels))
         return plan_request(request, self.config, pixels, alpha)
+
+    def _mask_rule(self, image: np.ndarray | None) -> UploadRule:
+        """A mask is its image's size (either orientation here: EXIF rotation is applied
+        after decoding, and planning compares the decoded sizes)."""
+        limit = self.config.ingress.max_upload_pixels
+        if image is None:
+            return UploadRule(limit)
+        height, width = image.shape[:2]
+
+        def same_size(mask_width: int, mask_height: int) -> None:
+            if sorted((mask_width, mask_height)) != sorted((width, height)):
+                raise InvalidRequestError(
+                    f"mask is {mask_width}x{mask_height} but image is {width}x{height}; they "
+                    "must be the same size", param="mask")
+        return UploadRule(limit, same_size)
 
     async def generate(self, request: ImageRequest, base_url: str = "") -> ImagesResponse:
         """Plan and run a generation (for callers without HTTP: tests, notebooks)."""
@@ -76,9 +104,10 @@ class ImagesService:
             raise NotFoundError("No image with this id: it never existed or it has expired.")
         return found
 
-    async def _decode(self, upload, param: str, decoder=decode_image) -> np.ndarray:
+    async def _decode(self, upload, param: str, decoder, rule: UploadRule) -> np.ndarray:
         data = await upload.read()
-        return await asyncio.to_thread(decoder, data, param, self.config.ingress.max_upload_pixels)
+        async with self._decodes:
+            return await asyncio.to_thread(decoder, data, param, rule)
 
     async def execute(self, plan: GenerationPlan, base_url: str = ""):
         """Run a plan's stages and encode the result; 504 past the request timeout.
@@ -103,9 +132,11 @@ class ImagesService:
 
     async def _stream(self, plan: GenerationPlan, base_url: str):
         """``image_generation.partial_image`` events during denoising, then
-        ``image_generation.completed`` (OpenAI's streaming shape); an ``error`` event if the
-        work fails after the stream began."""
+        ``image_generation.completed`` (OpenAI's streaming shape; an edit's are
+        ``image_edit.partial_image`` and ``image_edit.completed``, as OpenAI names them); an
+        ``error`` event if the work fails after the stream began."""
         timeout_s = self.config.ingress.request_timeout_s
+        kind = STREAM_EVENTS.get(plan.task, "image_generation")
         common = {"size": plan.size, "output_format": plan.output_format, "quality": "auto",
                   "background": "opaque"}
         try:
@@ -116,12 +147,12 @@ class ImagesService:
                     if event[0] == "partial":
                         _, index, pixels = event
                         b64 = await asyncio.to_thread(self.encoder.preview, plan, pixels)
-                        yield sse({"type": "image_generation.partial_image", "b64_json": b64,
+                        yield sse({"type": f"{kind}.partial_image", "b64_json": b64,
                                    "partial_image_index": index, "created_at": created, **common})
                     else:
                         response = await self.encoder.respond(plan, event[1], base_url)
                         item = response.data[0]
-                        yield sse({"type": "image_generation.completed",
+                        yield sse({"type": f"{kind}.completed",
                                    **item.model_dump(exclude_none=True), "created_at": created,
                                    "usage": response.usage.model_dump(), **common})
         except Exception as exc:  # noqa: BLE001 - told to the client as the stream's last event

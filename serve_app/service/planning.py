@@ -33,6 +33,7 @@ from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainCo
 from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.service import sizes
 from serve_app.service.request import MAX_SEED, ImageRequest
+from serve_app.service.uploads import UploadRule
 
 # A Hub repository id: owner/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -79,6 +80,8 @@ class GenerationPlan:
     safety: SafetyJob | None = None
     reject_flagged: bool = False
     moderation_param: str = "prompt"
+    # The operation (generate, edit, variation, upscale): a stream's events are named after it.
+    task: str = "generate"
 
     @property
     def check_previews(self) -> bool:
@@ -180,8 +183,10 @@ def _check_total_pixels(plan: GenerationPlan, config: AppConfig) -> GenerationPl
     return plan
 
 
-def _check_common(req, served: ModelConfig | RefinerChainConfig, check_steps: bool = True) -> int:
-    """Checks every route shares; returns the number of denoising steps."""
+def _check_common(req, served: ModelConfig | RefinerChainConfig, step_limit: tuple[int, str] | None) -> int:
+    """Checks every route shares; returns the number of denoising steps. ``step_limit``:
+    the most ``num_inference_steps`` the operation takes on this model, and what the limit
+    is in words (None: the model ignores steps)."""
     limits, defaults = served.limits, served.defaults
     if req.n > limits.max_n:
         raise InvalidRequestError(
@@ -189,9 +194,9 @@ def _check_common(req, served: ModelConfig | RefinerChainConfig, check_steps: bo
             param="n",
         )
     steps = req.num_inference_steps or defaults.num_inference_steps
-    if check_steps and steps > limits.max_steps:
+    if step_limit is not None and steps > step_limit[0]:
         raise InvalidRequestError(
-            f"{steps} denoising steps is above {served.name}'s limit of {limits.max_steps}",
+            f"{steps} denoising steps is above {served.name}'s limit of {step_limit[0]}{step_limit[1]}",
             param="num_inference_steps",
         )
     if req.output_compression is not None and req.output_format == "png":
@@ -278,13 +283,21 @@ class Operation:
         """The served model, if it does this operation (else a 400 naming ``model``)."""
         raise NotImplementedError
 
-    def checks_steps(self, served) -> bool:
-        """Whether ``num_inference_steps`` itself is held to the model's ``max_steps``."""
-        return True
+    def step_limit(self, served) -> tuple[int, str] | None:
+        """The most ``num_inference_steps`` this operation takes on ``served``, and a few
+        words on it for the error; None where the model ignores steps (still bounded on the
+        wire)."""
+        return served.limits.max_steps, ""
 
     def output_size(self, config: AppConfig, inputs: Inputs) -> tuple[int, int]:
         """The operation's own checks; returns the output size (before any upscale)."""
         raise NotImplementedError
+
+    def upload_check(self, served, req: ImageRequest, has_mask: bool
+                     ) -> tuple[Callable[[int, int], None] | None, tuple[int, int] | None]:
+        """The rule on an uploaded image's (width, height), read from its header before
+        decoding (raises a 400), and the size the model takes it at when known then."""
+        return None, None
 
     def stages(self, config: AppConfig, inputs: Inputs, seeds: tuple[int, ...]) -> list[Stage]:
         raise NotImplementedError
@@ -354,8 +367,12 @@ class ImageToImage(Operation):
             return _require(served, "inpaint", "inpaint (edits with a mask)")
         return _require(served, "image-to-image", "edit images")
 
-    def checks_steps(self, served) -> bool:
-        return False  # it runs num_inference_steps x strength of them: checked below
+    def step_limit(self, served):
+        # The scheduler sets up the whole schedule however few of its steps run (strength):
+        # it is bounded itself, and the steps run (num_inference_steps x strength) below.
+        return served.max_schedule_steps, (
+            " for an image-to-image schedule (num_inference_steps x strength of its steps run, "
+            f"at most {served.limits.max_steps})")
 
     def output_size(self, config, inputs):
         req, served, image, mask = inputs.req, inputs.served, inputs.image, inputs.mask
@@ -382,6 +399,24 @@ class ImageToImage(Operation):
             )
         return width, height
 
+    def upload_check(self, served, req, has_mask):
+        if req.size in (None, "auto"):  # the output is the input's size: the model's limits
+            return (lambda width, height: sizes.edit_size(served, None, width, height)), None
+        try:
+            target = sizes.parse_size(req.size)
+        except ValueError:
+            return None, None  # planning refuses the size itself
+        limit = served.limits.max_input_pixels
+        check = None
+        if limit is not None:
+            def check(width: int, height: int) -> None:
+                if width * height > limit:
+                    raise InvalidRequestError(
+                        f"{served.name} takes images of at most {limit} pixels to edit; the image "
+                        f"is {width}x{height} = {width * height}", param="image")
+        # With a mask the image is read whole: the mask must match its size, pixel for pixel.
+        return check, None if has_mask else target
+
     @staticmethod
     def _strength(inputs: Inputs) -> float:
         default = 1.0 if inputs.mask is not None else inputs.served.defaults.strength
@@ -407,9 +442,12 @@ class Upscale(Operation):
     def require(self, served, config, inputs):
         return _require(served, "upscale", "upscale images")
 
-    def checks_steps(self, served) -> bool:
+    def step_limit(self, served):
         # ESRGAN is one forward pass: like Stability's API, it ignores the diffusion fields.
-        return served.info.diffusion
+        return super().step_limit(served) if served.info.diffusion else None
+
+    def upload_check(self, served, req, has_mask):
+        return (lambda width, height: sizes.upscale_input(served, width, height)), None
 
     def output_size(self, config, inputs):
         req, upscaler = inputs.req, inputs.served
@@ -448,6 +486,25 @@ OPERATIONS: dict[str, Operation] = {
 }
 
 
+# Stands in for a mask not decoded yet: an operation's ``require`` asks only whether there is one.
+_MASK_SENT = object()
+
+
+def upload_rule(req: ImageRequest, config: AppConfig, has_mask: bool = False) -> UploadRule:
+    """What ``req``'s uploaded image may be, before it is decoded: the request's cheap checks
+    (prompt lengths, model, operation, n, steps) first, then the model's and operation's rule
+    on the image's size (an upscaler's input limit, an edit's output limits) and the size
+    the model takes it at. Raises what :func:`plan_request` would raise for those."""
+    operation = OPERATIONS[req.task]
+    check_request_limits(req, config)
+    inputs = Inputs(req, None, _MASK_SENT if has_mask else None)
+    served = operation.require(_resolve(config, req.model, operation.default_model(config)),
+                               config, inputs)
+    _check_common(req, served, operation.step_limit(served))
+    check, target = operation.upload_check(served, req, has_mask)
+    return UploadRule(config.ingress.max_upload_pixels, check, target)
+
+
 def plan_request(
     req: ImageRequest,
     config: AppConfig,
@@ -467,7 +524,7 @@ def plan_request(
     check_request_limits(req, config)
     served = operation.require(_resolve(config, req.model, operation.default_model(config)),
                                config, inputs)
-    steps = _check_common(req, served, check_steps=operation.checks_steps(served))
+    steps = _check_common(req, served, operation.step_limit(served))
     inputs = dataclasses.replace(inputs, served=served, steps=steps)
     width, height = operation.output_size(config, inputs)
     inputs = dataclasses.replace(inputs, width=width, height=height)
@@ -476,7 +533,7 @@ def plan_request(
     all_stages, out_w, out_h = _with_upscale(config, req.upscale, stages, req.prompt,
                                              _negative(req, served), seeds, width, height)
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
-                          req.output_compression, req.response_format)
+                          req.output_compression, req.response_format, task=req.task)
     plan = _with_stream(_check_total_pixels(plan, config), req)
     return _with_safety(plan, req, config, operation.moderation_param(req))
 

@@ -13,12 +13,39 @@ from typing import Annotated, Any, Literal
 from serve_app.service.sizes import SIZE_PATTERN, parse_size
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
+# ---------------------------------------------------------------------------------------
+# Wire bounds: the ceilings every front declares on its fields (OpenAI's routes, Livepeer's,
+# Stability's gRPC, the jobs), so that nothing unbounded is parsed or planned. Each model's
+# own limits (its config's ``limits:``, checked at planning) are within them; the config
+# refuses a limit above its ceiling.
+# ---------------------------------------------------------------------------------------
+
 MAX_N = 10
 # A LoRA adapter's weight (its scale): 0 leaves the model as it is, 1 is the adapter as
 # trained, negative values push away from it.
 LORA_WEIGHT_MIN, LORA_WEIGHT_MAX = -2.0, 2.0
 # torch generators take seeds below 2**64; image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
+# Denoising steps of a schedule: the served schedulers are trained on 1000 timesteps and
+# refuse (DDIM) or repeat (Euler) more; a model's limits hold it lower.
+MAX_STEPS = 1000
+# Classifier-free guidance scale (and Stability's cfg_scale).
+MAX_GUIDANCE = 50.0
+# The x4 upscaler's noise_level: its pipeline's max_noise_level.
+MAX_NOISE_LEVEL = 350
+# Output width or height asked for in pixels (an upscale's, Livepeer's); a model's sizes
+# and pixel limits hold them lower.
+MIN_SIDE, MAX_SIDE = 8, 16384
+# Longest prompt or negative prompt; ``ingress.max_prompt_chars`` (at most this) applies.
+MAX_PROMPT_CHARS = 10_000
+# Names: models, aliases, upscalers, adapters, users.
+MAX_NAME_CHARS = 256
+# Adapters named in one request; a model's ``max_loras_per_request`` (at most this) applies.
+MAX_LORAS = 16
+# ``loras`` sent as JSON text (multipart forms, Livepeer): MAX_LORAS names and weights.
+MAX_LORAS_JSON_CHARS = MAX_LORAS * (MAX_NAME_CHARS + 64)
+# Streamed previews a request may ask for.
+MAX_PARTIAL_IMAGES = 3
 
 def _check_size(value: str | None) -> str | None:
     if value is not None and value != "auto":
@@ -37,8 +64,12 @@ def _check_prompt(value: str) -> str:
 PROMPT_PATTERN = r"\S"
 SizeField = Annotated[str | None, AfterValidator(_check_size),
                       Field(json_schema_extra={"pattern": SIZE_PATTERN})]
-PromptField = Annotated[str, AfterValidator(_check_prompt),
+PromptField = Annotated[str, StringConstraints(max_length=MAX_PROMPT_CHARS), AfterValidator(_check_prompt),
                         Field(json_schema_extra={"pattern": PROMPT_PATTERN})]
+# Other texts of a request: a negative prompt, an upscaler's prompt.
+TextField = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+# A model, upscaler or user name.
+NameField = Annotated[str, Field(max_length=MAX_NAME_CHARS)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,7 +78,7 @@ PromptField = Annotated[str, AfterValidator(_check_prompt),
 
 LoraSet = tuple[tuple[str, float | None], ...]
 
-AdapterName = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
+AdapterName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"\S")]
 LoraWeightValue = Annotated[
     float, Field(ge=LORA_WEIGHT_MIN, le=LORA_WEIGHT_MAX, allow_inf_nan=False, strict=True)
 ]
@@ -65,8 +96,10 @@ class LoraWeight(BaseModel):
     )
 
 
-# ``loras`` on the wire: a map of name to weight, or a list of {"name", "weight"}.
-Loras = dict[AdapterName, LoraWeightValue | None] | list[LoraWeight]
+# ``loras`` on the wire: a map of name to weight, or a list of {"name", "weight"}; at most
+# MAX_LORAS of them.
+Loras = (Annotated[dict[AdapterName, LoraWeightValue | None], Field(max_length=MAX_LORAS)]
+         | Annotated[list[LoraWeight], Field(max_length=MAX_LORAS)])
 _LORAS = TypeAdapter(Loras)
 
 
@@ -93,6 +126,8 @@ def lora_set_from_json(text: str | None) -> LoraSet:
     :data:`Loras` (``""`` is none). Raises ValueError with pydantic's reason."""
     if text is None or not text.strip():
         return ()
+    if len(text) > MAX_LORAS_JSON_CHARS:
+        raise ValueError(f"loras is {len(text)} characters of JSON; the most is {MAX_LORAS_JSON_CHARS}")
     try:
         return lora_set(_LORAS.validate_json(text))
     except ValidationError as exc:

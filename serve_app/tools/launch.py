@@ -64,7 +64,8 @@ def run_local(
     hosts them all. The application's ``runtime_env.env_vars`` are applied to this
     process before Ray starts, so every replica inherits them, and its ``logging_config``
     is used. With ``metrics_export_port``, Ray serves Prometheus metrics on that port. The
-    config's ``grpc_options`` start Serve's gRPC proxy, on ``grpc_port`` when given.
+    config's ``grpc_options`` start Serve's gRPC proxy, on ``grpc_port`` when given, and its
+    ``controller_options`` (the proxy's message limit) are Serve's, as ``serve run`` takes them.
     """
     import ray
     from ray import serve
@@ -94,7 +95,8 @@ def run_local(
         if grpc_options and grpc_port is not None:
             grpc_options["port"] = grpc_port
         serve.start(http_options={"host": "127.0.0.1", "port": port},
-                    grpc_options=grpc_options or None)
+                    grpc_options=grpc_options or None,
+                    controller_options=serve_config.get("controller_options"))
         serve.run(
             build_app(args),
             name=app_config.get("name", "default"),

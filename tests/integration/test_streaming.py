@@ -51,7 +51,8 @@ def test_streaming_an_edit(http):
                      files={"image": ("in.png", buffer.getvalue(), "image/png")}) as response:
         body = "".join(response.iter_text())
     types = [json.loads(line[6:])["type"] for line in body.splitlines() if line.startswith("data: ")]
-    assert types == ["image_generation.partial_image", "image_generation.completed"]
+    # OpenAI names an edit's events after the edit.
+    assert types == ["image_edit.partial_image", "image_edit.completed"]
 
 
 @pytest.mark.parametrize(

@@ -431,29 +431,39 @@ def test_the_status_error_survives_pickling_to_the_proxy():
     assert (error.code, error.message, str(error)) == (grpc.StatusCode.NOT_FOUND, "engine_id: x", "engine_id: x")
 
 
+def _profile(name: str):
+    return load_serve_config(REPO_ROOT / "configs" / f"{name}.yaml")
+
+
 def _largest_answer(name: str) -> int:
     """Bytes of the largest answer a config can return: one image at its largest output, as
     an unfiltered PNG at worst (3 bytes a pixel, a filter byte a row, chunk overhead)."""
     from serve_app.service.sizes import output_pixels
 
-    config = load_app_config(load_serve_config(REPO_ROOT / "configs" / f"{name}.yaml")["applications"][0]["args"])
+    config = load_app_config(_profile(name)["applications"][0]["args"])
     largest = max(m.max_output_pixels if "upscale" in m.capabilities else output_pixels(m.limits)
                   for m in config.models)
     assert largest >= 1024 * 1024
     return largest * 3 + 16384 + 64 * 1024
 
 
-@pytest.mark.parametrize("name", ["tiny", "local-gpu"])
-def test_serves_default_message_limit_holds_the_largest_answer(name):
-    from ray.serve._private.constants import RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
+@pytest.mark.parametrize("name", ["tiny", "local-gpu", "cluster"])
+def test_every_profile_bounds_the_grpc_message_by_its_largest_request_and_answer(name):
+    """Serve's proxy reads a whole message before the front can refuse it (Ray's default
+    limit is 2 GiB): every profile lowers the limit, through the controller (which passes
+    it to the proxies), to what its uploads and answers need, and not far above."""
+    serve_config = _profile(name)
+    config = load_app_config(serve_config["applications"][0]["args"])
+    env = serve_config["controller_options"]["runtime_env"]["env_vars"]
+    limit = int(env["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"])
+    need = config.grpc_message_bytes
+    assert need >= config.ingress.max_upload_bytes + 2**20 and need >= _largest_answer(name)
+    assert need <= limit <= 2 * need, (name, need, limit)
 
-    assert _largest_answer(name) < RAY_SERVE_GRPC_MAX_MESSAGE_SIZE
 
-
-def test_the_clusters_message_limit_holds_the_largest_answer_and_bounds_uploads():
-    """k8s/rayservice.yaml lowers Serve's gRPC message limit on every node (a 2 GiB message
-    would be read whole before the front can refuse it); it still holds the largest answer
-    of configs/cluster.yaml and a request of its upload limit."""
+def test_the_clusters_nodes_set_the_same_message_limit():
+    """On KubeRay every node's proxy gets the limit from its environment too (a proxy the
+    controller did not start, after a head restart, still has it)."""
     import yaml
 
     manifest = yaml.safe_load((REPO_ROOT / "k8s" / "rayservice.yaml").read_text())
@@ -461,11 +471,8 @@ def test_the_clusters_message_limit_holds_the_largest_answer_and_bounds_uploads(
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     limits = {int(env["value"]) for group in groups for container in group["template"]["spec"]["containers"]
               for env in container.get("env", []) if env["name"] == "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"}
-    assert len(limits) == 1, "every node's proxy, the same limit"
-    (limit,) = limits
-    uploads = load_app_config(load_serve_config(REPO_ROOT / "configs" / "cluster.yaml")
-                              ["applications"][0]["args"]).ingress.max_upload_bytes
-    assert _largest_answer("cluster") < limit and uploads + 1024 * 1024 < limit < 2**31 - 1
+    profile = _profile("cluster")["controller_options"]["runtime_env"]["env_vars"]
+    assert limits == {int(profile["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"])}
 
 
 def test_planning_takes_a_seed_per_image(config):

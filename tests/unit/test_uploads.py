@@ -125,3 +125,71 @@ def test_resize_is_exact_and_a_no_op_when_sized():
     pixels = rgb_gradient()
     assert resize(pixels, 40, 30) is pixels
     assert resize(pixels, 80, 61).shape == (61, 80, 3)
+
+
+# ---------------------------------------------------------------------------------------
+# Uploads cost what the model can use: checked from the header, decoded lean
+# ---------------------------------------------------------------------------------------
+
+from serve_app.service.uploads import UploadRule  # noqa: E402
+
+
+def test_a_phone_photo_is_read_as_the_jpeg_it_is():
+    """Phones save multi-picture JPEGs (MPO: the photo, then a depth map or preview);
+    the first picture is the photo."""
+    photo, second = Image.fromarray(rgb_gradient()), Image.new("RGB", (40, 30), (0, 0, 255))
+    data = encode(photo, "MPO", save_all=True, append_images=[second], quality=100)
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    out = decode_image(data, "image", LIMIT)
+    assert out.shape == (30, 40, 3) and np.abs(out.astype(int) - rgb_gradient()).max() <= 12
+
+
+def test_the_models_limit_is_checked_from_the_header_before_decoding():
+    """The rule sees the header's size; the pixels (here cut short: decoding would fail)
+    are never decoded when it refuses."""
+    data = encode(Image.fromarray(rgb_gradient(400, 300)))[:200]
+    seen = []
+
+    def too_large(width, height):
+        seen.append((width, height))
+        raise InvalidRequestError("too large for the model", param="image")
+
+    with pytest.raises(InvalidRequestError, match="too large for the model"):
+        decode_image(data, "image", UploadRule(LIMIT, too_large))
+    assert seen == [(400, 300)]
+
+
+def test_16_bit_images_are_scaled_without_a_wide_copy_of_the_whole_image():
+    import tracemalloc
+
+    side = 1024
+    values = (np.arange(side * side, dtype=np.uint32) % 65536).astype(np.uint16).reshape(side, side)
+    data = encode(Image.fromarray(values))
+    tracemalloc.start()
+    out = decode_image(data, "image", LIMIT)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    # The 16-bit array (2 B a pixel), the gray and RGB results (1 + 3 + 3): not 8 B a pixel
+    # of float64 (numpy's allocations are traced; Pillow's own are not).
+    assert peak < 10 * side * side, peak
+    expected = ((values.astype(np.uint64) * 255 * 2 + 65535) // (65535 * 2)).astype(np.uint8)
+    assert np.array_equal(out[..., 0], expected)
+
+
+def test_transparency_is_composited_as_pillow_does_within_one_level():
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    out = decode_image(encode(Image.fromarray(rgba, "RGBA")), "image", LIMIT)
+    background = Image.new("RGBA", (53, 37), (255, 255, 255, 255))
+    pillow = np.asarray(Image.alpha_composite(background, Image.fromarray(rgba, "RGBA")).convert("RGB"))
+    assert np.abs(out.astype(int) - pillow).max() <= 1
+
+
+def test_a_large_jpeg_is_decoded_at_the_smallest_scale_the_model_can_use():
+    photo = Image.fromarray(rgb_gradient(2048, 1536))
+    data = encode(photo, "JPEG", quality=90)
+    out = decode_image(data, "image", UploadRule(LIMIT, target=(512, 384)))
+    assert out.shape == (384, 512, 3)  # a quarter of each side, not the whole 2048x1536
+    out = decode_image(data, "image", UploadRule(LIMIT, target=(600, 400)))
+    assert out.shape == (768, 1024, 3)  # half: a quarter would be smaller than asked
+    assert decode_image(data, "image", LIMIT).shape == (1536, 2048, 3)
