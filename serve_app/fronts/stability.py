@@ -273,15 +273,31 @@ def _seeds(params, samples: int) -> list[int] | None:
     return seeds
 
 
+def _check_counts(request) -> None:
+    """Every repeated field and every name of a Request within its bound, before anything
+    walks them (a message of the proxy's limit can hold millions of entries)."""
+    if len(request.prompt) > MAX_PROMPTS:
+        raise invalid("prompt", f"{len(request.prompt)} prompts; send at most {MAX_PROMPTS}: a "
+                      "text, a negative text (weight -1), an init image and a mask")
+    for i, prompt in enumerate(request.prompt):
+        if prompt.WhichOneof("prompt") == "tokens":
+            raise invalid(f"prompt[{i}].tokens", "token prompts are not served; send text")
+    for field, value in (("engine_id", request.engine_id), ("request_id", request.request_id)):
+        if len(value) > MAX_NAME_CHARS:
+            raise invalid(field, f"{len(value)} characters; the most is {MAX_NAME_CHARS}")
+    params = request.image
+    if len(params.seed) > MAX_N:
+        raise invalid("image.seed", f"{len(params.seed)} seeds; send one, or one per sample "
+                      f"(at most {MAX_N})")
+    if len(params.parameters) > 1:
+        raise invalid("image.parameters", f"{len(params.parameters)} step parameter blocks; "
+                      "one is served")
+
+
 def to_job(request, config: AppConfig) -> Job:
     """Check a Request and convert it: every field it sets is served or refused here, so
     nothing a client asks for is silently dropped."""
-    if len(request.prompt) > MAX_PROMPTS:  # before anything walks them
-        raise invalid("prompt", f"{len(request.prompt)} prompts; send at most {MAX_PROMPTS}: a "
-                      "text, a negative text (weight -1), an init image and a mask")
-    if len(request.engine_id) > MAX_NAME_CHARS:
-        raise invalid("engine_id", f"{len(request.engine_id)} characters; engine ids are at most "
-                      f"{MAX_NAME_CHARS}")
+    _check_counts(request)
     unknown = _unknown_field(request, "")
     if unknown:
         raise invalid(unknown, "this field is not served by this server")

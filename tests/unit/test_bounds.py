@@ -176,6 +176,11 @@ def _sdk(**params):
     (_sdk(steps=MAX_STEPS + 1), "image.steps"),
     (_sdk(prompts=[generation.Prompt(text="a")] * 5), "prompt"),
     (generation.Request(engine_id="e" * 300, prompt=[generation.Prompt(text="a")]), "engine_id"),
+    (generation.Request(engine_id="x", request_id="r" * 300, prompt=[generation.Prompt(text="a")]), "request_id"),
+    (_sdk(seed=list(range(1, 12))), "image.seed"),
+    (_sdk(parameters=[generation.StepParameter()] * 100_000), "image.parameters"),
+    (_sdk(prompts=[generation.Prompt(tokens=generation.Tokens(tokens=[generation.Token(id=1)] * 100_000))]),
+     "prompt[0].tokens"),
 ])
 def test_grpc_bounds_name_the_field(config, request_, field):
     with pytest.raises(stability.StabilityError) as info:
