@@ -29,6 +29,11 @@ from deployments.sources import Source
 # a call 1.5 and 1.3, for an end-to-end p99 0.01-0.02x of request level's higher.
 IN_FLIGHT_PER_BATCH = 16
 
+# The largest Hub LoRA file a request may name, by default (ModelConfig.max_hub_lora_bytes):
+# SD 2.1 and SDXL LoRAs are mostly 10-250 MB and the largest (rank 128 on SDXL) near 900 MB,
+# so 1 GiB takes every real one, while a full checkpoint named as a LoRA (2-7 GB) is refused.
+MAX_HUB_LORA_BYTES = 2**30
+
 
 def images_in_flight(max_batch_images: int, max_images_in_flight: int | None) -> int:
     """Step mode: the images a replica keeps in flight (the config's, else the default)."""
@@ -66,6 +71,7 @@ class PipelineSpec:
     # load one is the server's; the replica loads the first at start to prove its LoRA stack.
     loras: tuple = ()
     hub_loras: bool = False  # requests may name Hub LoRAs (the start probes the stack then too)
+    max_hub_lora_bytes: int = MAX_HUB_LORA_BYTES  # the largest LoRA file a request may name
 
     @property
     def images_in_flight(self) -> int:

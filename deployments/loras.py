@@ -1,12 +1,20 @@
 """LoRA adapters of a model replica: loaded once, kept up to a limit, activated per batch.
 
 A job names its adapters (:class:`~deployments.contract.LoraRef`: name, source, file,
-weight). The replica's :class:`LoraCache`, always on the replica's one pipeline thread:
+weight). The replica's :class:`LoraCache`:
+
+- **fetches**, on the event loop before the job queues, the file of each Hub adapter not
+  here yet (:meth:`LoraCache.fetch`): on its own download threads, so that other batches run
+  meanwhile and a caller that goes stops waiting; one download per file however many jobs
+  name it; a Hub LoRA a request names is checked against ``max_hub_lora_bytes`` through the
+  Hub's metadata first (:func:`fetch_hub_lora`). The pipeline thread never downloads.
+
+Then, always on the replica's one pipeline thread, it:
 
 - **loads** an adapter the first time a batch needs it, through diffusers' own
-  ``pipe.load_lora_weights(source, weight_name=..., adapter_name=...)`` (peft layers injected
-  into the UNet and text encoders), so real Hub LoRAs, local folders and stand-ins
-  (``KIND:lora/<family>/<name>``, deployments/sources.py) take one path;
+  ``pipe.load_lora_weights(folder, weight_name=..., adapter_name=...)`` (peft layers injected
+  into the UNet and text encoders), so Hub LoRAs (from the Hub cache), local folders and
+  stand-ins (``KIND:lora/<family>/<name>``, deployments/sources.py) take one path;
 - **evicts** the least recently used adapter that the batch does not need
   (``pipe.delete_adapters``) before a load would keep more than ``spec.max_loaded_loras``;
 - **activates** exactly the batch's adapters and weights before each pipeline call
@@ -25,8 +33,9 @@ injected is removed first, so the pipeline keeps serving:
   config names (its files are the operator's), and for any adapter a library clash, a Hub
   that cannot be reached, anything not known to be the adapter's own doing;
 - the **client's** (:class:`~deployments.errors.InvalidJobError`, ``param="loras"``, a 400):
-  a Hub LoRA the request named that does not exist, is another model's (its shapes, or
-  none of its layers, fit), or is not a LoRA file at all (:func:`client_fault`).
+  a Hub LoRA the request named that does not exist, has no ``.safetensors`` file or one over
+  ``max_hub_lora_bytes``, is another model's (its shapes, or none of its layers, fit), or is
+  not a LoRA file at all (:func:`client_fault`).
 
 :func:`probe_lora_stack`, at replica start, loads the first configured adapter (or, with Hub
 LoRAs only, a zero LoRA built from the pipeline's own layers) through the same calls as a
@@ -37,20 +46,25 @@ request that names an adapter.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
+import os
 import re
+import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, hf_hub_download
 
 from deployments.contract import LoraRef, PipelineSpec
 from deployments.errors import InvalidJobError, ServerFaultError
-from deployments.sources import LOCAL, local_path
+from deployments.sources import HUB, HUB_FILE, LOCAL, Source, local_path
 
 logger = logging.getLogger("ray.serve")
 
@@ -95,6 +109,95 @@ def adapter_source(ref: LoraRef) -> str:
     return source
 
 
+# -- Hub files, fetched before a job reaches the pipeline thread ----------------------------
+
+# Downloads of Hub LoRA files run on this many threads per replica: they wait on the network,
+# so two let one slow repo not hold every other, while bounding what a replica fetches at once.
+HUB_DOWNLOAD_WORKERS = 2
+
+# diffusers' default LoRA file name, and the names its guess passes over (not LoRA weights).
+LORA_WEIGHT_NAME_SAFE = "pytorch_lora_weights.safetensors"
+_NOT_LORA_FILES = ("scheduler", "optimizer", "checkpoint")
+
+
+def best_guess_weight_name(filenames: Iterable[str]) -> str | None:
+    """The file of a Hub repo that ``load_lora_weights(repo)`` loads when no ``weight_name``
+    is given, as diffusers guesses it (``diffusers.loaders.lora_base._best_guess_weight_name``,
+    safetensors only: a pickled ``.bin`` is never loaded from a repo a request names): the
+    ``.safetensors`` files not named for a scheduler, optimizer or checkpoint; of those,
+    the ones ending in ``pytorch_lora_weights.safetensors`` if any; the first, in the Hub's
+    order. None when there is none."""
+    files = [name for name in filenames if name.endswith(".safetensors")
+             and not any(part in name for part in _NOT_LORA_FILES)]
+    files = [name for name in files if name.endswith(LORA_WEIGHT_NAME_SAFE)] or files
+    return files[0] if files else None
+
+
+class NoLoraFile(ValueError):
+    """A Hub repo with no LoRA file to load (no ``.safetensors`` file, or not the one named)."""
+
+
+class LoraTooLarge(ValueError):
+    """A Hub LoRA file over the model's ``max_hub_lora_bytes``, by the Hub's metadata."""
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:,.0f} MiB"
+
+
+def fetch_hub_lora(source: Source, weight_name: str | None, max_bytes: int | None = None) -> str:
+    """Download the LoRA file of a Hub ``source`` (a repo id, or ``hf://`` one file of a repo)
+    into the Hub cache and return its local path; nothing is read as a local folder.
+
+    The file is ``weight_name``, or the one diffusers would choose
+    (:func:`best_guess_weight_name`). With ``max_bytes`` (a Hub LoRA a request names) the
+    repo's file list and sizes come first from the Hub's metadata
+    (``repo_info(files_metadata=True)``): a file over ``max_bytes``, or not a
+    ``.safetensors`` file, raises before anything is downloaded, and the download is pinned
+    to the commit whose size was checked. An adapter the config names with its file is
+    downloaded as named (from the cache alone when ``HF_HUB_OFFLINE`` is set).
+
+    Blocking (network): the replica runs it on its download threads (:class:`LoraCache`)."""
+    repo, revision, repo_type = source.repo_id, source.revision, source.repo_type
+    wanted = source.path_in_repo if source.kind == HUB_FILE else weight_name
+    if max_bytes is None and wanted is not None:
+        return hf_hub_download(repo, wanted, revision=revision, repo_type=repo_type)
+    info = HfApi().repo_info(repo, revision=revision, repo_type=repo_type, files_metadata=True)
+    sizes = {sibling.rfilename: sibling.size for sibling in info.siblings or ()}
+    name = wanted or best_guess_weight_name(sizes)
+    if name is None:
+        raise NoLoraFile("the repo has no .safetensors LoRA file")
+    if name not in sizes:
+        raise NoLoraFile(f"the repo has no file {name}")
+    if max_bytes is not None:
+        if not name.endswith(".safetensors"):
+            raise NoLoraFile(f"{name} is not a .safetensors file")
+        size = sizes[name]
+        if size is None:  # the Hub's answer lacks what files_metadata asks for
+            raise RuntimeError(f"the Hub did not report the size of {name}")
+        if size > max_bytes:
+            raise LoraTooLarge(f"its file {name} is {_mib(size)}; this server takes Hub LoRA "
+                               f"files of at most {_mib(max_bytes)}")
+    return hf_hub_download(repo, name, revision=info.sha or revision, repo_type=repo_type)
+
+
+def lora_files(ref: LoraRef) -> tuple[str, str | None]:
+    """What ``load_lora_weights`` takes for a configured adapter at replica start (the start
+    probe, fused adapters): a Hub one is downloaded through :func:`fetch_hub_lora` (the same
+    file a request's load would use), anything else is :func:`adapter_source`."""
+    if ref.source.kind in (HUB, HUB_FILE):
+        path = Path(fetch_hub_lora(ref.source, ref.weight_name))
+        return str(path.parent), path.name
+    return adapter_source(ref), ref.weight_name
+
+
+class NotFetched(RuntimeError):
+    """A Hub adapter reached the pipeline thread without its file (a bug of the caller)."""
+
+    def __init__(self):
+        super().__init__("its file was not downloaded before the pipeline call")
+
+
 class NoLayerFits(ValueError):
     """A LoRA file loaded without error but none of its keys named a layer of this model
     (diffusers only warns then)."""
@@ -114,17 +217,18 @@ _ADAPTER_FAULTS = ("size mismatch", "mismatched_sizes", "Invalid LoRA checkpoint
 
 def client_fault(exc: BaseException) -> bool:
     """Whether a Hub LoRA a request named failed to load for its own reasons: no such repo,
-    revision or file on the Hub, not an id at all, not a readable safetensors file, or layers
-    that are not this model's. Anything else (a library clash, no network, no memory) is
-    the server's."""
+    revision or file on the Hub, not an id at all, no LoRA file or one over the size bound,
+    not a readable safetensors file, or layers that are not this model's. Anything else (a
+    library clash, no network, no memory) is the server's."""
     from huggingface_hub import errors as hub
     from safetensors import SafetensorError
 
     if isinstance(exc, hub.LocalEntryNotFoundError):
         return False  # not in the cache and the Hub not reachable: the server's network
     if isinstance(exc, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError,
-                        hub.RemoteEntryNotFoundError, hub.HFValidationError, SafetensorError,
-                        NoLayerFits)):
+                        hub.RemoteEntryNotFoundError, hub.DisabledRepoError,
+                        hub.HFValidationError, SafetensorError, NoLayerFits, NoLoraFile,
+                        LoraTooLarge)):
         return True
     return any(text in str(exc) for text in _ADAPTER_FAULTS)
 
@@ -138,7 +242,8 @@ def _reason(exc: BaseException, limit: int = 300) -> str:
 
 
 class LoraCache:
-    """The LoRA adapters loaded in one replica's pipeline (see the module docstring).
+    """The LoRA adapters loaded in one replica's pipeline, and the Hub files fetched for
+    them (see the module docstring).
 
     ``loads`` and ``evictions`` list the adapter names in the order they were loaded and
     evicted (for tests and benchmarks; ``metrics``, when given, counts them for Prometheus).
@@ -158,6 +263,15 @@ class LoraCache:
         self.evictions: list[str] = []
         self._active: tuple | None = None  # what the pipeline runs with now; None: unknown
         self._layers = False  # whether LoRA layers were ever injected into the modules
+        # Hub adapters' files (fetch, on the event loop and the download threads): (source,
+        # weight_name) -> the local file in the Hub cache, and the downloads under way.
+        self.max_hub_bytes = spec.max_hub_lora_bytes
+        self.fetched: dict[tuple[str, str | None], str] = {}
+        self._downloads: dict[tuple[str, str | None], Future] = {}
+        self._waiters: dict[tuple[str, str | None], int] = {}
+        self._lock = threading.Lock()  # _downloads: the event loop and the download threads
+        self._downloader = ThreadPoolExecutor(max_workers=HUB_DOWNLOAD_WORKERS,
+                                              thread_name_prefix=f"{spec.name}-lora-download")
         if spec.compile and device == "cuda" and hasattr(pipe, "enable_lora_hotswap"):
             # A compiled UNet (loading.py) recompiles when the layers under it change. Diffusers
             # must be told before the first adapter loads: enable_lora_hotswap pads that
@@ -185,6 +299,83 @@ class LoraCache:
             raise InvalidJobError(
                 f"{self.model} keeps at most {self.capacity} LoRA adapters loaded; "
                 f"the job asks for {len(refs)}", param="loras")
+
+    async def fetch(self, refs: Sequence[LoraRef]) -> None:
+        """Download the files of the Hub adapters of ``refs`` that are not here yet, on the
+        replica's download threads (``HUB_DOWNLOAD_WORKERS``), before the job queues: other
+        batches run meanwhile, a caller that goes stops waiting, and jobs that name the same
+        file share one download. A Hub LoRA a request names is checked against
+        ``max_hub_lora_bytes`` through the Hub's metadata before any download
+        (:func:`fetch_hub_lora`). Raises as a failed load does (:meth:`_failure`)."""
+        for ref in refs:
+            if ref.source.kind not in (HUB, HUB_FILE):
+                continue
+            key = (str(ref.source), ref.weight_name)
+            path = self.fetched.get(key)
+            if path is not None and os.path.isfile(path):
+                continue  # fetched before (the first revision seen stays until a restart)
+            try:
+                await self._download(ref, key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified as a load's failure is
+                raise self._failure(ref, exc) from exc
+
+    async def _download(self, ref: LoraRef, key: tuple[str, str | None]) -> None:
+        with self._lock:
+            future, new = self._downloads.get(key), False
+            if future is None:
+                bound = None if key in self.configured else self.max_hub_bytes
+                future = self._downloader.submit(fetch_hub_lora, ref.source, ref.weight_name, bound)
+                self._downloads[key] = future
+                new = True
+        if new:  # outside the lock: a download done already calls back at once, here
+            future.add_done_callback(lambda done: self._downloaded(key, done))
+        self._waiters[key] = self._waiters.get(key, 0) + 1
+        try:
+            # Shielded: a caller that goes does not cancel what other callers wait for.
+            await asyncio.shield(asyncio.wrap_future(future))
+        finally:
+            self._waiters[key] -= 1
+            if not self._waiters[key]:
+                del self._waiters[key]
+                # Nobody waits any more: a download not started yet is dropped (one that
+                # runs cannot be stopped, and finishes into the cache for the next request).
+                future.cancel()
+
+    def _downloaded(self, key: tuple[str, str | None], future: Future) -> None:
+        # On the download thread (or the event loop, for a download cancelled before it ran).
+        with self._lock:
+            if self._downloads.get(key) is future:
+                del self._downloads[key]
+            if not future.cancelled() and future.exception() is None:
+                self.fetched[key] = future.result()
+
+    def _files(self, ref: LoraRef) -> tuple[str, str | None]:
+        """What ``load_lora_weights`` takes for ``ref`` on the pipeline thread: a Hub
+        adapter's file as :meth:`fetch` left it in the Hub cache (its folder and name; never
+        the Hub id, which diffusers would first read as a local folder), else
+        :func:`adapter_source`."""
+        if ref.source.kind in (HUB, HUB_FILE):
+            path = self.fetched.get((str(ref.source), ref.weight_name))
+            if path is None or not os.path.isfile(path):
+                raise NotFetched()
+            return str(Path(path).parent), Path(path).name
+        return adapter_source(ref), ref.weight_name
+
+    def _failure(self, ref: LoraRef, exc: BaseException) -> Exception:
+        """The error a failed fetch or load of ``ref`` answers with: the client's (a 400
+        naming ``loras``) for a Hub LoRA the request named failing for its own reasons
+        (:func:`client_fault`), else the server's (a 500 ``lora_unavailable``)."""
+        message = f"LoRA adapter {ref.name!r} cannot be loaded into {self.model}: {_reason(exc)}"
+        if (ref.source, ref.weight_name) not in self.configured and client_fault(exc):
+            logger.warning("%s: LoRA adapter %s from %s failed to load: %s", self.model,
+                           ref.name, ref.source, exc)
+            return InvalidJobError(message, param="loras")
+        logger.error("%s: LoRA adapter %s from %s failed to load for the server's reasons "
+                     "(%s): %s", self.model, ref.name, ref.source, lora_stack_versions(), exc)
+        return ServerFaultError(f"{message} (a fault of the server, not of the request)",
+                                code="lora_unavailable")
 
     # -- on the pipeline thread --------------------------------------------------------
 
@@ -232,28 +423,19 @@ class LoraCache:
         self._active = None  # loading activates the new adapter
         self._layers = True
         try:
-            source = adapter_source(ref)
+            source, weight_name = self._files(ref)
             with warnings.catch_warnings():
                 # peft warns at every adapter after the first that a model holds several, and
                 # when diffusers removes the part of a failed adapter it had just activated.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                self.pipe.load_lora_weights(source, weight_name=ref.weight_name, adapter_name=name)
+                self.pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=name)
             _check_loaded(self.pipe, name)
         except Exception as exc:
             self._discard(name)
             if _device_failure(exc):
                 raise
-            message = f"LoRA adapter {ref.name!r} cannot be loaded into {self.model}: {_reason(exc)}"
-            if (ref.source, ref.weight_name) not in self.configured and client_fault(exc):
-                logger.warning("%s: LoRA adapter %s from %s failed to load: %s", self.model,
-                               ref.name, ref.source, exc)
-                raise InvalidJobError(message, param="loras") from exc
-            logger.error("%s: LoRA adapter %s from %s failed to load for the server's reasons "
-                         "(%s): %s", self.model, ref.name, ref.source, lora_stack_versions(), exc)
-            raise ServerFaultError(
-                f"{message} (a fault of the server, not of the request)",
-                code="lora_unavailable") from exc
+            raise self._failure(ref, exc) from exc
         self.loaded[ref.name] = (name, ref.source, ref.weight_name)
         self.loads.append(ref.name)
         if self.metrics is not None:
@@ -330,8 +512,8 @@ def probe_lora_stack(pipe: Any, model: str, configured: Sequence[LoraRef] = ()) 
     what = f"adapter {configured[0].name!r}" if configured else "a probe adapter"
     try:
         if configured:
-            pipe.load_lora_weights(adapter_source(configured[0]),
-                                   weight_name=configured[0].weight_name, adapter_name=name)
+            source, weight_name = lora_files(configured[0])
+            pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=name)
         else:
             pipe.load_lora_weights(probe_state_dict(pipe), adapter_name=name)
         _check_loaded(pipe, name)
@@ -361,8 +543,8 @@ def fuse_loras(pipe: Any, refs: Sequence[LoraRef]) -> None:
     names = []
     for ref in refs:
         name = adapter_name(ref.name)
-        pipe.load_lora_weights(local_path(ref.source), weight_name=ref.weight_name,
-                               adapter_name=name)
+        source, weight_name = lora_files(ref)
+        pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=name)
         names.append(name)
     pipe.set_adapters(names, adapter_weights=[ref.weight for ref in refs])
     pipe.fuse_lora(adapter_names=names, lora_scale=1.0)

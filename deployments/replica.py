@@ -94,6 +94,9 @@ class PipelineDeployment:
         if self.steps is not None:  # step mode: jobs share UNet calls by latent shape and adapters
             size = tuple(inputs[0].shape[-2:]) if kind == "refine" else (job.height, job.width)
             key = (size, self._lora_key(job))
+        if self.loras is not None and getattr(job, "loras", ()):
+            # Hub adapters' files download here, off the pipeline thread, before the job queues.
+            await self.loras.fetch(job.loras)
         result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get())
         if getattr(job, "output_latents", False):
             result = dataclasses.replace(result, latent_space=FAMILIES[self.spec.family].latent_space)
@@ -101,7 +104,8 @@ class PipelineDeployment:
 
     def _lora_key(self, job) -> tuple:
         """The batch key's part for ``job.loras`` (checked here, on the event loop, before the
-        job queues); loading and activating happen on the pipeline thread."""
+        job queues; ``_submit`` then fetches Hub adapters' files); loading and activating
+        happen on the pipeline thread."""
         refs = getattr(job, "loras", ())
         if not refs:
             return ()

@@ -88,7 +88,11 @@ class Source:
 
     @classmethod
     def hub(cls, repo_id: str) -> Source:
-        """A Hub repo named by a client (a Hub LoRA): never read as a local path."""
+        """A Hub repo named by a client (a Hub LoRA): a Hub source whatever folders exist
+        here (:meth:`parse` would take an existing folder of that name). It is never handed
+        to a loader as it is (diffusers' ``load_lora_weights`` reads a name that is a local
+        folder before it asks the Hub): deployments/loras.py downloads its file through
+        huggingface_hub's API and loads that file from the Hub cache."""
         return cls(repo_id, HUB, repo_id=repo_id)
 
     @classmethod

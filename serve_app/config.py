@@ -30,7 +30,7 @@ from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema
 
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
-from deployments.contract import LoraRef, PipelineSpec, images_in_flight
+from deployments.contract import MAX_HUB_LORA_BYTES, LoraRef, PipelineSpec, images_in_flight
 from deployments.sources import Source
 from serve_app.service import sizes as size_rules
 from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_LORAS, MAX_N, MAX_PROMPT_CHARS, MAX_STEPS
@@ -472,6 +472,12 @@ class ModelConfig(_Served, _WeightsReplica):
         description="Let requests name any Hub LoRA by its id (as Livepeer's runner does): "
         "the replica downloads and loads files from outside, so it is off unless an operator "
         "turns it on.",
+    )
+    max_hub_lora_bytes: int = Field(
+        default=MAX_HUB_LORA_BYTES, gt=0,
+        description="The largest Hub LoRA file a request may name, in bytes, checked through the "
+        "Hub's metadata before anything is downloaded (a larger one is a 400 naming `loras`). "
+        "Default 1 GiB: SD 2.1 and SDXL LoRAs are mostly 10-250 MB, the largest near 900 MB.",
     )
 
     @model_validator(mode="after")

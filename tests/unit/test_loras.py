@@ -4,8 +4,11 @@ with the seeded tiny LoRAs (``tiny:lora/<family>/<name>``)."""
 import asyncio
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -382,26 +385,274 @@ def test_a_broken_lora_stack_stops_the_replica_from_starting(monkeypatch, tmp_pa
     assert logged == [message]  # the replica's log says it too, as Serve reports it
 
 
-def test_a_hub_lora_a_request_names_is_the_clients_fault_only_for_its_own_faults(sd, monkeypatch):
+# -- Hub LoRAs a request names: checked, fetched off the pipeline thread, loaded from the cache -
+
+class FakeHub:
+    """The Hub, faked where loras.py reaches it (``HfApi().repo_info`` and ``hf_hub_download``):
+    ``repos`` maps a repo id to its files (a local file to serve, or a size in bytes for a file
+    that must never be downloaded). It records the metadata calls and the downloads (with the
+    thread each ran on); a download waits for ``gate`` when one is set."""
+
+    SHA = "0123456789abcdef0123456789abcdef01234567"
+
+    def __init__(self, monkeypatch, cache, repos):
+        self.cache, self.repos = cache, repos
+        self.infos, self.downloads = [], []
+        self.gate = None
+        monkeypatch.setattr("deployments.loras.HfApi", lambda: self)
+        monkeypatch.setattr("deployments.loras.hf_hub_download", self.download)
+
+    def repo_info(self, repo_id, *, revision=None, repo_type=None, files_metadata=False):
+        from types import SimpleNamespace
+
+        from huggingface_hub.hf_api import RepoSibling
+
+        assert files_metadata  # the sizes are asked for
+        self.infos.append(repo_id)
+        if repo_id not in self.repos:
+            _not_on_the_hub(repo_id)
+        siblings = [RepoSibling(rfilename=name, size=f if isinstance(f, int) else os.path.getsize(f))
+                    for name, f in self.repos[repo_id].items()]
+        return SimpleNamespace(sha=self.SHA, siblings=siblings)
+
+    def download(self, repo_id, filename, *, revision=None, repo_type=None):
+        self.downloads.append((repo_id, filename, revision, threading.current_thread().name))
+        if self.gate is not None:
+            assert self.gate.wait(60)
+        target = self.cache / repo_id / (revision or "main") / filename
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.repos[repo_id][filename], target)
+        return str(target)
+
+
+def _not_on_the_hub(repo_id):
+    import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    hub = LoraRef("someone/no-such-lora", "someone/no-such-lora", None, 1.0)
+    url = f"https://huggingface.co/api/models/{repo_id}"
+    raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
+                                  response=httpx.Response(404, request=httpx.Request("GET", url)))
 
-    def not_on_the_hub(*args, **kwargs):
-        import httpx
 
-        url = "https://huggingface.co/api/models/someone/no-such-lora"
-        raise RepositoryNotFoundError("404 Client Error: Repository Not Found",
-                                      response=httpx.Response(404, request=httpx.Request("GET", url)))
+INK_FILE = lambda: resolve_tiny_lora("tiny:lora/sd21/ink") / LORA_FILE  # noqa: E731
 
-    monkeypatch.setattr(sd.pipe, "load_lora_weights", not_on_the_hub)
+
+def hub(repo):
+    """A Hub LoRA as a request names it (serve_app/service/planning.py: lora_refs)."""
+    return LoraRef(repo, Source.hub(repo), None, 1.0)
+
+
+def hub_replica(**kw):
+    return StableDiffusionDeployment(sd_spec(hub_loras=True, **kw))
+
+
+async def until(condition, timeout=30.0):
+    """Wait on the event loop (so the replica's own tasks run) until ``condition()``."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def loads_seen(dep, monkeypatch):
+    """Record (thread, source, weight_name) of each load_lora_weights of ``dep``."""
+    seen, real = [], dep.pipe.load_lora_weights
+
+    def load(source, **kw):
+        seen.append((threading.current_thread().name, str(source), kw.get("weight_name")))
+        return real(source, **kw)
+
+    monkeypatch.setattr(dep.pipe, "load_lora_weights", load)
+    return seen
+
+
+def test_a_hub_lora_over_the_size_bound_is_a_bad_job_and_nothing_downloads(monkeypatch, tmp_path):
+    dep = hub_replica(max_hub_lora_bytes=10**6)
+    fake = FakeHub(monkeypatch, tmp_path, {"someone/huge": {LORA_FILE: 5 * 2**30}})
     with pytest.raises(InvalidJobError) as info:
-        run(sd.text_to_image(t2i([hub])))
+        run(dep.text_to_image(t2i([hub("someone/huge")])))
     assert info.value.param == "loras"
+    assert "'someone/huge'" in info.value.message
+    assert f"its file {LORA_FILE} is 5,120 MiB" in info.value.message and "at most 1 MiB" in info.value.message
+    assert fake.infos == ["someone/huge"] and fake.downloads == []
+    assert dep.loras.loads == []
+
+
+@pytest.mark.parametrize("files", [{"lora.bin": 1000}, {"README.md": 10, "optimizer.safetensors": 10}])
+def test_a_hub_repo_without_a_safetensors_lora_file_is_a_bad_job(files, monkeypatch, tmp_path):
+    dep = hub_replica()
+    fake = FakeHub(monkeypatch, tmp_path, {"someone/pickled": files})
+    with pytest.raises(InvalidJobError) as info:
+        run(dep.text_to_image(t2i([hub("someone/pickled")])))
+    assert info.value.param == "loras" and "no .safetensors LoRA file" in info.value.message
+    assert fake.downloads == []
+
+
+def test_a_hub_lora_downloads_off_the_pipeline_thread_while_other_batches_run(monkeypatch, tmp_path, alone):
+    dep = hub_replica()
+    fake = FakeHub(monkeypatch, tmp_path / "cache", {"someone/ink": {"README.md": INK_FILE(), LORA_FILE: INK_FILE()}})
+    fake.gate = threading.Event()
+    loads = loads_seen(dep, monkeypatch)
+
+    async def scenario():
+        with_lora = asyncio.ensure_future(dep.text_to_image(t2i([hub("someone/ink")])))
+        await until(lambda: fake.downloads)  # the download has started, and waits on the gate
+        plain = await asyncio.wait_for(dep.text_to_image(t2i()), 60)  # another batch runs meanwhile
+        assert not with_lora.done()
+        fake.gate.set()
+        return (await with_lora).output, plain.output
+
+    with_lora, plain = asyncio.run(scenario())
+    ((repo, name, revision, download_thread),) = fake.downloads
+    assert (repo, name, revision) == ("someone/ink", LORA_FILE, FakeHub.SHA)  # the commit checked
+    assert download_thread.startswith("sd-lora-download")
+    # The pipeline thread loaded the downloaded file, from the cache folder, not the Hub id.
+    ((load_thread, source, weight_name),) = loads
+    assert load_thread.startswith("sd-pipeline")
+    assert (source, weight_name) == (str(tmp_path / "cache/someone/ink" / FakeHub.SHA), LORA_FILE)
+    assert close(with_lora, alone["ink"]) and close(plain, alone["none"])
+    # Fetched once: a later request asks the Hub nothing.
+    run(dep.text_to_image(t2i([hub("someone/ink")], seeds=(2,))))
+    assert fake.infos == ["someone/ink"] and len(fake.downloads) == 1
+
+
+def test_requests_for_one_hub_lora_share_one_download_and_a_cancelled_one_stops_waiting(
+        monkeypatch, tmp_path, alone):
+    dep = hub_replica()
+    fake = FakeHub(monkeypatch, tmp_path, {"someone/ink": {LORA_FILE: INK_FILE()}})
+    fake.gate = threading.Event()
+    key = ("someone/ink", None)
+
+    async def scenario():
+        jobs = [asyncio.ensure_future(dep.text_to_image(t2i([hub("someone/ink")]))) for _ in range(2)]
+        await until(lambda: dep.loras._waiters.get(key) == 2)
+        # A third caller gives up (its timeout): it stops waiting at once, the others do not.
+        started = time.monotonic()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(dep.text_to_image(t2i([hub("someone/ink")])), 0.3)
+        assert time.monotonic() - started < 5 and dep.loras._waiters[key] == 2
+        fake.gate.set()
+        return [(await job).output for job in jobs]
+
+    outputs = asyncio.run(scenario())
+    assert len(fake.infos) == 1 and len(fake.downloads) == 1
+    assert all(close(output, alone["ink"]) for output in outputs)
+
+
+def test_a_queued_hub_download_is_dropped_only_when_nobody_waits_for_it(monkeypatch, tmp_path):
+    from deployments.loras import HUB_DOWNLOAD_WORKERS
+
+    dep = hub_replica()
+    repos = {f"someone/lora{i}": {LORA_FILE: INK_FILE()} for i in range(2 * HUB_DOWNLOAD_WORKERS)}
+    repos.update({"someone/kept": {LORA_FILE: INK_FILE()}, "someone/dropped": {LORA_FILE: INK_FILE()}})
+    fake = FakeHub(monkeypatch, tmp_path, repos)
+
+    async def queued_behind_busy_threads(first, callers):
+        """Fill the download threads, queue ``callers`` (repo, seconds it waits) behind them,
+        then let the threads go; returns what the callers got."""
+        fake.gate = threading.Event()
+        done = len(fake.downloads)
+        busy = [asyncio.ensure_future(dep.text_to_image(t2i([hub(f"someone/lora{i}")])))
+                for i in range(first, first + HUB_DOWNLOAD_WORKERS)]
+        await until(lambda: len(fake.downloads) == done + HUB_DOWNLOAD_WORKERS)
+        waiting = [asyncio.ensure_future(asyncio.wait_for(dep.text_to_image(t2i([hub(repo)])), limit))
+                   for repo, limit in callers]
+        await asyncio.sleep(0.5)  # the short-lived callers give up, their downloads still queued
+        fake.gate.set()
+        await asyncio.gather(*busy)
+        return await asyncio.gather(*waiting, return_exceptions=True)
+
+    # One of two callers gives up: the other still gets the download it shares.
+    gave_up, kept = asyncio.run(queued_behind_busy_threads(0, [("someone/kept", 0.2), ("someone/kept", 60)]))
+    assert isinstance(gave_up, asyncio.TimeoutError) and kept.output is not None
+    # The only caller gives up: its queued download is dropped before it reaches the Hub.
+    (gave_up,) = asyncio.run(queued_behind_busy_threads(HUB_DOWNLOAD_WORKERS, [("someone/dropped", 0.2)]))
+    assert isinstance(gave_up, asyncio.TimeoutError)
+    assert [d[0] for d in fake.downloads].count("someone/kept") == 1
+    assert "someone/dropped" not in fake.infos + [d[0] for d in fake.downloads]
+
+
+def test_a_hub_lora_a_request_names_is_the_clients_fault_only_for_its_own_faults(monkeypatch, tmp_path):
+    import httpx
+
+    dep = hub_replica()
+    FakeHub(monkeypatch, tmp_path, {})
+    with pytest.raises(InvalidJobError) as info:  # not on the Hub
+        run(dep.text_to_image(t2i([hub("someone/no-such-lora")])))
+    assert info.value.param == "loras"
+
+    class Unreachable:
+        def repo_info(self, repo_id, **kw):
+            raise httpx.ConnectError("[Errno 101] Network is unreachable")
+
+    monkeypatch.setattr("deployments.loras.HfApi", Unreachable)
+    with pytest.raises(ServerFaultError) as info:
+        run(dep.text_to_image(t2i([hub("someone/no-such-lora")])))
+    assert info.value.code == "lora_unavailable" and "fault of the server" in info.value.message
     monkeypatch.undo()
-    # The real load with the Hub out of reach (HF_HUB_OFFLINE in tests): the server's.
-    with pytest.raises(ServerFaultError):
-        run(sd.text_to_image(t2i([hub])))
+    # The real huggingface_hub with the Hub out of reach (HF_HUB_OFFLINE in tests): the server's.
+    with pytest.raises(ServerFaultError) as info:
+        run(dep.text_to_image(t2i([hub("someone/no-such-lora")])))
+    assert info.value.code == "lora_unavailable" and "offline mode" in info.value.message
+
+
+def test_a_hub_id_a_request_names_is_never_read_as_a_folder_of_the_server(monkeypatch, tmp_path):
+    # A folder under the replica's working directory with the Hub id's name: diffusers'
+    # load_lora_weights("someone/ink") would read it before asking the Hub.
+    (tmp_path / "someone/ink").mkdir(parents=True)
+    shutil.copy(INK_FILE(), tmp_path / "someone/ink" / LORA_FILE)
+    monkeypatch.chdir(tmp_path)
+    dep = hub_replica()
+    loads = loads_seen(dep, monkeypatch)
+    with pytest.raises(ServerFaultError):  # the Hub is out of reach (HF_HUB_OFFLINE)
+        run(dep.text_to_image(t2i([hub("someone/ink")])))
+    assert loads == [] and dep.loras.loads == []
+    fake = FakeHub(monkeypatch, tmp_path / "cache", {})
+    with pytest.raises(InvalidJobError):  # the Hub says there is no such repo
+        run(dep.text_to_image(t2i([hub("someone/ink")])))
+    assert fake.infos == ["someone/ink"] and loads == []
+
+
+def test_an_adapter_the_config_names_on_the_hub_is_not_bounded_and_downloads_as_named(monkeypatch, tmp_path, alone):
+    big = LoraRef("big", "someone/big", "big.safetensors", 1.0)
+    fake = FakeHub(monkeypatch, tmp_path, {"someone/big": {"big.safetensors": INK_FILE()}})
+    # The start probe loads it (through the same fetch), then a request's job.
+    dep = StableDiffusionDeployment(sd_spec(loras=(big,), max_hub_lora_bytes=1))
+    loads = loads_seen(dep, monkeypatch)
+    assert close(run(dep.text_to_image(t2i([big]))), alone["ink"])
+    assert fake.infos == []  # named with its file: no listing, works offline from the cache
+    assert [d[:2] for d in fake.downloads] == [("someone/big", "big.safetensors")] * 2
+    assert fake.downloads[-1][3].startswith("sd-lora-download")
+    assert loads == [(loads[0][0], str(tmp_path / "someone/big/main"), "big.safetensors")]
+
+
+@pytest.mark.parametrize("files", [
+    ["pytorch_lora_weights.safetensors", "other.safetensors", "README.md"],
+    ["my_style.safetensors", "README.md", "config.json"],
+    ["optimizer.safetensors", "scheduler.safetensors", "style.safetensors"],
+    ["README.md", "lora.bin"],
+])
+def test_the_hub_file_is_the_one_diffusers_would_choose(files, tmp_path):
+    from diffusers.loaders.lora_base import _best_guess_weight_name
+
+    from deployments.loras import best_guess_weight_name
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    assert best_guess_weight_name(files) == _best_guess_weight_name(str(tmp_path))
+
+
+def test_the_config_bounds_hub_loras_at_1_gib_by_default(tiny_args):
+    from serve_app.config import ConfigError, load_app_config
+
+    assert load_app_config(tiny_args).model("stable-diffusion-2-1").pipeline_spec().max_hub_lora_bytes == 2**30
+    model = dict(tiny_args["models"][0], allow_hub_loras=True, max_hub_lora_bytes=250 * 10**6)
+    config = load_app_config(dict(tiny_args, models=[model] + tiny_args["models"][1:]))
+    assert config.model("stable-diffusion-2-1").pipeline_spec().max_hub_lora_bytes == 250 * 10**6
+    with pytest.raises(ConfigError, match="max_hub_lora_bytes"):
+        bad = dict(tiny_args["models"][0], max_hub_lora_bytes=0)
+        load_app_config(dict(tiny_args, models=[bad] + tiny_args["models"][1:]))
 
 
 def test_a_replica_without_adapters_rejects_jobs_with_them():
