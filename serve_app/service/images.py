@@ -27,6 +27,7 @@ from serve_app.service.execution import Executor
 from serve_app.service.planning import GenerationPlan, plan_request
 from serve_app.service.request import ImageRequest
 from serve_app.service.responses import ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
+from serve_app.service.store import ImageStoreClient
 from serve_app.service.uploads import decode_image, decode_mask
 
 
@@ -45,8 +46,9 @@ class ImagesService:
                  start_failures: Callable[[], Awaitable[dict[str, str]]] | None = None):
         self.config = config
         self.handles = handles
-        self.store = store  # the ImageStore deployment's handle (response_format "url")
-        self.encoder = ResponseEncoder(config, store)
+        # The ImageStore deployment (response_format "url", job uploads), calls bounded in time.
+        self.store = ImageStoreClient.of(store, config)
+        self.encoder = ResponseEncoder(config, self.store)
         # Deployments that may be at zero replicas are woken early in a chain (on demand).
         self.executor = Executor(handles, config.ingress.request_timeout_s,
                                  config.on_demand_deployments(), start_failures,
@@ -65,13 +67,14 @@ class ImagesService:
         alpha = await self._decode(mask, "mask", mask_decoder) if mask is not None else None
         return plan_request(request, self.config, pixels, alpha)
 
-    async def generate(self, request: ImageRequest, base_url: str = "") -> ImagesResponse:
+    async def generate(self, request: ImageRequest, base_url: str = "", owner: str = "") -> ImagesResponse:
         """Plan and run a generation (for callers without HTTP: tests, notebooks)."""
-        return await self.execute(await self.plan(request), base_url)
+        return await self.execute(await self.plan(request), base_url, owner=owner)
 
     async def image_file(self, image_id: str) -> tuple[bytes, str]:
-        """Answer ``GET /v1/images/files/{id}``: 404 when unknown or expired."""
-        found = await self.store.get.remote(image_id) if self.store is not None else None
+        """Answer ``GET /v1/images/files/{id}``: 404 when unknown or expired, and at once
+        (no call to the store) when ``image_id`` is not the shape of an id."""
+        found = await self.store.get(image_id) if self.store is not None else None
         if found is None:
             raise NotFoundError("No image with this id: it never existed or it has expired.")
         return found
@@ -80,14 +83,15 @@ class ImagesService:
         data = await upload.read()
         return await asyncio.to_thread(decoder, data, param, self.config.ingress.max_upload_pixels)
 
-    async def execute(self, plan: GenerationPlan, base_url: str = ""):
+    async def execute(self, plan: GenerationPlan, base_url: str = "", owner: str = ""):
         """Run a plan's stages and encode the result; 504 past the request timeout.
 
-        A streamed plan returns an async iterator of Server-Sent Events instead.
+        A streamed plan returns an async iterator of Server-Sent Events instead. ``owner``
+        (the caller's key, as ``jobs.store.owner_of`` names it) owns the URL images it makes.
         """
         if plan.stream:
-            return self._stream(plan, base_url)
-        return await self.encoder.respond(plan, await self._run(plan), base_url)
+            return self._stream(plan, base_url, owner)
+        return await self.encoder.respond(plan, await self._run(plan), base_url, owner=owner)
 
     async def images(self, plan: GenerationPlan) -> tuple[list[EncodedImage], ImagesUsage]:
         """Run a plan and encode its images, for a front that sends bytes (gRPC) instead of
@@ -101,7 +105,7 @@ class ImagesService:
         except TimeoutError:
             raise GatewayTimeoutError(self.config.ingress.request_timeout_s) from None
 
-    async def _stream(self, plan: GenerationPlan, base_url: str):
+    async def _stream(self, plan: GenerationPlan, base_url: str, owner: str = ""):
         """``image_generation.partial_image`` events during denoising, then
         ``image_generation.completed`` (OpenAI's streaming shape); an ``error`` event if the
         work fails after the stream began."""
@@ -119,7 +123,7 @@ class ImagesService:
                         yield sse({"type": "image_generation.partial_image", "b64_json": b64,
                                    "partial_image_index": index, "created_at": created, **common})
                     else:
-                        response = await self.encoder.respond(plan, event[1], base_url)
+                        response = await self.encoder.respond(plan, event[1], base_url, owner=owner)
                         item = response.data[0]
                         yield sse({"type": "image_generation.completed",
                                    **item.model_dump(exclude_none=True), "created_at": created,
