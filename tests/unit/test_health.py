@@ -159,3 +159,23 @@ def test_health_answers(detailed):
     # Serve's controller did not answer: the status is unknown, the last one is not claimed.
     for snapshot in (StatusSnapshot(HEALTHY, False), StatusSnapshot(None, False)):
         assert health_answer(snapshot, detailed) == (503, {"status": "unknown"})
+
+
+def test_the_health_route_takes_only_the_authorization_header_once_shipped_to_a_replica():
+    """Serve ships the ingress class's methods to the replica by value (cloudpickle), with
+    only the globals their code uses: a parameter annotated with an imported class (Request)
+    would become a required query parameter there, and every probe a 400."""
+    import pickle
+
+    from fastapi.dependencies.utils import get_dependant
+    from ray import cloudpickle
+
+    from serve_app.fronts.ingress import api
+
+    routes = [route for included in api.routes if hasattr(included, "original_router")
+              for route in included.original_router.routes if getattr(route, "path", "") == "/health"]
+    (route,) = routes
+    shipped = pickle.loads(cloudpickle.dumps(route.endpoint))
+    dependant = get_dependant(path=route.path_format, call=shipped)
+    assert [p.name for p in dependant.query_params + dependant.body_params] == []
+    assert [p.name for p in dependant.header_params] == ["authorization"]
