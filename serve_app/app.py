@@ -41,7 +41,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
     store = (
         serve.deployment(ImageStoreDeployment)
         .options(name=STORE_NAME, **config.image_store.deployment.serve_options())
-        .bind(config.image_store.spec())
+        .bind(config.image_store.spec(config.jobs))
     )
     if config.jobs is not None:
         from serve_app.jobs.autoscaling import consumer_options

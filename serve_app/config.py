@@ -698,17 +698,62 @@ class IngressConfig(_Strict):
     )
 
 
+class StoreQuota(_Strict):
+    """How much one API key's share of a pool of the image store may hold."""
+
+    max_bytes: int = Field(ge=1, description="Total size one key's entries may take, in bytes.")
+    max_entries: int = Field(ge=1, description="How many entries one key may hold.")
+
+
+class JobInputsConfig(_Strict):
+    """The image store's pool for the uploads of queued async jobs: apart from URL images,
+    never evicted by them; an upload lives until its job ends or its TTL runs out."""
+
+    ttl_s: float | None = Field(
+        default=None, gt=0,
+        description="Seconds an upload is kept if its job never ends; default and least: "
+        "jobs.result_ttl_s (a queued job lives that long).",
+    )
+    max_bytes: int = Field(default=1_000_000_000, ge=1,
+                           description="Total size of every key's uploads; submits past it get a 503.")
+    max_entries: int = Field(default=10_000, ge=1,
+                             description="How many uploads are kept; submits past it get a 503.")
+    per_key: StoreQuota = Field(
+        default_factory=lambda: StoreQuota(max_bytes=200_000_000, max_entries=1_000),
+        description="One API key's share (not with keys off); its submits past it get a 429.",
+    )
+
+
 class ImageStoreConfig(_Strict):
-    """Where images answered by URL (``response_format: "url"``) are kept."""
+    """Where images answered by URL (``response_format: "url"``) and the uploads of queued
+    jobs are kept."""
 
     backend: str = Field(
         default="memory",
-        description="'memory' (in the store replica) or an fsspec URL: a directory "
+        description="'memory' (in the store replica: lost when it restarts) or an fsspec URL, "
+        "which a restarted store replica reads back: a directory "
         "('file:///var/lib/serve-app/images') or a bucket ('s3://bucket/images', needs s3fs).",
     )
     ttl_s: float = Field(default=3600, gt=0, description="Seconds an image stays downloadable.")
     max_bytes: int = Field(
-        default=1_000_000_000, ge=1, description="Total size kept; the oldest images go first."
+        default=1_000_000_000, ge=1,
+        description="Total size of every key's images; a key's own oldest go first, never "
+        "another key's (past it with others' images: 503).",
+    )
+    max_entries: int = Field(
+        default=100_000, ge=1,
+        description="How many images are kept, as max_bytes (each costs memory beyond its bytes).",
+    )
+    per_key: StoreQuota = Field(
+        default_factory=lambda: StoreQuota(max_bytes=250_000_000, max_entries=25_000),
+        description="One API key's share of the images (not with keys off: the anonymous "
+        "caller has the whole store); past it, the key's own oldest images go.",
+    )
+    job_inputs: JobInputsConfig = Field(default_factory=JobInputsConfig)
+    call_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Seconds a call to the store may take; past it the request is a 503 "
+        "(a job's run: retried).",
     )
     public_base_url: str | None = Field(
         default=None,
@@ -724,10 +769,24 @@ class ImageStoreConfig(_Strict):
             raise ValueError("image_store.deployment must have exactly one replica (num_replicas: 1)")
         return self
 
-    def spec(self):
-        from deployments.image_store import StoreSpec
+    def inputs_ttl_s(self, jobs: JobsConfig | None) -> float:
+        """How long a job's upload is kept: ``job_inputs.ttl_s``, else the jobs' own TTL."""
+        if self.job_inputs.ttl_s is not None:
+            return self.job_inputs.ttl_s
+        return jobs.result_ttl_s if jobs is not None else self.ttl_s
 
-        return StoreSpec(backend=self.backend, ttl_s=self.ttl_s, max_bytes=self.max_bytes)
+    def spec(self, jobs: JobsConfig | None = None):
+        """The store deployment's settings (``jobs``: the app's, for the uploads' TTL)."""
+        from deployments.image_store import Limits, PoolSpec, StoreSpec
+
+        inputs = self.job_inputs
+        return StoreSpec(
+            backend=self.backend,
+            images=PoolSpec(self.ttl_s, Limits(self.max_bytes, self.max_entries),
+                            Limits(self.per_key.max_bytes, self.per_key.max_entries)),
+            inputs=PoolSpec(self.inputs_ttl_s(jobs), Limits(inputs.max_bytes, inputs.max_entries),
+                            Limits(inputs.per_key.max_bytes, inputs.per_key.max_entries)),
+        )
 
 
 class WebhooksConfig(_Strict):
@@ -909,6 +968,22 @@ class AppConfig(_Strict):
         description="The GPU each replica's num_gpus is a share of ({name, memory}); "
         "`serve-app capacity` fails when a replica's estimated peak memory exceeds its share.",
     )
+
+    @model_validator(mode="after")
+    def _check_job_inputs(self) -> AppConfig:
+        """A queued job's upload must outlive the job's record, and fit its key's share."""
+        inputs, jobs = self.image_store.job_inputs, self.jobs
+        if jobs is None:
+            return self
+        if inputs.ttl_s is not None and inputs.ttl_s < jobs.result_ttl_s:
+            raise ValueError(f"image_store.job_inputs.ttl_s ({inputs.ttl_s:g}) must be at least "
+                             f"jobs.result_ttl_s ({jobs.result_ttl_s:g}): a queued job needs its upload")
+        upload = self.ingress.max_upload_bytes
+        for name, value in (("max_bytes", inputs.max_bytes), ("per_key.max_bytes", inputs.per_key.max_bytes)):
+            if value < upload:
+                raise ValueError(f"image_store.job_inputs.{name} ({value}) must be at least "
+                                 f"ingress.max_upload_bytes ({upload}): one job's uploads must fit")
+        return self
 
     @model_validator(mode="after")
     def _check_names(self) -> AppConfig:

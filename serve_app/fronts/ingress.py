@@ -9,24 +9,23 @@ gRPC ``Generate`` (``stability.py``) on Serve's gRPC proxy (``grpc_options`` in 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Header
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from serve_app.config import AppConfig, load_app_config
 from serve_app.fronts import jobs, livepeer, openai, stability
-from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from
+from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from, check_key
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
 from serve_app.fronts.openapi import install_openapi
-from serve_app.service.health import DeploymentState, StartFailureWatch, deployments_ready, start_failures
+from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
 from serve_app.service.images import ImagesService
 from serve_app.service.responses import HealthResponse
 
@@ -82,9 +81,12 @@ class ImagesIngress:
 
             api.state.jobs = Jobs(self.config)
         _warn_on_grpc_limit(self.config)
+        # Serve's status, read at most every 2 s and awaited at most 3 s, by /health and by
+        # requests waiting on a deployment that may fail to start.
+        self.statuses = StatusCache(self._deployment_statuses)
         # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
         self.service = ImagesService(
-            self.config, handles, store, start_failures=StartFailureWatch(self._deployment_statuses))
+            self.config, handles, store, start_failures=StartFailureWatch(self.statuses))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:
@@ -92,16 +94,17 @@ class ImagesIngress:
         return HTMLResponse(PLAYGROUND_HTML, headers={"Cache-Control": "no-cache"})
 
     @api.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
-    async def health(self) -> JSONResponse:
-        """200 once every deployment of this application has running replicas, else 503."""
-        statuses = await asyncio.to_thread(self._deployment_statuses)
-        ready = deployments_ready(statuses)
-        body = HealthResponse(
-            status="ok" if ready else "starting",
-            deployments={name: state.status for name, state in statuses.items()},
-            failures=start_failures(statuses),
-        )
-        return JSONResponse(status_code=200 if ready else 503, content=body.model_dump())
+    async def health(self, authorization: str | None = Header(default=None, include_in_schema=False)
+                     ) -> JSONResponse:
+        """200 once every deployment of this application has running replicas, else 503;
+        the deployments and their start failures only for a caller the API keys let in."""
+        # (A header parameter, not the Request: Serve ships this class's methods to the replica
+        # by value, where an annotation naming an imported class does not resolve.)
+        keys = self.gate.api_keys
+        detailed = not keys or check_key((authorization or "").encode(), keys) is None
+        status_code, body = health_answer(await self.statuses.get(), detailed)
+        return JSONResponse(status_code=status_code,
+                            content=HealthResponse(**body).model_dump(exclude_none=True))
 
     async def Generate(self, request, grpc_context):  # noqa: N802 - the RPC's name
         """Stability's ``gooseai.GenerationService/Generate`` on Serve's gRPC proxy

@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
-from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded
+from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded, request_owner
+from deployments.image_store import INPUT
 from serve_app.service.uploads import BytesUpload
 from serve_app.service.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.service.request import MAX_NAME_CHARS
@@ -55,13 +56,6 @@ def _jobs(request: Request):
     if jobs is None:
         raise NotFoundError("The jobs API is off on this server (no jobs: section in its config).")
     return jobs
-
-
-def _owner(request: Request) -> str:
-    from serve_app.jobs.store import owner_of
-
-    header = request.headers.get("authorization", "")
-    return owner_of(header.partition(" ")[2].strip().encode() if header else None)
 
 
 def _validated(model, data):
@@ -121,7 +115,7 @@ async def submit_job(request: Request, service: Service,
     variations, upscale) and that route's fields. 202 with the job object."""
     from serve_app.jobs.store import JobRecord, new_job_id
 
-    jobs, owner = _jobs(request), _owner(request)
+    jobs, owner = _jobs(request), request_owner(request)
     operation, wire, uploads, webhook, priority, body_hash = await _submission(request)
     if "response_format" not in wire.model_fields_set:
         wire = wire.model_copy(update={"response_format": "url"})
@@ -147,9 +141,13 @@ async def submit_job(request: Request, service: Service,
         if earlier:
             record = await asyncio.to_thread(jobs.store.get, earlier)
             return JSONResponse(record.public(), status_code=202)
-    inputs = {}
-    for name, upload in uploads.items():  # to the image store, not into the broker message
-        inputs[name] = await service.store.put.remote(upload.data, upload.content_type)
+    # To the image store, not into the broker message: its pool of job uploads, which URL
+    # images never evict; the uploads are deleted when the job ends.
+    names = list(uploads)
+    ids = await guarded(service.store.put_many(
+        [(uploads[name].data, uploads[name].content_type) for name in names], owner, INPUT),
+        service.config.ingress.retry_after_s) if names else []
+    inputs = dict(zip(names, ids))
     data: dict[str, Any] = asdict(image_request)
     data["_base_url"] = base_url(request)
     record = JobRecord(id=new_job_id(), operation=operation, owner=owner, request=data,
@@ -164,7 +162,7 @@ async def submit_job(request: Request, service: Service,
 async def _owned(request: Request, job_id: str):
     jobs = _jobs(request)
     record = await asyncio.to_thread(jobs.store.get, job_id)
-    if record is None or record.owner != _owner(request):  # another key's job: as unknown
+    if record is None or record.owner != request_owner(request):  # another key's job: as unknown
         raise NotFoundError(f"No job with id '{job_id}'.", param="id")
     return jobs, record
 

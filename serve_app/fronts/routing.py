@@ -78,6 +78,15 @@ def json_response(body: Any) -> Response:
     return Response(content=body.model_dump_json(exclude_none=True), media_type="application/json")
 
 
+def request_owner(request: Request) -> str:
+    """Who the caller is, for what it leaves on the server (its jobs, its URL images): a hash
+    of the key in its ``Authorization`` header, "" without one (``jobs.store.owner_of``)."""
+    from serve_app.jobs.store import owner_of
+
+    header = request.headers.get("authorization", "")
+    return owner_of(header.partition(" ")[2].strip().encode() if header else None)
+
+
 def base_url(request: Request) -> str:
     """Scheme, host and route prefix the client used: the root of returned image URLs."""
     return str(request.base_url).rstrip("/")
@@ -99,7 +108,8 @@ async def answer(request: Request, service: ImagesService, planning: Awaitable[G
     retry_after_s = service.config.ingress.retry_after_s
     plan = await guarded(planning, retry_after_s)
     request.state.model = plan.model
-    result = await guarded(service.execute(plan, base_url(request)), retry_after_s)
+    result = await guarded(service.execute(plan, base_url(request), owner=request_owner(request)),
+                           retry_after_s)
     if not isinstance(result, BaseModel):  # a stream: it logs nothing more here
         logger.info("%s model=%s streamed", request.url.path, plan.model)
         return result

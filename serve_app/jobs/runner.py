@@ -14,9 +14,11 @@ from dataclasses import fields
 from serve_app.config import AppConfig
 from serve_app.jobs.store import FINAL, JobRecord, JobStore
 from serve_app.jobs.webhooks import WEBHOOK_SECRET_ENV, WebhookPolicy, deliver
+from deployments.image_store import INPUT
 from serve_app.service.errors import APIError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.request import ImageRequest
+from serve_app.service.store import ImageStoreClient
 from serve_app.service.uploads import BytesUpload
 
 logger = logging.getLogger("ray.serve")
@@ -39,12 +41,27 @@ class JobServerFault(RuntimeError):
     """A run that failed for the server's reasons: raised to the broker, which retries it."""
 
 
+class JobInputGoneError(APIError):
+    """A job's upload is no longer in the image store: no retry can bring it back, so the job
+    fails at once (the server's fault: a store kept in memory loses uploads when it restarts)."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, name: str):
+        super().__init__(f"The job's '{name}' upload is no longer in the server's image store "
+                         "(it expired, or the store lost it when it restarted); submit the job "
+                         "again.", param=name, code="input_gone")
+
+
 class JobRunner:
     """What the consumer replica does with a job id."""
 
     def __init__(self, config: AppConfig, service: ImagesService, store: JobStore, images_store,
                  metrics=None):
-        self.config, self.service, self.store, self.images = config, service, store, images_store
+        self.config, self.service, self.store = config, service, store
+        # The image store holding the jobs' uploads, its calls bounded in time.
+        self.images = ImageStoreClient.of(images_store, config)
         self.metrics = metrics  # a JobMetrics in the replica; None in unit tests
         jobs = config.jobs
         self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts), tuple(jobs.webhooks.allowed_http_hosts))
@@ -92,6 +109,8 @@ class JobRunner:
                     await asyncio.gather(work, return_exceptions=True)
                     return await self._finish(record, "canceled")
             response = work.result()
+        except JobInputGoneError as error:  # no retry brings it back
+            return await self._finish(record, "failed", error=error)
         except APIError as error:
             if error.status_code < 500:  # the client's: never retried
                 return await self._finish(record, "failed", error=error)
@@ -106,12 +125,13 @@ class JobRunner:
         request = request_from(record.request)
         uploads = {}
         for name, image_id in record.inputs.items():
-            found = await self.images.get.remote(image_id)
+            found = await self.images.get(image_id, INPUT)  # a 503 past its timeout: retried
             if found is None:
-                raise APIError(f"the job's {name} upload has expired from the image store")
+                raise JobInputGoneError(name)
             uploads[name] = BytesUpload(found[0])
         plan = await self.service.plan(request, uploads.get("image"), uploads.get("mask"))
-        return await self.service.execute(plan, record.request.get("_base_url", ""))
+        return await self.service.execute(plan, record.request.get("_base_url", ""),
+                                          owner=record.owner)
 
     async def _server_fault(self, record: JobRecord, error: APIError, retries: int) -> str:
         if retries >= self.config.jobs.max_retries:
@@ -133,6 +153,7 @@ class JobRunner:
         if error is not None:
             record.error = error.to_response().error.model_dump()
         await self._put(record)
+        await self._drop_inputs(record)
         if self.metrics is not None:
             self.metrics.on_finish(status, record.created, record.started, record.finished)
         logger.info("job %s %s after %d attempt(s)", record.id, status, record.attempts)
@@ -141,6 +162,16 @@ class JobRunner:
         else:
             self.notify_later(record)
         return status
+
+    async def _drop_inputs(self, record: JobRecord) -> None:
+        """Delete an ended job's uploads from the image store (else they wait for their TTL)."""
+        if not record.inputs or self.images is None:
+            return
+        try:
+            await self.images.delete(list(record.inputs.values()))
+        except Exception:  # noqa: BLE001 - logged; the uploads expire with their TTL instead
+            logger.warning("job %s: deleting its uploads from the image store failed", record.id,
+                           exc_info=True)
 
     def notify_later(self, record: JobRecord) -> None:
         """Post an ended job's webhook in the background, holding the job's lease until the

@@ -72,7 +72,7 @@ class ResultShapeError(RuntimeError):
 
 class ResponseEncoder:
     """Builds a plan's images response, with the ingress's encoder settings and the image
-    store's handle (``response_format: "url"``)."""
+    store's client (``response_format: "url"``: an ImageStoreClient)."""
 
     def __init__(self, config: AppConfig, store: Any = None):
         self.config = config
@@ -126,11 +126,13 @@ class ResponseEncoder:
         return [EncodedImage(blob, seed, flag)
                 for blob, seed, flag in zip(encoded, plan.seeds, flags)], usage
 
-    async def respond(self, plan: GenerationPlan, result, base_url: str = "") -> ImagesResponse:
-        """The images response of ``result`` (a stage's images and the request's cost)."""
+    async def respond(self, plan: GenerationPlan, result, base_url: str = "",
+                      owner: str = "") -> ImagesResponse:
+        """The images response of ``result`` (a stage's images and the request's cost);
+        URL images are ``owner``'s in the store."""
         encoded, usage = await self.encode(plan, result)
         if plan.response_format == "url":
-            data = await self._store([image.blob for image in encoded], plan, base_url)
+            data = await self._store([image.blob for image in encoded], plan, base_url, owner)
         else:
             data = [ImageData(b64_json=base64.b64encode(image.blob).decode("ascii"), seed=image.seed)
                     for image in encoded]
@@ -139,9 +141,11 @@ class ResponseEncoder:
         return ImagesResponse(created=int(time.time()), data=data,
                               output_format=plan.output_format, size=plan.size, usage=usage)
 
-    async def _store(self, encoded: list[bytes], plan: GenerationPlan, base_url: str) -> list[ImageData]:
+    async def _store(self, encoded: list[bytes], plan: GenerationPlan, base_url: str,
+                     owner: str = "") -> list[ImageData]:
         mime = f"image/{plan.output_format}"
-        ids = await asyncio.gather(*(self.store.put.remote(blob, mime) for blob in encoded))
+        # One call for the request's images: stored all together, or refused all together.
+        ids = await self.store.put_many([(blob, mime) for blob in encoded], owner)
         root = (self.config.image_store.public_base_url or base_url).rstrip("/")
         return [ImageData(url=f"{root}/v1/images/files/{image_id}", seed=seed)
                 for image_id, seed in zip(ids, plan.seeds)]

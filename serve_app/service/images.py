@@ -28,6 +28,7 @@ from serve_app.service.execution import Executor
 from serve_app.service.planning import GenerationPlan, plan_request, upload_rule
 from serve_app.service.request import ImageRequest
 from serve_app.service.responses import ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
+from serve_app.service.store import ImageStoreClient
 from serve_app.service.uploads import UploadRule, decode_image, decode_mask
 
 
@@ -50,8 +51,9 @@ class ImagesService:
                  start_failures: Callable[[], Awaitable[dict[str, str]]] | None = None):
         self.config = config
         self.handles = handles
-        self.store = store  # the ImageStore deployment's handle (response_format "url")
-        self.encoder = ResponseEncoder(config, store)
+        # The ImageStore deployment (response_format "url", job uploads), calls bounded in time.
+        self.store = ImageStoreClient.of(store, config)
+        self.encoder = ResponseEncoder(config, self.store)
         # Deployments that may be at zero replicas are woken early in a chain (on demand).
         self.executor = Executor(handles, config.ingress.request_timeout_s,
                                  config.on_demand_deployments(), start_failures,
@@ -93,13 +95,14 @@ class ImagesService:
                     "must be the same size", param="mask")
         return UploadRule(limit, same_size)
 
-    async def generate(self, request: ImageRequest, base_url: str = "") -> ImagesResponse:
+    async def generate(self, request: ImageRequest, base_url: str = "", owner: str = "") -> ImagesResponse:
         """Plan and run a generation (for callers without HTTP: tests, notebooks)."""
-        return await self.execute(await self.plan(request), base_url)
+        return await self.execute(await self.plan(request), base_url, owner=owner)
 
     async def image_file(self, image_id: str) -> tuple[bytes, str]:
-        """Answer ``GET /v1/images/files/{id}``: 404 when unknown or expired."""
-        found = await self.store.get.remote(image_id) if self.store is not None else None
+        """Answer ``GET /v1/images/files/{id}``: 404 when unknown or expired, and at once
+        (no call to the store) when ``image_id`` is not the shape of an id."""
+        found = await self.store.get(image_id) if self.store is not None else None
         if found is None:
             raise NotFoundError("No image with this id: it never existed or it has expired.")
         return found
@@ -109,14 +112,15 @@ class ImagesService:
         async with self._decodes:
             return await asyncio.to_thread(decoder, data, param, rule)
 
-    async def execute(self, plan: GenerationPlan, base_url: str = ""):
+    async def execute(self, plan: GenerationPlan, base_url: str = "", owner: str = ""):
         """Run a plan's stages and encode the result; 504 past the request timeout.
 
-        A streamed plan returns an async iterator of Server-Sent Events instead.
+        A streamed plan returns an async iterator of Server-Sent Events instead. ``owner``
+        (the caller's key, as ``jobs.store.owner_of`` names it) owns the URL images it makes.
         """
         if plan.stream:
-            return self._stream(plan, base_url)
-        return await self.encoder.respond(plan, await self._run(plan), base_url)
+            return self._stream(plan, base_url, owner)
+        return await self.encoder.respond(plan, await self._run(plan), base_url, owner=owner)
 
     async def images(self, plan: GenerationPlan) -> tuple[list[EncodedImage], ImagesUsage]:
         """Run a plan and encode its images, for a front that sends bytes (gRPC) instead of
@@ -130,7 +134,7 @@ class ImagesService:
         except TimeoutError:
             raise GatewayTimeoutError(self.config.ingress.request_timeout_s) from None
 
-    async def _stream(self, plan: GenerationPlan, base_url: str):
+    async def _stream(self, plan: GenerationPlan, base_url: str, owner: str = ""):
         """``image_generation.partial_image`` events during denoising, then
         ``image_generation.completed`` (OpenAI's streaming shape; an edit's are
         ``image_edit.partial_image`` and ``image_edit.completed``, as OpenAI names them); an
@@ -150,7 +154,7 @@ class ImagesService:
                         yield sse({"type": f"{kind}.partial_image", "b64_json": b64,
                                    "partial_image_index": index, "created_at": created, **common})
                     else:
-                        response = await self.encoder.respond(plan, event[1], base_url)
+                        response = await self.encoder.respond(plan, event[1], base_url, owner=owner)
                         item = response.data[0]
                         yield sse({"type": f"{kind}.completed",
                                    **item.model_dump(exclude_none=True), "created_at": created,

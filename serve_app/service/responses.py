@@ -82,9 +82,12 @@ class ErrorResponse(BaseModel):
 
 
 class HealthResponse(BaseModel):
-    """``GET /health``: 200 with ``ok`` once every deployment has running replicas, else 503."""
+    """``GET /health``: 200 with ``ok`` once every deployment has running replicas, else 503
+    (``starting``; ``unknown`` when Serve's controller did not answer). ``deployments`` and
+    ``failures`` only with API keys off, or for a caller that sends a valid key."""
 
-    status: Literal["ok", "starting"]
-    deployments: dict[str, str]  # deployment -> Serve's status (HEALTHY, UNHEALTHY, ...)
+    status: Literal["ok", "starting", "unknown"]
+    # deployment -> Serve's status (HEALTHY, UNHEALTHY, ...)
+    deployments: dict[str, str] | None = None
     # Deployments whose replicas fail to start, each with the error they fail with.
-    failures: dict[str, str] = {}
+    failures: dict[str, str] | None = None

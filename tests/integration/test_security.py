@@ -62,8 +62,14 @@ def test_every_api_route_needs_the_key(secure_url, key):
             assert response.json()["error"]["code"] == "invalid_api_key"
 
 
-def test_health_is_open_without_a_key(secure_url):
-    assert httpx.get(f"{secure_url}/health", timeout=30).status_code == 200
+def test_health_is_open_without_a_key_and_tells_it_the_status_alone(secure_url):
+    for headers in ({}, {"Authorization": "Bearer sk-wrong"}):
+        anonymous = httpx.get(f"{secure_url}/health", headers=headers, timeout=30)
+        assert anonymous.status_code == 200 and anonymous.json() == {"status": "ok"}
+    keyed = httpx.get(f"{secure_url}/health", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
+    body = keyed.json()
+    assert keyed.status_code == 200 and body["status"] == "ok" and body["failures"] == {}
+    assert {"ImagesIngress", "ImageStore", "esrgan-x2"} <= set(body["deployments"])
 
 
 def test_the_playground_page_is_open_but_its_calls_need_the_key(secure_url):

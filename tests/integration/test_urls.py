@@ -1,4 +1,5 @@
-"""response_format "url": images kept in the bounded store, served by any ingress replica."""
+"""response_format "url": images kept in the bounded store, served by any ingress replica;
+each API key's share of the store, and a store full of other keys' images."""
 
 import io
 import time
@@ -37,6 +38,13 @@ def png(width=32, height=24):
     return buffer.getvalue()
 
 
+def upscale(urls_url, key="sk-urls-a", n=1, image=None):
+    """An ESRGAN upscale answered by URL, with an API key of urls.yaml."""
+    return httpx.post(f"{urls_url}/v1/images/upscale", data={"response_format": "url", "n": str(n)},
+                      headers={"Authorization": f"Bearer {key}"},
+                      files={"image": ("in.png", image or png(), "image/png")}, timeout=60)
+
+
 def test_openai_client_gets_a_url_that_serves_the_image(client):
     response = client.images.generate(prompt="a cat", size="256x256", n=2, response_format="url",
                                       extra_body={"seed": 4})
@@ -52,8 +60,7 @@ def test_several_ingress_replicas_serve_every_stored_image(urls_url):
     assert status.replica_states.get("RUNNING") == 2
     urls = []
     for _ in range(4):
-        response = httpx.post(f"{urls_url}/v1/images/upscale", data={"response_format": "url"},
-                              files={"image": ("in.png", png(), "image/png")}, timeout=60)
+        response = upscale(urls_url)
         assert response.status_code == 200, response.text
         (item,) = response.json()["data"]
         assert set(item) == {"url", "seed"} and item["url"].startswith(f"{urls_url}/v1/images/files/")
@@ -69,8 +76,10 @@ def test_several_ingress_replicas_serve_every_stored_image(urls_url):
 def test_unknown_and_expired_ids_are_404(urls_url):
     missing = httpx.get(f"{urls_url}/v1/images/files/{'A' * 43}", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
-    response = httpx.post(f"{urls_url}/v1/images/upscale", data={"response_format": "url"},
-                          files={"image": ("in.png", png(), "image/png")}, timeout=60)
+    for not_an_id in ("x", "A" * 44, "..%2F..%2Fetc%2Fpasswd", "A" * 42 + "."):  # 404 before the store
+        answer = httpx.get(f"{urls_url}/v1/images/files/{not_an_id}", timeout=30)
+        assert answer.status_code == 404, not_an_id
+    response = upscale(urls_url)
     url = response.json()["data"][0]["url"]
     assert httpx.get(url, timeout=30).status_code == 200
     time.sleep(TTL_S + 1)
@@ -87,8 +96,7 @@ def store_replicas() -> list[str]:
 def test_images_outlive_a_restarted_store_replica(urls_url):
     import ray
 
-    response = httpx.post(f"{urls_url}/v1/images/upscale", data={"response_format": "url"},
-                          files={"image": ("in.png", png(), "image/png")}, timeout=60)
+    response = upscale(urls_url)
     url = response.json()["data"][0]["url"]
     before = httpx.get(url, timeout=30)
     assert before.status_code == 200
@@ -107,3 +115,24 @@ def test_images_outlive_a_restarted_store_replica(urls_url):
     assert store_replicas() != [victim]
     assert after is not None and after.status_code == 200, after and after.text
     assert after.content == before.content
+
+
+def test_a_key_loses_its_own_oldest_images_never_another_keys(urls_url):
+    """Each key's share is 4 images and the store's 9 (urls.yaml); the tests above leave at
+    most one image of key a. An upscale of an 8x8 image with n=4 costs 4 entries, whatever
+    their bytes."""
+    tiny = upscale(urls_url, "sk-urls-b", n=4, image=png(8, 8))
+    assert tiny.status_code == 200, tiny.text
+    b_urls = [item["url"] for item in tiny.json()["data"]]
+    more = upscale(urls_url, "sk-urls-b")  # past b's share: b's own oldest image goes
+    b_urls.append(more.json()["data"][0]["url"])
+    assert [httpx.get(url, timeout=30).status_code for url in b_urls] == [404, 200, 200, 200, 200]
+    c_urls = [item["url"] for item in upscale(urls_url, "sk-urls-c", n=4).json()["data"]]
+    # The store holds 8 or 9 images, none of them d's: d's two would evict others' images.
+    refused = upscale(urls_url, "sk-urls-d", n=2)
+    assert refused.status_code == 503, refused.text
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("server_error", "store_full")
+    assert "image store" in error["message"] and "fault of the server" in error["message"]
+    assert refused.headers["Retry-After"]
+    assert all(httpx.get(url, timeout=30).status_code == 200 for url in [*b_urls[1:], *c_urls])

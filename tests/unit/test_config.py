@@ -148,6 +148,12 @@ def test_unknown_keys_are_rejected_with_their_path(tiny_args):
         (lambda a: a["models"][0]["limits"].update(min_pixels=10**7), "min_pixels"),
         (lambda a: a["models"][0].update(max_loras_per_request=3), "max_loaded_loras"),
         (lambda a: a.update(default_upscaler="stable-diffusion-2-1"), "not an upscaler"),
+        (lambda a: a.update(image_store={"job_inputs": {"ttl_s": 60}}), "image_store.job_inputs.ttl_s"),
+        (lambda a: a.update(image_store={"job_inputs": {"per_key": {"max_bytes": 1000, "max_entries": 5}}}),
+         "image_store.job_inputs.per_key.max_bytes"),
+        (lambda a: a.update(image_store={"per_key": {"max_bytes": 10}}), "max_entries"),
+        (lambda a: a.update(image_store={"max_entries": 0}), "max_entries"),
+        (lambda a: a.update(image_store={"call_timeout_s": 0}), "call_timeout_s"),
     ],
 )
 def test_invalid_configs_fail_clearly(tiny_args, mutate, needle):
@@ -361,3 +367,17 @@ def test_step_modes_default_leaves_deployment_options_it_was_handed_alone(tiny_a
     model = next(m for m in load_app_config(args).models if m.family == "sd21")
     assert model.deployment.max_ongoing_requests == 64
     assert shared.max_ongoing_requests == 4 and "max_ongoing_requests" not in shared.model_fields_set
+
+
+def test_the_image_stores_pools_come_from_the_config(tiny_args):
+    """URL images and job uploads are two pools; an upload lives at least as long as a job."""
+    config = load_app_config({**tiny_args, "jobs": {**tiny_args["jobs"], "result_ttl_s": 7200},
+                              "image_store": {"ttl_s": 60, "max_entries": 7,
+                                              "per_key": {"max_bytes": 5000, "max_entries": 3}}})
+    spec = config.image_store.spec(config.jobs)
+    assert (spec.images.ttl_s, spec.images.total.max_entries) == (60, 7)
+    assert (spec.images.per_key.max_bytes, spec.images.per_key.max_entries) == (5000, 3)
+    assert spec.inputs.ttl_s == 7200  # the jobs' own TTL by default
+    assert spec.inputs.per_key.max_bytes >= config.ingress.max_upload_bytes
+    longer = load_app_config({**tiny_args, "image_store": {"job_inputs": {"ttl_s": 10**6}}})
+    assert longer.image_store.spec(longer.jobs).inputs.ttl_s == 10**6

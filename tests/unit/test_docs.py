@@ -37,6 +37,8 @@ CONFIG_MODELS = [
     config_module.IngressConfig,
     config_module.BatchingConfig,
     config_module.ImageStoreConfig,
+    config_module.StoreQuota,
+    config_module.JobInputsConfig,
     config_module.SafetyConfig,
     config_module.LoraAdapterConfig,
     config_module.FusedLoraConfig,

@@ -102,7 +102,7 @@ class _InstantService:
     async def plan(self, request, image=None, mask=None):
         return request
 
-    async def execute(self, plan, base_url):
+    async def execute(self, plan, base_url, owner=""):
         return _Done()
 
 

@@ -223,14 +223,14 @@ def test_required_fields_defaults_and_examples_validate(document, path):
 
 
 class FakeStore:
-    """The image store's handle: ``put.remote`` answers an id."""
+    """The image store's handle: ``put_many.remote`` answers an id per image."""
 
-    class _Put:
+    class _PutMany:
         @staticmethod
-        async def remote(blob, mime):
-            return uuid.uuid4().hex
+        async def remote(items, owner="", kind="image"):
+            return [uuid.uuid4().hex for _ in items]
 
-    put = _Put()
+    put_many = _PutMany()
 
 
 @pytest.fixture
