@@ -62,6 +62,22 @@ def test_every_api_route_needs_the_key(secure_url, key):
             assert response.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_each_servers_document_says_where_a_key_is_needed(secure_url, base_url):
+    """The OpenAPI document is built from the server's own config: with keys, the bearer
+    scheme and a 401 on every route behind the gate; without keys (the tiny app), no 401."""
+    secure = httpx.get(f"{secure_url}/openapi.json", timeout=30).json()
+    assert [scheme["scheme"] for scheme in secure["components"]["securitySchemes"].values()] == ["bearer"]
+    for method, path in (("get", "/v1/models"), ("post", "/v1/images/generations"), ("post", "/upscale"),
+                         ("post", "/v1/images/jobs")):
+        assert "401" in secure["paths"][path][method]["responses"], path
+    assert "401" not in secure["paths"]["/health"]["get"]["responses"]
+    assert "401" not in secure["paths"]["/v1/images/files/{image_id}"]["get"]["responses"]
+    keyless = httpx.get(f"{base_url}/openapi.json", timeout=30).json()
+    assert "securitySchemes" not in keyless["components"]
+    assert not [path for path, item in keyless["paths"].items()
+                for operation in item.values() if "401" in operation["responses"]]
+
+
 def test_health_is_open_without_a_key(secure_url):
     assert httpx.get(f"{secure_url}/health", timeout=30).status_code == 200
 
