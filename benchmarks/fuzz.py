@@ -4,10 +4,10 @@
 
 Starts the tiny profile (``configs/tiny.yaml``, as the integration tests start it: a private
 Ray instance through ``serve_app.tools.launch.run_local``), or talks to the app at ``--url``,
-and runs schemathesis' engine on every operation of its ``/openapi.json``: the examples,
-coverage (boundary values, missing and malformed fields, methods a route does not take) and
-fuzzing phases, valid (positive) and invalid (negative) requests, in rounds of new seeds until
-``--cases`` requests were sent. Multipart parts get real PNG, JPEG and WebP images (the
+and runs schemathesis' engine on every operation of its ``/openapi.json``: the examples and
+coverage (boundary values, missing and malformed fields, methods a route does not take) phases
+once, and the fuzzing phase, valid (positive) and invalid (negative) requests, in rounds of new
+seeds until ``--cases`` requests were sent. Multipart parts get real PNG, JPEG and WebP images (the
 document's image types); valid values that cost model time are brought down (:func:`cheap`).
 
 Each answer is checked: no 5xx; its status and content type are ones the document gives for
@@ -150,8 +150,11 @@ CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conform
           "response_schema_conformance", "unsupported_method", "error_envelope")
 
 
-def config(seed: int, max_examples: int, workers: int, smoke: bool = False):
-    """schemathesis' configuration of a round (as its schemathesis.toml would give it)."""
+def config(seed: int, max_examples: int, workers: int, first: bool = True, smoke: bool = False):
+    """schemathesis' configuration of a round (as its schemathesis.toml would give it):
+    ``max_examples`` fuzzed cases an operation, of either mode. The examples and coverage
+    phases are the same requests whatever the seed, so only the first round runs them (and
+    not a smoke run's coverage: it alone sends hundreds)."""
     from schemathesis.config import SchemathesisConfig
 
     checks: dict[str, Any] = {"enabled": False}
@@ -163,7 +166,8 @@ def config(seed: int, max_examples: int, workers: int, smoke: bool = False):
         "workers": workers,
         "generation": {"mode": "all", "max-examples": max_examples, "no-shrink": True,
                        "deterministic": True, "database": "none"},
-        "phases": {"stateful": {"enabled": False}, "coverage": {"enabled": not smoke}},
+        "phases": {"stateful": {"enabled": False}, "examples": {"enabled": first},
+                   "coverage": {"enabled": first and not smoke}},
         "checks": checks,
     })
 
@@ -259,7 +263,7 @@ def fuzz(url: str, cases: int, seed: int, workers: int = 1, *, smoke: bool = Fal
          shown_url: str | None = None, log=print) -> Results:
     """Rounds of schemathesis' engine on ``url``'s document, a new seed each, until at least
     ``cases`` requests were sent. Reproductions address ``shown_url`` (default: ``url``).
-    ``smoke``: the examples and fuzzing phases only (the coverage phase alone sends hundreds)."""
+    ``smoke``: no coverage phase."""
     from schemathesis.engine import events, from_schema
 
     register()
@@ -268,10 +272,11 @@ def fuzz(url: str, cases: int, seed: int, workers: int = 1, *, smoke: bool = Fal
     operations = sum(1 for operation in schema.get_all_operations() if operation.ok())
     round_ = 0
     while results.total < cases:
-        # Positive and negative cases per operation; the coverage and examples phases add theirs.
-        per_mode = max(1, math.ceil((cases - results.total) / operations / 2))
-        schema = schemathesis.openapi.from_url(f"{url}/openapi.json",
-                                               config=config(seed + round_, per_mode, workers, smoke))
+        # Fuzzed cases per operation, either mode; the first round's other phases add theirs.
+        per_operation = max(1, math.ceil((cases - results.total) / operations))
+        schema = schemathesis.openapi.from_url(
+            f"{url}/openapi.json",
+            config=config(seed + round_, per_operation, workers, first=round_ == 0, smoke=smoke))
         before, started = results.total, time.monotonic()
         for event in from_schema(schema).execute():
             if isinstance(event, events.ScenarioFinished):
@@ -281,7 +286,7 @@ def fuzz(url: str, cases: int, seed: int, workers: int = 1, *, smoke: bool = Fal
                 results.errors.append(f"{event.label}: {event.info.title}: {event.info.message}"[:500])
             elif isinstance(event, events.FatalError):
                 raise event.exception
-        log(f"round {round_} (seed {seed + round_}, {per_mode} a mode and operation): "
+        log(f"round {round_} (seed {seed + round_}, up to {per_operation} fuzzed an operation): "
             f"{results.total - before} requests in {time.monotonic() - started:.0f} s, "
             f"{results.total} in all, {len(results.failures)} distinct failures")
         round_ += 1
