@@ -11,9 +11,9 @@ seeds until ``--cases`` requests were sent. Multipart parts get real PNG, JPEG a
 document's image types); valid values that cost model time are brought down (:func:`cheap`).
 
 Each answer is checked: no 5xx; its status and content type are ones the document gives for
-the operation, its body is the documented schema for that status; a 4xx or 5xx body is the
-route's error shape (OpenAI's envelope, Livepeer's on Livepeer's routes); an undeclared method
-is a 405 naming the allowed ones. Writes ``fuzz-tiny.md`` (``fuzz-tiny-smoke.md`` with
+the operation, its body and headers the ones it gives for that status; a 4xx or 5xx body is
+the route's error shape (OpenAI's envelope, Livepeer's on Livepeer's routes); an undeclared
+method is a 405 naming the allowed ones. Writes ``fuzz-tiny.md`` (``fuzz-tiny-smoke.md`` with
 ``--smoke``; ``fuzz-<host>.md`` with ``--url``) to ``--out``: the requests per operation, by
 mode, the statuses they got and the time they took, and every distinct failure with the
 operations it hit and a curl command that sends its shortest request again. Exits 1 when
@@ -147,7 +147,8 @@ def register() -> None:
 # positive_data_acceptance and negative_data_rejection (the document cannot say each model's
 # own bounds, so a schema-valid request may rightly be a 400), and the stateful checks.
 CHECKS = ("not_a_server_error", "status_code_conformance", "content_type_conformance",
-          "response_schema_conformance", "unsupported_method", "error_envelope")
+          "response_schema_conformance", "response_headers_conformance", "unsupported_method",
+          "error_envelope")
 
 
 def config(seed: int, max_examples: int, workers: int, first: bool = True, smoke: bool = False):

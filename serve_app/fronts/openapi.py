@@ -132,6 +132,13 @@ ERROR_MEANINGS: dict[int, str] = {
     504: "The request did not finish within the server's timeout (`ingress.request_timeout_s`) "
          "and was cancelled.",
 }
+# Headers the gate and the error mapping send with these statuses (service/errors.py).
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait before retrying "
+                                         "(`ingress.retry_after_s`).",
+                          "schema": {"type": "integer", "minimum": 0}}},
+}
 
 # One Server-Sent Event, as FastAPI documents an event stream (OpenAPI 3.2's ``itemSchema``,
 # fastapi.sse): the event's name, and its data, a JSON object whose ``type`` is that name.
@@ -172,7 +179,8 @@ def responses(
     models, about = models or {}, about or {}
     codes = sorted({*statuses, 500} | (set() if open_route else {401}))
     answers: dict[int | str, dict[str, Any]] = {
-        code: {"model": models.get(code, error), "description": about.get(code, ERROR_MEANINGS[code])}
+        code: {"model": models.get(code, error), "description": about.get(code, ERROR_MEANINGS[code]),
+               **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {})}
         for code in codes
     }
     if stream:
@@ -189,7 +197,8 @@ SECURITY_SCHEME = "apiKey"
 
 
 def install_openapi(api: FastAPI) -> None:
-    """Serve ``api``'s OpenAPI document with what a valid upload is (built once)."""
+    """Serve ``api``'s OpenAPI document with what a valid upload is and what this server
+    answers (built once)."""
     api.openapi = lambda: _document(api)
 
 

@@ -99,6 +99,14 @@ def test_the_statuses_each_route_answers(document):
         assert ("413" in operation["responses"]) == ("requestBody" in operation or path == "/v1/images/jobs"), path
 
 
+def test_the_headers_of_errors(document, keyed):
+    """A 503 says when to retry; a 401 which scheme to use."""
+    for path, method, operation in operations(document):
+        if "503" in operation["responses"] and path != "/health":
+            assert "Retry-After" in operation["responses"]["503"]["headers"], path
+    assert "WWW-Authenticate" in keyed["paths"]["/v1/models"]["get"]["responses"]["401"]["headers"]
+
+
 def test_jobs_answer_the_job_object(document):
     job = "#/components/schemas/JobObject"
     assert schema_ref(document["paths"]["/v1/images/jobs"]["post"]["responses"]["202"]) == job
