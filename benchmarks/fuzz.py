@@ -359,7 +359,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.cases = min(args.cases, 60)
-    command = "python3 benchmarks/fuzz.py " + shlex.join(sys.argv[1:])
+    command = shlex.join(["python3", "benchmarks/fuzz.py", *sys.argv[1:]])
     started = time.monotonic()
     if args.url:
         url = args.url.rstrip("/")
