@@ -24,7 +24,7 @@ from serve_app.fronts import jobs, livepeer, openai, stability
 from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from, check_key
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
-from serve_app.fronts.openapi import install_openapi
+from serve_app.fronts.openapi import install_openapi, responses
 from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
 from serve_app.service.images import ImagesService
 from serve_app.service.responses import HealthResponse
@@ -93,7 +93,11 @@ class ImagesIngress:
         """The playground: a page to try every route from a browser (plain HTML and JS)."""
         return HTMLResponse(PLAYGROUND_HTML, headers={"Cache-Control": "no-cache"})
 
-    @api.get("/health", response_model=HealthResponse, responses={503: {"model": HealthResponse}})
+    @api.get("/health", response_model=HealthResponse, responses={
+        **responses(open_route=True),
+        503: {"model": HealthResponse, "description": "Some deployment has no running replica yet "
+              "(`starting`), or Serve's controller did not answer (`unknown`); with keys off or "
+              "a valid key, `failures` names those whose replicas fail to start, with why."}})
     async def health(self, authorization: str | None = Header(default=None, include_in_schema=False)
                      ) -> JSONResponse:
         """200 once every deployment of this application has running replicas, else 503;

@@ -17,11 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
+from serve_app.fronts.openapi import responses
 from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded, request_owner
 from deployments.image_store import INPUT
 from serve_app.service.uploads import BytesUpload
 from serve_app.service.errors import APIError, InvalidRequestError, NotFoundError
 from serve_app.service.request import MAX_NAME_CHARS
+from serve_app.service.responses import ErrorDetail, ImagesResponse
 
 # Longest webhook URL.
 MAX_WEBHOOK_CHARS = 2048
@@ -44,6 +46,28 @@ class JobSubmission(BaseModel):
     webhook: str | None = Field(default=None, max_length=MAX_WEBHOOK_CHARS,
                                 description="Posted to when the job ends.")
     priority: Literal["high", "normal", "low"] = "normal"
+
+
+class JobObject(BaseModel):
+    """The job object every jobs route answers (serve_app/jobs/store.py: ``JobRecord.public``)."""
+
+    id: str
+    object: Literal["image.job"]
+    operation: Literal["generations", "edits", "variations", "upscale"]
+    status: Literal["queued", "running", "succeeded", "failed", "canceled"]
+    priority: Literal["high", "normal", "low"]
+    created: int = Field(description="Unix time of the submission.")
+    started: int | None = Field(description="Unix time its (latest) run began; null while queued.")
+    finished: int | None = Field(description="Unix time it ended; null until then.")
+    result: ImagesResponse | None = Field(
+        description="Once it succeeded: what the synchronous route answers (`url` images "
+        "unless the input asked for `b64_json`).")
+    error: ErrorDetail | None = Field(description="Once it failed: why, as an error envelope's `error`.")
+
+
+_OFF = "The jobs API is off on this server (no `jobs:` section in its config)"
+_NO_JOB = {404: f"No job with this id made with this API key, or: {_OFF.lower()}."}
+_ENDED = {409: "The job has already ended (succeeded, failed or canceled)."}
 
 
 # Multipart jobs: the form of the synchronous route, plus operation, webhook and priority.
@@ -107,7 +131,10 @@ async def _submission(request: Request):
     return body.operation, body.input, {}, body.webhook, body.priority, hashlib.sha256(raw).hexdigest()
 
 
-@router.post("/v1/images/jobs", status_code=202)
+@router.post("/v1/images/jobs", status_code=202, response_model=JobObject, responses=responses(
+    400, 404, 409, 413, 503, about={
+        404: f"No served model by this name or alias (`model`), or: {_OFF.lower()}.",
+        409: "This `Idempotency-Key` was used with another body."}))
 async def submit_job(request: Request, service: Service,
                      idempotency_key: str | None = Header(default=None, max_length=MAX_NAME_CHARS)
                      ) -> JSONResponse:
@@ -167,14 +194,15 @@ async def _owned(request: Request, job_id: str):
     return jobs, record
 
 
-@router.get("/v1/images/jobs/{job_id}")
+@router.get("/v1/images/jobs/{job_id}", response_model=JobObject, responses=responses(404, about=_NO_JOB))
 async def get_job(request: Request, job_id: str) -> JSONResponse:
     """A job's state, and its result once it succeeded."""
     _, record = await _owned(request, job_id)
     return JSONResponse(record.public())
 
 
-@router.post("/v1/images/jobs/{job_id}/cancel")
+@router.post("/v1/images/jobs/{job_id}/cancel", response_model=JobObject,
+             responses=responses(404, 409, about=_NO_JOB | _ENDED))
 async def cancel_job(request: Request, job_id: str) -> JSONResponse:
     """Cancel: a queued job never runs, a running one stops at its next step; 409 once ended."""
     from serve_app.jobs.store import FINAL

@@ -9,7 +9,7 @@ renamed back, so they name the field the client sent.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Awaitable, Callable
 
 from fastapi import APIRouter, Request, UploadFile
 from fastapi.responses import Response
@@ -19,6 +19,7 @@ from serve_app.fronts.openapi import (
     LORAS_JSON_SCHEMA,
     UPLOAD_LIMITS,
     form_schema,
+    responses,
     upload_schema,
 )
 from serve_app.fronts.http import ErrorShape, register_error_shape
@@ -294,10 +295,12 @@ def livepeer_validation_errors(errors: list[dict]) -> dict:
 
 router = APIRouter()
 register_error_shape(ErrorShape(LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors))
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    **{code: {"model": LivepeerHTTPError} for code in (400, 401, 500, 503)},
-    422: {"model": LivepeerHTTPValidationError},
-}
+# Every error in Livepeer's shapes, the gate's 401 and 413 included (fronts/http.py).
+_ERRORS = responses(400, 413, 422, 503, 504, error=LivepeerHTTPError,
+                    models={422: LivepeerHTTPValidationError}, about={
+                        400: "The request is invalid, or asks for more than the model allows "
+                             "(an unknown `model_id` too, as Livepeer's runner answers): "
+                             "`detail.msg` names the field at fault."})
 
 
 def _route(path: str):

@@ -22,6 +22,7 @@ from serve_app.fronts.openapi import (
     UPLOAD_LIMITS,
     form_schema,
     request_schema,
+    responses,
     upload_schema,
 )
 from serve_app.fronts.routing import Multipart, Service, answer, guarded, json_response, one_image
@@ -268,18 +269,19 @@ class UpscaleForm(_ImageForm):
 # ---------------------------------------------------------------------------------------
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 404, 500, 503)
-}
+_UNKNOWN_MODEL = {404: "No served model by this name or alias (`model`): the message lists them."}
+# The images routes: each may answer every error of a request that runs a model.
+_IMAGES = responses(400, 404, 413, 503, 504, about=_UNKNOWN_MODEL)
+_STREAMED_IMAGES = responses(400, 404, 413, 503, 504, about=_UNKNOWN_MODEL, stream=True)
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_ERRORS)
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses=_STREAMED_IMAGES)
 async def create_image(request: Request, body: ImageGenerationRequest, service: Service) -> Response:
     """Text to image (OpenAI's ``images.generate``)."""
     return json_response(await answer(request, service, service.plan(body.to_request())))
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, responses=_ERRORS,
+@router.post("/v1/images/edits", response_model=ImagesResponse, responses=_STREAMED_IMAGES,
              dependencies=[one_image])
 async def edit_image(request: Request, form: Multipart[ImageEditForm], service: Service) -> Response:
     """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
@@ -287,7 +289,7 @@ async def edit_image(request: Request, form: Multipart[ImageEditForm], service: 
     return json_response(await answer(request, service, planning))
 
 
-@router.post("/v1/images/variations", response_model=ImagesResponse, responses=_ERRORS,
+@router.post("/v1/images/variations", response_model=ImagesResponse, responses=_IMAGES,
              dependencies=[one_image])
 async def create_variation(request: Request, form: Multipart[ImageVariationForm],
                            service: Service) -> Response:
@@ -295,7 +297,7 @@ async def create_variation(request: Request, form: Multipart[ImageVariationForm]
     return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))
 
 
-@router.post("/v1/images/upscale", response_model=ImagesResponse, responses=_ERRORS,
+@router.post("/v1/images/upscale", response_model=ImagesResponse, responses=_IMAGES,
              dependencies=[one_image])
 async def upscale_image(request: Request, form: Multipart[UpscaleForm], service: Service) -> Response:
     """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
@@ -305,8 +307,13 @@ async def upscale_image(request: Request, form: Multipart[UpscaleForm], service:
 @router.get(
     "/v1/images/files/{image_id}",
     response_class=Response,
-    responses={200: {"content": {content_type: {} for content_type in IMAGE_CONTENT_TYPES}},
-               404: {"model": ErrorResponse}},
+    # Open without a key: the unguessable id is the credential (fronts/gate.py).
+    responses={**responses(404, 503, open_route=True, about={
+                   404: "No image with this id: it never existed or it has expired.",
+                   503: "The image store's replica failed: retry after `Retry-After` seconds."}),
+               200: {"description": "The image, in the format it was made in.",
+                     "content": {content_type: {"schema": {"type": "string", "format": "binary"}}
+                                 for content_type in IMAGE_CONTENT_TYPES}}},
 )
 async def image_file(image_id: str, service: Service) -> Response:
     """An image answered with ``response_format: "url"``, until it expires."""
@@ -316,14 +323,15 @@ async def image_file(image_id: str, service: Service) -> Response:
                     headers={"Cache-Control": "private, max-age=3600"})
 
 
-@router.get("/v1/models", response_model=ModelList, response_model_exclude_none=True)
+@router.get("/v1/models", response_model=ModelList, responses=responses(),
+            response_model_exclude_none=True)
 async def list_models(service: Service) -> ModelList:
     """Served models in OpenAI's list shape."""
     return service.list_models()
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS,
-            response_model_exclude_none=True)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard,
+            responses=responses(404, about=_UNKNOWN_MODEL), response_model_exclude_none=True)
 async def retrieve_model(model_id: str, service: Service) -> ModelCard:
     """One served model, by name or alias."""
     return service.get_model(model_id)

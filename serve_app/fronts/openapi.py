@@ -1,7 +1,9 @@
-"""What the OpenAPI document says a valid request is, beyond what FastAPI derives from the
-wire models: an upload's types and byte bound, the form fields' patterns, the rules between
-fields, exact integer bounds. The fronts' models take the schema helpers here
-(``json_schema_extra``); the ingress installs :func:`install_openapi` on its app."""
+"""What the OpenAPI document says, beyond what FastAPI derives from the wire models: what a
+valid request is (an upload's types and byte bound, the form fields' patterns, the rules
+between fields, exact integer bounds) and what each route answers (every status with its
+body, the event stream beside JSON). The fronts' models take the schema helpers here
+(``json_schema_extra``), their routes :func:`responses`; the ingress installs
+:func:`install_openapi` on its app."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from PIL import Image
-from pydantic import TypeAdapter
+from pydantic import BaseModel, TypeAdapter
 
 from serve_app.config import IngressConfig
 from serve_app.service.request import MAX_SEED, Loras
+from serve_app.service.responses import ErrorResponse
 from serve_app.service.uploads import ALLOWED_FORMATS
 
 
@@ -108,43 +111,159 @@ LORAS_JSON_SCHEMA = {"contentMediaType": "application/json",
                      "contentSchema": _inline_defs(TypeAdapter(Loras).json_schema())}
 
 
+# --- what the routes answer ---------------------------------------------------------------
+
+# What each error status means, wherever a route answers it (a route may say more of its own:
+# ``responses(about=...)``). The gate answers 401 and 413 before the route (fronts/gate.py).
+ERROR_MEANINGS: dict[int, str] = {
+    400: "The request is invalid, or asks for more than the model allows: the message names "
+         "the field at fault (`param`).",
+    401: "No API key, or not one of the server's (`Authorization: Bearer <key>`). Documented "
+         "only when the server has API keys.",
+    404: "Not found: the message says what.",
+    409: "In conflict with the resource's state: the message says what.",
+    413: "The request body is larger than the server's limit (`ingress.max_upload_bytes`).",
+    422: "A field of the wrong type or out of range, as FastAPI answers it: each error's "
+         "`loc`, `msg` and `type`.",
+    500: "A fault of the server, not of the request: the message says what, without a "
+         "traceback.",
+    503: "A model is at capacity (its queue is full), its replica failed, or it cannot start: "
+         "a fault of the server, not of the request. Retry after `Retry-After` seconds.",
+    504: "The request did not finish within the server's timeout (`ingress.request_timeout_s`) "
+         "and was cancelled.",
+}
+# Headers the gate and the error mapping send with these statuses (service/errors.py).
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "Seconds to wait before retrying "
+                                         "(`ingress.retry_after_s`).",
+                          "schema": {"type": "integer", "minimum": 0}}},
+}
+
+# One Server-Sent Event, as FastAPI documents an event stream (OpenAPI 3.2's ``itemSchema``,
+# fastapi.sse): the event's name, and its data, a JSON object whose ``type`` is that name.
+STREAM_EVENT = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string"},
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"type": "object", "required": ["type"],
+                              "properties": {"type": {"type": "string"}}},
+        },
+    },
+}
+STREAM_DESCRIPTION = (
+    "Images as JSON; with `stream: true`, Server-Sent Events: previews while the model "
+    "denoises (`partial_images`), then the image, each event named after its data's `type`. "
+    "A failure after the stream began is its last event, an `error` event in OpenAI's "
+    "envelope's `error` shape."
+)
+
+
+def responses(
+    *statuses: int,
+    error: type[BaseModel] = ErrorResponse,
+    models: dict[int, type[BaseModel]] | None = None,
+    about: dict[int, str] | None = None,
+    stream: bool = False,
+    open_route: bool = False,
+) -> dict[int | str, dict[str, Any]]:
+    """A route's ``responses=``: each error status it answers (besides its success), in its
+    front's error shape (``error``; ``models`` for a status whose body differs), described
+    (``ERROR_MEANINGS``, or the route's own words in ``about``). Every route may answer a
+    500; one behind the gate (not ``open_route``) a 401, which the document keeps only when
+    the server has API keys. ``stream``: the success may be Server-Sent Events."""
+    models, about = models or {}, about or {}
+    codes = sorted({*statuses, 500} | (set() if open_route else {401}))
+    answers: dict[int | str, dict[str, Any]] = {
+        code: {"model": models.get(code, error), "description": about.get(code, ERROR_MEANINGS[code]),
+               **({"headers": ERROR_HEADERS[code]} if code in ERROR_HEADERS else {})}
+        for code in codes
+    }
+    if stream:
+        answers[200] = {"description": STREAM_DESCRIPTION,
+                        "content": {"text/event-stream": {"itemSchema": STREAM_EVENT}}}
+    return answers
+
+
+# FastAPI adds this 422 to every operation with parameters or a body, unless the route declares
+# a 422 of its own (Livepeer's); the fronts answer validation errors with a 400 instead
+# (fronts/http.py), so the document drops it.
+_FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+SECURITY_SCHEME = "apiKey"
+
+
 def install_openapi(api: FastAPI) -> None:
-    """Serve ``api``'s OpenAPI document with what a valid upload is (built once)."""
+    """Serve ``api``'s OpenAPI document with what a valid upload is and what this server
+    answers (built once)."""
     api.openapi = lambda: _document(api)
 
 
 def _document(api: FastAPI) -> dict[str, Any]:
     """The OpenAPI document, built once (on first use): FastAPI's, plus what a valid upload
-    is, for client generators and fuzzers. Each multipart operation's file parts get their
-    image types (the requestBody's ``encoding``) and a ``maxLength``: the body limit the
-    ingress enforces (``ingress.max_upload_bytes``, which the constructor installs with
-    the gate before any request; the config's default until then). Integer bounds are
-    written as integers, the seed's exactly (FastAPI's OpenAPI model keeps bounds as
-    floats, and 2**63 - 1 as a float is 2**63, one past the largest seed)."""
+    is and what this server answers, for client generators and fuzzers. Each multipart
+    operation's file parts get their image types (the requestBody's ``encoding``) and a
+    ``maxLength``: the body limit the ingress enforces (``ingress.max_upload_bytes``, which
+    the constructor installs with the gate before any request; the config's default until
+    then). The 401s stay, with the bearer scheme, only when the gate has API keys; FastAPI's
+    default 422 goes. Integer bounds are written as integers, the seed's exactly (FastAPI's
+    OpenAPI model keeps bounds as floats, and 2**63 - 1 as a float is 2**63, one past the
+    largest seed)."""
     if api.openapi_schema is None:
         document = FastAPI.openapi(api)  # FastAPI's own, cached in api.openapi_schema
         gate = getattr(api.state, "gate", None)
         max_bytes = gate.max_body_bytes if gate else IngressConfig.model_fields["max_upload_bytes"].default
         _describe_uploads(document, max_bytes)
+        _describe_answers(document, bool(gate and gate.api_keys))
         _integer_bounds(document)
     return api.openapi_schema
 
 
+def _operations(document: dict[str, Any]):
+    for path_item in document["paths"].values():
+        yield from path_item.values()
+
+
+def _describe_answers(document: dict[str, Any], keys: bool) -> None:
+    for operation in _operations(document):
+        answers = operation["responses"]
+        if answers.get("422", {}).get("content", {}).get("application/json", {}).get(
+                "schema", {}).get("$ref") == _FASTAPI_422:
+            del answers["422"]
+        if "401" in answers and not keys:
+            del answers["401"]
+        elif "401" in answers:
+            operation["security"] = [{SECURITY_SCHEME: []}]
+    components = document.setdefault("components", {})
+    if keys:
+        components["securitySchemes"] = {SECURITY_SCHEME: {
+            "type": "http", "scheme": "bearer",
+            "description": "One of the server's API keys (`ingress.api_keys`, `SERVE_APP_API_KEYS`)."}}
+    # FastAPI's validation error models, once no operation answers with them.
+    schemas = components.get("schemas", {})
+    if _FASTAPI_422 not in str(document["paths"]):
+        schemas.pop("HTTPValidationError", None)
+        if "#/components/schemas/ValidationError" not in str(schemas):
+            schemas.pop("ValidationError", None)
+
+
 def _describe_uploads(document: dict[str, Any], max_bytes: int) -> None:
     schemas = document.get("components", {}).get("schemas", {})
-    for path_item in document["paths"].values():
-        for operation in path_item.values():
-            form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
-            if form is None:
-                continue
-            ref = form["schema"].get("$ref", "")
-            schema = schemas[ref.rsplit("/", 1)[-1]] if ref else form["schema"]
-            files = [name for name, field in schema.get("properties", {}).items()
-                     if field.get("format") == "binary"]
-            for name in files:
-                schema["properties"][name]["maxLength"] = max_bytes
-            form["encoding"] = {name: {"contentType": ", ".join(IMAGE_CONTENT_TYPES)}
-                                for name in files}
+    for operation in _operations(document):
+        form = operation.get("requestBody", {}).get("content", {}).get("multipart/form-data")
+        if form is None:
+            continue
+        ref = form["schema"].get("$ref", "")
+        schema = schemas[ref.rsplit("/", 1)[-1]] if ref else form["schema"]
+        files = [name for name, field in schema.get("properties", {}).items()
+                 if field.get("format") == "binary"]
+        for name in files:
+            schema["properties"][name]["maxLength"] = max_bytes
+        form["encoding"] = {name: {"contentType": ", ".join(IMAGE_CONTENT_TYPES)}
+                            for name in files}
 
 
 def _integer_bounds(node: Any) -> None:

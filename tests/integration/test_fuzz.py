@@ -1,105 +1,61 @@
-"""Schemathesis against the app's own OpenAPI document, on the tiny profile.
+"""Schemathesis against the app's own OpenAPI document, on the tiny profile: a bounded slice of
+``benchmarks/fuzz.py``, with its image strategies, cheap values and checks.
 
-Every operation, the multipart ones included, gets generated requests, valid and not: no
-answer may be a 5xx, and every 4xx must be OpenAI's error envelope (Livepeer's shapes on
-Livepeer's routes). Valid uploads are what the document says: its multipart file parts
-declare their image types (the requestBody's ``encoding``), and schemathesis draws those
-from the strategies registered here (real PNG, JPEG and WebP files), so the positive cases
-on the multipart operations get past validation to a model.
+Every operation, the multipart ones included, gets generated requests, valid and not, and
+each answer is held to the document: no 5xx; its status one the document gives for the
+operation, its content type one it gives for that status (``text/event-stream`` for a streamed
+generation or edit), its body that status's schema; and every 4xx in its route's error shape
+(OpenAI's envelope; Livepeer's shapes on Livepeer's routes). Valid uploads are what the
+document says: its multipart file parts declare their image types (the requestBody's
+``encoding``), and schemathesis draws those from real PNG, JPEG and WebP files, so the positive
+cases on the multipart operations get past validation to a model.
 """
 
-import io
+import subprocess
+import sys
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from PIL import Image
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.conftest import REPO_ROOT, benchmark_module
 
 pytestmark = pytest.mark.integration
 
-# Fields whose valid values cost model time; generated values above these are brought
-# down (invalid ones, like n=0 or n=11, are kept: they are cheap and the point).
-_CHEAP = {"n": 2, "num_images_per_prompt": 2, "num_inference_steps": 3}
 
-
-LIVEPEER = ("/text-to-image", "/image-to-image", "/upscale")
-MULTIPART = ("/v1/images/edits", "/v1/images/variations", "/v1/images/upscale",
-             "/image-to-image", "/upscale")
-
-# Without a strategy of its own, schemathesis fills a binary part with random bytes or a
-# 1x1 sample file: not an image the models take. These are: every upload one size, the
-# smallest side SD 2.1 edits take, so a mask always fits its image; with alpha, part of it
-# transparent (a mask must mark something to repaint).
-IMAGE_SIDE = 64
-IMAGE_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
-
-
-def encoded_image(fmt: str, color: tuple[int, int, int], transparent: bool) -> bytes:
-    image = Image.new("RGBA" if transparent else "RGB", (IMAGE_SIDE, IMAGE_SIDE), color)
-    if transparent:
-        image.paste((0, 0, 0, 0), (0, 0, IMAGE_SIDE // 2, IMAGE_SIDE // 2))
-    out = io.BytesIO()
-    image.save(out, fmt)
-    return out.getvalue()
-
-
-def images(fmt: str) -> st.SearchStrategy[bytes]:
-    return st.builds(encoded_image, st.just(fmt), st.tuples(*[st.integers(0, 255)] * 3),
-                     st.booleans() if fmt != "JPEG" else st.just(False))
-
-
-def cheap(body, path: str = ""):
-    if isinstance(body, dict):
-        for field, top in _CHEAP.items():
-            value = body.get(field)
-            if isinstance(value, int) and not isinstance(value, bool) and top < value <= 500:
-                body[field] = top
-        if path in LIVEPEER:
-            # Livepeer's defaults (50-100 steps, 1024x576) are a long run on a CPU: a
-            # request that leaves them out gets small ones.
-            body.setdefault("num_inference_steps", 3)
-            if path == "/text-to-image" and "width" not in body and "height" not in body:
-                body.update(width=256, height=256)
-    return body
-
-
-def register_uploads():
-    """The document's image types get real images. And a binary part drawn from its schema
-    (the negative cases) is text: schemathesis 4.32 checks some mutated bodies with a JSON
-    Schema validator that cannot read its own binary values (ValueError: Unsupported type:
-    'Binary'), and would fail the run now and then."""
-    for media_type, fmt in IMAGE_FORMATS.items():
-        schemathesis.openapi.media_type(media_type, images(fmt))
-    schemathesis.openapi.format("binary", st.binary().map(lambda data: data.decode("latin-1")))
+@pytest.fixture(scope="session")
+def fuzz():
+    """benchmarks/fuzz.py: what the script and this test share."""
+    yield from benchmark_module("fuzz")
 
 
 @pytest.fixture(scope="session")
-def api_schema(base_url):
-    register_uploads()
-    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
-
-    @schema.hook
-    def map_body(context, body):
-        return cheap(body, context.operation.path if context.operation is not None else "")
-
-    return schema
+def api_schema(base_url, fuzz):
+    fuzz.register()
+    return schemathesis.openapi.from_url(f"{base_url}/openapi.json")
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
 SEEN: dict[str, set[int]] = {}
+CONTENT_TYPES: dict[str, set[str]] = {}
 # Statuses of the positive (valid by the document) cases on the multipart operations.
 VALID_UPLOADS: dict[str, list[int]] = {}
 
 
-def test_the_document_describes_every_route(api_schema):
+def test_the_document_describes_every_route(api_schema, fuzz):
     paths = set(api_schema.raw_schema["paths"])
     assert {"/v1/images/generations", "/v1/images/edits", "/v1/images/variations",
             "/v1/images/upscale", "/v1/models", "/text-to-image", "/image-to-image", "/upscale",
-            "/health"} <= paths
+            "/v1/images/jobs", "/health"} <= paths
     edit = api_schema.raw_schema["paths"]["/v1/images/edits"]["post"]["requestBody"]["content"]
     assert "multipart/form-data" in edit
-    for path in MULTIPART:
+    for path in fuzz.MULTIPART:
         form = api_schema.raw_schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
         assert form["encoding"]["image"]["contentType"] == "image/png, image/jpeg, image/webp", path
 
@@ -108,30 +64,21 @@ def test_the_document_describes_every_route(api_schema):
 # derandomize: the same cases on every run, so CI is repeatable; change the examples by
 # raising max_examples, not by luck.
 @settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
-def test_no_5xx_and_every_4xx_in_the_envelope(case):
-    # Read before the body is replaced: schemathesis revalidates a replaced body, and a
-    # multipart one with file bytes in it no longer reads as valid.
+def test_every_answer_is_one_the_document_gives(case, fuzz):
+    # Read before the call: the cheap values (a before_call hook) replace the body, and
+    # schemathesis revalidates a replaced body (a multipart one with file bytes in it no
+    # longer reads as valid).
     positive = case.meta is not None and case.meta.generation.mode == schemathesis.GenerationMode.POSITIVE
-    # Again here: cases built from the document's examples and defaults (Livepeer's 10
-    # images of 1024x576 at 50 steps) do not pass through the map_body hook.
-    case.body = cheap(case.body, case.path)
     response = case.call(timeout=120)
-    SEEN.setdefault(f"{case.method} {case.path}", set()).add(response.status_code)
-    if positive and case.method == "POST" and case.path in MULTIPART:
+    operation = f"{case.method} {case.path}"
+    SEEN.setdefault(operation, set()).add(response.status_code)
+    content_type = response.headers.get("content-type", [""])[0]  # schemathesis: lists of values
+    CONTENT_TYPES.setdefault(operation, set()).add(content_type.split(";")[0])
+    if positive and case.method == "POST" and case.path in fuzz.MULTIPART:
         VALID_UPLOADS.setdefault(case.path, []).append(response.status_code)
-    assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
-    if response.status_code >= 400 and case.path in LIVEPEER:
-        body = response.json()
-        assert set(body) == {"detail"}, body
-        if response.status_code == 422:
-            assert all(set(e) == {"loc", "msg", "type"} for e in body["detail"]), body
-        else:
-            assert set(body["detail"]) == {"msg"} and body["detail"]["msg"], body
-    elif response.status_code >= 400:
-        body = response.json()
-        assert set(body) == {"error"}, body
-        assert set(body["error"]) == {"message", "type", "param", "code"}, body
-        assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    case.validate_response(response, checks=[
+        not_a_server_error, status_code_conformance, content_type_conformance,
+        response_schema_conformance, fuzz.error_envelope])
 
 
 def test_the_fuzzer_reached_every_operation_with_valid_and_invalid_requests():
@@ -140,9 +87,16 @@ def test_the_fuzzer_reached_every_operation_with_valid_and_invalid_requests():
     assert any(code < 300 for code in statuses) and any(400 <= code < 500 for code in statuses), SEEN
     for operation in ("POST /v1/images/generations", "POST /v1/images/edits", "POST /v1/images/upscale"):
         assert any(400 <= code < 500 for code in SEEN[operation]), (operation, SEEN[operation])
+    # The statuses the document was checked on: the OpenAI routes' validation errors are 400s
+    # (never FastAPI's 422), Livepeer's are its 422s, the jobs routes' unknown ids 404s, and a
+    # streamed generation is an event stream.
+    assert 422 not in SEEN["POST /v1/images/generations"] and 400 in SEEN["POST /v1/images/generations"]
+    assert 422 in SEEN["POST /text-to-image"], SEEN["POST /text-to-image"]
+    assert 404 in SEEN["GET /v1/images/jobs/{job_id}"], SEEN["GET /v1/images/jobs/{job_id}"]
+    assert "text/event-stream" in CONTENT_TYPES["POST /v1/images/generations"], CONTENT_TYPES
 
 
-def test_valid_uploads_get_past_validation():
+def test_valid_uploads_get_past_validation(fuzz):
     """The document says what a valid upload is, so the positive cases on the multipart
     operations reach a model: on each operation some are answered with images, and of all
     of them at least a third are not refused as malformed (400 or 422). Many still are, and
@@ -151,9 +105,28 @@ def test_valid_uploads_get_past_validation():
     names it serves (a model, an adapter, an upscaler), or hold generators to the JSON shape
     of `loras` (its contentSchema: schemathesis sends any JSON text). On the tiny profile
     about half get past."""
-    assert set(VALID_UPLOADS) == set(MULTIPART), VALID_UPLOADS
+    assert set(VALID_UPLOADS) == set(fuzz.MULTIPART), VALID_UPLOADS
     for path, statuses in VALID_UPLOADS.items():
         assert any(code < 300 for code in statuses), (path, statuses)
     statuses = [code for codes in VALID_UPLOADS.values() for code in codes]
     past = sum(code not in (400, 422) for code in statuses)
     assert 3 * past >= len(statuses), (past, len(statuses), VALID_UPLOADS)
+
+
+def test_the_fuzz_script_runs_and_writes_its_results(base_url, tmp_path):
+    """benchmarks/fuzz.py --smoke against the session's app: every operation in its table,
+    the requests adding up, each failure (if any) with a curl command that reproduces it."""
+    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "fuzz.py"), "--smoke",
+                           "--url", base_url, "--out", str(tmp_path)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    (written,) = tmp_path.glob("fuzz-*-smoke.md")
+    text = written.read_text()
+    assert done.returncode in (0, 1), done.stderr[-4000:]
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| `")]
+    assert {row[0].strip("| `") for row in rows} >= {"POST /v1/images/generations", "POST /v1/images/edits",
+                                                     "POST /upscale", "GET /health"}
+    total = int(text.split(" requests in ")[0].rsplit("\n", 1)[-1])
+    assert total >= 60 and total == sum(int(row[1]) + int(row[2]) for row in rows)
+    failures = text.split("## Failures", 1)[1]
+    assert (done.returncode == 0) == (failures.strip().startswith("None.")), failures[:2000]
+    assert failures.count("curl ") >= failures.count(" requests: "), failures[:2000]

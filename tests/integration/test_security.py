@@ -72,6 +72,22 @@ def test_health_is_open_without_a_key_and_tells_it_the_status_alone(secure_url):
     assert {"ImagesIngress", "ImageStore", "esrgan-x2"} <= set(body["deployments"])
 
 
+def test_each_servers_document_says_where_a_key_is_needed(secure_url, base_url):
+    """The OpenAPI document is built from the server's own config: with keys, the bearer
+    scheme and a 401 on every route behind the gate; without keys (the tiny app), no 401."""
+    secure = httpx.get(f"{secure_url}/openapi.json", timeout=30).json()
+    assert [scheme["scheme"] for scheme in secure["components"]["securitySchemes"].values()] == ["bearer"]
+    for method, path in (("get", "/v1/models"), ("post", "/v1/images/generations"), ("post", "/upscale"),
+                         ("post", "/v1/images/jobs")):
+        assert "401" in secure["paths"][path][method]["responses"], path
+    assert "401" not in secure["paths"]["/health"]["get"]["responses"]
+    assert "401" not in secure["paths"]["/v1/images/files/{image_id}"]["get"]["responses"]
+    keyless = httpx.get(f"{base_url}/openapi.json", timeout=30).json()
+    assert "securitySchemes" not in keyless["components"]
+    assert not [path for path, item in keyless["paths"].items()
+                for operation in item.values() if "401" in operation["responses"]]
+
+
 def test_the_playground_page_is_open_but_its_calls_need_the_key(secure_url):
     page = httpx.get(f"{secure_url}/", timeout=30)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
