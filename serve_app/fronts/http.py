@@ -120,6 +120,8 @@ def install_error_handlers(app: FastAPI) -> None:
             error = APIError(str(exc.detail))
             error.status_code = exc.status_code
             error.error_type = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        # Starlette's own headers go with it: a 405's Allow (RFC 9110 requires it).
+        error.headers.update(exc.headers or {})
         return error_response(error, route_path(request.scope))
 
     @app.exception_handler(APIError)

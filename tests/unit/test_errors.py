@@ -77,6 +77,7 @@ def test_unknown_route_and_method_use_the_envelope():
     assert envelope(client.get("/v1/nothing"))["type"] == "invalid_request_error"
     response = client.get("/v1/images/generations")
     assert response.status_code == 405 and envelope(response)["message"].startswith("Method GET")
+    assert response.headers["allow"] == "POST"  # RFC 9110: a 405 says what the route takes
 
 
 def test_internal_error_is_500_without_traceback():
