@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
-from serve_app.fronts.openapi import responses
+from serve_app.fronts.openapi import request_body, responses
 from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded, request_owner
 from deployments.image_store import INPUT
 from serve_app.service.uploads import BytesUpload
@@ -73,6 +73,24 @@ _ENDED = {409: "The job has already ended (succeeded, failed or canceled)."}
 # Multipart jobs: the form of the synchronous route, plus operation, webhook and priority.
 FORMS = {"edits": ImageEditForm, "variations": ImageVariationForm, "upscale": UpscaleForm}
 PRIORITY_NAMES = ("high", "normal", "low")
+
+
+def _job_form() -> dict[str, Any]:
+    """The multipart body's schema: ``operation``, ``webhook`` and ``priority``, and the
+    fields of that operation's route (an edit's shown: variations and upscales take their own
+    routes' fields, as the description says)."""
+    form = ImageEditForm.model_json_schema()
+    fields = JobSubmission.model_json_schema()["properties"]
+    properties = {
+        "operation": {"type": "string", "enum": list(FORMS),
+                      "description": "The synchronous route the job runs, with that route's fields."},
+        "webhook": {"type": "string", "maxLength": MAX_WEBHOOK_CHARS,
+                    "description": fields["webhook"]["description"]},
+        "priority": {"type": "string", "enum": list(PRIORITY_NAMES), "default": "normal"},
+        **form["properties"],
+    }
+    return {"type": "object", "properties": properties,
+            "required": ["operation", *form.get("required", [])]}
 
 
 def _jobs(request: Request):
@@ -132,9 +150,13 @@ async def _submission(request: Request):
 
 
 @router.post("/v1/images/jobs", status_code=202, response_model=JobObject, responses=responses(
-    400, 404, 409, 413, 503, about={
+    400, 404, 409, 413, 429, 503, about={
         404: f"No served model by this name or alias (`model`), or: {_OFF.lower()}.",
-        409: "This `Idempotency-Key` was used with another body."}))
+        409: "This `Idempotency-Key` was used with another body."}),
+    openapi_extra=request_body(JobSubmission, _job_form(), (
+        "A generations job as JSON (`input`: the body of POST /v1/images/generations), or an "
+        "edits, variations or upscale job as multipart: `operation`, `webhook`, `priority` and "
+        "the fields of that route's form (an edit's are shown).")))
 async def submit_job(request: Request, service: Service,
                      idempotency_key: str | None = Header(default=None, max_length=MAX_NAME_CHARS)
                      ) -> JSONResponse:

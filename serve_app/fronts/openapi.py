@@ -123,6 +123,8 @@ ERROR_MEANINGS: dict[int, str] = {
     404: "Not found: the message says what.",
     409: "In conflict with the resource's state: the message says what.",
     413: "The request body is larger than the server's limit (`ingress.max_upload_bytes`).",
+    429: "The caller's own share of the image store is full of what cannot be evicted (its "
+         "queued jobs' uploads): retry after `Retry-After` seconds, once some have run.",
     422: "A field of the wrong type or out of range, as FastAPI answers it: each error's "
          "`loc`, `msg` and `type`.",
     500: "A fault of the server, not of the request: the message says what, without a "
@@ -139,6 +141,7 @@ ERROR_HEADERS: dict[int, dict[str, Any]] = {
                                          "(`ingress.retry_after_s`).",
                           "schema": {"type": "integer", "minimum": 0}}},
 }
+ERROR_HEADERS[429] = ERROR_HEADERS[503]
 
 # One Server-Sent Event, as FastAPI documents an event stream (OpenAPI 3.2's ``itemSchema``,
 # fastapi.sse): the event's name, and its data, a JSON object whose ``type`` is that name.
@@ -187,6 +190,19 @@ def responses(
         answers[200] = {"description": STREAM_DESCRIPTION,
                         "content": {"text/event-stream": {"itemSchema": STREAM_EVENT}}}
     return answers
+
+
+def request_body(json_model: type[BaseModel] | None = None, form: dict[str, Any] | None = None,
+                 description: str = "") -> dict[str, Any]:
+    """A route's ``openapi_extra`` for a body it reads itself (not through a FastAPI
+    parameter): ``json_model``'s schema as ``application/json`` and ``form`` (a JSON schema)
+    as ``multipart/form-data``, inlined (the route's models are not in the components)."""
+    content: dict[str, Any] = {}
+    if json_model is not None:
+        content["application/json"] = {"schema": _inline_defs(json_model.model_json_schema())}
+    if form is not None:
+        content["multipart/form-data"] = {"schema": form}
+    return {"requestBody": {"required": True, "content": content, "description": description}}
 
 
 # FastAPI adds this 422 to every operation with parameters or a body, unless the route declares

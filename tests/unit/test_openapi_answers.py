@@ -88,7 +88,7 @@ def test_the_statuses_each_route_answers(document):
     livepeer = {"200", "400", "413", "422", "500", "503", "504"}
     for path in ("/text-to-image", "/image-to-image", "/upscale"):
         assert statuses[f"POST {path}"] == livepeer, path
-    assert statuses["POST /v1/images/jobs"] == {"202", "400", "404", "409", "413", "500", "503"}
+    assert statuses["POST /v1/images/jobs"] == {"202", "400", "404", "409", "413", "429", "500", "503"}
     assert statuses["GET /v1/images/jobs/{job_id}"] == {"200", "404", "500"}
     assert statuses["POST /v1/images/jobs/{job_id}/cancel"] == {"200", "404", "409", "500"}
     assert statuses["GET /v1/models"] == {"200", "500"}
@@ -149,3 +149,19 @@ def test_with_api_keys_every_route_behind_the_gate_answers_401(keyed):
         assert schema_ref(answer) == (LIVEPEER_REF if path in LIVEPEER_PATHS else ERROR_REF), path
         assert operation["security"] == [{name: []}], path
     assert not is_open("/v1/images/generations") and is_open("/v1/images/files/{image_id}")
+
+
+def test_the_jobs_body_is_documented_as_the_route_reads_it():
+    """The route reads its body itself; the document still says what it takes: a generations
+    job as JSON, the other operations as multipart with the route's image part."""
+    from serve_app.fronts.ingress import api
+
+    body = api.openapi()["paths"]["/v1/images/jobs"]["post"]["requestBody"]["content"]
+    json_body = body["application/json"]["schema"]
+    assert json_body["properties"]["operation"]["const"] == "generations"
+    steps = json_body["properties"]["input"]["properties"]["num_inference_steps"]["anyOf"][0]
+    assert steps["maximum"] == 1000
+    form = body["multipart/form-data"]
+    assert form["schema"]["properties"]["operation"]["enum"] == ["edits", "variations", "upscale"]
+    assert {"operation", "image", "prompt"} <= set(form["schema"]["required"])
+    assert form["encoding"]["image"]["contentType"] == "image/png, image/jpeg, image/webp"
