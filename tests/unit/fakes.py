@@ -9,11 +9,22 @@ import numpy as np
 from deployments.contract import Upstream
 
 
-class FakeResponse:
-    """Stands in for a DeploymentResponse: awaitable, and passed along unresolved."""
+def replica_lost(exc) -> bool:
+    from ray.exceptions import ActorUnavailableError, RayActorError
 
-    def __init__(self, handle, method, args):
+    from deployments.errors import UpstreamLost
+
+    return isinstance(exc, (RayActorError, ActorUnavailableError, UpstreamLost))
+
+
+class FakeResponse:
+    """Stands in for a DeploymentResponse: awaitable, and passed along unresolved. Its
+    ``error`` is the handle's next planned failure (``FakeHandle.failures``), else its
+    ``error``."""
+
+    def __init__(self, handle, method, args, error=None):
         self.handle, self.method, self.args = handle, method, args
+        self.error = error
         self.cancelled = False
 
     def cancel(self):
@@ -27,31 +38,97 @@ class FakeResponse:
         async def resolve():
             if self.handle.delay_s:
                 await asyncio.sleep(self.handle.delay_s)
-            if self.handle.error is not None:
-                raise self.handle.error
+            self._resolve_inputs()
+            if self.error is not None:
+                raise self.error
             return self.handle.result_for(self)
 
         return resolve().__await__()
 
+    def _resolve_inputs(self):
+        """As ``deployments.contract.resolve_inputs`` in a replica: an input whose replica
+        was lost ends this stage with UpstreamLost; another failed input's error travels on."""
+        from deployments.errors import UpstreamLost
+
+        for item in self.args[1:]:
+            upstream = item.ref if isinstance(item, Upstream) else None
+            if isinstance(upstream, FakeResponse) and upstream.error is not None:
+                if replica_lost(upstream.error):
+                    raise UpstreamLost(type(upstream.error).__name__)
+                raise upstream.error
+
+
+class FakeStream:
+    """Stands in for a streaming DeploymentResponseGenerator: ``partial_images`` previews
+    (gray level ``first seed + 1 + index``), then the final images, as a model replica's
+    ``stream`` yields them; ``fail`` = (events, error) raises ``error`` after that many."""
+
+    def __init__(self, handle, args, partial_images, fail=None):
+        self.handle, self.method, self.args = handle, "stream", args
+        self.partial_images, self.fail = partial_images, fail
+        self.cancelled, self.sent = False, 0
+
+    def cancel(self):
+        self.cancelled = True
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.handle.delay_s:
+            await asyncio.sleep(self.handle.delay_s)
+        if self.fail is not None and self.sent == self.fail[0]:
+            raise self.fail[1]
+        index, self.sent = self.sent, self.sent + 1
+        if index < self.partial_images:
+            job = self.args[0]
+            return ("partial", index, np.full((job.height, job.width, 3), (job.seeds[0] + 1 + index) % 256, np.uint8))
+        if index == self.partial_images:
+            return ("final", self.handle.result_for(self))
+        raise StopAsyncIteration
+
 
 class _Method:
-    def __init__(self, handle, name):
-        self.handle, self.name = handle, name
+    def __init__(self, handle, name, stream=False):
+        self.handle, self.name, self.streaming = handle, name, stream
 
-    def remote(self, *args):
-        response = FakeResponse(self.handle, self.name, args)
+    def remote(self, *args, partial_images=0):
+        planned = self.handle.failures and self.name in ("run", "stream")  # not `ready`
+        failure = self.handle.failures.pop(0) if planned else None
+        if self.streaming:
+            response = FakeStream(self.handle, args, partial_images, failure)
+        else:
+            response = FakeResponse(self.handle, self.name, args,
+                                    failure if failure is not None else self.handle.error)
         self.handle.calls.append(response)
         return response
 
 
+class _Streaming:
+    def __init__(self, handle):
+        self.handle = handle
+
+    def __getattr__(self, method):
+        return _Method(self.handle, method, stream=True)
+
+
 class FakeHandle:
-    def __init__(self, name, error=None, shape_override=None, delay_s=0.0):
+    """``failures``: what each ``run`` or ``stream`` call in turn does, then every later
+    call works (or raises ``error``): None works, an exception is raised when the call is
+    awaited; a streamed call takes (events, exception): it raises after that many events."""
+
+    def __init__(self, name, error=None, shape_override=None, delay_s=0.0, failures=()):
         self.name, self.error, self.shape_override = name, error, shape_override
         self.delay_s = delay_s
-        self.calls: list[FakeResponse] = []
+        self.failures = list(failures)
+        self.calls: list[FakeResponse | FakeStream] = []
 
     def __getattr__(self, method):
         return _Method(self, method)
+
+    def options(self, stream=False, **_):
+        """DeploymentHandle.options: ``stream=True`` gives a streaming handle."""
+        return _Streaming(self) if stream else self
 
     def result_for(self, response):
         job = response.args[0]
