@@ -112,7 +112,11 @@ async def closed_loop(url: str, model: str, case: Case, concurrency: int, warmup
     async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
         async def client_loop(index: int) -> None:
             seed = index * 100000
-            while time.perf_counter() < stop:
+            sent_one = False
+            # Each client sends one request at least: a short window (a warm-up of fast
+            # models) can pass before the clients start on a busy machine.
+            while not sent_one or time.perf_counter() < stop:
+                sent_one = True
                 sent = time.perf_counter()
                 response = await client.post(f"{url}/v1/images/generations", json={**payload, "seed": seed})
                 answered = time.perf_counter()

@@ -237,8 +237,9 @@ def lose_node(ray_cluster, node) -> None:
 
 def test_a_gpu_node_lost_under_load(cluster, app_url):
     """Remove the GPU worker holding SD 2.1 while clients generate with it: every request
-    ends with an image or a 503 in the envelope, none hangs, Serve places the replicas
-    again on the remaining nodes, and the service answers 200 again within 60 s."""
+    ends with an image (those in flight on the lost node run again) or, at most once, a 503
+    in the envelope, none hangs, Serve places the replicas again on the remaining nodes, and
+    the service answers 200 again within 60 s."""
     ray_cluster, kinds, nodes = cluster
     (victim_id,) = replica_nodes("stable-diffusion-2-1")
     victim = next(node for node in nodes["gpu-workers"] if node.node_id == victim_id)
@@ -289,7 +290,10 @@ def test_a_gpu_node_lost_under_load(cluster, app_url):
             assert body["error"]["type"] == "server_error" and body["error"]["message"], body
         else:
             assert len(body["data"]) == 1
-    assert statuses.count(200) > 0 and statuses.count(503) > 0, report
+    # A request whose replica was lost with the node runs again on a remaining one
+    # (serve_app/service/execution.py): a 503 only if a later stage of the same request is
+    # lost too (the safety checker's replica may have been on the node as well).
+    assert statuses.count(200) > 0 and statuses.count(503) <= 1, report
     assert recovered_at is not None, report
     for name in lost_deployments:
         placed = replica_nodes(name)

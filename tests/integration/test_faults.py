@@ -34,9 +34,12 @@ def faults_url(base_url):
     with side_app(CONFIG, base_url, healthy=False) as url:
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:  # the working model is up; broken-loras never is
-            models = httpx.get(f"{url}/v1/models", timeout=10)
-            ready = httpx.post(f"{url}/v1/images/generations", timeout=120,
-                               json={"prompt": "warm up", "n": 1}) if models.status_code == 200 else None
+            try:
+                models = httpx.get(f"{url}/v1/models", timeout=10)
+                ready = httpx.post(f"{url}/v1/images/generations", timeout=120,
+                                   json={"prompt": "warm up", "n": 1}) if models.status_code == 200 else None
+            except httpx.TimeoutException:  # the app still deploying on a busy machine
+                ready = None
             if ready is not None and ready.status_code == 200:
                 break
             time.sleep(2)
