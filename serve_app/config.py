@@ -824,7 +824,9 @@ class JobsConfig(_Strict):
         "broker itself, or 'file://<data_folder>/state' for the filesystem broker.",
     )
     data_folder: str = Field(
-        default="/tmp/serve-app-jobs", description="The filesystem broker's and state's folder."
+        default="/tmp/serve-app-jobs",
+        description="The filesystem broker's and state's folder: created private to the "
+        "server's user (0700); refused if another user owns it or others may write to it.",
     )
     queue: str = Field(default="images-jobs", min_length=1, description="Queue name.")
     max_retries: int = Field(default=3, ge=0, le=20,

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from serve_app.config import JobsConfig
+from serve_app.jobs.folders import private_folder
 
 # The task a job is: its id; the job record (store.py) holds the rest.
 JOB_TASK = "serve_app.run_job"
@@ -26,7 +27,7 @@ def _rank(queue: str) -> int:
 
 
 def _folders(config: JobsConfig) -> dict[str, str]:
-    root = Path(config.data_folder)
+    root = Path(private_folder(config.data_folder))
     folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",
                "processed_folder": root / "processed", "control_folder": root / "control"}
     for folder in folders.values():

@@ -21,8 +21,10 @@ def state_backend(jobs):
     on Redis every key it writes expires after ``jobs.result_ttl_s``."""
     from celery import Celery
 
+    from serve_app.jobs.folders import private_folder
+
     if jobs.state_url.startswith("file://"):  # Celery's filesystem backend wants its folder
-        os.makedirs(jobs.state_url.removeprefix("file://"), exist_ok=True)
+        private_folder(jobs.state_url.removeprefix("file://"))
     app = Celery("serve-app-jobs", backend=jobs.state_url)
     app.conf.result_expires = int(jobs.result_ttl_s)
     return app.backend
