@@ -800,14 +800,79 @@ class WebhooksConfig(_Strict):
         default_factory=list,
         description="Hosts webhooks may be posted to over plain http (a laptop's localhost).",
     )
+    allowed_ports: list[int | str] = Field(
+        default_factory=lambda: [80, 443],
+        description="Ports webhooks may be posted to: numbers, or 'low-high' ranges. The list "
+        "replaces the default, so keep 80 and 443 in it if they are still wanted.",
+    )
+    allowed_internal: list[str] = Field(
+        default_factory=list,
+        description="Loopback, private, link-local, multicast, reserved or unspecified "
+        "addresses webhooks may reach anyway: networks ('10.1.0.0/16', '::1') or host names "
+        "(any address that name resolves to). Every other such address is refused, checked "
+        "on the address the host name resolves to when the webhook is posted.",
+    )
     secret: SecretStr | None = Field(
         default=None,
         description="Signing secret, 'whsec_' + base64 (Standard Webhooks); else the "
         "SERVE_APP_WEBHOOK_SECRET environment variable.",
     )
+    key_secrets: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="A signing secret per API key: the key's SHA-256 (hex, as the job records "
+        "keep it) to its secret ('whsec_' + base64; ${VAR} is read from the environment). "
+        "The jobs of a key not listed are signed with 'secret'.",
+    )
     max_attempts: int = Field(default=5, ge=1, le=20, description="Deliveries tried per job.")
     backoff_s: float = Field(default=2.0, gt=0, description="Wait before the 2nd attempt; doubles.")
-    timeout_s: float = Field(default=10.0, gt=0, description="Seconds one attempt may take.")
+    timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="Seconds one attempt may take in all: resolving, connecting, sending and "
+        "reading the answer.",
+    )
+    max_response_bytes: int = Field(
+        default=4096, ge=0,
+        description="Bytes of a receiver's answer read at most; the connection is closed then.",
+    )
+
+    @field_validator("allowed_ports")
+    @classmethod
+    def _ports(cls, ports: list[int | str]) -> list[int | str]:
+        for port in ports:
+            low, _, high = str(port).partition("-")
+            try:
+                low_n, high_n = int(low), int(high or low)
+            except ValueError:
+                raise ValueError(f"port {port!r}: expected a number or 'low-high'") from None
+            if not 1 <= low_n <= high_n <= 65535:
+                raise ValueError(f"port {port!r}: expected 1-65535, low <= high")
+        return ports
+
+    @field_validator("allowed_internal")
+    @classmethod
+    def _internal(cls, entries: list[str]) -> list[str]:
+        import ipaddress
+        import re
+
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?\.?", entry):
+                    raise ValueError(f"{entry!r}: expected a network (CIDR), an address or a "
+                                     "host name") from None
+        return entries
+
+    @field_validator("key_secrets")
+    @classmethod
+    def _key_hashes(cls, secrets: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        import re
+
+        for digest in secrets:
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{digest[:12]!r}...: expected an API key's SHA-256, 64 lowercase "
+                                 "hex digits (printf %s KEY | sha256sum)")
+        return secrets
 
 
 class JobsConfig(_Strict):

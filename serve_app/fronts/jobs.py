@@ -176,11 +176,11 @@ async def submit_job(request: Request, service: Service,
     await guarded(service.plan(image_request, uploads.get("image"), uploads.get("mask")),
                   service.config.ingress.retry_after_s)
     if webhook is not None:
-        if not jobs.signs_webhooks:
+        if not jobs.webhooks.secret_for(owner):
             raise InvalidRequestError("webhook: this server sends no webhooks (its config has no "
                                       "jobs.webhooks.secret); poll the job instead", param="webhook")
         try:
-            jobs.policy.check(webhook)
+            jobs.webhooks.policy.check(webhook)
         except ValueError as exc:
             raise InvalidRequestError(f"webhook: {exc}", param="webhook") from None
     if idempotency_key:

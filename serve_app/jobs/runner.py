@@ -7,13 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import time
 from dataclasses import fields
 
 from serve_app.config import AppConfig
 from serve_app.jobs.store import FINAL, JobRecord, JobStore
-from serve_app.jobs.webhooks import WEBHOOK_SECRET_ENV, WebhookPolicy, deliver
+from serve_app.jobs.webhooks import Webhooks
 from deployments.image_store import INPUT
 from serve_app.service.errors import APIError, error_from_exception
 from serve_app.service.images import ImagesService
@@ -64,9 +63,7 @@ class JobRunner:
         self.images = ImageStoreClient.of(images_store, config)
         self.metrics = metrics  # a JobMetrics in the replica; None in unit tests
         jobs = config.jobs
-        self.policy = WebhookPolicy(tuple(jobs.webhooks.allowed_hosts), tuple(jobs.webhooks.allowed_http_hosts))
-        secret = jobs.webhooks.secret.get_secret_value() if jobs.webhooks.secret else None
-        self.secret = secret or os.environ.get(WEBHOOK_SECRET_ENV)
+        self.webhooks = Webhooks(jobs.webhooks)  # its policy checked again at delivery
         self.deliveries: set[asyncio.Task] = set()  # webhooks being posted
         self._delivery_slots = asyncio.Semaphore(MAX_DELIVERIES)
 
@@ -143,7 +140,7 @@ class JobRunner:
         raise JobServerFault(f"job {record.id}, attempt {record.attempts}: {error.message}")
 
     def _has_webhook(self, record: JobRecord) -> bool:
-        return bool(record.webhook and self.secret)
+        return bool(record.webhook and self.webhooks.secret_for(record.owner))
 
     async def _finish(self, record: JobRecord, status: str, error: APIError | None = None) -> str:
         """End the job: its final record, then its webhook posted in the background, so the
@@ -186,13 +183,12 @@ class JobRunner:
         try:
             body = json.dumps({"type": f"image.job.{record.status}", "timestamp": record.finished,
                                "data": record.public()}).encode()
-            hooks = self.config.jobs.webhooks
             async with self._delivery_slots:
-                delivery = await deliver(record.webhook, body, self.secret, f"msg_{record.id}",
-                                         max_attempts=hooks.max_attempts, backoff_s=hooks.backoff_s,
-                                         timeout_s=hooks.timeout_s)
-            logger.info("job %s webhook delivered=%s attempts=%d last=%s", record.id,
-                        delivery.delivered, delivery.attempts, delivery.last)
+                delivery = await self.webhooks.deliver(record.webhook, body, record.owner,
+                                                       f"msg_{record.id}")
+            logger.log(logging.WARNING if delivery.refused else logging.INFO,
+                       "job %s webhook delivered=%s attempts=%d last=%s", record.id,
+                       delivery.delivered, delivery.attempts, delivery.last)
             if self.metrics is not None:
                 self.metrics.on_webhook(delivery.delivered, delivery.attempts)
             record.notified = True

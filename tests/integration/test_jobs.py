@@ -187,6 +187,8 @@ def test_a_webhook_to_a_host_the_config_does_not_allow_is_refused_at_submit(http
     assert response.status_code == 400 and response.json()["error"]["param"] == "webhook"
     response = submit(http, webhook="http://169.254.169.254/latest/meta-data")
     assert response.status_code == 400
+    response = submit(http, webhook="http://127.0.0.1:81/x")  # a port the profile does not list
+    assert response.status_code == 400 and "port 81" in response.json()["error"]["message"]
 
 
 def test_a_consumer_killed_mid_job_leaves_the_job_to_run_again_once(http):
