@@ -20,9 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from functools import lru_cache
-from urllib.parse import urlsplit
 
-import anyio
 import httpcore
 import httpx
 from standardwebhooks import Webhook
@@ -92,27 +90,30 @@ class WebhookPolicy:
                    tuple(config.allowed_ports), tuple(config.allowed_internal))
 
     def check(self, url: str) -> str:
-        """``url`` if a webhook may be posted there; else :class:`WebhookURLError`."""
+        """``url`` if a webhook may be posted there; else :class:`WebhookURLError`. Read with
+        httpx's own parser, the one the delivery uses: a URL two parsers read differently
+        (``http://allowed\\@elsewhere/``) is judged by where it would really go."""
         if len(url) > 2048:
             raise WebhookURLError("the URL is longer than 2048 characters")
-        parts = urlsplit(url)
-        host = parts.hostname or ""
+        try:
+            parts = httpx.URL(url)
+        except (httpx.InvalidURL, TypeError, ValueError) as exc:
+            raise WebhookURLError(f"not a URL: {exc}") from None
+        host = parts.host.lower()
+        names = (host, parts.raw_host.decode("ascii", "replace").lower())  # as written, as IDNA
         if parts.scheme not in ("https", "http") or not host:
             raise WebhookURLError("expected an https:// URL with a host name")
-        if parts.username or parts.password:
+        if parts.userinfo:
             raise WebhookURLError("credentials in the URL are not accepted; the signature "
                                   "authenticates the server to the receiver")
         allowed = self.allowed_hosts if parts.scheme == "https" else self.allowed_http_hosts
-        if not _host_allowed(host, allowed):
-            if parts.scheme == "http" and _host_allowed(host, self.allowed_hosts):
+        if not any(_host_allowed(name, allowed) for name in names):
+            if parts.scheme == "http" and any(_host_allowed(n, self.allowed_hosts) for n in names):
                 raise WebhookURLError(f"{host} is allowed over https only")
             raise WebhookURLError(
                 f"{host} is not a host this server posts webhooks to "
                 f"(allowed: {', '.join(allowed) or 'none'}; the operator sets jobs.webhooks)")
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-        except ValueError:
-            raise WebhookURLError("the URL's port is not a number from 0 to 65535") from None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         if not any(low <= port <= high for low, high in _port_ranges(self.allowed_ports)):
             raise WebhookURLError(
                 f"port {port} is not one this server posts webhooks to (allowed: "
@@ -149,8 +150,9 @@ class WebhookPolicy:
         to; :class:`WebhookURLError` if it resolves to none of them, httpcore's ConnectError
         (a failed attempt, tried again) if it does not resolve."""
         try:
-            infos = await anyio.to_thread.run_sync(socket.getaddrinfo, host, port, 0,
-                                                   socket.SOCK_STREAM)
+            # asyncio's (in a thread, but its wait cancellable: the attempt's bound holds)
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                                 type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise httpcore.ConnectError(f"resolving {host}: {exc}") from exc
         allowed, refused = [], None

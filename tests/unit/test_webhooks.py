@@ -145,6 +145,10 @@ def test_an_unreachable_receiver_is_a_failed_delivery_not_an_error():
     ("https://user:pw@hooks.example.com/x", "credentials"),
     ("ftp://hooks.example.com/x", "https:// URL"),
     ("https:///nohost", "https:// URL"),
+    ("https://hooks.example.com\\@evil.example.org/x", "credentials"),  # as httpx reads it
+    ("https://hooks.example.com:443@evil.example.org/x", "credentials"),
+    ("https://hooks.example.com:99999/x", "port 99999"),
+    ("https://hooks.example.com:x/x", "not a URL"),
 ])
 def test_only_the_hosts_the_operator_allows(url, reason):
     policy = WebhookPolicy(allowed_hosts=("hooks.example.com", "*.hooks.example.com"),
@@ -287,6 +291,28 @@ def test_a_trickling_receiver_is_cut_at_the_attempts_whole_time():
     hook.close()
     assert (delivery.delivered, delivery.statuses) == (False, ["TimeoutError", "TimeoutError"])
     assert 5.0 <= took < 8.0, took  # two attempts of 2.5 s, and the wait between them
+
+
+def test_a_slow_resolver_is_cut_at_the_attempts_whole_time(monkeypatch):
+    import socket
+
+    real = socket.getaddrinfo
+
+    def slow(host, *args, **kwargs):
+        time.sleep(4)
+        return real("127.0.0.1", *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    policy = WebhookPolicy(allowed_http_hosts=("slow.test",), allowed_ports=("1-65535",))
+
+    async def timed():
+        started = time.monotonic()
+        delivery = await deliver("http://slow.test:9/hook", b"{}", SECRET, "m", policy=policy,
+                                 max_attempts=1, timeout_s=1.0)
+        return delivery, time.monotonic() - started
+
+    delivery, took = asyncio.run(timed())
+    assert delivery.last == "TimeoutError" and took < 2.0, (delivery, took)
 
 
 def test_a_huge_answer_is_not_read_whole():
