@@ -178,7 +178,8 @@ async def submit_job(request: Request, service: Service,
     if webhook is not None:
         if not jobs.webhooks.secret_for(owner):
             raise InvalidRequestError("webhook: this server sends no webhooks (its config has no "
-                                      "jobs.webhooks.secret); poll the job instead", param="webhook")
+                                      "jobs.webhooks.secret, nor a key secret for this API key); "
+                                      "poll the job instead", param="webhook")
         try:
             jobs.webhooks.policy.check(webhook)
         except ValueError as exc:
