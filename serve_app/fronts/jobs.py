@@ -5,6 +5,7 @@ bad request is a 400 at submit and never a failed job; the job runs on the task 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from dataclasses import asdict
@@ -168,7 +169,7 @@ async def submit_job(request: Request, service: Service,
     operation, wire, uploads, webhook, priority, body_hash = await _submission(request)
     if "response_format" not in wire.model_fields_set:
         wire = wire.model_copy(update={"response_format": "url"})
-    image_request = wire.to_request()
+    image_request = dataclasses.replace(wire.to_request(), owner=owner)
     if image_request.stream:
         raise InvalidRequestError("stream: a job is not streamed; poll it, or use the synchronous "
                                   "route to stream", param="stream")

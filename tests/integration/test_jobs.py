@@ -22,6 +22,8 @@ from tests.unit.test_webhooks import Receiver, verify
 
 pytestmark = pytest.mark.integration
 REDIS_CONFIG = REPO_ROOT / "tests" / "integration" / "jobs-redis.yaml"
+# The Redis app's keys, in its ingress's environment: a job is its key's alone.
+REDIS_APP_ENV = {"SERVE_APP_API_KEYS": "sk-jobs-one,sk-jobs-two"}
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])
@@ -37,11 +39,12 @@ def http(request, base_url):
         pytest.skip("no Redis: .ci/run starts one and sets SERVE_APP_TEST_REDIS_URL")
     redis.Redis.from_url(url).flushdb()
     jobs = {**load_serve_config(REDIS_CONFIG)["applications"][0]["args"]["jobs"], "broker_url": url}
-    with side_app(REDIS_CONFIG, base_url, jobs=jobs) as app_url, \
+    with side_app(REDIS_CONFIG, base_url, env=REDIS_APP_ENV, jobs=jobs) as app_url, \
             httpx.Client(base_url=app_url, timeout=120,
                          headers={"Authorization": "Bearer sk-jobs-one"}) as client:
         client.app_name = "jobsredis"
-        client.restart = lambda: (serve_delete("jobsredis"), deploy_side_app(REDIS_CONFIG, base_url, jobs=jobs))
+        client.restart = lambda: (serve_delete("jobsredis"), deploy_side_app(REDIS_CONFIG, base_url, env=REDIS_APP_ENV,
+                                                                             jobs=jobs))
         yield client
 
 

@@ -15,12 +15,14 @@ pytestmark = pytest.mark.integration
 
 CONFIG = REPO_ROOT / "tests" / "integration" / "secure.yaml"
 KEY = "sk-test-two"
+# The app's keys, in its ingress's environment (never in its config).
+SECURE_ENV = {"SERVE_APP_API_KEYS": "sk-test-one,sk-test-two"}
 
 
 @pytest.fixture(scope="module")
 def secure_url(base_url):
     """Deploy tests/integration/secure.yaml beside the tiny app; remove it afterwards."""
-    with side_app(CONFIG, base_url) as url:
+    with side_app(CONFIG, base_url, env=SECURE_ENV) as url:
         yield url
 
 
