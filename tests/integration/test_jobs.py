@@ -109,6 +109,19 @@ def test_a_job_runs_to_the_synchronous_routes_result(http):
     assert np.array_equal(pixels_at(http, item["url"]), expected)
 
 
+def test_a_job_answers_by_url_only(http):
+    """A job's record is kept a day in the jobs' state store: no base64 images in it."""
+    response = http.post("/v1/images/jobs", json={"operation": "generations", "input": {
+        "prompt": "a fox", "size": "256x256", "response_format": "b64_json"}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "response_format"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(buffer, format="PNG")
+    response = http.post("/v1/images/jobs", data={"operation": "variations", "response_format": "b64_json"},
+                         files={"image": ("in.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
 def test_a_bad_request_is_a_400_at_submit_not_a_failed_job(http):
     response = submit(http, size="999x999")
     assert response.status_code == 400 and response.json()["error"]["param"] == "size"
