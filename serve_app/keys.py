@@ -4,7 +4,8 @@ from the Serve config, which ``serve config`` and the dashboard show to anyone w
 ``SERVE_APP_API_KEYS`` holds keys separated by commas; ``SERVE_APP_API_KEYS_FILE`` names a file
 of keys separated by commas or newlines (blank lines and lines starting with ``#`` are skipped).
 Both may be set: the keys of both are accepted. An entry is ``KEY``, or ``NAME:KEY`` to give the
-key a name that the config can refer to (``safety.allow_low_keys``) without holding the key.
+key a name that the config can refer to (``safety.allow_low_keys``) without holding the key; the
+name ends at the first ``:``, so a key containing one must be given a name.
 """
 
 from __future__ import annotations
