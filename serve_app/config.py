@@ -649,6 +649,17 @@ class RefinerChainConfig(_Served):
 class IngressConfig(_Strict):
     """The HTTP ingress deployment."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _no_keys_here(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "api_keys" in data:
+            raise ValueError(
+                "api_keys: API keys are not read from the config (Serve shows a config to anyone "
+                "who can read `serve config` or the dashboard); set them in the environment "
+                "variable SERVE_APP_API_KEYS (comma-separated) or in a file named by "
+                "SERVE_APP_API_KEYS_FILE (docs/operations.md#api-keys)")
+        return data
+
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=64)
     )
@@ -667,10 +678,12 @@ class IngressConfig(_Strict):
     retry_after_s: int = Field(
         default=5, ge=1, description="Retry-After header of a 503 when a model's queue is full."
     )
-    api_keys: list[SecretStr] = Field(
-        default_factory=list,
-        description="When set (here or in SERVE_APP_API_KEYS, comma-separated), every route but "
-        "/health and the API docs needs 'Authorization: Bearer <key>'.",
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve without API keys although the proxies listen beyond this machine's "
+        "loopback (http_options.host other than 127.0.0.1, or a gRPC port: Serve's gRPC proxy "
+        "listens on every interface). Without it, such an ingress refuses to start with no key "
+        "in SERVE_APP_API_KEYS or SERVE_APP_API_KEYS_FILE; with it, it starts and logs a warning.",
     )
     max_upload_bytes: int = Field(
         default=20_000_000, ge=1, description="Largest request body; 413 past it, checked as it streams."
@@ -946,9 +959,16 @@ class SafetyConfig(_WeightsReplica):
         "answers the request with 400 moderation_blocked.",
     )
     allow_low: bool = Field(
-        default=True,
-        description="Accept moderation 'low' (images are checked and marked but returned as "
-        "made); false answers it with 400.",
+        default=False,
+        description="Let any caller ask for moderation 'low' (images are checked and marked but "
+        "returned as made). Otherwise 'low' is a 400 naming the field, but for the keys of "
+        "allow_low_keys.",
+    )
+    allow_low_keys: list[str] = Field(
+        default_factory=list,
+        description="Names of API keys that may ask for moderation 'low' (a key is named by its "
+        "entry NAME:KEY in SERVE_APP_API_KEYS or SERVE_APP_API_KEYS_FILE); an ingress whose "
+        "keys have none of these names refuses to start.",
     )
     deployment: DeploymentOptions = Field(
         default_factory=lambda: DeploymentOptions(num_cpus=0.5, max_ongoing_requests=32)

@@ -7,14 +7,11 @@ oversized body is refused before any of it is parsed or held in memory.
 from __future__ import annotations
 
 import hmac
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.service.errors import APIError
 from serve_app.fronts.http import error_response, route_path
-
-API_KEYS_ENV = "SERVE_APP_API_KEYS"
 
 # Open without a key: health probes, the API's own description and the playground page
 # (which holds no data: it asks for a key and sends it with its API calls).
@@ -30,6 +27,35 @@ class AuthenticationError(APIError):
     def __init__(self, message: str):
         super().__init__(message, code="invalid_api_key")
         self.headers["WWW-Authenticate"] = "Bearer"
+
+
+class DuplicateAuthorizationError(APIError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+    def __init__(self, count: int):
+        super().__init__(f"The request has {count} Authorization headers; send exactly one.",
+                         param="Authorization", code="duplicate_authorization")
+
+
+def authorization_of(headers) -> bytes:
+    """The one ``Authorization`` value of ASGI ``headers`` (name, value) pairs, b"" without
+    one; two or more are a :class:`DuplicateAuthorizationError`, as the key check and the
+    caller's identity must read the same one."""
+    found = [value for name, value in headers if name.lower() == b"authorization"]
+    if len(found) > 1:
+        raise DuplicateAuthorizationError(len(found))
+    return found[0] if found else b""
+
+
+def presented_key(authorization: bytes) -> bytes | None:
+    """The key an ``Authorization`` value carries (``Bearer KEY``: its token), None without one."""
+    return authorization.partition(b" ")[2].strip() or None if authorization else None
+
+
+# Where the gate leaves the request's one Authorization value for the routes (the scope's
+# state, Starlette's ``request.state``).
+AUTHORIZATION_STATE = "authorization"
 
 
 class PayloadTooLargeError(APIError):
@@ -49,14 +75,6 @@ class GateSettings:
 
     api_keys: tuple[bytes, ...] = field(default=(), repr=False)  # never in a repr or a log
     max_body_bytes: int = 20_000_000
-
-
-def api_keys_from(configured: list[str], environ: dict[str, str] | None = None) -> tuple[bytes, ...]:
-    """Keys from the config plus the comma-separated ``SERVE_APP_API_KEYS`` variable."""
-    environ = os.environ if environ is None else environ
-    from_env = [k.strip() for k in environ.get(API_KEYS_ENV, "").split(",")]
-    keys = [k for k in [*configured, *from_env] if k]
-    return tuple(dict.fromkeys(k.encode() for k in keys))
 
 
 def key_is_valid(presented: bytes, keys: tuple[bytes, ...]) -> bool:
@@ -103,10 +121,15 @@ class GateMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         settings: GateSettings = getattr(scope["app"].state, "gate", None) or GateSettings()
+        try:
+            authorization = authorization_of(scope.get("headers") or [])
+        except DuplicateAuthorizationError as error:
+            return await _send_error(scope, send, error)
+        scope.setdefault("state", {})[AUTHORIZATION_STATE] = authorization
         headers = dict(scope.get("headers") or [])
         path = route_path(scope)
         if settings.api_keys and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
-            error = check_key(headers.get(b"authorization", b""), settings.api_keys)
+            error = check_key(authorization, settings.api_keys)
             if error is not None:
                 return await _send_error(scope, send, error)
         limit = settings.max_body_bytes

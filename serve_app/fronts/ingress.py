@@ -19,15 +19,16 @@ from fastapi import FastAPI, Header
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
-from serve_app.config import AppConfig, load_app_config
+from serve_app.config import AppConfig, ConfigError, load_app_config
 from serve_app.fronts import jobs, livepeer, openai, stability
-from serve_app.fronts.gate import GateMiddleware, GateSettings, api_keys_from, check_key
+from serve_app.fronts.gate import GateMiddleware, GateSettings, check_key
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
 from serve_app.fronts.openapi import install_openapi, responses
 from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
 from serve_app.service.images import ImagesService
 from serve_app.service.responses import HealthResponse
+from serve_app.keys import API_KEYS_ENV, API_KEYS_FILE_ENV, ApiKeys, KeysError, exposure, load_api_keys
 
 logger = logging.getLogger("ray.serve")
 GRPC_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
@@ -63,6 +64,46 @@ def _warn_on_grpc_limit(config: AppConfig, environ=os.environ) -> bool:
     return True
 
 
+def serve_listens_on() -> list[str]:
+    """What this Serve instance's proxies listen on beyond loopback, asked of its controller
+    (the serve config's http_options and grpc_options); if the controller does not say, that
+    much is said instead (and counts as beyond loopback)."""
+    try:
+        import ray
+        from ray.serve._private.utils import is_grpc_enabled
+        from ray.serve.context import _get_global_client
+
+        controller = _get_global_client()._controller
+        http, grpc_options = ray.get([controller.get_http_config.remote(),
+                                      controller.get_grpc_config.remote()], timeout=30)
+        return exposure(http.host, is_grpc_enabled(grpc_options))
+    except Exception as exc:  # noqa: BLE001 - reported as an unknown address
+        return [f"an address Serve's controller did not tell ({type(exc).__name__})"]
+
+
+def check_keys(config: AppConfig, keys: ApiKeys, listening: list[str]) -> frozenset[str]:
+    """Refuse to start (a :class:`ConfigError`) without API keys while listening beyond loopback,
+    unless ``ingress.allow_anonymous`` says so (then a warning is logged); the owners of the keys
+    ``safety.allow_low_keys`` names."""
+    if not keys and listening:
+        where = ", ".join(listening)
+        if not config.ingress.allow_anonymous:
+            raise ConfigError(
+                f"no API keys, and Serve listens beyond loopback ({where}): set keys in "
+                f"{API_KEYS_ENV} or a file named by {API_KEYS_FILE_ENV}, bind HTTP to 127.0.0.1 "
+                "without a gRPC port, or set ingress.allow_anonymous: true to serve anyone who "
+                "can reach it")
+        logger.warning("Serving without API keys on %s (ingress.allow_anonymous): anyone who "
+                       "can reach it may use every model", where)
+    safety = config.safety
+    if safety is None or not safety.allow_low_keys:
+        return frozenset()
+    try:
+        return keys.owners_named(safety.allow_low_keys)
+    except KeysError as exc:
+        raise ConfigError(f"safety.allow_low_keys: {exc}") from None
+
+
 @serve.ingress(api)
 class ImagesIngress:
     """The ingress replica: its images service (which calls the model deployments through
@@ -71,10 +112,9 @@ class ImagesIngress:
     def __init__(self, config: AppConfig | dict, handles: dict[str, Any], store: Any = None):
         self.config = load_app_config(config)
         ingress = self.config.ingress
-        self.gate = GateSettings(
-            api_keys=api_keys_from([key.get_secret_value() for key in ingress.api_keys]),
-            max_body_bytes=ingress.max_upload_bytes,
-        )
+        keys = load_api_keys()
+        low_owners = check_keys(self.config, keys, serve_listens_on())
+        self.gate = GateSettings(api_keys=keys.keys, max_body_bytes=ingress.max_upload_bytes)
         api.state.gate = self.gate
         if self.config.jobs is not None:
             from serve_app.jobs.client import Jobs
@@ -86,7 +126,8 @@ class ImagesIngress:
         self.statuses = StatusCache(self._deployment_statuses)
         # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
         self.service = ImagesService(
-            self.config, handles, store, start_failures=StartFailureWatch(self.statuses))
+            self.config, handles, store, start_failures=StartFailureWatch(self.statuses),
+            low_moderation_owners=low_owners)
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def playground(self) -> HTMLResponse:

@@ -5,6 +5,7 @@ bad request is a 400 at submit and never a failed job; the job runs on the task 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import time
 from dataclasses import asdict
@@ -60,8 +61,8 @@ class JobObject(BaseModel):
     started: int | None = Field(description="Unix time its (latest) run began; null while queued.")
     finished: int | None = Field(description="Unix time it ended; null until then.")
     result: ImagesResponse | None = Field(
-        description="Once it succeeded: what the synchronous route answers (`url` images "
-        "unless the input asked for `b64_json`).")
+        description="Once it succeeded: what the synchronous route answers, its images as "
+        "`url` (a job takes no other response_format).")
     error: ErrorDetail | None = Field(description="Once it failed: why, as an error envelope's `error`.")
 
 
@@ -168,7 +169,14 @@ async def submit_job(request: Request, service: Service,
     operation, wire, uploads, webhook, priority, body_hash = await _submission(request)
     if "response_format" not in wire.model_fields_set:
         wire = wire.model_copy(update={"response_format": "url"})
-    image_request = wire.to_request()
+    image_request = dataclasses.replace(wire.to_request(), owner=owner)
+    if image_request.response_format != "url":
+        # A job's record is kept for jobs.result_ttl_s in the jobs' state store: base64 images
+        # (megabytes each) would fill it; the images are kept in the image store instead.
+        raise InvalidRequestError(
+            f"response_format: a job answers its images by url (GET /v1/images/files/...), "
+            f"not {image_request.response_format}; leave response_format out or set it to url, "
+            "or use the synchronous route for b64_json", param="response_format")
     if image_request.stream:
         raise InvalidRequestError("stream: a job is not streamed; poll it, or use the synchronous "
                                   "route to stream", param="stream")

@@ -23,7 +23,7 @@ from serve_app.fronts.openapi import (
     upload_schema,
 )
 from serve_app.fronts.http import ErrorShape, register_error_shape
-from serve_app.fronts.routing import Multipart, Service, answer, json_response
+from serve_app.fronts.routing import Multipart, Service, answer, asked_by, json_response
 from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
@@ -326,18 +326,18 @@ async def _answer(request: Request, service: ImagesService,
 async def livepeer_text_to_image(request: Request, body: LivepeerTextToImageRequest,
                                  service: Service) -> Response:
     """Livepeer runner's text-to-image."""
-    return await _answer(request, service, lambda: service.plan(body.to_request()))
+    return await _answer(request, service, lambda: service.plan(asked_by(body.to_request(), request)))
 
 
 @_route("/image-to-image")
 async def livepeer_image_to_image(request: Request, form: Multipart[LivepeerImageToImageForm],
                                   service: Service) -> Response:
     """Livepeer runner's image-to-image."""
-    return await _answer(request, service, lambda: service.plan(form.to_request(), form.image))
+    return await _answer(request, service, lambda: service.plan(asked_by(form.to_request(), request), form.image))
 
 
 @_route("/upscale")
 async def livepeer_upscale(request: Request, form: Multipart[LivepeerUpscaleForm],
                            service: Service) -> Response:
     """Livepeer runner's upscale."""
-    return await _answer(request, service, lambda: service.plan(form.to_request(), form.image))
+    return await _answer(request, service, lambda: service.plan(asked_by(form.to_request(), request), form.image))

@@ -25,7 +25,7 @@ from serve_app.fronts.openapi import (
     responses,
     upload_schema,
 )
-from serve_app.fronts.routing import Multipart, Service, answer, guarded, json_response, one_image
+from serve_app.fronts.routing import Multipart, Service, answer, asked_by, guarded, json_response, one_image
 from serve_app.service.responses import (
     ErrorResponse,
     HealthResponse,
@@ -278,14 +278,14 @@ _STREAMED_IMAGES = responses(400, 404, 413, 503, 504, about=_UNKNOWN_MODEL, stre
 @router.post("/v1/images/generations", response_model=ImagesResponse, responses=_STREAMED_IMAGES)
 async def create_image(request: Request, body: ImageGenerationRequest, service: Service) -> Response:
     """Text to image (OpenAI's ``images.generate``)."""
-    return json_response(await answer(request, service, service.plan(body.to_request())))
+    return json_response(await answer(request, service, service.plan(asked_by(body.to_request(), request))))
 
 
 @router.post("/v1/images/edits", response_model=ImagesResponse, responses=_STREAMED_IMAGES,
              dependencies=[one_image])
 async def edit_image(request: Request, form: Multipart[ImageEditForm], service: Service) -> Response:
     """Image + prompt to image (OpenAI's ``images.edit``); inpainting with a mask."""
-    planning = service.plan(form.to_request(), form.image, form.mask)
+    planning = service.plan(asked_by(form.to_request(), request), form.image, form.mask)
     return json_response(await answer(request, service, planning))
 
 
@@ -294,14 +294,14 @@ async def edit_image(request: Request, form: Multipart[ImageEditForm], service: 
 async def create_variation(request: Request, form: Multipart[ImageVariationForm],
                            service: Service) -> Response:
     """Variations of an image (OpenAI's ``images.create_variation``)."""
-    return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))
+    return json_response(await answer(request, service, service.plan(asked_by(form.to_request(), request), form.image)))
 
 
 @router.post("/v1/images/upscale", response_model=ImagesResponse, responses=_IMAGES,
              dependencies=[one_image])
 async def upscale_image(request: Request, form: Multipart[UpscaleForm], service: Service) -> Response:
     """Upscale an image (x2 latent, x4 or ESRGAN), the seeds' multipart shape."""
-    return json_response(await answer(request, service, service.plan(form.to_request(), form.image)))
+    return json_response(await answer(request, service, service.plan(asked_by(form.to_request(), request), form.image)))
 
 
 @router.get(

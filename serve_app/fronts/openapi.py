@@ -257,7 +257,7 @@ def _describe_answers(document: dict[str, Any], keys: bool) -> None:
     if keys:
         components["securitySchemes"] = {SECURITY_SCHEME: {
             "type": "http", "scheme": "bearer",
-            "description": "One of the server's API keys (`ingress.api_keys`, `SERVE_APP_API_KEYS`)."}}
+            "description": "One of the server's API keys (`SERVE_APP_API_KEYS`, `SERVE_APP_API_KEYS_FILE`)."}}
     # FastAPI's validation error models, once no operation answers with them.
     schemas = components.get("schemas", {})
     if _FASTAPI_422 not in str(document["paths"]):

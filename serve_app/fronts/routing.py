@@ -3,6 +3,7 @@ form read from multipart, the answer (plan, run, log), and the response body."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Annotated, Any, Awaitable, TypeVar
 
@@ -14,6 +15,7 @@ from ray import serve
 from serve_app.service.errors import APIError, InvalidRequestError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
+from serve_app.service.request import ImageRequest
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
@@ -79,12 +81,21 @@ def json_response(body: Any) -> Response:
 
 
 def request_owner(request: Request) -> str:
-    """Who the caller is, for what it leaves on the server (its jobs, its URL images): a hash
-    of the key in its ``Authorization`` header, "" without one (``jobs.store.owner_of``)."""
+    """Who the caller is, for what it leaves on the server (its jobs, its URL images) and for
+    what its key may do: a hash of the key in its one ``Authorization`` header, as the gate read
+    it, "" without one (``jobs.store.owner_of``)."""
+    from serve_app.fronts.gate import AUTHORIZATION_STATE, authorization_of, presented_key
     from serve_app.jobs.store import owner_of
 
-    header = request.headers.get("authorization", "")
-    return owner_of(header.partition(" ")[2].strip().encode() if header else None)
+    authorization = request.scope.get("state", {}).get(AUTHORIZATION_STATE)
+    if authorization is None:  # a route reached without the gate (an app of its own)
+        authorization = authorization_of(request.scope.get("headers") or [])
+    return owner_of(presented_key(authorization))
+
+
+def asked_by(image_request: ImageRequest, request: Request) -> ImageRequest:
+    """``image_request`` as its caller's: its ``owner`` from the request's one Authorization."""
+    return dataclasses.replace(image_request, owner=request_owner(request))
 
 
 def base_url(request: Request) -> str:

@@ -34,7 +34,7 @@ from typing import Any, AsyncIterator, Iterable
 import grpc
 
 from serve_app.config import AppConfig
-from serve_app.fronts.gate import check_key
+from serve_app.fronts.gate import check_key, presented_key
 from serve_app.fronts.gooseai import generation_pb2 as generation
 from serve_app.service.encoding import EncodedImage
 from serve_app.service.errors import APIError, ModelNotFoundError, error_from_exception
@@ -112,16 +112,24 @@ class Job:
     fields: dict[str, str]
 
 
-def authenticate(metadata: Iterable[tuple[str, Any]], keys: tuple[bytes, ...]) -> None:
-    """API keys on: the ``authorization`` metadata must be ``Bearer KEY`` (what the SDK's
-    access-token credentials send, over TLS)."""
-    if not keys:
-        return
-    header = next((value for key, value in metadata if key.lower() == "authorization"), "")
-    error = check_key(header.encode() if isinstance(header, str) else header, keys)
-    if error is not None:
-        raise StabilityError(grpc.StatusCode.UNAUTHENTICATED,
-                             f"authorization metadata: {error.message}")
+def authenticate(metadata: Iterable[tuple[str, Any]], keys: tuple[bytes, ...]) -> str:
+    """The caller (``jobs.store.owner_of`` of its key). API keys on: the one ``authorization``
+    metadata must be ``Bearer KEY`` (what the SDK's access-token credentials send, over TLS);
+    two are refused whether keys are on or not, as HTTP refuses two headers."""
+    from serve_app.jobs.store import owner_of
+
+    found = [value.encode() if isinstance(value, str) else value
+             for key, value in metadata if key.lower() == "authorization"]
+    if len(found) > 1:
+        raise StabilityError(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"authorization metadata: sent {len(found)} times; send it once")
+    header = found[0] if found else b""
+    if keys:
+        error = check_key(header, keys)
+        if error is not None:
+            raise StabilityError(grpc.StatusCode.UNAUTHENTICATED,
+                                 f"authorization metadata: {error.message}")
+    return owner_of(presented_key(header))
 
 
 def _unknown_field(message, path: str) -> str | None:
@@ -429,10 +437,10 @@ async def generate(service: ImagesService, keys: tuple[bytes, ...], request,
     received_ms = int(time.time() * 1000)
     fields: dict[str, str] = {}
     try:
-        authenticate(metadata, keys)
+        owner = authenticate(metadata, keys)
         job = to_job(request, service.config)
         fields = job.fields
-        plan = await service.plan(job.request, BytesUpload(job.image) if job.image else None,
+        plan = await service.plan(replace(job.request, owner=owner), BytesUpload(job.image) if job.image else None,
                                   BytesUpload(job.mask) if job.mask else None, decode_keep_mask)
         images, _ = await service.images(plan)
     except StabilityError:

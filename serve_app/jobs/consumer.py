@@ -20,6 +20,7 @@ def consumer_class(config: AppConfig):
         def __init__(self, config: AppConfig | dict, handles: dict[str, Any], images_store: Any):
             from serve_app.jobs.runner import JobRunner
             from serve_app.jobs.store import JobStore, state_backend
+            from serve_app.keys import load_api_keys
             from serve_app.service.images import ImagesService
 
             self.config = load_app_config(config)
@@ -27,7 +28,12 @@ def consumer_class(config: AppConfig):
             from serve_app.jobs.metrics import JobMetrics
 
             self.metrics = JobMetrics()
-            self.runner = JobRunner(self.config, ImagesService(self.config, handles, images_store),
+            # A job is planned again where it runs: the same keys may lower its moderation.
+            safety = self.config.safety
+            low_owners = (load_api_keys().owners_named(safety.allow_low_keys)
+                          if safety is not None and safety.allow_low_keys else frozenset())
+            self.runner = JobRunner(self.config, ImagesService(self.config, handles, images_store,
+                                                               low_moderation_owners=low_owners),
                                     store, images_store, self.metrics)
             # Celery's worker threads hand jobs to this loop, where the images service runs.
             self.loop = asyncio.new_event_loop()

@@ -48,8 +48,11 @@ class ImagesService:
     instead of waiting out its timeout."""
 
     def __init__(self, config: AppConfig, handles: dict[str, Any], store: Any = None,
-                 start_failures: Callable[[], Awaitable[dict[str, str]]] | None = None):
+                 start_failures: Callable[[], Awaitable[dict[str, str]]] | None = None,
+                 low_moderation_owners: frozenset[str] = frozenset()):
         self.config = config
+        # The callers (owners of the keys safety.allow_low_keys names) that may lower moderation.
+        self.low_moderation_owners = low_moderation_owners
         self.handles = handles
         # The ImageStore deployment (response_format "url", job uploads), calls bounded in time.
         self.store = ImageStoreClient.of(store, config)
@@ -78,7 +81,8 @@ class ImagesService:
             pixels = await self._decode(image, "image", decode_image, rule)
         if mask is not None:
             alpha = await self._decode(mask, "mask", mask_decoder, self._mask_rule(pixels))
-        return plan_request(request, self.config, pixels, alpha)
+        return plan_request(request, self.config, pixels, alpha,
+                            low_moderation_owners=self.low_moderation_owners)
 
     def _mask_rule(self, image: np.ndarray | None) -> UploadRule:
         """A mask is its image's size (either orientation here: EXIF rotation is applied

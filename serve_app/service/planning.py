@@ -154,15 +154,18 @@ def _with_stream(plan: GenerationPlan, req: ImageRequest) -> GenerationPlan:
     return dataclasses.replace(plan, stream=True, partial_images=partial or 0)
 
 
-def _with_safety(plan: GenerationPlan, req: ImageRequest, config: AppConfig, param: str) -> GenerationPlan:
-    """Add the safety check the server's policy and the request's ``moderation`` ask for."""
+def _with_safety(plan: GenerationPlan, req: ImageRequest, config: AppConfig, param: str,
+                 low_allowed: bool = False) -> GenerationPlan:
+    """Add the safety check the server's policy and the request's ``moderation`` ask for;
+    ``low_allowed``: this caller's key may ask for 'low' (``safety.allow_low_keys``)."""
     safety, moderation = config.safety, req.moderation
     if safety is None:
         return plan
-    if moderation == "low" and not safety.allow_low:
+    if moderation == "low" and not (safety.allow_low or low_allowed):
         raise InvalidRequestError(
-            "moderation 'low' is not allowed on this server; use 'auto'", param="moderation"
-        )
+            "moderation 'low' is not allowed on this server"
+            + (" for this API key" if safety.allow_low_keys else "") + "; use 'auto'",
+            param="moderation")
     strict = moderation == "auto"
     return dataclasses.replace(
         plan,
@@ -511,13 +514,15 @@ def plan_request(
     image: np.ndarray | None = None,
     mask: np.ndarray | None = None,
     seed_source: SeedSource = draw_seed,
+    low_moderation_owners: frozenset[str] = frozenset(),
 ) -> GenerationPlan:
     """Check ``req`` against its model and build the stages that answer it, whatever the
     operation (``req.task``). ``image`` (H, W, 3) and ``mask`` (H, W) are the decoded
     uploads at their own size: the job says the output size, and execution resizes them.
 
     Raises :class:`ModelNotFoundError` (404) or :class:`InvalidRequestError` (400) before
-    any model work.
+    any model work. ``low_moderation_owners``: the callers (``req.owner``) that may ask for
+    moderation 'low' beside everyone ``safety.allow_low`` lets.
     """
     operation = OPERATIONS[req.task]
     inputs = Inputs(req, image, mask)
@@ -535,7 +540,8 @@ def plan_request(
     plan = GenerationPlan(served.name, out_w, out_h, seeds, all_stages, req.output_format,
                           req.output_compression, req.response_format, task=req.task)
     plan = _with_stream(_check_total_pixels(plan, config), req)
-    return _with_safety(plan, req, config, operation.moderation_param(req))
+    return _with_safety(plan, req, config, operation.moderation_param(req),
+                        low_allowed=bool(req.owner) and req.owner in low_moderation_owners)
 
 
 def _second_prompts(req: ImageRequest, config: AppConfig, served) -> dict[str, str | None]:

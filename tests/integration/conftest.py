@@ -9,9 +9,18 @@ from serve_app.tools.launch import free_port, load_serve_config, run_local, wait
 from tests.conftest import TINY_CONFIG
 
 
-def deploy_side_app(config_path, base_url, healthy=True, **args_override) -> str:
+def with_ingress_env(application, env: dict[str, str]):
+    """``application`` (build_app's) with ``env`` in its ingress replica's environment: a side
+    app's API keys (SERVE_APP_API_KEYS), which the session's other apps do not share."""
+    bound = application._bound_deployment
+    actor = {**(bound.ray_actor_options or {}), "runtime_env": {"env_vars": env}}
+    return bound.options(ray_actor_options=actor).bind(*bound.init_args, **bound.init_kwargs)
+
+
+def deploy_side_app(config_path, base_url, healthy=True, env=None, **args_override) -> str:
     """Deploy (or redeploy) the first application of ``config_path`` beside the tiny app, on
-    the same Serve instance; ``args_override`` replaces top-level keys of its ``args``.
+    the same Serve instance; ``args_override`` replaces top-level keys of its ``args``, ``env``
+    (API keys) is set in its ingress replica's environment.
     Returns its base URL once ``/health`` answers 200 (``healthy=False``: once the deploy
     is sent, for an app that never gets there)."""
     from ray import serve
@@ -19,8 +28,10 @@ def deploy_side_app(config_path, base_url, healthy=True, **args_override) -> str
     from serve_app.app import build_app
 
     app = load_serve_config(config_path)["applications"][0]
-    target = serve.api.RunTarget(target=build_app({**app["args"], **args_override}),
-                                 name=app["name"], route_prefix=app["route_prefix"])
+    application = build_app({**app["args"], **args_override})
+    if env:
+        application = with_ingress_env(application, env)
+    target = serve.api.RunTarget(target=application, name=app["name"], route_prefix=app["route_prefix"])
     # serve.run waits for the app to be RUNNING and raises once it is DEPLOY_FAILED.
     serve.run_many([target], wait_for_applications_running=healthy)
     url = f"{base_url}{app['route_prefix']}"
@@ -30,13 +41,13 @@ def deploy_side_app(config_path, base_url, healthy=True, **args_override) -> str
 
 
 @contextlib.contextmanager
-def side_app(config_path, base_url, healthy=True, **args_override):
+def side_app(config_path, base_url, healthy=True, env=None, **args_override):
     """deploy_side_app until the block ends; yields the app's base URL."""
     from ray import serve
 
     name = load_serve_config(config_path)["applications"][0]["name"]
     try:
-        yield deploy_side_app(config_path, base_url, healthy, **args_override)
+        yield deploy_side_app(config_path, base_url, healthy, env, **args_override)
     finally:
         serve.delete(name)
 

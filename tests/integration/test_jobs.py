@@ -1,12 +1,14 @@
 """The asynchronous jobs API on both brokers: the tiny profile's embedded one (Celery's
-filesystem transport) and a real Redis (a side app; .ci/run starts the server and sets
-SERVE_APP_TEST_REDIS_URL): submit, poll, cancel, idempotency, webhooks, a consumer killed
-mid-job, priorities."""
+filesystem transport) and a real Redis (a side app, on SERVE_APP_TEST_REDIS_URL's Redis, or on a
+throwaway redis-server started here when one is installed): submit, poll, cancel, idempotency,
+webhooks, a consumer killed mid-job, priorities."""
 
 import base64
 import io
 import json
 import os
+import shutil
+import subprocess
 import time
 
 import httpx
@@ -22,6 +24,43 @@ from tests.unit.test_webhooks import Receiver, verify
 
 pytestmark = pytest.mark.integration
 REDIS_CONFIG = REPO_ROOT / "tests" / "integration" / "jobs-redis.yaml"
+# The README's Redis line (tests/unit/test_ci.py checks that the README has it).
+REDIS_LINE = "sudo apt-get install -y redis-server"
+# The Redis app's keys, in its ingress's environment: a job is its key's alone.
+REDIS_APP_ENV = {"SERVE_APP_API_KEYS": "sk-jobs-one,sk-jobs-two"}
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """SERVE_APP_TEST_REDIS_URL, else a throwaway redis-server on a free port (stopped after)."""
+    url = os.environ.get("SERVE_APP_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    if shutil.which("redis-server") is None:
+        pytest.skip(f"no Redis: install Debian's redis-server with the README's line, {REDIS_LINE} "
+                    "(or set SERVE_APP_TEST_REDIS_URL)")
+    from serve_app.tools.launch import free_port
+
+    port, folder = free_port(), tmp_path_factory.mktemp("redis")
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--dir", str(folder)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
 @pytest.fixture(scope="module", params=["embedded", "redis"])
@@ -32,16 +71,15 @@ def http(request, base_url):
             client.app_name = "images"
             yield client
         return
-    url = os.environ.get("SERVE_APP_TEST_REDIS_URL")
-    if not url:
-        pytest.skip("no Redis: .ci/run starts one and sets SERVE_APP_TEST_REDIS_URL")
+    url = request.getfixturevalue("redis_url")
     redis.Redis.from_url(url).flushdb()
     jobs = {**load_serve_config(REDIS_CONFIG)["applications"][0]["args"]["jobs"], "broker_url": url}
-    with side_app(REDIS_CONFIG, base_url, jobs=jobs) as app_url, \
+    with side_app(REDIS_CONFIG, base_url, env=REDIS_APP_ENV, jobs=jobs) as app_url, \
             httpx.Client(base_url=app_url, timeout=120,
                          headers={"Authorization": "Bearer sk-jobs-one"}) as client:
         client.app_name = "jobsredis"
-        client.restart = lambda: (serve_delete("jobsredis"), deploy_side_app(REDIS_CONFIG, base_url, jobs=jobs))
+        client.restart = lambda: (serve_delete("jobsredis"), deploy_side_app(REDIS_CONFIG, base_url, env=REDIS_APP_ENV,
+                                                                             jobs=jobs))
         yield client
 
 
@@ -104,6 +142,19 @@ def test_a_job_runs_to_the_synchronous_routes_result(http):
                                                      "num_inference_steps": 4}).json()
     expected = np.asarray(Image.open(io.BytesIO(base64.b64decode(sync["data"][0]["b64_json"]))).convert("RGB"))
     assert np.array_equal(pixels_at(http, item["url"]), expected)
+
+
+def test_a_job_answers_by_url_only(http):
+    """A job's record is kept a day in the jobs' state store: no base64 images in it."""
+    response = http.post("/v1/images/jobs", json={"operation": "generations", "input": {
+        "prompt": "a fox", "size": "256x256", "response_format": "b64_json"}})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "response_format"
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(buffer, format="PNG")
+    response = http.post("/v1/images/jobs", data={"operation": "variations", "response_format": "b64_json"},
+                         files={"image": ("in.png", buffer.getvalue(), "image/png")})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
 
 
 def test_a_bad_request_is_a_400_at_submit_not_a_failed_job(http):

@@ -1,6 +1,7 @@
 """API keys and input limits through the real proxy, on a small app of its own."""
 
 import io
+import time
 
 import httpx
 import numpy as np
@@ -15,12 +16,14 @@ pytestmark = pytest.mark.integration
 
 CONFIG = REPO_ROOT / "tests" / "integration" / "secure.yaml"
 KEY = "sk-test-two"
+# The app's keys, in its ingress's environment (never in its config).
+SECURE_ENV = {"SERVE_APP_API_KEYS": "sk-test-one,sk-test-two"}
 
 
 @pytest.fixture(scope="module")
 def secure_url(base_url):
     """Deploy tests/integration/secure.yaml beside the tiny app; remove it afterwards."""
-    with side_app(CONFIG, base_url) as url:
+    with side_app(CONFIG, base_url, env=SECURE_ENV) as url:
         yield url
 
 
@@ -113,3 +116,23 @@ def test_total_output_pixels_over_the_limit_is_400(secure_url):
     assert response.status_code == 400
     error = response.json()["error"]
     assert error["param"] == "n" and "600000" in error["message"]
+
+
+def test_without_keys_an_ingress_listening_beyond_loopback_refuses_to_start(base_url):
+    """The session's gRPC proxy listens on every interface (as Serve's always does): the secure
+    app without keys and without ingress.allow_anonymous does not start, and says why."""
+    from ray import serve
+
+    serve.delete("secure")  # a fresh deploy (an update would keep the keyed replica running)
+    with side_app(CONFIG, base_url, healthy=False):
+        deadline, ingress = time.monotonic() + 240, None
+        while time.monotonic() < deadline:
+            app = serve.status().applications.get("secure")
+            ingress = app.deployments.get("ImagesIngress") if app is not None else None
+            if ingress is not None and "SERVE_APP_API_KEYS" in (ingress.message or ""):
+                break
+            time.sleep(2)
+        assert ingress is not None and ingress.replica_states.get("RUNNING", 0) == 0
+        message = ingress.message or ""
+        assert "SERVE_APP_API_KEYS" in message and "allow_anonymous" in message, message
+        assert "gRPC on [::]" in message

@@ -80,7 +80,9 @@ def test_a_method_stabilitys_service_has_but_we_do_not_serve_is_unimplemented(ch
 @pytest.fixture(scope="module")
 def secure(base_url):
     """tests/integration/secure.yaml beside the tiny app: API keys on, 200 kB uploads."""
-    with side_app(SECURE_CONFIG, base_url):
+    from tests.integration.test_security import SECURE_ENV
+
+    with side_app(SECURE_CONFIG, base_url, env=SECURE_ENV):
         yield [("application", "secure")]
 
 

@@ -28,7 +28,8 @@ def urls_url(base_url, tmp_path_factory):
     args = load_serve_config(CONFIG)["applications"][0]["args"]
     assert args["image_store"]["ttl_s"] == TTL_S
     store = {**args["image_store"], "backend": f"file://{tmp_path_factory.mktemp('image-store')}"}
-    with side_app(CONFIG, base_url, image_store=store) as url:
+    keys = {"SERVE_APP_API_KEYS": "sk-urls-a,sk-urls-b,sk-urls-c,sk-urls-d"}
+    with side_app(CONFIG, base_url, env=keys, image_store=store) as url:
         yield url
 
 

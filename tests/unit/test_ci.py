@@ -52,3 +52,9 @@ def test_the_lock_pins_every_direct_dependency():
         if name == "serve-app":
             continue
         assert pins.get(name), f"constraints.txt pins no version of {name}"
+
+
+def test_the_redis_line_is_the_one_the_jobs_tests_name():
+    from tests.integration.test_jobs import REDIS_LINE
+
+    assert REDIS_LINE in quick_start_commands()

@@ -57,6 +57,70 @@ def test_low_moderation_can_be_refused(tiny_args):
     assert plan_request(req(), config).safety is not None
 
 
+def test_low_moderation_is_refused_by_default(tiny_args):
+    """Only a config that says so lets a caller turn the checker's blur or reject off; the
+    shipped GPU and cluster profiles do not."""
+    from serve_app.config import SafetyConfig
+    from serve_app.tools.launch import load_serve_config
+    from tests.conftest import REPO_ROOT
+
+    assert SafetyConfig(source="tiny:safety-checker").allow_low is False
+    args = copy.deepcopy(tiny_args)
+    args["safety"] = {k: v for k, v in args["safety"].items() if k != "allow_low"}
+    with pytest.raises(InvalidRequestError) as info:
+        plan_request(req(moderation="low"), load_app_config(args))
+    assert info.value.param == "moderation" and info.value.status_code == 400
+    for name in ("local-gpu", "cluster"):
+        safety = load_serve_config(REPO_ROOT / "configs" / f"{name}.yaml")["applications"][0]["args"]["safety"]
+        assert not safety.get("allow_low") and not safety.get("allow_low_keys"), name
+
+
+def test_low_moderation_per_key(tiny_args):
+    """safety.allow_low_keys: the keys so named may ask for 'low', no other caller."""
+    import dataclasses
+
+    from serve_app.jobs.store import owner_of
+    from serve_app.keys import load_api_keys
+
+    config = app_config(tiny_args, allow_low=False, allow_low_keys=["ops"])
+    keys = load_api_keys({"SERVE_APP_API_KEYS": "ops:sk-ops,sk-other"})
+    owners = keys.owners_named(config.safety.allow_low_keys)
+    low = req(moderation="low")
+    plan = plan_request(dataclasses.replace(low, owner=owner_of(b"sk-ops")), config,
+                        low_moderation_owners=owners)
+    assert plan.safety == SafetyJob(blur=False) and not plan.reject_flagged
+    for owner in (owner_of(b"sk-other"), ""):
+        with pytest.raises(InvalidRequestError) as info:
+            plan_request(dataclasses.replace(low, owner=owner), config, low_moderation_owners=owners)
+        assert info.value.param == "moderation" and "this API key" in info.value.message
+    # Through the service, as the ingress and the jobs' consumer build it.
+    service = ImagesService(config, fake_handles(config), low_moderation_owners=owners)
+    asyncio.run(service.plan(dataclasses.replace(low, owner=owner_of(b"sk-ops"))))
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(service.plan(dataclasses.replace(low, owner=owner_of(b"sk-other"))))
+
+
+def test_allow_low_keys_must_name_keys_the_ingress_has(tiny_args):
+    from serve_app.fronts.ingress import check_keys
+    from serve_app.keys import load_api_keys
+
+    config = app_config(tiny_args, allow_low_keys=["ops"])
+    assert check_keys(config, load_api_keys({"SERVE_APP_API_KEYS": "ops:sk-ops"}), [])
+    with pytest.raises(ConfigError, match="safety.allow_low_keys"):
+        check_keys(config, load_api_keys({"SERVE_APP_API_KEYS": "sk-ops"}), [])
+
+
+def test_livepeers_safety_check_false_is_refused_naming_its_field(tiny_args):
+    """Livepeer's `safety_check: false` is moderation 'low': refused alike, its own field named."""
+    from serve_app.fronts.livepeer import LivepeerTextToImageRequest, rename_param
+
+    config = app_config(tiny_args, allow_low=False)
+    request = LivepeerTextToImageRequest(prompt="a cat", safety_check=False).to_request()
+    with pytest.raises(InvalidRequestError) as info:
+        plan_request(request, config)
+    assert rename_param(info.value).param == "safety_check"
+
+
 def test_every_route_is_checked_and_names_what_it_judged(tiny_args):
     config = app_config(tiny_args, policy="reject")
     image = pixels(64, 64)
