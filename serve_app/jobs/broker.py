@@ -36,8 +36,15 @@ def _folders(config: JobsConfig) -> dict[str, str]:
 
 def task_processor_config(config: JobsConfig, consumer: bool = False):
     """Ray's TaskProcessorConfig for ``config``: late acknowledgement and requeue on a lost
-    worker (Ray's adapter sets both), one job prefetched at a time, and on Redis the
-    priority sub-queues the consumer takes in order."""
+    worker (Ray's adapter sets both), one job prefetched per worker thread, and on Redis the
+    priority sub-queues the consumer takes in order.
+
+    On Redis a worker takes a message only when a thread is free (``worker_disable_prefetch``).
+    Celery ignores that setting on other transports: on the filesystem broker a worker holds
+    at most one message per thread (``worker_prefetch_multiplier`` 1), each run at once, plus
+    retries waiting for their backoff. Those it loses if it dies (the transport hands a message
+    out by deleting its file) are sent again by the consumers' sweep
+    (``runner.redispatch_queued``)."""
     from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 
     custom = {"broker_connection_retry_on_startup": True, "worker_prefetch_multiplier": 1,
