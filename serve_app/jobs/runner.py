@@ -323,7 +323,9 @@ async def redispatch_queued(store: JobStore, enqueue, waiting, now: float | None
         except CorruptRecordError:
             await asyncio.to_thread(store.quarantine, job_id)
             continue
-        if record is None or record.status != "queued":
+        # A job canceled while queued still needs its message: its run ends it (the webhook).
+        if record is None or not (record.status == "queued" or
+                                  (record.status == "canceled" and not record.notified)):
             await asyncio.to_thread(store.unmark_queued, job_id)
             continue
         if in_broker is None:

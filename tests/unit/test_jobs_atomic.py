@@ -146,15 +146,17 @@ def test_a_queued_job_whose_message_was_lost_is_sent_again(store):
     consumer that died: the sweep sends it again once it is REDISPATCH_S old, and not while
     its message waits in the broker."""
     lost, waiting, started = record(), record(), record(status="running")
-    for job in (lost, waiting, started):
+    canceled = record(status="canceled", webhook="http://127.0.0.1/hook")  # its end still to post
+    for job in (lost, waiting, started, canceled):
         store.put(job)
         store.mark_queued(job.id, at=1000.0)
     sent = []
     in_broker = lambda: {waiting.id}  # noqa: E731
     assert asyncio.run(redispatch_queued(store, sent.append, in_broker, now=1060.0)) == []
-    assert asyncio.run(redispatch_queued(store, sent.append, in_broker, now=1200.0)) == [lost.id]
-    assert [r.id for r in sent] == [lost.id]
-    assert set(store.queued_marks()) == {lost.id, waiting.id}  # the running one's mark is gone
+    assert sorted(asyncio.run(redispatch_queued(store, sent.append, in_broker, now=1200.0))) == \
+        sorted([lost.id, canceled.id])
+    assert sorted(r.id for r in sent) == sorted([lost.id, canceled.id])
+    assert set(store.queued_marks()) == {lost.id, waiting.id, canceled.id}  # not the running one's
     assert asyncio.run(redispatch_queued(store, sent.append, in_broker, now=1250.0)) == []
 
 
@@ -266,11 +268,13 @@ class _CountingService:
 
 
 def test_duplicate_deliveries_run_a_job_once(tiny_args, store):
-    service = _CountingService(seconds=0.5)
+    service = _CountingService(seconds=2.0)
     job = record()
     store.put(job)
     statuses = at_once(4, lambda i: asyncio.run(runner_for(tiny_args, store, service).run(job.id)))
-    assert service.runs == 1 and sorted(statuses) == ["running"] * 3 + ["succeeded"]
+    # One runs it; the others find its lease held ("running") or, if late, the job ended.
+    assert service.runs == 1 and statuses.count("succeeded") >= 1, statuses
+    assert set(statuses) <= {"running", "succeeded"}, statuses
     assert asyncio.run(runner_for(tiny_args, store, service).run(job.id)) == "succeeded"
     assert service.runs == 1 and store.get(job.id).attempts == 1 and store.leases() == {}
 
