@@ -128,15 +128,18 @@ class JobStore:
             return None
 
     def _write_file(self, key: bytes, value: bytes) -> None:
-        """A whole file or none: written under a temporary name in the same folder, flushed
-        to disk, then renamed over the key (a rename within a folder is atomic)."""
+        """A whole file or none: written under a temporary name in the same folder, then
+        renamed over the key (a rename within a folder is atomic). A record is flushed to
+        disk first; a lease, renewed every second, is not (one lost to a power cut only
+        sends its job back to the queue)."""
         path = self._path(key)
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as file:
                 file.write(value)
-                file.flush()
-                os.fsync(file.fileno())
+                if not key.startswith(self.LEASE):
+                    file.flush()
+                    os.fsync(file.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):

@@ -247,6 +247,12 @@ def runner_for(tiny_args, store, service):
     return JobRunner(load_app_config(tiny_args), service, store, images_store=None)
 
 
+def runners(tiny_args, store, service, count):
+    """``count`` runners, as ``count`` consumer replicas (configs loaded one at a time: Ray's
+    validation of a config is not safe across threads)."""
+    return [runner_for(tiny_args, store, service) for _ in range(count)]
+
+
 class _Done:
     def model_dump_json(self, **kwargs):
         return '{"created": 1, "data": []}'
@@ -271,7 +277,8 @@ def test_duplicate_deliveries_run_a_job_once(tiny_args, store):
     service = _CountingService(seconds=2.0)
     job = record()
     store.put(job)
-    statuses = at_once(4, lambda i: asyncio.run(runner_for(tiny_args, store, service).run(job.id)))
+    replicas = runners(tiny_args, store, service, 4)
+    statuses = at_once(4, lambda i: asyncio.run(replicas[i].run(job.id)))
     # One runs it; the others find its lease held ("running") or, if late, the job ended.
     assert service.runs == 1 and statuses.count("succeeded") >= 1, statuses
     assert set(statuses) <= {"running", "succeeded"}, statuses
