@@ -341,3 +341,35 @@ def test_a_cancel_while_queued_is_not_lost_to_a_run_starting(tiny_args, store):
     canceled = replace(read_by_ingress, status="canceled", finished=1)
     assert not store.replace(canceled, read_by_ingress)
     assert store.get(job.id).status == "running"
+
+
+@pytest.mark.parametrize("broker", ["filesystem", "redis"])
+def test_the_sweep_sees_which_jobs_wait_in_the_broker(tiny_args, tmp_path, broker):
+    """``waiting_job_ids`` reads the ids of the messages Celery sent to the priority queues."""
+    from celery import Celery
+
+    from serve_app.jobs.broker import _folders, priority_queue, waiting_job_ids
+
+    jobs_args = {**tiny_args["jobs"], "data_folder": str(tmp_path)}
+    if broker == "redis":
+        url = os.environ.get("SERVE_APP_TEST_REDIS_URL")
+        if not url:
+            pytest.skip("no Redis: .ci/run starts one and sets SERVE_APP_TEST_REDIS_URL")
+        jobs_args["broker_url"] = f"{url.rsplit('/', 1)[0]}/{REDIS_DB}"
+    jobs = load_app_config({**tiny_args, "jobs": jobs_args}).jobs
+    app = Celery("sender", broker=jobs.broker)
+    if broker == "filesystem":
+        app.conf.broker_transport = "serve_app.jobs.broker:PriorityFilesystemTransport"
+        app.conf.broker_transport_options = _folders(jobs)
+    else:
+        import redis
+
+        redis.Redis.from_url(jobs.broker).flushdb()
+    try:
+        for job_id, priority in (("job_a", "high"), ("job_b", "low")):
+            app.send_task("serve_app.run_job", args=[job_id], task_id=job_id,
+                          queue=priority_queue(jobs.queue, priority))
+        assert waiting_job_ids(jobs) == {"job_a", "job_b"}
+    finally:
+        if broker == "redis":
+            redis.Redis.from_url(jobs.broker).flushdb()
