@@ -190,14 +190,20 @@ async def submit_job(request: Request, service: Service,
         earlier = await _claim_idempotency(jobs, owner, idempotency_key, body_hash, job_id)
         if earlier is not None:
             return JSONResponse(earlier.public(), status_code=202)
-    try:
-        record = await _create(request, service, jobs, job_id, operation, owner, image_request,
-                               uploads, webhook, priority)
-    except BaseException:
-        if idempotency_key:  # no job came of it: a retry with this key makes one
-            await asyncio.shield(asyncio.to_thread(jobs.store.release_idempotency, owner,
-                                                   idempotency_key, job_id))
-        raise
+
+    async def create():
+        try:
+            return await _create(request, service, jobs, job_id, operation, owner, image_request,
+                                 uploads, webhook, priority)
+        except BaseException:
+            if idempotency_key:  # no job came of it: a retry with this key makes one
+                await asyncio.to_thread(jobs.store.release_idempotency, owner, idempotency_key,
+                                        job_id)
+            raise
+
+    # Shielded: a client that hangs up mid-submit leaves a job made whole (its key kept) or
+    # nothing, never a record without its message or a key given back over a job.
+    record = await asyncio.shield(asyncio.ensure_future(create()))
     return JSONResponse(record.public(), status_code=202)
 
 
