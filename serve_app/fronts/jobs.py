@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Request
@@ -30,6 +31,7 @@ from serve_app.service.responses import ErrorDetail, ImagesResponse
 MAX_WEBHOOK_CHARS = 2048
 
 router = APIRouter()
+logger = logging.getLogger("ray.serve")
 
 
 class ConflictError(APIError):
@@ -163,7 +165,7 @@ async def submit_job(request: Request, service: Service,
                      ) -> JSONResponse:
     """Submit a job: a JSON generations body, or multipart with ``operation`` (edits,
     variations, upscale) and that route's fields. 202 with the job object."""
-    from serve_app.jobs.store import JobRecord, new_job_id
+    from serve_app.jobs.store import new_job_id
 
     jobs, owner = _jobs(request), request_owner(request)
     operation, wire, uploads, webhook, priority, body_hash = await _submission(request)
@@ -192,29 +194,98 @@ async def submit_job(request: Request, service: Service,
             jobs.webhooks.policy.check(webhook)
         except ValueError as exc:
             raise InvalidRequestError(f"webhook: {exc}", param="webhook") from None
+    job_id = new_job_id()
     if idempotency_key:
-        earlier = await asyncio.to_thread(jobs.store.idempotent, owner, idempotency_key, body_hash)
+        earlier = await _claim_idempotency(jobs, owner, idempotency_key, body_hash, job_id)
+        if earlier is not None:
+            return JSONResponse(earlier.public(), status_code=202)
+
+    async def create():
+        try:
+            return await _create(request, service, jobs, job_id, operation, owner, image_request,
+                                 uploads, webhook, priority)
+        except BaseException:
+            if idempotency_key:  # no job came of it: a retry with this key makes one
+                await asyncio.to_thread(jobs.store.release_idempotency, owner, idempotency_key,
+                                        job_id)
+            raise
+
+    # Shielded: a client that hangs up mid-submit leaves a job made whole (its key kept) or
+    # nothing, never a record without its message or a key given back over a job.
+    record = await asyncio.shield(asyncio.ensure_future(create()))
+    return JSONResponse(record.public(), status_code=202)
+
+
+# How long a submit waits for the job of a concurrent submit with the same Idempotency-Key.
+IDEMPOTENT_WAIT_S = 10.0
+
+
+async def _claim_idempotency(jobs, owner: str, key: str, body_hash: str, job_id: str):
+    """None once ``key`` names ``job_id`` (created if absent, in one step, so of concurrent
+    submits one makes the job); else the job an earlier submit with this key made, waited
+    for while that submit is still writing it. 409 for another body, or a submit still
+    under way after IDEMPOTENT_WAIT_S."""
+    deadline = time.monotonic() + IDEMPOTENT_WAIT_S
+    while True:
+        earlier = await asyncio.to_thread(jobs.store.claim_idempotency, owner, key, body_hash, job_id)
+        if earlier is None:
+            return None
         if earlier == "":
             raise ConflictError("Idempotency-Key was used with another body.", param="Idempotency-Key")
-        if earlier:
-            record = await asyncio.to_thread(jobs.store.get, earlier)
-            return JSONResponse(record.public(), status_code=202)
+        record = await asyncio.to_thread(jobs.store.get, earlier)
+        if record is not None:
+            return record
+        if time.monotonic() > deadline:
+            raise ConflictError("A submit with this Idempotency-Key is still under way; retry "
+                                "it shortly.", param="Idempotency-Key")
+        await asyncio.sleep(0.1)
+
+
+class BrokerUnavailableError(APIError):
+    """503: the job could not be sent to the broker; nothing was kept, so a retry is safe."""
+
+    status_code = 503
+    error_type = "server_error"
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("The job could not be queued (the jobs broker did not take it); "
+                         "nothing was kept: submit it again.", code="broker_unavailable")
+        self.headers["Retry-After"] = str(retry_after_s)
+
+
+async def _create(request: Request, service, jobs, job_id: str, operation: str, owner: str,
+                  image_request, uploads: dict, webhook: str | None, priority: str):
+    """Store the uploads, write the record, send the job to the broker."""
+    from serve_app.jobs.store import JobRecord
+
     # To the image store, not into the broker message: its pool of job uploads, which URL
     # images never evict; the uploads are deleted when the job ends.
     names = list(uploads)
     ids = await guarded(service.store.put_many(
         [(uploads[name].data, uploads[name].content_type) for name in names], owner, INPUT),
         service.config.ingress.retry_after_s) if names else []
-    inputs = dict(zip(names, ids))
     data: dict[str, Any] = asdict(image_request)
     data["_base_url"] = base_url(request)
-    record = JobRecord(id=new_job_id(), operation=operation, owner=owner, request=data,
-                       priority=priority, webhook=webhook, inputs=inputs)
+    record = JobRecord(id=job_id, operation=operation, owner=owner, request=data,
+                       priority=priority, webhook=webhook, inputs=dict(zip(names, ids)))
+    # The record before the message (a consumer that took the message first would find no
+    # job and drop it); the queued mark lets a consumer's sweep send the message again if
+    # this replica dies in between (runner.redispatch_queued).
     await asyncio.to_thread(jobs.store.put, record)
-    if idempotency_key:
-        await asyncio.to_thread(jobs.store.remember, owner, idempotency_key, body_hash, record.id)
-    await asyncio.to_thread(jobs.enqueue, record)
-    return JSONResponse(record.public(), status_code=202)
+    await asyncio.to_thread(jobs.store.mark_queued, record.id)
+    try:
+        await asyncio.to_thread(jobs.enqueue, record)
+    except Exception:  # noqa: BLE001 - the broker's error, logged; the client retries
+        logger.exception("job %s: sending it to the broker failed; its record is removed", job_id)
+        await asyncio.to_thread(jobs.store.delete, record.id)
+        await asyncio.to_thread(jobs.store.unmark_queued, record.id)
+        if ids:
+            try:
+                await service.store.delete(ids)
+            except Exception:  # noqa: BLE001 - they expire with their TTL instead
+                logger.warning("job %s: deleting its uploads failed", job_id, exc_info=True)
+        raise BrokerUnavailableError(service.config.ingress.retry_after_s) from None
+    return record
 
 
 async def _owned(request: Request, job_id: str):
@@ -243,6 +314,10 @@ async def cancel_job(request: Request, job_id: str) -> JSONResponse:
         raise ConflictError(f"The job has already {record.status}.", param="id")
     await asyncio.to_thread(jobs.store.request_cancel, job_id)
     if record.status == "queued":  # it never runs: the consumer finds the flag first
-        record.status, record.finished = "canceled", int(time.time())
-        await asyncio.to_thread(jobs.store.put, record)
+        canceled = replace(record, status="canceled", finished=int(time.time()))
+        # Over the queued record only: if a consumer started it meanwhile, the flag stops it.
+        if await asyncio.to_thread(jobs.store.replace, canceled, record):
+            record = canceled
+        else:
+            record = await asyncio.to_thread(jobs.store.get, job_id) or record
     return JSONResponse(record.public())

@@ -37,8 +37,15 @@ def _folders(config: JobsConfig) -> dict[str, str]:
 
 def task_processor_config(config: JobsConfig, consumer: bool = False):
     """Ray's TaskProcessorConfig for ``config``: late acknowledgement and requeue on a lost
-    worker (Ray's adapter sets both), one job prefetched at a time, and on Redis the
-    priority sub-queues the consumer takes in order."""
+    worker (Ray's adapter sets both), one job prefetched per worker thread, and on Redis the
+    priority sub-queues the consumer takes in order.
+
+    On Redis a worker takes a message only when a thread is free (``worker_disable_prefetch``).
+    Celery ignores that setting on other transports: on the filesystem broker a worker holds
+    at most one message per thread (``worker_prefetch_multiplier`` 1), each run at once, plus
+    retries waiting for their backoff. Those it loses if it dies (the transport hands a message
+    out by deleting its file) are sent again by the consumers' sweep
+    (``runner.redispatch_queued``)."""
     from ray.serve.schema import CeleryAdapterConfig, TaskProcessorConfig
 
     custom = {"broker_connection_retry_on_startup": True, "worker_prefetch_multiplier": 1,
@@ -104,9 +111,16 @@ class PriorityQueuesAdapter(_adapter_base()):
 
 
 def _filesystem_transport():
+    import contextlib
+    import tempfile
+    import uuid
     from queue import Empty
+    from time import monotonic
 
+    from kombu.exceptions import ChannelError
     from kombu.transport import filesystem
+    from kombu.utils.encoding import str_to_bytes
+    from kombu.utils.json import dumps
 
     class _InPriorityOrder:
         """kombu's queue cycle, strict: each fetch tries the consumed queues from the highest
@@ -130,6 +144,21 @@ def _filesystem_transport():
         def _reset_cycle(self):
             self._cycle = _InPriorityOrder(self._get_and_deliver, self._active_queues, Empty)
 
+        def _put(self, queue, payload, **kwargs):
+            """kombu's message file, written whole under a temporary name, then renamed to the
+            name consumers look for: kombu writes it in place, so a consumer could take a
+            message half written."""
+            name = "{}_{}.{}.msg".format(int(round(monotonic() * 1000)), uuid.uuid4(), queue)
+            fd, tmp = tempfile.mkstemp(dir=self.data_folder_out, prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(str_to_bytes(dumps(payload)))
+                os.replace(tmp, os.path.join(self.data_folder_out, name))
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise ChannelError(f"Cannot add file {name!r} to directory") from exc
+
     class Transport(filesystem.Transport):
         Channel = PriorityChannel
 
@@ -138,3 +167,33 @@ def _filesystem_transport():
 
 # Celery's filesystem transport (kombu's), taking the priority queues in order.
 PriorityFilesystemTransport = _filesystem_transport()
+
+
+def waiting_job_ids(config: JobsConfig) -> set[str]:
+    """The ids of the jobs whose message waits in one of the priority queues (Celery puts a
+    task's id in its message's headers): the filesystem broker's message files, or the Redis
+    lists. A message a consumer has taken is not in them."""
+    import json
+
+    queues = [priority_queue(config.queue, priority) for priority in PRIORITIES]
+    if config.broker_url.startswith("filesystem://"):
+        folder = Path(config.data_folder) / "queue"
+        raw = []
+        for name in os.listdir(folder) if folder.exists() else []:
+            if any(name.endswith(f".{queue}.msg") for queue in queues):
+                try:
+                    raw.append((folder / name).read_bytes())
+                except FileNotFoundError:  # taken meanwhile
+                    pass
+    else:
+        import redis
+
+        client = redis.Redis.from_url(config.broker)
+        raw = [item for queue in queues for item in client.lrange(queue, 0, -1)]
+    found = set()
+    for item in raw:
+        try:
+            found.add(json.loads(item)["headers"]["id"])
+        except (ValueError, KeyError, TypeError):
+            continue  # not a task of ours
+    return found

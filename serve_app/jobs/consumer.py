@@ -44,20 +44,37 @@ def consumer_class(config: AppConfig):
             asyncio.run_coroutine_threadsafe(self._recover_forever(store), self.loop)
 
         async def _recover_forever(self, store):
-            from serve_app.jobs.runner import LEASE_S, recover_lost
+            """Every LEASE_S / 2: take over lost jobs, send again queued ones that have no
+            message, expire old keys, read the queue depths. Each step on its own, so one
+            that fails (a store stall, a bad record) leaves the others working."""
+            import logging
+            from functools import partial
 
+            from serve_app.jobs.broker import waiting_job_ids
+            from serve_app.jobs.metrics import queue_depths
+            from serve_app.jobs.runner import LEASE_S, recover_lost, redispatch_queued
+
+            jobs = self.config.jobs
+            steps = {
+                "recovering lost jobs": lambda: recover_lost(store, self.sender.enqueue,
+                                                             self.runner.notify_later),
+                "sending queued jobs again": lambda: redispatch_queued(
+                    store, self.sender.enqueue, partial(waiting_job_ids, jobs)),
+                "expiring old job keys": lambda: asyncio.to_thread(store.expire, jobs.result_ttl_s),
+                "reading the queue depths": self._read_queue_depths,
+            }
             while True:
-                try:
-                    from serve_app.jobs.metrics import queue_depths
-
-                    await recover_lost(store, self.sender.enqueue, self.runner.notify_later)
-                    await asyncio.to_thread(store.expire, self.config.jobs.result_ttl_s)
-                    self.metrics.set_queue_depths(await asyncio.to_thread(queue_depths, self.config.jobs))
-                except Exception:  # noqa: BLE001 - logged; the next sweep tries again
-                    import logging
-
-                    logging.getLogger("ray.serve").exception("recovering lost jobs failed")
+                for name, step in steps.items():
+                    try:
+                        await step()
+                    except Exception:  # noqa: BLE001 - logged; the next sweep tries again
+                        logging.getLogger("ray.serve").exception("%s failed", name)
                 await asyncio.sleep(LEASE_S / 2)
+
+        async def _read_queue_depths(self):
+            from serve_app.jobs.metrics import queue_depths
+
+            self.metrics.set_queue_depths(await asyncio.to_thread(queue_depths, self.config.jobs))
 
         @task_handler(name=JOB_TASK)
         def run_job(self, job_id: str) -> str:

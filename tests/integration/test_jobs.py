@@ -215,6 +215,17 @@ def test_the_same_idempotency_key_and_body_give_the_same_job(http):
     wait(http, first["id"])
 
 
+def test_concurrent_submits_with_one_idempotency_key_make_one_job(http):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(lambda _: submit(http, seed=31, headers={"Idempotency-Key": "k-6"}),
+                                range(6)))
+    assert [a.status_code for a in answers] == [202] * 6, [a.text for a in answers]
+    (job_id,) = {a.json()["id"] for a in answers}
+    assert wait(http, job_id)["status"] == "succeeded"
+
+
 def test_an_unknown_job_is_404(http):
     response = http.get("/v1/images/jobs/job_nothing_here")
     assert response.status_code == 404 and response.json()["error"]["param"] == "id"

@@ -41,7 +41,8 @@ def test_records_round_trip_and_the_public_object_hides_the_owner(store):
 
 
 def test_idempotency_keys_are_per_owner_and_body(store):
-    store.remember("owner-a", "k", "body-1", "job_1")
+    assert store.claim_idempotency("owner-a", "k", "body-1", "job_1") is None  # made: it names job_1
+    assert store.claim_idempotency("owner-a", "k", "body-1", "job_2") == "job_1"
     assert store.idempotent("owner-a", "k", "body-1") == "job_1"
     assert store.idempotent("owner-a", "k", "body-2") == ""  # same key, other body: a conflict
     assert store.idempotent("owner-b", "k", "body-1") is None  # another key's: unrelated
@@ -50,10 +51,9 @@ def test_idempotency_keys_are_per_owner_and_body(store):
 def test_cancel_flags_and_leases_live_beside_the_record(store):
     store.request_cancel("job_a")
     assert store.cancel_requested("job_a") and not store.cancel_requested("job_b")
-    store.renew_lease("job_a", 10.0)
-    store.renew_lease("job_b", 20.0)
+    assert store.claim_lease("job_a", "one", 10.0, now=0) and store.claim_lease("job_b", "two", 20.0, now=0)
     assert store.leases() == {"job_a": 10.0, "job_b": 20.0}
-    store.drop_lease("job_a")
+    assert store.release_lease("job_a", "one")
     assert store.leases() == {"job_b": 20.0}
 
 
@@ -64,7 +64,7 @@ def test_the_filesystem_store_expires_keys_not_written_for_the_ttl(store, tmp_pa
     for job in (old, fresh):
         store.put(job)
         store.request_cancel(job.id)
-    store.remember(old.owner, "key-1", "body", old.id)
+    store.claim_idempotency(old.owner, "key-1", "body", old.id)
     store.backend.set(b"celery-task-meta-" + old.id.encode(), b"{}")  # Celery's own result
     two_days_ago = time.time() - 2 * 86400
     for name in os.listdir(tmp_path):
@@ -81,9 +81,9 @@ def test_a_running_job_whose_lease_ran_out_goes_back_to_the_broker(store):
     lost, alive, done = record(status="running"), record(status="running"), record(status="succeeded")
     for job in (lost, alive, done):
         store.put(job)
-    store.renew_lease(lost.id, time.time() - 1)
-    store.renew_lease(alive.id, time.time() + 60)
-    store.renew_lease(done.id, time.time() - 1)  # a lease left behind by a finished job
+    store.claim_lease(lost.id, "lost-replica", time.time() - 1, now=0)
+    store.claim_lease(alive.id, "live-replica", time.time() + 60)
+    store.claim_lease(done.id, "done-replica", time.time() - 1, now=0)  # left behind by a finished job
     sent = []
     assert asyncio.run(recover_lost(store, sent.append)) == [lost.id]
     assert [r.id for r in sent] == [lost.id] and store.get(lost.id).status == "queued"
@@ -143,9 +143,10 @@ def test_a_webhook_whose_replica_was_lost_is_posted_by_the_sweep(store):
     handled = record(status="succeeded", webhook="https://hooks.example/y", notified=True)
     for job in (ended, handled):
         store.put(job)
-        store.renew_lease(job.id, time.time() - 1)
+        store.claim_lease(job.id, "lost-replica", time.time() - 1, now=0)
     sent, posted = [], []
-    assert asyncio.run(recover_lost(store, sent.append, posted.append)) == [ended.id]
+    notify = lambda record, lease: posted.append(record)  # noqa: E731
+    assert asyncio.run(recover_lost(store, sent.append, notify)) == [ended.id]
     assert sent == [] and [r.id for r in posted] == [ended.id]
 
 
@@ -195,18 +196,21 @@ def test_the_embedded_broker_takes_the_priority_queues_in_order(tmp_path):
 
 
 def publish(folder, queue_names):
-    """Messages in the embedded broker's queues, as the ingress sends them."""
-    from kombu import Connection, Exchange, Queue
+    """Messages in the embedded broker's queues, as the ingress sends them: Celery tasks through
+    the priority transport. (A bare kombu producer after another test's Celery app in the same
+    process published nowhere: no control folder and no message file.)"""
+    from celery import Celery
 
     folder.mkdir(parents=True, exist_ok=True)
-    options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
-               "control_folder": str(folder / "control")}
-    with Connection("filesystem://", transport_options=options,
-                    transport="serve_app.jobs.broker:PriorityFilesystemTransport") as connection:
-        producer = connection.Producer()
+    app = Celery("sender", broker="filesystem://")
+    app.conf.broker_transport = "serve_app.jobs.broker:PriorityFilesystemTransport"
+    app.conf.broker_transport_options = {"data_folder_in": str(folder), "data_folder_out": str(folder),
+                                         "control_folder": str(folder / "control")}
+    try:
         for name in queue_names:
-            queue = Queue(name, Exchange(name, "direct"), routing_key=name)
-            producer.publish({"job": name}, exchange=queue.exchange, routing_key=name, declare=[queue])
+            app.send_task("serve_app.run_job", args=[name], queue=name)
+    finally:
+        app.close()
 
 
 def test_the_consumers_scale_on_jobs_queued_and_running(tiny_args, tmp_path):
@@ -238,7 +242,7 @@ def test_the_consumers_scale_on_jobs_queued_and_running(tiny_args, tmp_path):
     publish(tmp_path / "queue", ["images-jobs.high", "images-jobs.low", "images-jobs.low"])
     store = JobStore(state_backend(jobs))
     for job_id in ("job_a", "job_b", "job_c"):
-        store.renew_lease(job_id, time.time() + 20)
+        store.claim_lease(job_id, "replica", time.time() + 20)
     assert asyncio.run(desired()) == (3.0, {"jobs": 6})  # 6 jobs, 2 per replica
     context.current_num_replicas = 0
     assert asyncio.run(desired())[0] == 1  # from zero: one replica to start with
