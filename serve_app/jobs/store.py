@@ -377,14 +377,18 @@ class JobStore:
         """Delete the lease whoever holds it."""
         self._delete(self.LEASE + job_id.encode())
 
-    def raw_leases(self) -> dict[str, bytes]:
-        """Every lease as stored: ``{job id: value}``."""
+    def _values(self, prefix: bytes) -> dict[str, bytes]:
+        """``{job id: value}`` of every key under ``prefix`` still there when read."""
         found = {}
-        for key in self._keys(self.LEASE):
+        for key in self._keys(prefix):
             value = self._read(key)
             if value is not None:
-                found[key[len(self.LEASE):].decode()] = value
+                found[key[len(prefix):].decode()] = value
         return found
+
+    def raw_leases(self) -> dict[str, bytes]:
+        """Every lease as stored: ``{job id: value}``."""
+        return self._values(self.LEASE)
 
     def leases(self) -> dict[str, float]:
         """Every running job's lease: ``{job id: until}`` (0 for an unreadable one)."""
@@ -400,12 +404,7 @@ class JobStore:
 
     def queued_marks(self) -> dict[str, float]:
         """``{job id: when it was last sent to the broker}`` of the jobs marked queued."""
-        found = {}
-        for key in self._keys(self.QUEUED):
-            value = self._read(key)
-            if value is not None:
-                found[key[len(self.QUEUED):].decode()] = lease_until(value)
-        return found
+        return {job_id: lease_until(value) for job_id, value in self._values(self.QUEUED).items()}
 
     def expire(self, ttl_s: float, now: float | None = None) -> int:
         """Delete the filesystem backend's keys (records, flags, leases, idempotency keys,
