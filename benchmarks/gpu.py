@@ -3,7 +3,7 @@ peak GPU memory against `serve-app capacity`'s estimate, latency and images/s.
 
     python3 benchmarks/gpu.py [--repeats 3] [--models sdxl,sd21,...] [--no-compile] [--smoke] [--out benchmarks/results]
 
-Issue 16's goals (H100): SDXL 1024x1024, 30 steps, batch 1 in at most 1.0 s; batched SDXL at
+The targets (H100): SDXL 1024x1024, 30 steps, batch 1 in at most 1.0 s; batched SDXL at
 20 steps at least 2.4 images/s.
 
 Models are the real architectures at full size with random weights: every component is
@@ -55,7 +55,7 @@ measured), then
 
 (compiling with max-autotune takes minutes a model: where a command's time is limited, run
 the models in parts; a part's report is named after its models, ``gpu-<gpu>-sdxl-...md``; on a
-lent machine with minutes counted, benchmarks/gpu_run.py runs these measurements in the order
+machine whose GPU time is short, benchmarks/gpu_run.py runs these measurements in the order
 of their value, within a budget).
 A model whose load or call fails (out of memory, a compile error) is reported in a
 Failures section and the run goes on; the exit status is then 1.
@@ -545,7 +545,7 @@ def write_report(loads: list[Loaded], timings: list[Timing], failures: list[str]
         lines.append("")
         lines.append("ESRGAN: no compiled row; the ESRGAN deployment does not read `compile`.")
 
-    lines += ["", "## Goals (issue 16, H100)", ""]
+    lines += ["", "## Goals (H100)", ""]
     on_h100 = device == "cuda" and "H100" in torch.cuda.get_device_name(0)
     for compiled in sorted({t.compiled for t in timings}):
         tag = "compiled" if compiled else "eager"

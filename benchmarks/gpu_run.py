@@ -1,10 +1,10 @@
-"""The GPU run: benchmarks/gpu.py's measurements in the order of their value, fitted to a lent
-GPU machine's budget, each figure written the moment it exists.
+"""The GPU run: benchmarks/gpu.py's measurements in the order of their value, fitted to a GPU
+machine's time budget, each figure written the moment it exists.
 
     python3 benchmarks/gpu_run.py [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke]
 
-A lent H100/H200 gives an issue 15 minutes of device time in all (each start a minute or more
-of it) and one command at most 10; its Python 3.12 has PyTorch, transformers, accelerate and
+It is written for an offline H100/H200 with 15 minutes of GPU time in all (each start a minute
+or more of it) and one command at most 10; its Python 3.12 has PyTorch, transformers, accelerate and
 peft, no diffusers, spandrel or Ray, and no network. This is the one command to run there,
 once, with the wheels of ``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
 
@@ -17,8 +17,8 @@ once, with the wheels of ``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/ben
    - phase 1: every model's module dtypes, and its peak GPU memory in one call at the
      largest batch and size configs/cluster.yaml lets it take, against `serve-app
      capacity`'s estimate for them (``off_by_more_than_15pc`` flags a miss);
-   - phase 2: SDXL 1024x1024, 30 steps, batch 1, eager float16 with SDPA: latency (issue
-     16's headline); batch 4 at 20 steps: images/s; then the base stage of the SDXL ->
+   - phase 2: SDXL 1024x1024, 30 steps, batch 1, eager float16 with SDPA: latency (the
+     headline figure); batch 4 at 20 steps: images/s; then the base stage of the SDXL ->
      refiner chain (40 steps to 0.8), while SDXL is loaded (loading it again in phase 3
      would cost more than the stage);
    - phase 3: eager, batch 1: SD 2.1 768x768 25 steps, the refiner stage (the chain's
@@ -446,7 +446,7 @@ def on_h100(run: Run) -> bool:
 
 
 def goal_text(run: Run, goal: str, met: bool) -> tuple[str, bool | None]:
-    """The verdict on issue 16's ``goal`` (judged on an H100 only), and whether it was met."""
+    """The verdict on the target ``goal`` (judged on an H100 only), and whether it was met."""
     if not on_h100(run):
         return f"; goal {goal} on an H100: not judged (not an H100)", None
     return f"; goal {goal} on an H100: {'met' if met else 'NOT MET'}", met

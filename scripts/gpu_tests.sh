@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CUDA tests (pytest -m gpu: tests/unit/test_gpu.py) on a GPU machine that has PyTorch but
-# not this project's stack, such as the lent H200 (Python 3.12, no network, no Ray):
+# not this project's stack, such as an offline H200 (Python 3.12, no network, no Ray):
 #
 #   here:  scripts/gpu_tests.sh --wheels        # the locked diffusers, transformers, peft, regex -> .whl/
 #   there: scripts/gpu_tests.sh                 # installs .whl/*.whl, runs the tests

@@ -1,8 +1,8 @@
-"""The wheels a lent GPU machine needs to run benchmarks/gpu_run.py, downloaded into .whl/.
+"""The wheels an offline GPU machine needs to run benchmarks/gpu_run.py, downloaded into .whl/.
 
     python3 scripts/gpu_wheels.py [--dest .whl]
 
-The lent H100/H200 (docs/benchmarks.md#the-gpu-run) has Python 3.12 with PyTorch,
+The offline H100/H200 (docs/benchmarks.md#the-gpu-run) has Python 3.12 with PyTorch,
 transformers, accelerate and peft, and no network: whatever else the run imports travels with
 the working tree as wheels, which the run installs with ``pip install --no-index --no-deps``
 (nothing is resolved there). ``WHEELS`` is that list: diffusers and spandrel, pydantic (the

@@ -1,2 +1,2 @@
-"""Asynchronous image jobs (issue 27, in progress): submitted over HTTP, run by a task
+"""Asynchronous image jobs: submitted over HTTP, run by a task
 consumer on Ray Serve's asynchronous inference, their end told by webhooks."""

@@ -1,7 +1,7 @@
 """benchmarks/gpu.py runs end to end in its smoke mode and writes its tables; benchmarks/
-gpu_run.py plans a run within a lent GPU's 8 minutes, most valuable figures first, streams
+gpu_run.py plans a run within a GPU machine's 8 minutes, most valuable figures first, streams
 each figure as it comes and stops a compiled variant at its cap; scripts/gpu_wheels.py's
-wheels and the lent machine's packages meet every requirement.
+wheels and the GPU machine's packages meet every requirement.
 
 The smoke runs are subprocesses, as the benchmarks are run: they set torch's thread count
 for their whole process. They inherit this session's private tiny-model cache
@@ -24,7 +24,7 @@ import yaml
 
 from tests.conftest import REPO_ROOT, benchmark_module, run_benchmark_smoke
 
-# Every served model's workload of issue 16 (sdxl-20: the batched goal's 20 steps).
+# Every served model's workload of the GPU targets (sdxl-20: the batched goal's 20 steps).
 CASES = ["sdxl", "sdxl-20", "sdxl+refiner", "sd21", "x4-upscaler", "x2-latent-upscaler", "esrgan"]
 FAMILIES = ["sdxl", "sdxl-refiner", "sd21", "sd-x4-upscaler", "sd-x2-latent-upscaler", "esrgan"]
 
@@ -160,7 +160,7 @@ def test_a_variant_over_its_cap_is_reported_without_waiting(gpu_run, tmp_path):
 
 
 def device_like_python(folder: Path) -> Path:
-    """The Python of a virtual environment in ``folder`` that holds only what the lent machine
+    """The Python of a virtual environment in ``folder`` that holds only what the GPU machine
     would: this environment's copies of the machine's packages (scripts/gpu_device_packages.txt)
     and of the carried wheels, with everything they require; no Ray, no FastAPI."""
     from scripts.gpu_wheels import WHEELS, canonicalize_name, device_packages, requirements
@@ -184,7 +184,7 @@ def device_like_python(folder: Path) -> Path:
 
 
 def test_gpu_run_smoke_streams_every_figure_in_order(tmp_path):
-    """The whole run on the tiny models on CPU, with only what the lent machine has and the
+    """The whole run on the tiny models on CPU, with only what the GPU machine has and the
     wheels carry (no Ray: the deployments' stub stands in): every step done, in the plan's
     order, each figure a line of its own; the compiled variants in their own processes (on
     the CPU they load without compiling: the path is what is checked)."""
