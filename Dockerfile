@@ -9,4 +9,4 @@ COPY --chown=ray:users serve_app ./serve_app
 COPY --chown=ray:users deployments ./deployments
 COPY --chown=ray:users configs ./configs
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && python -c "import serve_app.app, deployments.sdxl, deployments.esrgan"
+    && python -c "import serve_app.app, deployments.pipelines.sdxl, deployments.pipelines.esrgan"

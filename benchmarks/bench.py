@@ -84,7 +84,7 @@ def bench_bare(pipe, steps: int, rounds: int) -> dict[int, dict]:
     """The pipeline alone, at several batch sizes: the limit the server can approach."""
     import torch
 
-    from deployments.arrays import generators, to_uint8
+    from deployments.runtime.arrays import generators, to_uint8
 
     results = {}
     with torch.inference_mode():
@@ -182,7 +182,7 @@ def bare_call_factory(steps: int, pipe=None):
     """One image of the bare pipeline (``pipe``, loaded here when None) per call."""
     import torch
 
-    from deployments.arrays import generators, to_uint8
+    from deployments.runtime.arrays import generators, to_uint8
 
     pipe = pipe if pipe is not None else load_bare_pipeline()
 

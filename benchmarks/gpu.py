@@ -11,7 +11,7 @@ built from the real configuration files committed in ``deployments/model_configs
 family registry's ``real_config`` folder; the same files and the same component loop as
 deployments/standins/tiny.py's tiny builders, without shrinking a width), directly on the GPU, cast
 to float16 and written with ``save_pretrained`` to a temporary folder. Each deployment class
-(deployments/sdxl.py, stable_diffusion.py, x4_upscaler.py, latent_upscaler.py, esrgan.py)
+(deployments/pipelines/sdxl.py, stable_diffusion.py, x4_upscaler.py, latent_upscaler.py, esrgan.py)
 then loads that folder as its ``source`` through the production ``load_pipeline`` path,
 called directly (no Ray, no HTTP), with a ``PipelineSpec`` as a replica gets it: float16,
 the VAE settings of configs/cluster.yaml (SDXL and the refiner decode with a random-weight

@@ -25,7 +25,7 @@ once, with the wheels of ``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/ben
      latency is both stages), the x4 upscaler from 512x768, the x2 latent upscaler from
      1024x1024, ESRGAN at 1024x1024;
    - phase 4: compiled SDXL, batch 1, 30 steps: torch.compile's default mode, then the
-     replicas' own options (deployments/loading.py's COMPILE_OPTIONS), each in a process of
+     replicas' own options (deployments/runtime/loading.py's COMPILE_OPTIONS), each in a process of
      its own that is killed at its cap: a variant that does not compile in time is reported
      as over its cap, not waited for. The compile time is that of the first call.
 
@@ -546,7 +546,7 @@ def run_variant(opts) -> int:
     """A compiled variant's own process: load the model compiled, time the first call (the
     compile), then the timed calls; every figure to the parent's file."""
     import common
-    import deployments.loading as loading
+    import deployments.runtime.loading as loading
     from gpu import Sources, bench_device, free_model, load_model, run_call, time_case
 
     family, mode = opts.variant.split(":")

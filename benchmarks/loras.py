@@ -77,7 +77,7 @@ class Replica:
 
     @classmethod
     def build(cls, label: str, threads: int, max_loaded_loras: int = 8) -> "Replica":
-        from deployments.stable_diffusion import StableDiffusionDeployment
+        from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
         spec = PipelineSpec(name=label, family="sd21", source="tiny:sd21", max_batch_images=8,
                             cpu_threads=threads, max_loaded_loras=max_loaded_loras)
@@ -207,7 +207,7 @@ def bench_grouped(replicas: dict[str, Replica], rounds: int, size: int, steps: i
 
 def quiet() -> None:
     """common.quiet, after Ray Serve has set its logger up (imported by the deployments)."""
-    import deployments.stable_diffusion  # noqa: F401 - sets Ray Serve's logger up
+    import deployments.pipelines.stable_diffusion  # noqa: F401 - sets Ray Serve's logger up
 
     common.quiet()
 

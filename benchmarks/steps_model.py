@@ -13,7 +13,7 @@ It answers one question: could another order of the step loop's calls reach the 
 
 - ``request``: the request batcher: at each free moment, the oldest queued job's batch key
   (steps, guidance) runs to its end with up to ``max_batch_images`` queued jobs of that key.
-- ``step``: the step loop as built (deployments/steploop.py): new jobs' first step a call of
+- ``step``: the step loop as built (deployments/runtime/steploop.py): new jobs' first step a call of
   their own, then the oldest first, up to ``max_batch_images`` images a call; finished jobs
   decode before the next call unless a new job waits; its default images in flight
   (deployments/contract.py: 16x a call's).

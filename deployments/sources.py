@@ -91,7 +91,7 @@ class Source:
         """A Hub repo named by a client (a Hub LoRA): a Hub source whatever folders exist
         here (:meth:`parse` would take an existing folder of that name). It is never handed
         to a loader as it is (diffusers' ``load_lora_weights`` reads a name that is a local
-        folder before it asks the Hub): deployments/loras.py downloads its file through
+        folder before it asks the Hub): deployments/runtime/loras.py downloads its file through
         huggingface_hub's API and loads that file from the Hub cache."""
         return cls(repo_id, HUB, repo_id=repo_id)
 

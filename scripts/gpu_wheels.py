@@ -6,7 +6,7 @@ The offline H100/H200 (docs/benchmarks.md#the-gpu-run) has Python 3.12 with PyTo
 transformers, accelerate and peft, and no network: whatever else the run imports travels with
 the working tree as wheels, which the run installs with ``pip install --no-index --no-deps``
 (nothing is resolved there). ``WHEELS`` is that list: diffusers and spandrel, pydantic (the
-capacity estimate reads request sizes through serve_app.service.sizes, which imports it), and
+capacity estimate reads request sizes through serve_app.protocol.sizes, which imports it), and
 every requirement of theirs, transitively, that the machine's package list
 (``scripts/gpu_device_packages.txt``) lacks, or holds at a version it may not satisfy (no
 version known where the requirement names one: pydantic wants typing-extensions>=4.16).

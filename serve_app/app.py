@@ -36,7 +36,7 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         handles[SAFETY_NAME] = _model_deployment(
             SAFETY_CHECKER, SAFETY_NAME, config.safety.deployment.serve_options(),
             config.safety.pipeline_spec())
-    from deployments.image_store import ImageStoreDeployment
+    from deployments.store.image_store import ImageStoreDeployment
 
     store = (
         serve.deployment(ImageStoreDeployment)

@@ -32,9 +32,9 @@ from ray.serve.schema import DeploymentSchema
 from deployments.families import FAMILIES, SAFETY_CHECKER, SERVED_FAMILIES, component_for, family_of_source
 from deployments.contract import MAX_HUB_LORA_BYTES, LoraRef, PipelineSpec, images_in_flight
 from deployments.sources import Source
-from serve_app.service import sizes as size_rules
-from serve_app.service.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_LORAS, MAX_N, MAX_PROMPT_CHARS, MAX_STEPS
-from serve_app.service.sizes import parse_size
+from serve_app.protocol import sizes as size_rules
+from serve_app.protocol.request import LORA_WEIGHT_MAX, LORA_WEIGHT_MIN, MAX_LORAS, MAX_N, MAX_PROMPT_CHARS, MAX_STEPS
+from serve_app.protocol.sizes import parse_size
 
 Family = Literal[SERVED_FAMILIES]  # type: ignore[valid-type]
 
@@ -158,7 +158,7 @@ class BatchingConfig(_Strict):
         "and adapters runs one pipeline call to its end. 'step' (SD 2.1, SDXL and its refiner): "
         "jobs join and leave a running batch at every denoising step, and jobs of one latent "
         "shape and adapter set share each UNet call whatever their steps, guidance, strength "
-        "or denoising start and end (deployments/steploop.py).",
+        "or denoising start and end (deployments/runtime/steploop.py).",
     )
     max_shape_wait_s: float = Field(
         default=2.0,
@@ -278,7 +278,7 @@ class GenerationLimits(_Strict):
         "smallest the model takes, from the family registry).",
     )
 
-    # The rules themselves are serve_app/service/sizes.py's, shared with planning.
+    # The rules themselves are serve_app/protocol/sizes.py's, shared with planning.
     @property
     def output_pixels(self) -> int:
         """Largest allowed output area: max_pixels, or the largest of the named sizes."""
@@ -790,7 +790,7 @@ class ImageStoreConfig(_Strict):
 
     def spec(self, jobs: JobsConfig | None = None):
         """The store deployment's settings (``jobs``: the app's, for the uploads' TTL)."""
-        from deployments.image_store import Limits, PoolSpec, StoreSpec
+        from deployments.store.image_store import Limits, PoolSpec, StoreSpec
 
         inputs = self.job_inputs
         return StoreSpec(

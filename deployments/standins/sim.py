@@ -201,7 +201,7 @@ def sim_images(width: int, height: int, seeds: list[int]) -> np.ndarray:
 def _as_output(images: np.ndarray, output_type: str):
     """A pipeline's ``output_type="pt"`` output of uint8 (N, H, W, 3) images: a (N, 3, H, W)
     view of uint8, what the device-side conversion of a GPU replica hands the host
-    (deployments/arrays.py ``pixels_to_uint8``), so the host's CPU does what it does behind
+    (deployments/runtime/arrays.py ``pixels_to_uint8``), so the host's CPU does what it does behind
     a GPU. The deployments ask for nothing else."""
     import torch
 
@@ -240,7 +240,7 @@ def _seeds(generator) -> list[int]:
 
 class _SimDevice:
     """The simulated accelerator's clock, shared by a pipeline, its UNet and every view of
-    them (step mode: deployments/steploop.py)."""
+    them (step mode: deployments/runtime/steploop.py)."""
 
     def __init__(self):
         self.charged_s = 0.0  # model seconds charged so far (what tests compare with the cost model)

@@ -1,8 +1,8 @@
 """The fronts: one module per wire protocol, each a thin adapter over the images service.
 
-A front converts its wire shapes into the one :class:`~serve_app.service.request.ImageRequest`
+A front converts its wire shapes into the one :class:`~serve_app.protocol.request.ImageRequest`
 (``to_request()``), hands it to :class:`~serve_app.service.images.ImagesService`, and maps
-the answer and any :class:`~serve_app.service.errors.APIError` back to its own shapes. No
+the answer and any :class:`~serve_app.protocol.errors.APIError` back to its own shapes. No
 front holds logic another front would need: that belongs to the service.
 
 - ``openai.py``: OpenAI's Images API routes, request bodies and forms

@@ -10,7 +10,7 @@ import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve_app.service.errors import APIError
+from serve_app.protocol.errors import APIError
 from serve_app.fronts.http import error_response, route_path
 
 # Open without a key: health probes, the API's own description and the playground page

@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve_app.service.errors import (
+from serve_app.protocol.errors import (
     APIError,
     InvalidRequestError,
     MethodNotAllowedError,

@@ -27,7 +27,7 @@ from serve_app.fronts.metrics import MetricsMiddleware
 from serve_app.fronts.openapi import install_openapi, responses
 from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
 from serve_app.service.images import ImagesService
-from serve_app.service.responses import HealthResponse
+from serve_app.protocol.responses import HealthResponse
 from serve_app.keys import API_KEYS_ENV, API_KEYS_FILE_ENV, ApiKeys, KeysError, exposure, load_api_keys
 
 logger = logging.getLogger("ray.serve")

@@ -3,7 +3,7 @@
 ``POST /text-to-image`` (JSON), ``POST /image-to-image`` and ``POST /upscale`` (multipart)
 take the fields of Livepeer's ai-runner and answer ``{"images": [{"url": "data:...",
 "seed": ..., "nsfw": ...}]}``. Each adapter converts itself into the internal
-:class:`~serve_app.service.request.ImageRequest`, as the OpenAI-shaped models do, and errors are
+:class:`~serve_app.protocol.request.ImageRequest`, as the OpenAI-shaped models do, and errors are
 renamed back, so they name the field the client sent.
 """
 
@@ -24,10 +24,10 @@ from serve_app.fronts.openapi import (
 )
 from serve_app.fronts.http import ErrorShape, register_error_shape
 from serve_app.fronts.routing import Multipart, Service, answer, asked_by, json_response
-from serve_app.service.errors import APIError, InvalidRequestError, ModelNotFoundError
+from serve_app.protocol.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
-from serve_app.service.request import (
+from serve_app.protocol.request import (
     MAX_GUIDANCE,
     MAX_LORAS_JSON_CHARS,
     MAX_N,
@@ -42,7 +42,7 @@ from serve_app.service.request import (
     TextField,
     lora_set_from_json,
 )
-from serve_app.service.responses import ImagesResponse
+from serve_app.protocol.responses import ImagesResponse
 
 
 # Our field -> Livepeer's, for error messages.

@@ -4,7 +4,7 @@ envelope are the service's own, in OpenAI's shapes).
 Field names follow OpenAI's Images API; the extension fields (``seed``,
 ``negative_prompt``, ``guidance_scale``, ``num_inference_steps``, ``high_noise_frac``, ``loras``)
 follow the services our users come from. Each request model converts itself into the one
-:class:`~serve_app.service.request.ImageRequest` (``to_request``). No torch, no Ray here.
+:class:`~serve_app.protocol.request.ImageRequest` (``to_request``). No torch, no Ray here.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from serve_app.fronts.openapi import (
     upload_schema,
 )
 from serve_app.fronts.routing import Multipart, Service, answer, asked_by, guarded, json_response, one_image
-from serve_app.service.responses import (
+from serve_app.protocol.responses import (
     ErrorResponse,
     HealthResponse,
     ImagesResponse,
     ModelCard,
     ModelList,
 )
-from serve_app.service.request import (
+from serve_app.protocol.request import (
     LORA_WEIGHT_MAX,
     LORA_WEIGHT_MIN,
     MAX_GUIDANCE,
@@ -57,7 +57,7 @@ from serve_app.service.request import (
 )
 
 # The request bodies' schema names LoraWeight; the responses are the service's own
-# (serve_app/service/responses.py), in OpenAI's shapes.
+# (serve_app/protocol/responses.py), in OpenAI's shapes.
 __all__ = ["LoraWeight", "ErrorResponse", "ImagesResponse", "ModelCard", "ModelList", "HealthResponse"]
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 from pydantic import BaseModel, TypeAdapter
 
 from serve_app.config import IngressConfig
-from serve_app.service.request import MAX_SEED, Loras
-from serve_app.service.responses import ErrorResponse
+from serve_app.protocol.request import MAX_SEED, Loras
+from serve_app.protocol.responses import ErrorResponse
 from serve_app.service.uploads import ALLOWED_FORMATS
 
 

@@ -12,10 +12,10 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from ray import serve
 
-from serve_app.service.errors import APIError, InvalidRequestError, error_from_exception
+from serve_app.protocol.errors import APIError, InvalidRequestError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
-from serve_app.service.request import ImageRequest
+from serve_app.protocol.request import ImageRequest
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica

@@ -4,7 +4,7 @@ own SDK (``stability_sdk.client.StabilityInference``) calls it for ``generate()`
 method, fronts/ingress.py); the messages are Stability's (fronts/gooseai/generation.proto).
 
 A thin front like the HTTP ones: a ``Request`` becomes one
-:class:`~serve_app.service.request.ImageRequest`, planned and run by the same images service,
+:class:`~serve_app.protocol.request.ImageRequest`, planned and run by the same images service,
 with the same limits; each image goes back as one ``Answer`` holding one ``ARTIFACT_IMAGE``
 artifact (``finish_reason`` ``FILTER`` when the safety checker flagged it). The images of a
 call are one batch on the replica, so they are answered together when it ends. Every failure
@@ -37,9 +37,9 @@ from serve_app.config import AppConfig
 from serve_app.fronts.gate import check_key, presented_key
 from serve_app.fronts.gooseai import generation_pb2 as generation
 from serve_app.service.encoding import EncodedImage
-from serve_app.service.errors import APIError, ModelNotFoundError, error_from_exception
+from serve_app.protocol.errors import APIError, ModelNotFoundError, error_from_exception
 from serve_app.service.images import ImagesService
-from serve_app.service.request import MAX_GUIDANCE, MAX_N, MAX_NAME_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageRequest
+from serve_app.protocol.request import MAX_GUIDANCE, MAX_N, MAX_NAME_CHARS, MAX_SIDE, MAX_STEPS, MIN_SIDE, ImageRequest
 from serve_app.service.uploads import BytesUpload, decode_keep_mask
 
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
@@ -63,7 +63,7 @@ SAMPLER_SCHEDULERS = {
 # and a cfg_scale of 7; ESRGAN ignores prompt, seed, steps and cfg_scale.
 UPSCALE_STEPS, UPSCALE_MAX_STEPS, UPSCALE_CFG_SCALE = 20, 50, 7.0
 SEED_LIMIT = 2**32  # Artifact.seed is a uint32
-# The bounds every front declares (serve_app/service/request.py): guidance, sides.
+# The bounds every front declares (serve_app/protocol/request.py): guidance, sides.
 CFG_SCALE_MAX, SIDE_MIN, SIDE_MAX = MAX_GUIDANCE, MIN_SIDE, MAX_SIDE
 # Prompts a Request may hold: a text, a negative text, an init image and a mask.
 MAX_PROMPTS = 4

@@ -21,9 +21,9 @@ from PIL import Image
 
 from deployments.contract import unwrap
 from serve_app.config import AppConfig
-from serve_app.service.errors import ModerationBlockedError
+from serve_app.protocol.errors import ModerationBlockedError
 from serve_app.service.planning import GenerationPlan
-from serve_app.service.responses import ImageData, ImagesResponse, ImagesUsage
+from serve_app.protocol.responses import ImageData, ImagesResponse, ImagesUsage
 from serve_app.service.uploads import resize
 
 _PIL_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Collection, TypeVar
 from deployments.contract import ImageToImageJob, SafetyJob, Upstream
 from deployments.errors import UpstreamLost
 from serve_app.config import SAFETY_NAME
-from serve_app.service.errors import ModelUnavailableError
+from serve_app.protocol.errors import ModelUnavailableError
 from serve_app.service.planning import GenerationPlan, Stage
 from serve_app.service.uploads import resize
 

@@ -49,7 +49,7 @@ def start_failures(statuses: dict[str, DeploymentState]) -> dict[str, str]:
         if (state.running == 0 and state.status in _FAILED_STATES
                 and state.trigger == "REPLICA_STARTUP_FAILED"):
             lines = [line.strip() for line in state.message.splitlines() if line.strip()]
-            # The exception's class without its module path: "deployments.loras.X: ..." -> "X: ..."
+            # The exception's class without its module path: "deployments.runtime.loras.X: ..." -> "X: ..."
             cause = _MODULE_PATH.sub("", lines[-1]) if lines else "its replicas fail to start"
             failed[name] = cause if len(cause) <= 400 else cause[:397] + "..."
     return failed

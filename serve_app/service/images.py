@@ -16,7 +16,7 @@ from typing import Any, Awaitable, Callable
 import numpy as np
 
 from serve_app.config import AppConfig
-from serve_app.service.errors import (
+from serve_app.protocol.errors import (
     GatewayTimeoutError,
     InvalidRequestError,
     ModelNotFoundError,
@@ -26,8 +26,8 @@ from serve_app.service.errors import (
 from serve_app.service.encoding import EncodedImage, ResponseEncoder
 from serve_app.service.execution import Executor
 from serve_app.service.planning import GenerationPlan, plan_request, upload_rule
-from serve_app.service.request import ImageRequest
-from serve_app.service.responses import ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
+from serve_app.protocol.request import ImageRequest
+from serve_app.protocol.responses import ImagesResponse, ImagesUsage, LoraCard, ModelCard, ModelList
 from serve_app.service.store import ImageStoreClient
 from serve_app.service.uploads import UploadRule, decode_image, decode_mask
 

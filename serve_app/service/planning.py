@@ -1,9 +1,9 @@
 """Request planning: which deployments run a request, in what order, with which jobs.
 
-Every front's request arrives as one :class:`~serve_app.service.request.ImageRequest`,
+Every front's request arrives as one :class:`~serve_app.protocol.request.ImageRequest`,
 and :func:`plan_request` plans every operation (generate, edit, variation, upscale) in one
 sequence: the ingress's limits, the model, the checks every model shares, the operation's
-own checks and output size (serve_app/service/sizes.py), seeds, the operation's stages, an
+own checks and output size (serve_app/protocol/sizes.py), seeds, the operation's stages, an
 optional upscale stage, the request's pixel budget, streaming and the safety check. Only
 the steps that differ are the operation's (:class:`Operation`). A plan is checked against
 the models' limits before any model work starts; serve_app/service/execution.py runs it.
@@ -30,9 +30,9 @@ from deployments.contract import (
     UpscaleJob,
 )
 from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
-from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
-from serve_app.service import sizes
-from serve_app.service.request import MAX_SEED, ImageRequest
+from serve_app.protocol.errors import InvalidRequestError, ModelNotFoundError
+from serve_app.protocol import sizes
+from serve_app.protocol.request import MAX_SEED, ImageRequest
 from serve_app.service.uploads import UploadRule
 
 # A Hub repository id: owner/name.

@@ -1,4 +1,4 @@
-"""Calls to the image store deployment (``deployments/image_store.py``) from the ingress and
+"""Calls to the image store deployment (``deployments/store/image_store.py``) from the ingress and
 the jobs consumer: each bounded by ``image_store.call_timeout_s``, its refusals and faults
 told to the client as the errors they are (the store is the server's: a 503 with
 Retry-After, or a 429 when the caller's own share is full)."""
@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from deployments.image_store import IMAGE, StoreRefused, valid_id
-from serve_app.service.errors import APIError, ServerFault, _unwrap
+from deployments.store.image_store import IMAGE, StoreRefused, valid_id
+from serve_app.protocol.errors import APIError, ServerFault, _unwrap
 
 
 class StoreUnavailableError(APIError):

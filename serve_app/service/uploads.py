@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from serve_app.service.errors import InvalidRequestError
+from serve_app.protocol.errors import InvalidRequestError
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP")  # in the order the OpenAPI document lists them
 # Read as the format they are a kind of: a multi-picture JPEG (the MPO phones and cameras

@@ -360,7 +360,7 @@ def _max_replicas(deployment) -> int:
 def _largest_size(model, app) -> tuple[int, str]:
     """(pixels, label) of the largest output of a generating / refining model: its
     largest named size, or its ``max_pixels`` bound (its chains' too)."""
-    from serve_app.service.request import parse_size
+    from serve_app.protocol.request import parse_size
 
     limits = [model.limits] + [c.limits for c in app.chains if model.name in (c.base, c.refiner)]
     best = (0, "-")

@@ -113,7 +113,7 @@ def sources_of(app: Any, app_index: int = 0, app_name: str = "") -> list[SourceR
     for i, model in enumerate(app.models):
         entry = FAMILIES[model.family]
         where = f"{prefix}models[{i}] ({model.name})"
-        # deployments/loading.py passes a `vae:` override to from_pretrained as `vae=`.
+        # deployments/runtime/loading.py passes a `vae:` override to from_pretrained as `vae=`.
         passed = ("vae",) if model.vae is not None and entry.layout == "pipeline" else ()
         refs.append(SourceRef(app_index, app_name, ("models", i, "source"), f"{where}.source",
                               model.source, entry.layout, entry.name, model.revision,

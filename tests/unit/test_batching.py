@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from deployments.batching import Batcher, batch_cancelled
+from deployments.runtime.batching import Batcher, batch_cancelled
 from deployments.contract import PipelineSpec, TextToImageJob
-from deployments.stable_diffusion import StableDiffusionDeployment
+from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
 
 class Job:
@@ -242,7 +242,7 @@ def test_stats_are_reported(sd):
 
 def test_streaming_yields_previews_then_the_result(sd):
     from deployments.contract import StageResult
-    from deployments.previews import preview_steps
+    from deployments.runtime.previews import preview_steps
 
     async def collect(partial_images):
         events = []

@@ -13,9 +13,9 @@ from deployments.families import FAMILIES
 from serve_app.config import load_app_config
 from serve_app.fronts import jobs, livepeer, openai, stability
 from serve_app.fronts.gooseai import generation_pb2 as generation
-from serve_app.service.errors import InvalidRequestError
+from serve_app.protocol.errors import InvalidRequestError
 from serve_app.service.planning import plan_request
-from serve_app.service.request import MAX_PROMPT_CHARS, MAX_STEPS, ImageRequest
+from serve_app.protocol.request import MAX_PROMPT_CHARS, MAX_STEPS, ImageRequest
 
 WIRE_MODELS = [
     openai.ImageGenerationRequest, openai.ImageEditForm, openai.ImageVariationForm,

@@ -8,8 +8,8 @@ import pytest
 from deployments.contract import StageResult
 from deployments.errors import InvalidJobError
 from deployments.contract import PipelineSpec, RefineJob, TextToImageJob
-from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
-from deployments.stable_diffusion import StableDiffusionDeployment
+from deployments.pipelines.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
+from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
 
 def run(coro):
@@ -93,11 +93,11 @@ def test_health_and_ready(sd):
 
 # --- image to image, inpainting and upscalers -------------------------------------------
 
-from deployments.esrgan import ESRGANDeployment  # noqa: E402
+from deployments.pipelines.esrgan import ESRGANDeployment  # noqa: E402
 from deployments.sources import Source, local_path  # noqa: E402
 from deployments.contract import ImageToImageJob, UpscaleJob  # noqa: E402
-from deployments.latent_upscaler import LatentUpscalerDeployment  # noqa: E402
-from deployments.x4_upscaler import X4UpscalerDeployment  # noqa: E402
+from deployments.pipelines.latent_upscaler import LatentUpscalerDeployment  # noqa: E402
+from deployments.pipelines.x4_upscaler import X4UpscalerDeployment  # noqa: E402
 
 
 def edit_job(seeds, strength=0.5, width=128, height=96, **kw):
@@ -260,7 +260,7 @@ def test_pipeline_calls_run_on_one_thread_per_replica(sd):
 
 def test_compile_records_no_cuda_graphs():
     # CUDA graphs belong to the thread and the shape they were recorded with.
-    from deployments.loading import COMPILE_OPTIONS
+    from deployments.runtime.loading import COMPILE_OPTIONS
 
     assert "cudagraphs" not in COMPILE_OPTIONS["mode"] or "no-cudagraphs" in COMPILE_OPTIONS["mode"]
     assert COMPILE_OPTIONS["mode"] != "reduce-overhead" and COMPILE_OPTIONS["dynamic"] is True
@@ -299,7 +299,7 @@ def test_a_cuda_error_makes_the_replica_unhealthy(monkeypatch):
 
 
 def test_batch_stats_stay_bounded():
-    from deployments.batching import RECENT_BATCHES, Batcher
+    from deployments.runtime.batching import RECENT_BATCHES, Batcher
 
     batcher = Batcher(lambda kind, entries: [None] * len(entries), max_batch_images=1)
 

@@ -72,7 +72,7 @@ def check(deployment, call):
 
 
 def test_sd21_text_image_and_inpaint_views_stay_bfloat16():
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
     sd = StableDiffusionDeployment(spec("sd", "sd21", preview_decoder="tiny:taesd"))
     assert sd.device == "cpu" and set(pipelines(sd)) == {"pipe", "img2img", "inpaint", "preview_decoder"}
@@ -86,7 +86,7 @@ def test_sd21_text_image_and_inpaint_views_stay_bfloat16():
 
 
 def test_sdxl_base_and_refiner_stay_bfloat16():
-    from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
+    from deployments.pipelines.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
 
     base = SDXLBaseDeployment(spec("xl", "sdxl", preview_decoder="tiny:taesdxl",
                                    vae="tiny:sdxl-vae-fp16-fix"))
@@ -99,9 +99,9 @@ def test_sdxl_base_and_refiner_stay_bfloat16():
 
 
 def test_upscalers_stay_bfloat16():
-    from deployments.esrgan import ESRGANDeployment
-    from deployments.latent_upscaler import LatentUpscalerDeployment
-    from deployments.x4_upscaler import X4UpscalerDeployment
+    from deployments.pipelines.esrgan import ESRGANDeployment
+    from deployments.pipelines.latent_upscaler import LatentUpscalerDeployment
+    from deployments.pipelines.x4_upscaler import X4UpscalerDeployment
 
     job = UpscaleJob("a fox", None, 2, 0.0, (1,))
     x2 = LatentUpscalerDeployment(spec("x2", "sd-x2-latent-upscaler"))
@@ -113,7 +113,7 @@ def test_upscalers_stay_bfloat16():
 
 
 def test_safety_checker_stays_bfloat16():
-    from deployments.safety import SafetyCheckerDeployment
+    from deployments.pipelines.safety import SafetyCheckerDeployment
 
     checker = SafetyCheckerDeployment(spec("SafetyChecker", "safety-checker"))
     result = check(checker, checker.check(SafetyJob(), np.stack([image(), image()])))
@@ -121,8 +121,8 @@ def test_safety_checker_stays_bfloat16():
 
 
 @pytest.mark.parametrize("family, cls_path", [
-    ("sd21", "deployments.stable_diffusion:StableDiffusionDeployment"),
-    ("sdxl", "deployments.sdxl:SDXLBaseDeployment"),
+    ("sd21", "deployments.pipelines.stable_diffusion:StableDiffusionDeployment"),
+    ("sdxl", "deployments.pipelines.sdxl:SDXLBaseDeployment"),
 ])
 def test_float32_default_on_cpu(family, cls_path):
     from deployments.families import load_attribute

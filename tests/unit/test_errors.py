@@ -4,11 +4,11 @@ from fastapi.testclient import TestClient
 from ray.exceptions import RayTaskError
 
 from deployments.errors import InvalidJobError, ServerFaultError
-from serve_app.service.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
+from serve_app.protocol.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.routing import guarded
 from serve_app.service.health import DeploymentState, StartFailureWatch, deployments_ready, start_failures
-from serve_app.service.responses import ErrorResponse
+from serve_app.protocol.responses import ErrorResponse
 from serve_app.fronts.openai import ImageGenerationRequest
 
 
@@ -140,7 +140,7 @@ def test_backpressure_is_503_with_retry_after():
 
 
 def test_timeout_is_504_in_the_envelope():
-    from serve_app.service.errors import GatewayTimeoutError
+    from serve_app.protocol.errors import GatewayTimeoutError
 
     response = make_client(GatewayTimeoutError(30)).post("/v1/images/generations", json={"prompt": "a"})
     assert response.status_code == 504

@@ -18,7 +18,7 @@ from deployments.errors import InvalidJobError, ServerFaultError, UpstreamLost
 from serve_app.config import load_app_config
 from serve_app.fronts.openai import ImageGenerationRequest
 from serve_app.service import execution
-from serve_app.service.errors import ModelUnavailableError, ServiceUnavailableError, error_from_exception
+from serve_app.protocol.errors import ModelUnavailableError, ServiceUnavailableError, error_from_exception
 from serve_app.service.execution import Executor, run_plan, stream_plan
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import plan_request

@@ -25,7 +25,7 @@ def test_sd21_runs_in_fp16_with_sdpa_on_cuda():
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     from deployments.contract import TextToImageJob
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
     sd = StableDiffusionDeployment(spec())
     assert sd.device == "cuda" and sd.pipe.unet.dtype == torch.float16
@@ -37,7 +37,7 @@ def test_sd21_runs_in_fp16_with_sdpa_on_cuda():
 
 def test_preview_decoder_runs_on_cuda():
     from deployments.contract import TextToImageJob
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
     sd = StableDiffusionDeployment(spec(preview_decoder="tiny:taesd"))
     assert sd.preview_decoder.device.type == "cuda" and sd.preview_decoder.dtype == torch.float16
@@ -52,8 +52,8 @@ def test_preview_decoder_runs_on_cuda():
 
 def test_safety_checker_in_fp16_agrees_with_float32_on_cpu():
     from deployments.contract import SafetyJob, TextToImageJob
-    from deployments.safety import SafetyCheckerDeployment
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    from deployments.pipelines.safety import SafetyCheckerDeployment
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
     from deployments.standins.tiny import SAFETY_CALIBRATION as cal
 
     sd = StableDiffusionDeployment(spec(dtype="float32"))
@@ -87,8 +87,8 @@ def generate(dep, loras=(), size=256, steps=4):
 
 @pytest.mark.parametrize("family", ["sd21", "sdxl"])
 def test_lora_adapters_load_at_start_and_switch_in_fp16_on_cuda(family):
-    from deployments.sdxl import SDXLBaseDeployment
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    from deployments.pipelines.sdxl import SDXLBaseDeployment
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
     cls = StableDiffusionDeployment if family == "sd21" else SDXLBaseDeployment
     never = cls(spec(name=family, family=family, source=f"tiny:{family}"))
@@ -106,8 +106,8 @@ def test_lora_adapters_load_at_start_and_switch_in_fp16_on_cuda(family):
 
 
 def test_a_compiled_replica_switches_adapters_as_an_eager_one_does(monkeypatch):
-    import deployments.loading as loading
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    import deployments.runtime.loading as loading
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
     # The replica's own path (compile in place at load, hotswap prepared by the cache); the
     # default mode compiles in seconds where max-autotune takes minutes, through the same

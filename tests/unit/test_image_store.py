@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from deployments.image_store import (
+from deployments.store.image_store import (
     IMAGE,
     INPUT,
     ImageStore,

@@ -9,7 +9,7 @@ import pytest
 from serve_app.config import load_app_config
 from serve_app.jobs.runner import JobRunner, recover_lost, request_from
 from serve_app.jobs.store import JobRecord, JobStore, new_job_id, owner_of
-from serve_app.service.request import ImageRequest
+from serve_app.protocol.request import ImageRequest
 
 
 @pytest.fixture

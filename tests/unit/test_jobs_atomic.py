@@ -322,7 +322,7 @@ def test_a_stalled_holder_whose_lease_was_taken_over_writes_nothing(tiny_args, s
 
 
 def _fault():
-    from serve_app.service.errors import ServerFault
+    from serve_app.protocol.errors import ServerFault
 
     return ServerFault("the model replica was lost")
 

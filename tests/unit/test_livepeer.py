@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from deployments.arrays import batch_text
-from deployments.batching import BatchEntry
+from deployments.runtime.arrays import batch_text
+from deployments.runtime.batching import BatchEntry
 from deployments.contract import PipelineSpec, TextToImageJob
 from serve_app.config import load_app_config
-from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
+from serve_app.protocol.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.fronts.livepeer import (
     LivepeerTextToImageRequest,
     parse_loras,
@@ -148,7 +148,7 @@ def test_batch_text_gives_each_image_its_second_prompt():
 
 @pytest.fixture(scope="module")
 def sdxl():
-    from deployments.sdxl import SDXLBaseDeployment
+    from deployments.pipelines.sdxl import SDXLBaseDeployment
 
     return SDXLBaseDeployment(PipelineSpec(name="xl", family="sdxl", source="tiny:sdxl"))
 

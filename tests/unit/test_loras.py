@@ -17,9 +17,9 @@ import torch
 from deployments.contract import ImageToImageJob, LoraRef, PipelineSpec, TextToImageJob
 from deployments.errors import InvalidJobError, ServerFaultError
 from deployments.sources import Source, local_path
-from deployments.loras import LoraCache, LoraStackError, adapter_name, lora_batch_key
-from deployments.sdxl import SDXLBaseDeployment
-from deployments.stable_diffusion import StableDiffusionDeployment
+from deployments.runtime.loras import LoraCache, LoraStackError, adapter_name, lora_batch_key
+from deployments.pipelines.sdxl import SDXLBaseDeployment
+from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 from deployments.standins.tiny import materialize_tiny, materialize_tiny_lora, resolve_tiny_lora
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -265,7 +265,7 @@ def test_least_recently_used_adapter_is_evicted_and_reloaded(fresh, monkeypatch)
 
 
 def test_replica_metrics_count_loads_and_evictions_per_adapter(monkeypatch):
-    from deployments.metrics import ReplicaMetrics
+    from deployments.runtime.metrics import ReplicaMetrics
 
     metrics, seen = ReplicaMetrics("sd"), []
     monkeypatch.setattr(metrics.lora_loads, "inc", lambda value, tags: seen.append(("load", value, tags)))
@@ -350,7 +350,7 @@ def test_a_configured_adapter_that_does_not_load_is_the_servers_fault(configured
 
 @pytest.mark.parametrize("family", ["sd21", "sdxl"])
 def test_with_hub_loras_only_the_start_probe_is_a_zero_lora_of_every_loadable_module(family, fresh, monkeypatch):
-    from deployments.loras import probe_state_dict
+    from deployments.runtime.loras import probe_state_dict
 
     cls = StableDiffusionDeployment if family == "sd21" else SDXLBaseDeployment
     loaded = []
@@ -375,7 +375,7 @@ def test_a_broken_lora_stack_stops_the_replica_from_starting(monkeypatch, tmp_pa
     monkeypatch.setenv("SERVE_APP_TINY_CACHE", str(tmp_path))  # the tiny LoRA is built at start
     monkeypatch.setattr(transformers_peft, "MIN_PEFT_VERSION", "99.0")
     logged = []
-    monkeypatch.setattr("deployments.loras.logger.error", lambda message, *args: logged.append(message % args))
+    monkeypatch.setattr("deployments.runtime.loras.logger.error", lambda message, *args: logged.append(message % args))
     with pytest.raises(LoraStackError) as info:
         StableDiffusionDeployment(sd_spec(loras=(ref("ink"),)))
     message = str(info.value)
@@ -399,8 +399,8 @@ class FakeHub:
         self.cache, self.repos = cache, repos
         self.infos, self.downloads = [], []
         self.gate = None
-        monkeypatch.setattr("deployments.loras.HfApi", lambda: self)
-        monkeypatch.setattr("deployments.loras.hf_hub_download", self.download)
+        monkeypatch.setattr("deployments.runtime.loras.HfApi", lambda: self)
+        monkeypatch.setattr("deployments.runtime.loras.hf_hub_download", self.download)
 
     def repo_info(self, repo_id, *, revision=None, repo_type=None, files_metadata=False):
         from types import SimpleNamespace
@@ -541,7 +541,7 @@ def test_requests_for_one_hub_lora_share_one_download_and_a_cancelled_one_stops_
 
 
 def test_a_queued_hub_download_is_dropped_only_when_nobody_waits_for_it(monkeypatch, tmp_path):
-    from deployments.loras import HUB_DOWNLOAD_WORKERS
+    from deployments.runtime.loras import HUB_DOWNLOAD_WORKERS
 
     dep = hub_replica()
     repos = {f"someone/lora{i}": {LORA_FILE: INK_FILE()} for i in range(2 * HUB_DOWNLOAD_WORKERS)}
@@ -586,7 +586,7 @@ def test_a_hub_lora_a_request_names_is_the_clients_fault_only_for_its_own_faults
         def repo_info(self, repo_id, **kw):
             raise httpx.ConnectError("[Errno 101] Network is unreachable")
 
-    monkeypatch.setattr("deployments.loras.HfApi", Unreachable)
+    monkeypatch.setattr("deployments.runtime.loras.HfApi", Unreachable)
     with pytest.raises(ServerFaultError) as info:
         run(dep.text_to_image(t2i([hub("someone/no-such-lora")])))
     assert info.value.code == "lora_unavailable" and "fault of the server" in info.value.message
@@ -636,7 +636,7 @@ def test_an_adapter_the_config_names_on_the_hub_is_not_bounded_and_downloads_as_
 def test_the_hub_file_is_the_one_diffusers_would_choose(files, tmp_path):
     from diffusers.loaders.lora_base import _best_guess_weight_name
 
-    from deployments.loras import best_guess_weight_name
+    from deployments.runtime.loras import best_guess_weight_name
 
     for name in files:
         (tmp_path / name).write_bytes(b"")
@@ -656,7 +656,7 @@ def test_the_config_bounds_hub_loras_at_1_gib_by_default(tiny_args):
 
 
 def test_a_replica_without_adapters_rejects_jobs_with_them():
-    from deployments.replica import PipelineDeployment
+    from deployments.runtime.replica import PipelineDeployment
 
     dep = PipelineDeployment.__new__(PipelineDeployment)
     dep.spec, dep.loras = sd_spec(), None
@@ -679,7 +679,7 @@ def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
 
 
 def test_adapters_switch_on_a_unet_compiled_in_place_as_load_pipeline_compiles_it():
-    from deployments.loading import COMPILE_OPTIONS
+    from deployments.runtime.loading import COMPILE_OPTIONS
 
     # load_pipeline probes on the device, then compiles the UNet in place (on CUDA); the
     # cache then prepares hotswap. torch.compile is lazy: nothing compiles here, but every

@@ -26,8 +26,8 @@ from serve_app.fronts.openai import (
     ImageVariationForm,
     UpscaleForm,
 )
-from serve_app.service.request import MAX_SEED, parse_size
-from serve_app.service.sizes import SIZE_PATTERN
+from serve_app.protocol.request import MAX_SEED, parse_size
+from serve_app.protocol.sizes import SIZE_PATTERN
 from serve_app.service.uploads import ALLOWED_FORMATS, decode_image
 from tests.unit.fakes import fake_handles
 

@@ -8,7 +8,7 @@ from PIL import Image
 
 from deployments.contract import RefineJob, TextToImageJob, Upstream, resolve_inputs
 from serve_app.config import load_app_config
-from serve_app.service.errors import InvalidRequestError, ModelNotFoundError
+from serve_app.protocol.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.service.execution import run_plan
 from serve_app.service.planning import plan_request
 from serve_app.fronts.openai import ImageGenerationRequest
@@ -167,7 +167,7 @@ def test_service_encodes_every_image_with_its_seed(config):
 
 @pytest.mark.parametrize("stalled", ["stable-diffusion-2-1", "SafetyChecker"])
 def test_a_request_waiting_on_a_deployment_that_cannot_start_is_a_503_naming_the_cause(stalled, tiny_args):
-    from serve_app.service.errors import ModelUnavailableError
+    from serve_app.protocol.errors import ModelUnavailableError
     from serve_app.service.execution import START_WATCH_FIRST_S
 
     # (The fakes hand a stage's response on without awaiting it: the last stage stalls.)
@@ -395,7 +395,7 @@ def test_timeout_cancels_every_stage(config):
 
 
 def test_service_turns_timeouts_into_504(tiny_args):
-    from serve_app.service.errors import GatewayTimeoutError
+    from serve_app.protocol.errors import GatewayTimeoutError
 
     config = load_app_config({**tiny_args, "ingress": {"request_timeout_s": 0.05}})
     service = ImagesService(config, fake_handles(
@@ -483,7 +483,7 @@ def test_an_input_whose_replica_was_lost_ends_the_stage_with_upstream_lost():
     from ray.exceptions import ActorUnavailableError
 
     from deployments.errors import InvalidJobError, UpstreamLost
-    from serve_app.service.errors import error_from_exception
+    from serve_app.protocol.errors import error_from_exception
 
     async def failing(exc):
         raise exc

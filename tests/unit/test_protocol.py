@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from serve_app.service.request import parse_size
+from serve_app.protocol.request import parse_size
 from serve_app.fronts.openai import ImageGenerationRequest
 
 

@@ -11,7 +11,7 @@ import pytest
 from deployments.errors import InvalidJobError
 from deployments.contract import SafetyJob, Upstream
 from serve_app.config import ConfigError, load_app_config
-from serve_app.service.errors import InvalidRequestError, ModerationBlockedError
+from serve_app.protocol.errors import InvalidRequestError, ModerationBlockedError
 from serve_app.service.execution import run_plan
 from serve_app.service.planning import plan_request
 from serve_app.fronts.openai import ImageGenerationRequest, ImageVariationForm
@@ -203,7 +203,7 @@ def test_without_a_checker_data_carries_no_nsfw(tiny_args):
 
 def test_livepeer_safety_check_maps_to_moderation():
     from serve_app.fronts.livepeer import LivepeerTextToImageRequest, rename_param, to_livepeer
-    from serve_app.service.responses import ImageData, ImagesResponse, ImagesUsage
+    from serve_app.protocol.responses import ImageData, ImagesResponse, ImagesUsage
 
     assert LivepeerTextToImageRequest(prompt="x").to_request().moderation == "auto"
     assert LivepeerTextToImageRequest(prompt="x", safety_check=False).to_request().moderation == "low"
@@ -232,7 +232,7 @@ def test_config_rejects_reserved_names_and_a_wrong_tiny_source(tiny_args):
 @pytest.fixture(scope="module")
 def checker():
     from deployments.contract import PipelineSpec
-    from deployments.safety import SafetyCheckerDeployment
+    from deployments.pipelines.safety import SafetyCheckerDeployment
 
     return SafetyCheckerDeployment(
         PipelineSpec(name="SafetyChecker", family="safety-checker", source="tiny:safety-checker",
@@ -243,7 +243,7 @@ def checker():
 def calibration_images():
     """Tiny SD 2.1 images of the calibration request, made by the deployment class."""
     from deployments.contract import PipelineSpec, TextToImageJob
-    from deployments.stable_diffusion import StableDiffusionDeployment
+    from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
     from deployments.standins.tiny import SAFETY_CALIBRATION as cal
 
     sd = StableDiffusionDeployment(PipelineSpec(name="sd", family="sd21", source="tiny:sd21"))

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deployments.batching import PipelineCancelled
+from deployments.runtime.batching import PipelineCancelled
 from deployments.contract import (
     ImageToImageJob, PipelineSpec, RefineJob, SafetyJob, StageResult, TextToImageJob, UpscaleJob,
 )
-from deployments.esrgan import ESRGANDeployment
-from deployments.latent_upscaler import LatentUpscalerDeployment
-from deployments.safety import SafetyCheckerDeployment
-from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
+from deployments.pipelines.esrgan import ESRGANDeployment
+from deployments.pipelines.latent_upscaler import LatentUpscalerDeployment
+from deployments.pipelines.safety import SafetyCheckerDeployment
+from deployments.pipelines.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
 from deployments.standins.sim import COSTS, MP, SimPipeline, photo_like
-from deployments.stable_diffusion import StableDiffusionDeployment
-from deployments.x4_upscaler import X4UpscalerDeployment
+from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
+from deployments.pipelines.x4_upscaler import X4UpscalerDeployment
 from serve_app.config import ModelConfig
 
 

@@ -375,7 +375,7 @@ def test_the_mask_is_read_in_stabilitys_convention(config):
 def test_decode_keep_mask_black_changes_white_keeps():
     weights = decode_keep_mask(png(4, 4, 0, "L"), "mask", 10**6)
     assert weights.dtype == np.uint8 and weights.min() == 255
-    from serve_app.service.errors import InvalidRequestError
+    from serve_app.protocol.errors import InvalidRequestError
 
     with pytest.raises(InvalidRequestError, match="nothing to change"):
         decode_keep_mask(png(4, 4, 255, "L"), "mask", 10**6)
@@ -438,7 +438,7 @@ def _profile(name: str):
 def _largest_answer(name: str) -> int:
     """Bytes of the largest answer a config can return: one image at its largest output, as
     an unfiltered PNG at worst (3 bytes a pixel, a filter byte a row, chunk overhead)."""
-    from serve_app.service.sizes import output_pixels
+    from serve_app.protocol.sizes import output_pixels
 
     config = load_app_config(_profile(name)["applications"][0]["args"])
     largest = max(m.max_output_pixels if "upscale" in m.capabilities else output_pixels(m.limits)
@@ -476,9 +476,9 @@ def test_the_clusters_nodes_set_the_same_message_limit():
 
 
 def test_planning_takes_a_seed_per_image(config):
-    from serve_app.service.errors import InvalidRequestError
+    from serve_app.protocol.errors import InvalidRequestError
     from serve_app.service.planning import plan_request
-    from serve_app.service.request import ImageRequest
+    from serve_app.protocol.request import ImageRequest
 
     plan = plan_request(ImageRequest(task="generate", prompt="x", n=2, seeds=(5, 1)), config)
     assert plan.seeds == (5, 1)

@@ -1,4 +1,4 @@
-"""Step-level batching (deployments/steploop.py): admission on a fake job runner, then the
+"""Step-level batching (deployments/runtime/steploop.py): admission on a fake job runner, then the
 tiny SD 2.1 and SDXL replicas in step mode against the same jobs run alone (``pipe(...)``
 through a request-mode replica): same pixels whatever ran beside them."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from deployments.contract import ImageToImageJob, PipelineSpec, RefineJob, TextToImageJob
-from deployments.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
-from deployments.stable_diffusion import StableDiffusionDeployment
-from deployments.steploop import StepBatcher
+from deployments.pipelines.sdxl import SDXLBaseDeployment, SDXLRefinerDeployment
+from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
+from deployments.runtime.steploop import StepBatcher
 
 # --- admission, on a fake job runner ---------------------------------------------------------
 
@@ -112,7 +112,7 @@ def test_a_cancelled_queued_job_never_starts():
 def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on():
     import torch
 
-    from deployments.steploop import StepLoop, StepSlot
+    from deployments.runtime.steploop import StepLoop, StepSlot
 
     calls = []
 
@@ -138,7 +138,7 @@ def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on():
 def waiting(rows, arrived, calls, width=8):
     import torch
 
-    from deployments.steploop import StepSlot
+    from deployments.runtime.steploop import StepSlot
 
     slot = StepSlot(cancelled=lambda: False, arrived=arrived)
     slot.calls = calls
@@ -147,7 +147,7 @@ def waiting(rows, arrived, calls, width=8):
 
 
 def test_a_call_takes_new_jobs_alone_else_the_oldest_within_its_rows():
-    from deployments.steploop import StepLoop
+    from deployments.runtime.steploop import StepLoop
 
     loop = StepLoop(lambda *a, **k: None, "fake", max_rows=6)
     old, older, new, newer = (waiting(2, 2.0, 5), waiting(2, 1.0, 9), waiting(2, 4.0, 0),
@@ -184,7 +184,7 @@ class FakeVAE:
 def test_a_job_that_arrives_during_a_call_takes_the_next_one_before_the_decodes():
     import torch
 
-    from deployments.steploop import StepLoop, StepSlot
+    from deployments.runtime.steploop import StepLoop, StepSlot
 
     log, gate = [], threading.Event()
 
@@ -228,8 +228,8 @@ def test_a_job_whose_caller_goes_while_it_waits_its_turn_leaves_at_the_next_boun
     its caller goes it is answered at the next step boundary, not when its turn comes."""
     import torch
 
-    from deployments.batching import PipelineCancelled
-    from deployments.steploop import StepLoop, StepSlot
+    from deployments.runtime.batching import PipelineCancelled
+    from deployments.runtime.steploop import StepLoop, StepSlot
 
     log, gate, gone = [], threading.Event(), threading.Event()
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from starlette.requests import Request
 
-from deployments.image_store import (
+from deployments.store.image_store import (
     IMAGE,
     INPUT,
     ImageStoreDeployment,
@@ -27,7 +27,7 @@ from serve_app.fronts.openai import ImageGenerationRequest
 from serve_app.fronts.routing import answer, request_owner
 from serve_app.jobs.runner import JobRunner, JobServerFault
 from serve_app.jobs.store import JobRecord, JobStore, new_job_id, owner_of
-from serve_app.service.errors import NotFoundError, ServerFault
+from serve_app.protocol.errors import NotFoundError, ServerFault
 from serve_app.service.images import ImagesService
 from serve_app.service.store import ImageStoreClient, StoreQuotaError, StoreUnavailableError
 from tests.unit.fakes import fake_handles

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serve_app.service.errors import InvalidRequestError
+from serve_app.protocol.errors import InvalidRequestError
 from serve_app.service.uploads import decode_image, decode_mask, resize
 
 LIMIT = 4096 * 4096

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from deployments.arrays import crop, generators, pad_images, pad_latents, padded_side, to_uint8
-from deployments.batching import BatchEntry
+from deployments.runtime.arrays import crop, generators, pad_images, pad_latents, padded_side, to_uint8
+from deployments.runtime.batching import BatchEntry
 from deployments.contract import PipelineSpec, TextToImageJob, UpscaleJob
-from deployments.esrgan import ESRGANDeployment
+from deployments.pipelines.esrgan import ESRGANDeployment
 from deployments.families import FAMILIES
-from deployments.latent_upscaler import LatentUpscalerDeployment, latent_grid
-from deployments.stable_diffusion import StableDiffusionDeployment
-from deployments.x4_upscaler import X4UpscalerDeployment
+from deployments.pipelines.latent_upscaler import LatentUpscalerDeployment, latent_grid
+from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
+from deployments.pipelines.x4_upscaler import X4UpscalerDeployment
 
 UPSCALERS = {
     "sd-x2-latent-upscaler": LatentUpscalerDeployment,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from serve_app.service.errors import InvalidRequestError
+from serve_app.protocol.errors import InvalidRequestError
 
 _SIZE_RE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 # A size field's JSON-schema pattern: the same rule, or "auto".

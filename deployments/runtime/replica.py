@@ -19,17 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployments.arrays import batch_text, finish, split, to_uint8
-from deployments.batching import BatchEntry, Batcher, PipelineCancelled, batch_cancelled
+from deployments.runtime.arrays import batch_text, finish, split, to_uint8
+from deployments.runtime.batching import BatchEntry, Batcher, PipelineCancelled, batch_cancelled
 from deployments.contract import (JOB_METHODS, STREAMING_JOBS, PipelineSpec, StageResult,
                                   resolve_inputs)
 from deployments.errors import InvalidJobError
 from deployments.families import FAMILIES
-from deployments.loading import cpu_threads, load_pipeline, load_preview_decoder, select_device
-from deployments.loras import LoraCache, lora_batch_key
-from deployments.metrics import ReplicaMetrics
-from deployments.previews import current_sink, emit_previews, linear_previews, sink_for
-from deployments.steploop import StepBatcher, StepLoop, StepSlot
+from deployments.runtime.loading import cpu_threads, load_pipeline, load_preview_decoder, select_device
+from deployments.runtime.loras import LoraCache, lora_batch_key
+from deployments.runtime.metrics import ReplicaMetrics
+from deployments.runtime.previews import current_sink, emit_previews, linear_previews, sink_for
+from deployments.runtime.steploop import StepBatcher, StepLoop, StepSlot
 
 # In step mode, the step-loop slot of the job this thread runs (None in request mode).
 _step_slot: contextvars.ContextVar[StepSlot | None] = contextvars.ContextVar("step_slot", default=None)
@@ -44,7 +44,7 @@ def serve_metrics_available() -> bool:
 class PipelineDeployment:
     """Base of every model deployment: one pipeline per replica, fed by a batcher.
 
-    Jobs go through a :class:`~deployments.batching.Batcher`: compatible concurrent jobs
+    Jobs go through a :class:`~deployments.runtime.batching.Batcher`: compatible concurrent jobs
     run as one pipeline call, one call at a time, in a worker thread so the replica's event
     loop keeps answering health checks and noticing cancelled callers.
     """
@@ -167,7 +167,7 @@ class PipelineDeployment:
 
     def _pipeline(self, name: str = "pipe") -> Any:
         """The pipeline ``name`` (``pipe``, ``img2img``, ``inpaint``) as this thread's job runs
-        it: the replica's own, or in step mode the job's view of it (deployments/steploop.py)."""
+        it: the replica's own, or in step mode the job's view of it (deployments/runtime/steploop.py)."""
         pipe, slot = getattr(self, name), _step_slot.get()
         return pipe if slot is None else self.steps.view(pipe, slot)
 

@@ -14,10 +14,10 @@ from diffusers import StableDiffusionUpscalePipeline
 import numpy as np
 
 from deployments.contract import unwrap
-from deployments.arrays import (
+from deployments.runtime.arrays import (
     batch_text, crop, images_to_float, pad_images, padded_side, pixels_to_uint8, split,
 )
-from deployments.replica import PipelineDeployment
+from deployments.runtime.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
 DEFAULT_NOISE_LEVEL = 20

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from deployments.contract import PipelineSpec
-from deployments.loras import fuse_loras, probe_lora_stack
+from deployments.runtime.loras import fuse_loras, probe_lora_stack
 from deployments.sources import local_path, stand_in_model
 
 logger = logging.getLogger("ray.serve")

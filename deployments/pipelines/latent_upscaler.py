@@ -19,10 +19,10 @@ from diffusers import StableDiffusionLatentUpscalePipeline
 import numpy as np
 
 from deployments.contract import unwrap
-from deployments.arrays import (
+from deployments.runtime.arrays import (
     batch_text, crop, images_to_float, pad_images, pad_latents, padded_side, pixels_to_uint8, split,
 )
-from deployments.replica import PipelineDeployment
+from deployments.runtime.replica import PipelineDeployment
 from deployments.errors import InvalidJobError
 
 # The K-blocks' down- and upsamplers reflect-pad their input by one pixel, which takes at

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from deployments.errors import InvalidJobError, ServerFaultError, UpstreamLost
-from serve_app.service.responses import ErrorDetail, ErrorResponse
+from serve_app.protocol.responses import ErrorDetail, ErrorResponse
 
 logger = logging.getLogger("ray.serve")  # Serve adds the request id to each line
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from deployments.batching import PipelineCancelled, batch_cancelled
+from deployments.runtime.batching import PipelineCancelled, batch_cancelled
 from deployments.contract import unwrap
-from deployments.arrays import pixels_to_uint8
+from deployments.runtime.arrays import pixels_to_uint8
 from deployments.errors import InvalidJobError
-from deployments.loading import load_stand_in, logger, select_device
-from deployments.replica import PipelineDeployment
+from deployments.runtime.loading import load_stand_in, logger, select_device
+from deployments.runtime.replica import PipelineDeployment
 from deployments.sources import local_path
 
 

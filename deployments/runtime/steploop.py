@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from deployments.batching import RECENT_BATCHES, BatchEntry, Batcher, PipelineCancelled
+from deployments.runtime.batching import RECENT_BATCHES, BatchEntry, Batcher, PipelineCancelled
 from deployments.contract import StageResult
 
 # How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.

@@ -9,7 +9,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from deployments.replica import ImageToImageMixin, PipelineDeployment, TextToImageMixin
+from deployments.runtime.replica import ImageToImageMixin, PipelineDeployment, TextToImageMixin
 from deployments.errors import InvalidJobError
 
 

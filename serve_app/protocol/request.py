@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from serve_app.service.sizes import SIZE_PATTERN, parse_size
+from serve_app.protocol.sizes import SIZE_PATTERN, parse_size
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 # ---------------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from diffusers import (
 
 import torch
 
-from deployments.arrays import batch_text, finish, split
-from deployments.replica import ImageToImageMixin, PipelineDeployment, TextToImageMixin
+from deployments.runtime.arrays import batch_text, finish, split
+from deployments.runtime.replica import ImageToImageMixin, PipelineDeployment, TextToImageMixin
 from deployments.contract import unwrap
 from deployments.errors import InvalidJobError
 

@@ -17,8 +17,8 @@ import torch
 
 from deployments.contract import StageResult, unwrap
 from deployments.errors import InvalidJobError
-from deployments.loading import load_stand_in, logger, select_device
-from deployments.replica import PipelineDeployment
+from deployments.runtime.loading import load_stand_in, logger, select_device
+from deployments.runtime.replica import PipelineDeployment
 from deployments.sources import local_path
 
 # Gaussian blur radius of a flagged image, as a fraction of its longer side.

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deployments.batching import BatchEntry
+from deployments.runtime.batching import BatchEntry
 from deployments.errors import InvalidJobError
 
 def generators(seeds: tuple[int, ...]) -> list[torch.Generator]:
