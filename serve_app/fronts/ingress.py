@@ -28,7 +28,7 @@ from serve_app.fronts.openapi import install_openapi, responses
 from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
 from serve_app.service.images import ImagesService
 from serve_app.protocol.responses import HealthResponse
-from serve_app.keys import API_KEYS_ENV, API_KEYS_FILE_ENV, ApiKeys, KeysError, exposure, load_api_keys
+from serve_app.protocol.keys import API_KEYS_ENV, API_KEYS_FILE_ENV, ApiKeys, KeysError, exposure, load_api_keys
 
 logger = logging.getLogger("ray.serve")
 GRPC_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"

@@ -83,9 +83,9 @@ def json_response(body: Any) -> Response:
 def request_owner(request: Request) -> str:
     """Who the caller is, for what it leaves on the server (its jobs, its URL images) and for
     what its key may do: a hash of the key in its one ``Authorization`` header, as the gate read
-    it, "" without one (``jobs.store.owner_of``)."""
+    it, "" without one (``protocol.keys.owner_of``)."""
     from serve_app.fronts.gate import AUTHORIZATION_STATE, authorization_of, presented_key
-    from serve_app.jobs.store import owner_of
+    from serve_app.protocol.keys import owner_of
 
     authorization = request.scope.get("state", {}).get(AUTHORIZATION_STATE)
     if authorization is None:  # a route reached without the gate (an app of its own)

@@ -113,10 +113,10 @@ class Job:
 
 
 def authenticate(metadata: Iterable[tuple[str, Any]], keys: tuple[bytes, ...]) -> str:
-    """The caller (``jobs.store.owner_of`` of its key). API keys on: the one ``authorization``
+    """The caller (``protocol.keys.owner_of`` of its key). API keys on: the one ``authorization``
     metadata must be ``Bearer KEY`` (what the SDK's access-token credentials send, over TLS);
     two are refused whether keys are on or not, as HTTP refuses two headers."""
-    from serve_app.jobs.store import owner_of
+    from serve_app.protocol.keys import owner_of
 
     found = [value.encode() if isinstance(value, str) else value
              for key, value in metadata if key.lower() == "authorization"]

@@ -20,7 +20,7 @@ def consumer_class(config: AppConfig):
         def __init__(self, config: AppConfig | dict, handles: dict[str, Any], images_store: Any):
             from serve_app.jobs.runner import JobRunner
             from serve_app.jobs.store import JobStore, state_backend
-            from serve_app.keys import load_api_keys
+            from serve_app.protocol.keys import load_api_keys
             from serve_app.service.images import ImagesService
 
             self.config = load_app_config(config)

@@ -13,7 +13,7 @@ from dataclasses import fields, replace
 from serve_app.config import AppConfig
 from serve_app.jobs.store import FINAL, CorruptRecordError, JobRecord, JobStore, lease_until, new_holder
 from serve_app.jobs.webhooks import Webhooks
-from deployments.store.image_store import INPUT
+from serve_app.service.store import INPUT
 from serve_app.protocol.errors import APIError, error_from_exception
 from serve_app.service.images import ImagesService
 from serve_app.protocol.request import ImageRequest

@@ -39,11 +39,6 @@ def new_job_id() -> str:
     return "job_" + secrets.token_urlsafe(16)
 
 
-def owner_of(api_key: bytes | None) -> str:
-    """Who a job belongs to: a hash of the key that made it ("" with keys off)."""
-    return hashlib.sha256(api_key).hexdigest() if api_key else ""
-
-
 @dataclass
 class JobRecord:
     id: str

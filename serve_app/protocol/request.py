@@ -174,6 +174,6 @@ class ImageRequest:
     response_format: str = "b64_json"
     output_format: str = "png"
     output_compression: int | None = None
-    # Who asks: the hash of its API key (``jobs.store.owner_of``), set by the front from the
+    # Who asks: the hash of its API key (``protocol.keys.owner_of``), set by the front from the
     # request's one Authorization header, "" without one; planning checks what this key may do.
     owner: str = ""

@@ -120,7 +120,7 @@ class ImagesService:
         """Run a plan's stages and encode the result; 504 past the request timeout.
 
         A streamed plan returns an async iterator of Server-Sent Events instead. ``owner``
-        (the caller's key, as ``jobs.store.owner_of`` names it) owns the URL images it makes.
+        (the caller's key, as ``protocol.keys.owner_of`` names it) owns the URL images it makes.
         """
         if plan.stream:
             return self._stream(plan, base_url, owner)

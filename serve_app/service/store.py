@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from deployments.store.image_store import IMAGE, StoreRefused, valid_id
+# IMAGE and INPUT are the store's pools; the fronts and jobs name them through this module.
+from deployments.store.image_store import IMAGE, INPUT, StoreRefused, valid_id
 from serve_app.protocol.errors import APIError, ServerFault, _unwrap
 
 

@@ -368,7 +368,8 @@ def test_a_jobs_attempt_is_one_request_whose_lost_stage_ran_again(tiny_args, tmp
     from celery import Celery
 
     from serve_app.jobs.runner import JobRunner, JobServerFault
-    from serve_app.jobs.store import JobRecord, JobStore, new_job_id, owner_of
+    from serve_app.jobs.store import JobRecord, JobStore, new_job_id
+    from serve_app.protocol.keys import owner_of
 
     store = JobStore(Celery("t", backend=f"file://{tmp_path}").backend)
     config = load_app_config({**tiny_args, "safety": None})

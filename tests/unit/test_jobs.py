@@ -8,7 +8,8 @@ import pytest
 
 from serve_app.config import load_app_config
 from serve_app.jobs.runner import JobRunner, recover_lost, request_from
-from serve_app.jobs.store import JobRecord, JobStore, new_job_id, owner_of
+from serve_app.jobs.store import JobRecord, JobStore, new_job_id
+from serve_app.protocol.keys import owner_of
 from serve_app.protocol.request import ImageRequest
 
 

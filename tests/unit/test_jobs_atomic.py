@@ -14,7 +14,8 @@ import pytest
 
 from serve_app.config import load_app_config
 from serve_app.jobs.runner import LEASE_S, JobRunner, recover_lost, redispatch_queued
-from serve_app.jobs.store import CorruptRecordError, JobRecord, JobStore, new_job_id, owner_of
+from serve_app.jobs.store import CorruptRecordError, JobRecord, JobStore, new_job_id
+from serve_app.protocol.keys import owner_of
 
 # A database of the test Redis that no other test uses: its keys are flushed per test (so one
 # run of this file at a time against one server).

@@ -79,8 +79,8 @@ def test_low_moderation_per_key(tiny_args):
     """safety.allow_low_keys: the keys so named may ask for 'low', no other caller."""
     import dataclasses
 
-    from serve_app.jobs.store import owner_of
-    from serve_app.keys import load_api_keys
+    from serve_app.protocol.keys import owner_of
+    from serve_app.protocol.keys import load_api_keys
 
     config = app_config(tiny_args, allow_low=False, allow_low_keys=["ops"])
     keys = load_api_keys({"SERVE_APP_API_KEYS": "ops:sk-ops,sk-other"})
@@ -102,7 +102,7 @@ def test_low_moderation_per_key(tiny_args):
 
 def test_allow_low_keys_must_name_keys_the_ingress_has(tiny_args):
     from serve_app.fronts.ingress import check_keys
-    from serve_app.keys import load_api_keys
+    from serve_app.protocol.keys import load_api_keys
 
     config = app_config(tiny_args, allow_low_keys=["ops"])
     assert check_keys(config, load_api_keys({"SERVE_APP_API_KEYS": "ops:sk-ops"}), [])

@@ -8,7 +8,7 @@ import serve_app.fronts.livepeer  # noqa: F401 - registers Livepeer's error shap
 from serve_app.fronts.http import install_error_handlers
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest
 from serve_app.fronts.gate import GateMiddleware, GateSettings, key_is_valid
-from serve_app.keys import KeysError, exposure, load_api_keys
+from serve_app.protocol.keys import KeysError, exposure, load_api_keys
 
 
 def make_client(settings: GateSettings) -> TestClient:
@@ -101,7 +101,7 @@ def test_keys_come_from_a_file_too(tmp_path):
 
 
 def test_named_keys_give_their_owners():
-    from serve_app.jobs.store import owner_of
+    from serve_app.protocol.keys import owner_of
 
     keys = load_api_keys({"SERVE_APP_API_KEYS": "ops:sk-ops,sk-plain,bot:sk-bot"})
     assert keys.keys == (b"sk-ops", b"sk-plain", b"sk-bot")
@@ -190,7 +190,7 @@ def test_the_gate_and_the_owner_read_the_same_header():
     from fastapi import Request
 
     from serve_app.fronts.routing import request_owner
-    from serve_app.jobs.store import owner_of
+    from serve_app.protocol.keys import owner_of
 
     client = make_client(KEYS)
     app = client.app

@@ -26,7 +26,8 @@ from serve_app.config import load_app_config
 from serve_app.fronts.openai import ImageGenerationRequest
 from serve_app.fronts.routing import answer, request_owner
 from serve_app.jobs.runner import JobRunner, JobServerFault
-from serve_app.jobs.store import JobRecord, JobStore, new_job_id, owner_of
+from serve_app.jobs.store import JobRecord, JobStore, new_job_id
+from serve_app.protocol.keys import owner_of
 from serve_app.protocol.errors import NotFoundError, ServerFault
 from serve_app.service.images import ImagesService
 from serve_app.service.store import ImageStoreClient, StoreQuotaError, StoreUnavailableError

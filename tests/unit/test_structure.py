@@ -1,5 +1,7 @@
-"""The layout's rules, checked on the code: imports go one way without cycles, the serving
-path never names a stand-in, and only deployments/sources.py reads a source string."""
+"""The layout's rules, checked on the code: imports go one way without cycles, layer by layer
+as docs/architecture.md's layer table says (the test reads the table: the docs and the test
+are one list), the serving path never names a stand-in, and only deployments/sources.py reads
+a source string."""
 
 import ast
 import re
@@ -61,30 +63,75 @@ def test_no_import_cycle():
     assert not cycles, f"import cycles: {cycles}"
 
 
+def _layer_table() -> list[tuple[str, list[str], set[str]]]:
+    """docs/architecture.md's layer table: (layer, where, may import) per row, top down."""
+    text = (REPO_ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("\n## Layers\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) < 3 or cells[0] in ("layer", "---") or not line.startswith("|"):
+            continue
+        where = re.findall(r"`([^`]+)`", cells[1])
+        rows.append((cells[0], where, {name.strip() for name in cells[2].split(",") if name.strip()}))
+    return rows
+
+
+LAYERS = _layer_table()
+ALLOWED = {layer: may | {layer} for layer, _, may in LAYERS}
+
+
 def _layer(name: str) -> str:
-    parts = name.split(".")
-    if parts[0] == "deployments":
-        return "standins" if "standins" in parts else "deployments"
-    return parts[1] if len(parts) > 1 and parts[1] in ("fronts", "service", "tools") else "app"
+    """The table's row whose ``where`` holds the module (the longest match wins:
+    ``deployments/runtime/`` over ``deployments/*.py``)."""
+    path = MODULES[name].relative_to(REPO_ROOT).as_posix()
+    best, length = None, -1
+    for layer, where, _ in LAYERS:
+        for pattern in where:
+            folder = pattern.removesuffix("*.py")
+            hit = (path == pattern if pattern.endswith(".py") and "*" not in pattern
+                   else path.startswith(folder) and ("*" not in pattern or "/" not in path[len(folder):]))
+            if hit and len(folder) > length:
+                best, length = layer, len(folder)
+    assert best is not None, f"{path} is in no row of docs/architecture.md's layer table"
+    return best
 
 
-# Who may import whom: the fronts over the service, the service over the deployments'
-# contract, the tools beside them; the deployments never import serve_app; nobody in the
-# serving path imports a stand-in.
-ALLOWED = {
-    "fronts": {"fronts", "service", "app", "deployments"},
-    "service": {"service", "app", "deployments"},
-    "app": {"app", "fronts", "service", "deployments"},
-    "tools": {"tools", "app", "service", "deployments", "standins"},
-    "deployments": {"deployments"},
-    "standins": {"standins", "deployments"},
-}
+def test_the_layer_table_names_real_layers():
+    names = [layer for layer, _, _ in LAYERS]
+    assert len(names) == len(set(names)) and len(names) >= 10, names
+    for layer, where, may in LAYERS:
+        assert may <= set(names), f"{layer} may import an unknown layer: {may - set(names)}"
+        for pattern in where:
+            assert list(REPO_ROOT.glob(pattern)) or (REPO_ROOT / pattern).exists(), pattern
+    # One way: a layer imports only layers further down the table.
+    for index, (layer, _, may) in enumerate(LAYERS):
+        assert may <= set(names[index + 1:]), f"{layer} imports a layer above it"
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_every_module_is_in_one_layer(module):
+    _layer(module)
 
 
 @pytest.mark.parametrize("module", sorted(GRAPH))
 def test_imports_go_one_way(module):
     wrong = sorted(t for t in GRAPH[module] if _layer(t) not in ALLOWED[_layer(module)])
     assert not wrong, f"{module} ({_layer(module)}) imports {wrong}"
+
+
+def test_the_contract_imports_no_torch():
+    """The package root of deployments is what the controller and the ingress import: no
+    torch, diffusers or transformers at import time (a function may import them)."""
+    for name, path in MODULES.items():
+        if _layer(name) not in ("contract", "store", "protocol", "config"):
+            continue
+        tree = ast.parse(path.read_text())
+        top = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        heavy = [alias.name if isinstance(node, ast.Import) else node.module
+                 for node in top for alias in node.names]
+        heavy = [n for n in heavy if n and n.split(".")[0] in ("torch", "diffusers", "transformers", "peft")]
+        assert not heavy, f"{name} imports {heavy} at the top"
 
 
 # The serving path: every module but the stand-ins themselves, the registry they plug into,

@@ -340,7 +340,7 @@ def test_each_api_key_signs_with_its_own_secret(receiver, monkeypatch):
     tenant cannot be sent another's jobs with a valid signature); other keys, and callers
     without a key, get the server's secret."""
     from serve_app.config import WebhooksConfig
-    from serve_app.jobs.store import owner_of
+    from serve_app.protocol.keys import owner_of
     from serve_app.jobs.webhooks import Webhooks
 
     tenant = "whsec_" + base64.b64encode(b"the secret of one tenant").decode()
