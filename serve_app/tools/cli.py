@@ -6,7 +6,7 @@
     serve-app tiny-config CONFIG [--out FILE]
 
 ``check`` also prints the installed torch, diffusers, transformers, peft, ray and spandrel
-and whether each is the version ``constraints.txt`` locks (serve_app/versions.py).
+and whether each is the version ``constraints.txt`` locks (serve_app/tools/versions.py).
 
 Exit codes, the same for every command: 0 all is well; 1 a source is unusable (missing
 files, no such repo or variant, a fetch that failed), a GPU is over-committed or the installed
