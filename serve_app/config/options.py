@@ -2,7 +2,7 @@
 Serve's own schema.
 
 Every option is Serve's, with the type and bounds of ``ray.serve.schema.DeploymentSchema``
-(the actor's ``num_gpus`` and ``num_cpus``, written flat and gathered into
+(the actor's ``num_gpus``, ``num_cpus`` and ``resources``, written flat and gathered into
 ``ray_actor_options``, with those of its ``RayActorOptionsSchema``); the assembled options
 are then validated by ``DeploymentSchema`` itself (its rules across options) and
 ``autoscaling_config`` by Serve's ``AutoscalingConfig``, each error naming its option. Ours
@@ -21,8 +21,8 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, RayActorOptionsSchema
 
-from serve_app.config.defaults import DEPLOYMENT, SECTION_DEPLOYMENTS
 from serve_app.config.base import Strict
+from serve_app.config.defaults import DEPLOYMENT, SECTION_DEPLOYMENTS
 
 # The actor's options written flat in `deployment`, gathered into ray_actor_options.
 ACTOR_OPTIONS = ("num_gpus", "num_cpus", "resources")
