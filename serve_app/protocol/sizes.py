@@ -1,7 +1,7 @@
 """Every size rule, in one place: how a size is written, which sizes a model makes from
 text, the output size of an edit, and the input and output sizes of an upscale.
 
-The config validates its defaults with the same rules (serve_app/config.py's
+The config validates its defaults with the same rules (serve_app/config/generation.py's
 ``GenerationLimits`` asks :func:`allows`), and planning computes every request's output size
 here, raising a 400 that names the field to change. No torch, no Ray.
 """

@@ -140,7 +140,8 @@ def test_unknown_keys_are_rejected_with_their_path(tiny_args):
             lambda a: a["models"][0]["deployment"].update(autoscaling_config={"min_replicas": 3, "max_replicas": 1}),
             "autoscaling_config",
         ),
-        (lambda a: a["models"][0]["deployment"].update(num_replicas=2), "not both"),
+        (lambda a: a["models"][0]["deployment"].update(num_replicas=2),
+         "num_replicas is not allowed when autoscaling_config"),  # Serve's own words
         (lambda a: a["models"][0]["batching"].update(max_batch_images=64), "max_ongoing_requests"),
         (lambda a: a["models"][3]["limits"].pop("max_input_pixels"), "max_input_pixels"),
         (lambda a: a["models"][0]["limits"].update(sizes=[], max_pixels=None), "allowed size (none)"),
