@@ -6,7 +6,8 @@ machine's time budget, each figure written the moment it exists.
 It is written for an offline H100/H200 with 15 minutes of GPU time in all (each start a minute
 or more of it) and one command at most 10; its Python 3.12 has PyTorch, transformers, accelerate and
 peft, no diffusers, spandrel or Ray, and no network. This is the one command to run there,
-once, with the wheels of ``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
+once, in the repository root (the package is not installed there), with the wheels of
+``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
 
 1. It installs the carried wheels (``pip install --no-index --no-deps --target``, into a folder
    of its own put first on the path of this process and its children) unless each is
@@ -64,7 +65,6 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
 
 from deployments.families import FAMILIES  # the registry, no torch
 
