@@ -1,7 +1,7 @@
 """Bare pipeline vs served path, side by side in one run, on the tiny profile; and the
 cold start of ``serve run configs/tiny.yaml``.
 
-    python3 benchmarks/bench.py [--out benchmarks/results] [--requests 48]
+    python3 -m benchmarks.bench [--out benchmarks/results] [--requests 48]
 
 Fair to both: the tiny model gets one thread (one core) bare and served alike
 (``cpu_threads: 1``), leaving the other core to the serving layer, as a GPU leaves the
@@ -41,10 +41,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402 - benchmarks/common.py
+from benchmarks.common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402
 from serve_app.tools.launch import load_serve_config, run_local  # noqa: E402
 
 MODEL = "stable-diffusion-2-1"
@@ -373,7 +372,7 @@ def write_report(bare: dict, served: dict, steps: int, out: Path, cold: tuple, p
     lines = [
         f"Tiny SD 2.1, {SIZE}x{SIZE}, {steps} steps, {os.cpu_count()} CPU cores, one replica; the "
         f"model runs on {MODEL_THREADS} torch thread bare and served alike. "
-        "Command: `python3 benchmarks/bench.py`.",
+        "Command: `python3 -m benchmarks.bench`.",
         "",
         "| path | concurrency / batch | images/s | p50 latency | p99 latency |",
         "| --- | --- | --- | --- | --- |",

@@ -1,6 +1,6 @@
 """Schema-driven fuzzing at scale: schemathesis over the app's own OpenAPI document.
 
-    python3 benchmarks/fuzz.py [--cases 10000] [--seed 0] [--url URL] [--smoke] [--out benchmarks/results]
+    python3 -m benchmarks.fuzz [--cases 10000] [--seed 0] [--url URL] [--smoke] [--out benchmarks/results]
 
 Starts the tiny profile (``configs/tiny.yaml``, as the integration tests start it: a private
 Ray instance through ``serve_app.tools.launch.run_local``), or talks to the app at ``--url``,
@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import schemathesis  # noqa: E402
@@ -346,7 +345,7 @@ def report(results: Results, *, command: str, machine: str, target: str, seconds
 
 
 def main() -> None:
-    import common  # benchmarks/common.py, beside this script
+    from benchmarks import common
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=10_000, help="requests to send, at least")
@@ -359,7 +358,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.smoke:
         args.cases = min(args.cases, 60)
-    command = shlex.join(["python3", "benchmarks/fuzz.py", *sys.argv[1:]])
+    command = shlex.join(["python3", "-m", "benchmarks.fuzz", *sys.argv[1:]])
     started = time.monotonic()
     if args.url:
         url = args.url.rstrip("/")

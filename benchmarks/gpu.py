@@ -1,7 +1,7 @@
 """Every served model at full size on a GPU, through the deployment classes: module dtypes,
 peak GPU memory against `serve-app capacity`'s estimate, latency and images/s.
 
-    python3 benchmarks/gpu.py [--repeats 3] [--models sdxl,sd21,...] [--no-compile] [--smoke] [--out benchmarks/results]
+    python3 -m benchmarks.gpu [--repeats 3] [--models sdxl,sd21,...] [--no-compile] [--smoke] [--out benchmarks/results]
 
 The targets (H100): SDXL 1024x1024, 30 steps, batch 1 in at most 1.0 s; batched SDXL at
 20 steps at least 2.4 images/s.
@@ -49,9 +49,9 @@ wheels that the machine lacks, ``scripts/gpu_wheels.py``'s (diffusers, spandrel,
 for the capacity estimate: without it the estimate cells read n/a and everything else is
 measured), then
 
-    python3 benchmarks/gpu.py                                 # everything, eager then compiled
-    python3 benchmarks/gpu.py --no-compile                    # eager only
-    python3 benchmarks/gpu.py --models sdxl,sdxl-refiner      # one part at a time
+    python3 -m benchmarks.gpu                                 # everything, eager then compiled
+    python3 -m benchmarks.gpu --no-compile                    # eager only
+    python3 -m benchmarks.gpu --models sdxl,sdxl-refiner      # one part at a time
 
 (compiling with max-autotune takes minutes a model: where a command's time is limited, run
 the models in parts; a part's report is named after its models, ``gpu-<gpu>-sdxl-...md``; on a
@@ -85,10 +85,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks import common
 
-import common  # noqa: E402 - benchmarks/common.py, beside this script
+ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -627,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             loads.append(load)
             timings += done
-    command = shlex.join(["python3", "benchmarks/gpu.py", *args])
+    command = shlex.join(["python3", "-m", "benchmarks.gpu", *args])
     report = write_report(loads, timings, failures, opts, device, command)
     print(report.read_text())
     print(f"written to {report}")

@@ -1,12 +1,13 @@
 """The GPU run: benchmarks/gpu.py's measurements in the order of their value, fitted to a GPU
 machine's time budget, each figure written the moment it exists.
 
-    python3 benchmarks/gpu_run.py [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke]
+    python3 -m benchmarks.gpu_run [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke]
 
 It is written for an offline H100/H200 with 15 minutes of GPU time in all (each start a minute
 or more of it) and one command at most 10; its Python 3.12 has PyTorch, transformers, accelerate and
 peft, no diffusers, spandrel or Ray, and no network. This is the one command to run there,
-once, with the wheels of ``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
+once, in the repository root (the package is not installed there), with the wheels of
+``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
 
 1. It installs the carried wheels (``pip install --no-index --no-deps --target``, into a folder
    of its own put first on the path of this process and its children) unless each is
@@ -65,11 +66,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from deployments.families import FAMILIES  # the registry, no torch
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from deployments.families import FAMILIES  # noqa: E402 - the registry, no torch
-
 BUDGET_S = 480.0  # 8 minutes: one command runs at most 10, the rest is room for the plan's errors
 SITE = Path(tempfile.gettempdir()) / "gpu-run-site"  # where the carried wheels are installed
 OFF_BY = 0.15  # a peak this far from capacity's estimate, either way, is flagged
@@ -161,21 +160,21 @@ def replica_batch(name: str) -> int:
     """configs/cluster.yaml's max_batch_images for ``name``: the most images of one call
     there, as the run's spec and capacity's batch have it (no max_n is larger, but ESRGAN's,
     which runs in chunks of max_batch_images)."""
-    from gpu import cluster_model
+    from benchmarks.gpu import cluster_model
 
     return cluster_model(name)["batching"]["max_batch_images"]
 
 
 def case_of(key: str, family: str | None = None):
     """gpu.py's case ``key`` (of ``family``, for the chain's two stages)."""
-    from gpu import CASES
+    from benchmarks.gpu import CASES
 
     return next(c for c in CASES if c.key == key and (family is None or c.family == family))
 
 
 def phase1_case(name: str):
     """The case whose size is ``name``'s largest in configs/cluster.yaml (each family's first)."""
-    from gpu import CASES
+    from benchmarks.gpu import CASES
 
     return next(c for c in CASES if c.family == name)
 
@@ -184,7 +183,7 @@ def h100_call_s(case, images: int, steps: int) -> float:
     """One call of ``images`` images of ``case`` at ``steps`` steps on an H100, by the
     simulated accelerator's cost model (a chain's stage runs its share of the steps)."""
     from deployments.standins.sim import COSTS
-    from gpu import HIGH_NOISE_FRAC
+    from benchmarks.gpu import HIGH_NOISE_FRAC
 
     width, height = case.size
     out_pixels = width * height * (FAMILIES[case.family].upscale_factor or 1) ** 2
@@ -211,7 +210,7 @@ def timed_cost(cost: Cost, case, images: int, steps: int, repeats: int, warm: bo
 
 def make_plan(opts) -> list[Step]:
     """The run's steps in the order of their value, each with its planned seconds."""
-    from gpu import MODELS
+    from benchmarks.gpu import MODELS
 
     repeats, steps = opts.repeats, [Step(0, "start: wheels, Python, torch, diffusers, CUDA context",
                                          Cost().add("start", START_S), None)]
@@ -303,7 +302,7 @@ class Figures:
 
 
 def figures_name(device: str, smoke: bool) -> str:
-    import common
+    from benchmarks import common
 
     return f"gpu-run-{common.device_slug(device)}{'-smoke' if smoke else ''}.jsonl"
 
@@ -321,7 +320,7 @@ class Run:
     now, the chain's latents and its base stage's time."""
 
     def __init__(self, opts, figures: Figures, device: str, t0: float):
-        from gpu import Sources
+        from benchmarks.gpu import Sources
 
         self.opts, self.figures, self.device, self.t0 = opts, figures, device, t0
         self.deadline = t0 + opts.budget
@@ -341,7 +340,7 @@ class Run:
     def model(self, name: str):
         """``name``'s eager deployment, as a replica of configs/cluster.yaml gets it; loaded
         alone (the one loaded before is freed)."""
-        from gpu import load_model
+        from benchmarks.gpu import load_model
 
         if self.loaded is None or self.loaded.family != name:
             self.free()
@@ -349,7 +348,7 @@ class Run:
         return self.dep
 
     def free(self) -> None:
-        from gpu import free_model
+        from benchmarks.gpu import free_model
 
         if self.dep is not None:
             dep, self.dep, self.loaded = self.dep, None, None
@@ -393,7 +392,7 @@ class Run:
 def measure_memory(run: Run, name: str) -> None:
     """Phase 1 for one model: its modules' dtypes, and its peak GPU memory in one call at
     the largest batch and size configs/cluster.yaml gives it, against capacity's estimate."""
-    from gpu import capacity_estimate, cluster_model, time_case
+    from benchmarks.gpu import capacity_estimate, cluster_model, time_case
 
     start, built_before = time.perf_counter(), set(run.sources.build_s)
     dep = run.model(name)  # builds its weights first (and its VAE's)
@@ -454,7 +453,7 @@ def goal_text(run: Run, goal: str, met: bool) -> tuple[str, bool | None]:
 
 def sdxl_latency(run: Run) -> None:
     """Phase 2's headline: SDXL 1024x1024, 30 steps, batch 1, eager."""
-    from gpu import GOAL_LATENCY_S, time_case
+    from benchmarks.gpu import GOAL_LATENCY_S, time_case
 
     dep, case = run.model("sdxl"), case_of("sdxl")
     attention = sorted({type(p).__name__ for p in dep.pipe.unet.attn_processors.values()})
@@ -467,7 +466,7 @@ def sdxl_latency(run: Run) -> None:
 
 
 def sdxl_batched(run: Run) -> None:
-    from gpu import GOAL_IMAGES_PER_S, time_case
+    from benchmarks.gpu import GOAL_IMAGES_PER_S, time_case
 
     dep, case, batch = run.model("sdxl"), case_of("sdxl-20"), replica_batch("sdxl")
     timing = time_case(dep, case, batch, run.size(case), run.steps(case), run.latents, warmup=1,
@@ -478,7 +477,7 @@ def sdxl_batched(run: Run) -> None:
 
 
 def chain_base_stage(run: Run) -> None:
-    from gpu import time_case
+    from benchmarks.gpu import time_case
 
     dep, case = run.model("sdxl"), case_of("sdxl+refiner", "sdxl")
     timing = time_case(dep, case, 1, run.size(case), run.steps(case), run.latents, warmup=0, repeats=run.opts.repeats)
@@ -489,7 +488,7 @@ def chain_base_stage(run: Run) -> None:
 
 def eager_case(run: Run, case) -> None:
     """Phase 3: one case at batch 1, eager; the refiner's also gives the chain's latency."""
-    from gpu import time_case
+    from benchmarks.gpu import time_case
 
     dep = run.model(case.family)
     if case.kind == "refine" and 1 not in run.latents:
@@ -517,17 +516,18 @@ def compiled_variant(run: Run, variant: Variant, cap: float) -> None:
         run.figures.write(4, "compile", f"{variant.label}: not started, {cap:.0f} s left in the budget",
                           variant=variant.label, status="no time")
         return
-    argv = [sys.executable, str(Path(__file__).resolve()), "--variant", f"{variant.family}:{variant.mode or ''}",
-            "--figures", str(run.figures.path), "--t0", repr(run.t0), "--repeats", str(run.opts.repeats),
+    argv = [sys.executable, "-m", "benchmarks.gpu_run", "--variant", f"{variant.family}:{variant.mode or ''}",
+            "--figures", str(run.figures.path.resolve()), "--t0", repr(run.t0), "--repeats", str(run.opts.repeats),
             "--built", json.dumps(run.sources.built)] + (["--smoke"] if run.opts.smoke else [])
     run_capped(run.figures, variant.label, argv, cap)  # over its cap is a figure, not a failure
 
 
 def run_capped(figures: Figures, label: str, argv: list[str], cap_s: float) -> bool:
     """Run ``argv`` in a process group of its own; at ``cap_s`` kill the group (the compile
-    workers too) and report the variant as over its cap. True if it finished in time."""
+    workers too) and report the variant as over its cap. True if it finished in time. It runs
+    in the repository root, where ``-m benchmarks...`` finds this package."""
     start = time.perf_counter()
-    child = subprocess.Popen(argv, start_new_session=True)
+    child = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
     try:
         code = child.wait(timeout=cap_s)
     except subprocess.TimeoutExpired:
@@ -545,9 +545,9 @@ def run_capped(figures: Figures, label: str, argv: list[str], cap_s: float) -> b
 def run_variant(opts) -> int:
     """A compiled variant's own process: load the model compiled, time the first call (the
     compile), then the timed calls; every figure to the parent's file."""
-    import common
+    from benchmarks import common
     import deployments.runtime.loading as loading
-    from gpu import Sources, bench_device, free_model, load_model, run_call, time_case
+    from benchmarks.gpu import Sources, bench_device, free_model, load_model, run_call, time_case
 
     family, mode = opts.variant.split(":")
     if mode:  # the variant's mode, where load_pipeline reads the options
@@ -645,8 +645,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     # --smoke runs where the project is installed: nothing to install.
     wheels = "--smoke: no wheels installed" if opts.smoke else ensure_wheels(opts.wheels)
-    import common
-    from gpu import bench_device
+    from benchmarks import common
+    from benchmarks.gpu import bench_device
 
     device = bench_device(opts.smoke)
     if device != "cuda" and not opts.smoke:
@@ -654,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
     common.quiet()
     figures = Figures(opts.out / figures_name(device, opts.smoke), t0)
     figures.write(0, "machine", f"{common.machine(device, 'transformers', 'accelerate', 'spandrel')}; {wheels}",
-                  command=" ".join(["python3", "benchmarks/gpu_run.py", *(argv if argv is not None else sys.argv[1:])]))
+                  command=" ".join(["python3", "-m", "benchmarks.gpu_run", *(argv if argv is not None else sys.argv[1:])]))
     requirements_figure(figures)
     steps = make_plan(opts)
     figures.write(0, "plan", format_plan(steps, opts.budget), budget_s=opts.budget,

@@ -1,7 +1,7 @@
 """LoRA adapters per request: what switching adapters between batches costs, and what
 grouping jobs by adapter set costs against a mixed-adapter batch, side by side in one run.
 
-    python3 benchmarks/loras.py [--threads 1] [--batches 20] [--rounds 20] [--smoke] [--out benchmarks/results]
+    python3 -m benchmarks.loras [--threads 1] [--batches 20] [--rounds 20] [--smoke] [--out benchmarks/results]
 
 Runs the tiny SD 2.1 deployment (``tiny:sd21``) in this process, called directly as the unit
 tests call it (no Ray, no HTTP), on CUDA when there is one and on CPU otherwise (same code),
@@ -44,10 +44,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from benchmarks import common
 
-import common  # noqa: E402 - benchmarks/common.py, beside this script
+ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -339,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = str(replicas["a"].dep.dtype).removeprefix("torch.")
     switching = bench_switching(replicas, opts.batches, opts.size, opts.steps)
     grouped = bench_grouped(replicas, opts.rounds, opts.size, opts.steps)
-    command = shlex.join(["python3", "benchmarks/loras.py", *args])
+    command = shlex.join(["python3", "-m", "benchmarks.loras", *args])
     report = write_report(switching, grouped, opts, device, dtype, command)
     print(report.read_text())
     print(f"written to {report}")

@@ -1,6 +1,6 @@
 """The serving layer at GPU speed: the served path around simulated H100s.
 
-    python3 benchmarks/sim.py [--out benchmarks/results] [--smoke]
+    python3 -m benchmarks.sim [--out benchmarks/results] [--smoke]
 
 Every model replica here is a simulated accelerator (``sim:<family>``,
 deployments/standins/sim.py, benchmarks only): the real deployment class, batcher, cancellation
@@ -43,10 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402 - benchmarks/common.py
+from benchmarks.common import alternate, percentile, serve_floor_app, write_lines  # noqa: E402
 from deployments.standins.sim import COSTS  # noqa: E402
 from serve_app.tools.launch import load_serve_config, run_local  # noqa: E402
 
@@ -315,7 +314,7 @@ def main() -> int:
     cases = SMOKE_CASES if opts.smoke else CASES
     replica_counts = (1, 2) if opts.smoke else (1, 8)
     concurrencies = (1, 4) if opts.smoke else (1, 16, 64)
-    command = "python3 benchmarks/sim.py" + (f" --smoke --out {opts.out}" if opts.smoke else "")
+    command = "python3 -m benchmarks.sim" + (f" --smoke --out {opts.out}" if opts.smoke else "")
     results = {}
     first = sim_args(cases[0], 1)
     with run_local(ROOT / "configs" / "tiny.yaml", args_override=first) as url:

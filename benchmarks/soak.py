@@ -1,7 +1,7 @@
 """A soak with faults: a mixed load on the served app while model and safety-checker replicas
 are killed.
 
-    python3 benchmarks/soak.py [--duration-s 900] [--concurrency 4] [--kill-every-s 45]
+    python3 -m benchmarks.soak [--duration-s 900] [--concurrency 4] [--kill-every-s 45]
                                [--url URL [--ray-address auto] [--app images]] [--out DIR] [--smoke]
 
 Starts the tiny profile (``configs/tiny.yaml``, in this process, as the tests do), or targets a
@@ -43,10 +43,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import machine, percentile, write_lines  # noqa: E402 - benchmarks/common.py
+from benchmarks.common import machine, percentile, write_lines  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk"
 CLIENT_TIMEOUT_S = 180  # past the tiny profile's 60 s request timeout: a 504 is the server's
@@ -364,7 +363,7 @@ def main() -> int:
     opts = parser.parse_args()
     if opts.smoke:
         opts.duration_s, opts.kill_every_s, opts.concurrency = 40.0, 15.0, 2
-    command = " ".join(["python3 benchmarks/soak.py", *sys.argv[1:]])
+    command = " ".join(["python3 -m benchmarks.soak", *sys.argv[1:]])
 
     def run(url: str, app: str) -> Soak:
         return asyncio.run(soak(url, app, opts.duration_s, opts.concurrency, opts.kill_every_s,

@@ -1,6 +1,6 @@
 """Request-level against step-level batching, side by side, on simulated H100s.
 
-    python3 benchmarks/steps.py [--out benchmarks/results] [--seconds 240] [--speed 4] [--smoke]
+    python3 -m benchmarks.steps [--out benchmarks/results] [--seconds 240] [--speed 4] [--smoke]
 
 Open-loop Poisson arrivals at 50 %, 80 % and 95 % of the request-level capacity, for SDXL
 1024x1024 and SD 2.1 768x768, each job's steps drawn from {20, 30, 40} and its guidance from
@@ -38,16 +38,14 @@ import argparse
 import asyncio
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import machine, percentile, quiet, write_lines  # noqa: E402 - benchmarks/common.py
+from benchmarks.common import machine, percentile, quiet, write_lines  # noqa: E402
 from deployments.contract import PipelineSpec, TextToImageJob  # noqa: E402
 from deployments.families import FAMILIES  # noqa: E402
 from deployments.standins.sim import COSTS, photo_like  # noqa: E402
@@ -268,7 +266,7 @@ def main() -> None:
         photo_like(workload.size, workload.size)  # made once, before any clock runs
     started = time.perf_counter()
     lines = [f"# Request-level against step-level batching on simulated H100s{' (smoke)' if args.smoke else ''}",
-             "", f"`python3 benchmarks/steps.py{' --smoke' if args.smoke else ''}` on {machine('cpu')}.",
+             "", f"`python3 -m benchmarks.steps{' --smoke' if args.smoke else ''}` on {machine('cpu')}.",
              "Steps from {20, 30, 40}, guidance from {5, 7}; Poisson arrivals; both fleets get the same "
              "arrivals at the same moments. First step: arrival to the end of the job's first denoising "
              "step, also in steps of one guided image.",

@@ -1,7 +1,7 @@
 """How much any order of the same work could gain: a virtual-time model of one replica
 under the simulated H100's cost model, request-level against step-level batching.
 
-    python3 benchmarks/steps_model.py [--out benchmarks/results] [--jobs 20000] [--smoke]
+    python3 -m benchmarks.steps_model [--out benchmarks/results] [--jobs 20000] [--smoke]
 
 benchmarks/steps.py measures the deployments themselves (their threads, batcher and step
 loop) on a sleeping accelerator, so a run holds hundreds of jobs and its p99 is a handful of
@@ -29,18 +29,16 @@ measure; nothing here asserts.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+
+from benchmarks.common import percentile, write_lines
+from benchmarks.steps import LOADS, Arrival, Workload, arrivals, cluster_batch
+from deployments.contract import IN_FLIGHT_PER_BATCH
+from deployments.standins.sim import COSTS
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from common import percentile, write_lines  # noqa: E402 - benchmarks/common.py
-from steps import LOADS, Arrival, Workload, arrivals, cluster_batch  # noqa: E402
-from deployments.contract import IN_FLIGHT_PER_BATCH  # noqa: E402
-from deployments.standins.sim import COSTS  # noqa: E402
-
 
 
 def trace(rate: float, jobs: int, seed: int) -> list[Arrival]:
@@ -123,12 +121,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--jobs", type=int, default=20000, help="arrivals a load")
-    parser.add_argument("--smoke", action="store_true", help="500 jobs, 80 % only")
+    parser.add_argument("--smoke", action="store_true", help="500 jobs, 80 %% only")
     args = parser.parse_args()
     jobs_per_run, loads = (500, (0.8,)) if args.smoke else (args.jobs, LOADS)
     started = time.perf_counter()
     lines = [f"# Any order of the same work: a virtual-time model{' (smoke)' if args.smoke else ''}",
-             "", f"`python3 benchmarks/steps_model.py{' --smoke' if args.smoke else ''}`: one replica, "
+             "", f"`python3 -m benchmarks.steps_model{' --smoke' if args.smoke else ''}`: one replica, "
              f"the simulated H100's cost model, {jobs_per_run} Poisson arrivals a load. A model of "
              "the orders, not a measurement of the deployments (benchmarks/steps.py is that).",
              "Each cell: end-to-end p99 against request level's on the same arrivals; in brackets "

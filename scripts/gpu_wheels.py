@@ -1,4 +1,5 @@
-"""The wheels an offline GPU machine needs to run benchmarks/gpu_run.py, downloaded into .whl/.
+"""The wheels an offline GPU machine needs to run ``python3 -m benchmarks.gpu_run``, downloaded
+into .whl/.
 
     python3 scripts/gpu_wheels.py [--dest .whl]
 

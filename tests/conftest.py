@@ -26,30 +26,24 @@ def tiny_args() -> dict:
     return load_serve_config(TINY_CONFIG)["applications"][0]["args"]
 
 
-def run_benchmark_smoke(script: str, out: Path, timeout: float):
-    """Run ``benchmarks/<script> --smoke --out <out>`` as the benchmark is run: a process of
-    its own (it sets torch's thread count, or starts its own Ray), inheriting this session's
-    private tiny-model cache. Returns the finished process (output captured as text)."""
+def run_benchmark_smoke(name: str, out: Path, timeout: float):
+    """Run ``python -m benchmarks.<name> --smoke --out <out>`` from the repository root as the
+    benchmark is run: a process of its own (it sets torch's thread count, or starts its own
+    Ray), inheriting this session's private tiny-model cache. Returns the finished process
+    (output captured as text)."""
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / script), "--smoke",
-                           "--out", str(out)], cwd=REPO_ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--smoke", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
 def benchmark_module(name: str):
-    """Import ``benchmarks/<name>.py`` (the benchmarks are scripts, not a package) for the
-    length of a fixture: ``yield from benchmark_module("bench")``."""
+    """``benchmarks.<name>``, imported when a fixture asks for it (several import torch,
+    schemathesis or matplotlib at import time): ``return benchmark_module("bench")``."""
     import importlib
-    import sys
 
-    folder = str(REPO_ROOT / "benchmarks")
-    sys.path.insert(0, folder)
-    try:
-        yield importlib.import_module(name)
-    finally:
-        sys.path.remove(folder)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def ray_start_resources(params: dict) -> tuple[float, float, dict[str, float]]:

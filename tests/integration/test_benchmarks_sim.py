@@ -5,11 +5,11 @@ from tests.conftest import run_benchmark_smoke
 
 
 def test_sim_benchmark_smoke_writes_its_table(tmp_path):
-    done = run_benchmark_smoke("sim.py", tmp_path, timeout=600)
+    done = run_benchmark_smoke("sim", tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     table = (tmp_path / "sim-h100-smoke.md").read_text()
     assert table.strip() in done.stdout
-    assert "Command: `python3 benchmarks/sim.py --smoke --out" in table and "smoke run" in table
+    assert "Command: `python3 -m benchmarks.sim --smoke --out" in table and "smoke run" in table
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| SD 2.1 256x256")]
     main = [row for row in rows if len(row) == 10]
     assert [(row[1], row[2]) for row in main] == [("1", "1"), ("1", "4"), ("2", "1"), ("2", "4")]

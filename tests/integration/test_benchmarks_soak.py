@@ -12,11 +12,11 @@ pytestmark = pytest.mark.integration
 
 
 def test_soak_benchmark_smoke_kills_replicas_under_load_and_reports_every_request(tmp_path):
-    done = run_benchmark_smoke("soak.py", tmp_path, timeout=900)
+    done = run_benchmark_smoke("soak", tmp_path, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     report = (tmp_path / "soak-smoke.md").read_text()
     assert report.strip() in done.stdout
-    assert "Command: `python3 benchmarks/soak.py --smoke --out" in report and "smoke run" in report
+    assert "Command: `python3 -m benchmarks.soak --smoke --out" in report and "smoke run" in report
     (row,) = [line for line in report.splitlines() if re.match(r"\| \d+ \| \d+ \| \d+ \| [\d.]+% \|", line)]
     total, ok, failed, _, kills, _, runs_again = (cell.strip() for cell in row.strip("|").split("|"))
     assert int(total) > 0 and int(ok) + int(failed) == int(total)

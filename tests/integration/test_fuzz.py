@@ -32,7 +32,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="session")
 def fuzz():
     """benchmarks/fuzz.py: what the script and this test share."""
-    yield from benchmark_module("fuzz")
+    return benchmark_module("fuzz")
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +127,9 @@ def test_valid_uploads_get_past_validation(fuzz):
 
 
 def test_the_fuzz_script_runs_and_writes_its_results(base_url, tmp_path):
-    """benchmarks/fuzz.py --smoke against the session's app: every operation in its table,
-    the requests adding up, each failure (if any) with a curl command that reproduces it."""
-    done = subprocess.run([sys.executable, str(REPO_ROOT / "benchmarks" / "fuzz.py"), "--smoke",
+    """``python3 -m benchmarks.fuzz --smoke`` against the session's app: every operation in its
+    table, the requests adding up, each failure (if any) with a curl command that reproduces it."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.fuzz", "--smoke",
                            "--url", base_url, "--out", str(tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     (written,) = tmp_path.glob("fuzz-*-smoke.md")

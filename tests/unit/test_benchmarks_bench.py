@@ -8,7 +8,7 @@ from tests.conftest import benchmark_module
 
 @pytest.fixture(scope="module")
 def bench():
-    yield from benchmark_module("bench")
+    return benchmark_module("bench")
 
 
 def figures():

@@ -15,7 +15,7 @@ from tests.conftest import benchmark_module
 
 @pytest.fixture(scope="module")
 def fuzz():
-    yield from benchmark_module("fuzz")
+    return benchmark_module("fuzz")
 
 
 def recorded(body, content_type="application/json"):

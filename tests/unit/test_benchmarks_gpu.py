@@ -37,14 +37,14 @@ def section(table: str, title: str) -> list[list[str]]:
 
 
 def test_gpu_benchmark_smoke_writes_its_tables(tmp_path):
-    done = run_benchmark_smoke("gpu.py", tmp_path, timeout=180)
+    done = run_benchmark_smoke("gpu", tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = list(tmp_path.glob("gpu-*-smoke.md"))  # gpu-cpu-smoke.md
     assert len(reports) == 1, sorted(p.name for p in tmp_path.iterdir())
     table = reports[0].read_text()
     assert table.strip() in done.stdout  # printed too
     assert "smoke run" in table
-    assert "Command: `python3 benchmarks/gpu.py --smoke --out" in table
+    assert "Command: `python3 -m benchmarks.gpu --smoke --out" in table
     assert "torch " in table and "diffusers " in table  # the versions
     assert "torch.compile: skipped (CPU" in table
 
@@ -71,12 +71,10 @@ def test_gpu_benchmark_smoke_writes_its_tables(tmp_path):
 # ---------------------------------------------------------------------------------------
 # benchmarks/gpu_run.py
 
-BENCHMARKS = REPO_ROOT / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def gpu_run():
-    yield from benchmark_module("gpu_run")
+    return benchmark_module("gpu_run")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +85,7 @@ def plan(gpu_run):
 def test_plan_prints_a_run_within_eight_minutes():
     """``--plan`` prints every step's arithmetic and a total within the 8-minute budget,
     with minutes left for the compiled variants."""
-    done = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_run.py"), "--plan"], cwd=REPO_ROOT,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_run", "--plan"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     last = done.stdout.strip().splitlines()[-1]
@@ -193,7 +191,7 @@ def test_gpu_run_smoke_streams_every_figure_in_order(tmp_path):
         found = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0
         assert found is there, module
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run([str(python), str(BENCHMARKS / "gpu_run.py"), "--smoke", "--out", str(tmp_path)],
+    done = subprocess.run([str(python), "-m", "benchmarks.gpu_run", "--smoke", "--out", str(tmp_path)],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=420)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("gpu-run-*-smoke.jsonl")

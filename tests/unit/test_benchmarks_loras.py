@@ -9,14 +9,14 @@ from tests.conftest import run_benchmark_smoke
 
 
 def test_lora_benchmark_smoke_writes_its_table(tmp_path):
-    done = run_benchmark_smoke("loras.py", tmp_path, timeout=180)
+    done = run_benchmark_smoke("loras", tmp_path, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     reports = list(tmp_path.glob("loras-*-smoke.md"))  # loras-cpu-smoke.md, or the GPU's name
     assert len(reports) == 1, sorted(p.name for p in tmp_path.iterdir())
     table = reports[0].read_text()
     assert table.strip() in done.stdout  # printed too
     assert "smoke run" in table and "torch threads 1" in table
-    assert "Command: `python3 benchmarks/loras.py --smoke --out" in table
+    assert "Command: `python3 -m benchmarks.loras --smoke --out" in table
     assert "2 batches of 4 images" in table and "64x64, 1 step" in table
     rows = [line for line in table.splitlines() if line.startswith("| (")]
     assert [row[:5] for row in rows] == ["| (a)", "| (b)", "| (c)", "| (d)", "| (a'"]

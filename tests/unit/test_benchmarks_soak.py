@@ -13,7 +13,7 @@ from tests.conftest import benchmark_module
 
 @pytest.fixture(scope="module")
 def soak():
-    yield from benchmark_module("soak")
+    return benchmark_module("soak")
 
 
 def completed_stream(*events) -> bytes:
@@ -106,7 +106,7 @@ def test_the_report_counts_statuses_kills_and_every_cause(soak, tmp_path):
     result.outcomes = [soak.Outcome("generate b64", t, 1.0, "200") for t in range(0, 97, 2)]
     result.outcomes += [soak.Outcome("stream sd 2.1", 44.5, 20.0, "stream error", "overloaded: a | b"),
                         soak.Outcome("edit", 89.0, 3.0, "503", "overloaded: lost twice")]
-    report = soak.write_report(result, tmp_path, "python3 benchmarks/soak.py", "a CPU", smoke=False).read_text()
+    report = soak.write_report(result, tmp_path, "python3 -m benchmarks.soak", "a CPU", smoke=False).read_text()
     assert report == (tmp_path / "soak.md").read_text()
     # 51 requests, 2 not 200; in flight at a kill: the generations sent at 44 s and 90 s, and
     # both failures.
@@ -116,4 +116,4 @@ def test_the_report_counts_statuses_kills_and_every_cause(soak, tmp_path):
     assert "| 90 s | SafetyChecker | `def` | STARTING 1 |" in report
     assert "| 44 s | stream sd 2.1 | 20.0 s | stream error | overloaded: a / b |" in report
     assert "| 89 s | edit | 3.0 s | 503 | overloaded: lost twice |" in report
-    assert "Command: `python3 benchmarks/soak.py`" in report and "smoke" not in report
+    assert "Command: `python3 -m benchmarks.soak`" in report and "smoke" not in report

@@ -7,7 +7,7 @@ from tests.conftest import benchmark_module, run_benchmark_smoke
 
 
 def test_steps_benchmark_smoke_compares_both_modes_on_the_same_arrivals(tmp_path):
-    done = run_benchmark_smoke("steps.py", tmp_path, timeout=300)
+    done = run_benchmark_smoke("steps", tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     table = (tmp_path / "steps-sim-smoke.md").read_text()
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| SD 2.1 768x768 | 1 | 80%")]
@@ -24,7 +24,7 @@ def test_steps_benchmark_smoke_compares_both_modes_on_the_same_arrivals(tmp_path
 
 @pytest.fixture(scope="module")
 def model():
-    yield from benchmark_module("steps_model")
+    return benchmark_module("steps_model")
 
 
 def test_the_model_charges_a_lone_job_the_cost_models_pipeline_call_in_every_order(model):
@@ -54,7 +54,7 @@ def test_the_models_orders_differ_as_written(model):
 
 
 def test_the_model_smoke_writes_its_table(model, tmp_path):
-    done = run_benchmark_smoke("steps_model.py", tmp_path, timeout=120)
+    done = run_benchmark_smoke("steps_model", tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     table = (tmp_path / "steps-model-smoke.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| sdxl 1024x1024 | 80%")]
