@@ -38,6 +38,7 @@ from serve_app.service.uploads import UploadRule
 # A Hub repository id: owner/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+
 def draw_seed() -> int:
     """The seed of a request without one: the one place a seed is drawn, for every front.
     Low enough that each of up to MAX_N images (seed + i) stays below DRAWN_SEED_LIMIT."""
