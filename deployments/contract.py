@@ -187,7 +187,8 @@ class StageResult:
     ``steps`` are denoising steps summed over the job's images; ``seconds`` is the job's
     share (by image count) of its batch's pipeline time. A chained stage receives its
     predecessor's StageResult, works on ``output`` and adds its own cost, so the last stage
-    returns the cost of the whole chain.
+    returns the cost of the whole chain. ``seeds`` are the seeds the replica made the images
+    with, one per image (the job's): the response labels its images with these.
     """
 
     output: Any
@@ -196,12 +197,17 @@ class StageResult:
     nsfw: tuple[bool, ...] | None = None  # the safety checker's flags, one per image
     # When ``output`` is latents: the latent space they live in (deployments/families.py).
     latent_space: str | None = None
+    # One per image; a stage that draws no noise (the safety checker) passes on its input's.
+    seeds: tuple[int, ...] = ()
 
     def plus(self, earlier: "StageResult | None") -> "StageResult":
+        """This stage's result with the earlier stages' cost added (and their seeds, where
+        this stage has none of its own)."""
         if earlier is None:
             return self
         return dataclasses.replace(self, steps=self.steps + earlier.steps,
-                                   seconds=self.seconds + earlier.seconds)
+                                   seconds=self.seconds + earlier.seconds,
+                                   seeds=self.seeds or earlier.seeds)
 
 
 def unwrap(value: Any) -> tuple[Any, StageResult | None]:

@@ -56,6 +56,7 @@ class ESRGANDeployment(PipelineDeployment):
         source, carried = unwrap(source)
         if isinstance(source, torch.Tensor):
             raise InvalidJobError(f"{self.spec.name} upscales images, not latents", param="upscale")
+        # A guard for callers other than the ingress: one image per seed, before the GPU call.
         if source.ndim == 4 and source.shape[0] != len(job.seeds):
             raise InvalidJobError(f"expected {len(job.seeds)} images, got {source.shape[0]}")
         return await self._submit("upscale", job, (source,), (source.shape[-3:],), carried)

@@ -71,6 +71,8 @@ class LatentUpscalerDeployment(PipelineDeployment):
         """
         source, carried = unwrap(source)
         count = len(job.seeds)
+        # Guards for callers other than the ingress: inputs of the job's count and layout,
+        # before the GPU call.
         if isinstance(source, torch.Tensor):
             self.check_latents(source, carried)
             if source.ndim != 4 or source.shape[0] != count or source.shape[1] != 4:

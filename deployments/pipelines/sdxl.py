@@ -45,6 +45,7 @@ class SDXLRefinerDeployment(PipelineDeployment):
         """
         latents, carried = unwrap(latents)
         self.check_latents(latents, carried)
+        # A guard for callers other than the ingress: one latent per seed, before the GPU call.
         if latents.ndim != 4 or latents.shape[0] != len(job.seeds):
             raise InvalidJobError(
                 f"expected latents for {len(job.seeds)} images, got shape {tuple(latents.shape)}"

@@ -25,7 +25,7 @@ class StableDiffusionDeployment(TextToImageMixin, ImageToImageMixin, PipelineDep
         self._init_image_pipelines()
 
     async def text_to_image(self, job):
-        if job.denoising_end is not None:
+        if job.denoising_end is not None:  # a guard for callers other than the ingress
             raise InvalidJobError(
                 f"{self.spec.name} cannot hand latents to a refiner", param="high_noise_frac"
             )

@@ -42,6 +42,8 @@ class X4UpscalerDeployment(PipelineDeployment):
         if isinstance(source, torch.Tensor):
             raise InvalidJobError(f"{self.spec.name} upscales images, not latents", param="upscale")
         noise_level = DEFAULT_NOISE_LEVEL if job.noise_level is None else job.noise_level
+        # Guards for callers other than the ingress (the wire bounds noise_level): the
+        # pipeline's own noise ceiling, and one image per seed, before the GPU call.
         if noise_level > self.pipe.config.max_noise_level:
             raise InvalidJobError(
                 f"noise_level must be at most {self.pipe.config.max_noise_level}", param="noise_level"

@@ -98,6 +98,8 @@ class PipelineDeployment:
             # Hub adapters' files download here, off the pipeline thread, before the job queues.
             await self.loras.fetch(job.loras)
         result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get())
+        # The seeds its images were made with (batch_text's generators): the response's labels.
+        result = dataclasses.replace(result, seeds=tuple(getattr(job, "seeds", ())))
         if getattr(job, "output_latents", False):
             result = dataclasses.replace(result, latent_space=FAMILIES[self.spec.family].latent_space)
         return result.plus(carried)
@@ -109,7 +111,7 @@ class PipelineDeployment:
         refs = getattr(job, "loras", ())
         if not refs:
             return ()
-        if self.loras is None:
+        if self.loras is None:  # guard for callers other than the ingress (planning refuses it)
             raise InvalidJobError(f"{self.spec.name} takes no LoRA adapters", param="loras")
         self.loras.check(refs)
         return lora_batch_key(refs)
@@ -117,6 +119,8 @@ class PipelineDeployment:
     def check_latents(self, latents: torch.Tensor, carried: StageResult | None) -> None:
         """Latents handed over from another stage must be of this model's latent space:
         another VAE's latents decode to wrong images without any error."""
+        # A guard for callers other than the ingress (planning hands latents only within a
+        # space): the GPU would decode wrong images without any error.
         mine = FAMILIES[self.spec.family].latent_space
         theirs = carried.latent_space if carried is not None else None
         if theirs is not None and theirs != mine:
@@ -330,6 +334,8 @@ class ImageToImageMixin:
 
         ``mask`` (H, W) uint8 marks with 255 the pixels to repaint.
         """
+        # Guards for callers other than the ingress (planning checks the mask, execution
+        # sizes both): a pipeline call on the GPU with inputs of another size would fail.
         if image.shape[:2] != (job.height, job.width):
             raise InvalidJobError(
                 f"image is {image.shape[1]}x{image.shape[0]}, job is {job.width}x{job.height}",

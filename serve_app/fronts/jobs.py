@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile as StarletteUpload
 
-from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
+from serve_app.fronts.wire import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
 from serve_app.fronts.openapi import request_body, responses
 from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded, request_owner
 from serve_app.service.store import INPUT

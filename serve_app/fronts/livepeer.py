@@ -28,17 +28,17 @@ from serve_app.protocol.errors import APIError, InvalidRequestError, ModelNotFou
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
 from serve_app.protocol.request import (
-    MAX_GUIDANCE,
     MAX_LORAS_JSON_CHARS,
-    MAX_N,
-    MAX_SEED,
-    MAX_SIDE,
-    MAX_STEPS,
-    MIN_SIDE,
+    Guidance,
+    ImageCount,
     ImageRequest,
     LoraSet,
     NameField,
     PromptField,
+    Seed,
+    Side,
+    Steps,
+    Strength,
     TextField,
     lora_set_from_json,
 )
@@ -89,7 +89,7 @@ class _LivepeerCommon(_Strict):
         "(moderation 'auto'), false only marks flagged images (moderation 'low'). Without "
         "one, every image reports nsfw: false.",
     )
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    seed: Seed | None = Field(default=None)
 
     @property
     def moderation(self) -> str:
@@ -107,8 +107,8 @@ class _LivepeerDiffusion(_LivepeerCommon):
         json_schema_extra=LORAS_JSON_SCHEMA,
     )
     negative_prompt: TextField = Field(default="", description="What the image should not show.")
-    guidance_scale: float = Field(default=DEFAULT_GUIDANCE, ge=0, le=MAX_GUIDANCE)
-    num_images_per_prompt: int = Field(default=1, ge=1, le=MAX_N)
+    guidance_scale: Guidance = Field(default=DEFAULT_GUIDANCE)
+    num_images_per_prompt: ImageCount = Field(default=1)
 
 
 def split_prompt(text: str) -> tuple[str, tuple[str, ...]]:
@@ -128,9 +128,9 @@ class LivepeerTextToImageRequest(_LivepeerDiffusion):
     # Split at '|', the first prompt must not be blank.
     prompt: PromptField = Field(min_length=1, json_schema_extra={"pattern": r"[^\s|]"})
 
-    width: int = Field(default=DEFAULT_WIDTH, ge=MIN_SIDE, le=MAX_SIDE)
-    height: int = Field(default=DEFAULT_HEIGHT, ge=MIN_SIDE, le=MAX_SIDE)
-    num_inference_steps: int = Field(default=TEXT_TO_IMAGE_STEPS, ge=1, le=MAX_STEPS)
+    width: Side = Field(default=DEFAULT_WIDTH)
+    height: Side = Field(default=DEFAULT_HEIGHT)
+    num_inference_steps: Steps = Field(default=TEXT_TO_IMAGE_STEPS)
 
     def to_request(self) -> ImageRequest:
         prompt, more_prompts = split_prompt(self.prompt)
@@ -163,17 +163,15 @@ class LivepeerImageToImageForm(_LivepeerDiffusion):
     model_config = ConfigDict(json_schema_extra=form_schema)
 
     image: UploadFile = Field(description=_IMAGE_DESCRIPTION, json_schema_extra=upload_schema)
-    strength: float = Field(default=DEFAULT_STRENGTH, gt=0, le=1)
-    image_guidance_scale: float = Field(
+    strength: Strength = Field(default=DEFAULT_STRENGTH)
+    image_guidance_scale: Guidance = Field(
         default=DEFAULT_IMAGE_GUIDANCE,
-        ge=0,
-        le=MAX_GUIDANCE,
         description="InstructPix2Pix models only: how closely to follow the input image. "
         "Accepted and ignored by every model served here, as Livepeer's runner ignores it "
         "for every other model.",
     )
-    num_inference_steps: int = Field(
-        default=IMAGE_TO_IMAGE_STEPS, ge=1, le=MAX_STEPS,
+    num_inference_steps: Steps = Field(
+        default=IMAGE_TO_IMAGE_STEPS,
         description="Steps of the whole schedule, at most the model's `limits.max_schedule_steps`; "
         "num_inference_steps x strength of them run, at most its `limits.max_steps`.",
     )
@@ -201,8 +199,8 @@ class LivepeerUpscaleForm(_LivepeerCommon):
 
     image: UploadFile = Field(description=_IMAGE_DESCRIPTION, json_schema_extra=upload_schema)
     prompt: TextField = Field(default="", description="Guides the diffusion upscalers.")
-    num_inference_steps: int = Field(
-        default=UPSCALE_STEPS, ge=1, le=MAX_STEPS,
+    num_inference_steps: Steps = Field(
+        default=UPSCALE_STEPS,
         description="Diffusion upscalers' steps; ESRGAN (one forward pass) ignores it, as "
         "Livepeer's runner sets the steps of fixed-step models itself.",
     )

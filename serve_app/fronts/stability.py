@@ -25,7 +25,6 @@ How Stability's fields map:
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -62,9 +61,9 @@ SAMPLER_SCHEDULERS = {
 # Stability's upscale document: the x4 upscaler takes 20 steps unless told, at most 50,
 # and a cfg_scale of 7; ESRGAN ignores prompt, seed, steps and cfg_scale.
 UPSCALE_STEPS, UPSCALE_MAX_STEPS, UPSCALE_CFG_SCALE = 20, 50, 7.0
-SEED_LIMIT = 2**32  # Artifact.seed is a uint32
-# The bounds every front declares (serve_app/protocol/request.py): guidance, sides.
-CFG_SCALE_MAX, SIDE_MIN, SIDE_MAX = MAX_GUIDANCE, MIN_SIDE, MAX_SIDE
+# Artifact.seed is a uint32: a sent seed's images (seed + i) must fit it. A seed the service
+# draws always does (DRAWN_SEED_LIMIT).
+SEED_LIMIT = 2**32
 # Prompts a Request may hold: a text, a negative text, an init image and a mask.
 MAX_PROMPTS = 4
 # The end of the init image's schedule the pipelines run to (the SDK sends 0.01).
@@ -200,9 +199,7 @@ def _prompts(request, max_bytes: int) -> tuple[str, str | None, tuple[str, bytes
                 if mask is not None:
                     raise invalid(where, f"a second mask ({mask[0]} is the first)")
                 mask = found
-        elif kind == "tokens":
-            raise invalid(f"{where}.tokens", "token prompts are not served; send text")
-        else:
+        else:  # token prompts were refused before (_check_counts)
             raise invalid(where, "an empty prompt: send text or an artifact")
     for texts, what in ((positive, "prompt"), (negative, "negative prompt")):
         if len(texts) > 1:
@@ -212,10 +209,8 @@ def _prompts(request, max_bytes: int) -> tuple[str, str | None, tuple[str, bytes
 
 
 def _step_parameters(params, has_image: bool, upscale: bool) -> tuple[float | None, float | None]:
-    """(cfg_scale, schedule start) of ``image.parameters``."""
-    if len(params.parameters) > 1:
-        raise invalid("image.parameters", f"{len(params.parameters)} step parameter blocks; "
-                      "one is served")
+    """(cfg_scale, schedule start) of ``image.parameters`` (one block at most:
+    :func:`_check_counts` refused more)."""
     if not params.parameters:
         return None, None
     step, where = params.parameters[0], "image.parameters[0]"
@@ -229,9 +224,9 @@ def _step_parameters(params, has_image: bool, upscale: bool) -> tuple[float | No
         _refuse_set(step.sampler, f"{where}.sampler", {"cfg_scale"})
         if step.sampler.HasField("cfg_scale"):
             cfg_scale = step.sampler.cfg_scale
-            if not 0.0 <= cfg_scale <= CFG_SCALE_MAX:  # NaN fails both
+            if not 0.0 <= cfg_scale <= MAX_GUIDANCE:  # NaN fails both
                 raise invalid(f"{where}.sampler.cfg_scale", f"{cfg_scale:g}: must be 0 to "
-                              f"{CFG_SCALE_MAX:g}")
+                              f"{MAX_GUIDANCE:g}")
     if step.HasField("schedule"):
         schedule = step.schedule
         if not has_image or upscale:
@@ -269,7 +264,8 @@ def _check_sampler(params, served, upscale: bool) -> None:
 
 
 def _seeds(params, samples: int) -> list[int] | None:
-    """One seed (samples use seed + i), one per sample, or None (drawn)."""
+    """One seed (samples use seed + i), one per sample, or None: the images service draws
+    it, as for every front."""
     seeds = list(params.seed)
     if not seeds or not any(seeds):
         return None
@@ -352,8 +348,8 @@ def to_job(request, config: AppConfig) -> Job:
     width = params.width if params.HasField("width") else None
     height = params.height if params.HasField("height") else None
     for side, value in (("width", width), ("height", height)):
-        if value is not None and not SIDE_MIN <= value <= SIDE_MAX:
-            raise invalid(f"image.{side}", f"{value}: must be {SIDE_MIN} to {SIDE_MAX} pixels")
+        if value is not None and not MIN_SIDE <= value <= MAX_SIDE:
+            raise invalid(f"image.{side}", f"{value}: must be {MIN_SIDE} to {MAX_SIDE} pixels")
     seeds = _seeds(params, samples)
     fields = {"model": "engine_id", "n": "image.samples", "seed": "image.seed",
               "num_inference_steps": "image.steps", "prompt": "prompt",
@@ -399,10 +395,13 @@ def to_job(request, config: AppConfig) -> Job:
             guidance_scale=cfg_scale, strength=(1.0 if start is None else start) if image else None,
             size=f"{width}x{height}" if width is not None else None,
         )
+    # One seed: sample i uses seed + i; else each sample its own; none: drawn by the service.
     if seeds is None:
-        seeds = [secrets.randbelow(SEED_LIMIT - samples + 1)]
-    # One seed: sample i uses seed + i; else each sample its own.
-    request_ = replace(base, seed=seeds[0]) if len(seeds) == 1 else replace(base, seeds=tuple(seeds))
+        request_ = base
+    elif len(seeds) == 1:
+        request_ = replace(base, seed=seeds[0])
+    else:
+        request_ = replace(base, seeds=tuple(seeds))
     return Job(engine, request_, image[1] if image else None, mask[1] if mask else None, fields)
 
 

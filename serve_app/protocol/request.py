@@ -14,10 +14,12 @@ from serve_app.protocol.sizes import SIZE_PATTERN, parse_size
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
 
 # ---------------------------------------------------------------------------------------
-# Wire bounds: the ceilings every front declares on its fields (OpenAI's routes, Livepeer's,
-# Stability's gRPC, the jobs), so that nothing unbounded is parsed or planned. Each model's
-# own limits (its config's ``limits:``, checked at planning) are within them; the config
-# refuses a limit above its ceiling.
+# Wire bounds: the one table of the ceilings every front declares on its fields (OpenAI's
+# routes, Livepeer's, Stability's gRPC, the jobs), so that nothing unbounded is parsed or
+# planned. The fronts derive their bounds from here (the bounded types below, or these
+# numbers in Stability's checks of its protobuf fields), never retype them. Each model's own
+# limits (its config's ``limits:``, checked at planning) are within them; the config refuses
+# a limit above its ceiling.
 # ---------------------------------------------------------------------------------------
 
 MAX_N = 10
@@ -26,6 +28,9 @@ MAX_N = 10
 LORA_WEIGHT_MIN, LORA_WEIGHT_MAX = -2.0, 2.0
 # torch generators take seeds below 2**64; image i of a request uses seed + i.
 MAX_SEED = 2**63 - 1
+# A seed the service draws for a request without one: every image's seed (seed + i) stays
+# below 2**32, like the seeds other services show and Stability's uint32 Artifact.seed.
+DRAWN_SEED_LIMIT = 2**32
 # Denoising steps of a schedule: the served schedulers are trained on 1000 timesteps and
 # refuse (DDIM) or repeat (Euler) more; a model's limits hold it lower.
 MAX_STEPS = 1000
@@ -46,6 +51,26 @@ MAX_LORAS = 16
 MAX_LORAS_JSON_CHARS = MAX_LORAS * (MAX_NAME_CHARS + 64)
 # Streamed previews a request may ask for.
 MAX_PARTIAL_IMAGES = 3
+# jpeg and webp quality (OpenAI's output_compression).
+MAX_COMPRESSION = 100
+
+# The table's bounds as the types wire fields declare (``n: ImageCount = Field(default=1)``).
+# A seed: one form from the wire to the replica (None until the service draws one, planning's
+# ``draw_seed``); image i of a request uses seed + i, or its own (Stability's per-sample seeds).
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+ImageCount = Annotated[int, Field(ge=1, le=MAX_N)]
+Steps = Annotated[int, Field(ge=1, le=MAX_STEPS)]
+Guidance = Annotated[float, Field(ge=0, le=MAX_GUIDANCE)]
+# An output width or height in pixels.
+Side = Annotated[int, Field(ge=MIN_SIDE, le=MAX_SIDE)]
+# How far an image-to-image call moves from its input (the share of the schedule it runs).
+Strength = Annotated[float, Field(gt=0, le=1)]
+# A refiner chain's share of the steps run by its base: each expert must get some.
+HighNoiseFrac = Annotated[float, Field(gt=0, lt=1)]
+NoiseLevel = Annotated[int, Field(ge=0, le=MAX_NOISE_LEVEL)]
+Compression = Annotated[int, Field(ge=0, le=MAX_COMPRESSION)]
+PartialImages = Annotated[int, Field(ge=0, le=MAX_PARTIAL_IMAGES)]
+
 
 def _check_size(value: str | None) -> str | None:
     if value is not None and value != "auto":
@@ -156,8 +181,10 @@ class ImageRequest:
     n: int = 1
     size: str | None = None
     negative_prompt: str | None = None
+    # The seed of image 0 (image i uses seed + i); None until the service draws one. Its
+    # rules against n are planning's (``_seeds``), checked once.
     seed: int | None = None
-    # A seed for each of the n images (Stability's per-sample seeds); empty: seed + i.
+    # A seed for each of the n images (Stability's per-sample seeds), instead of ``seed``.
     seeds: tuple[int, ...] = ()
     guidance_scale: float | None = None
     num_inference_steps: int | None = None

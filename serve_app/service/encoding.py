@@ -104,8 +104,9 @@ class ResponseEncoder:
 
     async def encode(self, plan: GenerationPlan, result) -> tuple[list[EncodedImage], ImagesUsage]:
         """``result`` (a stage's images and the request's cost) checked against the plan,
-        resized, encoded in the plan's format, each with its seed and safety flag; and the
-        usage. A flagged image fails the request here when the plan rejects flagged ones."""
+        resized, encoded in the plan's format, each with the seed the replica made it with
+        (``StageResult.seeds``) and its safety flag; and the usage. A flagged image fails the
+        request here when the plan rejects flagged ones."""
         images, cost = unwrap(result)
         flags = cost.nsfw if cost is not None and plan.safety is not None else None
         if plan.safety is not None and (flags is None or len(flags) != len(plan.seeds)):
@@ -117,6 +118,10 @@ class ResponseEncoder:
             return [self._encode(pixels, plan) for pixels in self._finish_pixels(plan, images)]
 
         encoded = await asyncio.to_thread(finish_and_encode)
+        seeds = cost.seeds if cost is not None else ()
+        if len(seeds) != len(encoded):
+            # Every image is labelled with what made it: never a seed the replica did not use.
+            raise ResultShapeError(f"{plan.model} reported the seeds {seeds} for {len(encoded)} images")
         usage = ImagesUsage(
             denoising_steps=cost.steps if cost else 0,
             output_pixels=len(plan.seeds) * plan.width * plan.height,
@@ -124,7 +129,7 @@ class ResponseEncoder:
         )
         flags = flags if flags is not None else [None] * len(encoded)
         return [EncodedImage(blob, seed, flag)
-                for blob, seed, flag in zip(encoded, plan.seeds, flags)], usage
+                for blob, seed, flag in zip(encoded, seeds, flags)], usage
 
     async def respond(self, plan: GenerationPlan, result, base_url: str = "",
                       owner: str = "") -> ImagesResponse:
@@ -132,7 +137,7 @@ class ResponseEncoder:
         URL images are ``owner``'s in the store."""
         encoded, usage = await self.encode(plan, result)
         if plan.response_format == "url":
-            data = await self._store([image.blob for image in encoded], plan, base_url, owner)
+            data = await self._store(encoded, plan, base_url, owner)
         else:
             data = [ImageData(b64_json=base64.b64encode(image.blob).decode("ascii"), seed=image.seed)
                     for image in encoded]
@@ -141,11 +146,11 @@ class ResponseEncoder:
         return ImagesResponse(created=int(time.time()), data=data,
                               output_format=plan.output_format, size=plan.size, usage=usage)
 
-    async def _store(self, encoded: list[bytes], plan: GenerationPlan, base_url: str,
+    async def _store(self, encoded: list[EncodedImage], plan: GenerationPlan, base_url: str,
                      owner: str = "") -> list[ImageData]:
         mime = f"image/{plan.output_format}"
         # One call for the request's images: stored all together, or refused all together.
-        ids = await self.store.put_many([(blob, mime) for blob in encoded], owner)
+        ids = await self.store.put_many([(image.blob, mime) for image in encoded], owner)
         root = (self.config.image_store.public_base_url or base_url).rstrip("/")
-        return [ImageData(url=f"{root}/v1/images/files/{image_id}", seed=seed)
-                for image_id, seed in zip(ids, plan.seeds)]
+        return [ImageData(url=f"{root}/v1/images/files/{image_id}", seed=image.seed)
+                for image_id, image in zip(ids, encoded)]

@@ -32,18 +32,17 @@ from deployments.contract import (
 from serve_app.config import SAFETY_NAME, AppConfig, ModelConfig, RefinerChainConfig
 from serve_app.protocol.errors import InvalidRequestError, ModelNotFoundError
 from serve_app.protocol import sizes
-from serve_app.protocol.request import MAX_SEED, ImageRequest
+from serve_app.protocol.request import DRAWN_SEED_LIMIT, MAX_N, MAX_SEED, ImageRequest
 from serve_app.service.uploads import UploadRule
 
 # A Hub repository id: owner/name.
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
-# Seeds drawn for requests without one stay in 32 bits, like the seeds other services show.
-_DRAWN_SEED_LIMIT = 2**32
-
 
 def draw_seed() -> int:
-    return secrets.randbelow(_DRAWN_SEED_LIMIT)
+    """The seed of a request without one: the one place a seed is drawn, for every front.
+    Low enough that each of up to MAX_N images (seed + i) stays below DRAWN_SEED_LIMIT."""
+    return secrets.randbelow(DRAWN_SEED_LIMIT - MAX_N + 1)
 
 
 SeedSource = Callable[[], int]
@@ -108,6 +107,8 @@ def _resolve(config: AppConfig, name: str | None, default: str | None = None):
 
 def _seeds(seed: int | None, n: int, seed_source: SeedSource,
            each: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Each image's seed: the request's seed rules, checked here once (the wire bounds each
+    seed by its type), and a seed drawn where the request has none."""
     if each:  # one per image, as given
         if len(each) != n or seed is not None or not all(0 <= s <= MAX_SEED for s in each):
             raise InvalidRequestError(f"seeds: give {n} seeds from 0 to {MAX_SEED}, one per image, "

@@ -146,10 +146,14 @@ class FakeHandle:
             source = upstream
         else:
             height, width = source.args[0].height, source.args[0].width
+        from deployments.contract import StageResult
+
         if self.shape_override is not None:
-            return np.zeros(self.shape_override, dtype=np.uint8)
-        # A distinct gray level per seed, so tests can tell images apart.
-        return np.stack([np.full((height, width, 3), seed % 256, np.uint8) for seed in job.seeds])[:n]
+            return StageResult(np.zeros(self.shape_override, dtype=np.uint8), seeds=tuple(job.seeds))
+        # A distinct gray level per seed, so tests can tell images apart; the seeds used
+        # reported as a replica reports them.
+        return StageResult(np.stack([np.full((height, width, 3), seed % 256, np.uint8)
+                                     for seed in job.seeds])[:n], seeds=tuple(job.seeds))
 
 
 def fake_handles(config, **overrides):
@@ -168,16 +172,17 @@ class FakeSafetyHandle(FakeHandle):
         self.flagged, self.seconds = set(flagged), seconds
 
     def result_for(self, response):
-        from deployments.contract import StageResult
+        from deployments.contract import StageResult, unwrap
 
         job, upstream = response.args
         if isinstance(upstream, Upstream):
             upstream = upstream.ref
-        images = upstream.handle.result_for(upstream) if isinstance(upstream, FakeResponse) else upstream
+        images, earlier = unwrap(upstream.handle.result_for(upstream)
+                                 if isinstance(upstream, FakeResponse) else upstream)
         flags = tuple(i in self.flagged for i in range(len(images)))
         if job.blur:
             images = np.stack([np.full_like(img, 128) if flag else img for img, flag in zip(images, flags)])
-        return StageResult(images, steps=0, seconds=self.seconds, nsfw=flags)
+        return StageResult(images, steps=0, seconds=self.seconds, nsfw=flags).plus(earlier)
 
 
 class EchoDeployment:

@@ -75,6 +75,16 @@ def test_sdxl_base_hands_latents_and_refiner_finishes(sdxl, refiner):
     assert images.dtype == np.uint8 and images.shape == (2, 192, 256, 3)
 
 
+def test_each_stage_reports_the_seeds_it_made_its_images_with(sdxl, refiner):
+    base = asyncio.run(sdxl.text_to_image(job([4, 5], num_inference_steps=5, denoising_end=0.8,
+                                              output_latents=True)))
+    assert base.seeds == (4, 5)
+    refined = asyncio.run(refiner.refine(RefineJob("a red fox", None, 5, 5.0, (4, 5), denoising_start=0.8), base))
+    assert refined.seeds == (4, 5) and refined.steps > base.steps
+    # A stage that draws no noise of its own (the safety checker) passes its input's on.
+    assert StageResult("checked", nsfw=(False, False)).plus(refined).seeds == (4, 5)
+
+
 def test_refiner_rejects_latents_for_another_count(sdxl, refiner):
     latents = run(sdxl.text_to_image(job([4], num_inference_steps=5, denoising_end=0.8, output_latents=True)))
     with pytest.raises(InvalidJobError):

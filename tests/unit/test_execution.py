@@ -4,6 +4,7 @@ finished request never waits for the read of Serve's status; a stream keeps its 
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -18,6 +19,7 @@ from deployments.errors import InvalidJobError, ServerFaultError, UpstreamLost
 from serve_app.config import load_app_config
 from serve_app.fronts.openai import ImageGenerationRequest
 from serve_app.service import execution
+from serve_app.service.encoding import ResultShapeError
 from serve_app.protocol.errors import ModelUnavailableError, ServiceUnavailableError, error_from_exception
 from serve_app.service.execution import Executor, run_plan, stream_plan
 from serve_app.service.images import ImagesService
@@ -80,6 +82,27 @@ def test_a_stage_lost_to_a_dead_replica_runs_again_once_and_the_request_succeeds
     assert line.levelno == logging.WARNING and type(loss).__name__ in line.getMessage()
 
 
+class ReportingHandle(FakeHandle):
+    """A replica that reports ``seeds`` as the seeds it used, whatever the job said."""
+
+    def __init__(self, name, seeds):
+        super().__init__(name)
+        self.seeds = seeds
+
+    def result_for(self, response):
+        return dataclasses.replace(super().result_for(response), seeds=self.seeds)
+
+
+def test_images_are_labelled_with_the_seeds_the_replica_reports(config):
+    handles = fake_handles(config, **{SD: ReportingHandle(SD, (70, 71))})
+    response = asyncio.run(ImagesService(config, handles).generate(req(seed=7, n=2)))
+    assert [item.seed for item in response.data] == [70, 71]
+    # A replica that reports no seed for an image: the server's fault, never a guessed label.
+    handles = fake_handles(config, **{SD: ReportingHandle(SD, (70,))})
+    with pytest.raises(ResultShapeError):
+        asyncio.run(ImagesService(config, handles).generate(req(seed=7, n=2)))
+
+
 def test_a_second_loss_is_a_503_after_two_calls_not_three(config):
     handles = fake_handles(config, **{SD: FakeHandle(SD, failures=[ActorDiedError(), ActorDiedError()])})
     with pytest.raises(ActorDiedError) as info:
@@ -93,7 +116,7 @@ def test_a_second_loss_is_a_503_after_two_calls_not_three(config):
 def test_a_refiner_lost_in_a_chain_runs_the_chain_again(config):
     handles = fake_handles(config, **{REFINER: FakeHandle(REFINER, failures=[ActorDiedError()])})
     plan = plan_request(req(model="stable-diffusion-xl-with-refiner", size="1024x1024", seed=3), config)
-    images = asyncio.run(run_plan(plan, handles))
+    images = asyncio.run(run_plan(plan, handles)).output
     assert images.shape == (1, 1024, 1024, 3) and images[0, 0, 0, 0] == 3
     bases, refines = runs(handles[XL]), runs(handles[REFINER])
     assert len(bases) == len(refines) == 2
@@ -105,7 +128,7 @@ def test_a_base_lost_under_its_refiner_runs_the_chain_again(config):
     # The refiner's replica finds its input lost (UpstreamLost, as resolve_inputs raises).
     handles = fake_handles(config, **{XL: FakeHandle(XL, failures=[ActorDiedError()])})
     plan = plan_request(req(model="stable-diffusion-xl-with-refiner", size="1024x1024", seed=3), config)
-    assert asyncio.run(run_plan(plan, handles)).shape == (1, 1024, 1024, 3)
+    assert asyncio.run(run_plan(plan, handles)).output.shape == (1, 1024, 1024, 3)
     assert len(runs(handles[XL])) == len(runs(handles[REFINER])) == 2
 
 

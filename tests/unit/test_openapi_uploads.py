@@ -102,7 +102,7 @@ def test_every_file_part_is_a_binary_image_with_a_byte_bound(document, path):
 def test_the_limits_the_descriptions_name_are_the_defaults():
     from deployments.families import FAMILIES, SERVED_FAMILIES
 
-    from serve_app.fronts.openai import UPLOAD_LIMITS
+    from serve_app.fronts.openapi import UPLOAD_LIMITS
 
     pixels = IngressConfig.model_fields["max_upload_pixels"].default
     assert f"= {pixels})" in UPLOAD_LIMITS

@@ -51,6 +51,18 @@ def test_seeds_are_consecutive_from_the_request_seed(config):
     assert plan.stages[0].job.seeds == (10, 11, 12)
 
 
+def test_a_drawn_seed_keeps_every_images_seed_in_32_bits(config, monkeypatch):
+    # The one place a seed is drawn, for every front: at its highest draw, the last of the
+    # most images a request may ask for still fits Stability's uint32 Artifact.seed.
+    from serve_app.service import planning
+    from serve_app.protocol.request import DRAWN_SEED_LIMIT, MAX_N
+
+    monkeypatch.setattr(planning.secrets, "randbelow", lambda limit: limit - 1)
+    assert planning.draw_seed() + MAX_N - 1 == DRAWN_SEED_LIMIT - 1
+    plan = plan_request(req(n=4), config)
+    assert plan.seeds == tuple(range(DRAWN_SEED_LIMIT - MAX_N, DRAWN_SEED_LIMIT - MAX_N + 4))
+
+
 def test_request_values_override_defaults(config):
     plan = plan_request(
         req(model="stabilityai/stable-diffusion-xl-base-1.0", size="768x768", guidance_scale=3.0,
@@ -78,7 +90,7 @@ def test_refiner_chain_plans_base_then_refiner(config):
 def test_chain_hands_the_base_response_to_the_refiner_unresolved(config):
     handles = fake_handles(config)
     plan = plan_request(req(model="stable-diffusion-xl-with-refiner", seed=3), config)
-    images = asyncio.run(run_plan(plan, handles))
+    images = asyncio.run(run_plan(plan, handles)).output
     (base_call,) = handles["stable-diffusion-xl"].calls
     (refine_call,) = handles["stable-diffusion-xl-refiner"].calls
     # The refiner receives the base's response by reference (Upstream): the refiner

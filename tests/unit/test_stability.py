@@ -15,6 +15,7 @@ from serve_app.config import load_app_config
 from serve_app.fronts import stability
 from serve_app.fronts.gooseai import generation_pb2 as generation
 from serve_app.service.images import ImagesService
+from serve_app.service.planning import plan_request
 from serve_app.service.uploads import decode_keep_mask
 from serve_app.tools.launch import load_serve_config
 from tests.conftest import REPO_ROOT
@@ -198,8 +199,11 @@ def test_prompts_that_would_be_served_otherwise_than_asked_are_refused(config, p
 def test_a_seed_per_sample_is_kept_and_a_missing_seed_is_drawn(config):
     req = stability.to_job(sdk_generate(seed=[7, 99], samples=2), config).request
     assert (req.n, req.seed, req.seeds) == (2, None, (7, 99))
-    drawn = stability.to_job(sdk_generate(seed=[0], samples=4), config).request.seed
-    assert 0 <= drawn <= stability.SEED_LIMIT - 4
+    # No seed (0): the images service draws it, as for every front, within the uint32 seeds.
+    unseeded = stability.to_job(sdk_generate(seed=[0], samples=4), config).request
+    assert (unseeded.seed, unseeded.seeds) == (None, ())
+    drawn = plan_request(unseeded, config).seeds
+    assert len(drawn) == 4 and 0 <= drawn[0] and drawn[-1] <= stability.SEED_LIMIT - 1
     assert refused(sdk_generate(seed=[1, 2, 3], samples=2), config).startswith("image.seed:")
     assert refused(sdk_generate(seed=[2**32 - 2], samples=4), config).startswith("image.seed:")
 

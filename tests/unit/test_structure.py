@@ -169,9 +169,10 @@ def test_only_the_source_type_parses_a_source(module):
     assert not hits, f"{module} reads a source string by hand: {hits}"
 
 
-FRONTS = {"serve_app.fronts.openai", "serve_app.fronts.livepeer"}
+FRONTS = {"serve_app.fronts.openai", "serve_app.fronts.livepeer", "serve_app.fronts.jobs",
+          "serve_app.fronts.stability"}
 SHARED_BY_FRONTS = {"serve_app.fronts.http", "serve_app.fronts.routing", "serve_app.fronts.openapi",
-                    "serve_app.fronts.gate", "serve_app.fronts.metrics"}
+                    "serve_app.fronts.gate", "serve_app.fronts.metrics", "serve_app.fronts.wire"}
 
 
 def test_each_front_stands_alone():
