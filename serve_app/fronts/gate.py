@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.service.errors import APIError
-from serve_app.fronts.http import error_response, route_path
+from serve_app.fronts.error_handlers import error_response, route_path
 
 # Open without a key: health probes, the API's own description and the playground page
 # (which holds no data: it asks for a key and sends it with its API calls).

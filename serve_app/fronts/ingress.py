@@ -22,7 +22,7 @@ from ray import serve
 from serve_app.config import AppConfig, ConfigError, load_app_config
 from serve_app.fronts import jobs, livepeer, openai, stability
 from serve_app.fronts.gate import GateMiddleware, GateSettings, check_key
-from serve_app.fronts.http import install_error_handlers
+from serve_app.fronts.error_handlers import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
 from serve_app.fronts.openapi import install_openapi, responses
 from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
@@ -124,7 +124,7 @@ class ImagesIngress:
         # Serve's status, read at most every 2 s and awaited at most 3 s, by /health and by
         # requests waiting on a deployment that may fail to start.
         self.statuses = StatusCache(self._deployment_statuses)
-        # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
+        # The fronts' routes find it here (fronts/shared.py: Serve's replica context).
         self.service = ImagesService(
             self.config, handles, store, start_failures=StartFailureWatch(self.statuses),
             low_moderation_owners=low_owners)

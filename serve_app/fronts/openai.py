@@ -25,7 +25,7 @@ from serve_app.fronts.openapi import (
     responses,
     upload_schema,
 )
-from serve_app.fronts.routing import Multipart, Service, answer, asked_by, guarded, json_response, one_image
+from serve_app.fronts.shared import Multipart, Service, answer, asked_by, guarded, json_response, one_image
 from serve_app.service.responses import (
     ErrorResponse,
     HealthResponse,

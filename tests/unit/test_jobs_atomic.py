@@ -92,8 +92,8 @@ def jobs_api(tiny_args, jobs):
     from fastapi import FastAPI
 
     from serve_app.fronts import jobs as jobs_front
-    from serve_app.fronts.http import install_error_handlers
-    from serve_app.fronts.routing import images_service
+    from serve_app.fronts.error_handlers import install_error_handlers
+    from serve_app.fronts.shared import images_service
     from serve_app.service.images import ImagesService
     from tests.unit.fakes import fake_handles
 

@@ -53,7 +53,7 @@ def is_open(path: str) -> bool:
 
 def test_fastapis_422_is_gone_and_livepeers_stays(document):
     """The OpenAI-shaped and jobs routes answer validation errors with a 400 in OpenAI's
-    envelope (fronts/http.py); Livepeer's answer them with a 422 in its runner's shape."""
+    envelope (fronts/error_handlers.py); Livepeer's answer them with a 422 in its runner's shape."""
     for path, method, operation in operations(document):
         if path in LIVEPEER_PATHS:
             assert schema_ref(operation["responses"]["422"]) == "#/components/schemas/LivepeerHTTPValidationError"
