@@ -7,9 +7,10 @@ front holds logic another front would need: that belongs to the service.
 
 - ``openai.py``: OpenAI's Images API routes, request bodies and forms
 - ``livepeer.py``: Livepeer's runner routes (its client, ``livepeer-ai``)
-- ``ingress.py``: the ingress deployment, one FastAPI app with every HTTP front's router
-- ``routing.py``, ``openapi.py``: what the HTTP routes share, what the OpenAPI document says
-- ``http.py``, ``gate.py``, ``metrics.py``: error handlers, API keys and body limits, metrics
+- ``ingress.py``: the app factory (every HTTP front's router on one FastAPI app) and the
+  ingress deployment, which puts what the routes need on its app's state
+- ``shared.py``, ``openapi.py``: what the HTTP routes share, what the OpenAPI document says
+- ``error_handlers.py``, ``gate.py``, ``metrics.py``: error handlers, API keys and body limits, metrics
 
 A new front (Stability's gRPC ``GenerationService`` on Ray Serve's gRPC proxy, the async
 jobs API) is a module here beside these, calling the same service.

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve_app.protocol.errors import APIError
-from serve_app.fronts.http import error_response, route_path
+from serve_app.fronts.error_handlers import error_response, route_path
 
 # Open without a key: health probes, the API's own description and the playground page
 # (which holds no data: it asks for a key and sends it with its API calls).
@@ -107,11 +107,17 @@ class _BodyTooLarge(Exception):
     """Raised into the app when the body runs over the limit, to stop it reading."""
 
 
+def gate_settings(app) -> GateSettings:
+    """What the gate of ``app`` enforces: its ``app.state.gate``, which the ingress puts there
+    from its config (no keys and the default body limit without one)."""
+    return getattr(app.state, "gate", None) or GateSettings()
+
+
 class GateMiddleware:
     """Checks the API key, then counts body bytes as they stream in (413 past the limit).
 
-    Settings are read per request from ``app.state.gate`` so the ingress can install them
-    from its config after the module-level FastAPI app exists.
+    Settings are read per request from ``app.state.gate`` (:func:`gate_settings`), which the
+    ingress fills after the app factory built the app.
     """
 
     def __init__(self, app):
@@ -120,7 +126,7 @@ class GateMiddleware:
     async def __call__(self, scope: dict[str, Any], receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        settings: GateSettings = getattr(scope["app"].state, "gate", None) or GateSettings()
+        settings = gate_settings(scope["app"])
         try:
             authorization = authorization_of(scope.get("headers") or [])
         except DuplicateAuthorizationError as error:

@@ -1,10 +1,13 @@
-"""The ingress deployment: one FastAPI app carrying every HTTP front's routes.
+"""The ingress: the app factory and the ingress deployment.
 
-The fronts' routes live with their wire models (``openai.py``, ``livepeer.py``); this module
-puts them on one app with the error handlers, the gate and the metrics, and defines the
-deployment class, which builds the replica's :class:`ImagesService` and answers what is
-the app's own: ``GET /health`` and the playground page. The same class answers Stability's
-gRPC ``Generate`` (``stability.py``) on Serve's gRPC proxy (``grpc_options`` in the configs).
+:func:`build_api` builds the FastAPI app carrying every HTTP front's routes (their routers
+live with their wire models, ``openai.py``, ``livepeer.py``, ``jobs.py``), the app's own
+(``GET /health`` and the playground), the error handlers, the gate, the metrics and the
+OpenAPI document. The deployment class builds one app per replica in its constructor and puts
+on its ``app.state`` what the routes find there (:data:`APP_STATE`); Serve asks for that app
+once the constructor returns (``__serve_build_asgi_app__``), so no app is pickled or shared.
+The same class answers Stability's gRPC ``Generate`` (``stability.py``) on Serve's gRPC
+proxy (``grpc_options`` in the configs).
 """
 
 from __future__ import annotations
@@ -15,14 +18,14 @@ import os
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Header
+from fastapi import APIRouter, FastAPI, Header, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
 
 from serve_app.config import AppConfig, ConfigError, load_app_config
 from serve_app.fronts import jobs, livepeer, openai, stability
-from serve_app.fronts.gate import GateMiddleware, GateSettings, check_key
-from serve_app.fronts.http import install_error_handlers
+from serve_app.fronts.gate import GateMiddleware, GateSettings, check_key, gate_settings
+from serve_app.fronts.error_handlers import install_error_handlers
 from serve_app.fronts.metrics import MetricsMiddleware
 from serve_app.fronts.openapi import install_openapi, responses
 from serve_app.service.health import DeploymentState, StartFailureWatch, StatusCache, health_answer
@@ -35,19 +38,59 @@ GRPC_LIMIT_ENV = "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"
 
 PLAYGROUND_HTML = resources.files("serve_app.fronts").joinpath("static/playground.html").read_text("utf-8")
 
-api = FastAPI(
-    title="serve_app images API",
-    summary="OpenAI-shaped image generation on Ray Serve and diffusers.",
-    version="0.1.0",
-)
-install_error_handlers(api)
-api.add_middleware(GateMiddleware)
-api.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the gate's answers too
-# The HTTP fronts. A new one is a module beside these with a ``router``, included here.
-api.include_router(openai.router)
-api.include_router(livepeer.router)
-api.include_router(jobs.router)
-install_openapi(api)  # before serve.ingress below freezes a copy of the app
+# What the routes find on ``app.state`` (the ingress's constructor puts them there; a test
+# puts its own): the images service (``shared.images_service``), the gate's settings
+# (``gate.gate_settings``; defaults without), the jobs client (``jobs._jobs``; None: the jobs
+# API is off) and Serve's status cache for ``/health``.
+APP_STATE = ("service", "gate", "jobs", "statuses")
+
+# The app's own routes: the playground and the health probe.
+router = APIRouter()
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def playground() -> HTMLResponse:
+    """The playground: a page to try every route from a browser (plain HTML and JS)."""
+    return HTMLResponse(PLAYGROUND_HTML, headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/health", response_model=HealthResponse, responses={
+    **responses(open_route=True),
+    503: {"model": HealthResponse, "description": "Some deployment has no running replica yet "
+          "(`starting`), or Serve's controller did not answer (`unknown`); with keys off or "
+          "a valid key, `failures` names those whose replicas fail to start, with why."}})
+async def health(request: Request,
+                 authorization: str | None = Header(default=None, include_in_schema=False)
+                 ) -> JSONResponse:
+    """200 once every deployment of this application has running replicas, else 503;
+    the deployments and their start failures only for a caller the API keys let in."""
+    keys = gate_settings(request.app).api_keys
+    detailed = not keys or check_key((authorization or "").encode(), keys) is None
+    status_code, body = health_answer(await request.app.state.statuses.get(), detailed)
+    return JSONResponse(status_code=status_code,
+                        content=HealthResponse(**body).model_dump(exclude_none=True))
+
+
+def build_api() -> FastAPI:
+    """A new FastAPI app with every HTTP route, the error handlers, the gate (API keys, body
+    limit), the metrics and the OpenAPI document; its ``app.state`` is the caller's to fill
+    (:data:`APP_STATE`) before the first request."""
+    app = FastAPI(
+        title="serve_app images API",
+        summary="OpenAI-shaped image generation on Ray Serve and diffusers.",
+        version="0.1.0",
+    )
+    install_error_handlers(app)
+    app.add_middleware(GateMiddleware)
+    app.add_middleware(MetricsMiddleware)  # added last: outermost, so it sees the gate's answers too
+    # The HTTP fronts. A new one is a module beside these with a ``router``, included here.
+    app.include_router(openai.router)
+    app.include_router(livepeer.router)
+    app.include_router(jobs.router)
+    app.include_router(router)
+    app.state.jobs = None  # the jobs API is off unless the ingress's config has a jobs section
+    install_openapi(app)
+    return app
 
 
 def _warn_on_grpc_limit(config: AppConfig, environ=os.environ) -> bool:
@@ -104,10 +147,12 @@ def check_keys(config: AppConfig, keys: ApiKeys, listening: list[str]) -> frozen
         raise ConfigError(f"safety.allow_low_keys: {exc}") from None
 
 
-@serve.ingress(api)
+@serve.ingress()  # the app: __serve_build_asgi_app__, called once the constructor returns
 class ImagesIngress:
-    """The ingress replica: its images service (which calls the model deployments through
-    their handles) for every front's routes, the API keys and body limit for the gate."""
+    """The ingress replica: its app (:func:`build_api`) with what the routes need on its
+    state (the images service, which calls the model deployments through their handles; the
+    API keys and body limit for the gate; the jobs client; Serve's status for /health), and
+    Stability's gRPC ``Generate``."""
 
     def __init__(self, config: AppConfig | dict, handles: dict[str, Any], store: Any = None):
         self.config = load_app_config(config)
@@ -115,41 +160,24 @@ class ImagesIngress:
         keys = load_api_keys()
         low_owners = check_keys(self.config, keys, serve_listens_on())
         self.gate = GateSettings(api_keys=keys.keys, max_body_bytes=ingress.max_upload_bytes)
-        api.state.gate = self.gate
-        if self.config.jobs is not None:
-            from serve_app.jobs.client import Jobs
-
-            api.state.jobs = Jobs(self.config)
         _warn_on_grpc_limit(self.config)
         # Serve's status, read at most every 2 s and awaited at most 3 s, by /health and by
         # requests waiting on a deployment that may fail to start.
         self.statuses = StatusCache(self._deployment_statuses)
-        # The fronts' routes find it here (fronts/routing.py: Serve's replica context).
         self.service = ImagesService(
             self.config, handles, store, start_failures=StartFailureWatch(self.statuses),
             low_moderation_owners=low_owners)
+        self.api = build_api()
+        state = self.api.state
+        state.service, state.gate, state.statuses = self.service, self.gate, self.statuses
+        if self.config.jobs is not None:
+            from serve_app.jobs.client import Jobs
 
-    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def playground(self) -> HTMLResponse:
-        """The playground: a page to try every route from a browser (plain HTML and JS)."""
-        return HTMLResponse(PLAYGROUND_HTML, headers={"Cache-Control": "no-cache"})
+            state.jobs = Jobs(self.config)
 
-    @api.get("/health", response_model=HealthResponse, responses={
-        **responses(open_route=True),
-        503: {"model": HealthResponse, "description": "Some deployment has no running replica yet "
-              "(`starting`), or Serve's controller did not answer (`unknown`); with keys off or "
-              "a valid key, `failures` names those whose replicas fail to start, with why."}})
-    async def health(self, authorization: str | None = Header(default=None, include_in_schema=False)
-                     ) -> JSONResponse:
-        """200 once every deployment of this application has running replicas, else 503;
-        the deployments and their start failures only for a caller the API keys let in."""
-        # (A header parameter, not the Request: Serve ships this class's methods to the replica
-        # by value, where an annotation naming an imported class does not resolve.)
-        keys = self.gate.api_keys
-        detailed = not keys or check_key((authorization or "").encode(), keys) is None
-        status_code, body = health_answer(await self.statuses.get(), detailed)
-        return JSONResponse(status_code=status_code,
-                            content=HealthResponse(**body).model_dump(exclude_none=True))
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        """Serve's hook for an ingress given no app: this replica's, as the constructor built it."""
+        return self.api
 
     async def Generate(self, request, grpc_context):  # noqa: N802 - the RPC's name
         """Stability's ``gooseai.GenerationService/Generate`` on Serve's gRPC proxy

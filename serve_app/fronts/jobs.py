@@ -20,7 +20,7 @@ from starlette.datastructures import UploadFile as StarletteUpload
 
 from serve_app.fronts.wire import ImageEditForm, ImageGenerationRequest, ImageVariationForm, UpscaleForm
 from serve_app.fronts.openapi import request_body, responses
-from serve_app.fronts.routing import Service, base_url, check_one_image, count_images, guarded, request_owner
+from serve_app.fronts.shared import Service, base_url, check_one_image, count_images, guarded, request_owner
 from serve_app.service.store import INPUT
 from serve_app.service.uploads import BytesUpload
 from serve_app.protocol.errors import APIError, InvalidRequestError, NotFoundError

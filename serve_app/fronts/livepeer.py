@@ -22,8 +22,8 @@ from serve_app.fronts.openapi import (
     responses,
     upload_schema,
 )
-from serve_app.fronts.http import ErrorShape, register_error_shape
-from serve_app.fronts.routing import Multipart, Service, answer, asked_by, json_response
+from serve_app.fronts.error_handlers import ErrorShape, register_error_shape
+from serve_app.fronts.shared import Multipart, Service, answer, asked_by, json_response
 from serve_app.protocol.errors import APIError, InvalidRequestError, ModelNotFoundError
 from serve_app.service.images import ImagesService
 from serve_app.service.planning import GenerationPlan
@@ -293,7 +293,7 @@ def livepeer_validation_errors(errors: list[dict]) -> dict:
 
 router = APIRouter()
 register_error_shape(ErrorShape(LIVEPEER_PATHS, livepeer_error, livepeer_validation_errors))
-# Every error in Livepeer's shapes, the gate's 401 and 413 included (fronts/http.py).
+# Every error in Livepeer's shapes, the gate's 401 and 413 included (fronts/error_handlers.py).
 _ERRORS = responses(400, 413, 422, 503, 504, error=LivepeerHTTPError,
                     models={422: LivepeerHTTPValidationError}, about={
                         400: "The request is invalid, or asks for more than the model allows "

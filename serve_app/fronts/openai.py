@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from serve_app.fronts.openapi import IMAGE_CONTENT_TYPES, responses
-from serve_app.fronts.routing import Multipart, Service, answer, asked_by, guarded, json_response, one_image
+from serve_app.fronts.shared import Multipart, Service, answer, asked_by, guarded, json_response, one_image
 from serve_app.fronts.wire import (
     ImageEditForm,
     ImageGenerationRequest,

@@ -207,7 +207,7 @@ def request_body(json_model: type[BaseModel] | None = None, form: dict[str, Any]
 
 # FastAPI adds this 422 to every operation with parameters or a body, unless the route declares
 # a 422 of its own (Livepeer's); the fronts answer validation errors with a 400 instead
-# (fronts/http.py), so the document drops it.
+# (fronts/error_handlers.py), so the document drops it.
 _FASTAPI_422 = "#/components/schemas/HTTPValidationError"
 SECURITY_SCHEME = "apiKey"
 

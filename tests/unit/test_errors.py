@@ -5,8 +5,8 @@ from ray.exceptions import RayTaskError
 
 from deployments.errors import InvalidJobError, ServerFaultError
 from serve_app.protocol.errors import InvalidRequestError, ModelNotFoundError, error_from_exception
-from serve_app.fronts.http import install_error_handlers
-from serve_app.fronts.routing import guarded
+from serve_app.fronts.error_handlers import install_error_handlers
+from serve_app.fronts.shared import guarded
 from serve_app.service.health import DeploymentState, StartFailureWatch, deployments_ready, start_failures
 from serve_app.protocol.responses import ErrorResponse
 from serve_app.fronts.openai import ImageGenerationRequest

@@ -162,20 +162,40 @@ def test_health_answers(detailed):
 
 
 def test_the_health_route_takes_only_the_authorization_header_once_shipped_to_a_replica():
-    """Serve ships the ingress class's methods to the replica by value (cloudpickle), with
-    only the globals their code uses: a parameter annotated with an imported class (Request)
-    would become a required query parameter there, and every probe a 400."""
+    """The route takes no query or body parameter, also once pickled as Serve pickles what it
+    ships to a replica: a parameter FastAPI could not resolve there would become a required
+    query parameter, and every probe a 400."""
     import pickle
 
     from fastapi.dependencies.utils import get_dependant
     from ray import cloudpickle
 
-    from serve_app.fronts.ingress import api
+    from serve_app.fronts.ingress import router  # the app's own routes, build_api includes it
 
-    routes = [route for included in api.routes if hasattr(included, "original_router")
-              for route in included.original_router.routes if getattr(route, "path", "") == "/health"]
+    routes = [route for route in router.routes if getattr(route, "path", "") == "/health"]
     (route,) = routes
     shipped = pickle.loads(cloudpickle.dumps(route.endpoint))
     dependant = get_dependant(path=route.path_format, call=shipped)
     assert [p.name for p in dependant.query_params + dependant.body_params] == []
     assert [p.name for p in dependant.header_params] == ["authorization"]
+
+
+def test_the_health_route_answers_from_the_status_cache_on_the_apps_state():
+    """``GET /health`` on an app from the factory, with the status cache and the gate's keys
+    on its state as the ingress puts them there: the deployments only for a valid key."""
+    from fastapi.testclient import TestClient
+
+    from serve_app.fronts.gate import GateSettings
+    from serve_app.fronts.ingress import build_api
+
+    app = build_api()
+    app.state.statuses = StatusCache(Read({**HEALTHY, "x2": FAILED}))
+    app.state.gate = GateSettings(api_keys=(b"sk-one",))
+    with TestClient(app) as client:
+        anonymous = client.get("/health")
+        keyed = client.get("/health", headers={"Authorization": "Bearer sk-one"})
+    assert (anonymous.status_code, anonymous.json()) == (503, {"status": "starting"})
+    assert keyed.status_code == 503
+    assert keyed.json()["deployments"] == {"ImagesIngress": "HEALTHY", "sd": "HEALTHY",
+                                           "x2": "DEPLOY_FAILED"}
+    assert "x2" in str(keyed.json()["failures"])

@@ -89,22 +89,16 @@ class _Jobs:
 
 
 def jobs_api(tiny_args, jobs):
-    """The jobs routes on a FastAPI app of their own, with the tiny profile's planning."""
-    from fastapi import FastAPI
-
-    from serve_app.fronts import jobs as jobs_front
-    from serve_app.fronts.http import install_error_handlers
-    from serve_app.fronts.routing import images_service
+    """The ingress's app over the tiny profile's planning (fake model handles), with ``jobs``
+    as its jobs client: what the constructor puts on its state, a test's own."""
+    from serve_app.fronts.ingress import build_api
     from serve_app.service.images import ImagesService
     from tests.unit.fakes import fake_handles
 
     config = load_app_config(tiny_args)
-    service = ImagesService(config, fake_handles(config))
-    app = FastAPI()
-    install_error_handlers(app)
-    app.include_router(jobs_front.router)
+    app = build_api()
+    app.state.service = ImagesService(config, fake_handles(config))
     app.state.jobs = jobs
-    app.dependency_overrides[images_service] = lambda: service
     return app
 
 

@@ -1,13 +1,13 @@
 """The OpenAPI document says what each route answers: every status with its body in the route's
 error shape, no FastAPI 422 where the route answers validation errors with a 400, the event
 stream beside JSON where a route streams, and a 401 only on a server with API keys (no Ray:
-the module's FastAPI app and its document, built as the ingress builds it). That the live
+an app from the ingress's factory and its document, as the ingress builds it). That the live
 routes answer only what it says is tests/integration/test_fuzz.py's."""
 
 import pytest
 
 from serve_app.fronts.gate import OPEN_PATHS, OPEN_PREFIXES, GateSettings
-from serve_app.fronts.ingress import api
+from serve_app.fronts.ingress import build_api
 from serve_app.fronts.livepeer import LIVEPEER_PATHS
 
 STREAMED = {"/v1/images/generations", "/v1/images/edits"}
@@ -15,26 +15,22 @@ ERROR_REF = "#/components/schemas/ErrorResponse"
 LIVEPEER_REF = "#/components/schemas/LivepeerHTTPError"
 
 
-def document_of(monkeypatch, gate: GateSettings | None) -> dict:
+def document_of(gate: GateSettings | None) -> dict:
     """The document an app builds the first time it is asked for, with ``gate`` installed
     (as the ingress's constructor installs it from its config)."""
-    cached = api.openapi_schema
-    monkeypatch.setattr(api.state, "gate", gate, raising=False)
-    api.openapi_schema = None
-    try:
-        return api.openapi()
-    finally:
-        api.openapi_schema = cached
+    api = build_api()
+    api.state.gate = gate
+    return api.openapi()
 
 
 @pytest.fixture
-def document(monkeypatch):
-    return document_of(monkeypatch, GateSettings())
+def document():
+    return document_of(GateSettings())
 
 
 @pytest.fixture
-def keyed(monkeypatch):
-    return document_of(monkeypatch, GateSettings(api_keys=(b"sk-one",)))
+def keyed():
+    return document_of(GateSettings(api_keys=(b"sk-one",)))
 
 
 def operations(document):
@@ -53,7 +49,7 @@ def is_open(path: str) -> bool:
 
 def test_fastapis_422_is_gone_and_livepeers_stays(document):
     """The OpenAI-shaped and jobs routes answer validation errors with a 400 in OpenAI's
-    envelope (fronts/http.py); Livepeer's answer them with a 422 in its runner's shape."""
+    envelope (fronts/error_handlers.py); Livepeer's answer them with a 422 in its runner's shape."""
     for path, method, operation in operations(document):
         if path in LIVEPEER_PATHS:
             assert schema_ref(operation["responses"]["422"]) == "#/components/schemas/LivepeerHTTPValidationError"
@@ -154,9 +150,7 @@ def test_with_api_keys_every_route_behind_the_gate_answers_401(keyed):
 def test_the_jobs_body_is_documented_as_the_route_reads_it():
     """The route reads its body itself; the document still says what it takes: a generations
     job as JSON, the other operations as multipart with the route's image part."""
-    from serve_app.fronts.ingress import api
-
-    body = api.openapi()["paths"]["/v1/images/jobs"]["post"]["requestBody"]["content"]
+    body = build_api().openapi()["paths"]["/v1/images/jobs"]["post"]["requestBody"]["content"]
     json_body = body["application/json"]["schema"]
     assert json_body["properties"]["operation"]["const"] == "generations"
     steps = json_body["properties"]["input"]["properties"]["num_inference_steps"]["anyOf"][0]

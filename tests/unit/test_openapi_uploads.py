@@ -1,11 +1,10 @@
 """The OpenAPI document says what a valid upload is, and what the multipart forms take, so
-that cases generated from it are accepted (no Ray: the module's FastAPI app and its
+that cases generated from it are accepted (no Ray: an app from the ingress's factory and its
 document; the routes run over fake model handles)."""
 
 import asyncio
 import io
 import re
-import types
 import uuid
 from collections import Counter
 
@@ -18,7 +17,7 @@ from starlette.datastructures import Headers
 
 from serve_app.config import IngressConfig, load_app_config
 from serve_app.fronts import ingress
-from serve_app.fronts.ingress import api
+from serve_app.fronts.ingress import build_api
 from serve_app.fronts.livepeer import LivepeerImageToImageForm, LivepeerUpscaleForm
 from serve_app.fronts.openai import (
     IMAGE_CONTENT_TYPES,
@@ -54,19 +53,17 @@ def upload(data: bytes, name: str = "image.png") -> UploadFile:
     return UploadFile(io.BytesIO(data), filename=name, headers=Headers({"content-type": "image/png"}))
 
 
-def fresh_document() -> dict:
-    """The document as an app builds it the first time it is asked for."""
-    api.openapi_schema = None
+def fresh_document(gate=None) -> dict:
+    """The document as an app builds it the first time it is asked for, with ``gate`` on
+    its state (as the ingress's constructor puts it there from its config)."""
+    api = build_api()
+    api.state.gate = gate
     return api.openapi()
 
 
 @pytest.fixture
 def document():
-    cached = api.openapi_schema
-    try:
-        yield fresh_document()
-    finally:
-        api.openapi_schema = cached
+    return fresh_document()
 
 
 def form_schema(document: dict, path: str) -> tuple[dict, dict]:
@@ -180,17 +177,12 @@ def test_loras_are_described_as_json_text(document, path):
     assert "$ref" not in str(loras["contentSchema"])  # self-contained, resolvable anywhere
 
 
-def test_the_byte_bound_is_the_configured_body_limit(monkeypatch):
+def test_the_byte_bound_is_the_configured_body_limit():
     """The constructor installs the gate's settings from the config before any request;
     the document, built on first use, takes the limit from there."""
     from serve_app.fronts.gate import GateSettings
 
-    cached = api.openapi_schema
-    monkeypatch.setattr(api.state, "gate", GateSettings(max_body_bytes=123_456), raising=False)
-    try:
-        document = fresh_document()
-    finally:
-        api.openapi_schema = cached
+    document = fresh_document(GateSettings(max_body_bytes=123_456))
     for path in FORMS:
         form, schema = form_schema(document, path)
         assert {schema["properties"][name]["maxLength"] for name in form["encoding"]} == {123_456}
@@ -235,28 +227,22 @@ class FakeStore:
 
 @pytest.fixture
 def served(tiny_args, monkeypatch):
-    """The app's routes over fake model handles on the tiny profile: the ingress as its
-    constructor builds it, found by the routes as Serve's replica context would give it."""
+    """The app's routes over fake model handles on the tiny profile: the app the ingress's
+    constructor builds, with its images service and gate on the app's state, as Serve gets it
+    (``__serve_build_asgi_app__``). Serve is said to listen on loopback only: asking its
+    controller would start Ray."""
+    monkeypatch.setattr(ingress, "serve_listens_on", lambda: [])
     config = load_app_config(tiny_args)
     written = ingress.ImagesIngress.__bases__[0]  # the class as written, under serve.ingress
     instance = object.__new__(written)
-    monkeypatch.setattr(api.state, "gate", None, raising=False)  # the constructor sets it
     instance.__init__(config, fake_handles(config), FakeStore())
-    from ray import serve
-
-    monkeypatch.setattr(serve, "get_replica_context",
-                        lambda: types.SimpleNamespace(servable_object=instance, app_name="images"))
-    cached = api.openapi_schema
-    api.openapi_schema = None
-    try:
-        yield config
-    finally:
-        api.openapi_schema = cached
+    return config, instance.__serve_build_asgi_app__()
 
 
 def test_the_document_takes_the_byte_bound_from_the_config(served):
+    config, api = served
     _, schema = form_schema(api.openapi(), "/v1/images/edits")
-    assert schema["properties"]["image"]["maxLength"] == served.ingress.max_upload_bytes
+    assert schema["properties"]["image"]["maxLength"] == config.ingress.max_upload_bytes
 
 
 def test_generated_valid_cases_are_accepted(served):
@@ -267,6 +253,7 @@ def test_generated_valid_cases_are_accepted(served):
     too large for it, more steps than its limit), the names it serves (a model, an adapter,
     an upscaler), steps x strength under one step, and loras' JSON (its shape is the
     document's contentSchema, which generators do not read: they send any JSON text)."""
+    _, api = served
     schema = schemathesis.openapi.from_asgi("/openapi.json", api)
     statuses: dict[str, Counter] = {path: Counter() for path in FORMS}
     refusals: list[dict] = []

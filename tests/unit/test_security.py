@@ -5,7 +5,7 @@ from fastapi import FastAPI, Form
 from fastapi.testclient import TestClient
 
 import serve_app.fronts.livepeer  # noqa: F401 - registers Livepeer's error shape, as the ingress does
-from serve_app.fronts.http import install_error_handlers
+from serve_app.fronts.error_handlers import install_error_handlers
 from serve_app.fronts.openai import ImageEditForm, ImageGenerationRequest
 from serve_app.fronts.gate import GateMiddleware, GateSettings, key_is_valid
 from serve_app.protocol.keys import KeysError, exposure, load_api_keys
@@ -189,7 +189,7 @@ def test_the_gate_and_the_owner_read_the_same_header():
     """The owner of what a request leaves (jobs, URL images) is the key the gate checked."""
     from fastapi import Request
 
-    from serve_app.fronts.routing import request_owner
+    from serve_app.fronts.shared import request_owner
     from serve_app.protocol.keys import owner_of
 
     client = make_client(KEYS)

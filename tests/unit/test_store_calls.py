@@ -24,7 +24,7 @@ from deployments.store.image_store import (
 )
 from serve_app.config import load_app_config
 from serve_app.fronts.openai import ImageGenerationRequest
-from serve_app.fronts.routing import answer, request_owner
+from serve_app.fronts.shared import answer, request_owner
 from serve_app.jobs.runner import JobRunner, JobServerFault
 from serve_app.jobs.store import JobRecord, JobStore, new_job_id
 from serve_app.protocol.keys import owner_of

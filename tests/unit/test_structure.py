@@ -171,7 +171,7 @@ def test_only_the_source_type_parses_a_source(module):
 
 FRONTS = {"serve_app.fronts.openai", "serve_app.fronts.livepeer", "serve_app.fronts.jobs",
           "serve_app.fronts.stability"}
-SHARED_BY_FRONTS = {"serve_app.fronts.http", "serve_app.fronts.routing", "serve_app.fronts.openapi",
+SHARED_BY_FRONTS = {"serve_app.fronts.error_handlers", "serve_app.fronts.shared", "serve_app.fronts.openapi",
                     "serve_app.fronts.gate", "serve_app.fronts.metrics", "serve_app.fronts.wire"}
 
 

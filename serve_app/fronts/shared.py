@@ -1,4 +1,4 @@
-"""What every HTTP front's routes share: the images service of this ingress replica, a
+"""What every HTTP front's routes share: the images service (on the app's state), a
 form read from multipart, the answer (plan, run, log), and the response body."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from typing import Annotated, Any, Awaitable, TypeVar
 from fastapi import Depends, Form, Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
-from ray import serve
 
 from serve_app.protocol.errors import APIError, InvalidRequestError, error_from_exception
 from serve_app.service.images import ImagesService
@@ -21,10 +20,13 @@ T = TypeVar("T")
 logger = logging.getLogger("ray.serve")  # Serve's handler adds request id, deployment and replica
 
 
-def images_service() -> ImagesService:
-    """The ingress replica's images service: the one its deployment instance built, found
-    as Serve finds the instance for the class's own routes (the replica context)."""
-    return serve.get_replica_context().servable_object.service
+def images_service(request: Request) -> ImagesService:
+    """The images service of the app serving ``request``: the one on its ``app.state``, where
+    the ingress's constructor put it (fronts/ingress.py), or a test its own."""
+    service = getattr(request.app.state, "service", None)
+    if service is None:  # a server fault: a 500, never the client's 400
+        raise RuntimeError("this app has no images service on its state (app.state.service)")
+    return service
 
 
 # A route's parameter: ``service: Service``.
