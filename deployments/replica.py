@@ -1,10 +1,11 @@
 """The base class of every model deployment, and the text-to-image and image-to-image
 methods that SD 2.1 and SDXL share.
 
-Deployment classes are plain Python classes: the app builder wraps them with
-``serve.deployment(...)`` using options from the config, so nothing here knows about
-HTTP or Ray options. The ingress calls ``run`` and ``stream`` (deployments/contract.py);
-the job's type picks the method.
+Deployment classes are plain Python classes: the app builder binds
+:class:`~deployments.host.ModelHost` with the family's class named, and the replica makes
+the instance in its own process, so nothing here knows about HTTP or Ray options. The images
+service calls ``run`` and ``stream`` (deployments/contract.py) through the deployment's
+handle; the job's type picks the method.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Each job runs the pipeline's own call (``pipe(...)``: its own ``encode_prompt``,
 ``prepare_latents``, timesteps, scheduler step, classifier-free guidance, inpainting blend,
 VAE decode and upcasting rules) on a thread of its own, through a *view* of the pipeline
 with a scheduler instance of its own and, in place of the UNet and of the VAE's decode,
-stand-ins that hand the call to the replica's :class:`StepLoop`. The step loop owns the
+*call proxies* that hand the call to the replica's :class:`StepLoop`. The step loop owns the
 UNet: once every job in flight has asked for its next UNet call (or its decode), it runs
 **one** UNet call for the rows of the jobs it takes (each row with its own timestep: the
 UNet embeds a timestep per sample) and hands each job its rows back, and **one** VAE decode
@@ -19,8 +19,7 @@ One device lock serialises the work on the model: a job's thread holds it while 
 for the loop; the loop holds it for its calls. So finished jobs decode between two steps of
 the others, and a new job prepares between two steps and joins the next one.
 
-Why a loop of our own: no library batches diffusion steps across requests (vLLM-Omni's
-step scheduler is for DiT models and vLLM's engine; ComfyUI's and SGLang's are unmerged).
+Why a loop of our own, and what other servers do: docs/architecture.md, "Batching".
 """
 
 from __future__ import annotations
@@ -75,7 +74,7 @@ class StepStats:
     jobs: list[int] = field(default_factory=list)  # jobs of the same calls
 
 
-class _UNetStandIn:
+class _UNetProxy:
     """What a job's pipeline view has as its ``unet``: the real UNet's attributes (config,
     dtype, device, add_embedding, ...), and calls that go through the step loop."""
 
@@ -90,7 +89,7 @@ class _UNetStandIn:
         return (answer,) if not return_dict else _Output(answer)
 
 
-class _VAEStandIn:
+class _VAEProxy:
     """What a job's pipeline view has as its ``vae``: the real VAE's attributes; its decode
     goes through the step loop (jobs that finish together decode in one call).
 
@@ -110,7 +109,7 @@ class _VAEStandIn:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    def to(self, *args, dtype: torch.dtype | None = None, **kwargs) -> _VAEStandIn:
+    def to(self, *args, dtype: torch.dtype | None = None, **kwargs) -> _VAEProxy:
         # The pipelines call vae.to(dtype=...) or vae.to(torch.float32) here, nothing else.
         dtypes = [arg for arg in args if isinstance(arg, torch.dtype)]
         self._dtype = dtype or (dtypes[0] if dtypes else self._dtype)
@@ -205,10 +204,11 @@ class StepLoop:
 
     Which waiting jobs a call takes: when jobs that have not taken a step yet wait, those
     alone (a new job's first step is a short call of its own, right after the call in
-    progress, instead of a full call's worth of the others: its wait to start stays under
-    two full-batch steps at p99 in the simulated benchmark, for one call's fixed cost a
-    job); otherwise the others oldest first, up to ``max_rows`` (the job that has waited longest finishes first, so the tail of the
-    latency is the queue's, not a share of an ever-growing batch). The rest wait between
+    progress, instead of a full call's worth of the others, for one call's fixed cost a
+    job: ``python3 benchmarks/steps.py`` measures that wait, benchmarks/results/steps-sim.md
+    holds its figures); otherwise the others oldest first, up to ``max_rows`` (the job that
+    has waited longest finishes first, so the tail of the latency is the queue's, not a
+    share of an ever-growing batch). The rest wait between
     two of their steps, holding only their latents and conditioning. One call takes at
     least one job, and jobs of one signature (latent shape, conditioning shapes: the batcher
     admits one cohort at a time, so there is one but for the refiner's chain share).
@@ -250,13 +250,13 @@ class StepLoop:
         view = copy.copy(pipe)
         # object.__setattr__: a pipeline's own __setattr__ would write into its config,
         # which the view shares with the replica's pipeline.
-        object.__setattr__(view, "unet", _UNetStandIn(self, slot))
+        object.__setattr__(view, "unet", _UNetProxy(self, slot))
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None:
             object.__setattr__(view, "scheduler", type(scheduler).from_config(scheduler.config))
         vae = getattr(pipe, "vae", None)
         if vae is not None:
-            object.__setattr__(view, "vae", _VAEStandIn(self, slot, vae))
+            object.__setattr__(view, "vae", _VAEProxy(self, slot, vae))
         return view
 
     def unet_call(self, slot: StepSlot, sample, timestep, encoder_hidden_states, kwargs) -> torch.Tensor:

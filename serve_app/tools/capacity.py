@@ -76,7 +76,7 @@ Activation peak (an estimate)
     tensors (SDPA as a fused kernel; tests/unit/test_capacity.py does it again): before the
     margin the formula is 1-5% above that count for the SD 2.1, SDXL, refiner and x4 UNets,
     ~28% above for the x2 upscaler's K-blocks, equal for an untiled VAE decode and ~5% above
-    for a tiled one. It is not a CUDA measurement: no GPU was at hand.
+    for a tiled one. It is a count of tensors, not a CUDA measurement.
     Image encoding (image-to-image, inpaint, the x2 upscaler's image input) is left out: its
     full-resolution block has block_out_channels[0] channels, half the decoder's.
 
