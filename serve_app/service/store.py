@@ -9,7 +9,7 @@ import asyncio
 from typing import Any
 
 from deployments.image_store import IMAGE, StoreRefused, valid_id
-from serve_app.service.errors import APIError, ServerFault, _unwrap
+from serve_app.service.errors import APIError, ServerFaultAPIError, _unwrap
 
 
 class StoreUnavailableError(APIError):
@@ -43,7 +43,7 @@ def _refusal(refused: StoreRefused, retry_after_s: int) -> APIError:
     if refused.reason == "full":
         return StoreUnavailableError(f"The image store refused it: {refused.message}.",
                                      retry_after_s, code="store_full")
-    return ServerFault(f"The image store refused it: {refused.message} (see image_store in the "
+    return ServerFaultAPIError(f"The image store refused it: {refused.message} (see image_store in the "
                        "server's config).", code="store_limit")
 
 
