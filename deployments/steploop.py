@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from deployments.batching import RECENT_BATCHES, BatchEntry, Batcher, PipelineCancelled
+from deployments.batching import RECENT_BATCHES, BatchEntry, BatchStats, JobQueue, PipelineCancelled
 from deployments.contract import StageResult
 
 # How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.
@@ -225,13 +225,13 @@ class StepLoop:
         self._setup, self._on_call = setup, on_call
         # A thread of its own, not a pool's: it lives as long as the replica and waits for
         # work; a daemon, so that it never holds a process at exit.
-        threading.Thread(target=self._run, name=f"{name}-steps", daemon=True).start()
+        threading.Thread(target=self._serve, name=f"{name}-steps", daemon=True).start()
 
     # --- the jobs' side (each on its own thread) ---
 
-    def run(self, slot: StepSlot, work: Callable[[], Any]) -> Any:
-        """Run ``work`` (a job's pipeline call through its view) as ``slot``, holding the
-        device except while it waits for the UNet."""
+    def join(self, slot: StepSlot, work: Callable[[], Any]) -> Any:
+        """Join the loop as ``slot`` for ``work`` (a job's pipeline call through its view):
+        call it holding the device except while it waits for the UNet, then leave."""
         with self._state:
             self._slots.append(slot)
         self._hold(slot)
@@ -303,7 +303,8 @@ class StepLoop:
         return bool(self._slots) and all(
             slot.request is not None or slot.decode is not None for slot in self._slots)
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
+        """The loop's thread: one call at a time, for ever."""
         if self._setup is not None:
             self._setup()
         while True:
@@ -437,9 +438,13 @@ class StepLoop:
             self._on_call(sum(rows), seconds)
 
 
-class StepBatcher(Batcher):
+class StepBatcher:
     """The event loop's side of step mode: which queued jobs start, each on a thread of its
     own (``run_job(entry)`` returns ``(output, steps, seconds)``), to join the step loop.
+
+    Its jobs wait in a :class:`~deployments.batching.JobQueue`, as the request batcher's do
+    (the replica calls ``submit`` and reads ``stats`` on either); what it does with them is
+    its own: each job starts alone, when admitted, and ends alone.
 
     Admission, at every arrival and every job's end:
 
@@ -456,7 +461,8 @@ class StepBatcher(Batcher):
     def __init__(self, run_job: Callable[[BatchEntry], tuple], max_images_in_flight: int,
                  max_shape_wait_s: float, on_batch: Callable[[int, list[float]], None] | None = None,
                  thread_name: str = "pipeline"):
-        super().__init__(None, max_images_in_flight, 0.0, on_batch, thread_name)
+        self.queue = JobQueue(self._admit_now)
+        self.on_batch = on_batch
         self.max_images_in_flight = max_images_in_flight
         # One thread per job in flight (a job has at least one image).
         self.executor = ThreadPoolExecutor(max_workers=max_images_in_flight, thread_name_prefix=f"{thread_name}-job")
@@ -465,15 +471,25 @@ class StepBatcher(Batcher):
         self.in_flight: list[BatchEntry] = []
         self.cohort: Any = None
 
-    async def _drain(self) -> None:
+    @property
+    def stats(self) -> BatchStats:
+        """What this replica's jobs did (the queue's counters)."""
+        return self.queue.stats
+
+    async def submit(self, kind: str, job: Any, inputs: tuple, key: Any, images: int,
+                     preview: Any = None) -> Any:
+        """Queue a job and wait for its result (raised if the job failed)."""
+        return await self.queue.submit(kind, job, inputs, key, images, preview)
+
+    async def _admit_now(self) -> None:
         self._admit()
 
     @staticmethod
     def _cohort_of(entry: BatchEntry) -> Any:
-        return entry.key[1]  # Batcher.submit keys entries (kind, key); kinds share the UNet
+        return entry.key[1]  # JobQueue.submit keys entries (kind, key); kinds share the UNet
 
     def _admit(self) -> None:
-        pending = [entry for entry in self._pending if not entry.future.done()]
+        pending = [entry for entry in self.queue.pending if not entry.future.done()]
         if not pending:
             return
         now = time.monotonic()
@@ -488,16 +504,17 @@ class StepBatcher(Batcher):
                 continue
             if self.in_flight and images + entry.images > self.max_images_in_flight:
                 break
-            self._pending.remove(entry)
+            self.queue.pending.remove(entry)
             self.in_flight.append(entry)
             images += entry.images
             self.stats.batch_sizes.append(entry.images)
             del self.stats.batch_sizes[:-RECENT_BATCHES]
             if self.on_batch is not None:
                 self.on_batch(entry.images, [now - entry.queued_at])
-            asyncio.get_running_loop().create_task(self._run(entry))
+            asyncio.get_running_loop().create_task(self._job(entry))
 
-    async def _run(self, entry: BatchEntry) -> None:
+    async def _job(self, entry: BatchEntry) -> None:
+        """Run one admitted job on its thread and settle its future."""
         # As asyncio.to_thread does: the job's thread sees this task's context (request ids).
         context = contextvars.copy_context()
         try:
