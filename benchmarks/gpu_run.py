@@ -1,13 +1,13 @@
-"""The GPU run: benchmarks/gpu.py's measurements in the order of their value, fitted to a GPU
-machine's time budget, each figure written the moment it exists.
+"""The GPU run: a time-boxed benchmark run on an offline GPU machine, with its wheel list:
+benchmarks/gpu.py's measurements in the order of their value, fitted to a time budget, each
+figure written the moment it exists.
 
     python3 -m benchmarks.gpu_run [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke]
 
-It is written for an offline H100/H200 with 15 minutes of GPU time in all (each start a minute
-or more of it) and one command at most 10; its Python 3.12 has PyTorch, transformers, accelerate and
-peft, no diffusers, spandrel or Ray, and no network. This is the one command to run there,
-once, in the repository root (the package is not installed there), with the wheels of
-``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
+It targets an offline H100 or H200 machine that runs one command for at most 10 minutes; its
+Python 3.12 has PyTorch, transformers, accelerate and peft, no diffusers, spandrel or Ray, and
+there is no network. This is the one command to run there,
+once, in the repository root (the package is not installed there), with the wheels of ``scripts/gpu_wheels.py`` carried in ``.whl`` (docs/benchmarks.md#the-gpu-run):
 
 1. It installs the carried wheels (``pip install --no-index --no-deps --target``, into a folder
    of its own put first on the path of this process and its children) unless each is
@@ -69,7 +69,7 @@ from typing import Any, Callable
 from deployments.families import FAMILIES  # the registry, no torch
 
 ROOT = Path(__file__).resolve().parent.parent
-BUDGET_S = 480.0  # 8 minutes: one command runs at most 10, the rest is room for the plan's errors
+BUDGET_S = 480.0  # 8 minutes: within a 10-minute command, with room for the plan's errors
 SITE = Path(tempfile.gettempdir()) / "gpu-run-site"  # where the carried wheels are installed
 OFF_BY = 0.15  # a peak this far from capacity's estimate, either way, is flagged
 MIN_CAP_S = 60.0  # a compiled variant with less time than this is not started

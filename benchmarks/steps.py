@@ -18,7 +18,7 @@ scheduling, not HTTP.
 
 Per fleet: images/s (and over the request-level capacity), mean UNet rows per call (a guided
 image is two rows), time from arrival to the end of the first denoising step (p50, p99),
-end-to-end latency (p50, p99). Then the issue's goals as ratios of the two fleets; the
+end-to-end latency (p50, p99). Then step mode's goals as ratios of the two fleets; the
 first-step p99 in step times two ways: steps of one guided image, and the step-mode fleet's
 full UNet call (a step of a batch of the most images a call takes, measured: the step a new
 job finds in progress at a busy replica). Then the
@@ -201,7 +201,7 @@ def row(workload: Workload, gpus: int, load: float, result: dict, in_steps: bool
 
 
 def goals(results: dict) -> list[str]:
-    """The issue's goals as ratios of the two fleets on the same arrivals."""
+    """Step mode's goals as ratios of the two fleets on the same arrivals."""
     lines = ["", "Goals (step against request, the same arrivals):", "",
              "| model | GPUs | at 80 %: p99 step / request (goal <= 0.6) | at 80 %: first-step p99 in steps "
              "of one guided image / of a full batch (goal < 2) "

@@ -8,7 +8,7 @@ loop) on a sleeping accelerator, so a run holds hundreds of jobs and its p99 is 
 them. This is a model, not a measurement: no threads and no clock, one replica, the same cost
 model (deployments/standins/sim.py: per UNet call by rows and size, per text encode, per
 decode), 20000 Poisson arrivals a load with steps from {20, 30, 40} and guidance from {5, 7}.
-It answers one question: could another order of the step loop's calls reach the issue's goal
+It answers one question: could another order of the step loop's calls reach step mode's goal
 (end-to-end p99 at 80 % load at most 0.6x request level's)? Orders:
 
 - ``request``: the request batcher: at each free moment, the oldest queued job's batch key

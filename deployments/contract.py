@@ -23,10 +23,9 @@ from deployments.sources import Source
 
 # Step mode's default images in flight, per image of a UNet call (max_batch_images): a job
 # waiting between two of its steps holds its latents and conditioning only (about 1 MB an
-# SDXL image in float16). A new job starts at once only while there is room: in the
-# virtual-time model of one replica (benchmarks/steps_model.py, 20000 jobs), at 95 % of
-# capacity 4 to a call made the first-step p99 230 (SDXL) and 69 (SD 2.1) full steps, 16 to
-# a call 1.5 and 1.3, for an end-to-end p99 0.01-0.02x of request level's higher.
+# SDXL image in float16). A new job starts at once only while there is room; how the
+# first-step wait depends on this ratio is modelled by `python3 benchmarks/steps_model.py`
+# (benchmarks/results/steps-model.md; docs/benchmarks.md reads it).
 IN_FLIGHT_PER_BATCH = 16
 
 # The largest Hub LoRA file a request may name, by default (ModelConfig.max_hub_lora_bytes):
@@ -226,8 +225,9 @@ class Upstream:
     Not the ``DeploymentResponse`` itself: Serve would resolve that before the call, and
     when the previous stage's node is lost, its result is an ``ActorUnavailableError`` that
     Serve's router takes for the next replica's own, retrying the call until the request
-    times out (ray-project/ray#61758 fixed that for ``ActorDiedError`` only). Fetched here,
-    a lost input ends the request at once (:class:`~deployments.errors.UpstreamLost`).
+    times out (docs/architecture.md, "A request's way", says what Ray has fixed of it).
+    Fetched here, a lost input ends the request at once
+    (:class:`~deployments.errors.UpstreamLost`).
     """
 
     ref: Any

@@ -34,8 +34,9 @@ class UpstreamLost(RuntimeError):
 
 class ServerFaultError(RuntimeError):
     """A job failed for the server's reasons, not the request's: its libraries clash, a
-    file its config names is missing on the server, the Hub cannot be reached. The ingress
-    answers a 5xx ``server_error`` with ``message`` (a line, no traceback) and ``code``."""
+    file its config names is missing on the server, the Hub cannot be reached. The images
+    service answers it as a :class:`~serve_app.protocol.errors.ServerFaultAPIError`, a 500
+    ``server_error`` with ``message`` (a line, no traceback) and ``code``."""
 
     def __init__(self, message: str, code: str = "server_fault"):
         super().__init__(message)

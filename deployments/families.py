@@ -13,6 +13,7 @@ named as ``"module:attribute"`` and imported by whoever needs them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from dataclasses import dataclass
@@ -81,10 +82,9 @@ class Family:
     @property
     def text_encoders(self) -> int:
         """How many text encoders read a prompt (SDXL: 2), from the real model_index.json."""
-        index = self.config_folder / "model_index.json"
-        if not index.exists():
+        entries = _read_json(self.config_folder / "model_index.json")
+        if entries is None:
             return 0
-        entries = json.loads(index.read_text())
         return sum(1 for key, value in entries.items()
                    if key.startswith("text_encoder") and isinstance(value, list) and value[0])
 
@@ -92,20 +92,20 @@ class Family:
     def scheduler(self) -> str | None:
         """The diffusers scheduler class the real model runs (its scheduler_config.json's
         ``_class_name``); None for a family without a denoising loop."""
-        config = self.config_folder / "scheduler" / "scheduler_config.json"
-        if not self.diffusion or not config.exists():
+        config = _read_json(self.config_folder / "scheduler" / "scheduler_config.json")
+        if not self.diffusion or config is None:
             return None
-        return json.loads(config.read_text())["_class_name"]
+        return config["_class_name"]
 
     @property
     def train_timesteps(self) -> int | None:
         """The timesteps the real model's scheduler was trained on (its scheduler_config.json's
         ``num_train_timesteps``): the most denoising steps its schedule has. None for a
         family without a denoising loop."""
-        config = self.config_folder / "scheduler" / "scheduler_config.json"
-        if not self.diffusion or not config.exists():
+        config = _read_json(self.config_folder / "scheduler" / "scheduler_config.json")
+        if not self.diffusion or config is None:
             return None
-        return int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
+        return int(config.get("num_train_timesteps", 1000))
 
     @property
     def deployment_path(self) -> str:
@@ -120,6 +120,14 @@ class Family:
 
     def weights_cls(self) -> Any:
         return load_attribute(self.weights_class)
+
+
+@functools.cache
+def _read_json(path: Path) -> Any:
+    """A file of deployments/model_configs/, read once per process (None if there is none):
+    they ship with the package and never change while it runs, and planning asks the
+    registry for them on every request. Callers must not change what it returns."""
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def load_attribute(reference: str) -> Any:

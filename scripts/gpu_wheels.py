@@ -17,7 +17,7 @@ version known where the requirement names one: pydantic wants typing-extensions>
 Each wheel is the lock's version (constraints.txt), for CPython 3.12 on manylinux x86-64,
 downloaded without its dependencies (they are on the list). Wheels in the folder that are not
 on the list are removed: two versions of one package stop the whole install there. The
-working tree travels in at most 64 MiB with its carried folders: the script adds up the
+machine takes the working tree and the wheels in at most 64 MiB: the script adds up the
 wheels and the files git would send (tracked, and untracked but not ignored) and fails over it.
 """
 
@@ -41,7 +41,7 @@ DEVICE_PACKAGES = ROOT / "scripts" / "gpu_device_packages.txt"
 ROOTS = ("diffusers", "spandrel", "pydantic")
 WHEELS = ("diffusers", "spandrel", "pydantic", "pydantic-core", "annotated-types", "typing-inspection",
           "typing-extensions", "importlib-metadata", "zipp", "lazy-importer")
-TRAVEL_LIMIT = 64 * 1024**2  # the device tool's limit on what a call carries
+TRAVEL_LIMIT = 64 * 1024**2  # the most the GPU machine takes in: working tree and wheels
 # The machine's interpreter, for requirement markers (python_version < "3.15" and the like).
 DEVICE_ENVIRONMENT = {
     "python_version": "3.12", "python_full_version": "3.12.3", "implementation_name": "cpython",
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{path.stat().st_size / 1024**2:8.2f} MiB  {path.name}")
     total = travel_bytes(opts.dest)
     print(f"{len(wheels)} wheels; with the working tree {total / 1024**2:.1f} MiB of the "
-          f"{TRAVEL_LIMIT / 1024**2:.0f} MiB a call carries")
+          f"{TRAVEL_LIMIT / 1024**2:.0f} MiB the machine takes")
     return 0 if total <= TRAVEL_LIMIT else 1
 
 

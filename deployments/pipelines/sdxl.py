@@ -40,8 +40,9 @@ class SDXLRefinerDeployment(PipelineDeployment):
     async def refine(self, job, latents):
         """Finish ``latents`` (N, 4, h, w) from ``job.denoising_start`` and decode them.
 
-        ``latents`` is normally the base deployment's response, resolved by Serve, so the
-        tensor goes from the base replica to this one without passing the ingress.
+        ``latents`` is normally the base deployment's result, handed over as an
+        :class:`~deployments.contract.Upstream` that :meth:`run` fetched from the base
+        replica (never through the ingress); a :class:`StageResult` carries its cost so far.
         """
         latents, carried = unwrap(latents)
         self.check_latents(latents, carried)

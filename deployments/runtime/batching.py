@@ -19,7 +19,7 @@ import contextvars
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,11 +72,51 @@ def batch_cancelled(entries: list[BatchEntry]) -> bool:
     return all(entry.token.is_set() for entry in entries)
 
 
+class JobQueue:
+    """A replica's queue of jobs, which both batching modes hold (:class:`Batcher` here, the
+    step loop's :class:`~deployments.runtime.steploop.StepBatcher`): what they share, and all of it.
+
+    ``submit`` queues a job as a :class:`BatchEntry` and waits for its future, which the
+    holder settles; a caller that goes away sets the entry's token, and leaves the queue if
+    its job has not started. ``drain()`` (the holder's) runs as a task on the event loop
+    whenever a job arrives and no drain task is running; it takes entries from ``pending``.
+    """
+
+    def __init__(self, drain: Callable[[], Awaitable[None]]):
+        self.pending: list[BatchEntry] = []
+        self.stats = BatchStats()
+        self._drain = drain
+        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def submit(
+        self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None
+    ) -> Any:
+        """Queue a job and wait for its result (raised if the job failed)."""
+        loop = asyncio.get_running_loop()
+        entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future(),
+                           preview=preview)
+        self.pending.append(entry)
+        if self._task is None or self._task.done() or self._loop is not loop:
+            self._loop = loop
+            self._task = loop.create_task(self._drain())
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            # The caller is gone: skip the job if it has not started, stop its batch at
+            # the next step if every job in it is gone.
+            entry.token.set()
+            if entry in self.pending:
+                self.pending.remove(entry)
+                self.stats.cancelled_before_start += 1
+            raise
+
+
 class Batcher:
     """Collects jobs and runs compatible ones through ``run_group`` in a worker thread.
 
     ``run_group(kind, entries)`` runs one pipeline call for all ``entries`` (same kind and
-    key) and returns one result per entry, in order.
+    key) and returns one result per entry, in order. Its jobs wait in a :class:`JobQueue`.
     """
 
     def __init__(
@@ -95,8 +135,7 @@ class Batcher:
         self.on_batch = on_batch
         self.max_batch_images = max_batch_images
         self.batch_wait_timeout_s = batch_wait_timeout_s
-        self.stats = BatchStats()
-        self._pending: list[BatchEntry] = []
+        self.queue = JobQueue(self._drain)
         # Seconds between the latest submission and the one before it, when that one was
         # still queued or running (else infinite): a batch waits for company only while
         # jobs arrive closer together than batch_wait_timeout_s (a burst); a lone job, or
@@ -104,39 +143,26 @@ class Batcher:
         self._last_arrival = float("-inf")
         self._arrival_gap = float("inf")
         self._running = False
-        self._task: asyncio.Task | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def stats(self) -> BatchStats:
+        """What this replica's batches did (the queue's counters)."""
+        return self.queue.stats
 
     async def submit(
         self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None
     ) -> Any:
         """Queue a job and wait for its result (raised if the job failed)."""
-        loop = asyncio.get_running_loop()
         now = time.monotonic()
-        in_flight = bool(self._pending) or self._running
+        in_flight = bool(self.queue.pending) or self._running
         self._arrival_gap = now - self._last_arrival if in_flight else float("inf")
         self._last_arrival = now
-        entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future(),
-                           preview=preview)
-        self._pending.append(entry)
-        if self._task is None or self._task.done() or self._loop is not loop:
-            self._loop = loop
-            self._task = loop.create_task(self._drain())
-        try:
-            return await entry.future
-        except asyncio.CancelledError:
-            # The caller is gone: skip the job if it has not started, stop its batch at
-            # the next step if every job in it is gone.
-            entry.token.set()
-            if entry in self._pending:
-                self._pending.remove(entry)
-                self.stats.cancelled_before_start += 1
-            raise
+        return await self.queue.submit(kind, job, inputs, key, images, preview)
 
     def _take_batch(self) -> list[BatchEntry]:
-        head = self._pending[0]
+        head = self.queue.pending[0]
         batch, total = [], 0
-        for entry in self._pending:
+        for entry in self.queue.pending:
             if entry.key != head.key:
                 continue
             if batch and total + entry.images > self.max_batch_images:
@@ -144,20 +170,20 @@ class Batcher:
             batch.append(entry)
             total += entry.images
         for entry in batch:
-            self._pending.remove(entry)
+            self.queue.pending.remove(entry)
         return batch
 
     def _compatible_images(self) -> int:
-        head = self._pending[0]
-        return sum(e.images for e in self._pending if e.key == head.key)
+        head = self.queue.pending[0]
+        return sum(e.images for e in self.queue.pending if e.key == head.key)
 
     async def _drain(self) -> None:
-        while self._pending:
+        while self.queue.pending:
             if (self.batch_wait_timeout_s > 0 and self._compatible_images() < self.max_batch_images
                     and self._arrival_gap <= self.batch_wait_timeout_s):
                 # Jobs are arriving in a burst: give them a moment to join this batch.
                 await asyncio.sleep(self.batch_wait_timeout_s)
-                if not self._pending:
+                if not self.queue.pending:
                     break
             batch = [e for e in self._take_batch() if not e.future.done()]
             if not batch:

@@ -1,10 +1,11 @@
 """The base class of every model deployment, and the text-to-image and image-to-image
 methods that SD 2.1 and SDXL share.
 
-Deployment classes are plain Python classes: the app builder wraps them with
-``serve.deployment(...)`` using options from the config, so nothing here knows about
-HTTP or Ray options. The ingress calls ``run`` and ``stream`` (deployments/contract.py);
-the job's type picks the method.
+Deployment classes are plain Python classes: the app builder binds
+:class:`~deployments.host.ModelHost` with the family's class named, and the replica makes
+the instance in its own process, so nothing here knows about HTTP or Ray options. The images
+service calls ``run`` and ``stream`` (deployments/contract.py) through the deployment's
+handle; the job's type picks the method.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import contextvars
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ class PipelineDeployment:
 
     Jobs go through a :class:`~deployments.runtime.batching.Batcher`: compatible concurrent jobs
     run as one pipeline call, one call at a time, in a worker thread so the replica's event
-    loop keeps answering health checks and noticing cancelled callers.
+    loop keeps answering health checks and noticing cancelled callers. In step mode a
+    :class:`~deployments.runtime.steploop.StepBatcher` starts each job on a thread of its own and
+    the :class:`~deployments.runtime.steploop.StepLoop` batches their UNet calls.
     """
 
     pipeline_cls: Any = None
@@ -188,7 +191,7 @@ class PipelineDeployment:
                         on_first_step=lambda now: self.batcher.stats.first_step(entry.queued_at, now))
         token = _step_slot.set(slot)
         try:
-            (output,) = self.steps.run(slot, lambda: self._run_batch(entry.kind, [entry]))
+            (output,) = self.steps.join(slot, lambda: self._run_batch(entry.kind, [entry]))
         finally:
             _step_slot.reset(token)
         return output, slot.calls * entry.images, slot.seconds
@@ -276,10 +279,32 @@ class PipelineDeployment:
             raise RuntimeError(f"{self.spec.name}: {self.broken}")
 
 
-class TextToImageMixin:
-    """``text_to_image`` for pipelines called with prompt, size, steps and guidance."""
+class DenoisingReplica(Protocol):
+    """What :class:`TextToImageMixin` and :class:`ImageToImageMixin` use of the class they are
+    mixed into, and all they use of it: :class:`PipelineDeployment` has every member
+    (tests/unit/test_deployments.py checks both). Each mixin method declares it as its
+    ``self``'s type."""
 
-    async def text_to_image(self, job):
+    spec: PipelineSpec
+    pipe: Any
+    pipeline_cls: Any
+    dtype: torch.dtype
+
+    def _lora_key(self, job) -> tuple: ...
+
+    async def _submit(self, kind: str, job, inputs: tuple, key: tuple, carried=None,
+                      images: int | None = None) -> StageResult: ...
+
+    def _step_callback(self, entries: list[BatchEntry]) -> Any: ...
+
+    def _pipeline(self, name: str = "pipe") -> Any: ...
+
+
+class TextToImageMixin:
+    """``text_to_image`` for pipelines called with prompt, size, steps and guidance, mixed into
+    a :class:`DenoisingReplica`."""
+
+    async def text_to_image(self: DenoisingReplica, job):
         """Run a :class:`~deployments.contract.TextToImageJob`.
 
         Returns a StageResult of uint8 images (N, H, W, 3), or of latents (a CPU tensor)
@@ -290,7 +315,7 @@ class TextToImageMixin:
                self._lora_key(job))
         return await self._submit("text_to_image", job, (), key)
 
-    def _batch_text_to_image(self, entries):
+    def _batch_text_to_image(self: DenoisingReplica, entries):
         job = entries[0].job
         kwargs: dict[str, Any] = dict(
             **batch_text(entries),
@@ -308,7 +333,8 @@ class TextToImageMixin:
 
 
 class ImageToImageMixin:
-    """``image_to_image``: image-to-image, or inpainting when a mask is given.
+    """``image_to_image``: image-to-image, or inpainting when a mask is given, mixed into a
+    :class:`DenoisingReplica`.
 
     Both pipelines are made with ``from_pipe`` from the text-to-image pipeline, so they
     share its modules: no second copy of the weights in memory, and the LoRA adapters loaded
@@ -318,7 +344,7 @@ class ImageToImageMixin:
     img2img_cls: Any = None
     inpaint_cls: Any = None
 
-    def _init_image_pipelines(self) -> None:
+    def _init_image_pipelines(self: DenoisingReplica) -> None:
         if self.spec.source.stand_in and not isinstance(self.pipe, self.pipeline_cls):
             self.img2img = self.inpaint = self.pipe  # a whole stand-in takes every call itself
             return
@@ -329,7 +355,8 @@ class ImageToImageMixin:
         for pipe in (self.img2img, self.inpaint):
             pipe.set_progress_bar_config(disable=True)
 
-    async def image_to_image(self, job, image: np.ndarray, mask: np.ndarray | None = None):
+    async def image_to_image(self: DenoisingReplica, job, image: np.ndarray,
+                             mask: np.ndarray | None = None):
         """Run an :class:`~deployments.contract.ImageToImageJob` on ``image`` (H, W, 3) uint8.
 
         ``mask`` (H, W) uint8 marks with 255 the pixels to repaint.
@@ -347,7 +374,7 @@ class ImageToImageMixin:
                mask is None, job.output_latents, job.negative_prompt is None, self._lora_key(job))
         return await self._submit("image_to_image", job, (image, mask), key)
 
-    def _batch_image_to_image(self, entries):
+    def _batch_image_to_image(self: DenoisingReplica, entries):
         from PIL import Image
 
         job = entries[0].job

@@ -5,7 +5,7 @@ Each job runs the pipeline's own call (``pipe(...)``: its own ``encode_prompt``,
 ``prepare_latents``, timesteps, scheduler step, classifier-free guidance, inpainting blend,
 VAE decode and upcasting rules) on a thread of its own, through a *view* of the pipeline
 with a scheduler instance of its own and, in place of the UNet and of the VAE's decode,
-stand-ins that hand the call to the replica's :class:`StepLoop`. The step loop owns the
+*call proxies* that hand the call to the replica's :class:`StepLoop`. The step loop owns the
 UNet: once every job in flight has asked for its next UNet call (or its decode), it runs
 **one** UNet call for the rows of the jobs it takes (each row with its own timestep: the
 UNet embeds a timestep per sample) and hands each job its rows back, and **one** VAE decode
@@ -19,8 +19,7 @@ One device lock serialises the work on the model: a job's thread holds it while 
 for the loop; the loop holds it for its calls. So finished jobs decode between two steps of
 the others, and a new job prepares between two steps and joins the next one.
 
-Why a loop of our own: no library batches diffusion steps across requests (vLLM-Omni's
-step scheduler is for DiT models and vLLM's engine; ComfyUI's and SGLang's are unmerged).
+Why a loop of our own, and what other servers do: docs/architecture.md, "Batching".
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from deployments.runtime.batching import RECENT_BATCHES, BatchEntry, Batcher, PipelineCancelled
+from deployments.runtime.batching import RECENT_BATCHES, BatchEntry, BatchStats, JobQueue, PipelineCancelled
 from deployments.contract import StageResult
 
 # How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.
@@ -75,7 +74,7 @@ class StepStats:
     jobs: list[int] = field(default_factory=list)  # jobs of the same calls
 
 
-class _UNetStandIn:
+class _UNetProxy:
     """What a job's pipeline view has as its ``unet``: the real UNet's attributes (config,
     dtype, device, add_embedding, ...), and calls that go through the step loop."""
 
@@ -90,7 +89,7 @@ class _UNetStandIn:
         return (answer,) if not return_dict else _Output(answer)
 
 
-class _VAEStandIn:
+class _VAEProxy:
     """What a job's pipeline view has as its ``vae``: the real VAE's attributes; its decode
     goes through the step loop (jobs that finish together decode in one call).
 
@@ -110,7 +109,7 @@ class _VAEStandIn:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
-    def to(self, *args, dtype: torch.dtype | None = None, **kwargs) -> _VAEStandIn:
+    def to(self, *args, dtype: torch.dtype | None = None, **kwargs) -> _VAEProxy:
         # The pipelines call vae.to(dtype=...) or vae.to(torch.float32) here, nothing else.
         dtypes = [arg for arg in args if isinstance(arg, torch.dtype)]
         self._dtype = dtype or (dtypes[0] if dtypes else self._dtype)
@@ -205,10 +204,11 @@ class StepLoop:
 
     Which waiting jobs a call takes: when jobs that have not taken a step yet wait, those
     alone (a new job's first step is a short call of its own, right after the call in
-    progress, instead of a full call's worth of the others: its wait to start stays under
-    two full-batch steps at p99 in the simulated benchmark, for one call's fixed cost a
-    job); otherwise the others oldest first, up to ``max_rows`` (the job that has waited longest finishes first, so the tail of the
-    latency is the queue's, not a share of an ever-growing batch). The rest wait between
+    progress, instead of a full call's worth of the others, for one call's fixed cost a
+    job: ``python3 benchmarks/steps.py`` measures that wait, benchmarks/results/steps-sim.md
+    holds its figures); otherwise the others oldest first, up to ``max_rows`` (the job that
+    has waited longest finishes first, so the tail of the latency is the queue's, not a
+    share of an ever-growing batch). The rest wait between
     two of their steps, holding only their latents and conditioning. One call takes at
     least one job, and jobs of one signature (latent shape, conditioning shapes: the batcher
     admits one cohort at a time, so there is one but for the refiner's chain share).
@@ -225,13 +225,13 @@ class StepLoop:
         self._setup, self._on_call = setup, on_call
         # A thread of its own, not a pool's: it lives as long as the replica and waits for
         # work; a daemon, so that it never holds a process at exit.
-        threading.Thread(target=self._run, name=f"{name}-steps", daemon=True).start()
+        threading.Thread(target=self._serve, name=f"{name}-steps", daemon=True).start()
 
     # --- the jobs' side (each on its own thread) ---
 
-    def run(self, slot: StepSlot, work: Callable[[], Any]) -> Any:
-        """Run ``work`` (a job's pipeline call through its view) as ``slot``, holding the
-        device except while it waits for the UNet."""
+    def join(self, slot: StepSlot, work: Callable[[], Any]) -> Any:
+        """Join the loop as ``slot`` for ``work`` (a job's pipeline call through its view):
+        call it holding the device except while it waits for the UNet, then leave."""
         with self._state:
             self._slots.append(slot)
         self._hold(slot)
@@ -250,13 +250,13 @@ class StepLoop:
         view = copy.copy(pipe)
         # object.__setattr__: a pipeline's own __setattr__ would write into its config,
         # which the view shares with the replica's pipeline.
-        object.__setattr__(view, "unet", _UNetStandIn(self, slot))
+        object.__setattr__(view, "unet", _UNetProxy(self, slot))
         scheduler = getattr(pipe, "scheduler", None)
         if scheduler is not None:
             object.__setattr__(view, "scheduler", type(scheduler).from_config(scheduler.config))
         vae = getattr(pipe, "vae", None)
         if vae is not None:
-            object.__setattr__(view, "vae", _VAEStandIn(self, slot, vae))
+            object.__setattr__(view, "vae", _VAEProxy(self, slot, vae))
         return view
 
     def unet_call(self, slot: StepSlot, sample, timestep, encoder_hidden_states, kwargs) -> torch.Tensor:
@@ -303,7 +303,8 @@ class StepLoop:
         return bool(self._slots) and all(
             slot.request is not None or slot.decode is not None for slot in self._slots)
 
-    def _run(self) -> None:
+    def _serve(self) -> None:
+        """The loop's thread: one call at a time, for ever."""
         if self._setup is not None:
             self._setup()
         while True:
@@ -437,9 +438,13 @@ class StepLoop:
             self._on_call(sum(rows), seconds)
 
 
-class StepBatcher(Batcher):
+class StepBatcher:
     """The event loop's side of step mode: which queued jobs start, each on a thread of its
     own (``run_job(entry)`` returns ``(output, steps, seconds)``), to join the step loop.
+
+    Its jobs wait in a :class:`~deployments.runtime.batching.JobQueue`, as the request batcher's do
+    (the replica calls ``submit`` and reads ``stats`` on either); what it does with them is
+    its own: each job starts alone, when admitted, and ends alone.
 
     Admission, at every arrival and every job's end:
 
@@ -456,7 +461,8 @@ class StepBatcher(Batcher):
     def __init__(self, run_job: Callable[[BatchEntry], tuple], max_images_in_flight: int,
                  max_shape_wait_s: float, on_batch: Callable[[int, list[float]], None] | None = None,
                  thread_name: str = "pipeline"):
-        super().__init__(None, max_images_in_flight, 0.0, on_batch, thread_name)
+        self.queue = JobQueue(self._admit_now)
+        self.on_batch = on_batch
         self.max_images_in_flight = max_images_in_flight
         # One thread per job in flight (a job has at least one image).
         self.executor = ThreadPoolExecutor(max_workers=max_images_in_flight, thread_name_prefix=f"{thread_name}-job")
@@ -465,15 +471,25 @@ class StepBatcher(Batcher):
         self.in_flight: list[BatchEntry] = []
         self.cohort: Any = None
 
-    async def _drain(self) -> None:
+    @property
+    def stats(self) -> BatchStats:
+        """What this replica's jobs did (the queue's counters)."""
+        return self.queue.stats
+
+    async def submit(self, kind: str, job: Any, inputs: tuple, key: Any, images: int,
+                     preview: Any = None) -> Any:
+        """Queue a job and wait for its result (raised if the job failed)."""
+        return await self.queue.submit(kind, job, inputs, key, images, preview)
+
+    async def _admit_now(self) -> None:
         self._admit()
 
     @staticmethod
     def _cohort_of(entry: BatchEntry) -> Any:
-        return entry.key[1]  # Batcher.submit keys entries (kind, key); kinds share the UNet
+        return entry.key[1]  # JobQueue.submit keys entries (kind, key); kinds share the UNet
 
     def _admit(self) -> None:
-        pending = [entry for entry in self._pending if not entry.future.done()]
+        pending = [entry for entry in self.queue.pending if not entry.future.done()]
         if not pending:
             return
         now = time.monotonic()
@@ -488,16 +504,17 @@ class StepBatcher(Batcher):
                 continue
             if self.in_flight and images + entry.images > self.max_images_in_flight:
                 break
-            self._pending.remove(entry)
+            self.queue.pending.remove(entry)
             self.in_flight.append(entry)
             images += entry.images
             self.stats.batch_sizes.append(entry.images)
             del self.stats.batch_sizes[:-RECENT_BATCHES]
             if self.on_batch is not None:
                 self.on_batch(entry.images, [now - entry.queued_at])
-            asyncio.get_running_loop().create_task(self._run(entry))
+            asyncio.get_running_loop().create_task(self._job(entry))
 
-    async def _run(self, entry: BatchEntry) -> None:
+    async def _job(self, entry: BatchEntry) -> None:
+        """Run one admitted job on its thread and settle its future."""
         # As asyncio.to_thread does: the job's thread sees this task's context (request ids).
         context = contextvars.copy_context()
         try:

@@ -34,9 +34,8 @@ class IngressConfig(Strict):
     deployment: DeploymentOptions = Field(default_factory=section_default("ingress"))
     png_encoder: Literal["fpng", "zlib"] = Field(
         default="fpng",
-        description="PNG encoder: 'fpng' (a 1024x1024 photo in about 3 ms on one core, files "
-        "about 10% larger than zlib at level 6) or 'zlib' (Pillow at png_compress_level: "
-        "about 90 ms at level 1, 230 ms at 6, for the smallest files).",
+        description="PNG encoder: 'fpng' (fast, files a little larger) or 'zlib' (Pillow at "
+        "png_compress_level: slower, the smallest files); docs/benchmarks.md times both.",
     )
     png_compress_level: int = Field(
         default=6, ge=0, le=9, description="zlib level of PNG output with png_encoder 'zlib'."

@@ -81,6 +81,7 @@ def consumer_class(config: AppConfig):
             from celery import current_task
 
             retries = current_task.request.retries if current_task is not None else 0
-            return asyncio.run_coroutine_threadsafe(self.runner.run(job_id, retries), self.loop).result()
+            delivery = self.runner.handle_delivery(job_id, retries)
+            return asyncio.run_coroutine_threadsafe(delivery, self.loop).result()
 
     return task_consumer(task_processor_config=task_processor_config(config.jobs))(JobsConsumer)

@@ -40,8 +40,9 @@ def request_from(data: dict) -> ImageRequest:
     return ImageRequest(**values)
 
 
-class JobServerFault(RuntimeError):
-    """A run that failed for the server's reasons: raised to the broker, which retries it."""
+class JobRetryError(RuntimeError):
+    """Raised to the broker when a job's attempt failed for the server's reasons (a 5xx
+    :class:`~serve_app.protocol.errors.APIError`), so that the broker retries it."""
 
 
 class JobInputGoneError(APIError):
@@ -77,7 +78,7 @@ class JobRunner:
     async def _release(self, job_id: str, lease: str) -> None:
         await asyncio.to_thread(self.store.release_lease, job_id, lease)
 
-    async def run(self, job_id: str, retries: int = 0) -> str:
+    async def handle_delivery(self, job_id: str, retries: int = 0) -> str:
         """Run one delivery of a job (``retries``: the broker's retries of it so far); returns
         its status. The job's lease is claimed first, atomically: a delivery that finds it
         held (the job runs, or its webhook is posted, elsewhere) does nothing, so a job runs
@@ -174,7 +175,7 @@ class JobRunner:
                 return "lost"  # taken over: the new holder runs it, no retry of ours
             await asyncio.to_thread(self.store.mark_queued, record.id)
             await self._release(record.id, lease)
-        raise JobServerFault(f"job {record.id}, attempt {record.attempts}: {error.message}")
+        raise JobRetryError(f"job {record.id}, attempt {record.attempts}: {error.message}")
 
     def _has_webhook(self, record: JobRecord) -> bool:
         return bool(record.webhook and self.webhooks.secret_for(record.owner))

@@ -107,9 +107,11 @@ class GatewayTimeoutError(APIError):
         )
 
 
-class ServerFault(APIError):
+class ServerFaultAPIError(APIError):
     """500: the request was fine and the server could not run it (a library clash, a file its
-    config names missing on the server): the message says what, without a traceback."""
+    config names missing on the server): the message says what, without a traceback. The
+    answer to a replica's :class:`~deployments.errors.ServerFaultError`, and to the image
+    store's refusals."""
 
     status_code = 500
     error_type = "server_error"
@@ -170,7 +172,7 @@ def error_from_exception(exc: BaseException, retry_after_s: int = 5) -> APIError
         return InvalidRequestError(inner.message, param=inner.param)
     if isinstance(inner, ServerFaultError):
         logger.error("a server fault while serving a request: %s", inner.message)
-        return ServerFault(inner.message, code=inner.code)
+        return ServerFaultAPIError(inner.message, code=inner.code)
     if isinstance(inner, BackPressureError):
         return ServiceUnavailableError(
             "The model is at capacity and its queue is full; retry shortly.", retry_after_s

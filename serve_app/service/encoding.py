@@ -36,9 +36,10 @@ def encode_image(
     """Encode one (H, W, 3) uint8 image.
 
     ``compression`` is OpenAI's ``output_compression`` (0-100) and becomes the jpeg/webp
-    quality; it defaults to 100 as OpenAI's does. PNG goes through fpng (a 1024x1024 photo
-    in about 3 ms here, 25x faster than zlib at level 1 and files of the same size) unless
-    ``png_encoder`` is "zlib": Pillow at ``png_level``, smallest files at 6 and up.
+    quality; it defaults to 100 as OpenAI's does. PNG goes through fpng (much faster than zlib,
+    files of about the same size: ``python3 benchmarks/sim.py`` times both, in
+    benchmarks/results/sim-h100.md) unless ``png_encoder`` is "zlib": Pillow at
+    ``png_level``, smallest files at 6 and up.
     """
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected (H, W, 3) uint8 pixels, got {pixels.dtype} {pixels.shape}")

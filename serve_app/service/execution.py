@@ -286,7 +286,7 @@ class Executor:
     def _watched(self, work: Awaitable[T], plan: GenerationPlan) -> Awaitable[T]:
         return unless_start_fails(work, plan.deployments, self.start_failures, self.retry_after_s)
 
-    async def run(self, plan: GenerationPlan):
+    async def execute(self, plan: GenerationPlan):
         """:func:`run_plan`, watched; raises TimeoutError past the timeout."""
         return await self._watched(run_plan(plan, self.handles, self.timeout_s, self.on_demand), plan)
 

@@ -124,17 +124,17 @@ class ImagesService:
         """
         if plan.stream:
             return self._stream(plan, base_url, owner)
-        return await self.encoder.respond(plan, await self._run(plan), base_url, owner=owner)
+        return await self.encoder.respond(plan, await self._execute(plan), base_url, owner=owner)
 
     async def images(self, plan: GenerationPlan) -> tuple[list[EncodedImage], ImagesUsage]:
         """Run a plan and encode its images, for a front that sends bytes (gRPC) instead of
         an images response."""
-        return await self.encoder.encode(plan, await self._run(plan))
+        return await self.encoder.encode(plan, await self._execute(plan))
 
-    async def _run(self, plan: GenerationPlan):
+    async def _execute(self, plan: GenerationPlan):
         """The plan's result; 504 past the request timeout."""
         try:
-            return await self.executor.run(plan)
+            return await self.executor.execute(plan)
         except TimeoutError:
             raise GatewayTimeoutError(self.config.ingress.request_timeout_s) from None
 

@@ -10,7 +10,7 @@ from typing import Any
 
 # IMAGE and INPUT are the store's pools; the fronts and jobs name them through this module.
 from deployments.store.image_store import IMAGE, INPUT, StoreRefused, valid_id
-from serve_app.protocol.errors import APIError, ServerFault, _unwrap
+from serve_app.protocol.errors import APIError, ServerFaultAPIError, _unwrap
 
 
 class StoreUnavailableError(APIError):
@@ -44,7 +44,7 @@ def _refusal(refused: StoreRefused, retry_after_s: int) -> APIError:
     if refused.reason == "full":
         return StoreUnavailableError(f"The image store refused it: {refused.message}.",
                                      retry_after_s, code="store_full")
-    return ServerFault(f"The image store refused it: {refused.message} (see image_store in the "
+    return ServerFaultAPIError(f"The image store refused it: {refused.message} (see image_store in the "
                        "server's config).", code="store_limit")
 
 

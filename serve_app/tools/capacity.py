@@ -76,7 +76,7 @@ Activation peak (an estimate)
     tensors (SDPA as a fused kernel; tests/unit/test_capacity.py does it again): before the
     margin the formula is 1-5% above that count for the SD 2.1, SDXL, refiner and x4 UNets,
     ~28% above for the x2 upscaler's K-blocks, equal for an untiled VAE decode and ~5% above
-    for a tiled one. It is not a CUDA measurement: no GPU was at hand.
+    for a tiled one. It is a count of tensors, not a CUDA measurement.
     Image encoding (image-to-image, inpaint, the x2 upscaler's image input) is left out: its
     full-resolution block has block_out_channels[0] channels, half the decoder's.
 
@@ -577,7 +577,7 @@ def capacity_command(config_path: str, gpu_memory: str | None = None) -> int:
     no GPU memory is known). Raises :class:`~serve_app.config.ConfigError` on a config that
     cannot be read or is invalid, and on a bad ``gpu_memory`` (``serve-app``: exit 2)."""
     from serve_app.config import ConfigError, parse_memory
-    from serve_app.tools.sources import apps_of, read_serve_config
+    from serve_app.tools.weights import apps_of, read_serve_config
 
     try:
         flag_memory = parse_memory(gpu_memory) if gpu_memory else None
@@ -638,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from serve_app.config import ConfigError
-    from serve_app.tools.sources import one_line
+    from serve_app.tools.weights import one_line
 
     parser = argparse.ArgumentParser(prog="python3 -m serve_app.tools.capacity",
                                      description=__doc__.splitlines()[0])

@@ -20,27 +20,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from serve_app.tools.sources import one_line
+from serve_app.tools.weights import one_line
 
 EXIT_OK, EXIT_UNUSABLE, EXIT_INVALID = 0, 1, 2
 
 
 def _check(args: argparse.Namespace) -> int:
-    from serve_app.tools import sources
+    from serve_app.tools import weights
     from serve_app.tools.versions import version_report
 
     versions = version_report()
     print("\n".join(versions.lines))
-    refs = sources.config_sources(args.config)
-    reports = sources.check_sources(refs, sources.Hub(args.hub_timeout))
+    refs = weights.config_sources(args.config)
+    reports = weights.check_sources(refs, weights.Hub(args.hub_timeout))
     for report in reports:
         print(report.line())
     counts = {status: sum(r.status == status for r in reports)
-              for status in (sources.OK, sources.NOT_CHECKED, sources.PROBLEM)}
-    print(f"{len(reports)} sources: {counts[sources.OK]} usable, "
-          f"{counts[sources.NOT_CHECKED]} not checked, {counts[sources.PROBLEM]} with problems")
-    if counts[sources.PROBLEM] or versions.problems:
-        said = [f"{counts[sources.PROBLEM]} sources with problems"] if counts[sources.PROBLEM] else []
+              for status in (weights.OK, weights.NOT_CHECKED, weights.PROBLEM)}
+    print(f"{len(reports)} sources: {counts[weights.OK]} usable, "
+          f"{counts[weights.NOT_CHECKED]} not checked, {counts[weights.PROBLEM]} with problems")
+    if counts[weights.PROBLEM] or versions.problems:
+        said = [f"{counts[weights.PROBLEM]} sources with problems"] if counts[weights.PROBLEM] else []
         said += [f"library clash: {problem}" for problem in versions.problems]
         print(f"serve-app check: {one_line('; '.join(said))}", file=sys.stderr)
         return EXIT_UNUSABLE
@@ -48,12 +48,12 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from serve_app.tools import sources
+    from serve_app.tools import weights
     from serve_app.config import ConfigError, load_app_config
 
-    refs = sources.config_sources(args.config)
+    refs = weights.config_sources(args.config)
     to = Path(args.to).resolve()
-    fetched, errors = sources.fetch_sources(refs, to, sources.Hub(args.hub_timeout))
+    fetched, errors = weights.fetch_sources(refs, to, weights.Hub(args.hub_timeout))
     total = sum(item.nbytes for item in fetched)
     if errors:
         # A config naming half-fetched folders would fail at deploy time: write none.
@@ -61,7 +61,7 @@ def _fetch(args: argparse.Namespace) -> int:
               f"({total} bytes fetched)", file=sys.stderr)
         return EXIT_UNUSABLE
     out = Path(args.out) if args.out else to / Path(args.config).name
-    serve_config = sources.rewrite_config(sources.read_serve_config(args.config), fetched)
+    serve_config = weights.rewrite_config(weights.read_serve_config(args.config), fetched)
     try:
         for application in serve_config["applications"]:
             load_app_config(application.get("args") or {})  # what is written must still load
@@ -70,12 +70,12 @@ def _fetch(args: argparse.Namespace) -> int:
     header = (f"# Written by `serve-app fetch {args.config} --to {to}`: the weights sources\n"
               f"# point at the fetched folders (stand-in sources are built at start).\n")
     try:
-        sources.write_config(serve_config, out, header)
+        weights.write_config(serve_config, out, header)
     except OSError as exc:
         print(f"serve-app fetch: cannot write {out}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_UNUSABLE
     print(f"wrote {out}")
-    print(f"fetched {total} bytes ({sources.human_bytes(total)})")
+    print(f"fetched {total} bytes ({weights.human_bytes(total)})")
     return EXIT_OK
 
 
@@ -87,23 +87,23 @@ def _capacity(args: argparse.Namespace) -> int:
 
 
 def _tiny_config(args: argparse.Namespace) -> int:
-    from serve_app.tools import sources
+    from serve_app.tools import weights
 
-    twin = sources.tiny_twin(args.config)
+    twin = weights.tiny_twin(args.config)
     header = (f"# Tiny twin of {args.config}, written by `serve-app tiny-config`: every weights\n"
               f"# source replaced by its tiny one (built in code at start, nothing downloaded);\n"
               f"# GPU requests, replicas, batching and limits kept. Run it on a Ray cluster that\n"
               f"# declares the GPUs it asks for: ray start --head --num-cpus 16 --num-gpus 4\n")
     if args.out:
         try:
-            written = sources.write_config(twin, args.out, header)
+            written = weights.write_config(twin, args.out, header)
         except OSError as exc:
             print(f"serve-app tiny-config: cannot write {args.out}: {exc.strerror or exc}",
                   file=sys.stderr)
             return EXIT_UNUSABLE
         print(f"wrote {written}", file=sys.stderr)
     else:
-        sys.stdout.write(header + sources.dump_config(twin))
+        sys.stdout.write(header + weights.dump_config(twin))
     return EXIT_OK
 
 

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve_app.tools import sources
+from serve_app.tools import weights
 from serve_app.tools.launch import free_port, wait_healthy
 from tests.conftest import REPO_ROOT, ray_start_resources
 
@@ -117,7 +117,7 @@ def app_url(cluster):
 
     from serve_app.app import build_app
 
-    twin = sources.tiny_twin(CLUSTER_CONFIG)
+    twin = weights.tiny_twin(CLUSTER_CONFIG)
     application = twin["applications"][0]
     args = copy.deepcopy(application["args"])
     esrgan = next(m for m in args["models"] if m["family"] == "esrgan")
@@ -147,7 +147,7 @@ def generate(url: str, timeout: float = 120, **body) -> httpx.Response:
 
 def test_ingress_on_cpu_workers_and_models_on_gpu_workers(cluster, app_url):
     _, kinds, _ = cluster
-    config = sources.tiny_twin(CLUSTER_CONFIG)["applications"][0]["args"]
+    config = weights.tiny_twin(CLUSTER_CONFIG)["applications"][0]["args"]
     ingress = replica_nodes("ImagesIngress")
     assert len(ingress) == config["ingress"]["deployment"]["autoscaling_config"]["min_replicas"]
     assert {kinds[node] for node in ingress} == {"cpu-workers"}

@@ -188,7 +188,7 @@ def test_raw_http_request_like_curl(http):
 
 
 def test_latency_budget_on_the_tiny_profile(http):
-    """Issue budget: 512x512 SD 2.1 under 2 s, 1024x1024 SDXL with refiner under 5 s."""
+    """The tiny profile's latency budget: 512x512 SD 2.1 under 2 s, 1024x1024 SDXL with refiner under 5 s."""
 
     def median_latency(payload):
         http.post("/v1/images/generations", json=payload).raise_for_status()  # warm

@@ -101,6 +101,30 @@ def test_health_and_ready(sd):
     assert asyncio.run(sd.ready()) == "sd"
 
 
+def test_the_mixins_use_only_what_their_protocol_declares_and_the_base_has_it(sd):
+    """TextToImageMixin and ImageToImageMixin reach their replica only through
+    DenoisingReplica's members (or their own), and PipelineDeployment has every one."""
+    import ast
+    import inspect
+    import typing
+
+    from deployments.runtime import replica
+
+    declared = set(typing.get_type_hints(replica.DenoisingReplica)) | {
+        name for name, value in vars(replica.DenoisingReplica).items()
+        if callable(value) and not name.startswith("__")}
+    assert {"spec", "pipe", "_submit", "_pipeline"} <= declared
+    for mixin in (replica.TextToImageMixin, replica.ImageToImageMixin):
+        tree = ast.parse(inspect.getsource(mixin))
+        own = set(vars(mixin)) | {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                                  and isinstance(node.ctx, ast.Store)}
+        used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name) and node.value.id == "self"}
+        assert used - own <= declared, (mixin.__name__, used - own - declared)
+    for name in declared:  # methods on the class, attributes on a built replica
+        assert hasattr(replica.PipelineDeployment, name) or hasattr(sd, name), name
+
+
 # --- image to image, inpainting and upscalers -------------------------------------------
 
 from deployments.pipelines.esrgan import ESRGANDeployment  # noqa: E402

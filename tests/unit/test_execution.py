@@ -390,7 +390,7 @@ def test_a_jobs_attempt_is_one_request_whose_lost_stage_ran_again(tiny_args, tmp
     that request, so the job succeeds in its first attempt (the model ran twice)."""
     from celery import Celery
 
-    from serve_app.jobs.runner import JobRunner, JobServerFault
+    from serve_app.jobs.runner import JobRunner, JobRetryError
     from serve_app.jobs.store import JobRecord, JobStore, new_job_id
     from serve_app.protocol.keys import owner_of
 
@@ -404,8 +404,8 @@ def test_a_jobs_attempt_is_one_request_whose_lost_stage_ran_again(tiny_args, tmp
                         request={"task": "generate", "prompt": "x", "size": "256x256", "seed": 4})
         store.put(job)
         try:
-            status = asyncio.run(runner.run(job.id))
-        except JobServerFault:
+            status = asyncio.run(runner.handle_delivery(job.id))
+        except JobRetryError:
             status = "fault"
         results[name] = (status, store.get(job.id).attempts, len(runs(handles[SD])))
     assert results["once"] == ("succeeded", 1, 2)

@@ -125,7 +125,7 @@ def test_a_failing_webhook_is_retried_off_the_jobs_slot(tiny_args, store):
 
     async def run_then_wait():
         started = time.monotonic()
-        status = await runner.run(job.id)
+        status = await runner.handle_delivery(job.id)
         returned_after = time.monotonic() - started
         mid_delivery = (store.get(job.id).notified, job.id in store.leases())
         await asyncio.gather(*runner.deliveries)

@@ -274,11 +274,11 @@ def test_duplicate_deliveries_run_a_job_once(tiny_args, store):
     job = record()
     store.put(job)
     replicas = runners(tiny_args, store, service, 4)
-    statuses = at_once(4, lambda i: asyncio.run(replicas[i].run(job.id)))
+    statuses = at_once(4, lambda i: asyncio.run(replicas[i].handle_delivery(job.id)))
     # One runs it; the others find its lease held ("running") or, if late, the job ended.
     assert service.runs == 1 and statuses.count("succeeded") >= 1, statuses
     assert set(statuses) <= {"running", "succeeded"}, statuses
-    assert asyncio.run(runner_for(tiny_args, store, service).run(job.id)) == "succeeded"
+    assert asyncio.run(runner_for(tiny_args, store, service).handle_delivery(job.id)) == "succeeded"
     assert service.runs == 1 and store.get(job.id).attempts == 1 and store.leases() == {}
 
 
@@ -317,9 +317,9 @@ def test_a_stalled_holder_whose_lease_was_taken_over_writes_nothing(tiny_args, s
 
 
 def _fault():
-    from serve_app.protocol.errors import ServerFault
+    from serve_app.protocol.errors import ServerFaultAPIError
 
-    return ServerFault("the model replica was lost")
+    return ServerFaultAPIError("the model replica was lost")
 
 
 def test_a_cancel_while_queued_is_not_lost_to_a_run_starting(tiny_args, store):

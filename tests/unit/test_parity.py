@@ -132,7 +132,7 @@ def test_shrink_keys_are_widths_and_depths():
 
 
 def test_behaviour_keys_are_the_real_ones():
-    """Spot checks of what the issue named, read from the built tiny pipelines."""
+    """Spot checks of the behaviour keys, read from the built tiny pipelines."""
     from deployments.standins.tiny import build_tiny_pipeline
 
     sd = build_tiny_pipeline("sd21")

@@ -127,7 +127,7 @@ def test_a_failing_unet_call_fails_its_jobs_and_the_loop_goes_on():
     def job(value):
         slot = StepSlot(cancelled=lambda: False)
         sample = torch.full((2, 1), value)
-        return loop.run(slot, lambda: loop.unet_call(slot, sample, torch.tensor(7), None, {}))
+        return loop.join(slot, lambda: loop.unet_call(slot, sample, torch.tensor(7), None, {}))
 
     with pytest.raises(RuntimeError, match="CUDA error"):
         job(1.0)
@@ -206,7 +206,7 @@ def test_a_job_that_arrives_during_a_call_takes_the_next_one_before_the_decodes(
                 sample = loop.unet_call(slot, sample, torch.tensor(1), None, {})
             return loop.decode_call(slot, vae, sample, torch.float32)
 
-        return loop.run(slot, work)
+        return loop.join(slot, work)
 
     with ThreadPool(2) as pool:
         first = pool.apply_async(job, (1.0, 0.0))
@@ -250,7 +250,7 @@ def test_a_job_whose_caller_goes_while_it_waits_its_turn_leaves_at_the_next_boun
                 sample = loop.unet_call(slot, sample, torch.tensor(1), None, {})
             return sample
 
-        return loop.run(slot, work)
+        return loop.join(slot, work)
 
     with ThreadPool(2) as pool:
         old = pool.apply_async(job, (1.0, 1.0, lambda: False))

@@ -25,10 +25,10 @@ from deployments.store.image_store import (
 from serve_app.config import load_app_config
 from serve_app.fronts.openai import ImageGenerationRequest
 from serve_app.fronts.shared import answer, request_owner
-from serve_app.jobs.runner import JobRunner, JobServerFault
+from serve_app.jobs.runner import JobRunner, JobRetryError
 from serve_app.jobs.store import JobRecord, JobStore, new_job_id
 from serve_app.protocol.keys import owner_of
-from serve_app.protocol.errors import NotFoundError, ServerFault
+from serve_app.protocol.errors import NotFoundError, ServerFaultAPIError
 from serve_app.service.images import ImagesService
 from serve_app.service.store import ImageStoreClient, StoreQuotaError, StoreUnavailableError
 from tests.unit.fakes import fake_handles
@@ -135,7 +135,7 @@ def test_the_stores_refusals_are_told_as_what_they_are(config):
         await client.put_many([(b"u", "image/png")] * jobs, owner="a", kind=INPUT)
         with pytest.raises(StoreQuotaError) as over:  # its own queued uploads fill its share
             await client.put(b"u", "image/png", owner="a", kind=INPUT)
-        with pytest.raises(ServerFault) as too_large:
+        with pytest.raises(ServerFaultAPIError) as too_large:
             await client.put(b"x" * 1001, "image/png", owner="d")  # past one key's share
         return full.value, over.value, too_large.value
 
@@ -232,7 +232,8 @@ def test_a_job_runs_from_its_upload_its_images_are_its_owners_and_its_upload_goe
     upload = deployment.store.put(png(), "image/png", owner, INPUT)
     job = upscale_job({"image": upload}, owner)
     jobs_store.put(job)
-    assert asyncio.run(runner(config, jobs_store, LocalHandle(deployment)).run(job.id)) == "succeeded"
+    job_runner = runner(config, jobs_store, LocalHandle(deployment))
+    assert asyncio.run(job_runner.handle_delivery(job.id)) == "succeeded"
     assert deployment.store.get(upload, INPUT) is None  # deleted with the job's end
     assert deployment.store.usage(INPUT) == (0, 0)
     assert deployment.store.usage(IMAGE, owner)[1] == 1  # its result, the owner's
@@ -241,8 +242,8 @@ def test_a_job_runs_from_its_upload_its_images_are_its_owners_and_its_upload_goe
 def test_a_job_whose_upload_is_gone_fails_once_and_is_not_retried(config, jobs_store):
     job = upscale_job({"image": new_id()})
     jobs_store.put(job)
-    status = asyncio.run(runner(config, jobs_store, LocalHandle(store_of(config))).run(job.id))
-    assert status == "failed"  # no JobServerFault: the broker does not retry it
+    status = asyncio.run(runner(config, jobs_store, LocalHandle(store_of(config))).handle_delivery(job.id))
+    assert status == "failed"  # no JobRetryError: the broker does not retry it
     error = jobs_store.get(job.id).error
     assert (error["type"], error["code"], error["param"]) == ("server_error", "input_gone", "image")
     assert "no longer in the server's image store" in error["message"]
@@ -252,8 +253,8 @@ def test_a_store_that_does_not_answer_a_job_is_a_server_fault_retried_later(conf
     job = upscale_job({"image": new_id()})
     jobs_store.put(job)
     started = time.monotonic()
-    with pytest.raises(JobServerFault):
-        asyncio.run(runner(config, jobs_store, StalledHandle()).run(job.id, retries=0))
+    with pytest.raises(JobRetryError):
+        asyncio.run(runner(config, jobs_store, StalledHandle()).handle_delivery(job.id, retries=0))
     assert time.monotonic() - started < 3.0
     record = jobs_store.get(job.id)
     assert record.status == "queued" and record.error["code"] == "store_unavailable"

@@ -10,7 +10,7 @@ import types
 import pytest
 
 from serve_app.tools.selection import select_files
-from tests.unit.test_sources import SD21_INDEX, SD21_REPO
+from tests.unit.test_weights import SD21_INDEX, SD21_REPO
 
 SDXL_INDEX = {
     "_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",

@@ -382,7 +382,7 @@ def test_a_policy_changed_after_submit_is_the_one_enforced_at_delivery(tiny_args
         store.put(job)
 
         async def run_then_wait():
-            status = await runner.run(job.id)
+            status = await runner.handle_delivery(job.id)
             await asyncio.gather(*runner.deliveries)
             return status
 
@@ -394,7 +394,7 @@ def test_a_policy_changed_after_submit_is_the_one_enforced_at_delivery(tiny_args
     store.put(job)
 
     async def run_then_wait():
-        await runner.run(job.id)
+        await runner.handle_delivery(job.id)
         await asyncio.gather(*runner.deliveries)
 
     asyncio.run(run_then_wait())

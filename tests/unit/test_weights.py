@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from serve_app.tools import hub as hub_module
-from serve_app.tools import sources
+from serve_app.tools import weights
 from serve_app.tools.selection import select_files
 from serve_app.tools.cli import main
 from serve_app.config import load_app_config
@@ -210,13 +210,13 @@ def test_model_layout_takes_only_the_loaders_files():
     assert selection.usable and set(selection.files) == {"config.json",
                                                          "diffusion_pytorch_model.safetensors"}
     # The safety checker also needs its image processor's config (from the registry).
-    ref = next(r for r in sources.sources_of(load_app_config(
+    ref = next(r for r in weights.sources_of(load_app_config(
         load_serve_config(LOCAL_GPU_CONFIG)["applications"][0]["args"])) if r.key[0] == "safety")
     assert ref.config_files == ("config.json", "preprocessor_config.json")
-    selection = sources.select_for(ref, ["config.json", "preprocessor_config.json",
+    selection = weights.select_for(ref, ["config.json", "preprocessor_config.json",
                                          "pytorch_model.bin", "model.safetensors", "README.md"], None)
     assert set(selection.files) == {"config.json", "preprocessor_config.json", "model.safetensors"}
-    selection = sources.select_for(ref, ["config.json", "pytorch_model.bin"], None)
+    selection = weights.select_for(ref, ["config.json", "pytorch_model.bin"], None)
     assert selection.missing == ["preprocessor_config.json"]
 
 
@@ -370,8 +370,8 @@ class FakeHub:
 
         monkeypatch.setattr(hub_module, "HfApi", FakeHfApi)
         monkeypatch.setattr(hub_module, "hf_hub_download", fake_hf_hub_download)
-        monkeypatch.setattr(sources, "hf_hub_download", fake_hf_hub_download)
-        monkeypatch.setattr(sources, "snapshot_download", fake_snapshot_download)
+        monkeypatch.setattr(weights, "hf_hub_download", fake_hf_hub_download)
+        monkeypatch.setattr(weights, "snapshot_download", fake_snapshot_download)
 
 
 @pytest.fixture
@@ -541,7 +541,7 @@ def test_tiny_twin_replaces_every_source_and_keeps_the_gpu_layout(capsys, tmp_pa
     assert args["ingress"] == original["applications"][0]["args"]["ingress"]
     assert twin["proxy_location"] == original["proxy_location"]
     # Every source of the twin is a tiny one, which `serve-app check` finds usable offline.
-    assert all(ref.source.kind == "tiny" for ref in sources.config_sources(out))
+    assert all(ref.source.kind == "tiny" for ref in weights.config_sources(out))
     load_app_config(args)
 
 
