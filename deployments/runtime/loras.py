@@ -42,6 +42,9 @@ LoRAs only, a zero LoRA built from the pipeline's own layers) through the same c
 request's: a broken LoRA stack (a transformers release that refuses the installed peft) stops
 the replica from starting, with a log line naming the versions, instead of failing every
 request that names an adapter.
+
+One module, over 400 lines: loading, activating, evicting and fusing share one cache of
+loaded adapters and one set of peft calls.
 """
 
 from __future__ import annotations

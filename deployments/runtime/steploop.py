@@ -20,6 +20,9 @@ for the loop; the loop holds it for its calls. So finished jobs decode between t
 the others, and a new job prepares between two steps and joins the next one.
 
 Why a loop of our own, and what other servers do: docs/architecture.md, "Batching".
+
+One module, over 400 lines: the loop, its call proxies and its batcher share one lock and
+one step boundary; apart they would each need the other's internals.
 """
 
 from __future__ import annotations

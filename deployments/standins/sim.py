@@ -38,6 +38,8 @@ end-to-end latency. The figures, with their sources:
 
 Where nothing is published (the SDXL refiner, the x2 latent upscaler, Real-ESRGAN, the
 safety checker) the entry says what it assumes; these are estimates, not fits.
+
+One module, over 400 lines: the cost model's table and its sources make up most of it.
 """
 
 from __future__ import annotations

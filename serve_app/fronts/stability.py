@@ -20,6 +20,9 @@ How Stability's fields map:
   ``samples`` (n), ``seed`` (one, used as seed + i, or one per sample; 0 or none: drawn),
   ``steps``, ``parameters[0].sampler.cfg_scale`` (guidance), ``parameters[0].schedule.start``
   (the init image's strength), ``transform.diffusion`` (the sampler: the engine's own only).
+
+One module, over 400 lines: a front stands alone, and Stability's protocol has more fields
+to convert and more statuses to map than the HTTP fronts.
 """
 
 from __future__ import annotations

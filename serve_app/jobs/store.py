@@ -1,6 +1,11 @@
 """Job records: one JSON object per job in the Celery result backend's key-value store (Redis,
 or files beside the filesystem broker), so any ingress or consumer replica reads the same
-state, and it outlives them (and, on a durable Redis, the application)."""
+state, and it outlives them (and, on a durable Redis, the application).
+
+One module, over 400 lines: every state change of a job (record, lease, cancel flag,
+idempotency key) is an atomic step against the same two backends, and they read best beside
+each other.
+"""
 
 from __future__ import annotations
 

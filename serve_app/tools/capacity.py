@@ -96,6 +96,9 @@ Over-committed (exit 1) when, with the GPU memory known:
       the GPU memory;
     and, known or not, when a one-GPU config's num_gpus x max replicas sum to more than 1.
     Deployments with num_gpus 0 run on CPU: listed, not counted.
+
+One module, over 400 lines: the estimate's per-component arithmetic and its report are one
+calculation.
 """
 
 from __future__ import annotations
