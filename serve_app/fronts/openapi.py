@@ -134,7 +134,7 @@ ERROR_MEANINGS: dict[int, str] = {
     504: "The request did not finish within the server's timeout (`ingress.request_timeout_s`) "
          "and was cancelled.",
 }
-# Headers the gate and the error mapping send with these statuses (service/errors.py).
+# Headers the gate and the error mapping send with these statuses (protocol/errors.py).
 ERROR_HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`.", "schema": {"type": "string"}}},
     503: {"Retry-After": {"description": "Seconds to wait before retrying "
