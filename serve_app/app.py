@@ -53,6 +53,6 @@ def build_app(args: dict[str, Any] | AppConfig) -> Application:
         handles = {**handles, JOBS_NAME: consumer}  # bound with the app; the ingress never calls it
     return (
         serve.deployment(ImagesIngress)
-        .options(name=INGRESS_NAME, **config.ingress.deployment.serve_options())
+        .options(name=INGRESS_NAME, **config.ingress.serve_options())
         .bind(config, handles, store)
     )

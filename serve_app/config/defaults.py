@@ -38,3 +38,7 @@ JOB_INPUTS_PER_KEY: dict[str, int] = {"max_bytes": 200_000_000, "max_entries": 1
 
 # The ports webhooks may be posted to (http and https).
 WEBHOOK_PORTS: tuple[int, ...] = (80, 443)
+
+# A stopping ingress replica's grace period, beyond the request timeout, when the config
+# writes none: time for a request at its timeout to be answered (a 504) before Serve kills it.
+INGRESS_GRACE_MARGIN_S: float = 10.0

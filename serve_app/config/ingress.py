@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
-from serve_app.config.defaults import IMAGE_STORE_PER_KEY, JOB_INPUTS_PER_KEY
+from serve_app.config.defaults import IMAGE_STORE_PER_KEY, INGRESS_GRACE_MARGIN_S, JOB_INPUTS_PER_KEY
 from serve_app.config.base import Strict
 from serve_app.config.options import DeploymentOptions, section_default
 from serve_app.protocol.request import MAX_PROMPT_CHARS
@@ -77,6 +77,15 @@ class IngressConfig(Strict):
         description="Uploads an ingress replica decodes at once; more wait their turn. Each "
         "decode holds up to about 10 bytes a pixel of its image (docs/api.md#uploads).",
     )
+
+    def serve_options(self) -> dict[str, Any]:
+        """The ingress's Serve options. Unless the config writes its own, the grace period of
+        a stopping ingress replica (a redeploy, a scale-down) outlasts ``request_timeout_s``:
+        Serve force-kills a replica at the end of it, and a request still waiting on a model
+        that is itself being replaced would be lost as a bare 500 instead of answered."""
+        options = self.deployment.serve_options()
+        options.setdefault("graceful_shutdown_timeout_s", self.request_timeout_s + INGRESS_GRACE_MARGIN_S)
+        return options
 
 
 class StoreQuota(Strict):

@@ -357,6 +357,17 @@ def test_custom_resources_reach_ray_actor_options(tiny_args):
     assert "resources" not in config.models[0].deployment.serve_options()["ray_actor_options"]
 
 
+def test_a_stopping_ingress_replica_outlasts_the_request_timeout(tiny_args):
+    """Serve kills a stopping replica at the end of its grace period: the ingress's default
+    outlasts its request timeout, so a redeploy answers what it holds instead of dropping it;
+    a grace period the config writes is kept."""
+    args = copy.deepcopy(tiny_args)
+    args["ingress"]["request_timeout_s"] = 45
+    assert load_app_config(args).ingress.serve_options()["graceful_shutdown_timeout_s"] == 55
+    args["ingress"]["deployment"]["graceful_shutdown_timeout_s"] = 30
+    assert load_app_config(args).ingress.serve_options()["graceful_shutdown_timeout_s"] == 30
+
+
 def test_step_modes_default_leaves_deployment_options_it_was_handed_alone(tiny_args):
     from serve_app.config import DeploymentOptions
 
