@@ -71,6 +71,10 @@ class PipelineSpec:
     loras: tuple = ()
     hub_loras: bool = False  # requests may name Hub LoRAs (the start probes the stack then too)
     max_hub_lora_bytes: int = MAX_HUB_LORA_BYTES  # the largest LoRA file a request may name
+    # LoRA slots of the UNet (deployments/runtime/lora_slots.py): how many adapters one
+    # batch may use at once, and their rank (None: the configured adapters' highest).
+    lora_slots: int = 3
+    lora_rank: int | None = None
 
     @property
     def images_in_flight(self) -> int:

@@ -7,7 +7,9 @@ batch's cost is its number of images, so each replica has its own :class:`Batche
 
 - one queue for every kind of job, so pipeline calls on the replica never overlap;
 - a batch takes the oldest job and every queued job with the same batch key, up to
-  ``max_batch_images`` images; incompatible jobs wait for a later batch;
+  ``max_batch_images`` images and ``max_adapters`` distinct LoRA adapters (the UNet's
+  slots: jobs of different adapters share a call, each row with its own); incompatible
+  jobs wait for a later batch;
 - a job whose caller went away (client disconnect, timeout) is dropped before it starts,
   and a running batch whose callers all went away stops at the next denoising step.
 """
@@ -43,6 +45,7 @@ class BatchEntry:
     token: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.monotonic)
     preview: Any = None  # a PreviewSink when the caller streams partial images
+    adapters: frozenset = frozenset()  # the LoRA adapters it uses (lora_identity)
 
 
 # How many of the latest batch sizes a replica keeps for tests and benchmarks.
@@ -72,6 +75,12 @@ def batch_cancelled(entries: list[BatchEntry]) -> bool:
     return all(entry.token.is_set() for entry in entries)
 
 
+def adapters_fit(held: frozenset, entry: BatchEntry, max_adapters: int | None) -> bool:
+    """Whether ``entry`` may join a call whose jobs use the adapters ``held``: together
+    they use at most ``max_adapters`` distinct ones (None: no limit)."""
+    return max_adapters is None or len(held | entry.adapters) <= max_adapters
+
+
 class JobQueue:
     """A replica's queue of jobs, which both batching modes hold (:class:`Batcher` here, the
     step loop's :class:`~deployments.runtime.steploop.StepBatcher`): what they share, and all of it.
@@ -90,12 +99,13 @@ class JobQueue:
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def submit(
-        self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None
+        self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None,
+        adapters: frozenset = frozenset(),
     ) -> Any:
         """Queue a job and wait for its result (raised if the job failed)."""
         loop = asyncio.get_running_loop()
         entry = BatchEntry(kind, job, inputs, (kind, key), images, loop.create_future(),
-                           preview=preview)
+                           preview=preview, adapters=adapters)
         self.pending.append(entry)
         if self._task is None or self._task.done() or self._loop is not loop:
             self._loop = loop
@@ -116,7 +126,8 @@ class Batcher:
     """Collects jobs and runs compatible ones through ``run_group`` in a worker thread.
 
     ``run_group(kind, entries)`` runs one pipeline call for all ``entries`` (same kind and
-    key) and returns one result per entry, in order. Its jobs wait in a :class:`JobQueue`.
+    key) and returns one result per entry, in order (an exception instance: that entry
+    failed alone). Its jobs wait in a :class:`JobQueue`.
     """
 
     def __init__(
@@ -126,8 +137,10 @@ class Batcher:
         batch_wait_timeout_s: float = 0.0,
         on_batch: Callable[[int, list[float]], None] | None = None,
         thread_name: str = "pipeline",
+        max_adapters: int | None = None,
     ):
         self.run_group = run_group
+        self.max_adapters = max_adapters
         # Every pipeline call of a replica runs on this one thread: CUDA graphs and
         # compiled kernels belong to the thread that made them, and torch's CPU thread
         # count is set per OS thread.
@@ -150,25 +163,29 @@ class Batcher:
         return self.queue.stats
 
     async def submit(
-        self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None
+        self, kind: str, job: Any, inputs: tuple, key: Hashable, images: int, preview: Any = None,
+        adapters: frozenset = frozenset(),
     ) -> Any:
         """Queue a job and wait for its result (raised if the job failed)."""
         now = time.monotonic()
         in_flight = bool(self.queue.pending) or self._running
         self._arrival_gap = now - self._last_arrival if in_flight else float("inf")
         self._last_arrival = now
-        return await self.queue.submit(kind, job, inputs, key, images, preview)
+        return await self.queue.submit(kind, job, inputs, key, images, preview, adapters)
 
     def _take_batch(self) -> list[BatchEntry]:
         head = self.queue.pending[0]
-        batch, total = [], 0
+        batch, total, held = [], 0, frozenset()
         for entry in self.queue.pending:
             if entry.key != head.key:
                 continue
             if batch and total + entry.images > self.max_batch_images:
                 break
+            if batch and not adapters_fit(held, entry, self.max_adapters):
+                continue  # a later job of the adapters held may still fit
             batch.append(entry)
             total += entry.images
+            held |= entry.adapters
         for entry in batch:
             self.queue.pending.remove(entry)
         return batch
@@ -220,6 +237,10 @@ class Batcher:
             seconds, steps = time.perf_counter() - started, self.stats.steps - steps_before
             self.stats.images += batch_images
             for entry, result in zip(batch, results):
+                if isinstance(result, BaseException):
+                    if not entry.future.done():
+                        entry.future.set_exception(result)
+                    continue
                 if not entry.future.done():
                     share = entry.images / batch_images
                     # Every image of a batch goes through each of the batch's steps.

@@ -58,6 +58,7 @@ import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -66,20 +67,17 @@ import torch
 from huggingface_hub import HfApi, hf_hub_download
 
 from deployments.contract import LoraRef, PipelineSpec
+from deployments.runtime.lora_slots import (DEFAULT_SLOT_RANK, DoesNotFit, RowWeights, UNetAdapter,
+                                            UNetSlots, default_layers, unet_adapter)
 from deployments.errors import InvalidJobError, ServerFaultError
 from deployments.sources import HUB, HUB_FILE, LOCAL, Source, local_path
 
 logger = logging.getLogger("ray.serve")
 
-# The highest LoRA rank a compiled replica prepares for (enable_lora_hotswap's target_rank).
-HOTSWAP_TARGET_RANK = 128
-
-
-def lora_batch_key(refs: Sequence[LoraRef]) -> tuple:
-    """The part of a job's batch key that its adapters make: jobs batch together only with
-    the same adapters (names, files) at the same weights. Sorted by name, as they are
-    activated, so that the order a client listed them in changes nothing."""
-    return tuple(sorted((ref.name, str(ref.source), ref.weight_name, float(ref.weight)) for ref in refs))
+def lora_identity(refs: Sequence[LoraRef]) -> frozenset:
+    """The adapters a job uses, as the batchers count them against a replica's LoRA slots:
+    names and files, not weights (rows of one call run each at its own weight)."""
+    return frozenset((ref.name, str(ref.source), ref.weight_name) for ref in refs)
 
 
 # peft keeps an adapter's layers in ModuleDicts (and ParameterDicts) keyed by its name.
@@ -230,7 +228,7 @@ def client_fault(exc: BaseException) -> bool:
         return False  # not in the cache and the Hub not reachable: the server's network
     if isinstance(exc, (hub.RepositoryNotFoundError, hub.RevisionNotFoundError,
                         hub.RemoteEntryNotFoundError, hub.DisabledRepoError,
-                        hub.HFValidationError, SafetensorError, NoLayerFits, NoLoraFile,
+                        hub.HFValidationError, SafetensorError, NoLayerFits, NoLoraFile, DoesNotFit,
                         LoraTooLarge)):
         return True
     return any(text in str(exc) for text in _ADAPTER_FAULTS)
@@ -260,12 +258,10 @@ class LoraCache:
         self.configured = frozenset((ref.source, ref.weight_name) for ref in spec.loras)
         self.capacity = max(1, spec.max_loaded_loras)
         self.metrics = metrics
-        # job adapter name -> (pipeline adapter name, source, weight_name); LRU first.
-        self.loaded: OrderedDict[str, tuple[str, str, str | None]] = OrderedDict()
+        # job adapter name -> the loaded adapter (its UNet part, text-encoder layers); LRU first.
+        self.loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self.loads: list[str] = []
         self.evictions: list[str] = []
-        self._active: tuple | None = None  # what the pipeline runs with now; None: unknown
-        self._layers = False  # whether LoRA layers were ever injected into the modules
         # Hub adapters' files (fetch, on the event loop and the download threads): (source,
         # weight_name) -> the local file in the Hub cache, and the downloads under way.
         self.max_hub_bytes = spec.max_hub_lora_bytes
@@ -275,21 +271,36 @@ class LoraCache:
         self._lock = threading.Lock()  # _downloads: the event loop and the download threads
         self._downloader = ThreadPoolExecutor(max_workers=HUB_DOWNLOAD_WORKERS,
                                               thread_name_prefix=f"{spec.name}-lora-download")
-        if spec.compile and device == "cuda" and hasattr(pipe, "enable_lora_hotswap"):
-            # A compiled UNet (loading.py) recompiles when the layers under it change. Diffusers
-            # must be told before the first adapter loads: enable_lora_hotswap pads that
-            # adapter to target_rank and turns its scalings into tensors, so that later
-            # adapters of up to that rank and other weights can be hot-swapped in
-            # (load_lora_weights(..., hotswap=True)) without recompiling. Adapters loaded
-            # under new names, as this cache does, still inject new layers: each new adapter
-            # set costs a recompile (Dynamo falls back to eager after its recompile limit).
-            # The UNet is compiled in place at load (loading.py), before any adapter: its
-            # first adapter is prepared on a compiled module, which diffusers refuses by
-            # default; compiling is lazy and Dynamo recompiles for the new layers anyway, so
-            # the check is turned off. A CPU replica never compiles; the unit tests run this
-            # preparation on a CPU pipeline (tests/unit/test_loras.py), the GPU tests on a
-            # compiled UNet (tests/unit/test_gpu.py).
-            pipe.enable_lora_hotswap(target_rank=HOTSWAP_TARGET_RANK, check_compiled="ignore")
+        # Adapters' text-encoder layers and the UNet's slots weigh each row by these.
+        self.weights = RowWeights(2 * max(spec.max_batch_images, spec.images_in_flight))
+        self._text_layers = False  # whether a text encoder holds LoRA layers
+        self._text_active: tuple | None = None  # the text encoders' adapters on now
+        self.slot_count = max(1, spec.lora_slots)
+        self.slots: UNetSlots | None = None
+        if isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+            self.slots = self._make_slots(spec)
+
+    def _make_slots(self, spec: PipelineSpec) -> UNetSlots:
+        """The UNet's slots, on the layers and at the highest rank of the configured
+        adapters (each read once here), or the attention projections at
+        ``DEFAULT_SLOT_RANK`` with none; ``spec.lora_rank`` sets the rank. An adapter that
+        cannot be read now is left for its first request to report (the start-up probe has
+        already proven the first)."""
+        unet, parts = self.pipe.unet, []
+        for ref in spec.loras:
+            try:
+                source, weight_name = lora_files(ref)
+                state, alphas, metadata = self.pipe.lora_state_dict(
+                    source, weight_name=weight_name, return_lora_metadata=True)
+                part = unet_adapter(unet, state, alphas, metadata)
+            except Exception as exc:  # noqa: BLE001 - reported when a request names it
+                logger.warning("%s: LoRA adapter %s cannot be read at start: %s", spec.name, ref.name, exc)
+                continue
+            if part is not None:
+                parts.append(part)
+        layers = frozenset().union(*(part.layers for part in parts)) or default_layers(unet)
+        rank = spec.lora_rank or max((part.rank for part in parts), default=DEFAULT_SLOT_RANK)
+        return UNetSlots(unet, self.slot_count, rank, layers, self.weights)
 
     # -- checks on the event loop, before a job is queued ------------------------------
 
@@ -298,10 +309,10 @@ class LoraCache:
         names = [ref.name for ref in refs]
         if len(set(names)) != len(names):
             raise InvalidJobError("loras names the same adapter twice", param="loras")
-        if len(refs) > self.capacity:
+        if len(refs) > min(self.capacity, self.slot_count):
             raise InvalidJobError(
-                f"{self.model} keeps at most {self.capacity} LoRA adapters loaded; "
-                f"the job asks for {len(refs)}", param="loras")
+                f"{self.model} runs at most {min(self.capacity, self.slot_count)} LoRA adapters "
+                f"in one call; the job asks for {len(refs)}", param="loras")
 
     async def fetch(self, refs: Sequence[LoraRef]) -> None:
         """Download the files of the Hub adapters of ``refs`` that are not here yet, on the
@@ -382,64 +393,156 @@ class LoraCache:
 
     # -- on the pipeline thread --------------------------------------------------------
 
-    def use(self, refs: Sequence[LoraRef]) -> None:
-        """Make the pipeline run with exactly ``refs`` (none: LoRA off) for the next call."""
-        self.ensure(refs)
-        self.activate(refs)
+    def acquire(self, groups: Sequence[Sequence[LoraRef]]) -> LoraLease:
+        """Make the adapters of ``groups`` (one per job, in row order) ready for one call:
+        loaded (:meth:`ensure`), their UNet parts in slots (pinned until :meth:`release`),
+        the text encoders' adapters on with each job's weights for its rows. Returns the
+        lease whose ``rows`` are each group's slot weights (slot -> weight).
 
-    def ensure(self, refs: Sequence[LoraRef]) -> None:
+        A job whose adapters fail to load is left out: its error is in ``lease.errors``
+        at its index, and the others run (a mixed batch is not failed by one bad adapter)."""
+        keep = {ref.name for refs in groups for ref in refs}
+        errors: dict[int, BaseException] = {}
+        for index, refs in enumerate(groups):
+            try:
+                self.ensure(refs, keep=keep)
+            except Exception as exc:  # noqa: BLE001 - that job's answer; the others run
+                errors[index] = exc
+        parts = {}
+        for index, refs in enumerate(groups):
+            if index not in errors:
+                for ref in refs:
+                    entry = self.loaded[ref.name]
+                    if entry.unet is not None:
+                        parts[entry.key] = entry.unet
+        slots = self.slots.assign(parts) if self.slots is not None and parts else {}
+        rows: list[dict[int, float]] = []
+        for index, refs in enumerate(groups):
+            weights: dict[int, float] = {}
+            if index not in errors:
+                for ref in refs:
+                    key = self.loaded[ref.name].key
+                    if key in slots:
+                        weights[slots[key]] = weights.get(slots[key], 0.0) + float(ref.weight)
+            rows.append(weights)
+        return LoraLease(rows, slots, errors)
+
+    def release(self, lease: LoraLease) -> None:
+        if self.slots is not None:
+            self.slots.release(lease.slots)
+
+    def encode_with(self, groups: Sequence[tuple[Sequence[LoraRef], int]]) -> None:
+        """Weigh the text encoders' rows for the next prompts: each group (a job's adapters,
+        its images) in row order; twice over, since a pipeline encodes the prompts and the
+        negative prompts in calls of the same rows. The adapters of no group are off."""
+        if not self._text_layers:
+            return
+        rows = [refs for refs, images in groups for _ in range(images)]
+        names = sorted({self.loaded[ref.name].adapter for refs in rows for ref in refs
+                        if ref.name in self.loaded and self.loaded[ref.name].text})
+        for name in names:
+            per_row = [sum(float(ref.weight) for ref in refs
+                           if ref.name in self.loaded and self.loaded[ref.name].adapter == name)
+                       for refs in rows]
+            self.weights.set(name, per_row * 2)
+        self._activate_text(tuple(names))
+
+    def weigh_unet(self, groups: Sequence[tuple[dict[int, float], int]]) -> None:
+        """Weigh the next UNet call's rows: each group (slot weights, rows) in row order;
+        only the slots some row uses are on (all of them when the UNet is compiled)."""
+        if self.slots is None:
+            return
+        rows = [weights for weights, count in groups for _ in range(count)]
+        self.slots.weigh(rows)
+        self.slots.activate({slot for weights in rows for slot, weight in weights.items()})
+
+    def use(self, refs: Sequence[LoraRef], images: int = 1, guided: bool = True) -> LoraLease:
+        """One job's adapters for a pipeline call of ``images`` images (tests and simple
+        callers): acquire, weigh the text encoders and the UNet's rows."""
+        lease = self.acquire([refs])
+        if lease.errors:
+            self.release(lease)
+            raise lease.errors[0]
+        self.encode_with([(refs, images)])
+        self.weigh_unet([(lease.rows[0], images * (2 if guided else 1))])
+        return lease
+
+    def ensure(self, refs: Sequence[LoraRef], keep: set[str] | frozenset = frozenset()) -> None:
         """Load each adapter of ``refs`` not loaded yet, evicting the least recently used
-        ones that ``refs`` does not need to stay within ``max_loaded_loras``."""
+        ones that ``refs`` and ``keep`` do not name to stay within ``max_loaded_loras``."""
         self.check(refs)
-        needed = {ref.name for ref in refs}
+        needed = {ref.name for ref in refs} | set(keep)
         for ref in refs:
             entry = self.loaded.get(ref.name)
-            if entry is not None and entry[1:] != (ref.source, ref.weight_name):
+            if entry is not None and entry.key != (ref.source, ref.weight_name):
                 self._evict(ref.name)  # the same name now means other files: reload it
             if ref.name in self.loaded:
                 self.loaded.move_to_end(ref.name)
                 continue
             while len(self.loaded) >= self.capacity:
-                # check() leaves at least one loaded adapter that this batch does not need.
-                self._evict(next(name for name in self.loaded if name not in needed))
+                spare = next((name for name in self.loaded if name not in needed), None)
+                if spare is None:
+                    break  # everything loaded is in use by this call: one over, for now
+                self._evict(spare)
             self._load(ref)
 
-    def activate(self, refs: Sequence[LoraRef]) -> None:
-        """Activate exactly ``refs`` at their weights, or disable LoRA when there are none."""
-        ordered = sorted(refs, key=lambda ref: ref.name)
-        state = tuple((self.loaded[ref.name][0], float(ref.weight)) for ref in ordered)
-        if state == self._active:
+    def _activate_text(self, names: tuple) -> None:
+        from diffusers.utils.peft_utils import set_adapter_layers
+
+        if names == self._text_active:
             return
-        if not state:
-            if self._layers:
-                # The peft layers then run their base layer alone: the pixels of a pipeline
-                # that never loaded an adapter (weight 0 gives them too).
-                self.pipe.disable_lora()
-        else:
-            self.pipe.enable_lora()
-            self.pipe.set_adapters([name for name, _ in state],
-                                   adapter_weights=[weight for _, weight in state])
-        self._active = state
+        for encoder in self._encoders():
+            if getattr(encoder, "peft_config", None) is None:
+                continue
+            if not names:
+                set_adapter_layers(encoder, enabled=False)
+                continue
+            set_adapter_layers(encoder, enabled=True)
+            for layer in encoder.modules():
+                if hasattr(layer, "set_adapter") and hasattr(layer, "lora_A"):
+                    layer.set_adapter(list(names))
+        self._text_active = names
+
+    def _encoders(self) -> list[Any]:
+        return [module for key in ("text_encoder", "text_encoder_2")
+                if isinstance(module := getattr(self.pipe, key, None), torch.nn.Module)]
 
     def _load(self, ref: LoraRef) -> None:
         name = adapter_name(ref.name)
-        self._active = None  # loading activates the new adapter
-        self._layers = True
+        text = False
         try:
             source, weight_name = self._files(ref)
             with warnings.catch_warnings():
-                # peft warns at every adapter after the first that a model holds several, and
-                # when diffusers removes the part of a failed adapter it had just activated.
+                # peft warns at every adapter after the first that a model holds several.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                self.pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=name)
-            _check_loaded(self.pipe, name)
+                state, alphas, metadata = self.pipe.lora_state_dict(
+                    source, weight_name=weight_name, return_lora_metadata=True)
+                if not all("lora" in key for key in state):
+                    raise ValueError("Invalid LoRA checkpoint: its keys are not LoRA layers")
+                unet = None
+                if self.slots is not None:
+                    unet = unet_adapter(self.pipe.unet, state, alphas, metadata)
+                    if unet is not None:
+                        self.slots.check(unet)
+                for encoder_key, encoder in (("text_encoder", getattr(self.pipe, "text_encoder", None)),
+                                             ("text_encoder_2", getattr(self.pipe, "text_encoder_2", None))):
+                    if encoder is None or not any(key.startswith(f"{encoder_key}.") for key in state):
+                        continue
+                    self.pipe.load_lora_into_text_encoder(
+                        state, network_alphas=alphas, text_encoder=encoder, prefix=encoder_key,
+                        lora_scale=1.0, adapter_name=name, metadata=metadata, _pipeline=self.pipe)
+                    if self.weights.attach(encoder, name):
+                        text = True
+                        self._text_layers = True
+                        self._text_active = None
+            if unet is None and not text and self.slots is not None:
+                raise NoLayerFits()
         except Exception as exc:
             self._discard(name)
             if _device_failure(exc):
                 raise
             raise self._failure(ref, exc) from exc
-        self.loaded[ref.name] = (name, ref.source, ref.weight_name)
+        self.loaded[ref.name] = _Loaded(name, (ref.source, ref.weight_name), unet, text)
         self.loads.append(ref.name)
         if self.metrics is not None:
             self.metrics.on_lora_load(ref.name)
@@ -447,23 +550,51 @@ class LoraCache:
                     ref.source, len(self.loaded))
 
     def _discard(self, name: str) -> None:
-        """Remove what a failed load injected (the UNet's part may have loaded before the
-        text encoder's failed); diffusers has already removed the failing component's."""
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*was active which is now deleted")
-                self.pipe.delete_adapters(name)
-        except Exception:  # noqa: BLE001 - best effort; the load's own error is reported
-            logger.exception("%s: could not remove the half-loaded LoRA adapter %s", self.model, name)
+        """Remove what a failed load put into the text encoders (the first may have loaded
+        before the second failed)."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        self.weights.forget(name)
+        for encoder in self._encoders():
+            if name in (getattr(encoder, "peft_config", None) or {}):
+                try:
+                    delete_adapter_layers(encoder, name)
+                except Exception:  # noqa: BLE001 - best effort; the load's own error is reported
+                    logger.exception("%s: could not remove the half-loaded LoRA adapter %s", self.model, name)
+        self._text_active = None
 
     def _evict(self, ref_name: str) -> None:
-        name = self.loaded.pop(ref_name)[0]
-        self._active = None
-        self.pipe.delete_adapters(name)
+        entry = self.loaded.pop(ref_name)
+        if entry.text:
+            self._discard(entry.adapter)
+        if self.slots is not None:
+            self.slots.evict(entry.key)
         self.evictions.append(ref_name)
         if self.metrics is not None:
             self.metrics.on_lora_eviction(ref_name)
         logger.info("%s: unloaded LoRA adapter %s", self.model, ref_name)
+
+
+@dataclass
+class _Loaded:
+    """A loaded adapter: its name in the text encoders, its files, its UNet part (copied
+    into a slot when a call uses it), and whether the text encoders hold layers of it."""
+
+    adapter: str
+    key: tuple
+    unet: UNetAdapter | None
+    text: bool
+
+
+@dataclass
+class LoraLease:
+    """What :meth:`LoraCache.acquire` prepared for one call: each job's slot weights (slot
+    -> weight, in the call's job order), the slots it pinned, the jobs left out (index ->
+    their error)."""
+
+    rows: list[dict[int, float]]
+    slots: dict
+    errors: dict[int, BaseException] = field(default_factory=dict)
 
 
 class LoraStackError(RuntimeError):

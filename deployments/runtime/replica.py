@@ -27,7 +27,7 @@ from deployments.contract import (JOB_METHODS, STREAMING_JOBS, PipelineSpec, Sta
 from deployments.errors import InvalidJobError
 from deployments.families import FAMILIES
 from deployments.runtime.loading import cpu_threads, load_pipeline, load_preview_decoder, select_device
-from deployments.runtime.loras import LoraCache, lora_batch_key
+from deployments.runtime.loras import LoraCache, lora_identity
 from deployments.runtime.metrics import ReplicaMetrics
 from deployments.runtime.previews import current_sink, emit_previews, linear_previews, sink_for
 from deployments.runtime.steploop import StepBatcher, StepLoop, StepSlot
@@ -78,12 +78,20 @@ class PipelineDeployment:
             # A guided image is two UNet rows: max_batch_images guided images to a call.
             self.steps = StepLoop(self.pipe.unet, spec.name, 2 * spec.max_batch_images,
                                   setup=self._thread_setup,
-                                  on_call=self.metrics.on_unet_call if self.metrics else None)
+                                  on_call=self.metrics.on_unet_call if self.metrics else None,
+                                  before_call=self._weigh_step_rows if self.loras is not None else None)
             self.batcher = StepBatcher(self._run_step_job, spec.images_in_flight, spec.max_shape_wait_s,
-                                       on_batch=on_batch, thread_name=f"{spec.name}-pipeline")
+                                       on_batch=on_batch, thread_name=f"{spec.name}-pipeline",
+                                       max_adapters=self._max_adapters)
         else:
             self.batcher = Batcher(self._run_group, spec.max_batch_images, spec.batch_wait_timeout_s,
-                                   on_batch=on_batch, thread_name=f"{spec.name}-pipeline")
+                                   on_batch=on_batch, thread_name=f"{spec.name}-pipeline",
+                                   max_adapters=self._max_adapters)
+
+    @property
+    def _max_adapters(self) -> int | None:
+        """Distinct LoRA adapters one call may use: the UNet's slots (None: no adapters)."""
+        return self.loras.slot_count if self.loras is not None else None
 
     def load(self, spec: PipelineSpec):
         """Load this replica's model; returns (model, device)."""
@@ -94,30 +102,38 @@ class PipelineDeployment:
         """Queue a job of ``images`` images (default: one per seed); returns its
         StageResult, with the cost of earlier stages added."""
         count = len(job.seeds) if images is None else images
-        if self.steps is not None:  # step mode: jobs share UNet calls by latent shape and adapters
+        adapters = self._check_loras(job)
+        if self.steps is not None:  # step mode: jobs share UNet calls by latent shape
             size = tuple(inputs[0].shape[-2:]) if kind == "refine" else (job.height, job.width)
-            key = (size, self._lora_key(job))
-        if self.loras is not None and getattr(job, "loras", ()):
+            key = (size,)
+        if adapters:
             # Hub adapters' files download here, off the pipeline thread, before the job queues.
             await self.loras.fetch(job.loras)
-        result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get())
+        result = await self.batcher.submit(kind, job, inputs, key, count, preview=current_sink.get(),
+                                           adapters=adapters)
         # The seeds its images were made with (batch_text's generators): the response's labels.
         result = dataclasses.replace(result, seeds=tuple(getattr(job, "seeds", ())))
         if getattr(job, "output_latents", False):
             result = dataclasses.replace(result, latent_space=FAMILIES[self.spec.family].latent_space)
         return result.plus(carried)
 
-    def _lora_key(self, job) -> tuple:
-        """The batch key's part for ``job.loras`` (checked here, on the event loop, before the
-        job queues; ``_submit`` then fetches Hub adapters' files); loading and activating
-        happen on the pipeline thread."""
+    def _check_loras(self, job) -> frozenset:
+        """The adapters ``job.loras`` uses, as the batchers count them against the UNet's
+        slots (checked here, on the event loop, before the job queues; ``_submit`` then
+        fetches Hub adapters' files); loading and copying into slots happen on the pipeline
+        thread. Adapters do not split batches: rows of one call run different adapters."""
         refs = getattr(job, "loras", ())
         if not refs:
-            return ()
+            return frozenset()
         if self.loras is None:  # guard for callers other than the ingress (planning refuses it)
             raise InvalidJobError(f"{self.spec.name} takes no LoRA adapters", param="loras")
         self.loras.check(refs)
-        return lora_batch_key(refs)
+        return lora_identity(refs)
+
+    def _weigh_step_rows(self, slots: list[StepSlot], rows: list[int]) -> None:
+        """Step mode, before each UNet call (the loop holds the device): each job's rows run
+        its adapters at its weights."""
+        self.loras.weigh_unet([(slot.lora or {}, count) for slot, count in zip(slots, rows)])
 
     def check_latents(self, latents: torch.Tensor, carried: StageResult | None) -> None:
         """Latents handed over from another stage must be of this model's latent space:
@@ -194,6 +210,8 @@ class PipelineDeployment:
             (output,) = self.steps.join(slot, lambda: self._run_batch(entry.kind, [entry]))
         finally:
             _step_slot.reset(token)
+        if isinstance(output, BaseException):
+            raise output
         return output, slot.calls * entry.images, slot.seconds
 
     def _run_group(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
@@ -205,21 +223,46 @@ class PipelineDeployment:
                 self.metrics.on_steps(self.batcher.stats.steps - steps_before)
 
     def _run_batch(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
+        """One pipeline call for ``entries``; one result per entry, or the error of an entry
+        whose adapters failed to load (the others run without it)."""
         self._thread_setup()
+        lease = None
         try:
             if self.loras is not None:
-                # Outside inference mode: loading creates the adapters' parameters. Every job
-                # of a batch has the same adapters (they are part of the batch key); a job
-                # without any runs with LoRA off.
-                self.loras.use(getattr(entries[0].job, "loras", ()))
-            with torch.inference_mode():
-                return getattr(self, f"_batch_{kind}")(entries)
+                # Outside inference mode: loading creates the adapters' parameters. Jobs of
+                # one call may use different adapters: each row runs its job's own.
+                lease = self.loras.acquire([getattr(e.job, "loras", ()) for e in entries])
+                live = [i for i in range(len(entries)) if i not in lease.errors]
+                if not live:
+                    return [lease.errors[i] for i in range(len(entries))]
+                groups = [(getattr(entries[i].job, "loras", ()), entries[i].images) for i in live]
+                self.loras.encode_with(groups)
+                slot = _step_slot.get()
+                if slot is not None:  # step mode: the loop weighs each UNet call's rows
+                    slot.lora = lease.rows[live[0]]
+                else:
+                    # A guided call's rows are its images twice (unconditional, then
+                    # conditional); an unguided call reads the first half.
+                    rows = [(lease.rows[i], entries[i].images) for i in live]
+                    self.loras.weigh_unet(rows * 2)
+                if len(live) < len(entries):
+                    outputs = iter(self._run_kind(kind, [entries[i] for i in live]))
+                    return [lease.errors[i] if i in lease.errors else next(outputs)
+                            for i in range(len(entries))]
+            return self._run_kind(kind, entries)
         except RuntimeError as exc:
             if "CUDA error" in str(exc):
                 # The CUDA context is lost (an illegal access, a device-side assert): every
                 # later call on this replica would fail too; let Serve replace it.
                 self.broken = f"{type(exc).__name__}: {exc}"
             raise
+        finally:
+            if lease is not None:
+                self.loras.release(lease)
+
+    def _run_kind(self, kind: str, entries: list[BatchEntry]) -> list[Any]:
+        with torch.inference_mode():
+            return getattr(self, f"_batch_{kind}")(entries)
 
     def _step_callback(self, entries: list[BatchEntry]):
         """``callback_on_step_end``: stop when every caller of the batch has gone."""
@@ -290,8 +333,6 @@ class DenoisingReplica(Protocol):
     pipeline_cls: Any
     dtype: torch.dtype
 
-    def _lora_key(self, job) -> tuple: ...
-
     async def _submit(self, kind: str, job, inputs: tuple, key: tuple, carried=None,
                       images: int | None = None) -> StageResult: ...
 
@@ -311,8 +352,7 @@ class TextToImageMixin:
         when the job asks for them (a refiner or a latent upscaler continues from there).
         """
         key = (job.width, job.height, job.num_inference_steps, job.guidance_scale,
-               job.denoising_end, job.output_latents, job.negative_prompt is None,
-               self._lora_key(job))
+               job.denoising_end, job.output_latents, job.negative_prompt is None)
         return await self._submit("text_to_image", job, (), key)
 
     def _batch_text_to_image(self: DenoisingReplica, entries):
@@ -371,7 +411,7 @@ class ImageToImageMixin:
         if mask is not None and mask.shape != image.shape[:2]:
             raise InvalidJobError("mask and image sizes differ", param="mask")
         key = (job.width, job.height, job.num_inference_steps, job.guidance_scale, job.strength,
-               mask is None, job.output_latents, job.negative_prompt is None, self._lora_key(job))
+               mask is None, job.output_latents, job.negative_prompt is None)
         return await self._submit("image_to_image", job, (image, mask), key)
 
     def _batch_image_to_image(self: DenoisingReplica, entries):

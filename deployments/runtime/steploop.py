@@ -11,8 +11,9 @@ UNet: once every job in flight has asked for its next UNet call (or its decode),
 UNet embeds a timestep per sample) and hands each job its rows back, and **one** VAE decode
 for the jobs that finished on the same step. So each job gets the image ``pipe(...)`` gives
 it alone, whatever ran beside it, and jobs that differ in steps, guidance, strength, seed,
-prompt or denoising start and end share every step; only the latent shape (and the adapter
-set, which the batcher keeps apart) separates them.
+prompt, denoising start and end or LoRA adapters share every step (each job's rows run its
+own adapters at its weights: deployments/runtime/lora_slots.py); only the latent shape
+separates them.
 
 One device lock serialises the work on the model: a job's thread holds it while it runs
 (text encoding, latents, scheduler steps, image post-processing) and lets go while it waits
@@ -40,7 +41,8 @@ from typing import Any
 
 import torch
 
-from deployments.runtime.batching import RECENT_BATCHES, BatchEntry, BatchStats, JobQueue, PipelineCancelled
+from deployments.runtime.batching import (RECENT_BATCHES, BatchEntry, BatchStats, JobQueue, PipelineCancelled,
+                                         adapters_fit)
 from deployments.contract import StageResult
 
 # How many of the latest UNet calls' row counts a replica keeps for tests and benchmarks.
@@ -58,6 +60,7 @@ class StepSlot:
     decode: tuple | None = None  # (vae, latents, dtype) while it waits for its VAE decode
     answer: Any = None
     error: BaseException | None = None
+    lora: dict | None = None  # its LoRA slots' weights (slot -> weight) for its rows
     calls: int = 0  # UNet calls it took part in (its denoising steps)
     seconds: float = 0.0  # its own work, plus its rows' share of each UNet call
     _held_since: float = 0.0
@@ -203,7 +206,9 @@ class StepLoop:
 
     ``unet`` is the pipeline's UNet; ``max_rows`` bounds the rows of one call (the memory of
     its activations); ``setup`` runs once on the loop's own thread (torch's CPU thread count
-    is per OS thread). ``on_call(rows, seconds)`` is told of each call.
+    is per OS thread). ``on_call(rows, seconds)`` is told of each call;
+    ``before_call(slots, rows)`` runs on the device just before each UNet call, with the
+    jobs it takes and their rows (the replica weighs their LoRA rows there).
 
     Which waiting jobs a call takes: when jobs that have not taken a step yet wait, those
     alone (a new job's first step is a short call of its own, right after the call in
@@ -218,8 +223,10 @@ class StepLoop:
     """
 
     def __init__(self, unet: Any, name: str, max_rows: int, setup: Callable[[], None] | None = None,
-                 on_call: Callable[[int, float], None] | None = None):
+                 on_call: Callable[[int, float], None] | None = None,
+                 before_call: Callable[[list[StepSlot], list[int]], None] | None = None):
         self.unet = unet
+        self._before_call = before_call
         self.max_rows = max_rows
         self.stats = StepStats()
         self._device = threading.Lock()
@@ -415,6 +422,8 @@ class StepLoop:
         rows = [slot.request[0].shape[0] for slot in slots]
 
         def unet() -> torch.Tensor:
+            if self._before_call is not None:
+                self._before_call(slots, rows)
             samples = [slot.request[0] for slot in slots]
             # One timestep per row: each job's own, over its rows (both halves of its guidance).
             timesteps = torch.cat([_per_row(slot.request[1], count, sample.device)
@@ -451,20 +460,21 @@ class StepBatcher:
 
     Admission, at every arrival and every job's end:
 
-    - a job joins the jobs in flight when it has their *cohort* (latent shape and adapter
-      set: the batch key the deployment gives in step mode) and the images in flight stay
-      within ``max_images_in_flight``; in arrival order, so a large job is not overtaken for
-      ever. (Which of them each UNet call takes is the step loop's choice, within its rows.)
+    - a job joins the jobs in flight when it has their *cohort* (latent shape: the batch key
+      the deployment gives in step mode), the images in flight stay within
+      ``max_images_in_flight`` and the LoRA adapters in flight within ``max_adapters`` (the
+      UNet's slots); in arrival order, so a large job is not overtaken for ever. (Which of them each UNet call takes is the step loop's choice, within its rows.)
     - with nothing in flight, the oldest queued job's cohort goes next;
-    - once a job of another cohort has waited ``max_shape_wait_s``, no more joins: the
-      cohort in flight drains and that job's cohort goes next (a stream of one shape never
-      starves another).
+    - once a job of another cohort, or one whose adapters do not fit beside those in
+      flight, has waited ``max_shape_wait_s``, no more joins: the jobs in flight drain and
+      that job goes next (a stream of one shape or one adapter set never starves another).
     """
 
     def __init__(self, run_job: Callable[[BatchEntry], tuple], max_images_in_flight: int,
                  max_shape_wait_s: float, on_batch: Callable[[int, list[float]], None] | None = None,
-                 thread_name: str = "pipeline"):
+                 thread_name: str = "pipeline", max_adapters: int | None = None):
         self.queue = JobQueue(self._admit_now)
+        self.max_adapters = max_adapters
         self.on_batch = on_batch
         self.max_images_in_flight = max_images_in_flight
         # One thread per job in flight (a job has at least one image).
@@ -480,9 +490,9 @@ class StepBatcher:
         return self.queue.stats
 
     async def submit(self, kind: str, job: Any, inputs: tuple, key: Any, images: int,
-                     preview: Any = None) -> Any:
+                     preview: Any = None, adapters: frozenset = frozenset()) -> Any:
         """Queue a job and wait for its result (raised if the job failed)."""
-        return await self.queue.submit(kind, job, inputs, key, images, preview)
+        return await self.queue.submit(kind, job, inputs, key, images, preview, adapters)
 
     async def _admit_now(self) -> None:
         self._admit()
@@ -498,18 +508,24 @@ class StepBatcher:
         now = time.monotonic()
         if not self.in_flight:
             self.cohort = self._cohort_of(pending[0])
-        elif any(self._cohort_of(entry) != self.cohort and now - entry.queued_at > self.max_shape_wait_s
-                 for entry in pending):
-            return  # another shape has waited long enough: it goes next
+        held = frozenset().union(*(entry.adapters for entry in self.in_flight))
+        if self.in_flight and any(
+                now - entry.queued_at > self.max_shape_wait_s
+                and (self._cohort_of(entry) != self.cohort or not adapters_fit(held, entry, self.max_adapters))
+                for entry in pending):
+            return  # another shape, or adapters beyond the free slots, waited long enough: next
         images = sum(entry.images for entry in self.in_flight)
         for entry in pending:
             if self._cohort_of(entry) != self.cohort:
                 continue
             if self.in_flight and images + entry.images > self.max_images_in_flight:
                 break
+            if self.in_flight and not adapters_fit(held, entry, self.max_adapters):
+                continue  # its adapters wait for a slot; a later job of those in flight may join
             self.queue.pending.remove(entry)
             self.in_flight.append(entry)
             images += entry.images
+            held |= entry.adapters
             self.stats.batch_sizes.append(entry.images)
             del self.stats.batch_sizes[:-RECENT_BATCHES]
             if self.on_batch is not None:

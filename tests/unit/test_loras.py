@@ -17,7 +17,7 @@ import torch
 from deployments.contract import ImageToImageJob, LoraRef, PipelineSpec, TextToImageJob
 from deployments.errors import InvalidJobError, ServerFaultError
 from deployments.sources import Source, local_path
-from deployments.runtime.loras import LoraCache, LoraStackError, adapter_name, lora_batch_key
+from deployments.runtime.loras import LoraCache, LoraStackError, adapter_name, lora_identity
 from deployments.pipelines.sdxl import SDXLBaseDeployment
 from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 from deployments.standins.tiny import materialize_tiny, materialize_tiny_lora, resolve_tiny_lora
