@@ -263,9 +263,11 @@ class UNetSlots:
                     layer.lora_B[name].weight.zero_()
 
     def activate(self, used: Sequence[int]) -> None:
-        """Run the next calls with slots ``used`` (none: the base model's layers alone);
-        a compiled UNet keeps every slot on, their weights 0 for rows that do not use them."""
-        state = ("all",) if self.compiled else tuple(sorted(set(used)))
+        """Run the next calls with slots ``used`` (none: the base model's layers alone).
+        A compiled UNet has every slot on, their weights 0 for rows that do not use them, or
+        none: two graphs in all, whatever the adapters (the active set is a graph guard)."""
+        used = tuple(sorted(set(used)))
+        state = (("all",) if used else ()) if self.compiled else used
         if state == self._active:
             return
         if state == ():

@@ -276,9 +276,19 @@ class LoraCache:
         self._text_layers = False  # whether a text encoder holds LoRA layers
         self._text_active: tuple | None = None  # the text encoders' adapters on now
         self.slot_count = max(1, spec.lora_slots)
+        # The UNet's slots: made at start when requests may name adapters (the config names
+        # some, or allows Hub LoRAs), so that a compiled UNet is compiled with them; else
+        # at the first job that names one (callers other than the ingress).
+        self.spec = spec
         self.slots: UNetSlots | None = None
-        if isinstance(getattr(pipe, "unet", None), torch.nn.Module):
-            self.slots = self._make_slots(spec)
+        if spec.loras or spec.hub_loras:
+            self._slots()
+
+    def _slots(self) -> UNetSlots | None:
+        """The UNet's slots, made on first need; None for a UNet that is not a torch module."""
+        if self.slots is None and isinstance(getattr(self.pipe, "unet", None), torch.nn.Module):
+            self.slots = self._make_slots(self.spec)
+        return self.slots
 
     def _make_slots(self, spec: PipelineSpec) -> UNetSlots:
         """The UNet's slots, on the layers and at the highest rank of the configured
@@ -520,7 +530,7 @@ class LoraCache:
                 if not all("lora" in key for key in state):
                     raise ValueError("Invalid LoRA checkpoint: its keys are not LoRA layers")
                 unet = None
-                if self.slots is not None:
+                if self._slots() is not None:
                     unet = unet_adapter(self.pipe.unet, state, alphas, metadata)
                     if unet is not None:
                         self.slots.check(unet)

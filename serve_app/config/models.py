@@ -119,6 +119,18 @@ class ModelConfig(_Served, WeightsReplica):
         default=8, ge=1,
         description="Adapters a replica keeps loaded; the least recently used is unloaded first.",
     )
+    lora_slots: int | None = Field(
+        default=None, ge=1, le=MAX_LORAS,
+        description="Adapter slots of each replica's UNet: the most distinct adapters one "
+        "batch runs together (requests of different adapters share a UNet call, each row "
+        "with its own). Default: max_loras_per_request.",
+    )
+    lora_rank: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="The LoRA rank the slots are padded to: a Hub LoRA of a higher rank is a "
+        "400 naming `loras`. Default: the highest rank of the configured adapters (64 with "
+        "none configured).",
+    )
     fused_loras: list[FusedLoraConfig] = Field(
         default_factory=list,
         description="Adapters of `loras` merged into the weights at load: every request runs "
@@ -192,6 +204,13 @@ class ModelConfig(_Served, WeightsReplica):
                 f"max_loaded_loras ({self.max_loaded_loras}): a replica runs a request's "
                 "adapters loaded together"
             )
+        if self.lora_slots is not None and not (
+                self.max_loras_per_request <= self.lora_slots <= self.max_loaded_loras):
+            raise ValueError(
+                f"lora_slots ({self.lora_slots}) must be at least max_loras_per_request "
+                f"({self.max_loras_per_request}), so that a request's adapters fit one call, and "
+                f"at most max_loaded_loras ({self.max_loaded_loras}), so that a batch's adapters "
+                "are loaded together")
         fused = [entry.name for entry in self.fused_loras]
         if len(set(fused)) != len(fused) or set(fused) - set(names):
             raise ValueError(f"fused_loras: each must name a different adapter of loras ({names})")
@@ -269,6 +288,7 @@ class ModelConfig(_Served, WeightsReplica):
             loras=tuple(LoraRef(a.name, a.source, a.weight_name, a.default_weight)
                         for a in self.requestable_loras),
             hub_loras=self.allow_hub_loras,
+            lora_slots=self.lora_slots or self.max_loras_per_request,
         )
 
     @property
