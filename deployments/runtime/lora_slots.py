@@ -103,14 +103,10 @@ class UNetAdapter:
     layers: frozenset
 
     @property
-    def flops_per_row_token(self) -> int:
-        """Multiply-adds of its LoRA terms for one token of one row (2 * rank * (in + out)
-        per layer, counted on lora_A's and lora_B's weights): the cost model's LoRA row."""
-        total = 0
-        for key, value in self.state.items():
-            if ".lora_A." in key or ".lora_B." in key:
-                total += value[0].numel() if ".lora_A." in key else value[:, 0].numel()
-        return 2 * self.rank * total
+    def macs_per_token(self) -> int:
+        """Multiply-adds of its LoRA factors for one token of one row at its own rank (the
+        numbers of lora_A's and lora_B's weights): the LoRA row cost over a UNet's own."""
+        return sum(value.numel() for value in self.state.values())
 
 
 def _strip(mapping: dict | None, prefix: str) -> dict | None:

@@ -1,4 +1,4 @@
-"""LoRA adapters of a model replica: loaded once, kept up to a limit, activated per batch.
+"""LoRA adapters of a model replica: loaded once, kept up to a limit, served per row of a call.
 
 A job names its adapters (:class:`~deployments.contract.LoraRef`: name, source, file,
 weight). The replica's :class:`LoraCache`:
@@ -9,22 +9,29 @@ weight). The replica's :class:`LoraCache`:
   name it; a Hub LoRA a request names is checked against ``max_hub_lora_bytes`` through the
   Hub's metadata first (:func:`fetch_hub_lora`). The pipeline thread never downloads.
 
-Then, always on the replica's one pipeline thread, it:
+Then, always on the replica's pipeline thread (in step mode: the job's own, holding the
+device), it:
 
-- **loads** an adapter the first time a batch needs it, through diffusers' own
-  ``pipe.load_lora_weights(folder, weight_name=..., adapter_name=...)`` (peft layers injected
-  into the UNet and text encoders), so Hub LoRAs (from the Hub cache), local folders and
-  stand-ins (``KIND:lora/<family>/<name>``, deployments/sources.py) take one path;
-- **evicts** the least recently used adapter that the batch does not need
-  (``pipe.delete_adapters``) before a load would keep more than ``spec.max_loaded_loras``;
-- **activates** exactly the batch's adapters and weights before each pipeline call
-  (``enable_lora`` + ``set_adapters``), or turns LoRA off (``disable_lora``) for a batch
-  without any, so that such a batch gives the pixels of a pipeline that never loaded one.
+- **loads** an adapter the first time a call needs it: ``pipe.lora_state_dict`` reads its
+  file (Hub LoRAs from the Hub cache, local folders and stand-ins, ``KIND:lora/<family>/<name>``
+  in deployments/sources.py, take one path); its UNet part is kept, converted as diffusers'
+  ``load_lora_adapter`` converts it (:func:`~deployments.runtime.lora_slots.unet_adapter`),
+  and its text-encoder layers load under its own name (``load_lora_into_text_encoder``);
+- **evicts** the least recently used adapter that the call does not need
+  (its text-encoder layers deleted, its UNet part dropped) before a load would keep more than
+  ``spec.max_loaded_loras``;
+- **serves** a call's adapters (:meth:`LoraCache.acquire`): each one's UNet part is copied in
+  place into one of the UNet's fixed slots (deployments/runtime/lora_slots.py: no layer is
+  added or removed after start, so a compiled UNet is not recompiled), and every row of the
+  call runs its own job's adapters at its own weights, in the UNet and the text encoders
+  (weights per row, by hooks on the LoRA layers). A row without adapters gets the pixels of a
+  pipeline that never loaded one.
 
-Jobs batch only with jobs of the same adapter set (:func:`lora_batch_key` is part of the
-batch key), so one pipeline call runs one adapter set. The image-to-image and inpainting
+Jobs of different adapters and weights share one call (request mode) or one UNet call (step
+mode); only the number of distinct adapters in a call is bounded, by the slots
+(:func:`lora_identity` is what the batchers count). The image-to-image and inpainting
 pipelines are ``from_pipe`` views sharing the base pipeline's UNet and text encoders: the
-adapters loaded and activated through the base pipeline are the ones they run with.
+slots and adapters are the ones they run with.
 
 Whose fault a failed load is decides its answer; either way whatever part of the adapter was
 injected is removed first, so the pipeline keeps serving:
@@ -34,8 +41,9 @@ injected is removed first, so the pipeline keeps serving:
   that cannot be reached, anything not known to be the adapter's own doing;
 - the **client's** (:class:`~deployments.errors.InvalidJobError`, ``param="loras"``, a 400):
   a Hub LoRA the request named that does not exist, has no ``.safetensors`` file or one over
-  ``max_hub_lora_bytes``, is another model's (its shapes, or none of its layers, fit), or is
-  not a LoRA file at all (:func:`client_fault`).
+  ``max_hub_lora_bytes``, is another model's (its shapes, or none of its layers, fit), does
+  not fit the slots (a higher rank, other layers: ``DoesNotFit``), or is not a LoRA file at
+  all (:func:`client_fault`). A job whose adapter fails leaves its call; the others run.
 
 :func:`probe_lora_stack`, at replica start, loads the first configured adapter (or, with Hub
 LoRAs only, a zero LoRA built from the pipeline's own layers) through the same calls as a
@@ -43,8 +51,8 @@ request's: a broken LoRA stack (a transformers release that refuses the installe
 the replica from starting, with a log line naming the versions, instead of failing every
 request that names an adapter.
 
-One module, over 400 lines: loading, activating, evicting and fusing share one cache of
-loaded adapters and one set of peft calls.
+One module, over 400 lines: loading, serving, evicting and fusing share one cache of
+loaded adapters and one set of diffusers and peft calls.
 """
 
 from __future__ import annotations
@@ -301,7 +309,8 @@ class LoraCache:
             try:
                 source, weight_name = lora_files(ref)
                 state, alphas, metadata = self.pipe.lora_state_dict(
-                    source, weight_name=weight_name, return_lora_metadata=True)
+                    source, weight_name=weight_name, return_lora_metadata=True,
+                    unet_config=self._unet_config())
                 part = unet_adapter(unet, state, alphas, metadata)
             except Exception as exc:  # noqa: BLE001 - reported when a request names it
                 logger.warning("%s: LoRA adapter %s cannot be read at start: %s", spec.name, ref.name, exc)
@@ -513,6 +522,11 @@ class LoraCache:
                     layer.set_adapter(list(names))
         self._text_active = names
 
+    def _unet_config(self) -> Any:
+        """What ``lora_state_dict`` maps a Kohya/SGM LoRA's blocks by (as load_lora_weights does)."""
+        unet = getattr(self.pipe, "unet", None)
+        return getattr(unet, "config", None) if isinstance(unet, torch.nn.Module) else None
+
     def _encoders(self) -> list[Any]:
         return [module for key in ("text_encoder", "text_encoder_2")
                 if isinstance(module := getattr(self.pipe, key, None), torch.nn.Module)]
@@ -526,7 +540,8 @@ class LoraCache:
                 # peft warns at every adapter after the first that a model holds several.
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
                 state, alphas, metadata = self.pipe.lora_state_dict(
-                    source, weight_name=weight_name, return_lora_metadata=True)
+                    source, weight_name=weight_name, return_lora_metadata=True,
+                    unet_config=self._unet_config())
                 if not all("lora" in key for key in state):
                     raise ValueError("Invalid LoRA checkpoint: its keys are not LoRA layers")
                 unet = None
