@@ -28,17 +28,19 @@ class BatchingConfig(Strict):
     )
     mode: Literal["request", "step"] = Field(
         default="request",
-        description="'request': a batch of jobs with the same size, steps, guidance, strength "
-        "and adapters runs one pipeline call to its end. 'step' (SD 2.1, SDXL and its refiner): "
-        "jobs join and leave a running batch at every denoising step, and jobs of one latent "
-        "shape and adapter set share each UNet call whatever their steps, guidance, strength "
-        "or denoising start and end (deployments/runtime/steploop.py).",
+        description="'request': a batch of jobs with the same size, steps, guidance and strength "
+        "runs one pipeline call to its end, whatever their LoRA adapters (up to `lora_slots` "
+        "distinct ones). 'step' (SD 2.1, SDXL and its refiner): jobs join and leave a running "
+        "batch at every denoising step, and jobs of one latent shape share each UNet call "
+        "whatever their steps, guidance, strength, adapters or denoising start and end "
+        "(deployments/runtime/steploop.py).",
     )
     max_shape_wait_s: float = Field(
         default=2.0,
         ge=0,
-        description="Step mode: once a job of another shape (or adapter set) has waited this "
-        "long, no more jobs join the running batch, and that job's shape goes next.",
+        description="Step mode: once a job of another shape (or with adapters beyond the free "
+        "LoRA slots) has waited this long, no more jobs join the running batch, and that job "
+        "goes next.",
     )
     max_images_in_flight: int | None = Field(
         default=None,
