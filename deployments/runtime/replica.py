@@ -6,6 +6,9 @@ Deployment classes are plain Python classes: the app builder binds
 the instance in its own process, so nothing here knows about HTTP or Ray options. The images
 service calls ``run`` and ``stream`` (deployments/contract.py) through the deployment's
 handle; the job's type picks the method.
+
+One module, over 400 lines: the base class's batch path (queueing, LoRA rows, the pipeline
+call) and the two mixins that call it are read together.
 """
 
 from __future__ import annotations

@@ -412,14 +412,17 @@ def test_each_job_streams_its_own_previews(pair):
         assert partial[0][2].shape == (16, 16, 3)  # linear previews: one pixel a latent
 
 
-def test_jobs_with_other_adapters_never_share_a_call_and_keep_their_pixels():
+def test_jobs_with_other_adapters_share_calls_and_keep_their_pixels():
     from deployments.contract import LoraRef
 
     ink = (LoraRef("a", "tiny:lora/sd21/a", None, 1.0),)
+    half = (LoraRef("a", "tiny:lora/sd21/a", None, 0.5),)
     alone = StableDiffusionDeployment(spec("sd21", "lora-alone"))
     stepped = StableDiffusionDeployment(spec("sd21", "lora-stepped", batching_mode="step"))
-    jobs = [t2i(21, 8, 7.5, loras=ink), t2i(22, 6, 7.5), t2i(23, 6, 5.0, loras=ink)]
+    jobs = [t2i(21, 8, 7.5, loras=ink), t2i(22, 6, 7.5), t2i(23, 6, 5.0, loras=half)]
     expected = [asyncio.run(alone.text_to_image(job)).output for job in jobs]
+    stats = stepped.steps.stats
+    calls = stats.unet_calls
 
     async def scenario():
         tasks = []
@@ -427,11 +430,12 @@ def test_jobs_with_other_adapters_never_share_a_call_and_keep_their_pixels():
             tasks.append(asyncio.ensure_future(stepped.text_to_image(job)))
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
-        cohorts = [entry.job.seeds[0] for entry in stepped.batcher.in_flight]
-        return cohorts, await asyncio.gather(*tasks)
+        in_flight = [entry.job.seeds[0] for entry in stepped.batcher.in_flight]
+        return in_flight, await asyncio.gather(*tasks)
 
     in_flight, got = asyncio.run(scenario())
-    assert in_flight == [21, 23]  # the adapter's cohort; the plain job waits for it to drain
+    assert in_flight == [21, 22, 23]  # adapters and weights do not split the cohort
+    assert max(stats.jobs[-(stats.unet_calls - calls):]) == 3  # the three shared UNet calls
     assert all(max_diff(want, have.output) <= 2 for want, have in zip(expected, got))
     assert np.abs(got[0].output.astype(int) - asyncio.run(
         stepped.text_to_image(t2i(21, 8, 7.5))).output.astype(int)).mean() > 1  # the adapter ran
