@@ -2,7 +2,7 @@
 benchmarks/gpu.py's measurements in the order of their value, fitted to a time budget, each
 figure written the moment it exists.
 
-    python3 -m benchmarks.gpu_run [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke]
+    python3 -m benchmarks.gpu_run [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke] [--no-loras]
 
 It targets an offline H100 or H200 machine that runs one command for at most 10 minutes; its
 Python 3.12 has PyTorch, transformers, accelerate and peft, no diffusers, spandrel or Ray, and
@@ -25,10 +25,18 @@ once, in the repository root (the package is not installed there), with the whee
    - phase 3: eager, batch 1: SD 2.1 768x768 25 steps, the refiner stage (the chain's
      latency is both stages), the x4 upscaler from 512x768, the x2 latent upscaler from
      1024x1024, ESRGAN at 1024x1024;
-   - phase 4: compiled SDXL, batch 1, 30 steps: torch.compile's default mode, then the
-     replicas' own options (deployments/runtime/loading.py's COMPILE_OPTIONS), each in a process of
-     its own that is killed at its cap: a variant that does not compile in time is reported
-     as over its cap, not waited for. The compile time is that of the first call.
+   - phase 4: LoRA adapters in slots (deployments/runtime/lora_slots.py), eager: random
+     adapters of rank 16 on the attention projections, built in code for the served UNet
+     (real weights where the local Hub cache holds them, else the full-size random ones);
+     four concurrent one-image jobs, half adapter a and half b, mixed in one call against
+     grouped (one adapter a call, as ``lora_slots: 1`` batches), at SD 2.1 512x512 (and
+     without adapters) and SDXL 1024x1024; then 12 adapter and weight switches on SD 2.1;
+   - phase 5: compiled, batch 1: SDXL 30 steps in torch.compile's default mode, then the SD 2.1
+     LoRA replica compiled once (mode default) making the same 12 switches, its recompiles
+     counted, against eager; with ``--no-loras`` (no phase 4) the SDXL variant of the
+     replicas' own options (deployments/runtime/loading.py's COMPILE_OPTIONS) instead. Each in
+     a process of its own that is killed at its cap: a variant that does not compile in time
+     is reported as over its cap, not waited for. The compile time is that of the first call.
 
    A step starts only inside the budget; one that fails is reported and the run goes on
    (exit status 1).
@@ -311,7 +319,8 @@ def lora_eager_steps(repeats: int) -> list[Step]:
         names = LORA_NAMES if family == "sd21" else LORA_NAMES[:2]
         cost = Cost().add(f"{len(names)} LoRAs x {LORA_BUILD_S:.0f} s", len(names) * LORA_BUILD_S)
         load_cost(cost, family).add("first call", FIRST_CALL_S)
-        cost.add(f"warm-up 4 x {case.few_steps} steps", h100_call_s(case, 4, case.few_steps))
+        cost.add(f"warm-ups 4 + 2 x 2 x {case.few_steps} steps",
+                 h100_call_s(case, 4, case.few_steps) + 2 * h100_call_s(case, 2, case.few_steps))
         mixed, grouped = h100_call_s(case, 4, case.steps), 2 * h100_call_s(case, 2, case.steps)
         cost.add(f"{repeats} x mixed {mixed:.2f} s (4 x {case.steps} steps)", repeats * mixed)
         cost.add(f"{repeats} x grouped {grouped:.2f} s (2 calls of 2)", repeats * grouped)
@@ -711,8 +720,10 @@ def load_lora_model(family: str, source: str, folders: dict[str, str], compiled:
     spec = make_spec(family, sources, compiled, 4)
     changes = {"name": f"bench-lora-{family}", "lora_slots": LORA_SLOTS,
                "loras": tuple(LoraRef(name, folder, None, 1.0) for name, folder in folders.items())}
-    if source != str(spec.source):
-        changes.update(source=source, vae=None)
+    if source != sources(family):  # real weights: their own VAE, and their fp16 files if only those
+        unet = Path(source) / "unet"
+        only_fp16 = not any(f for f in unet.glob("*.safetensors") if ".fp16." not in f.name)
+        changes.update(source=source, vae=None, variant="fp16" if only_fp16 else None)
     spec = dataclasses.replace(spec, **changes)
     start = time.perf_counter()
     dep = FAMILIES[family].deployment_class()(spec)
@@ -796,8 +807,8 @@ def lora_batches(run: Run, family: str) -> None:
                       load_s=round(load_s, 1))
     pairs = [(("a", 1.0),), (("b", 1.0),), (("a", 1.0),), (("b", 1.0),)]
     jobs = lora_jobs(case, size, steps, folders, pairs, 0)
-    lora_call(dep, lora_jobs(case, size, case.few_steps, folders, pairs, 0))  # warm-up
     repeats, figures = run.opts.repeats, {}
+    warm_up = lora_jobs(case, size, case.few_steps, folders, pairs, 0)
 
     def write(kind: str, seconds: list[float], how: str, **data) -> None:
         figures[kind] = median(seconds)
@@ -807,10 +818,12 @@ def lora_batches(run: Run, family: str) -> None:
                           median_s=round(median(seconds), 4), seconds=[round(s, 4) for s in seconds],
                           images_per_s=round(4 / median(seconds), 3), weights=weights, **data)
 
+    lora_call(dep, warm_up)
     seconds, mixed_images = timed_calls(dep, jobs, repeats, [4], "mixed")
     write("mixed", seconds, "one call of 4 (a, b, a, b)", calls=[4])
     dep.batcher.max_adapters = 1  # grouped: what a replica of lora_slots 1 batches
     try:
+        lora_call(dep, warm_up)  # the batch of 2's shapes
         seconds, grouped_images = timed_calls(dep, jobs, repeats, [2, 2], "grouped")
     finally:
         dep.batcher.max_adapters = LORA_SLOTS
