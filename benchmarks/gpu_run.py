@@ -107,7 +107,7 @@ OTHER_FP16_GB = {"esrgan": 0.034, "sdxl-vae-fp16-fix": 0.17}
 
 @dataclass(frozen=True)
 class Variant:
-    """A compiled variant of phase 4: ``mode`` None is the replicas' own COMPILE_OPTIONS."""
+    """A compiled variant of phase 5: ``mode`` None is the replicas' own COMPILE_OPTIONS."""
 
     family: str
     mode: str | None
@@ -585,7 +585,7 @@ def eager_case(run: Run, case) -> None:
 
 
 def compiled_variant(run: Run, variant: Variant, cap: float) -> None:
-    """Phase 4: the variant in a process of its own, killed at its cap: its planned seconds,
+    """Phase 5: the variant in a process of its own, killed at its cap: its planned seconds,
     or what is left of the budget if less; the last takes all that is left. Its figures go
     to the same file."""
     run.free()  # its GPU memory, for the variant's process
@@ -1010,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-loras", action="store_true",
                         help="leave out the LoRA figures (phase 4, and the compiled LoRA replica of phase 5): "
                         "the SDXL variant of the replicas' compile options takes their time")
-    # A compiled variant's own process (phase 4), started by the run.
+    # A compiled variant's own process (phase 5), started by the run.
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--figures", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
