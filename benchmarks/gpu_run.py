@@ -879,7 +879,7 @@ def time_switches(dep, case, size, steps: int, folders: dict[str, str], figures:
             f"during them{' (no recompile)' if compiled == 0 else ' -- RECOMPILED'}; {copied} adapters copied into slots")
     data = {}
     if reference_s is not None:
-        text += f"; eager {reference_s:.3f} s a call: {reference_s / median(seconds):.2f}x faster compiled"
+        text += f"; eager {reference_s:.3f} s a call: {label} takes {median(seconds) / reference_s:.2f}x eager's time"
         data["eager_median_s"] = round(reference_s, 4)
     figures.write(phase, "lora_switches", text, model=case.family, case=case.key, mode=label,
                   median_s=round(median(seconds), 4), seconds=[round(s, 4) for s in seconds], recompiles=compiled,
