@@ -2,7 +2,7 @@
 benchmarks/gpu.py's measurements in the order of their value, fitted to a time budget, each
 figure written the moment it exists.
 
-    python3 -m benchmarks.gpu_run [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke]
+    python3 -m benchmarks.gpu_run [--plan] [--budget 480] [--repeats 3] [--wheels .whl] [--out DIR] [--smoke] [--no-loras]
 
 It targets an offline H100 or H200 machine that runs one command for at most 10 minutes; its
 Python 3.12 has PyTorch, transformers, accelerate and peft, no diffusers, spandrel or Ray, and
@@ -25,10 +25,18 @@ once, in the repository root (the package is not installed there), with the whee
    - phase 3: eager, batch 1: SD 2.1 768x768 25 steps, the refiner stage (the chain's
      latency is both stages), the x4 upscaler from 512x768, the x2 latent upscaler from
      1024x1024, ESRGAN at 1024x1024;
-   - phase 4: compiled SDXL, batch 1, 30 steps: torch.compile's default mode, then the
-     replicas' own options (deployments/runtime/loading.py's COMPILE_OPTIONS), each in a process of
-     its own that is killed at its cap: a variant that does not compile in time is reported
-     as over its cap, not waited for. The compile time is that of the first call.
+   - phase 4: LoRA adapters in slots (deployments/runtime/lora_slots.py), eager: random
+     adapters of rank 16 on the attention projections, built in code for the served UNet
+     (real weights where the local Hub cache holds them, else the full-size random ones);
+     four concurrent one-image jobs, half adapter a and half b, mixed in one call against
+     grouped (one adapter a call, as ``lora_slots: 1`` batches), at SD 2.1 512x512 (and
+     without adapters) and SDXL 1024x1024; then 12 adapter and weight switches on SD 2.1;
+   - phase 5: compiled, batch 1: SDXL 30 steps in torch.compile's default mode, then the SD 2.1
+     LoRA replica compiled once (mode default) making the same 12 switches, its recompiles
+     counted, against eager; with ``--no-loras`` (no phase 4) the SDXL variant of the
+     replicas' own options (deployments/runtime/loading.py's COMPILE_OPTIONS) instead. Each in
+     a process of its own that is killed at its cap: a variant that does not compile in time
+     is reported as over its cap, not waited for. The compile time is that of the first call.
 
    A step starts only inside the budget; one that fails is reported and the run goes on
    (exit status 1).
@@ -99,7 +107,7 @@ OTHER_FP16_GB = {"esrgan": 0.034, "sdxl-vae-fp16-fix": 0.17}
 
 @dataclass(frozen=True)
 class Variant:
-    """A compiled variant of phase 4: ``mode`` None is the replicas' own COMPILE_OPTIONS."""
+    """A compiled variant of phase 5: ``mode`` None is the replicas' own COMPILE_OPTIONS."""
 
     family: str
     mode: str | None
@@ -116,6 +124,32 @@ VARIANTS = [
     # minutes, maybe more than any cap here; its cap is what is left.
     Variant("sdxl", None, "SDXL compiled, the replicas' options (loading.COMPILE_OPTIONS)", None),
 ]
+
+
+# LoRA figures (phases 4 and 5; --no-loras leaves them out): random adapters of a realistic
+# rank on the attention projections of the served UNet (there are no tiny LoRAs of the real
+# models, and the machine has no network), in adapter slots (deployments/runtime/lora_slots.py).
+LORA_RANK = 16
+LORA_SLOTS = 2
+LORA_NAMES = ("a", "b", "c")  # three adapters for two slots: switching copies weights into slots
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # what diffusers' LoRA training scripts target
+LORA_BUILD_S = 2.0  # one random LoRA: an empty UNet from its config, peft's layers, saved (assumed)
+LORA_COMPILE_MODE = "default"  # max-autotune would take minutes a graph (phase 5's SDXL variants)
+# A compiled replica's adapter and weight switches, one one-image job a call: single adapters,
+# combinations, weights 0, negative and above 1, and the third adapter entering a slot.
+LORA_SWITCHES = [(("a", 1.0),), (("b", 1.0),), (("a", 0.5),), (("a", 1.0), ("b", 0.5)), (("c", 1.0),),
+                 (("b", -0.5),), (("a", 0.8), ("c", 0.3)), (("c", 0.0),), (("b", 1.0), ("c", 1.0)),
+                 (("a", 1.2),), (("c", 0.7),), (("a", 1.0), ("b", 1.0))]
+SMOKE_SWITCHES = 5  # --smoke: the first five (every kind of switch, c entering a slot included)
+
+
+def lora_cases():
+    """The LoRA figures' cases: SD 2.1 512x512 at 20 steps, SDXL 1024x1024 at 10 steps (the
+    mixed-to-grouped ratio is a per-step one; fewer SDXL steps keep the part within minutes)."""
+    from benchmarks.gpu import Case
+
+    return {"sd21": Case("lora-sd21", "SD 2.1 512x512, 20 steps", "sd21", (512, 512), 20, 7.5, "text_to_image"),
+            "sdxl": Case("lora-sdxl", "SDXL 1024x1024, 10 steps", "sdxl", (1024, 1024), 10, 5.0, "text_to_image")}
 
 
 class Cost:
@@ -245,7 +279,13 @@ def make_plan(opts) -> list[Step]:
         cost = timed_cost(load_cost(Cost(), case.family), case, 1, case.steps, repeats)
         steps.append(Step(3, f"{title}, batch 1, eager", cost, lambda run, case=case: eager_case(run, case)))
 
-    for variant in VARIANTS:
+    loras = not getattr(opts, "no_loras", False)
+    if loras:
+        steps += lora_eager_steps(repeats)
+    # Phase 5: the default-mode SDXL variant, then what takes the rest of the budget: the
+    # compiled LoRA replica, or (--no-loras) the replicas' own options.
+    variants = [v for v in VARIANTS if v.compile_s is not None] if loras else VARIANTS
+    for variant in variants:
         case = case_of("sdxl")
         cost = Cost().add("process start", CHILD_START_S)
         load_cost(cost, variant.family)
@@ -255,14 +295,47 @@ def make_plan(opts) -> list[Step]:
         else:
             cost.add("compile + first call", variant.compile_s)
             timed_cost(cost, case, 1, case.steps, repeats, warm=False)
-        steps.append(Step(4, f"{variant.label}: compile time, then 30 steps batch 1", cost,
+        steps.append(Step(5, f"{variant.label}: compile time, then 30 steps batch 1", cost,
                           lambda run, variant=variant, cap=cost.total: compiled_variant(run, variant, cap),
                           capped=True))
+    if loras:
+        case = lora_cases()["sd21"]
+        cost = Cost().add("process start", CHILD_START_S)
+        load_cost(cost, "sd21")
+        rest = opts.budget - sum(s.planned_s for s in steps) - cost.total
+        cost.add("the rest of the budget", max(MIN_CAP_S, rest))
+        steps.append(Step(5, f"LoRA, {case.label}, compiled (mode {LORA_COMPILE_MODE}): compile once, then "
+                             f"{len(LORA_SWITCHES)} adapter and weight switches: seconds a call, recompiles",
+                          cost, lambda run: lora_compiled(run), capped=True))
+    return steps
+
+
+def lora_eager_steps(repeats: int) -> list[Step]:
+    """Phase 4: per model, four concurrent one-image jobs, half adapter a, half b: mixed in
+    one call (lora_slots 2) against grouped (one adapter a call, as lora_slots 1 batches);
+    SD 2.1 also without adapters, and the switches the compiled replica makes, eager."""
+    steps = []
+    for family, case in lora_cases().items():
+        names = LORA_NAMES if family == "sd21" else LORA_NAMES[:2]
+        cost = Cost().add(f"{len(names)} LoRAs x {LORA_BUILD_S:.0f} s", len(names) * LORA_BUILD_S)
+        load_cost(cost, family).add("first call", FIRST_CALL_S)
+        cost.add(f"warm-ups 4 + 2 x 2 x {case.few_steps} steps",
+                 h100_call_s(case, 4, case.few_steps) + 2 * h100_call_s(case, 2, case.few_steps))
+        mixed, grouped = h100_call_s(case, 4, case.steps), 2 * h100_call_s(case, 2, case.steps)
+        cost.add(f"{repeats} x mixed {mixed:.2f} s (4 x {case.steps} steps)", repeats * mixed)
+        cost.add(f"{repeats} x grouped {grouped:.2f} s (2 calls of 2)", repeats * grouped)
+        title = f"LoRA, {case.label}: 4 one-image jobs, 2 x adapter a + 2 x b (rank {LORA_RANK}), mixed against grouped"
+        if family == "sd21":
+            cost.add(f"{repeats} x no adapters {mixed:.2f} s", repeats * mixed)
+            single = h100_call_s(case, 1, case.steps)
+            cost.add(f"{len(LORA_SWITCHES)} switches x {single:.2f} s", len(LORA_SWITCHES) * single)
+            title += f", no adapters; {len(LORA_SWITCHES)} adapter switches, eager"
+        steps.append(Step(4, title, cost, lambda run, family=family: lora_batches(run, family)))
     return steps
 
 
 def format_plan(steps: list[Step], budget: float) -> str:
-    eager = sum(s.planned_s for s in steps if s.phase < 4)
+    eager = sum(s.planned_s for s in steps if s.phase < 5)
     total = sum(s.planned_s for s in steps)
     lines = [f"The GPU run's plan: {budget:.0f} s budget, H100-class GPU (calls priced by "
              "deployments/standins/sim.py's H100 cost model; the rest assumed, see benchmarks/gpu_run.py)",
@@ -272,7 +345,7 @@ def format_plan(steps: list[Step], budget: float) -> str:
         done += step.planned_s
         cap = " (its cap)" if step.capped else ""
         lines.append(f"{step.phase:>5} {step.planned_s:>9.1f} {done:>6.0f}  {step.title}{cap}: {step.cost}")
-    lines.append(f"eager (phases 0-3): {eager:.0f} s; compiled variants (phase 4, their caps): "
+    lines.append(f"eager (phases 0-4): {eager:.0f} s; compiled variants (phase 5, their caps): "
                  f"{total - eager:.0f} s; in all {total:.0f} s of the {budget:.0f} s budget"
                  + ("" if total <= budget else ": OVER BUDGET"))
     return "\n".join(lines)
@@ -330,6 +403,12 @@ class Run:
         self.latents: dict[int, Any] = {}
         self.chain_base_s: float | None = None
         self.failures = 0
+        # The LoRA figures' adapters (family -> name -> folder), in a folder of their own,
+        # and the eager replica's median seconds a switch (the compiled one's reference).
+        self.lora_tmp = tempfile.TemporaryDirectory(prefix="gpu-run-loras-")
+        self.loras: dict[str, dict[str, str]] = {}
+        self.lora_sources: dict[str, tuple[str, str]] = {}
+        self.lora_eager_switch_s: float | None = None
 
     def size(self, case) -> tuple[int, int]:
         return case.smoke_size if self.opts.smoke else case.size
@@ -506,14 +585,14 @@ def eager_case(run: Run, case) -> None:
 
 
 def compiled_variant(run: Run, variant: Variant, cap: float) -> None:
-    """Phase 4: the variant in a process of its own, killed at its cap: its planned seconds,
+    """Phase 5: the variant in a process of its own, killed at its cap: its planned seconds,
     or what is left of the budget if less; the last takes all that is left. Its figures go
     to the same file."""
     run.free()  # its GPU memory, for the variant's process
     left = run.deadline - time.time()
     cap = left if variant.compile_s is None else min(cap, left)
     if cap < MIN_CAP_S:
-        run.figures.write(4, "compile", f"{variant.label}: not started, {cap:.0f} s left in the budget",
+        run.figures.write(5, "compile", f"{variant.label}: not started, {cap:.0f} s left in the budget",
                           variant=variant.label, status="no time")
         return
     argv = [sys.executable, "-m", "benchmarks.gpu_run", "--variant", f"{variant.family}:{variant.mode or ''}",
@@ -522,7 +601,7 @@ def compiled_variant(run: Run, variant: Variant, cap: float) -> None:
     run_capped(run.figures, variant.label, argv, cap)  # over its cap is a figure, not a failure
 
 
-def run_capped(figures: Figures, label: str, argv: list[str], cap_s: float) -> bool:
+def run_capped(figures: Figures, label: str, argv: list[str], cap_s: float, phase: int = 5) -> bool:
     """Run ``argv`` in a process group of its own; at ``cap_s`` kill the group (the compile
     workers too) and report the variant as over its cap. True if it finished in time. It runs
     in the repository root, where ``-m benchmarks...`` finds this package."""
@@ -533,7 +612,7 @@ def run_capped(figures: Figures, label: str, argv: list[str], cap_s: float) -> b
     except subprocess.TimeoutExpired:
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
-        figures.write(4, "compile", f"{label}: over its cap of {cap_s:.0f} s: not compiled and timed in "
+        figures.write(phase, "compile", f"{label}: over its cap of {cap_s:.0f} s: not compiled and timed in "
                       "time (stopped, not waited for)", variant=label, status="over cap", cap_s=round(cap_s, 1),
                       seconds=round(time.perf_counter() - start, 1))
         return False
@@ -558,20 +637,319 @@ def run_variant(opts) -> int:
     figures = Figures(opts.figures, opts.t0)
     dep, loaded, _ = load_model(family, True, Sources(opts.smoke, device, built=json.loads(opts.built)),
                                 replica_batch(family))
-    figures.write(4, "variant_loaded", f"{label}: loaded in {loaded.load_s:.1f} s, options {loading.COMPILE_OPTIONS}",
+    figures.write(5, "variant_loaded", f"{label}: loaded in {loaded.load_s:.1f} s, options {loading.COMPILE_OPTIONS}",
                   variant=label, load_s=round(loaded.load_s, 1), options=loading.COMPILE_OPTIONS)
     case = case_of("sdxl")
     size = case.smoke_size if opts.smoke else case.size
     seconds, _ = run_call(dep, case, 1, size, case.few_steps, 0, {})
-    figures.write(4, "compile", f"{label}: compile + first call ({case.few_steps} steps) {seconds:.1f} s",
+    figures.write(5, "compile", f"{label}: compile + first call ({case.few_steps} steps) {seconds:.1f} s",
                   variant=label, status="compiled", compile_and_first_call_s=round(seconds, 2),
                   first_call_steps=case.few_steps)
     steps = case.few_steps if opts.smoke else case.steps
     timing = time_case(dep, case, 1, size, steps, {}, warmup=0, repeats=opts.repeats)
     median = timing.median_s
-    figures.write(4, "latency", f"{label}: SDXL 1024x1024, {steps} steps, batch 1: median {median:.3f} s "
+    figures.write(5, "latency", f"{label}: SDXL 1024x1024, {steps} steps, batch 1: median {median:.3f} s "
                   f"({', '.join(f'{s:.3f}' for s in timing.seconds)})", variant=label, case=case.key, batch=1,
                   compiled=True, median_s=round(median, 4), seconds=[round(s, 4) for s in timing.seconds])
+    free_model(dep)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# LoRA: mixed against grouped batches, and a compiled replica switching adapters
+
+
+def lora_model_source(run: Run, family: str) -> tuple[str, str]:
+    """The weights the LoRA figures run on, and what they are: the real model where the
+    local Hub cache holds it (the machine is offline), else the run's full-size random
+    weights (the tiny model with --smoke)."""
+    if not run.opts.smoke:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = FAMILIES[family].hub_source
+        found = try_to_load_from_cache(repo, "model_index.json")
+        if isinstance(found, str) and any((Path(found).parent / "unet").glob("*.safetensors")):
+            return str(Path(found).parent), f"real weights ({repo}, from the Hub cache)"
+    return run.sources(family), "tiny weights" if run.opts.smoke else "full-size random weights"
+
+
+def build_random_lora(family: str, model: str, folder: Path, rank: int, seed: int) -> int:
+    """Write a random LoRA of ``rank`` for the UNet of ``model`` (a pipeline folder) into
+    ``folder``, as deployments/standins/tiny.py's build_tiny_lora writes its tiny ones: peft
+    layers on the attention projections (of a UNet built empty from its config: only their
+    shapes are read), converted by ``convert_state_dict_to_diffusers`` and saved by the
+    pipeline class's ``save_lora_weights``. lora_A as peft draws it (1/sqrt(fan-in)), lora_B
+    small rather than zero, so the adapter changes the image a little. Returns its bytes."""
+    import diffusers
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    config = diffusers.UNet2DConditionModel.load_config(Path(model) / "unet")
+    with init_empty_weights():
+        unet = diffusers.UNet2DConditionModel.from_config(config)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, empty in get_peft_model_state_dict(unet).items():
+        std = empty.shape[1] ** -0.5 if "lora_A" in key else 0.01
+        state[key] = (torch.randn(tuple(empty.shape), generator=generator) * std).to(torch.float16)
+    pipeline_class = getattr(diffusers, FAMILIES[family].weights_class.split(":", 1)[1])
+    pipeline_class.save_lora_weights(folder, unet_lora_layers=convert_state_dict_to_diffusers(state),
+                                     safe_serialization=True)
+    return sum(value.numel() * value.element_size() for value in state.values())
+
+
+def lora_refs(folders: dict[str, str], adapters) -> tuple:
+    """The job's LoraRefs: each (name, weight) of ``adapters``, named by its local folder."""
+    from deployments.contract import LoraRef
+
+    return tuple(LoraRef(name, folders[name], None, weight) for name, weight in adapters)
+
+
+def load_lora_model(family: str, source: str, folders: dict[str, str], compiled: bool, sources):
+    """``family``'s replica with the adapters of ``folders`` configured, in LORA_SLOTS slots
+    padded to their rank, room for 4 images a call; on ``source`` (its own VAE, where it is
+    not the run's random-weight model). Returns (deployment, load seconds)."""
+    import dataclasses
+
+    from benchmarks.gpu import make_spec
+    from deployments.contract import LoraRef
+
+    spec = make_spec(family, sources, compiled, 4)
+    changes = {"name": f"bench-lora-{family}", "lora_slots": LORA_SLOTS,
+               "loras": tuple(LoraRef(name, folder, None, 1.0) for name, folder in folders.items())}
+    if source != sources(family):  # real weights: their own VAE, and their fp16 files if only those
+        unet = Path(source) / "unet"
+        only_fp16 = not any(f for f in unet.glob("*.safetensors") if ".fp16." not in f.name)
+        changes.update(source=source, vae=None, variant="fp16" if only_fp16 else None)
+    spec = dataclasses.replace(spec, **changes)
+    start = time.perf_counter()
+    dep = FAMILIES[family].deployment_class()(spec)
+    return dep, time.perf_counter() - start
+
+
+def lora_call(dep, jobs: list) -> tuple[float, list[int], list]:
+    """``jobs`` submitted together (as concurrent requests reach a replica); returns the
+    seconds until the last ends, the pipeline calls' image counts, and the images."""
+    import asyncio
+
+    import torch
+
+    async def together():
+        return await asyncio.gather(*(dep.text_to_image(job) for job in jobs))
+
+    before = len(dep.batcher.stats.batch_sizes)
+    start = time.perf_counter()
+    results = asyncio.run(together())
+    if dep.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, dep.batcher.stats.batch_sizes[before:], [r.output for r in results]
+
+
+def lora_jobs(case, size, steps: int, folders: dict[str, str], adapters: list, seed0: int) -> list:
+    """One one-image job per entry of ``adapters`` ((name, weight) pairs; () for none)."""
+    import dataclasses
+
+    from benchmarks.gpu import make_job
+
+    return [dataclasses.replace(make_job(case, 1, size, steps, seed0 + i), loras=lora_refs(folders, pairs))
+            for i, pairs in enumerate(adapters)]
+
+
+def timed_calls(dep, jobs: list, repeats: int, calls: list[int], what: str) -> tuple[list[float], list]:
+    """``repeats`` runs of ``jobs`` together, each in the pipeline calls ``calls``."""
+    seconds, images = [], []
+    for _ in range(repeats):
+        took, made, images = lora_call(dep, jobs)
+        if sorted(made) != sorted(calls):
+            raise RuntimeError(f"{what}: pipeline calls of {made} images, expected {calls}")
+        seconds.append(took)
+    return seconds, images
+
+
+def median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def lora_batches(run: Run, family: str) -> None:
+    """Phase 4 for one model: build its random LoRAs, load it with them in LORA_SLOTS slots,
+    then time four concurrent one-image jobs (adapters a, b, a, b at weight 1): mixed (one
+    call of 4) and grouped (the batcher held to one adapter a call, as lora_slots 1 holds it:
+    two calls of 2), and for SD 2.1 the same four without adapters and the switches the
+    compiled replica makes (phase 5), eager. Each figure is written as it is measured; the
+    images of mixed and grouped calls are compared (the same seeds: they should agree)."""
+    import numpy as np
+
+    case = lora_cases()[family]
+    size, steps = run.size(case), run.steps(case)
+    names = LORA_NAMES if family == "sd21" else LORA_NAMES[:2]
+    run.free()  # one model at a time
+    source, weights = lora_model_source(run, family)
+    folders, start, size_bytes = {}, time.perf_counter(), 0
+    for index, name in enumerate(names):
+        folder = Path(run.lora_tmp.name) / f"{family}-{name}"
+        size_bytes = build_random_lora(family, local_model_folder(source), folder, LORA_RANK, seed=index)
+        folders[name] = str(folder)
+    built_s = time.perf_counter() - start
+    dep, load_s = load_lora_model(family, source, folders, False, run.sources)
+    run.dep, run.loaded = dep, None  # run.free() frees it; run.model() loads anew
+    run.loras[family], run.lora_sources[family] = folders, (source, weights)
+    slots = dep.loras.slots
+    run.figures.write(4, "lora_setup", f"LoRA, {case.label}: {len(names)} random adapters of rank {LORA_RANK} on "
+                      f"{len(slots.layers)} attention projections ({size_bytes / 2**20:.1f} MiB each) built in "
+                      f"{built_s:.1f} s; {weights} loaded with {LORA_SLOTS} slots of rank {slots.rank} in {load_s:.1f} s",
+                      model=family, weights=weights, rank=LORA_RANK, slots=LORA_SLOTS, slot_rank=slots.rank,
+                      layers=len(slots.layers), lora_mib=round(size_bytes / 2**20, 2), build_s=round(built_s, 1),
+                      load_s=round(load_s, 1))
+    pairs = [(("a", 1.0),), (("b", 1.0),), (("a", 1.0),), (("b", 1.0),)]
+    jobs = lora_jobs(case, size, steps, folders, pairs, 0)
+    repeats, figures = run.opts.repeats, {}
+    warm_up = lora_jobs(case, size, case.few_steps, folders, pairs, 0)
+
+    def write(kind: str, seconds: list[float], how: str, **data) -> None:
+        figures[kind] = median(seconds)
+        run.figures.write(4, "lora_batch", f"LoRA, {case.label}, 4 one-image jobs, {kind}: {how}: median "
+                          f"{median(seconds):.3f} s ({', '.join(f'{s:.3f}' for s in seconds)}), "
+                          f"{4 / median(seconds):.2f} images/s", model=family, case=case.key, kind=kind,
+                          median_s=round(median(seconds), 4), seconds=[round(s, 4) for s in seconds],
+                          images_per_s=round(4 / median(seconds), 3), weights=weights, **data)
+
+    lora_call(dep, warm_up)
+    seconds, mixed_images = timed_calls(dep, jobs, repeats, [4], "mixed")
+    write("mixed", seconds, "one call of 4 (a, b, a, b)", calls=[4])
+    dep.batcher.max_adapters = 1  # grouped: what a replica of lora_slots 1 batches
+    try:
+        lora_call(dep, warm_up)  # the batch of 2's shapes
+        seconds, grouped_images = timed_calls(dep, jobs, repeats, [2, 2], "grouped")
+    finally:
+        dep.batcher.max_adapters = LORA_SLOTS
+    write("grouped", seconds, "two calls of 2 (a, a then b, b)", calls=[2, 2])
+    diff = max(int(np.abs(m.astype(np.int16) - g.astype(np.int16)).max())
+               for m, g in zip(mixed_images, grouped_images))
+    text = (f"LoRA, {case.label}: grouped / mixed = {figures['grouped'] / figures['mixed']:.2f}x the time; "
+            f"mixed images against grouped: at most {diff}/255 apart")
+    data = {}
+    if family == "sd21":
+        seconds, _ = timed_calls(dep, lora_jobs(case, size, steps, folders, [()] * 4, 0), repeats, [4], "no adapters")
+        write("no adapters", seconds, "one call of 4", calls=[4])
+        text += f"; mixed / no adapters = {figures['mixed'] / figures['no adapters']:.2f}x"
+        data["mixed_over_none"] = round(figures["mixed"] / figures["no adapters"], 3)
+    run.figures.write(4, "lora_mixed_vs_grouped", text, model=family, case=case.key,
+                      grouped_over_mixed=round(figures["grouped"] / figures["mixed"], 3), max_diff_255=diff,
+                      weights=weights, **data)
+    if family == "sd21":
+        seconds = time_switches(dep, case, size, steps, folders, run.figures, 4, "eager", run.opts.smoke)
+        run.lora_eager_switch_s = median(seconds)
+
+
+def local_model_folder(source: str) -> str:
+    """The pipeline folder of ``source`` (a stand-in's, built on first use)."""
+    from deployments.sources import Source, local_path
+
+    return local_path(Source.parse(source))
+
+
+def time_switches(dep, case, size, steps: int, folders: dict[str, str], figures: Figures, phase: int,
+                  label: str, smoke: bool, reference_s: float | None = None) -> list[float]:
+    """The LORA_SWITCHES calls (SMOKE_SWITCHES of them with --smoke), one one-image job
+    each; a figure per call (a run killed mid-way keeps them), then their median, the
+    graphs Dynamo compiled meanwhile (a recompile; 0 eager) and the adapters copied into
+    slots."""
+    import torch._dynamo.utils as dynamo
+
+    switches = LORA_SWITCHES[:SMOKE_SWITCHES] if smoke else LORA_SWITCHES
+    graphs, swaps, seconds = dynamo.counters["stats"]["unique_graphs"], dep.loras.slots.swaps, []
+    for index, pairs in enumerate(switches):
+        took, made, _ = lora_call(dep, lora_jobs(case, size, steps, folders, [pairs], 100 + index))
+        if made != [1]:
+            raise RuntimeError(f"switch {index}: pipeline calls of {made} images, expected one of 1")
+        seconds.append(took)
+        compiled = dynamo.counters["stats"]["unique_graphs"] - graphs
+        figures.write(phase, "lora_switch", f"LoRA switch {index + 1}/{len(switches)}, {label}: "
+                      + " + ".join(f"{n}@{w:g}" for n, w in pairs) + f": {took:.3f} s, {compiled} graphs compiled so far",
+                      model=case.family, mode=label, index=index, adapters=[list(p) for p in pairs],
+                      seconds=round(took, 4), graphs_compiled=compiled)
+    compiled, copied = dynamo.counters["stats"]["unique_graphs"] - graphs, dep.loras.slots.swaps - swaps
+    text = (f"LoRA, {case.label}, {label}: {len(seconds)} adapter and weight switches, one image each: median "
+            f"{median(seconds):.3f} s a call ({min(seconds):.3f}-{max(seconds):.3f}); {compiled} graphs compiled "
+            f"during them{' (no recompile)' if compiled == 0 else ' -- RECOMPILED'}; {copied} adapters copied into slots")
+    data = {}
+    if reference_s is not None:
+        text += f"; eager {reference_s:.3f} s a call: {label} takes {median(seconds) / reference_s:.2f}x eager's time"
+        data["eager_median_s"] = round(reference_s, 4)
+    figures.write(phase, "lora_switches", text, model=case.family, case=case.key, mode=label,
+                  median_s=round(median(seconds), 4), seconds=[round(s, 4) for s in seconds], recompiles=compiled,
+                  swaps=copied, **data)
+    return seconds
+
+
+def lora_compiled(run: Run) -> None:
+    """Phase 5: the SD 2.1 LoRA replica compiled, in a process of its own killed at what is
+    left of the budget (its figures go to the same file): phase 4's adapters and weights."""
+    run.free()
+    if "sd21" not in run.loras:
+        raise RuntimeError("no LoRAs built: phase 4's SD 2.1 step did not run")
+    left = run.deadline - time.time()
+    if left < MIN_CAP_S:
+        run.figures.write(5, "compile", f"compiled LoRA replica: not started, {left:.0f} s left in the budget",
+                          variant="lora", status="no time")
+        return
+    source, weights = run.lora_sources["sd21"]
+    setup = {"source": source, "weights": weights, "folders": run.loras["sd21"],
+             "eager_s": run.lora_eager_switch_s, "deadline": time.time() + left}
+    argv = [sys.executable, "-m", "benchmarks.gpu_run", "--lora-compiled", json.dumps(setup),
+            "--figures", str(run.figures.path.resolve()), "--t0", repr(run.t0), "--repeats", str(run.opts.repeats),
+            "--built", json.dumps(run.sources.built)] + (["--smoke"] if run.opts.smoke else [])
+    run_capped(run.figures, "compiled LoRA replica", argv, left)
+
+
+def run_lora_compiled(opts) -> int:
+    """The compiled LoRA replica's own process: SD 2.1 with phase 4's adapters in slots,
+    compiled in LORA_COMPILE_MODE; the first call (an adapter: the graph with every slot on)
+    compiles; then LORA_SWITCHES, counting recompiles; then, if the cap leaves time for a
+    second compile, a call without adapters (the other graph: slots off)."""
+    from benchmarks import common
+    import deployments.runtime.loading as loading
+    from benchmarks.gpu import Sources, bench_device
+
+    setup = json.loads(opts.lora_compiled)
+    loading.COMPILE_OPTIONS = {**loading.COMPILE_OPTIONS, "mode": LORA_COMPILE_MODE}
+    device = bench_device(opts.smoke)
+    common.quiet()
+    figures = Figures(opts.figures, opts.t0)
+    case = lora_cases()["sd21"]
+    size = case.smoke_size if opts.smoke else case.size
+    steps = case.few_steps if opts.smoke else case.steps
+    folders = setup["folders"]
+    dep, load_s = load_lora_model("sd21", setup["source"], folders, True,
+                                  Sources(opts.smoke, device, built=json.loads(opts.built)))
+    compiled = device == "cuda"  # load_pipeline compiles on CUDA only
+    label = f"compiled (mode {LORA_COMPILE_MODE})" if compiled else "compile asked, eager on the CPU"
+    figures.write(5, "variant_loaded", f"LoRA replica, {case.label}, {label}: {setup['weights']} loaded with "
+                  f"{LORA_SLOTS} slots in {load_s:.1f} s", variant="lora", load_s=round(load_s, 1),
+                  options=loading.COMPILE_OPTIONS if compiled else None)
+    first, made, _ = lora_call(dep, lora_jobs(case, size, steps, folders, [(("a", 1.0),)], 99))
+    figures.write(5, "compile", f"LoRA replica, {case.label}, {label}: compile + first call (adapter a, "
+                  f"{steps} steps) {first:.1f} s", variant="lora", status="compiled",
+                  compile_and_first_call_s=round(first, 2))
+    time_switches(dep, case, size, steps, folders, figures, 5, label, opts.smoke, setup.get("eager_s"))
+    if time.time() + first + 10 < setup["deadline"]:
+        import torch._dynamo.utils as dynamo
+
+        graphs = dynamo.counters["stats"]["unique_graphs"]
+        took, _, _ = lora_call(dep, lora_jobs(case, size, steps, folders, [()], 200))
+        again, _, _ = lora_call(dep, lora_jobs(case, size, steps, folders, [()], 201))
+        figures.write(5, "lora_no_adapters", f"LoRA replica, {case.label}, {label}: the first call without "
+                      f"adapters (slots off: the second graph) {took:.1f} s, "
+                      f"{dynamo.counters['stats']['unique_graphs'] - graphs} graphs compiled; the next {again:.3f} s",
+                      variant="lora", first_s=round(took, 2), next_s=round(again, 4),
+                      graphs_compiled=dynamo.counters["stats"]["unique_graphs"] - graphs)
+    from benchmarks.gpu import free_model
+
     free_model(dep)
     return 0
 
@@ -629,11 +1007,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, default=ROOT / ".whl", help="the carried wheels")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results"))
     parser.add_argument("--smoke", action="store_true", help="the tiny models on the CPU: checks the run works")
-    # A compiled variant's own process (phase 4), started by the run.
+    parser.add_argument("--no-loras", action="store_true",
+                        help="leave out the LoRA figures (phase 4, and the compiled LoRA replica of phase 5): "
+                        "the SDXL variant of the replicas' compile options takes their time")
+    # A compiled variant's own process (phase 5), started by the run.
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--figures", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--t0", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--built", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-compiled", help=argparse.SUPPRESS)  # the compiled LoRA replica's process
     opts = parser.parse_args(argv)
     if opts.plan:
         steps = make_plan(opts)
@@ -641,6 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if sum(step.planned_s for step in steps) <= opts.budget else 1
     if opts.variant:
         return run_variant(opts)
+    if opts.lora_compiled:
+        return run_lora_compiled(opts)
 
     t0 = time.time()
     # --smoke runs where the project is installed: nothing to install.

@@ -97,9 +97,10 @@ def test_plan_prints_a_run_within_eight_minutes():
 
 def test_plan_runs_in_the_order_of_value(plan):
     """Memory and dtypes of every model first, then the headline and SDXL's batched rate,
-    the other models eager, the compiled variants last and capped."""
+    the other models eager, LoRA's mixed and grouped batches, the compiled variants last and
+    capped (the compiled LoRA replica with what is left)."""
     phases = [step.phase for step in plan]
-    assert phases == sorted(phases) and set(phases) == {0, 1, 2, 3, 4}
+    assert phases == sorted(phases) and set(phases) == {0, 1, 2, 3, 4, 5}
     memory = [step.title.split(":")[0] for step in plan if step.phase == 1]
     assert memory == ["sdxl", "sdxl-refiner", "sd21", "sd-x4-upscaler", "sd-x2-latent-upscaler", "esrgan"]
     headline = next(step for step in plan if step.phase == 2)
@@ -109,8 +110,24 @@ def test_plan_runs_in_the_order_of_value(plan):
     assert [t.split(",")[0] for t in phase3] == ["SD 2.1 768x768", "SDXL -> refiner: the refiner stage from 0.8",
                                                  "x4 upscaler from 512x768", "x2 latent upscaler from 1024x1024",
                                                  "ESRGAN x2 at 1024x1024"]
-    assert all(step.capped for step in plan if step.phase == 4)
-    assert not any(step.capped for step in plan if step.phase < 4)
+    loras = [step.title for step in plan if step.phase == 4]
+    assert [t.split(":")[0] for t in loras] == ["LoRA, SD 2.1 512x512, 20 steps", "LoRA, SDXL 1024x1024, 10 steps"]
+    assert all("mixed against grouped" in t for t in loras) and "12 adapter switches, eager" in loras[0]
+    compiled = [step.title for step in plan if step.phase == 5]
+    assert compiled[0].startswith("SDXL compiled, torch.compile mode default")
+    assert compiled[-1].startswith("LoRA, SD 2.1 512x512, 20 steps, compiled") and len(compiled) == 2
+    assert all(step.capped for step in plan if step.phase == 5)
+    assert not any(step.capped for step in plan if step.phase < 5)
+
+
+def test_without_loras_the_replicas_compile_options_take_their_time(gpu_run, plan):
+    """--no-loras: no phase 4, and the SDXL variant of the replicas' own compile options
+    comes back with the rest of the budget."""
+    bare = gpu_run.make_plan(argparse.Namespace(repeats=3, budget=gpu_run.BUDGET_S, no_loras=True))
+    assert {step.phase for step in bare} == {0, 1, 2, 3, 5}
+    assert [s.title for s in bare if s.phase < 4] == [s.title for s in plan if s.phase < 4]
+    assert [s.title.split(":")[0] for s in bare if s.phase == 5] == [v.label for v in gpu_run.VARIANTS]
+    assert sum(s.planned_s for s in bare) <= gpu_run.BUDGET_S
 
 
 def test_plan_prices_the_headline_at_the_published_h100_figure(gpu_run, plan):
@@ -151,7 +168,7 @@ def test_a_variant_over_its_cap_is_reported_without_waiting(gpu_run, tmp_path):
     assert gpu_run.run_capped(figures, "a slow compile", sleeper, cap_s=1.0) is False
     assert time.perf_counter() - start < 10
     (record,) = [json.loads(x) for x in figures.path.read_text().splitlines()]
-    assert record["status"] == "over cap" and record["cap_s"] == 1.0 and record["phase"] == 4
+    assert record["status"] == "over cap" and record["cap_s"] == 1.0 and record["phase"] == 5
     assert "over its cap" in record["text"]
     quick = [sys.executable, "-c", "pass"]
     assert gpu_run.run_capped(figures, "a quick one", quick, cap_s=30.0) is True
@@ -185,14 +202,15 @@ def test_gpu_run_smoke_streams_every_figure_in_order(tmp_path):
     """The whole run on the tiny models on CPU, with only what the GPU machine has and the
     wheels carry (no Ray: the deployments' stub stands in): every step done, in the plan's
     order, each figure a line of its own; the compiled variants in their own processes (on
-    the CPU they load without compiling: the path is what is checked)."""
+    the CPU they load without compiling: the path is what is checked); the LoRA figures on
+    random adapters built for the tiny UNets, mixed images equal to grouped ones."""
     python = device_like_python(tmp_path / "venv")
     for module, there in (("ray", False), ("fastapi", False), ("diffusers", True), ("pydantic", True)):
         found = subprocess.run([str(python), "-c", f"import {module}"], capture_output=True).returncode == 0
         assert found is there, module
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([str(python), "-m", "benchmarks.gpu_run", "--smoke", "--out", str(tmp_path)],
-                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=420)
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=540)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (path,) = tmp_path.glob("gpu-run-*-smoke.jsonl")
     records = [json.loads(line) for line in path.read_text().splitlines()]
@@ -202,7 +220,7 @@ def test_gpu_run_smoke_streams_every_figure_in_order(tmp_path):
     phases = [r["phase"] for r in records[3:-1]]
     assert phases == sorted(phases), phases
     steps = [r for r in records if r["figure"] == "step"]
-    assert len(steps) == 16 and all(r["status"] == "done" for r in steps), steps
+    assert len(steps) == 18 and all(r["status"] == "done" for r in steps), steps
     assert [r["step"] for r in steps] == [r["step"] for r in records[2]["steps"] if r["phase"]]
 
     memory = {r["model"]: r for r in records if r["figure"] == "peak_memory"}
@@ -219,9 +237,25 @@ def test_gpu_run_smoke_streams_every_figure_in_order(tmp_path):
     assert eager == ["sd21", "sdxl+refiner", "sdxl+refiner", "x4-upscaler", "x2-latent-upscaler", "esrgan"]
     chain = [r for r in latency if r["case"] == "sdxl+refiner" and "stages_s" in r]
     assert len(chain) == 1 and sum(chain[0]["stages_s"]) == pytest.approx(chain[0]["median_s"], abs=1e-3)
-    compiled = [r for r in records if r["phase"] == 4 and r["figure"] in ("compile", "latency")]
-    assert [(r["figure"], r.get("status")) for r in compiled] == [("compile", "compiled"), ("latency", None)] * 2
+    compiled = [r for r in records if r["phase"] == 5 and r["figure"] in ("compile", "latency")]
+    assert [(r["figure"], r.get("status")) for r in compiled] == [("compile", "compiled"), ("latency", None),
+                                                                  ("compile", "compiled")]
     assert all(len(r["seconds"]) == 3 and r["median_s"] > 0 for r in latency if "seconds" in r)
+
+    setup = {r["model"]: r for r in records if r["figure"] == "lora_setup"}
+    assert list(setup) == ["sd21", "sdxl"]
+    assert all(r["slot_rank"] == r["rank"] == 16 and r["layers"] > 0 and r["lora_mib"] > 0 for r in setup.values())
+    batches = [(r["model"], r["kind"], r["calls"]) for r in records if r["figure"] == "lora_batch"]
+    assert batches == [("sd21", "mixed", [4]), ("sd21", "grouped", [2, 2]), ("sd21", "no adapters", [4]),
+                       ("sdxl", "mixed", [4]), ("sdxl", "grouped", [2, 2])]
+    versus = [r for r in records if r["figure"] == "lora_mixed_vs_grouped"]
+    assert [r["model"] for r in versus] == ["sd21", "sdxl"]
+    assert all(r["max_diff_255"] <= 2 and r["grouped_over_mixed"] > 0 for r in versus), versus
+    switches = [r for r in records if r["figure"] == "lora_switches"]
+    assert [(r["phase"], r["mode"].split(",")[0]) for r in switches] == [(4, "eager"), (5, "compile asked")]
+    assert all(r["recompiles"] == 0 and r["swaps"] > 0 and len(r["seconds"]) == 5 for r in switches), switches
+    assert switches[1]["eager_median_s"] == switches[0]["median_s"]
+    assert len([r for r in records if r["figure"] == "lora_switch"]) == 10
 
 
 # ---------------------------------------------------------------------------------------
