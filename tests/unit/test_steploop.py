@@ -93,6 +93,53 @@ def test_another_shape_waits_at_most_the_bound_behind_a_stream_of_one_shape():
     assert sum(1 for job, at in steps.run_job.started if job.startswith("a") and at > started["b"]) >= 5
 
 
+def test_jobs_of_other_adapters_join_within_the_slots_and_the_others_wait_for_a_free_one():
+    steps = StepBatcher(FakeJobs(), 8, 10.0, max_adapters=2)
+
+    async def scenario():
+        def submit(name, *adapters, key="A"):
+            return asyncio.ensure_future(steps.submit("text_to_image", name, (), key, 1,
+                                                      adapters=frozenset(adapters)))
+
+        first = submit("a1", "a")
+        await asyncio.sleep(0.05)
+        # a1 runs (0.2 s); b joins (two slots), c waits, plain and ab join (no new adapter).
+        tasks = [first, submit("b", "b"), submit("c", "c"), submit("plain"), submit("ab", "a", "b")]
+        await asyncio.sleep(0.05)
+        in_flight = [entry.job for entry in steps.in_flight]
+        await asyncio.gather(*tasks)
+        return in_flight
+
+    assert asyncio.run(scenario()) == ["a1", "b", "plain", "ab"]
+    order = [job for job, _ in steps.run_job.started]
+    assert order[-1] == "c"  # once the jobs holding a slot drained
+
+
+def test_a_job_whose_adapters_do_not_fit_waits_at_most_the_bound_behind_a_stream_of_others():
+    steps = StepBatcher(FakeJobs(), 2, 0.3, max_adapters=1)
+
+    async def scenario():
+        def submit(name, *adapters):
+            return asyncio.ensure_future(steps.submit("text_to_image", name, (), "A", 1,
+                                                      adapters=frozenset(adapters)))
+
+        tasks = [submit("a0", "a")]
+        await asyncio.sleep(0.01)
+        submitted = time.monotonic()
+        tasks.append(submit("b", "b"))
+        for i in range(1, 20):  # jobs of adapter a keep coming, faster than jobs end
+            tasks.append(submit(f"a{i}", "a"))
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+        return submitted
+
+    submitted = asyncio.run(scenario())
+    started = dict(steps.run_job.started)
+    # Past 0.3 s no job of a joins; b starts once those in flight (0.2 s) end.
+    assert started["b"] - submitted < 0.3 + 0.2 + 0.2
+    assert sum(1 for job, at in steps.run_job.started if job.startswith("a") and at > started["b"]) >= 5
+
+
 def test_a_cancelled_queued_job_never_starts():
     steps = batcher(max_images=1)
 
@@ -412,7 +459,7 @@ def test_each_job_streams_its_own_previews(pair):
         assert partial[0][2].shape == (16, 16, 3)  # linear previews: one pixel a latent
 
 
-def test_jobs_with_other_adapters_never_share_a_call_and_keep_their_pixels():
+def test_jobs_with_other_adapters_share_calls_and_keep_their_pixels():
     from deployments.contract import LoraRef
 
     ink = (LoraRef("a", "tiny:lora/sd21/a", None, 1.0),)
@@ -427,11 +474,13 @@ def test_jobs_with_other_adapters_never_share_a_call_and_keep_their_pixels():
             tasks.append(asyncio.ensure_future(stepped.text_to_image(job)))
             await asyncio.sleep(0)
         await asyncio.sleep(0.01)
-        cohorts = [entry.job.seeds[0] for entry in stepped.batcher.in_flight]
-        return cohorts, await asyncio.gather(*tasks)
+        in_flight = [entry.job.seeds[0] for entry in stepped.batcher.in_flight]
+        return in_flight, await asyncio.gather(*tasks)
 
+    calls_before = stepped.steps.stats.unet_calls
     in_flight, got = asyncio.run(scenario())
-    assert in_flight == [21, 23]  # the adapter's cohort; the plain job waits for it to drain
+    assert in_flight == [21, 22, 23]  # the plain job joins the adapter's jobs: rows of one call
+    assert max(stepped.steps.stats.jobs[calls_before - stepped.steps.stats.unet_calls:]) == 3
     assert all(max_diff(want, have.output) <= 2 for want, have in zip(expected, got))
     assert np.abs(got[0].output.astype(int) - asyncio.run(
         stepped.text_to_image(t2i(21, 8, 7.5))).output.astype(int)).mean() > 1  # the adapter ran
