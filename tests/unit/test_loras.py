@@ -744,3 +744,20 @@ def test_the_config_fuses_adapters_and_requests_cannot_name_them(tiny_args):
     with pytest.raises(ConfigError, match="fused_loras"):
         bad = dict(tiny_args["models"][0], fused_loras=[{"name": "nope"}])
         load_app_config(dict(tiny_args, models=[bad] + tiny_args["models"][1:]))
+
+
+def test_the_config_sizes_the_slots_by_max_loras_per_request_unless_told(tiny_args):
+    from serve_app.config import ConfigError, load_app_config
+
+    def spec(**fields):
+        model = dict(tiny_args["models"][0], **fields)
+        config = load_app_config(dict(tiny_args, models=[model] + tiny_args["models"][1:]))
+        return config.model("stable-diffusion-2-1").pipeline_spec()
+
+    plain = spec()
+    assert plain.lora_slots == 2 and plain.lora_rank is None  # the tiny profile: 2 a request
+    told = spec(lora_slots=2, lora_rank=16, max_loras_per_request=1)
+    assert (told.lora_slots, told.lora_rank) == (2, 16)
+    for bad in ({"lora_slots": 1}, {"lora_slots": 3}):  # below a request's, above the loaded
+        with pytest.raises(ConfigError, match="lora_slots"):
+            spec(**bad)
