@@ -83,8 +83,8 @@ def _pipeline_calls(port: int, model: str = "stable-diffusion-2-1") -> float:
     exported figure has stopped moving for 3 s."""
     seen, deadline = [], time.monotonic() + 60
     while time.monotonic() < deadline:
-        seen.append(sum(float(line.split()[-1]) for line in metric_lines(scrape(port), "ray_serve_app_batch_images_count")
-                        if f'model="{model}"' in line))
+        lines = metric_lines(scrape(port), "ray_serve_app_batch_images_count")
+        seen.append(sum(float(line.split()[-1]) for line in lines if f'model="{model}"' in line))
         if len(seen) >= 4 and len(set(seen[-4:])) == 1:
             break
         time.sleep(1)
