@@ -78,6 +78,37 @@ def test_concurrent_requests_with_different_adapters_get_what_they_would_alone(h
     assert not np.array_equal(alone[1], alone[2])
 
 
+def _pipeline_calls(port: int, model: str = "stable-diffusion-2-1") -> float:
+    """Pipeline calls on ``model``'s replicas (the batch_images histogram's count), once the
+    exported figure has stopped moving for 3 s."""
+    seen, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lines = metric_lines(scrape(port), "ray_serve_app_batch_images_count")
+        seen.append(sum(float(line.split()[-1]) for line in lines if f'model="{model}"' in line))
+        if len(seen) >= 4 and len(set(seen[-4:])) == 1:
+            break
+        time.sleep(1)
+    return seen[-1]
+
+
+def test_concurrent_requests_of_mixed_adapters_share_calls_and_each_equals_it_alone(http, metrics_port):
+    # Two adapters (the SD 2.1 replica's two slots) at weights 1, 0.5 and 0, together, and
+    # requests without one: adapter sets do not split batches.
+    sets = [None, {"ink": 1.0}, {"pastel": 0.5}, {"ink": 1.0, "pastel": 0.5}, {"ink": 0.0}, None]
+    seeds = [11, 11, 11, 11, 11, 12]
+    alone = [generate(http, loras, seed=seed)[0] for loras, seed in zip(sets, seeds)]
+    assert np.array_equal(alone[4], alone[0])  # weight 0: the plain model
+    assert all(np.abs(alone[0] - image).mean() > 1.0 for image in alone[1:4])  # the adapters ran
+    before = _pipeline_calls(metrics_port)
+    with ThreadPoolExecutor(len(sets)) as pool:
+        together = list(pool.map(lambda args: generate(http, args[0], seed=args[1])[0], zip(sets, seeds)))
+    for loras, one, other in zip(sets, alone, together):
+        assert np.abs(one - other).max() <= 2, loras
+    after = _pipeline_calls(metrics_port)
+    # Fewer pipeline calls than requests: requests of different adapters shared calls.
+    assert 0 < after - before < len(sets), (before, after)
+
+
 def test_eviction_and_reload_give_the_same_pixels(http, metrics_port):
     # At most 2 adapters stay loaded on the SD 2.1 replica: a third evicts the least recent.
     first = generate(http, {"grain": 1.0}, seed=3)[0]

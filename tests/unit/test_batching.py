@@ -145,6 +145,73 @@ def test_errors_reach_every_caller_of_the_batch():
     assert all(isinstance(r, RuntimeError) for r in results)
 
 
+def adapter_batcher(max_adapters, max_images=8):
+    calls = []
+
+    def run_group(kind, entries):
+        calls.append([e.job.name for e in entries])
+        return [e.job.name for e in entries]
+
+    return Batcher(run_group, max_images, max_adapters=max_adapters), calls
+
+
+async def submit_with(batcher, name, *adapters, key="k"):
+    return await batcher.submit("t2i", Job(name), (), key, 1, adapters=frozenset(adapters))
+
+
+def test_jobs_of_different_adapters_share_a_call_within_the_adapter_slots():
+    batcher, calls = adapter_batcher(max_adapters=2)
+
+    async def main():
+        return await asyncio.gather(
+            submit_with(batcher, "a1", "a"), submit_with(batcher, "b", "b"), submit_with(batcher, "c", "c"),
+            submit_with(batcher, "plain"), submit_with(batcher, "a2", "a"),
+            submit_with(batcher, "ab", "a", "b"), submit_with(batcher, "cd", "c", "d"))
+
+    assert [r.output for r in asyncio.run(main())] == ["a1", "b", "c", "plain", "a2", "ab", "cd"]
+    # c waits while a and b hold both slots; jobs of a and b, and jobs of none, still join.
+    # Then c, and cd (c held: one more fits).
+    assert calls == [["a1", "b", "plain", "a2", "ab"], ["c", "cd"]]
+
+
+def test_without_an_adapter_bound_adapters_never_split_a_batch():
+    batcher, calls = adapter_batcher(max_adapters=None)
+
+    async def main():
+        await asyncio.gather(*(submit_with(batcher, name, name) for name in "abcde"))
+
+    asyncio.run(main())
+    assert calls == [list("abcde")]
+
+
+def test_a_job_whose_adapters_do_not_fit_beside_the_head_runs_in_the_next_call():
+    batcher, calls = adapter_batcher(max_adapters=2)
+
+    async def main():
+        await asyncio.gather(submit_with(batcher, "a", "a"), submit_with(batcher, "bc", "b", "c"),
+                             submit_with(batcher, "a2", "a"))
+
+    asyncio.run(main())
+    assert calls == [["a", "a2"], ["bc"]]
+
+
+def test_an_error_result_fails_its_own_job_and_the_others_get_theirs():
+    def run_group(kind, entries):
+        return [ValueError(f"{e.job.name}'s adapter") if e.job.name == "bad" else e.job.name
+                for e in entries]
+
+    batcher = Batcher(run_group, 4, max_adapters=3)
+
+    async def main():
+        return await asyncio.gather(submit_with(batcher, "a", "a"), submit_with(batcher, "bad", "x"),
+                                    submit_with(batcher, "plain"), return_exceptions=True)
+
+    a, bad, plain = asyncio.run(main())
+    assert (a.output, plain.output) == ("a", "plain")
+    assert isinstance(bad, ValueError) and str(bad) == "bad's adapter"
+    assert batcher.stats.batch_sizes == [3]
+
+
 def test_batch_cancelled_needs_every_token():
     class Entry:
         def __init__(self):

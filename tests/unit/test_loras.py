@@ -169,11 +169,14 @@ def test_adapter_names_peft_cannot_take_are_mapped():
     assert adapter_name("org/a.b") != adapter_name("org/a_b")
 
 
-def test_batch_key_is_the_adapter_set_in_any_order():
+def test_the_adapters_a_job_counts_against_the_slots_are_its_set_in_any_order_without_weights():
+    # What the batchers count against a replica's LoRA slots: weights are per row, so the
+    # same adapter at another weight takes no other slot; another file of a name does.
     a, b = ref("ink", weight=0.5), ref("pastel")
-    assert lora_batch_key([a, b]) == lora_batch_key([b, a])
-    assert lora_batch_key([a]) != lora_batch_key([ref("ink", weight=0.6)])
-    assert lora_batch_key([]) == ()
+    assert lora_identity([a, b]) == lora_identity([b, a])
+    assert lora_identity([a]) == lora_identity([ref("ink", weight=0.6)])
+    assert lora_identity([a]) != lora_identity([ref("ink", source="tiny:lora/sd21/other")])
+    assert len(lora_identity([a, b])) == 2 and lora_identity([]) == frozenset()
 
 
 # -- replicas ----------------------------------------------------------------------------
@@ -207,19 +210,23 @@ def test_concurrent_jobs_with_other_adapter_sets_get_what_they_get_alone(sd, alo
             "both": (ref("pastel", weight=-0.5), ref("ink", weight=0.7))}
     before = len(sd.batcher.stats.batch_sizes)
     outputs = gather(*(sd.text_to_image(t2i(sets[key])) for key in keys))
-    # One pipeline call per adapter set; the two "ink" jobs share one.
-    assert sorted(sd.batcher.stats.batch_sizes[before:]) == [1, 1, 1, 2]
+    # Adapters do not split batches: one pipeline call, each row with its job's adapters.
+    assert sd.batcher.stats.batch_sizes[before:] == [5]
     for key, output in zip(keys, outputs):
         assert close(output, alone[key]), key
-        if key != "ink":
-            assert close(output, alone[key]), key
 
 
 def test_two_adapters_at_once_with_weights(sd, alone):
     both = alone["both"]
     for other in ("none", "ink", "pastel"):
         assert differ(both, alone[other]), other
-    assert sorted(sd.pipe.get_list_adapters()["unet"]) == ["ink", "pastel"]
+    # The UNet holds its slots alone (the adapters' UNet parts are copied into them); the
+    # text encoder holds the adapters under their own names.
+    adapters = sd.pipe.get_list_adapters()
+    assert adapters["unet"] == [f"serve_app_slot_{i}" for i in range(sd.loras.slot_count)]
+    assert sorted(adapters["text_encoder"]) == ["ink", "pastel"]
+    keys = {sd.loras.loaded[name].key for name in ("ink", "pastel")}
+    assert keys <= set(sd.loras.slots.content)
     assert differ(run(sd.text_to_image(t2i([ref("ink", weight=0.7), ref("pastel", weight=0.5)]))), both)
 
 
@@ -236,9 +243,9 @@ def test_image_to_image_and_inpainting_run_the_adapter(sd, fresh):
     assert differ(painted[0], painted[1])
 
 
-def test_least_recently_used_adapter_is_evicted_and_reloaded(fresh, monkeypatch):
-    dep = StableDiffusionDeployment(sd_spec(max_loaded_loras=1))
-    events, deleted = [], []
+def test_least_recently_used_adapter_is_evicted_and_reloaded(fresh):
+    dep = StableDiffusionDeployment(sd_spec(max_loaded_loras=1, lora_slots=1))
+    events = []
 
     class Recorder:
         def on_lora_load(self, adapter):
@@ -248,13 +255,15 @@ def test_least_recently_used_adapter_is_evicted_and_reloaded(fresh, monkeypatch)
             events.append(("evict", adapter))
 
     dep.loras.metrics = Recorder()
-    real_delete = dep.pipe.delete_adapters
-    monkeypatch.setattr(dep.pipe, "delete_adapters", lambda names: (deleted.append(names), real_delete(names)))
     first = run(dep.text_to_image(t2i([ref("ink")])))
     run(dep.text_to_image(t2i([ref("pastel")])))
-    assert deleted == ["ink"] and dep.pipe.get_list_adapters()["unet"] == ["pastel"]
+    # ink is unloaded: gone from the text encoder and from the cache; its slot took pastel.
+    assert list(dep.loras.loaded) == ["pastel"]
+    assert dep.pipe.get_list_adapters()["text_encoder"] == ["pastel"]
+    assert dep.loras.slots.content == [dep.loras.loaded["pastel"].key]
     again = run(dep.text_to_image(t2i([ref("ink")])))
     assert close(again, first)
+    assert dep.loras.slots.swaps == 3
     assert dep.loras.loads == ["ink", "pastel", "ink"] and dep.loras.evictions == ["ink", "pastel"]
     assert events == [("load", "ink"), ("evict", "ink"), ("load", "pastel"), ("evict", "pastel"),
                       ("load", "ink")]
@@ -332,7 +341,12 @@ def configured(tmp_path_factory):
 def test_the_start_probe_loads_the_first_configured_adapter_and_leaves_the_model_as_loaded(
         configured, fresh):
     dep, _ = configured  # its start loaded ink and removed it again (before any job)
-    assert not any("lora" in name for name, _ in dep.pipe.unet.named_modules())
+    # What stays is the UNet's empty slots, made at start (requests may name adapters), on
+    # the configured adapters' layers at their rank; the probe's adapter is gone everywhere.
+    assert dep.pipe.get_list_adapters() == {"unet": [f"serve_app_slot_{i}" for i in range(3)]}
+    assert not any("lora" in name for name, _ in dep.pipe.text_encoder.named_modules())
+    assert dep.loras.slots.content == [None] * 3 and dep.loras.slots.rank == 4
+    assert all(".to_" in layer for layer in dep.loras.slots.layers)
     assert dep.loras.loaded == {} and dep.loras.loads == []
     assert close(run(dep.text_to_image(t2i())), fresh["sd21"])
 
@@ -362,8 +376,14 @@ def test_with_hub_loras_only_the_start_probe_is_a_zero_lora_of_every_loadable_mo
     modules = {key.split(".")[0] for key in state}
     assert modules == ({"unet", "text_encoder"} if family == "sd21" else {"unet", "text_encoder", "text_encoder_2"})
     assert all(not value.any() for key, value in state.items() if "lora_B" in key)
-    assert state.keys() == probe_state_dict(dep.pipe).keys()
-    assert not any("lora" in name for name, _ in dep.pipe.unet.named_modules())
+    plain = cls.pipeline_cls.from_pretrained(materialize_tiny(family), local_files_only=True)
+    assert state.keys() == probe_state_dict(plain).keys()
+    # The probe is gone; the UNet keeps its empty slots on the attention projections at the
+    # default rank (no adapter is configured to take them from).
+    from deployments.runtime.lora_slots import DEFAULT_SLOT_RANK
+
+    assert dep.pipe.get_list_adapters() == {"unet": [f"serve_app_slot_{i}" for i in range(3)]}
+    assert dep.loras.slots.rank == DEFAULT_SLOT_RANK
     assert close(run(dep.text_to_image(t2i())), fresh[family])
 
 
@@ -456,14 +476,15 @@ async def until(condition, timeout=30.0):
 
 
 def loads_seen(dep, monkeypatch):
-    """Record (thread, source, weight_name) of each load_lora_weights of ``dep``."""
-    seen, real = [], dep.pipe.load_lora_weights
+    """Record (thread, source, weight_name) of each adapter file ``dep``'s pipeline reads
+    (``lora_state_dict``: what a load reads before copying into slots and text encoders)."""
+    seen, real = [], dep.pipe.lora_state_dict
 
     def load(source, **kw):
         seen.append((threading.current_thread().name, str(source), kw.get("weight_name")))
         return real(source, **kw)
 
-    monkeypatch.setattr(dep.pipe, "load_lora_weights", load)
+    monkeypatch.setattr(dep.pipe, "lora_state_dict", load)
     return seen
 
 
@@ -622,8 +643,11 @@ def test_an_adapter_the_config_names_on_the_hub_is_not_bounded_and_downloads_as_
     loads = loads_seen(dep, monkeypatch)
     assert close(run(dep.text_to_image(t2i([big]))), alone["ink"])
     assert fake.infos == []  # named with its file: no listing, works offline from the cache
-    assert [d[:2] for d in fake.downloads] == [("someone/big", "big.safetensors")] * 2
+    # At start (the probe, the slots' layers and rank), then the request's fetch, on the
+    # download threads: each the named file, from the cache once downloaded.
+    assert {d[:2] for d in fake.downloads} == {("someone/big", "big.safetensors")}
     assert fake.downloads[-1][3].startswith("sd-lora-download")
+    assert not any(d[3].startswith("sd-pipeline") for d in fake.downloads)
     assert loads == [(loads[0][0], str(tmp_path / "someone/big/main"), "big.safetensors")]
 
 
@@ -661,9 +685,9 @@ def test_a_replica_without_adapters_rejects_jobs_with_them():
     dep = PipelineDeployment.__new__(PipelineDeployment)
     dep.spec, dep.loras = sd_spec(), None
     with pytest.raises(InvalidJobError) as info:
-        dep._lora_key(t2i([ref("ink")]))
+        dep._check_loras(t2i([ref("ink")]))
     assert info.value.param == "loras"
-    assert dep._lora_key(t2i()) == ()
+    assert dep._check_loras(t2i()) == frozenset()
 
 
 def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
@@ -720,3 +744,20 @@ def test_the_config_fuses_adapters_and_requests_cannot_name_them(tiny_args):
     with pytest.raises(ConfigError, match="fused_loras"):
         bad = dict(tiny_args["models"][0], fused_loras=[{"name": "nope"}])
         load_app_config(dict(tiny_args, models=[bad] + tiny_args["models"][1:]))
+
+
+def test_the_config_sizes_the_slots_by_max_loras_per_request_unless_told(tiny_args):
+    from serve_app.config import ConfigError, load_app_config
+
+    def spec(**fields):
+        model = dict(tiny_args["models"][0], **fields)
+        config = load_app_config(dict(tiny_args, models=[model] + tiny_args["models"][1:]))
+        return config.model("stable-diffusion-2-1").pipeline_spec()
+
+    plain = spec()
+    assert plain.lora_slots == 2 and plain.lora_rank is None  # the tiny profile: 2 a request
+    told = spec(lora_slots=2, lora_rank=16, max_loras_per_request=1)
+    assert (told.lora_slots, told.lora_rank) == (2, 16)
+    for bad in ({"lora_slots": 1}, {"lora_slots": 3}):  # below a request's, above the loaded
+        with pytest.raises(ConfigError, match="lora_slots"):
+            spec(**bad)

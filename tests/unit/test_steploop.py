@@ -93,6 +93,53 @@ def test_another_shape_waits_at_most_the_bound_behind_a_stream_of_one_shape():
     assert sum(1 for job, at in steps.run_job.started if job.startswith("a") and at > started["b"]) >= 5
 
 
+def test_jobs_of_other_adapters_join_within_the_slots_and_the_others_wait_for_a_free_one():
+    steps = StepBatcher(FakeJobs(), 8, 10.0, max_adapters=2)
+
+    async def scenario():
+        def submit(name, *adapters, key="A"):
+            return asyncio.ensure_future(steps.submit("text_to_image", name, (), key, 1,
+                                                      adapters=frozenset(adapters)))
+
+        first = submit("a1", "a")
+        await asyncio.sleep(0.05)
+        # a1 runs (0.2 s); b joins (two slots), c waits, plain and ab join (no new adapter).
+        tasks = [first, submit("b", "b"), submit("c", "c"), submit("plain"), submit("ab", "a", "b")]
+        await asyncio.sleep(0.05)
+        in_flight = [entry.job for entry in steps.in_flight]
+        await asyncio.gather(*tasks)
+        return in_flight
+
+    assert asyncio.run(scenario()) == ["a1", "b", "plain", "ab"]
+    order = [job for job, _ in steps.run_job.started]
+    assert order[-1] == "c"  # once the jobs holding a slot drained
+
+
+def test_a_job_whose_adapters_do_not_fit_waits_at_most_the_bound_behind_a_stream_of_others():
+    steps = StepBatcher(FakeJobs(), 2, 0.3, max_adapters=1)
+
+    async def scenario():
+        def submit(name, *adapters):
+            return asyncio.ensure_future(steps.submit("text_to_image", name, (), "A", 1,
+                                                      adapters=frozenset(adapters)))
+
+        tasks = [submit("a0", "a")]
+        await asyncio.sleep(0.01)
+        submitted = time.monotonic()
+        tasks.append(submit("b", "b"))
+        for i in range(1, 20):  # jobs of adapter a keep coming, faster than jobs end
+            tasks.append(submit(f"a{i}", "a"))
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*tasks)
+        return submitted
+
+    submitted = asyncio.run(scenario())
+    started = dict(steps.run_job.started)
+    # Past 0.3 s no job of a joins; b starts once those in flight (0.2 s) end.
+    assert started["b"] - submitted < 0.3 + 0.2 + 0.2
+    assert sum(1 for job, at in steps.run_job.started if job.startswith("a") and at > started["b"]) >= 5
+
+
 def test_a_cancelled_queued_job_never_starts():
     steps = batcher(max_images=1)
 
