@@ -308,6 +308,8 @@ class LoraCache:
         for ref in spec.loras:
             try:
                 source, weight_name = lora_files(ref)
+                if ref.source.kind in (HUB, HUB_FILE):  # its first request loads this file
+                    self.fetched[(str(ref.source), ref.weight_name)] = str(Path(source) / weight_name)
                 state, alphas, metadata = self.pipe.lora_state_dict(
                     source, weight_name=weight_name, return_lora_metadata=True,
                     unet_config=self._unet_config())
