@@ -105,23 +105,45 @@ def test_lora_adapters_load_at_start_and_switch_in_fp16_on_cuda(family):
     assert np.abs(generate(dep, [lora("ink", family, 0.5)]) - inked).mean() > 0.5
 
 
-def test_a_compiled_replica_switches_adapters_as_an_eager_one_does(monkeypatch):
+def test_a_compiled_replica_switches_adapters_without_recompiling_as_an_eager_one_does(monkeypatch):
     import deployments.runtime.loading as loading
+    from torch._dynamo.utils import counters
     from deployments.pipelines.stable_diffusion import StableDiffusionDeployment
 
-    # The replica's own path (compile in place at load, hotswap prepared by the cache); the
+    # The replica's own path (compiled in place at load, LoRA slots added after); the
     # default mode compiles in seconds where max-autotune takes minutes, through the same
-    # Dynamo graph and guards.
+    # Dynamo graphs and guards. Two slots for three adapters: switches copy into slots.
     monkeypatch.setattr(loading, "COMPILE_OPTIONS", {**loading.COMPILE_OPTIONS, "mode": "default"})
-    compiled = StableDiffusionDeployment(spec(compile=True, loras=(lora("ink"), lora("pastel"))))
-    eager = StableDiffusionDeployment(spec(loras=(lora("ink"), lora("pastel"))))
-    assert compiled.pipe.unet._prepare_lora_hotswap_kwargs is not None
-    sets = [(), (lora("ink"),), (lora("pastel"),), (lora("ink", weight=0.7), lora("pastel", weight=-0.5)), ()]
+    adapters = (lora("ink"), lora("pastel"), lora("grain"))
+    torch._dynamo.reset()
+    compiled = StableDiffusionDeployment(spec(compile=True, lora_slots=2, loras=adapters))
+    eager = StableDiffusionDeployment(spec(lora_slots=2, loras=adapters))
+    assert compiled.pipe.unet._compiled_call_impl is not None and compiled.loras.slots.compiled
+    # Warm-up: the two graphs of a compiled UNet (every slot on, none on).
+    generate(compiled, steps=2), generate(compiled, [lora("ink")], steps=2)
+    graphs = counters["stats"]["unique_graphs"]
+    sets = [(), (lora("ink"),), (lora("pastel"),), (lora("ink", weight=0.7), lora("pastel", weight=-0.5)), (),
+            (lora("grain"),), (lora("ink", weight=0.0),), (lora("grain", weight=-1.0), lora("ink", weight=0.5)),
+            (lora("pastel", weight=0.5),), (lora("ink"),), ()]
     images = []
-    for loras in sets:
-        fast, slow = generate(compiled, loras, steps=2), generate(eager, loras, steps=2)
-        assert np.abs(fast - slow).mean() < 1.0, [r.name for r in loras]
-        images.append(fast)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for loras in sets:
+            fast, slow = generate(compiled, loras, steps=2), generate(eager, loras, steps=2)
+            assert np.abs(fast - slow).mean() < 1.0, [(r.name, r.weight) for r in loras]
+            images.append(fast)
+        # Jobs of different adapters in one call.
+        async def mixed(dep):
+            from deployments.contract import TextToImageJob
+
+            jobs = [TextToImageJob("a red fox", None, 256, 256, 2, 7.5, (seed,), loras=tuple(loras))
+                    for seed, loras in ((3, [lora("ink")]), (4, []), (5, [lora("grain", weight=0.5)]))]
+            return await asyncio.gather(*(dep.text_to_image(job) for job in jobs))
+
+        for fast, slow in zip(asyncio.run(mixed(compiled)), asyncio.run(mixed(eager))):
+            assert np.abs(fast.output.astype(int) - slow.output.astype(int)).mean() < 1.0
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompile across the switches
+    assert compiled.loras.slots.swaps >= 3 and compiled.loras.evictions == []
     # Each set gave its own picture; no adapters twice gave the same one.
     assert all(np.abs(images[i] - images[i + 1]).mean() > 1.0 for i in range(3))
     assert np.abs(images[0] - images[4]).mean() < 1.0
+    assert np.abs(images[0] - images[6]).mean() < 1.0  # weight 0: the plain model

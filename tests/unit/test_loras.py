@@ -690,38 +690,6 @@ def test_a_replica_without_adapters_rejects_jobs_with_them():
     assert dep._check_loras(t2i()) == frozenset()
 
 
-def test_hotswap_preparation_for_compiled_replicas_keeps_the_pixels(alone):
-    # On CUDA with compile, the cache calls enable_lora_hotswap before the first load (it
-    # pads that adapter's rank and makes its scalings tensors); the same path on CPU here.
-    dep = StableDiffusionDeployment(sd_spec())
-    dep.loras = LoraCache(dep.pipe, sd_spec(compile=True), device="cuda")
-    assert dep.pipe.unet._prepare_lora_hotswap_kwargs is not None
-    assert close(run(dep.text_to_image(t2i([ref("ink")]))), alone["ink"])
-    assert close(run(dep.text_to_image(t2i([ref("ink", weight=0.7), ref("pastel", weight=-0.5)]))),
-                 alone["both"])
-    assert close(run(dep.text_to_image(t2i())), alone["none"])
-
-
-def test_adapters_switch_on_a_unet_compiled_in_place_as_load_pipeline_compiles_it():
-    from deployments.runtime.loading import COMPILE_OPTIONS
-
-    # load_pipeline probes on the device, then compiles the UNet in place (on CUDA); the
-    # cache then prepares hotswap. torch.compile is lazy: nothing compiles here, but every
-    # switch must reach the UNet's LoRA layers (diffusers skips a torch.compile() wrapper).
-    dep = StableDiffusionDeployment(sd_spec(loras=(ref("grain"),)))
-    dep.pipe.unet.compile(**COMPILE_OPTIONS)
-    cache = LoraCache(dep.pipe, sd_spec(compile=True), device="cuda")
-    assert dep.pipe.unet._prepare_lora_hotswap_kwargs is not None
-    cache.use([ref("ink"), ref("pastel", weight=0.5)])
-    layers = [m for m in dep.pipe.unet.modules() if hasattr(m, "scaling") and "ink" in m.scaling]
-    assert layers and all(not m.disable_adapters and sorted(m.active_adapters) == ["ink", "pastel"]
-                          for m in layers)
-    cache.use([ref("ink")])
-    assert all(m.active_adapters == ["ink"] for m in layers)
-    cache.use([])
-    assert all(m.disable_adapters for m in layers)
-
-
 def test_a_fixed_adapter_set_fused_into_the_weights_runs_without_lora_layers(alone):
     fused = StableDiffusionDeployment(sd_spec(fused_loras=(ref("ink", weight=0.7), ref("pastel", weight=-0.5))))
     # No LoRA layers left: every step runs at the plain model's cost.
