@@ -440,8 +440,8 @@ def count_unet_flops(family: str, width: int, height: int) -> int:
         context = torch.zeros(1, ENCODER_TOKENS, config["cross_attention_dim"])
         extra = {}
         if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text, size ids
-            extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]),
-                                          "time_ids": torch.zeros(1, 6)}
+            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             unet(sample, torch.tensor(999), encoder_hidden_states=context, **extra)
     return counter.get_total_flops()
