@@ -39,11 +39,27 @@ end-to-end latency. The figures, with their sources:
 Where nothing is published (the SDXL refiner, the x2 latent upscaler, Real-ESRGAN, the
 safety checker) the entry says what it assumes; these are estimates, not fits.
 
+**LoRA rows.** The SD 2.1 and SDXL UNets are the real ``UNet2DConditionModel`` built from
+the real config on PyTorch's ``meta`` device (no memory, no compute), so a replica's
+``LoraCache`` puts its slots in it with peft exactly as on a GPU, and copies adapters into
+them; the sim's adapters (``sim:lora/<family>/r<rank>[-<label>]``) are state dicts of meta
+tensors at the real layers' shapes (the attention projections, as diffusers' training
+scripts target) that ``pipe.lora_state_dict`` returns. A UNet call then costs, besides the
+base model's time, every active slot's LoRA terms for every row (a row that does not use a
+slot still multiplies by it, at weight 0): ``2 x (lora_A + lora_B weights)`` multiply-adds
+a token per layer, times the layer's tokens (its block's latent positions; the encoder's 77
+for cross-attention keys and values), charged at the base UNet's own rate: its per-image
+step time over its FLOPs per row at the reference size (``unet_flops_per_row``, counted with
+``torch.utils.flop_counter`` on the real config, meta device: :func:`count_unet_flops`).
+FLOPs at the base model's efficiency: on a GPU, LoRA's thin matmuls run below it (kernel
+launches, memory-bound), so this is the lower bound of their cost.
+
 One module, over 400 lines: the cost model's table and its sources make up most of it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -73,6 +89,9 @@ class CostModel:
     # Pixels the denoiser runs at, per output pixel: 1 for SD/SDXL; 1/16 for the x4
     # upscaler (it denoises the input); 1/4 for the x2 latent upscaler.
     denoise_scale: float = 1.0
+    # The UNet's FLOPs for one row at reference_pixels (the families that take LoRAs): the
+    # rate LoRA terms are charged at (lora_s).
+    unet_flops_per_row: float = 0.0
 
     def step_s(self, images: int, pixels: int) -> float:
         ms = self.step_fixed_ms + self.step_per_image_ms * images * pixels / self.reference_pixels
@@ -82,6 +101,14 @@ class CostModel:
         """One UNet call of ``rows`` rows: a guided image is two rows (``step_s`` counts
         guidance in), so the fixed part is paid once a call, the rest by rows."""
         return self.step_s(rows / 2, pixels)
+
+    def lora_s(self, rows: int, flops_per_row: float) -> float:
+        """LoRA terms of one UNet call: ``rows`` rows of ``flops_per_row`` each, at the base
+        UNet's own rate (its per-image step time over its FLOPs per image, two rows, at the
+        reference size)."""
+        if not flops_per_row:
+            return 0.0
+        return rows * flops_per_row * self.step_per_image_ms / (2 * self.unet_flops_per_row) / 1000
 
     def decode_s(self, images: int, pixels: int) -> float:
         return self.decode_ms_per_mp * images * pixels / MP / 1000
@@ -128,13 +155,20 @@ _SD21_STEP = (_sd15_fixed * _sd21_scale, _sd15_per_image * _SD21_PIXELS / (512 *
 _X4_PER_IMAGE = (7950 - 3330) / 75 / (256 * 256 - 128 * 128) * (256 * 256)  # ms at 256x256 in
 _X4_FIXED = 3330 / 75 - _X4_PER_IMAGE * (128 * 128) / (256 * 256)
 
+# One UNet row's FLOPs at the reference size: count_unet_flops("sdxl", 1024, 1024) and
+# count_unet_flops("sd21", 768, 768) (torch 2.14, diffusers 0.42; the real configs).
+SDXL_UNET_FLOPS = 6.76123639808e12
+SD21_UNET_FLOPS = 2.14910574592e12
+
 COSTS: dict[str, CostModel] = {
-    "sdxl": CostModel(*_SDXL_STEP, MP, SDXL_TEXT_MS, SDXL_DECODE_MS_PER_MP),
+    "sdxl": CostModel(*_SDXL_STEP, MP, SDXL_TEXT_MS, SDXL_DECODE_MS_PER_MP,
+                      unet_flops_per_row=SDXL_UNET_FLOPS),
     # Assumed: the refiner's UNet (2.3B parameters) costs the base's (2.6B) per step in
     # proportion; one text encoder of the base's two. Nothing published.
     "sdxl-refiner": CostModel(_SDXL_STEP[0] * 2.3 / 2.6, _SDXL_STEP[1] * 2.3 / 2.6, MP,
                               SDXL_TEXT_MS / 2, SDXL_DECODE_MS_PER_MP),
-    "sd21": CostModel(*_SD21_STEP, _SD21_PIXELS, SDXL_TEXT_MS, SDXL_DECODE_MS_PER_MP),
+    "sd21": CostModel(*_SD21_STEP, _SD21_PIXELS, SDXL_TEXT_MS, SDXL_DECODE_MS_PER_MP,
+                      unet_flops_per_row=SD21_UNET_FLOPS),
     # Assumed: the x2 latent upscaler's UNet costs SD 2.1's per step at its working size
     # (latents at twice the input's size, i.e. the output's); nothing published.
     "sd-x2-latent-upscaler": CostModel(*_SD21_STEP, _SD21_PIXELS, SDXL_TEXT_MS,
@@ -260,20 +294,157 @@ class _SimDevice:
         return deadline
 
 
-class _SimUNet:
-    """The UNet: its real config, and a call that sleeps for its rows and size."""
+def _unet_call(unet, sample, return_dict: bool):
+    """A UNet call on the simulated accelerator: sleep for its rows and size (and its LoRA
+    terms), and return its input as the prediction: no tensor work (CPU threads spinning
+    after a parallel op would take the CPU that the serving layer is measured on)."""
+    rows, _, height, width = sample.shape
+    pixels = int(height * width * unet.vae_scale_factor ** 2 * unet.cost.denoise_scale)
+    seconds = unet.cost.unet_s(rows, pixels) + unet.cost.lora_s(rows, unet.lora_flops_per_row(height, width))
+    unet.clock.sleep(seconds, time.perf_counter())
+    return (sample,) if not return_dict else SimpleNamespace(sample=sample)
 
-    def __init__(self, family: str, device: _SimDevice, vae_scale_factor: int):
+
+class _SimUNet:
+    """The UNet of a family that takes no LoRA: its real config, and a call that sleeps for
+    its rows and size."""
+
+    def __init__(self, family: str, clock: _SimDevice, vae_scale_factor: int):
         self.config = _Config(_real_config(family, "unet/config.json"))
-        self.cost, self.device, self.vae_scale_factor = COSTS[family], device, vae_scale_factor
+        self.cost, self.clock, self.vae_scale_factor = COSTS[family], clock, vae_scale_factor
+
+    def lora_flops_per_row(self, height: int, width: int) -> float:
+        return 0.0
 
     def __call__(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
-        rows, _, height, width = sample.shape
-        pixels = int(height * width * self.vae_scale_factor ** 2 * self.cost.denoise_scale)
-        self.device.sleep(self.cost.unet_s(rows, pixels), time.perf_counter())
-        # Its input back, as the prediction: no tensor work (CPU threads spinning after a
-        # parallel op would take the CPU that the serving layer is measured on).
-        return (sample,) if not return_dict else SimpleNamespace(sample=sample)
+        return _unet_call(self, sample, return_dict)
+
+
+# Tokens of the text encoders' output (CLIP's 77): what cross-attention keys and values take.
+ENCODER_TOKENS = 77
+_BLOCK = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.")
+
+
+def layer_tokens(path: str, blocks: int, height: int, width: int) -> int:
+    """Tokens a UNet layer at ``path`` takes per row for latents of ``height`` x ``width``:
+    its block's positions (down block ``i`` at 1/2^i of the latents, up block ``i`` at
+    1/2^(blocks-1-i), the middle block at the smallest), the encoder's tokens for
+    cross-attention keys and values, one for the time and added embeddings. (A down
+    block's downsampler runs at the next level: counted at its block's, an overestimate.)"""
+    if path.endswith((".attn2.to_k", ".attn2.to_v")):
+        return ENCODER_TOKENS
+    match = _BLOCK.match(path)
+    if match:
+        index = int(match.group(2))
+        level = index if match.group(1) == "down_blocks" else blocks - 1 - index
+    elif path.startswith("mid_block."):
+        level = blocks - 1
+    else:
+        return 1
+    return -(-height // 2 ** level) * -(-width // 2 ** level)
+
+
+def lora_flops_per_row(unet, height: int, width: int) -> float:
+    """FLOPs of ``unet``'s active LoRA terms for one row of ``height`` x ``width`` latents:
+    per layer and active adapter, 2 x (lora_A + lora_B weights) per token (the weights'
+    numbers are the multiply-adds a token: rank x (in + out) for a linear layer) times
+    the layer's tokens (:func:`layer_tokens`). 0 with adapters off. Any
+    ``UNet2DConditionModel`` with peft LoRA layers."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(path, module) for path, module in unet.named_modules() if isinstance(module, LoraLayer)]
+    if not layers or layers[0][1].disable_adapters:
+        return 0.0
+    blocks = len(unet.config.block_out_channels)
+    total = 0
+    for path, layer in layers:
+        for name in layer.active_adapters:
+            if name in layer.lora_A:
+                weights = layer.lora_A[name].weight.numel() + layer.lora_B[name].weight.numel()
+                total += 2 * weights * layer_tokens(path, blocks, height, width)
+    return float(total)
+
+
+@lru_cache(maxsize=1)
+def _lora_unet_class():
+    """The real UNet class with the simulated call (built on first use: diffusers' import)."""
+    from diffusers import UNet2DConditionModel
+
+    class SimLoraUNet(UNet2DConditionModel):
+        """The family's real UNet on the ``meta`` device (its modules and shapes, no memory),
+        so that peft adds LoRA slots to it and copies adapters into them as on a GPU; its
+        call sleeps for its rows, its size and its active LoRA terms."""
+
+        def setup(self, family: str, clock: _SimDevice, vae_scale_factor: int) -> None:
+            self.cost, self.clock, self.vae_scale_factor = COSTS[family], clock, vae_scale_factor
+            self._lora_layers: list | None = None
+            self._lora_flops: dict = {}
+
+        def add_adapter(self, adapter_config, adapter_name: str = "default") -> None:
+            """diffusers' ``add_adapter`` on the meta device (peft puts a model's second
+            adapter where it creates it), then the adapter's scalings as CPU tensors: peft
+            made them floats, a hot-swap reads the old one (``.item()``), and a meta tensor
+            cannot be read (peft's compiled hot-swap preparation keeps tensors as they are)."""
+            import torch
+            from peft.tuners.lora import LoraLayer
+
+            with torch.device("meta"):
+                super().add_adapter(adapter_config, adapter_name=adapter_name)
+            for module in self.modules():
+                if isinstance(module, LoraLayer) and adapter_name in module.scaling:
+                    module.scaling[adapter_name] = torch.tensor(float(module.scaling[adapter_name]))
+
+        def lora_flops_per_row(self, height: int, width: int) -> float:
+            from peft.tuners.lora import LoraLayer
+
+            if not self._lora_layers:  # the slots are added once, at start or the first adapter
+                self._lora_layers = [module for module in self.modules() if isinstance(module, LoraLayer)]
+                if not self._lora_layers:
+                    return 0.0
+            first = self._lora_layers[0]  # every slot is on the same layers, switched together
+            state = (first.disable_adapters, tuple(first.active_adapters), height, width)
+            if state not in self._lora_flops:
+                self._lora_flops[state] = lora_flops_per_row(self, height, width)
+            return self._lora_flops[state]
+
+        def forward(self, sample, timestep, encoder_hidden_states=None, return_dict=True, **kwargs):
+            return _unet_call(self, sample, return_dict)
+
+    return SimLoraUNet
+
+
+def _meta_unet(family: str, clock: _SimDevice, vae_scale_factor: int):
+    """The family's real UNet, on the meta device, with the simulated call."""
+    import torch
+
+    with torch.device("meta"):
+        unet = _lora_unet_class().from_config(_real_config(family, "unet/config.json"))
+    unet.requires_grad_(False)
+    unet.setup(family, clock, vae_scale_factor)
+    return unet
+
+
+def count_unet_flops(family: str, width: int, height: int) -> int:
+    """FLOPs of one row (one image, unguided) of ``family``'s real UNet at ``width`` x
+    ``height`` pixels, counted by ``torch.utils.flop_counter`` on the meta device (tens of
+    seconds on a CPU): what ``unet_flops_per_row`` in COSTS was set from."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = _real_config(family, "unet/config.json")
+    scale = 2 ** (len(_real_config(family, "vae/config.json")["block_out_channels"]) - 1)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        sample = torch.zeros(1, config["in_channels"], height // scale, width // scale)
+        context = torch.zeros(1, ENCODER_TOKENS, config["cross_attention_dim"])
+        extra = {}
+        if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text, size ids
+            pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+            extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(1, pooled), "time_ids": torch.zeros(1, 6)}
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(sample, torch.tensor(999), encoder_hidden_states=context, **extra)
+    return counter.get_total_flops()
 
 
 class _SimVAE:
@@ -308,13 +479,15 @@ class SimPipeline:
         vae = _real_config(family, "vae/config.json")
         self.vae_scale_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
         self.device = _SimDevice()
-        self.unet = _SimUNet(family, self.device, self.vae_scale_factor)
+        if FAMILIES[family].takes_loras:
+            self.unet = _meta_unet(family, self.device, self.vae_scale_factor)
+        else:
+            self.unet = _SimUNet(family, self.device, self.vae_scale_factor)
         self.vae = _SimVAE(family, vae, self.device, self.vae_scale_factor)
         self.latent_channels = vae.get("latent_channels", 4)
         self.image_processor = SimpleNamespace(config=_Config(vae_scale_factor=self.vae_scale_factor))
         self.num_timesteps = 0
         self.scale = FAMILIES[family].upscale_factor or 1  # spandrel's attribute (ESRGAN)
-        self._adapters: set[str] = set()
 
     @property
     def charged_s(self) -> float:
@@ -330,21 +503,11 @@ class SimPipeline:
     def eval(self):
         return self
 
-    # LoRA adapters: recorded, costing nothing.
-    def load_lora_weights(self, source, weight_name=None, adapter_name=None, **kwargs) -> None:
-        self._adapters.add(adapter_name)
-
-    def get_list_adapters(self) -> dict[str, list[str]]:
-        return {"unet": sorted(self._adapters)}
-
-    def delete_adapters(self, names) -> None:
-        self._adapters -= {names} if isinstance(names, str) else set(names)
-
-    def set_adapters(self, *args, **kwargs) -> None:
-        pass
-
-    enable_lora = disable_lora = enable_lora_hotswap = unload_lora_weights = set_adapters
-    fuse_lora = set_adapters
+    def lora_state_dict(self, source, weight_name=None, return_lora_metadata=False, **kwargs):
+        """A sim adapter as diffusers' ``lora_state_dict`` returns a file's: (state dict,
+        network alphas[, metadata]); see :func:`sim_lora_state`."""
+        state = sim_lora_state(self.family, self.unet, str(source))
+        return (state, None, None) if return_lora_metadata else (state, None)
 
     def _sleep(self, seconds: float, deadline: float) -> float:
         return self.device.sleep(seconds, deadline)
@@ -425,6 +588,32 @@ class SimPipeline:
         return images, [False] * count
 
 
+_SIM_LORA = re.compile(r"^sim:lora/(?P<family>[^/]+)/r(?P<rank>[0-9]+)(-[A-Za-z0-9_-]+)?$")
+
+
+def sim_lora_state(family: str, unet: Any, source: str) -> dict:
+    """The UNet LoRA ``sim:lora/<family>/r<rank>[-<label>]`` in peft's keys (``unet.<layer>.
+    lora_A.weight``): meta tensors of rank ``rank`` on every attention projection of
+    ``unet`` (a meta UNet: the shapes are the real model's)."""
+    import torch
+
+    from deployments.runtime.lora_slots import ATTENTION_LAYERS  # the layers slots cover by default
+
+    match = _SIM_LORA.match(source)
+    if match is None:
+        raise ValueError(f"{source!r}: a simulated LoRA is 'sim:lora/<family>/r<rank>[-<label>]'")
+    if match.group("family") != family:
+        raise ValueError(f"{source!r}: size mismatch: a LoRA of {match.group('family')}, not of {family}")
+    rank = int(match.group("rank"))
+    state = {}
+    for path, module in unet.named_modules():
+        layer = getattr(module, "base_layer", module)  # a layer peft has wrapped already
+        if path.endswith(ATTENTION_LAYERS) and isinstance(layer, torch.nn.Linear):
+            state[f"unet.{path}.lora_A.weight"] = torch.empty(rank, layer.in_features, device="meta")
+            state[f"unet.{path}.lora_B.weight"] = torch.empty(layer.out_features, rank, device="meta")
+    return state
+
+
 def load_sim(family: str) -> SimPipeline:
     """The simulated pipeline of ``family`` (``sim:<family>``)."""
     if family not in COSTS:
@@ -436,6 +625,8 @@ class SimSourceKind:
     """``sim:<family>``: no weights; the family's deployment runs a :class:`SimPipeline`."""
 
     def local_path(self, source: Source) -> str:
+        if source.lora is not None:
+            return str(source)  # what SimPipeline.lora_state_dict reads
         raise ValueError(f"{source}: a simulated accelerator has no weights to load")
 
     def model(self, source: Source, family: str) -> SimPipeline:

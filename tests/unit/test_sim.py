@@ -231,3 +231,69 @@ def test_step_mode_keeps_more_jobs_in_flight_than_a_call_takes_new_ones_first_th
     wait = xl.batcher.stats.first_step_waits[-1]
     assert wait * xl.pipe.device.speed < 5 * COSTS["sdxl"].unet_s(4, MP)
     assert xl.steps.stats.decoded == 5
+
+
+def test_lora_flops_are_what_the_flop_counter_counts_for_the_lora_layers_of_a_unet_call():
+    """The LoRA row cost (deployments/standins/sim.py lora_flops_per_row) is every LoRA
+    matmul of a real UNet call: torch's FLOP counter, adapters on minus off, on a small
+    UNet of three levels with cross-attention (its keys and values on the encoder's 77
+    tokens) at non-square latents."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from deployments.standins.sim import lora_flops_per_row
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 32), norm_num_groups=4, cross_attention_dim=16,
+        attention_head_dim=2, use_linear_projection=True,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).eval()
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in"]),
+                     adapter_name="slot")
+
+    def flops() -> int:
+        sample, context = torch.zeros(1, 4, 16, 8), torch.zeros(1, 77, 16)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            unet(sample, torch.tensor(999), encoder_hidden_states=context)
+        return counter.get_total_flops()
+
+    unet.disable_adapters()
+    base = flops()
+    assert lora_flops_per_row(unet, 16, 8) == 0.0
+    unet.enable_adapters()
+    assert lora_flops_per_row(unet, 16, 8) == flops() - base > 0
+
+
+def test_a_sim_unet_call_charges_every_active_lora_slot_for_every_row():
+    """On the simulated accelerator a replica's LoRA slots sit in the real UNet (meta
+    device): a call pays each active slot's FLOPs for each of its rows, whatever the rows'
+    weights (0 for a row without that adapter), and nothing with no adapter."""
+    from deployments.contract import LoraRef
+
+    a = LoraRef("a", "sim:lora/sd21/r64-a", None, 1.0)
+    b = LoraRef("b", "sim:lora/sd21/r64-b", None, 0.5)
+    dep = StableDiffusionDeployment(spec("sd21", max_batch_images=4, loras=(a, b), lora_slots=2))
+    assert (dep.loras.slots.rank, len(dep.loras.slots.layers)) == (64, 128)  # SD 2.1's attention projections
+    cost, pixels = COSTS["sd21"], 512 * 512
+    # One rank-64 slot at 64x64 latents: 64 x 286,107,392 FLOPs a row: the sum over the
+    # attention projections of 2 x (in + out) x their input's tokens, as recorded by
+    # forward hooks in a pass of the real SD 2.1 UNet (meta device).
+    slot = 64 * 286_107_392
+
+    async def together(sets):
+        return await asyncio.gather(*(dep.text_to_image(text_job([k], 512, 512, steps=3, loras=loras))
+                                      for k, loras in enumerate(sets)))
+
+    for sets, active in (([(), ()], 0), ([(a,), ()], 1), ([(a,), (b,)], 2), ([(a, b), ()], 2)):
+        charged = dep.pipe.charged_s
+        asyncio.run(together(sets))
+        assert dep.batcher.stats.batch_sizes[-1] == 2  # one call of two guided images: 4 rows
+        expected = (cost.text_ms / 1000 + 3 * (cost.unet_s(4, pixels) + cost.lora_s(4, active * slot))
+                    + cost.decode_s(2, pixels))
+        assert dep.pipe.charged_s - charged == pytest.approx(expected), sets
+    # Rank 64 on SD 2.1 at 512x512: a few per cent of a row's own step time.
+    assert 0.01 < cost.lora_s(1, slot) / (cost.unet_s(2, pixels) - cost.unet_s(1, pixels)) < 0.1
