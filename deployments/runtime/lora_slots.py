@@ -102,12 +102,6 @@ class UNetAdapter:
     rank: int
     layers: frozenset
 
-    @property
-    def macs_per_token(self) -> int:
-        """Multiply-adds of its LoRA factors for one token of one row at its own rank (the
-        numbers of lora_A's and lora_B's weights): the LoRA row cost over a UNet's own."""
-        return sum(value.numel() for value in self.state.values())
-
 
 def _strip(mapping: dict | None, prefix: str) -> dict | None:
     if not mapping:
