@@ -397,6 +397,8 @@ def _lora_unet_class():
         def lora_flops_per_row(self, height: int, width: int) -> float:
             from peft.tuners.lora import LoraLayer
 
+            if not getattr(self, "_hf_peft_config_loaded", False):
+                return 0.0  # no adapter was ever added: no walk of the modules at every call
             if not self._lora_layers:  # the slots are added once, at start or the first adapter
                 self._lora_layers = [module for module in self.modules() if isinstance(module, LoraLayer)]
                 if not self._lora_layers:
