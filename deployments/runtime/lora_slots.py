@@ -64,6 +64,7 @@ class RowWeights:
     def __init__(self, rows: int):
         self.rows = max(1, rows)
         self.tables: dict[str, torch.Tensor] = {}
+        self._written: dict[str, tuple] = {}  # what each table's first rows hold now
 
     def attach(self, model: torch.nn.Module, name: str) -> int:
         """Hook every ``lora_A`` of adapter ``name`` in ``model``; returns how many."""
@@ -84,12 +85,17 @@ class RowWeights:
         table = self.tables.get(name)
         if table is None:
             return  # an adapter without layers here (a UNet-only adapter's text encoders)
+        weights = tuple(float(weight) for weight in weights)
+        if self._written.get(name) == weights:
+            return  # the same rows as the last call (a step loop's calls): no copy to the device
         if len(weights) > table.numel():
             table = self.tables[name] = torch.zeros(len(weights), device=table.device)
         table[: len(weights)].copy_(torch.tensor(weights, dtype=table.dtype))
+        self._written[name] = weights
 
     def forget(self, name: str) -> None:
         self.tables.pop(name, None)
+        self._written.pop(name, None)
 
 
 @dataclass(frozen=True)
